@@ -1,0 +1,20 @@
+"""aosae: sparse autoencoders with an adaptive, selective orthogonality penalty.
+
+The core op `gram_topk` finds the k most correlated column pairs of a matrix without
+materialising its Gram matrix; `TopKOrthoLoss` turns it into the penalty
+τ · Σ_{(i,j) ∈ top-k} |C_ij| and `AdaptiveTau` adapts τ to reconstruction quality.
+"""
+from .loss import AdaptiveTau, TopKOrthoLoss, topk_ortho_loss
+from .op import TopKPairs, gram_topk, k_for_fraction, num_pairs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveTau",
+    "TopKOrthoLoss",
+    "TopKPairs",
+    "gram_topk",
+    "k_for_fraction",
+    "num_pairs",
+    "topk_ortho_loss",
+]
