@@ -38,7 +38,7 @@ def gram_topk_backward(
     if r.numel() == 0:
         return torch.zeros_like(a)
     index = torch.stack([torch.cat([r, c]), torch.cat([c, r])])
-    gmat = torch.sparse_coo_tensor(index, torch.cat([g, g]), (n, n)).coalesce()
+    gmat = torch.sparse_coo_tensor(index, torch.cat([g, g]), (n, n), check_invariants=False).coalesce()
     grad_t = torch.sparse.mm(gmat, x.t().contiguous())  # [n, m] = G · xᵀ = (x · G)ᵀ
     grad = grad_t.t()
     if cosine:

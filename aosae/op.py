@@ -110,8 +110,8 @@ def validate(a: torch.Tensor, k: int, similarity: str, backend: str) -> None:
         raise ValueError(f"k must be in [1, n(n-1)/2] = [1, {num_pairs(n)}] for n = {n}, got k = {k}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if backend != "auto" and backend not in backends.NAMES:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {('auto',) + backends.NAMES}")
+    if backend != "auto":
+        backends.resolve(backend, a)  # raises if unknown, or if it cannot run on `a`
 
 
 def check_finite(a: torch.Tensor) -> None:

@@ -1,0 +1,320 @@
+// Sparse co-activation backend for gram_topk (CPU, OpenMP).
+//
+// After ReLU/TopK most activations are zero, so C = aᵀa has at most Σ_t L0_t(L0_t−1)/2
+// off-diagonal non-zeros. Instead of B·n²/2 multiply-adds we:
+//   1. gather each row's non-zeros (CSR: row_ptr, cols ascending per row, vals),
+//   2. count, per smaller latent i, how many co-active pairs (i, j>i) each row emits
+//      (per-chunk histograms -> exclusive offsets, so the scatter needs no atomics and
+//      the order inside a bucket is the global row order, whatever the thread count),
+//   3. scatter each pair's (j, a_ti·a_tj) into bucket i,
+//   4. reduce each bucket with a thread-local dense accumulator of n slots (O(bucket)),
+//      compacting the distinct non-zero (j, C_ij) in place,
+//   5. select the k best by |C| (nth_element), then order them by (|C| desc, (i, j) asc).
+// Memory O(pairs + threads·n); accumulation in float32 (float64 for float64 input), each
+// C_ij summed in row order, so results are deterministic.
+//
+// No PYBIND11_MODULE here: the extension's single module (csrc/gram_topk_cpu.cpp) calls
+// register_sparse(m).
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__GLIBCXX__) && defined(_OPENMP)
+#include <parallel/algorithm>
+#define AOSAE_PARALLEL_SORT 1
+#endif
+
+namespace {
+
+using torch::Tensor;
+
+int num_threads() {
+  return std::max(1, at::get_num_threads());
+}
+
+// Dense [m, n] (acc_t, contiguous) -> CSR of its non-zeros, cols ascending per row.
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const acc_t* data = x.data_ptr<acc_t>();
+  auto row_ptr = torch::empty({m + 1}, torch::kInt64);
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  rp[0] = 0;
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* row = data + t * n;
+      int64_t c = 0;
+      for (int64_t j = 0; j < n; ++j) c += row[j] != acc_t(0);
+      rp[t + 1] = c;
+    }
+  });
+  for (int64_t t = 0; t < m; ++t) rp[t + 1] += rp[t];
+  const int64_t nnz = rp[m];
+  auto cols = torch::empty({nnz}, torch::kInt64);
+  auto vals = torch::empty({nnz}, x.options());
+  int64_t* cp = cols.data_ptr<int64_t>();
+  acc_t* vp = vals.data_ptr<acc_t>();
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* row = data + t * n;
+      int64_t o = rp[t];
+      for (int64_t j = 0; j < n; ++j) {
+        if (row[j] != acc_t(0)) {
+          cp[o] = j;
+          vp[o] = row[j];
+          ++o;
+        }
+      }
+    }
+  });
+  return {row_ptr, cols, vals};
+}
+
+template <typename acc_t>
+struct Candidate {
+  acc_t value;  // signed score
+  int64_t key;  // i * n + j
+};
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
+    const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine) {
+  const int64_t m = row_ptr_t.size(0) - 1;
+  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
+  const int64_t* cp = cols_t.data_ptr<int64_t>();
+  const acc_t* vp = vals_t.data_ptr<acc_t>();
+  const int64_t nnz = cols_t.size(0);
+  TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse gram_topk: row_ptr must start at 0 and end at nnz = ", nnz);
+
+  // Validate: indices in range and strictly increasing inside each row (a duplicate
+  // latent in one row would double count its pairs).
+  int64_t bad_row = -1;
+  for (int64_t t = 0; t < m && bad_row < 0; ++t) {
+    TORCH_CHECK(rp[t] <= rp[t + 1], "sparse gram_topk: row_ptr must be non-decreasing");
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      if (cp[e] < 0 || cp[e] >= n || (e > rp[t] && cp[e] <= cp[e - 1])) {
+        bad_row = t;
+        break;
+      }
+    }
+  }
+  TORCH_CHECK(bad_row < 0, "sparse gram_topk: row ", bad_row,
+              " has a latent index out of [0, n) or its indices are not strictly increasing "
+              "(duplicates are not allowed)");
+
+  // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
+  std::vector<acc_t> inv_norm;
+  if (cosine) {
+    std::vector<acc_t> sq(n, acc_t(0));
+    for (int64_t e = 0; e < nnz; ++e) sq[cp[e]] += vp[e] * vp[e];
+    inv_norm.resize(n);
+    for (int64_t i = 0; i < n; ++i) inv_norm[i] = sq[i] > acc_t(0) ? acc_t(1) / std::sqrt(sq[i]) : acc_t(0);
+  }
+
+  // Fixed chunks of rows: per-chunk histograms make the scatter race-free and its order
+  // independent of scheduling. Cap chunks so that chunks·n counters stay small.
+  int64_t chunks = std::min<int64_t>(std::max<int64_t>(1, m), 4 * num_threads());
+  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, (int64_t(1) << 25) / std::max<int64_t>(n, 1)));
+  std::vector<int64_t> chunk_begin(chunks + 1);
+  for (int64_t c = 0; c <= chunks; ++c) chunk_begin[c] = m * c / chunks;
+
+  std::vector<int64_t> hist(chunks * n, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* h = hist.data() + c * n;
+      for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
+        const int64_t s = rp[t], L = rp[t + 1] - rp[t];
+        for (int64_t p = 0; p + 1 < L; ++p) h[cp[s + p]] += L - 1 - p;
+      }
+    }
+  });
+  // bucket_start[i]: first slot of bucket i; hist becomes each chunk's write cursor.
+  std::vector<int64_t> bucket_start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t total = 0;
+    for (int64_t c = 0; c < chunks; ++c) total += hist[c * n + i];
+    bucket_start[i + 1] = bucket_start[i] + total;
+  }
+  const int64_t pairs = bucket_start[n];
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int64_t cursor = bucket_start[i];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t cnt = hist[c * n + i];
+        hist[c * n + i] = cursor;
+        cursor += cnt;
+      }
+    }
+  });
+
+  // Scatter (j, a_ti·a_tj) into bucket i.
+  std::vector<int32_t> pj(pairs);
+  std::vector<acc_t> pv(pairs);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* cursor = hist.data() + c * n;
+      for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
+        const int64_t s = rp[t], e_end = rp[t + 1];
+        for (int64_t p = s; p + 1 < e_end; ++p) {
+          const int64_t i = cp[p];
+          const acc_t vi = vp[p];
+          int64_t o = cursor[i];
+          for (int64_t q = p + 1; q < e_end; ++q, ++o) {
+            pj[o] = static_cast<int32_t>(cp[q]);
+            pv[o] = vi * vp[q];
+          }
+          cursor[i] = o;
+        }
+      }
+    }
+  });
+  std::vector<int64_t>().swap(hist);
+
+  // Reduce each bucket with a dense accumulator; compact distinct non-zeros in place.
+  std::vector<int64_t> distinct(n, 0);
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<acc_t> acc(n, acc_t(0));
+    std::vector<uint8_t> seen(n, 0);
+    std::vector<int32_t> touched;
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = bucket_start[i], e = bucket_start[i + 1];
+      touched.clear();
+      for (int64_t o = b; o < e; ++o) {
+        const int32_t j = pj[o];
+        if (!seen[j]) {
+          seen[j] = 1;
+          acc[j] = pv[o];
+          touched.push_back(j);
+        } else {
+          acc[j] += pv[o];
+        }
+      }
+      int64_t w = b;
+      for (const int32_t j : touched) {
+        acc_t v = acc[j];
+        seen[j] = 0;
+        if (cosine) v = v * inv_norm[i] * inv_norm[j];
+        if (v != acc_t(0)) {
+          pj[w] = j;
+          pv[w] = v;
+          ++w;
+        }
+      }
+      distinct[i] = w - b;
+    }
+  }
+
+  // Gather the distinct pairs, then keep the k best.
+  std::vector<int64_t> out_start(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) out_start[i + 1] = out_start[i] + distinct[i];
+  const int64_t total = out_start[n];
+  std::vector<Candidate<acc_t>> cand(total);
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = bucket_start[i];
+      for (int64_t u = 0; u < distinct[i]; ++u) cand[out_start[i] + u] = {pv[b + u], i * n + pj[b + u]};
+    }
+  });
+  std::vector<int32_t>().swap(pj);
+  std::vector<acc_t>().swap(pv);
+
+  auto better = [](const Candidate<acc_t>& x, const Candidate<acc_t>& y) {
+    const acc_t ax = std::abs(x.value), ay = std::abs(y.value);
+    return ax > ay || (ax == ay && x.key < y.key);
+  };
+  if (total > k) {
+    // The order `better` is total (keys are distinct), so nth_element puts exactly the
+    // k best first, ties at the k-th score broken by (i, j) as the contract says.
+    std::nth_element(cand.begin(), cand.begin() + k, cand.end(), better);
+    cand.resize(k);
+  }
+#ifdef AOSAE_PARALLEL_SORT
+  __gnu_parallel::sort(cand.begin(), cand.end(), better);
+#else
+  std::sort(cand.begin(), cand.end(), better);
+#endif
+
+  auto values = torch::zeros({k}, vals_t.options());
+  auto rows = torch::full({k}, -1, torch::kInt64);
+  auto cols = torch::full({k}, -1, torch::kInt64);
+  acc_t* ov = values.data_ptr<acc_t>();
+  int64_t* orow = rows.data_ptr<int64_t>();
+  int64_t* ocol = cols.data_ptr<int64_t>();
+  for (size_t p = 0; p < cand.size(); ++p) {
+    ov[p] = cand[p].value;
+    orow[p] = cand[p].key / n;
+    ocol[p] = cand[p].key % n;
+  }
+  return {values, rows, cols};
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_k(int64_t n, int64_t k) {
+  TORCH_CHECK(n >= 2, "sparse gram_topk: needs n >= 2 latents, got ", n);
+  TORCH_CHECK(n < (int64_t(1) << 31), "sparse gram_topk: n must be < 2^31, got ", n);
+  TORCH_CHECK(k >= 1 && k <= n * (n - 1) / 2, "sparse gram_topk: k must be in [1, n(n-1)/2], got ", k);
+}
+
+}  // namespace
+
+// Dense a [m, n] (any float dtype, CPU) -> CSR (row_ptr [m+1] int64, cols [nnz] int64,
+// vals [nnz] float32/float64) of its non-zeros, cols ascending in each row.
+std::tuple<Tensor, Tensor, Tensor> sparse_dense_to_csr(const Tensor& a) {
+  TORCH_CHECK(a.dim() == 2 && a.device().is_cpu(), "sparse_dense_to_csr: expects a 2-D CPU tensor");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sparse_dense_to_csr: expects a floating tensor");
+  const Tensor x = a.to(acc_type(a.scalar_type())).contiguous();
+  if (x.scalar_type() == at::kDouble) return dense_to_csr_impl<double>(x);
+  return dense_to_csr_impl<float>(x);
+}
+
+// CSR (row_ptr [m+1] int64, cols [nnz] int64 strictly increasing per row, vals [nnz]
+// float32/float64) of a [m, n] -> (values [k] in vals' dtype, rows [k] int64, cols [k]
+// int64): the k pairs i<j with the largest |C_ij| (cosine: |C_ij|/(‖a_i‖‖a_j‖)), sorted by
+// |value| desc then (i, j) asc, padded with (0, -1, -1).
+std::tuple<Tensor, Tensor, Tensor> sparse_csr_topk(
+    const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, bool cosine) {
+  check_k(n, k);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong,
+              "sparse_csr_topk: row_ptr must be a 1-D int64 tensor of length m + 1");
+  TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong, "sparse_csr_topk: cols must be 1-D int64");
+  TORCH_CHECK(vals.dim() == 1 && vals.size(0) == cols.size(0), "sparse_csr_topk: vals must be 1-D, same length as cols");
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
+              "sparse_csr_topk: CPU tensors only");
+  const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous();
+  const Tensor vp = vals.to(acc_type(vals.scalar_type())).contiguous();
+  if (vp.scalar_type() == at::kDouble) return csr_topk_impl<double>(rp, cp, vp, n, k, cosine);
+  return csr_topk_impl<float>(rp, cp, vp, n, k, cosine);
+}
+
+// The whole sparse backend on a dense CPU tensor a [m, n].
+std::tuple<Tensor, Tensor, Tensor> gram_topk_sparse_cpu(const Tensor& a, int64_t k, bool cosine) {
+  TORCH_CHECK(a.dim() == 2, "gram_topk_sparse_cpu: expects a 2-D tensor [m, n]");
+  check_k(a.size(1), k);
+  auto csr = sparse_dense_to_csr(a);
+  return sparse_csr_topk(std::get<0>(csr), std::get<1>(csr), std::get<2>(csr), a.size(1), k, cosine);
+}
+
+void register_sparse(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Sparse co-activation gram_topk on a dense CPU tensor: (values[k], rows[k], cols[k])");
+  m.def("sparse_dense_to_csr", &sparse_dense_to_csr, py::arg("a"), py::call_guard<py::gil_scoped_release>(),
+        "Non-zeros of a dense [m, n] CPU tensor as CSR (row_ptr, cols, vals in float32/float64)");
+  m.def("sparse_csr_topk", &sparse_csr_topk, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
+        py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
+        "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");
+}
