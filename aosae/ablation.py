@@ -8,8 +8,9 @@ Arms (same data, same batches, same initialisation, same optimiser and step coun
     adaptive      + τ_t  · Σ_top-k |C_ij|, τ by AdaptiveTau          (the paper's method)
     decoder       + τ_t  · Σ_top-k |cos(W_dec,i, W_dec,j)|          (same op on decoder directions)
 
-C is the batch-mean co-activation fᵀf / B so that τ means the same thing at any batch
-size (the paper's raw Σ_b f_bi f_bj grows with B). Data: synthetic activations with known
+C is the batch-mean co-activation fᵀf / B (coactivation="mean", what `aosae train` uses, so
+that τ means the same at any batch size), or the paper's literal fᵀf summed over the batch
+(coactivation="sum", B times larger). Data: synthetic activations with known
 features (then ground-truth metrics are reported), or cached activations of a language
 model. Writes DIR/ablation.md, DIR/ablation.json and PNG plots.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -39,6 +40,7 @@ class AblationConfig:
     l1_coeff: λ of the L1 term (on latents; decoder rows are unit norm).
     fraction: share of latent pairs penalised (paper: 0.005).
     similarity: "dot" (the paper) or "cosine" for the co-activation arms.
+    coactivation: "mean" (fᵀf / B, as `aosae train`) or "sum" (the paper's literal fᵀf).
     calibration_steps: AdaptiveTau's L_target warm-up (default steps // 10).
     log_every: steps between logged rows. seed: initialisation and batch order.
     """
@@ -51,6 +53,7 @@ class AblationConfig:
     l1_coeff: float = 0.04
     fraction: float = 0.005
     similarity: str = "dot"
+    coactivation: str = "mean"
     calibration_steps: Optional[int] = None
     log_every: int = 50
     seed: int = 0
@@ -64,6 +67,8 @@ class AblationConfig:
             self.warmup_steps = max(1, self.steps // 20)
         if self.calibration_steps is None:
             self.calibration_steps = max(1, min(100, self.steps // 10))
+        if self.coactivation not in ("sum", "mean"):
+            raise ValueError(f"coactivation must be 'sum' or 'mean', got {self.coactivation!r}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
 
@@ -120,7 +125,7 @@ def train_arm(
         elif on_decoder:
             pen = penalty_fn(sae.W_dec.t())
         else:
-            pen = penalty_fn(f / math.sqrt(f.shape[0]))
+            pen = penalty_fn(f if cfg.coactivation == "sum" else f / math.sqrt(f.shape[0]))
         loss = recon + cfg.l1_coeff * l1 + tau * pen
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,14 +134,14 @@ def train_arm(
         sched.step()
         sae.normalize_decoder_()
         if tau_ctl is not None:
-            tau = tau_ctl.update(float(recon))
+            tau = tau_ctl.update(float(recon.detach()))
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             row = {
                 "step": step,
-                "loss": float(loss),
-                "recon": float(recon),
-                "l1": float(l1),
-                "penalty": float(pen),
+                "loss": float(loss.detach()),
+                "recon": float(recon.detach()),
+                "l1": float(l1.detach()),
+                "penalty": float(pen.detach()),
                 "tau": float(tau),
                 "l0": float((f != 0).sum(-1).float().mean()),
             }
@@ -151,16 +156,16 @@ def train_arm(
 @torch.no_grad()
 def final_metrics(sae, x_eval: torch.Tensor, cfg: AblationConfig, batch: int = 4096) -> dict:
     """Held-out metrics of a trained SAE on x_eval [N, d_in]: reconstruction, sparsity,
-    dead/dense latents, decoder cosines and the co-activation |C_ij| (batch-mean C)."""
+    dead/dense latents, decoder cosines and the co-activation |C_ij| (as in training: summed
+    over a batch of cfg.batch_size tokens, or its mean)."""
     stats = M.ReconstructionStats()
     for s in range(0, x_eval.shape[0], batch):
         out = sae(x_eval[s : s + batch])
         stats.update(x_eval[s : s + batch], out.x_hat, out.latents)
     res = stats.result()
     res.update(M.decoder_cosine_stats(sae.W_dec))
-    xb = x_eval[: min(x_eval.shape[0], 2048)]
-    f = sae.encode(xb)
-    co = M.coactivation_stats(f / math.sqrt(f.shape[0]), cfg.fraction, cfg.similarity)
+    f = sae.encode(x_eval[: min(x_eval.shape[0], cfg.batch_size)])
+    co = M.coactivation_stats(f if cfg.coactivation == "sum" else f / math.sqrt(f.shape[0]), cfg.fraction, cfg.similarity)
     res["topk_abs_c_mean"], res["all_abs_c_mean"] = co["topk_abs_c_mean"], co["all_abs_c_mean"]
     return res
 
@@ -171,29 +176,43 @@ def run_ablation(
     cfg: AblationConfig,
     truth=None,
     arms=ARMS,
+    seeds=(0,),
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Trains every arm on the same data; returns {arm: {"final": {...}, "log": [...], "seconds"}}.
+    """Trains every arm on the same data for each seed; returns
+    {arm: {"final": mean metrics, "final_std": std over seeds, "runs": [per-seed finals],
+    "log": rows of the first seed, "seconds": mean seconds per run}}.
 
     truth: optional aosae.synthetic.SyntheticData of the *eval* set (x_eval = truth.x):
     adds ground-truth metrics (mmcs, mcc, frac_recovered, absorption_rate) to the results.
     """
     from . import synthetic as S
 
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}: choose from {ARMS}")
     probe = None
     if truth is not None:
         probe = lambda sae: S.dictionary_metrics(sae.W_dec, truth.directions)  # noqa: E731
     results = {}
     for arm in arms:
-        t0 = time.perf_counter()
-        sae, rows = train_arm(arm, x_train, cfg, probe)
-        final = final_metrics(sae, x_eval, cfg)
-        if truth is not None:
-            final.update(S.evaluate_against_truth(sae, truth))
-        seconds = time.perf_counter() - t0
-        results[arm] = {"final": final, "log": rows, "seconds": seconds}
-        log(f"  {arm:<11} {seconds:6.1f}s  cossim {final['cossim']:.3f}  EV {final['explained_variance']:.3f}  "
-            f"L0 {final['l0']:.1f}" + (f"  recovered {final['frac_recovered']:.2f}" if truth is not None else ""))
+        runs, logs, secs = [], [], []
+        for seed in seeds:
+            t0 = time.perf_counter()
+            sae, rows = train_arm(arm, x_train, replace(cfg, seed=seed), probe)
+            final = final_metrics(sae, x_eval, cfg)
+            if truth is not None:
+                final.update(S.evaluate_against_truth(sae, truth))
+            secs.append(time.perf_counter() - t0)
+            runs.append(final)
+            logs.append(rows)
+        keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float))]
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
+        std = {k: (sum((r[k] - mean[k]) ** 2 for r in runs) / max(1, len(runs) - 1)) ** 0.5 for k in keys}
+        results[arm] = {"final": mean, "final_std": std, "runs": runs, "log": logs[0],
+                        "seconds": sum(secs) / len(secs)}
+        log(f"  {arm:<11} {sum(secs):6.1f}s  cossim {mean['cossim']:.3f}  EV {mean['explained_variance']:.3f}  "
+            f"L0 {mean['l0']:.1f}" + (f"  recovered {mean['frac_recovered']:.2f}" if truth is not None else ""))
     return results
 
 
@@ -216,7 +235,8 @@ TABLE_COLUMNS = (
 
 
 def markdown_table(results: dict) -> str:
-    """One row per arm, the columns of TABLE_COLUMNS that every arm has."""
+    """One row per arm, the columns of TABLE_COLUMNS that every arm has (mean ± std over
+    seeds when there are several; final τ is the first seed's)."""
     finals = [r["final"] for r in results.values()]
     cols = [c for c in TABLE_COLUMNS if all(c[0] in f for f in finals)]
     head = "| arm | final τ | " + " | ".join(c[1] for c in cols) + " |"
@@ -224,7 +244,9 @@ def markdown_table(results: dict) -> str:
     lines = [head, sep]
     for arm, r in results.items():
         tau = r["log"][-1]["tau"] if r["log"] else float("nan")
-        cells = [fmt.format(r["final"][key]) for key, _, fmt in cols]
+        multi = len(r.get("runs", ())) > 1
+        cells = [fmt.format(r["final"][key]) + (" ± " + fmt.format(r["final_std"][key]) if multi else "")
+                 for key, _, fmt in cols]
         lines.append(f"| {arm} | {tau:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -306,3 +328,25 @@ def write_outputs(results: dict, out_dir, name: str, cfg: AblationConfig, meta: 
     md = out_dir / f"{name}.md"
     md.write_text("\n".join(lines))
     return md
+
+
+def model_activations(model: Optional[str], layer: Optional[int], n_tokens: int, dataset: Optional[str] = None,
+                      log: Callable[[str], None] = print) -> tuple[torch.Tensor, dict]:
+    """n_tokens residual activations [n_tokens, d_model] of `model` (default: the embedded
+    SmolLM2-135M) at block `layer` (default: the trainer's), through the trainer's collector
+    and on-disk cache, so `aosae train` runs, reruns and every arm share one LM pass."""
+    from .config import TrainConfig
+    from .distributed import DistInfo
+    from .trainer import get_activations
+
+    tcfg = TrainConfig(model=model, dataset=dataset, tokens=n_tokens, batch_size=min(2048, n_tokens),
+                       **({} if layer is None else {"layer": int(layer)}))
+    t0 = time.perf_counter()
+    log(f"model: activations of {tcfg.model or 'smollm2-135m'} layer {tcfg.layer}, {n_tokens} tokens "
+        f"(from the activation cache, or by running the LM once)")
+    acts, meta = get_activations(tcfg, DistInfo(), "cpu", progress=False)
+    log(f"model: {acts.shape[0]} activations ready in {time.perf_counter() - t0:.0f} s")
+    info = {"data": f"{tcfg.model or 'smollm2-135m'} layer {tcfg.layer} residual output, "
+                    f"{tcfg.dataset or 'stdlib'} text, context {tcfg.context}, {acts.shape[0]} tokens (BOS excluded)",
+            "activation rms norm": f"{float(acts.pow(2).sum(-1).mean().sqrt()):.2f}"}
+    return acts, info

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from .backends import sparse as sparse_backend
-from .op import SIMILARITIES, TopKPairs, num_pairs
+from .op import FLOAT_DTYPES, SIMILARITIES, TopKPairs, num_pairs
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Row chunk of the backward: at most this many (row, s, s') lookups at a time.
 BACKWARD_CHUNK = 1 << 22
@@ -81,8 +80,9 @@ def _validate(indices, values, n_latents, k, similarity) -> None:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
 
 
-def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """Checks range, duplicates and finiteness; returns the row-sorted (indices, permutation)."""
+def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks range, duplicates and finiteness; returns (indices sorted within each row [B, L],
+    the permutation that sorts them [B, L])."""
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:

@@ -9,7 +9,8 @@
 //   3. scatter each pair's (j, a_ti·a_tj) into bucket i,
 //   4. reduce each bucket with a thread-local dense accumulator of n slots (O(bucket)),
 //      compacting the distinct non-zero (j, C_ij) in place,
-//   5. select the k best by |C| (nth_element), then order them by (|C| desc, (i, j) asc).
+//   5. find the k-th best |C| (nth_element on magnitudes), gather the pairs at least that
+//      good, order them by (|C| desc, (i, j) asc) (radix sort of a 64-bit composite key).
 // Memory O(pairs + threads·n); accumulation in float32 (float64 for float64 input), each
 // C_ij summed in row order, so results are deterministic.
 //
@@ -21,6 +22,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
 #include <numeric>
 #include <vector>
 
@@ -83,6 +87,59 @@ struct Candidate {
   acc_t value;  // signed score
   int64_t key;  // i * n + j
 };
+
+// Orders candidates by |value| desc, then key = i·n + j asc (keys are distinct).
+// float scores with n·n < 2^33: one 64-bit composite (inverted |value| bits, key) and an
+// LSD radix sort, ~4 linear passes; otherwise a comparison sort.
+template <typename acc_t>
+void sort_candidates(std::vector<Candidate<acc_t>>& cand, int64_t n) {
+  const size_t count = cand.size();
+  int key_bits = 1;
+  while (key_bits < 63 && (uint64_t(1) << key_bits) < uint64_t(n) * uint64_t(n)) ++key_bits;
+  if (std::is_same<acc_t, float>::value && key_bits + 31 <= 64 && count > 2048 && count < (size_t(1) << 32)) {
+    const int bits = key_bits + 31;
+    std::vector<uint64_t> ck(count), ck2(count);
+    std::vector<uint32_t> ix(count), ix2(count);
+    for (size_t p = 0; p < count; ++p) {
+      float mag = std::abs(static_cast<float>(cand[p].value));
+      uint32_t mb;
+      std::memcpy(&mb, &mag, sizeof(mb));
+      ck[p] = (uint64_t(0x7fffffffu - mb) << key_bits) | uint64_t(cand[p].key);
+      ix[p] = static_cast<uint32_t>(p);
+    }
+    std::vector<size_t> hist(1 << 16);
+    for (int shift = 0; shift < bits; shift += 16) {
+      std::fill(hist.begin(), hist.end(), 0);
+      for (size_t p = 0; p < count; ++p) ++hist[(ck[p] >> shift) & 0xffff];
+      size_t run = 0;
+      for (auto& h : hist) {
+        const size_t c = h;
+        h = run;
+        run += c;
+      }
+      for (size_t p = 0; p < count; ++p) {
+        const size_t o = hist[(ck[p] >> shift) & 0xffff]++;
+        ck2[o] = ck[p];
+        ix2[o] = ix[p];
+      }
+      ck.swap(ck2);
+      ix.swap(ix2);
+    }
+    std::vector<Candidate<acc_t>> sorted(count);
+    for (size_t p = 0; p < count; ++p) sorted[p] = cand[ix[p]];
+    cand.swap(sorted);
+    return;
+  }
+  auto better = [](const Candidate<acc_t>& x, const Candidate<acc_t>& y) {
+    const acc_t ax = std::abs(x.value), ay = std::abs(y.value);
+    return ax > ay || (ax == ay && x.key < y.key);
+  };
+#ifdef AOSAE_PARALLEL_SORT
+  __gnu_parallel::sort(cand.begin(), cand.end(), better);
+#else
+  std::sort(cand.begin(), cand.end(), better);
+#endif
+}
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
@@ -214,35 +271,47 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     }
   }
 
-  // Gather the distinct pairs, then keep the k best.
+  // Select: the k-th largest |C| among the distinct pairs (nth_element on magnitudes
+  // only, 4 or 8 bytes each), then gather every pair at least that good and order them.
   std::vector<int64_t> out_start(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) out_start[i + 1] = out_start[i] + distinct[i];
   const int64_t total = out_start[n];
-  std::vector<Candidate<acc_t>> cand(total);
+  acc_t kth = acc_t(0);  // keep |C| >= kth; every distinct pair is non-zero already
+  if (total > k) {
+    std::vector<acc_t> mag(total);
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = bucket_start[i];
+        for (int64_t u = 0; u < distinct[i]; ++u) mag[out_start[i] + u] = std::abs(pv[b + u]);
+      }
+    });
+    std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<acc_t>());
+    kth = mag[k - 1];
+  }
+  std::vector<int64_t> keep_start(n + 1, 0);
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = bucket_start[i];
-      for (int64_t u = 0; u < distinct[i]; ++u) cand[out_start[i] + u] = {pv[b + u], i * n + pj[b + u]};
+      int64_t c = 0;
+      for (int64_t u = 0; u < distinct[i]; ++u) c += std::abs(pv[b + u]) >= kth;
+      keep_start[i + 1] = c;
+    }
+  });
+  for (int64_t i = 0; i < n; ++i) keep_start[i + 1] += keep_start[i];
+  std::vector<Candidate<acc_t>> cand(keep_start[n]);
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = bucket_start[i];
+      int64_t w = keep_start[i];
+      for (int64_t u = 0; u < distinct[i]; ++u)
+        if (std::abs(pv[b + u]) >= kth) cand[w++] = {pv[b + u], i * n + pj[b + u]};
     }
   });
   std::vector<int32_t>().swap(pj);
   std::vector<acc_t>().swap(pv);
-
-  auto better = [](const Candidate<acc_t>& x, const Candidate<acc_t>& y) {
-    const acc_t ax = std::abs(x.value), ay = std::abs(y.value);
-    return ax > ay || (ax == ay && x.key < y.key);
-  };
-  if (total > k) {
-    // The order `better` is total (keys are distinct), so nth_element puts exactly the
-    // k best first, ties at the k-th score broken by (i, j) as the contract says.
-    std::nth_element(cand.begin(), cand.begin() + k, cand.end(), better);
-    cand.resize(k);
-  }
-#ifdef AOSAE_PARALLEL_SORT
-  __gnu_parallel::sort(cand.begin(), cand.end(), better);
-#else
-  std::sort(cand.begin(), cand.end(), better);
-#endif
+  // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
+  sort_candidates(cand, n);
+  if (static_cast<int64_t>(cand.size()) > k) cand.resize(k);
 
   auto values = torch::zeros({k}, vals_t.options());
   auto rows = torch::full({k}, -1, torch::kInt64);

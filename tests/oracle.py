@@ -5,12 +5,14 @@ import torch
 
 
 def oracle_scores(a: torch.Tensor, cosine: bool) -> torch.Tensor:
-    """Exact (float64) C = aᵀa or the cosine matrix, [n, n]."""
+    """Exact (float64) C = aᵀa or the cosine matrix, [n, n]; an exactly zero dot stays 0."""
     x = a.detach().double().cpu()
+    c = x.t() @ x
     if cosine:
         norms = x.norm(dim=0)
-        x = x / torch.where(norms > 0, norms, torch.ones_like(norms))
-    return x.t() @ x
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        c = c / norms[:, None] / norms[None, :]
+    return c
 
 
 def oracle_topk(a: torch.Tensor, k: int, cosine: bool = False):

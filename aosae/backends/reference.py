@@ -22,10 +22,11 @@ def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = Non
     """a: [m, n] -> (values[k], rows[k], cols[k]); see aosae.gram_topk for the contract."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     x = a.to(acc)
-    if cosine:
-        x = x / column_norms(x).clamp_min(torch.finfo(acc).tiny)
     n = x.shape[1]
     gram = x.t() @ x  # [n, n]: the matrix the other backends never build
+    if cosine:  # scale after the product, so an exactly orthogonal pair stays exactly 0
+        inv = column_norms(x).clamp_min(torch.finfo(acc).tiny).reciprocal()
+        gram = gram * inv[:, None] * inv[None, :]
     score = gram.abs().triu_(1).flatten()
     top_scores, flat = torch.topk(score, k)
     # torch.topk breaks ties arbitrarily: keep every entry above the k-th score and the

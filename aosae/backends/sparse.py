@@ -22,17 +22,22 @@ import torch
 from .. import _extension
 from ..selection import finalize
 
-# Cost model, in nanoseconds (measured on the 2-core CI-class CPU, see benchmarks/sparse_sweep.py):
-#   sparse  ≈ scan · m·n  +  pair · Σ_t L0_t(L0_t−1)/2
+# Cost model, in nanoseconds (fitted to benchmarks/sparse_sweep.py on the 2-core CI-class
+# CPU, B = 2048, n ∈ {4096, 16384}, L0 ∈ {16, 64, 256}; see benchmarks/NOTES.md):
+#   sparse  ≈ fixed + scan · m·n + pair · Σ_t L0_t(L0_t−1)/2
 #   dense   ≈ mac · m·n²/2          (upper-triangle GEMM of the fused dense backend)
+# Only the ratios matter for the choice. On the CPU the crossover is L0/n ≈ sqrt(mac/pair)
+# ≈ 0.05: sparse below L0 ≈ 220 at n = 4096, ≈ 870 at n = 16384.
 COST = {
-    # C++ sparse kernel: ~2 ns per co-active pair (scatter + reduce + select), plus the
-    # dense scan that finds the non-zeros (~0.7 ns per element incl. the fp32 read).
-    "cpu": {"scan": 0.7, "pair": 25.0, "mac": 0.05},
-    "cpu_torch": {"scan": 3.0, "pair": 120.0, "mac": 0.05},
-    # CUDA: not measured here (no GPU on this machine); conservative guesses: a sort-based
-    # pair path ~0.5 ns/pair vs ~0.002 ns per bf16/fp32 tensor-core MAC.
-    "cuda": {"scan": 0.002, "pair": 0.5, "mac": 0.002},
+    # C++ kernel: ~25 ns per co-active pair (scatter + bucket reduce + select, 2 threads),
+    # ~1 ns per element to find the non-zeros; fused dense kernel ~0.07 ns per multiply-add.
+    "cpu": {"fixed": 2e7, "scan": 1.0, "pair": 25.0, "mac": 0.07},
+    # pure-torch path on CPU (aosae._C without the sparse kernel): ~20x slower per pair.
+    "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.07},
+    # CUDA: NOT measured (no GPU here). Estimates: the torch-ops path streams ~20 passes of
+    # 8-16 bytes per pair (~0.5 ns/pair incl. sort) plus ~1 ms of launches; the fused
+    # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective).
+    "cuda": {"fixed": 1e6, "scan": 0.005, "pair": 0.5, "mac": 1e-5},
 }
 # Never pick sparse on its own when the pair list alone would exceed this many pairs
 # (~12 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
@@ -75,7 +80,7 @@ def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float
         c = COST["cuda"]
     else:
         c = COST["cpu"] if cpp_module() is not None else COST["cpu_torch"]
-    sparse = c["scan"] * m * n + c["pair"] * pairs
+    sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs
     dense = c["mac"] * m * n * n / 2
     return {"sparse": sparse * 1e-6, "dense": dense * 1e-6, "pairs": pairs}
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install the optional SAE-codebase integrations of aosae into the current Python
+# environment without replacing torch or transformers.
+#
+#   bash .ci/install_integrations.sh [saelens|dictlearn|all]     (default: all)
+#   PYTHON=/path/to/python bash .ci/install_integrations.sh ...   (default: python)
+#
+# Why not a plain `pip install sae-lens dictionary-learning`:
+#   - dictionary-learning 0.1.0 requires nnsight<0.4, whose requirements include torchvision
+#     and diffusers; resolving them replaces the CPU torch with a multi-GB CUDA torch and adds a
+#     torchvision that breaks `import transformers` model classes on CPU machines. Neither
+#     torchvision nor diffusers is needed to import dictionary_learning or run trainSAE, nor are
+#     umap-learn / circuitsvis (used only by dictionary_learning.interp). So dictionary-learning
+#     and nnsight are installed with --no-deps and the modules they import are listed here.
+#   - sae-lens resolves cleanly (transformer-lens 3.x, transformers<6, torch>=2.6 accept what is
+#     installed), but every install below runs under a constraints file pinning the installed
+#     torch / transformers / numpy, so pip fails loudly instead of swapping them.
+set -euo pipefail
+
+PY="${PYTHON:-python}"
+WHAT="${1:-all}"
+case "$WHAT" in saelens|dictlearn|all) ;; *) echo "usage: $0 [saelens|dictlearn|all]" >&2; exit 2 ;; esac
+
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+"$PY" - >"$constraints" <<'EOF'
+from importlib.metadata import PackageNotFoundError, version
+for name in ("torch", "transformers", "numpy"):
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        pass
+EOF
+echo "install_integrations: pinning $(tr '\n' ' ' <"$constraints")"
+torch_before="$("$PY" -c 'import torch; print(torch.__version__)')"
+
+pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check -c "$constraints" "$@"; }
+
+if [[ "$WHAT" == saelens || "$WHAT" == all ]]; then
+    pip_install "sae-lens>=6.0,<7"
+fi
+
+if [[ "$WHAT" == dictlearn || "$WHAT" == all ]]; then
+    pip_install --no-deps "dictionary-learning==0.1.0" "nnsight>=0.3,<0.4"
+    # What dictionary_learning (training, buffer, trainers) and nnsight import at module level.
+    pip_install "python-socketio[client]" pyyaml zstandard einops wandb pandas plotly tqdm \
+        "datasets>=2.18" accelerate protobuf sentencepiece "pydantic>=2.9"
+fi
+
+# A torchvision built for another torch (left by an earlier plain install) breaks transformers.
+if ! "$PY" -c 'import transformers; from transformers import AutoModelForCausalLM' >/dev/null 2>&1; then
+    if "$PY" -m pip show torchvision >/dev/null 2>&1; then
+        echo "install_integrations: transformers fails to import with this torchvision; uninstalling torchvision"
+        "$PY" -m pip uninstall --quiet -y torchvision
+    fi
+fi
+
+"$PY" - "$torch_before" "$WHAT" <<'EOF'
+import sys
+import torch
+from transformers import AutoModelForCausalLM  # noqa: F401  (must still import)
+before, what = sys.argv[1], sys.argv[2]
+assert torch.__version__ == before, f"torch changed from {before} to {torch.__version__}"
+if what in ("saelens", "all"):
+    import sae_lens
+    print(f"install_integrations: sae_lens {sae_lens.__version__}")
+if what in ("dictlearn", "all"):
+    import dictionary_learning
+    from dictionary_learning.training import trainSAE  # noqa: F401
+    print(f"install_integrations: dictionary_learning {dictionary_learning.__version__}")
+print(f"install_integrations: torch {torch.__version__} unchanged")
+EOF

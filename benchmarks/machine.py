@@ -1,0 +1,95 @@
+"""What every benchmark row records: the machine, the versions, the date; and peak memory."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_name(device: str = "cpu") -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    import aosae
+
+    out["aosae"] = aosae.__version__
+    return out
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_cpu_memory_mib(fn) -> tuple[object, float]:
+    """Runs fn() and returns (result, peak resident memory above the level before, MiB).
+
+    Peak = ru_maxrss when the call raised the process's high-water mark, else the
+    highest RSS seen by a 1 ms sampler (torch returns large blocks to the OS on free,
+    so RSS follows live memory). Run it in a fresh process for clean numbers.
+    """
+    before = _rss_bytes()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = [before]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        stop.set()
+        thread.join()
+    maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    top = maxrss_after if maxrss_after > maxrss_before else peak[0]
+    return result, max(0, top - before) / 2**20

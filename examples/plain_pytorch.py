@@ -1,0 +1,17 @@
+"""Adding the selective orthogonality penalty to any PyTorch SAE training loop (toy data)."""
+import torch
+from aosae import AdaptiveTau, TopKOrthoLoss
+
+d, n = 64, 256
+enc, dec = torch.nn.Linear(d, n), torch.nn.Linear(n, d)
+opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+ortho, tau = TopKOrthoLoss(fraction=0.005), AdaptiveTau(init=0.05, calibration_steps=10)
+for step in range(30):
+    x = torch.randn(256, d)
+    f = torch.relu(enc(x))  # latents [batch, n]
+    recon = (dec(f) - x).pow(2).sum(-1).mean()
+    loss = recon + 0.04 * f.abs().sum(-1).mean() + tau.tau * ortho(f)  # the one added term
+    opt.zero_grad(), loss.backward(), opt.step()
+    dec.weight.data /= dec.weight.norm(dim=0, keepdim=True)  # unit-norm decoder column per latent
+    tau.update(recon.detach())
+print(f"recon {recon.item():.3f}  penalty {ortho(f).item():.1f}  tau {tau.tau:.3f}")
