@@ -6,6 +6,7 @@ materialising its Gram matrix; `TopKOrthoLoss` turns it into the penalty
 """
 from .loss import AdaptiveTau, TopKOrthoLoss, topk_ortho_loss
 from .op import TopKPairs, gram_topk, k_for_fraction, num_pairs
+from .sparse import gram_topk_sparse
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "TopKOrthoLoss",
     "TopKPairs",
     "gram_topk",
+    "gram_topk_sparse",
     "k_for_fraction",
     "num_pairs",
     "topk_ortho_loss",

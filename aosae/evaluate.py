@@ -7,7 +7,8 @@ with it replaced by zeros (zero ablation). From these it computes, with SAEBench
   ce_loss_without_sae, ce_loss_with_sae, ce_loss_with_ablation, ce_loss_score
 and from the activations themselves: l0, l1, mse, cossim, explained_variance (corrected),
 explained_variance_legacy, dead/dense fractions, decoder cosine max/mean, and the
-penalty's own |C_ij| (top-k selected pairs and all pairs).
+penalty's own |C_ij| with C = fᵀf / B over up to 4096 tokens (the batch-mean co-activation
+that `aosae train` penalises): mean over the top-k selected pairs and over all pairs.
 
 The hooked layer's "residual output" is the hidden state leaving decoder block
 `hook_layer` (= HF hidden_states[hook_layer + 1] = SAELens blocks.{L}.hook_resid_post).
@@ -143,7 +144,8 @@ def evaluate_sae(
     res["kl_div_score"] = M.kl_score(res["kl_div_with_ablation"], res["kl_div_with_sae"])
     res["ce_loss_score"] = M.ce_loss_score(res["ce_loss_with_ablation"], res["ce_loss_with_sae"], res["ce_loss_without_sae"])
     res.update(M.decoder_cosine_stats(sae.W_dec))
-    co = M.coactivation_stats(torch.cat(sample_latents)[:4096], fraction)
+    f = torch.cat(sample_latents)[:4096]
+    co = M.coactivation_stats(f / math.sqrt(f.shape[0]), fraction)  # C = fᵀf / B, the trainer's penalty scale
     res["topk_abs_c_mean"], res["all_abs_c_mean"] = co["topk_abs_c_mean"], co["all_abs_c_mean"]
     res["n_sequences"] = n_seq
     return res

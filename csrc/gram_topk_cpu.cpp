@@ -244,9 +244,12 @@ std::vector<at::Tensor> gram_topk_cpu(const at::Tensor& a, int64_t k, bool cosin
 
 }  // namespace
 
+void register_sparse(pybind11::module& m);  // csrc/gram_topk_sparse.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aosae C++ CPU kernels";
   m.def("gram_topk_cpu", &gram_topk_cpu, "fused top-k of the upper-triangular Gram matrix (CPU)",
         pybind11::arg("a"), pybind11::arg("k"), pybind11::arg("cosine"), pybind11::arg("hint"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  register_sparse(m);
 }

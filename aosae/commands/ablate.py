@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--l1", type=float, default=None,
                    help="λ of the L1 term (default 0.2 on synthetic data; on model data, where activations are "
-                        "scaled to E‖x‖ = √d_in as in `aosae train`, 0.1)")
+                        "scaled to E‖x‖ = √d_in as in `aosae train`, 1.5: L0 ≈ 40 on SmolLM2 layer 6)")
     p.add_argument("--coactivation", choices=("sum", "mean"), default="mean",
                    help="C = fᵀf / B, the batch mean (default, as `aosae train`), or the paper's literal sum over the batch")
     p.add_argument("--similarity", choices=("dot", "cosine"), default="dot")
@@ -39,7 +39,7 @@ def register(sub) -> None:
     # synthetic data
     p.add_argument("--d", type=int, default=64, help="synthetic: dimension")
     p.add_argument("--features", type=int, default=128, help="synthetic: number of true features")
-    p.add_argument("--d-sae", type=int, default=None, help="latents (default: --features on synthetic, 4·d_in on model)")
+    p.add_argument("--d-sae", type=int, default=None, help="latents (default: --features on synthetic, 2·d_in on model)")
     p.add_argument("--firing-prob", type=float, default=0.03)
     p.add_argument("--correlation", type=float, default=0.3)
     p.add_argument("--samples", type=int, default=40000, help="synthetic: training tokens")
@@ -75,8 +75,8 @@ def _model(args, log):
     x = x * scale
     n_eval = max(1000, x.shape[0] // 6)
     x_train, x_eval = x[:-n_eval], x[-n_eval:]  # held out: the last tokens collected
-    cfg = A.AblationConfig(steps=args.steps, batch_size=args.batch_size, d_sae=args.d_sae or 4 * x.shape[1],
-                           lr=args.lr, l1_coeff=0.1 if args.l1 is None else args.l1, similarity=args.similarity,
+    cfg = A.AblationConfig(steps=args.steps, batch_size=args.batch_size, d_sae=args.d_sae or 2 * x.shape[1],
+                           lr=args.lr, l1_coeff=1.5 if args.l1 is None else args.l1, similarity=args.similarity,
                            coactivation=args.coactivation, log_every=max(1, args.steps // 60))
     meta.update({"train / held-out tokens": f"{x_train.shape[0]} / {x_eval.shape[0]}",
                  "activation scale": f"{scale:.4g} (E‖x‖ = √d_in, as aosae train)"})
@@ -86,7 +86,15 @@ def _model(args, log):
 def main(args) -> int:
     if args.threads < 1:
         raise SystemExit("aosae ablate: --threads must be >= 1")
+    previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
@@ -94,7 +102,6 @@ def main(args) -> int:
     if bad:
         raise SystemExit(f"aosae ablate: unknown arm(s) {bad}; choose from {', '.join(A.ARMS)}")
     kinds = ("synthetic", "model") if args.data == "both" else (args.data,)
-    docs = []
     for kind in kinds:
         t0 = time.perf_counter()
         x_train, x_eval, truth, cfg, meta = (_synthetic if kind == "synthetic" else _model)(args, print)
@@ -102,9 +109,9 @@ def main(args) -> int:
         results = A.run_ablation(x_train, x_eval, cfg, truth=truth, arms=arms, seeds=tuple(range(args.seeds)))
         meta["wall time"] = f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads"
         md = A.write_outputs(results, out, kind, cfg, meta)
-        docs.append(md.name)
         print(A.markdown_table(results))
         print(f"wrote {md}")
     index = out / "README.md"
-    index.write_text("# aosae ablation\n\n" + "\n".join(f"- [{d}]({d})" for d in docs) + "\n")
+    listed = sorted(p.name for p in out.glob("*.md") if p.name != "README.md")  # earlier runs into DIR too
+    index.write_text("# aosae ablation\n\n" + "\n".join(f"- [{d}]({d})" for d in listed) + "\n")
     return 0
