@@ -15,10 +15,8 @@ metrics.jsonl, checkpoints/step_<N>/, summary.json.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -375,6 +373,3 @@ def train(cfg: TrainConfig, run_dir=None, *, progress: bool = True, on_step=None
     trainer = Trainer(cfg, run_dir, progress=progress)
     return trainer.run_dir, trainer.run(on_step)
 
-
-def is_disk_full(err: OSError) -> bool:
-    return err.errno in (errno.ENOSPC, errno.EDQUOT)

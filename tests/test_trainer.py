@@ -168,3 +168,36 @@ def test_real_default_model_end_to_end(tmp_path):
     assert sae.d_in == 576 and sae.cfg.hook_layer == 6
     assert summary["steps"] == 3 and math.isfinite(summary["mse"])
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_bitwise(tiny, tmp_path):
+    """A real kill (SIGKILL, no cleanup) of `aosae train`, then `aosae train --resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ref_dir, _ = T.train(tiny_cfg(tiny, tmp_path, steps=60, checkpoint_every=3, out=str(tmp_path / "ref")),
+                         progress=False)
+    run = tmp_path / "killed"
+    args = ["--model", tiny["model"], "--dataset", tiny["dataset"], "--layer", "1", "--tokens", "3000",
+            "--context", "32", "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "3",
+            "--cache-dir", tiny["cache"], "--backend", "reference", "--lr", "3e-3", "--out", str(run), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "aosae", "train", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_3").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([sys.executable, "-m", "aosae", "train", "--resume", str(run), "--no-progress"], cwd=root,
+                   env=env, check=True, capture_output=True, timeout=180)
+    a, b = weights(ref_dir), weights(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--fixed-tau", action="store_true", help="keep τ = τ0 (no adaptation)")
     p.add_argument("--no-ortho", action="store_true", help="no orthogonality penalty (plain L1 SAE)")
     p.add_argument("--similarity", choices=("dot", "cosine"), default=_D.similarity)
-    p.add_argument("--backend", default=_D.backend, help="gram_topk backend for the penalty (default auto)")
+    p.add_argument("--backend", default=_D.backend, help="gram_topk backend for the penalty: reference (default), auto, cpu, ...")
     p.add_argument("--activation", choices=("relu", "topk"), default=_D.activation)
     p.add_argument("--k", type=int, default=None, help="latents kept per token with --activation topk")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-<time>)")
@@ -60,7 +60,8 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(
         model=args.model, layer=args.layer, dataset=args.dataset, tokens=args.tokens, context=args.context,
         d_sae=args.d_sae, steps=args.steps, batch_size=args.batch_size, lr=args.lr, l1=args.l1,
-        warmup_steps=args.warmup_steps, fraction=args.fraction, similarity=args.similarity, backend=args.backend, ortho=not args.no_ortho,
+        warmup_steps=args.warmup_steps, fraction=args.fraction, similarity=args.similarity, backend=args.backend,
+        ortho=not args.no_ortho,
         tau0=args.tau0, tau_min=args.tau_min, tau_max=args.tau_max, tau_target=args.tau_target,
         fixed_tau=args.fixed_tau, activation=args.activation, k=args.k, seed=args.seed, device=args.device,
         dtype=args.dtype, checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, out=args.out,
