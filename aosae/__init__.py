@@ -6,12 +6,16 @@ materialising its Gram matrix; `TopKOrthoLoss` turns it into the penalty
 """
 from .loss import AdaptiveTau, TopKOrthoLoss, topk_ortho_loss
 from .op import TopKPairs, gram_topk, k_for_fraction, num_pairs
+from .sae import SAEConfig, SAEOutput, SparseAutoencoder
 from .sparse import gram_topk_sparse
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveTau",
+    "SAEConfig",
+    "SAEOutput",
+    "SparseAutoencoder",
     "TopKOrthoLoss",
     "TopKPairs",
     "gram_topk",

@@ -32,7 +32,7 @@ class TrainConfig:
     warmup_steps: Optional[int] = None  # None: min(1000, 10% of steps)
     fraction: float = 0.005
     similarity: str = "dot"
-    backend: str = "reference"  # gram_topk backend for the penalty; "auto" = fastest usable (see report)
+    backend: str = "auto"  # gram_topk backend for the penalty: "auto" picks the fastest usable one
     ortho: bool = True
     tau0: float = 0.05
     tau_min: float = 0.01

@@ -116,6 +116,7 @@ std::vector<Candidate<acc_t>> select_pass(const at::Tensor& x, const acc_t* inv,
 
 #pragma omp parallel num_threads(threads)
   {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: the worker threads need their own guard
     auto& out = local[omp_get_thread_num()];
     try {
       at::Tensor buffer = at::empty({buffer_size}, x.options());
@@ -199,7 +200,7 @@ acc_t sampled_floor(const at::Tensor& x, const acc_t* inv, int64_t k) {
 template <typename acc_t>
 std::vector<at::Tensor> gram_topk_impl(const at::Tensor& a, int64_t k, bool cosine, double hint) {
   const auto dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor x = a.to(dtype).contiguous();
+  at::Tensor x = a.detach().to(dtype).contiguous();
   // cosine: 1/‖x_j‖ per column (1 for a zero column, whose cosines are then 0)
   at::Tensor inv_norms;
   if (cosine) {

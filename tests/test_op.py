@@ -189,6 +189,17 @@ def test_backward_matches_dense_autograd(seed, backend, similarity, dtype):
     torch.testing.assert_close(grad.double(), want, atol=tol * float(want.abs().max()), rtol=tol)
 
 
+@pytest.mark.skipif(not HAVE_EXT, reason="aosae._C not built")
+def test_cpu_backend_with_many_tiles_and_grad(seed):
+    # several tiles run on worker threads, whose grad mode is their own
+    w = torch.randn(64, 600, requires_grad=True)
+    f = torch.relu(torch.randn(256, 64) @ w)
+    penalty, pairs = aosae.topk_ortho_loss(f, 500, backend="cpu")
+    penalty.backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    assert_matches_oracle(pairs, f.detach(), 500)
+
+
 def test_backward_ignores_empty_slots():
     a = torch.zeros(8, 6, dtype=torch.float64)
     a[:, 0] = 1.0

@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--fixed-tau", action="store_true", help="keep τ = τ0 (no adaptation)")
     p.add_argument("--no-ortho", action="store_true", help="no orthogonality penalty (plain L1 SAE)")
     p.add_argument("--similarity", choices=("dot", "cosine"), default=_D.similarity)
-    p.add_argument("--backend", default=_D.backend, help="gram_topk backend for the penalty: reference (default), auto, cpu, ...")
+    p.add_argument("--backend", default=_D.backend, help="gram_topk backend for the penalty: auto (default), reference, cpu, sparse, triton")
     p.add_argument("--activation", choices=("relu", "topk"), default=_D.activation)
     p.add_argument("--k", type=int, default=None, help="latents kept per token with --activation topk")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-L<layer>-<time>)")
