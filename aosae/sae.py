@@ -202,16 +202,7 @@ class SparseAutoencoder(nn.Module):
     def save(self, directory: str | os.PathLike) -> Path:
         """Write directory/cfg.json and directory/sae_weights.safetensors atomically
         (a temp directory next to it, fsync'd, then renamed over); returns the path."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
-        try:
-            self.write_files(tmp)
-            atomic_replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return write_dir_atomically(directory, self.write_files)
 
     def write_files(self, directory: Path) -> None:
         """Write cfg.json + weights into an existing directory, fsync'ing both (not atomic by itself)."""
@@ -254,6 +245,21 @@ def write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_dir_atomically(directory: str | os.PathLike, write) -> Path:
+    """Fill a fresh temp directory beside `directory` with write(tmp), then swap it in:
+    a crash or a full disk leaves the previous `directory` untouched and no leftovers."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp", dir=directory.parent))
+    try:
+        write(tmp)
+        atomic_replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def atomic_replace_dir(tmp: Path, target: Path) -> None:

@@ -26,6 +26,11 @@ def finalize(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: in
         values, rows, cols = values[order], rows[order], cols[order]
         order = torch.argsort(values.abs(), descending=True, stable=True)[:k]
         values, rows, cols = values[order], rows[order], cols[order]
+    return pad_to_k(values, rows, cols, k)
+
+
+def pad_to_k(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int):
+    """Append empty slots (value 0, index -1) up to k entries; contiguous outputs."""
     pad = k - values.numel()
     if pad:
         values = torch.cat([values, values.new_zeros(pad)])

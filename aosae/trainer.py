@@ -35,7 +35,7 @@ from .config import TrainConfig
 from .data import DEFAULT_DATASET, iter_texts
 from .loss import AdaptiveTau, TopKOrthoLoss
 from .models import DEFAULT_MODEL, cache_root, check_layer, hook_name, load_model
-from .sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder, atomic_replace_dir, fsync_path, write_json
+from .sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder, fsync_path, write_dir_atomically, write_json
 
 EVAL_TOKENS = 8192
 
@@ -169,16 +169,7 @@ class Trainer:
 
     def write_checkpoint(self) -> Path:
         """Atomically write checkpoints/step_<N>: written into a temp dir, fsync'd, renamed."""
-        target = self.checkpoint_dir(self.step)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-        try:
-            self._write_checkpoint_files(tmp)
-            atomic_replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
+        return write_dir_atomically(self.checkpoint_dir(self.step), self._write_checkpoint_files)
 
     def _write_checkpoint_files(self, d: Path) -> None:
         folded_sae(self.sae, self.scale).write_files(d)  # loadable SAE (raw activation scale)

@@ -27,7 +27,6 @@ import datetime
 import gc
 import importlib.util
 import json
-import math
 import os
 import re
 import statistics

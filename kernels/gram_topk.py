@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aosae.selection import finalize
+from aosae.selection import finalize, pad_to_k
 
 # Filled by every gram_topk_triton call: passes (GEMM passes over the tiles), threshold,
 # candidates (entries >= threshold), capacity, stages tried. Read by the benchmark.
@@ -350,9 +350,4 @@ def select_topk(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k:
     key = ((0x7FFFFFFF - absv.view(torch.int32).long()) << 32) | flat
     order = torch.argsort(key)[:k]
     values, rows, cols = values[order], rows[order].long(), cols[order].long()
-    pad = k - values.numel()
-    if pad:
-        values = torch.cat([values, values.new_zeros(pad)])
-        rows = torch.cat([rows, rows.new_full((pad,), -1)])
-        cols = torch.cat([cols, cols.new_full((pad,), -1)])
-    return values.contiguous(), rows.contiguous(), cols.contiguous()
+    return pad_to_k(values, rows, cols, k)
