@@ -355,8 +355,22 @@ class Trainer:
                 os.replace(tmp / name, self.run_dir / name)
             shutil.rmtree(tmp, ignore_errors=True)
             write_json(self.run_dir / "summary.json", summary)
+            self.write_report()
         ddp.barrier(self.info)
         return summary
+
+    @torch.no_grad()
+    def write_report(self) -> None:
+        """report.md + report.png: loss curves, L0 and τ over steps, latent density."""
+        from .metrics import latent_density
+        from .report import write_report
+
+        sae = folded_sae(self.sae, self.scale).to(self.device)
+        density = latent_density(sae(self.eval_acts.to(self.device)).latents)
+        try:
+            write_report(self.run_dir, sae=sae, density=density)
+        except ImportError as err:  # matplotlib is an optional dependency
+            print(f"no report.png: {err} (pip install matplotlib)")
 
 
 def train(cfg: TrainConfig, run_dir=None, *, progress: bool = True, on_step=None) -> tuple[Path, dict]:

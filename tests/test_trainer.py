@@ -38,7 +38,7 @@ def weights(run_dir):
 
 def test_run_dir_contents(tiny, tmp_path):
     run_dir, summary = T.train(tiny_cfg(tiny, tmp_path, steps=40, checkpoint_every=10), progress=False)
-    for name in ("cfg.json", "sae_weights.safetensors", "train_config.json", "metrics.jsonl", "summary.json"):
+    for name in ("cfg.json", "sae_weights.safetensors", "train_config.json", "metrics.jsonl", "summary.json", "report.md", "report.png"):
         assert (run_dir / name).is_file(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{i}" for i in (0, 10, 20, 30, 40)]
     sae = SparseAutoencoder.load(run_dir)
