@@ -83,10 +83,10 @@ struct Tile {
 
 // All tiles of the upper triangle: row block [i0, i1) against columns [i0, n) in
 // chunks, largest first so that the threads finish together.
-std::vector<Tile> upper_tiles(int64_t n) {
+std::vector<Tile> upper_tiles(int64_t n, int64_t tile_rows) {
   std::vector<Tile> tiles;
-  for (int64_t i0 = 0; i0 < n - 1; i0 += TILE_ROWS) {
-    const int64_t i1 = std::min(i0 + TILE_ROWS, n);
+  for (int64_t i0 = 0; i0 < n - 1; i0 += tile_rows) {
+    const int64_t i1 = std::min(i0 + tile_rows, n);
     for (int64_t j0 = i0; j0 < n; j0 += TILE_COLS) tiles.push_back({i0, i1, j0, std::min(j0 + TILE_COLS, n)});
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) {
@@ -102,12 +102,14 @@ std::vector<Tile> upper_tiles(int64_t n) {
 template <typename acc_t>
 std::vector<Candidate<acc_t>> select_pass(const at::Tensor& x, const acc_t* inv, int64_t k, acc_t floor) {
   const int64_t n = x.size(1);
-  const std::vector<Tile> tiles = upper_tiles(n);
+  // small n: thinner row blocks, so that there are enough tiles to keep every thread busy
+  const int64_t tile_rows = std::clamp<int64_t>(n / 16, 32, TILE_ROWS);
+  const std::vector<Tile> tiles = upper_tiles(n, tile_rows);
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tiles.size()))));
   constexpr int64_t kInf = std::numeric_limits<int64_t>::max();
   const int64_t bound = std::max<int64_t>(2 * k, TILE_ROWS * TILE_COLS);  // cut back beyond this
-  const int64_t buffer_size = std::min<int64_t>(TILE_ROWS, n) * std::min<int64_t>(TILE_COLS, n);
+  const int64_t buffer_size = std::min<int64_t>(tile_rows, n) * std::min<int64_t>(TILE_COLS, n);
   std::vector<std::vector<Candidate<acc_t>>> local(threads);
   Bar<acc_t> shared{floor, kInf, kInf};
   std::mutex mutex;
@@ -175,7 +177,7 @@ std::vector<Candidate<acc_t>> select_pass(const at::Tensor& x, const acc_t* inv,
 template <typename acc_t>
 acc_t sampled_floor(const at::Tensor& x, const acc_t* inv, int64_t k) {
   const int64_t n = x.size(1);
-  const int64_t s = std::min<int64_t>(n, 512);
+  const int64_t s = std::min<int64_t>(n / 8, 512);  // its GEMM costs ≤ 1/64 of the full one
   if (s < 64) return acc_t(0);
   const double fraction = static_cast<double>(k) / (static_cast<double>(n) * (n - 1) / 2);
   const int64_t sample_pairs = s * (s - 1) / 2;
