@@ -68,6 +68,7 @@ def get_activations(cfg: TrainConfig, info: ddp.DistInfo, device: str, progress:
         return acts, meta
     model, tokenizer = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
     n_layers = check_layer(model, cfg.layer)
+    check_memory_for(cfg.tokens, model.config.hidden_size)
     acts = collect_activations(
         model, tokenizer, iter_texts(cfg.dataset), cfg.layer, cfg.tokens, context=cfg.context,
         lm_batch=cfg.lm_batch, device=device, rank=info.rank, world_size=info.world_size, progress=progress,
@@ -76,6 +77,21 @@ def get_activations(cfg: TrainConfig, info: ddp.DistInfo, device: str, progress:
     del model
     save_cache(directory, acts, meta)
     return acts, meta
+
+
+def check_memory_for(tokens: int, d_model: int) -> None:
+    """Activations are held in RAM as float32: refuse up front (instead of being killed by
+    the OOM killer hours into collection) when they cannot fit."""
+    need = tokens * d_model * 4
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return
+    if need > 0.8 * total:
+        raise ValueError(
+            f"--tokens {tokens:,} activations of width {d_model} need {need / 2**30:.1f} GiB of RAM as "
+            f"float32, more than 80% of this machine's {total / 2**30:.1f} GiB: lower --tokens"
+        )
 
 
 def _rng_state() -> tuple[dict, dict]:

@@ -201,3 +201,11 @@ def test_sigkilled_cli_run_resumes_bitwise(tiny, tmp_path):
     a, b = weights(ref_dir), weights(run)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_activations_that_cannot_fit_in_ram_are_refused():
+    from aosae.trainer import check_memory_for
+
+    check_memory_for(1000, 64)  # 256 kB: fine anywhere
+    with pytest.raises(ValueError, match="lower --tokens"):
+        check_memory_for(10**13, 2304)
