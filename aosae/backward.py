@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .selection import column_norms
+from .selection import accumulation_dtype, column_norms
 
 
 def gram_topk_backward(
@@ -27,7 +27,7 @@ def gram_topk_backward(
 ) -> torch.Tensor:
     """grad_values [k], a [m, n], values/rows/cols [k] -> grad_a [m, n] in a's dtype."""
     m, n = a.shape
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.dtype)
     valid = rows >= 0  # empty slots (index -1) carry no gradient
     r, c = rows[valid], cols[valid]
     g = grad_values[valid].to(acc)

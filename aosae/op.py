@@ -14,6 +14,7 @@ import torch
 
 from . import backends
 from .backward import gram_topk_backward
+from .selection import accumulation_dtype
 
 SIMILARITIES = ("dot", "cosine")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -104,14 +105,19 @@ def validate(a: torch.Tensor, k: int, similarity: str, backend: str) -> None:
         raise ValueError(f"gram_topk needs at least one row (m >= 1), got shape {tuple(a.shape)}")
     if n < 2:
         raise ValueError(f"gram_topk needs at least 2 columns to form a pair, got n = {n}")
+    validate_k_and_similarity(k, n, similarity)
+    if backend != "auto":
+        backends.resolve(backend, a)  # raises if unknown, or if it cannot run on `a`
+
+
+def validate_k_and_similarity(k: int, n: int, similarity: str) -> None:
+    """k must be an int in [1, n(n-1)/2]; similarity one of SIMILARITIES."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= num_pairs(n):
         raise ValueError(f"k must be in [1, n(n-1)/2] = [1, {num_pairs(n)}] for n = {n}, got k = {k}")
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if backend != "auto":
-        backends.resolve(backend, a)  # raises if unknown, or if it cannot run on `a`
 
 
 def check_finite(a: torch.Tensor) -> None:
@@ -137,7 +143,7 @@ def _gram_topk_op(
 
 @_gram_topk_op.register_fake
 def _(a, k, similarity, backend, threshold):
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.dtype)
     return (
         a.new_empty((k,), dtype=acc),
         a.new_empty((k,), dtype=torch.int64),

@@ -4,6 +4,11 @@ from __future__ import annotations
 import torch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores accumulate in float32, or float64 for float64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def column_norms(x: torch.Tensor) -> torch.Tensor:
     """L2 norm of each column of x [m, n] -> [n]; zero columns give 0."""
     return torch.linalg.vector_norm(x, dim=0)

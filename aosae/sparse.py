@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from .backends import sparse as sparse_backend
-from .op import FLOAT_DTYPES, SIMILARITIES, TopKPairs, num_pairs
+from .op import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
+from .selection import accumulation_dtype
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Row chunk of the backward: at most this many (row, s, s') lookups at a time.
@@ -70,14 +71,7 @@ def _validate(indices, values, n_latents, k, similarity) -> None:
         raise ValueError(f"indices ({indices.device}) and values ({values.device}) must be on the same device")
     if isinstance(n_latents, bool) or not isinstance(n_latents, int) or n_latents < 2:
         raise ValueError(f"n_latents must be an int >= 2, got {n_latents!r}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= num_pairs(n_latents):
-        raise ValueError(
-            f"k must be in [1, n(n-1)/2] = [1, {num_pairs(n_latents)}] for n_latents = {n_latents}, got k = {k}"
-        )
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    validate_k_and_similarity(k, n_latents, similarity)
 
 
 def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +83,7 @@ def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[to
             raise ValueError(
                 f"indices must lie in [0, n_latents) = [0, {n}), got values in [{lo}, {hi}]"
             )
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError("gram_topk_sparse: values contain NaN/Inf; check the encoder's activations")
+    check_finite(values)
     sorted_idx, perm = torch.sort(indices, dim=1)
     if sorted_idx.shape[1] > 1 and bool((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()):
         row = int((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any(dim=1).nonzero()[0])
@@ -104,7 +97,7 @@ def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[to
 def to_csr(indices: torch.Tensor, values: torch.Tensor, n: int):
     """(indices, values) [B, L] -> CSR (row_ptr [B+1], cols [nnz], vals [nnz] in the
     accumulation dtype) of the non-zero entries, cols ascending per row."""
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(values.dtype)
     sorted_idx, perm = _check_data(indices, values, n)
     vals = torch.gather(values, 1, perm).to(acc)
     mask = vals != 0
@@ -124,7 +117,7 @@ def _gram_topk_sparse_op(
 
 @_gram_topk_sparse_op.register_fake
 def _(indices, values, n_latents, k, similarity):
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(values.dtype)
     return (
         values.new_empty((k,), dtype=acc),
         values.new_empty((k,), dtype=torch.int64),
@@ -160,7 +153,7 @@ def gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols,
               x̂ = x / ‖f_idx‖, u_i = Σ_{p ∋ i} g_p v_p.
     G lookups are a binary search of the 2k selected keys for each (t, s, s'): O(B·L²·log k).
     """
-    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(values.dtype)
     valid = rows >= 0  # empty slots carry no gradient
     r, c = rows[valid], cols[valid]
     g = grad_out[valid].to(acc)

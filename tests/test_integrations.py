@@ -42,8 +42,6 @@ def dictlearn():
 
 @pytest.fixture
 def aosae_sae():
-    if importlib.util.find_spec("aosae.sae") is None:
-        pytest.skip("aosae.sae (SparseAutoencoder) is not in this checkout")
     return importlib.import_module("aosae.sae")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..selection import column_norms, finalize
+from ..selection import accumulation_dtype, column_norms, finalize
 
 
 def available() -> tuple[bool, str]:
@@ -20,7 +20,7 @@ def supports(a: torch.Tensor) -> tuple[bool, str]:
 
 def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = None):
     """a: [m, n] -> (values[k], rows[k], cols[k]); see aosae.gram_topk for the contract."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.dtype)
     x = a.to(acc)
     n = x.shape[1]
     gram = x.t() @ x  # [n, n]: the matrix the other backends never build

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ..selection import finalize
+from ..selection import accumulation_dtype, finalize
 
 # Cost model, in nanoseconds (fitted to benchmarks/sparse_sweep.py on the 2-core CI-class
 # CPU, B = 2048, n ∈ {4096, 16384}, L0 ∈ {16, 64, 256}; see benchmarks/NOTES.md):
@@ -129,7 +129,7 @@ def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, impl: str = "aut
 def dense_to_csr_torch(a: torch.Tensor):
     """Non-zeros of a [m, n] as CSR (row_ptr [m+1] int64, cols [nnz] int64 ascending per
     row, vals [nnz] float32/float64)."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(a.dtype)
     m = a.shape[0]
     t, c = torch.nonzero(a, as_tuple=True)  # row-major order: cols ascending within a row
     vals = a[t, c].to(acc)
