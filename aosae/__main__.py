@@ -1,6 +1,6 @@
 """`python -m aosae ...` (and `torchrun -m aosae train ...`) run the CLI."""
 import sys
 
-from .cli import main
+from aosae.cli import main
 
 sys.exit(main())

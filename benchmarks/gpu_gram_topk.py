@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     import triton
 
     aosae = import_aosae()
-    from aosae.backends import reference, triton as triton_backend
+    from aosae.ops.backends import reference, triton as triton_backend
     from aosae.kernels import gram_topk as kernel
 
     ok, why = triton_backend.available()

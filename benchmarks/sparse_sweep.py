@@ -58,7 +58,7 @@ def load_dev_extension(path: str) -> None:
     instead of aosae._C, e.g. before the package's extension is rebuilt."""
     import importlib.util
 
-    from aosae.backends import sparse as sparse_backend
+    from aosae.ops.backends import sparse as sparse_backend
 
     spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
     module = importlib.util.module_from_spec(spec)
@@ -69,7 +69,7 @@ def load_dev_extension(path: str) -> None:
 def worker(args) -> None:
     """One measurement in this (fresh) process; prints one JSON row, saves the pairs."""
     import aosae
-    from aosae.backends import sparse as sparse_backend
+    from aosae.ops.backends import sparse as sparse_backend
 
     if args.ext:
         load_dev_extension(args.ext)
@@ -135,7 +135,7 @@ def skip_reason(backend: str, n: int, m: int, args) -> str | None:
     if backend == "cpu":
         if args.device != "cpu":
             return "the cpu backend runs on CPU only"
-        from aosae import _extension
+        from aosae.ops import extension as _extension
 
         module, why = _extension.load()
         if module is None or not hasattr(module, "gram_topk_cpu"):

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aosae  # noqa: E402
 import machine  # noqa: E402
-from aosae import _extension  # noqa: E402
+from aosae.ops import extension as _extension  # noqa: E402
 
 M = 2048
 SIZES = [1024, 2048, 4096, 8192]

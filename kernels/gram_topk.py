@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from aosae.selection import finalize, pad_to_k
+from aosae.machine import triton_interpreting
+from aosae.ops.conventions import finalize, pad_to_k
 
 # Filled by every gram_topk_triton call: passes (GEMM passes over the tiles), threshold,
 # candidates (entries >= threshold), capacity, stages tried. Read by the benchmark.
@@ -34,11 +34,6 @@ last_call_info: dict = {}
 # so a bin spans 12.5% of its value and the bin order is the value order.
 HIST_SHIFT = 20
 HIST_BINS = 1 << (31 - HIST_SHIFT)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -147,7 +142,7 @@ def _tile_order(num_blocks: int, group: int, device: str) -> tuple[torch.Tensor,
 
 def _config(dtype: torch.dtype, n: int) -> dict:
     """Tile configuration: H100-sized on GPU, tiny under the interpreter."""
-    if interpreting():
+    if triton_interpreting():
         return dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, group=4)
     block = min(128, max(16, triton.next_power_of_2(n)))
     block_k = 32 if dtype == torch.float32 else 64
@@ -237,7 +232,7 @@ def gram_topk_triton(
         raise TypeError(f"the triton kernel takes float16/bfloat16/float32 input, got {a.dtype}; convert with a.float()")
     if a.dim() != 2:
         raise ValueError(f"expected a 2-D tensor [m, n], got shape {tuple(a.shape)}")
-    if a.device.type != "cuda" and not interpreting():
+    if a.device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"the triton kernel runs on CUDA tensors, got a tensor on {a.device}; "
             f"move it with a.cuda() or set TRITON_INTERPRET=1 (before importing triton) to interpret it on CPU"
@@ -258,7 +253,7 @@ def gram_topk_triton(
     common = dict(
         COSINE=cosine, BLOCK=blk, BLOCK_K=cfg["BLOCK_K"],
         EVEN_M=m % cfg["BLOCK_K"] == 0, EVEN_N=n % blk == 0,
-        CAST_FP32=interpreting() and a.dtype != torch.float32,
+        CAST_FP32=triton_interpreting() and a.dtype != torch.float32,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -28,4 +28,4 @@ def pytest_collection_modifyitems(config, items):
     """Run the integration tests last: importing dictionary_learning imports nnsight, which
     patches torch's FakeTensor for the whole process and breaks torch.compile / opcheck in
     every test after it."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_integrations.py"))
+    items.sort(key=lambda item: item.nodeid.startswith("tests/integrations/"))

@@ -7,10 +7,11 @@ from pathlib import Path
 
 def corpus_text() -> str:
     """A few kB of real text (this repo's sources) for tokenizer training and test datasets."""
-    import aosae.loss
-    import aosae.op
+    import aosae.nn.loss
+    import aosae.nn.tau
+    import aosae.ops.gram_topk
 
-    return inspect.getsource(aosae.loss) + inspect.getsource(aosae.op)
+    return "".join(inspect.getsource(m) for m in (aosae.nn.loss, aosae.nn.tau, aosae.ops.gram_topk))
 
 
 def make_tiny_lm(directory: Path, n_layer: int = 2, n_embd: int = 32, seed: int = 0) -> Path:

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import missing_dependency_message
+from aosae.integrations import missing_dependency_message
 
 _missing = missing_dependency_message("dictionary_learning")
 if _missing is not None:
@@ -42,7 +42,8 @@ if _missing is not None:
 from dictionary_learning.trainers.standard import StandardTrainer  # noqa: E402
 from dictionary_learning.trainers.top_k import TopKTrainer  # noqa: E402
 
-from ..loss import AdaptiveTau, TopKOrthoLoss  # noqa: E402
+from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
+from aosae.nn.tau import AdaptiveTau  # noqa: E402
 
 __all__ = ["ORTHO_DEFAULTS", "AosaeStandardTrainer", "AosaeTopKTrainer"]
 

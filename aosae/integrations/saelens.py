@@ -35,7 +35,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from . import missing_dependency_message
+from aosae.integrations import missing_dependency_message
 
 _missing = missing_dependency_message("sae_lens")
 if _missing is not None:
@@ -52,7 +52,8 @@ from sae_lens.saes.sae import SAEMetadata, TrainCoefficientConfig, TrainStepInpu
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig  # noqa: E402
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 
-from ..loss import AdaptiveTau, TopKOrthoLoss  # noqa: E402
+from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
+from aosae.nn.tau import AdaptiveTau  # noqa: E402
 
 __all__ = [
     "ORTHOGONALITY",
@@ -294,10 +295,10 @@ def to_saelens(sae: Any, *, device: Union[str, torch.device] = "cpu") -> SAE:
     latents and reconstructions. Provenance (model_name, hook_name, context_size, hook_layer)
     goes into the SAELens metadata.
     """
-    from ..sae import SparseAutoencoder
+    from aosae.nn.sae import SparseAutoencoder
 
     if not isinstance(sae, SparseAutoencoder):
-        raise TypeError(f"to_saelens expects an aosae.sae.SparseAutoencoder, got {type(sae).__name__}")
+        raise TypeError(f"to_saelens expects an aosae.SparseAutoencoder, got {type(sae).__name__}")
     cfg = sae.cfg
     dtype = str(sae.W_enc.dtype).removeprefix("torch.")
     metadata = SAEMetadata(
@@ -319,7 +320,7 @@ def to_saelens(sae: Any, *, device: Union[str, torch.device] = "cpu") -> SAE:
     if cfg.activation == "relu":
         out: SAE = StandardSAE(StandardSAEConfig(**common))
     elif cfg.activation == "topk":
-        out = TopKSAE(TopKSAEConfig(k=int(cfg.k), rescale_acts_by_decoder_norm=False, **common))
+        out = TopKSAE(TopKSAEConfig(k=int(cfg.top_k), rescale_acts_by_decoder_norm=False, **common))
     else:
         raise ValueError(f"cannot convert an aosae SAE with activation {cfg.activation!r} (supported: relu, topk)")
     state = {name: getattr(sae, name).detach().to(device) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
@@ -350,7 +351,7 @@ def from_saelens(sae: SAE, *, fold_decoder_norm: bool = False) -> Any:
     Not convertible (ValueError): other architectures, normalize_activations other than "none",
     hook_z reshaping.
     """
-    from ..sae import SAEConfig, SparseAutoencoder
+    from aosae.nn.sae import SAEConfig, SparseAutoencoder
 
     cfg = sae.cfg
     arch = cfg.architecture()
@@ -404,7 +405,7 @@ def from_saelens(sae: SAE, *, fold_decoder_norm: bool = False) -> Any:
         d_in=cfg.d_in,
         d_sae=cfg.d_sae,
         activation="topk" if is_topk else "relu",
-        k=int(cfg.k) if is_topk else None,
+        top_k=int(cfg.k) if is_topk else None,
         dtype=str(W_enc.dtype).removeprefix("torch."),
         **{key: value for key, value in provenance.items() if value is not None},
     )

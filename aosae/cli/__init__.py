@@ -1,0 +1,34 @@
+"""The `aosae` command line: `aosae info | train | eval | export | ablate`.
+
+Each subcommand is a function in aosae/cli/<name>.py; tyro builds its parser from the
+signature and the dataclasses it takes, and `--help` from their docstrings.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import tyro
+
+from aosae.cli.ablate import ablate
+from aosae.cli.eval import eval as eval_command
+from aosae.cli.export import export
+from aosae.cli.info import info
+from aosae.cli.train import train
+
+COMMANDS = {"info": info, "train": train, "eval": eval_command, "export": export, "ablate": ablate}
+# What a user can cause (a bad path, option, dataset or model, a missing extra, a diverged run):
+# one line on stderr, exit 2. AOSAE_DEBUG=1 shows the traceback instead.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in args if a in COMMANDS), "aosae")
+    try:
+        return int(tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="aosae", args=args) or 0)
+    except USER_ERRORS as err:
+        if os.environ.get("AOSAE_DEBUG") == "1":
+            raise
+        print(f"aosae {command}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,49 @@
+"""`aosae eval RUN_DIR`: SAEBench-style core metrics of a trained SAE spliced into its LM."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import tyro
+
+
+def eval(  # noqa: A001 - the subcommand's name
+    run_dir: tyro.conf.Positional[str],
+    text: Literal["held-out", "after-training"] = "held-out",
+    model: Optional[str] = None,
+    dataset: Optional[str] = None,
+    tokens: Optional[int] = None,
+    batch_size: int = 8,
+    context: Optional[int] = None,
+    absorption_words: int = 0,
+    device: str = "cpu",
+) -> int:
+    """Evaluate a trained SAE: L0, MSE, cosine, explained variance, dead/dense latents, KL and
+    CE-loss scores, decoder cosines and the penalty's |C_ij|; optionally first-letter absorption.
+    Writes RUN_DIR/eval.json and prints a table.
+
+    Args:
+        run_dir: Run directory written by `aosae train` (cfg.json + sae_weights.safetensors).
+        text: Which text: `held-out` re-runs the LM over the tokens that `aosae train` held out
+            for its summary (the last ones it collected, never trained on), so the two agree;
+            `after-training` reads the text that follows the training tokens (a different part
+            of the corpus: numbers differ from the summary when the corpus is not uniform).
+        model: Override the model recorded in train_config.json.
+        dataset: Override the text dataset recorded in train_config.json (implies after-training text).
+        tokens: Tokens to evaluate on (default: the held-out count, or 16384 after training).
+        batch_size: Sequences per forward pass.
+        context: Sequence length (default: the training context).
+        absorption_words: Run first-letter absorption on this many vocabulary words (0 = skip;
+            ~1000 is a reasonable CPU budget; meaningful for >= 16k latents on >= 1B-parameter models).
+        device: cpu or cuda[:i].
+    """
+    from aosae.eval import evaluate as E
+
+    if tokens is not None and tokens < 2:
+        raise ValueError(f"--tokens must be >= 2, got {tokens}")
+    res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
+                     context=context, absorption_words=absorption_words, device=device)
+    print(E.format_table(res))
+    if "absorption_caveat" in res:
+        print(res["absorption_caveat"])
+    print(f"wrote {run_dir}/eval.json")
+    return 0

@@ -1,0 +1,31 @@
+"""`aosae export RUN_DIR --to saelens`: write a trained SAE in another library's format."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import tyro
+
+
+def export(
+    run_dir: tyro.conf.Positional[str],
+    to: Literal["saelens"] = "saelens",
+    out: Optional[str] = None,
+) -> int:
+    """Export a trained SAE. `--to saelens` writes a directory that
+    `sae_lens.SAE.load_from_disk` loads without aosae (needs `pip install 'aosae[saelens]'`).
+
+    Args:
+        run_dir: Run directory written by `aosae train` (or any saved aosae SAE directory).
+        to: Target format.
+        out: Output directory (default: RUN_DIR/saelens).
+    """
+    from aosae.nn.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder.load(run_dir)
+    target = Path(out) if out else Path(run_dir) / to
+    from aosae.integrations.saelens import export_to_saelens  # raises ImportError naming the extra
+
+    export_to_saelens(sae, target)
+    print(f"wrote {target} (load it with sae_lens.SAE.load_from_disk({str(target)!r}))")
+    return 0

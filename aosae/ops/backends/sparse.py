@@ -1,0 +1,183 @@
+"""The sparse co-activation backend: work O(Σ_rows L0²) instead of O(m·n²).
+
+After ReLU or TopK most activations are zero, and C = aᵀa has at most Σ_t L0_t(L0_t−1)/2
+non-zeros above the diagonal (L0_t = non-zeros of row t). The exact top-k lies among them:
+
+    gather each row's non-zeros (CSR) -> emit its co-active pairs (i < j, a_ti·a_tj)
+    -> reduce duplicate pairs across rows (sum) -> select the k best by |C_ij|.
+
+Two implementations, same results:
+- C++ (csrc/gram_topk_sparse.cpp, OpenMP) on CPU when aosae._C has it: bucket pairs by
+  the smaller latent, reduce each bucket with a thread-local accumulator.
+- pure torch (any device; the CUDA path, and the CPU fallback when aosae._C is missing or
+  was built without the sparse kernel): pair expansion with repeat_interleave, stable
+  sort of 64-bit keys i·n + j, segment sum, topk.
+
+`prefers(a)` is the cost model `auto` uses (see `COST` below for the measured constants).
+"""
+from __future__ import annotations
+
+import torch
+
+from aosae.ops import extension as _extension
+from aosae.ops.conventions import accumulation_dtype, finalize
+
+# Cost model, in nanoseconds (fitted to benchmarks/sparse_sweep.py on the 2-core CI-class
+# CPU, B = 2048, n ∈ {4096, 16384}, L0 ∈ {16, 64, 256}; see benchmarks/NOTES.md):
+#   sparse  ≈ fixed + scan · m·n + pair · Σ_t L0_t(L0_t−1)/2
+#   dense   ≈ mac · m·n²/2          (upper-triangle GEMM of the fused dense backend)
+# Only the ratios matter for the choice. On the CPU the crossover is L0/n ≈ sqrt(mac/pair)
+# ≈ 0.05: sparse below L0 ≈ 220 at n = 4096, ≈ 870 at n = 16384.
+COST = {
+    # C++ kernel: ~25 ns per co-active pair (scatter + bucket reduce + select, 2 threads),
+    # ~1 ns per element to find the non-zeros; fused dense kernel ~0.07 ns per multiply-add.
+    "cpu": {"fixed": 2e7, "scan": 1.0, "pair": 25.0, "mac": 0.07},
+    # pure-torch path on CPU (aosae._C without the sparse kernel): ~20x slower per pair.
+    "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.07},
+    # CUDA: NOT measured (no GPU here). Estimates: the torch-ops path streams ~20 passes of
+    # 8-16 bytes per pair (~0.5 ns/pair incl. sort) plus ~1 ms of launches; the fused
+    # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective).
+    "cuda": {"fixed": 1e6, "scan": 0.005, "pair": 0.5, "mac": 1e-5},
+}
+# Never pick sparse on its own when the pair list alone would exceed this many pairs
+# (~12 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
+MAX_AUTO_PAIRS = 1 << 28
+# Rows sampled by prefers() to estimate Σ L0² (a strided sample, deterministic).
+SAMPLE_ROWS = 256
+
+
+def cpp_module():
+    """aosae._C when it was built with the sparse kernel, else None."""
+    module, _ = _extension.load()
+    if module is not None and hasattr(module, "gram_topk_sparse_cpu"):
+        return module
+    return None
+
+
+def available() -> tuple[bool, str]:
+    # The pure-torch path runs on any device, so the backend is always available.
+    return True, ""
+
+
+def supports(a: torch.Tensor) -> tuple[bool, str]:
+    return True, ""
+
+
+def estimate_pairs(a: torch.Tensor) -> float:
+    """Estimated Σ_t L0_t(L0_t−1)/2 of a [m, n] from a strided sample of at most 256 rows."""
+    m = a.shape[0]
+    step = max(1, m // SAMPLE_ROWS)
+    l0 = (a[::step] != 0).sum(dim=1, dtype=torch.float64)
+    return float((l0 * (l0 - 1) / 2).mean()) * m
+
+
+def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float]:
+    """The cost model's predicted times (ms) of the sparse and the dense path for a [m, n]."""
+    m, n = a.shape
+    if pairs is None:
+        pairs = estimate_pairs(a)
+    if a.device.type == "cuda":
+        c = COST["cuda"]
+    else:
+        c = COST["cpu"] if cpp_module() is not None else COST["cpu_torch"]
+    sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs
+    dense = c["mac"] * m * n * n / 2
+    return {"sparse": sparse * 1e-6, "dense": dense * 1e-6, "pairs": pairs}
+
+
+def prefers(a: torch.Tensor) -> bool:
+    """Whether `auto` should use the sparse path on a [m, n]: predicted sparse time below
+    the dense one, and a pair list that fits comfortably in memory."""
+    if a.dim() != 2 or a.numel() == 0:
+        return False
+    pred = predicted_ms(a)
+    return pred["pairs"] <= MAX_AUTO_PAIRS and pred["sparse"] < pred["dense"]
+
+
+def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = None):
+    """a: [m, n] -> (values[k], rows[k], cols[k]); see aosae.gram_topk for the contract.
+
+    `threshold` is ignored: the pair list is built in full either way.
+    """
+    ext = cpp_module() if a.device.type == "cpu" else None
+    if ext is not None:
+        return tuple(ext.gram_topk_sparse_cpu(a, k, cosine))
+    row_ptr, cols, vals = dense_to_csr_torch(a)
+    return csr_topk_torch(row_ptr, cols, vals, a.shape[1], k, cosine)
+
+
+def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, impl: str = "auto"):
+    """Top-k pairs of the CSR matrix (row_ptr [m+1] int64, cols [nnz] int64 strictly
+    increasing per row, vals [nnz] float32/float64) of shape [m, n].
+
+    impl: "auto" (C++ on CPU when built, else torch), "cpp" or "torch".
+    Returns (values [k] in vals' dtype, rows [k] int64, cols [k] int64), contract order.
+    """
+    if impl not in ("auto", "cpp", "torch"):
+        raise ValueError(f"impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
+    ext = cpp_module() if (impl != "torch" and vals.device.type == "cpu") else None
+    if impl == "cpp" and ext is None:
+        raise RuntimeError(
+            "the C++ sparse kernel is not available (aosae._C is missing, on another device, "
+            f"or was built before csrc/gram_topk_sparse.cpp existed): {_extension.load()[1] or 'rebuild aosae._C'}"
+        )
+    if ext is not None:
+        return tuple(ext.sparse_csr_topk(row_ptr, cols, vals, n, k, cosine))
+    return csr_topk_torch(row_ptr, cols, vals, n, k, cosine)
+
+
+def dense_to_csr_torch(a: torch.Tensor):
+    """Non-zeros of a [m, n] as CSR (row_ptr [m+1] int64, cols [nnz] int64 ascending per
+    row, vals [nnz] float32/float64)."""
+    acc = accumulation_dtype(a.dtype)
+    m = a.shape[0]
+    t, c = torch.nonzero(a, as_tuple=True)  # row-major order: cols ascending within a row
+    vals = a[t, c].to(acc)
+    row_ptr = torch.zeros(m + 1, dtype=torch.int64, device=a.device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(t, minlength=m), 0)
+    return row_ptr, c, vals
+
+
+def _segment_sum(keys: torch.Tensor, vals: torch.Tensor):
+    """Sum of vals per distinct key -> (sorted distinct keys, sums). Deterministic: a stable
+    sort then a segmented reduction in the original order (no atomics)."""
+    keys, order = torch.sort(keys, stable=True)
+    vals = vals[order]
+    uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    return uniq, torch.segment_reduce(vals, "sum", lengths=counts)
+
+
+def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
+    """The pure-torch sparse top-k on CSR input (any device); see csr_topk."""
+    device, acc = vals.device, vals.dtype
+    m = row_ptr.numel() - 1
+    nnz = cols.numel()
+    counts = row_ptr[1:] - row_ptr[:-1]
+    row_of = torch.repeat_interleave(torch.arange(m, device=device), counts, output_size=nnz)
+    pos = torch.arange(nnz, device=device) - row_ptr[:-1][row_of]
+    partners = counts[row_of] - 1 - pos  # entries after this one in its row
+    total = int(partners.sum())
+    empty = (vals.new_zeros(0), cols.new_zeros(0), cols.new_zeros(0))
+    if total == 0:
+        return finalize(*empty, k)
+    # Pair expansion: entry e pairs with e+1, …, e+partners[e] (same row, larger column).
+    first = torch.repeat_interleave(torch.arange(nnz, device=device), partners, output_size=total)
+    starts = torch.cumsum(partners, 0) - partners
+    second = first + 1 + torch.arange(total, device=device) - starts[first]
+    keys, sums = _segment_sum(cols[first] * n + cols[second], vals[first] * vals[second])
+    del first, second
+    rows, cols_out = keys // n, keys % n
+    if cosine:
+        norm_idx, norm_sq = _segment_sum(cols, vals * vals)
+        inv = torch.zeros(n, dtype=acc, device=device)
+        inv[norm_idx] = torch.where(norm_sq > 0, norm_sq.rsqrt(), torch.zeros_like(norm_sq))
+        sums = sums * inv[rows] * inv[cols_out]
+    keep = sums != 0
+    sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
+    if sums.numel() > k:
+        # keep every pair scoring at least the k-th best (ties included); finalize orders
+        # by (|value| desc, (row, col) asc) and cuts to k
+        kth = torch.topk(sums.abs(), k, sorted=False).values.min()
+        keep = sums.abs() >= kth
+        sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
+    return finalize(sums, rows, cols_out, k)

@@ -1,0 +1,206 @@
+"""gram_topk for TopK SAEs that already hold their activations as (indices, values) per token.
+
+A TopK SAE's encoder returns, for each of B tokens, the L latents it kept and their
+activations. `gram_topk_sparse` finds the k most correlated latent pairs of the implied
+[B, n_latents] matrix without ever building it: work O(B·L²), memory O(B·L² + k + n).
+It is the custom op `aosae::gram_topk_sparse` (fake kernel + autograd), differentiable
+with respect to `values`.
+
+Duplicate latent indices inside one row are an error (a TopK encoder never produces them;
+summing them silently would hide a bug upstream). Entries whose value is 0 are allowed
+(e.g. a TopK slot after ReLU) and contribute nothing to the forward, but still receive a
+gradient.
+"""
+from __future__ import annotations
+
+import torch
+
+from aosae.ops.backends import sparse as sparse_backend
+from aosae.ops.gram_topk import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
+from aosae.ops.conventions import accumulation_dtype
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Row chunk of the backward: at most this many (row, s, s') lookups at a time.
+BACKWARD_CHUNK = 1 << 22
+
+
+def gram_topk_sparse(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    n_latents: int,
+    k: int,
+    *,
+    similarity: str = "dot",
+) -> TopKPairs:
+    """The k latent pairs (i < j) with the largest |C_ij|, C = fᵀf, where f [B, n_latents]
+    is given by its non-zeros: f[t, indices[t, s]] = values[t, s].
+
+    Args:
+        indices: [B, L] int64 (or int32), latent ids in [0, n_latents), distinct within a row.
+        values: [B, L] float16/bfloat16/float32/float64 on the same device; the activations.
+            Scores are accumulated in float32 (float64 for float64 values).
+        n_latents: n, the number of latents (columns of f), >= 2.
+        k: number of pairs, 1 <= k <= n(n-1)/2.
+        similarity: "dot" (|f_i · f_j|) or "cosine" (|f_i · f_j| / (‖f_i‖‖f_j‖), norms over
+            the B rows from the given entries; a latent never active has cosine 0).
+
+    Returns:
+        TopKPairs(values [k] float32 (float64 for float64 input), rows [k] int64,
+        cols [k] int64): the same result as gram_topk(f, k, similarity=...) on the
+        densified f, sorted by |value| desc then (row, col) asc, empty slots (0, -1, -1).
+        Differentiable with respect to `values`.
+    """
+    _validate(indices, values, n_latents, k, similarity)
+    out = torch.ops.aosae.gram_topk_sparse(indices.long(), values, n_latents, k, similarity)
+    return TopKPairs(*out)
+
+
+def _validate(indices, values, n_latents, k, similarity) -> None:
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError("gram_topk_sparse expects indices and values as torch.Tensor")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be int64 (or int32), got {indices.dtype}; use indices.long()")
+    if values.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"values must be float16/bfloat16/float32/float64, got {values.dtype}; use values.float()")
+    if indices.dim() != 2 or indices.shape != values.shape:
+        raise ValueError(
+            f"indices and values must both be [B, L] with the same shape, got {tuple(indices.shape)} "
+            f"and {tuple(values.shape)} (one row per token, one column per kept latent)"
+        )
+    if indices.device != values.device:
+        raise ValueError(f"indices ({indices.device}) and values ({values.device}) must be on the same device")
+    if isinstance(n_latents, bool) or not isinstance(n_latents, int) or n_latents < 2:
+        raise ValueError(f"n_latents must be an int >= 2, got {n_latents!r}")
+    validate_k_and_similarity(k, n_latents, similarity)
+
+
+def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks range, duplicates and finiteness; returns (indices sorted within each row [B, L],
+    the permutation that sorts them [B, L])."""
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            raise ValueError(
+                f"indices must lie in [0, n_latents) = [0, {n}), got values in [{lo}, {hi}]"
+            )
+    check_finite(values)
+    sorted_idx, perm = torch.sort(indices, dim=1)
+    if sorted_idx.shape[1] > 1 and bool((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()):
+        row = int((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"row {row} of indices repeats a latent; each row must list distinct latents "
+            f"(sum the duplicate activations first if that is what you mean)"
+        )
+    return sorted_idx, perm
+
+
+def to_csr(indices: torch.Tensor, values: torch.Tensor, n: int):
+    """(indices, values) [B, L] -> CSR (row_ptr [B+1], cols [nnz], vals [nnz] in the
+    accumulation dtype) of the non-zero entries, cols ascending per row."""
+    acc = accumulation_dtype(values.dtype)
+    sorted_idx, perm = _check_data(indices, values, n)
+    vals = torch.gather(values, 1, perm).to(acc)
+    mask = vals != 0
+    row_ptr = torch.zeros(indices.shape[0] + 1, dtype=torch.int64, device=indices.device)
+    row_ptr[1:] = torch.cumsum(mask.sum(dim=1), 0)
+    return row_ptr, sorted_idx[mask], vals[mask]
+
+
+@torch.library.custom_op("aosae::gram_topk_sparse", mutates_args=())
+def _gram_topk_sparse_op(
+    indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_ptr, cols, vals = to_csr(indices, values, n_latents)
+    out = sparse_backend.csr_topk(row_ptr, cols, vals, n_latents, k, similarity == "cosine")
+    return tuple(t.contiguous() for t in out)
+
+
+@_gram_topk_sparse_op.register_fake
+def _(indices, values, n_latents, k, similarity):
+    acc = accumulation_dtype(values.dtype)
+    return (
+        values.new_empty((k,), dtype=acc),
+        values.new_empty((k,), dtype=torch.int64),
+        values.new_empty((k,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("aosae::gram_topk_sparse_backward", mutates_args=())
+def _gram_topk_sparse_backward_op(
+    grad_out: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    out_values: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    n_latents: int,
+    similarity: str,
+) -> torch.Tensor:
+    return gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols, n_latents, similarity == "cosine")
+
+
+@_gram_topk_sparse_backward_op.register_fake
+def _(grad_out, indices, values, out_values, rows, cols, n_latents, similarity):
+    return torch.empty_like(values)
+
+
+def gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols, n: int, cosine: bool):
+    """Gradient of the selected scores with respect to values [B, L], never densified.
+
+    With G the symmetric sparse n × n matrix holding g_p at (r_p, c_p) and (c_p, r_p):
+      dot:    grad[t, s] = Σ_{s'} G[idx_ts, idx_ts'] · x_ts'
+      cosine: grad[t, s] = (Σ_{s'} G[idx_ts, idx_ts'] · x̂_ts' − x̂_ts · u_{idx_ts}) / ‖f_{idx_ts}‖,
+              x̂ = x / ‖f_idx‖, u_i = Σ_{p ∋ i} g_p v_p.
+    G lookups are a binary search of the 2k selected keys for each (t, s, s'): O(B·L²·log k).
+    """
+    acc = accumulation_dtype(values.dtype)
+    valid = rows >= 0  # empty slots carry no gradient
+    r, c = rows[valid], cols[valid]
+    g = grad_out[valid].to(acc)
+    if r.numel() == 0 or values.numel() == 0:
+        return torch.zeros_like(values)
+    idx = indices.long()
+    x = values.to(acc)
+    keys, order = torch.sort(torch.cat([r * n + c, c * n + r]))
+    gk = torch.cat([g, g])[order]
+    if cosine:
+        sq = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, idx.flatten(), (x * x).flatten())
+        inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+        y = x * inv[idx]  # x̂
+    else:
+        y = x
+    B, L = idx.shape
+    grad = torch.empty_like(x)
+    step = max(1, BACKWARD_CHUNK // max(1, L * L))
+    for t0 in range(0, B, step):
+        ib, yb = idx[t0 : t0 + step], y[t0 : t0 + step]
+        q = (ib[:, :, None] * n + ib[:, None, :]).flatten()
+        pos = torch.searchsorted(keys, q).clamp_max_(keys.numel() - 1)
+        gq = torch.where(keys[pos] == q, gk[pos], torch.zeros((), dtype=acc, device=x.device))
+        grad[t0 : t0 + step] = (gq.view(-1, L, L) * yb[:, None, :]).sum(dim=-1)
+    if cosine:
+        gv = g * out_values[valid].to(acc)
+        u = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, r, gv).index_add_(0, c, gv)
+        grad = (grad - y * u[idx]) * inv[idx]
+    return grad.to(values.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    indices, values, n_latents, _, similarity = inputs
+    out_values, rows, cols = output
+    ctx.save_for_backward(indices, values, out_values, rows, cols)
+    ctx.n_latents = n_latents
+    ctx.similarity = similarity
+
+
+def _backward(ctx, grad_out, grad_rows, grad_cols):
+    indices, values, out_values, rows, cols = ctx.saved_tensors
+    if grad_out is None:
+        return None, None, None, None, None
+    grad_values = torch.ops.aosae.gram_topk_sparse_backward(
+        grad_out, indices, values, out_values, rows, cols, ctx.n_latents, ctx.similarity
+    )
+    return None, grad_values, None, None, None
+
+
+_gram_topk_sparse_op.register_autograd(_backward, setup_context=_setup_context)

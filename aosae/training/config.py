@@ -1,0 +1,152 @@
+"""TrainConfig: one training run's settings, the paper's defaults, validated on construction.
+
+Paper defaults: λ = 0.04, AdamW lr 9e-4 with a 1000-step linear warm-up, batch 2048
+tokens, context 128, fraction 0.005, τ₀ = 0.05 in [0.01, 0.2], adaptive τ,
+d_sae = d_in unless set. Short runs: warm-up = min(1000, 10% of the steps) when
+`warmup_steps` is None, because the paper's warm-up is longer than a whole offline run.
+AdaptiveTau calibrates L_target as the mean recon loss over the warm-up steps.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, Optional
+
+from aosae.nn.sae import ACTIVATIONS
+from aosae.ops.gram_topk import SIMILARITIES
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Field names of earlier versions, so that their run directories still resume.
+RENAMED = {"tau0": "tau_init", "k": "top_k"}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field is a command-line option of `aosae train`."""
+
+    model: Optional[str] = None
+    """Hugging Face causal LM id or local directory; None: the offline SmolLM2-135M."""
+    layer: int = 6
+    """Decoder block whose output (residual stream) is hooked."""
+    dataset: Optional[str] = None
+    """`datasets` hub name or local text/json/parquet file with a `text` column; None: the standard-library corpus."""
+    tokens: int = 200_000
+    """Activations collected (and cached) once, then reused over epochs."""
+    context: int = 128
+    """Tokens per sequence, BOS included."""
+    d_sae: Optional[int] = None
+    """Number of latents; None: d_in."""
+    steps: int = 400
+    """Optimiser steps."""
+    batch_size: int = 2048
+    """Tokens per optimiser step."""
+    lr: float = 9e-4
+    """AdamW learning rate."""
+    l1: float = 0.04
+    """L1 coefficient λ."""
+    warmup_steps: Optional[int] = None
+    """Linear learning-rate warm-up; None: min(1000, 10% of steps)."""
+    fraction: float = 0.005
+    """Share of latent pairs penalised (the paper's 0.5%)."""
+    similarity: Literal[SIMILARITIES] = "dot"
+    """Score of a latent pair: |f_i·f_j| (dot) or its cosine."""
+    backend: str = "auto"
+    """gram_topk backend for the penalty: auto, reference, cpu, sparse or triton."""
+    ortho: bool = True
+    """Apply the orthogonality penalty (--no-ortho: a plain L1 SAE)."""
+    tau_init: float = 0.05
+    """Initial penalty weight τ."""
+    tau_min: float = 0.01
+    """Lower bound of τ."""
+    tau_max: float = 0.2
+    """Upper bound of τ."""
+    tau_target: Optional[float] = None
+    """L_target of the τ rule; None: the mean reconstruction loss over the warm-up."""
+    fixed_tau: bool = False
+    """Keep τ = tau_init (no adaptation)."""
+    activation: Literal[ACTIVATIONS] = "relu"
+    """Latent activation: relu, or topk (keep the top_k largest pre-activations)."""
+    top_k: Optional[int] = None
+    """Latents kept per token with activation topk."""
+    seed: int = 0
+    """Seed of the SAE's initialisation and the batch order."""
+    device: str = "auto"
+    """auto, cpu or cuda[:i]."""
+    dtype: Literal[DTYPES] = "float32"
+    """LM weights dtype; on GPU the SAE step runs under bf16 autocast."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints."""
+    cache_dir: Optional[str] = None
+    """Activation cache; None: $AOSAE_CACHE/activations."""
+    out: Optional[str] = None
+    """Run directory; None: runs/<model>-L<layer>-<time>."""
+    lm_batch: int = 16
+    """Sequences per LM forward while collecting activations."""
+    normalize_activations: bool = True
+    """Train on x/E‖x‖ (λ = 0.04 then gives L0 ≈ 10-100 on any model); folded back into the weights at save."""
+
+    def __post_init__(self):
+        def positive_int(name, allow_none=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("tokens", "context", "steps", "batch_size", "checkpoint_every", "lm_batch"):
+            positive_int(name)
+        positive_int("d_sae", allow_none=True)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
+        if self.context < 2:
+            raise ValueError(f"context must be >= 2, got {self.context}")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps must be a non-negative int or None, got {self.warmup_steps!r}")
+        for name in ("lr", "tau_init", "tau_min", "tau_max"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if not (isinstance(self.l1, (int, float)) and math.isfinite(self.l1) and self.l1 >= 0):
+            raise ValueError(f"l1 must be a non-negative finite number, got {self.l1!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not self.tau_min <= self.tau_init <= self.tau_max:
+            raise ValueError(f"need tau_min <= tau_init <= tau_max, got {self.tau_min} <= {self.tau_init} <= {self.tau_max}")
+        if self.tau_target is not None and not (math.isfinite(self.tau_target) and self.tau_target > 0):
+            raise ValueError(f"tau_target must be a positive finite loss or None, got {self.tau_target}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "topk":
+            positive_int("top_k")
+            if self.d_sae is not None and self.top_k > self.d_sae:
+                raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_sae}")
+        elif self.top_k is not None:
+            raise ValueError("k is only used with activation='topk'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.batch_size > self.tokens:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is larger than the activation buffer (tokens={self.tokens}); "
+                "lower --batch-size or raise --tokens"
+            )
+
+    @property
+    def warmup(self) -> int:
+        """Linear warm-up length: warmup_steps, or min(1000, 10% of steps) (at least 1)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, min(1000, self.steps // 10))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = {RENAMED.get(key, key): value for key, value in d.items()}
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,67 @@
+"""One optimiser step of the SAE objective, shared by `aosae train` and `aosae ablate`.
+
+Per batch x [B, d_in] (already scaled, see TrainConfig.normalize_activations):
+
+    L = ‖x − x̂‖²/B + λ · ‖f‖₁/B + τ · Σ_{(i,j) ∈ top-k} |C_ij|,   C = fᵀf / B
+
+then AdamW with the decoder gradient projected off each unit-norm decoder row and the rows
+renormalised after the step.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+from aosae.nn.loss import TopKOrthoLoss
+from aosae.nn.sae import SparseAutoencoder
+from aosae.nn.tau import AdaptiveTau
+
+
+class StepLosses(NamedTuple):
+    loss: torch.Tensor
+    recon: torch.Tensor
+    l1: torch.Tensor
+    penalty: torch.Tensor
+    latents: torch.Tensor
+
+
+class SAEObjective:
+    """The loss of one batch and the optimiser step that follows it."""
+
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        l1_coeff: float,
+        ortho: Optional[TopKOrthoLoss],
+        tau: AdaptiveTau,
+    ):
+        self.sae, self.opt, self.sched = sae, opt, sched
+        self.l1_coeff, self.ortho, self.tau = l1_coeff, ortho, tau
+
+    def losses(self, x: torch.Tensor) -> StepLosses:
+        cuda = x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = self.sae(x)
+            recon = (x - out.x_hat.float()).pow(2).sum(-1).mean()
+            l1 = out.latents.float().abs().sum(-1).mean()
+            if not bool(torch.isfinite(out.latents).all()):  # the op rejects NaN input: let the guard report it
+                penalty = torch.full((), float("nan"), device=x.device)
+            elif self.ortho is not None:
+                penalty = self.ortho(out.latents.float()) / x.shape[0]
+            else:
+                penalty = torch.zeros((), device=x.device)
+        loss = recon + self.l1_coeff * l1 + self.tau.tau * penalty
+        return StepLosses(loss, recon, l1, penalty, out.latents)
+
+    def optimizer_step(self, loss: torch.Tensor, reduce_grads: Callable[[], None] = lambda: None) -> None:
+        """Backward, gradient all-reduce (DDP), decoder-row projection, AdamW, schedule, renorm."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        reduce_grads()
+        self.sae.remove_parallel_grads_()
+        self.opt.step()
+        self.sched.step()
+        self.sae.normalize_decoder_()

@@ -1,0 +1,211 @@
+"""The training loop on a tiny random GPT-2: run dir contents, exact resume, bad inputs, NaN, disk full;
+and one end-to-end run on the real default model (SmolLM2-135M)."""
+import errno
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from aosae.training import trainer as T
+from aosae.cli import main as cli_main
+from aosae.training.config import TrainConfig
+from aosae.nn.sae import SparseAutoencoder
+from tiny_lm import corpus_text, make_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_lm(root / "model")
+    text = root / "corpus.txt"
+    text.write_text(corpus_text() * 2)
+    return {"model": str(model), "dataset": str(text), "cache": str(root / "cache")}
+
+
+def tiny_cfg(tiny, tmp_path, **kw):
+    base = dict(model=tiny["model"], dataset=tiny["dataset"], layer=1, tokens=3000, context=32, d_sae=64,
+                steps=12, batch_size=128, checkpoint_every=4, cache_dir=tiny["cache"], backend="reference",
+                lr=3e-3, out=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "sae_weights.safetensors"))
+
+
+def test_run_dir_contents(tiny, tmp_path):
+    run_dir, summary = T.train(tiny_cfg(tiny, tmp_path, steps=40, checkpoint_every=10), progress=False)
+    for name in ("cfg.json", "sae_weights.safetensors", "train_config.json", "metrics.jsonl", "summary.json", "report.md", "report.png"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{i}" for i in (0, 10, 20, 30, 40)]
+    sae = SparseAutoencoder.load(run_dir)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all(0.01 <= r["tau"] <= 0.2 for r in rows)
+    assert len({r["tau"] for r in rows}) > 1  # adaptive: τ moves after the warm-up calibration
+    assert rows[-1]["tau_target"] is not None
+    for r in rows:
+        assert math.isclose(r["loss"], r["recon"] + 0.04 * r["l1"] + r["tau"] * r["penalty"], rel_tol=1e-4)
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])  # it learns
+    assert summary["explained_variance"] > 0 and 0 < summary["l0"] <= 64
+    # metrics are consistent with the saved weights: recompute the held-out MSE from the files
+    acts = T.get_activations(tiny_cfg(tiny, tmp_path), T.ddp.DistInfo(), "cpu", False)[0]
+    held = acts[acts.shape[0] - summary["n_tokens"]:]
+    with torch.no_grad():
+        mse = (sae(held).x_hat - held).pow(2).mean().item()
+    assert math.isclose(mse, summary["mse"], rel_tol=1e-4)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [6, 9])
+def test_killed_and_resumed_run_is_bitwise_identical(tiny, tmp_path, kill_at):
+    ref_dir, _ = T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "ref")), progress=False)
+
+    def kill(trainer):
+        if trainer.step == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "killed")), progress=False, on_step=kill)
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    resumed = T.Trainer.resume(tmp_path / "killed", progress=False)
+    assert resumed.step == (kill_at // 4) * 4
+    resumed.run()
+    a, b = weights(ref_dir), weights(tmp_path / "killed")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ref_rows = (ref_dir / "metrics.jsonl").read_text().splitlines()
+    assert ref_rows == (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+
+
+def test_cli_train_and_resume(tiny, tmp_path, capsys):
+    args = ["train", "--model", tiny["model"], "--dataset", tiny["dataset"], "--layer", "0", "--tokens", "3000",
+            "--context", "32", "--d-sae", "48", "--steps", "6", "--batch-size", "128", "--cache-dir", tiny["cache"],
+            "--out", str(tmp_path / "cli"), "--checkpoint-every", "3", "--backend", "reference", "--no-progress"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    for word in ("MSE", "cosine similarity", "explained variance", "L0", "dead latents", "final tau"):
+        assert word in out
+    assert cli_main(["train", "--resume", str(tmp_path / "cli"), "--no-progress"]) == 0  # already done: no-op
+    assert json.loads((tmp_path / "cli" / "summary.json").read_text())["steps"] == 6
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    real = T.ActivationBuffer.batch
+
+    def poisoned(self, step):
+        x = real(self, step)
+        return x * float("nan") if step == 5 else x
+
+    monkeypatch.setattr(T.ActivationBuffer, "batch", poisoned)
+    with pytest.raises(T.TrainingDiverged, match="step 5.*last good checkpoint"):
+        T.train(tiny_cfg(tiny, tmp_path), progress=False)
+    ckpt = T.Trainer.latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "step_4"
+    sae = SparseAutoencoder.load(ckpt)
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+
+
+def test_disk_full_while_checkpointing_keeps_previous(tiny, tmp_path, monkeypatch):
+    real = T.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, path, *a, **kw):
+        if "optimizer" not in path and "train_weights" in path:
+            calls["n"] += 1
+            if calls["n"] == 3:  # step_0 and step_4 succeed, step_8 hits a full disk mid-write
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(T, "save_file", flaky)
+    with pytest.raises(OSError) as info:
+        T.train(tiny_cfg(tiny, tmp_path), progress=False)
+    assert info.value.errno == errno.ENOSPC
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0", "step_4"]  # no half-written leftovers
+    monkeypatch.setattr(T, "save_file", real)
+    resumed = T.Trainer.resume(tmp_path / "run", progress=False)
+    assert resumed.step == 4
+    resumed.run()
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_bad_inputs(tiny, tmp_path):
+    with pytest.raises(ValueError, match="cannot load model"):
+        T.Trainer(tiny_cfg(tiny, tmp_path, model="no-such-org/no-such-model-xyz", cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 1\]"):
+        T.Trainer(tiny_cfg(tiny, tmp_path, layer=2, cache_dir=str(tmp_path / "c")))
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text("".join(json.dumps({"id": i, "score": 0.5}) + "\n" for i in range(10)))
+    with pytest.raises(ValueError, match="no 'text' column"):
+        T.Trainer(tiny_cfg(tiny, tmp_path, dataset=str(bad), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="d_sae"):
+        tiny_cfg(tiny, tmp_path, d_sae=0)
+    with pytest.raises(ValueError, match="larger than the activation buffer"):
+        tiny_cfg(tiny, tmp_path, batch_size=4000)
+    with pytest.raises(ValueError, match="larger than the activation buffer"):  # the held-out slice shrinks it
+        T.Trainer(tiny_cfg(tiny, tmp_path, batch_size=2900), progress=False)
+    with pytest.raises(ValueError, match="tau_min <= tau_init"):
+        tiny_cfg(tiny, tmp_path, tau_init=0.5)
+    assert cli_main(["train", "--model", "no-such-org/nope-xyz", "--cache-dir", str(tmp_path / "c"),
+                     "--no-progress"]) == 2
+
+
+@pytest.mark.slow
+def test_real_default_model_end_to_end(tmp_path):
+    """SmolLM2-135M (offline GGUF) at layer 6 over the stdlib corpus, tiny budget."""
+    cfg = TrainConfig(tokens=2048, steps=3, batch_size=512, d_sae=128, checkpoint_every=2,
+                      cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
+    run_dir, summary = T.train(cfg, progress=False)
+    sae = SparseAutoencoder.load(run_dir)
+    assert sae.d_in == 576 and sae.cfg.hook_layer == 6
+    assert summary["steps"] == 3 and math.isfinite(summary["mse"])
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_bitwise(tiny, tmp_path):
+    """A real kill (SIGKILL, no cleanup) of `aosae train`, then `aosae train --resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ref_dir, _ = T.train(tiny_cfg(tiny, tmp_path, steps=60, checkpoint_every=3, out=str(tmp_path / "ref")),
+                         progress=False)
+    run = tmp_path / "killed"
+    args = ["--model", tiny["model"], "--dataset", tiny["dataset"], "--layer", "1", "--tokens", "3000",
+            "--context", "32", "--d-sae", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "3",
+            "--cache-dir", tiny["cache"], "--backend", "reference", "--lr", "3e-3", "--out", str(run), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "aosae", "train", *args], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_3").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    subprocess.run([sys.executable, "-m", "aosae", "train", "--resume", str(run), "--no-progress"], cwd=root,
+                   env=env, check=True, capture_output=True, timeout=180)
+    a, b = weights(ref_dir), weights(run)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_activations_that_cannot_fit_in_ram_are_refused():
+    from aosae.training.trainer import check_memory_for
+
+    check_memory_for(1000, 64)  # 256 kB: fine anywhere
+    with pytest.raises(ValueError, match="lower --tokens"):
+        check_memory_for(10**13, 2304)
