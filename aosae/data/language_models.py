@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from aosae.machine import hub_offline, hub_reachable
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_ALIASES = (DEFAULT_MODEL, "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
@@ -89,12 +91,16 @@ def load_model(name_or_path: Optional[str] = None, device: str | torch.device = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_name(name_or_path)
+    # Without a reachable hub, transformers retries for ~50 s before failing: look only in the local cache.
+    offline = hub_offline()
+    unreachable = not offline and not Path(path).exists() and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline or unreachable)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline or unreachable)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set: only cached or local models can load)" if offline else ""
+        hint = (" (HF_HUB_OFFLINE is set: only cached or local models can load)" if offline
+                else " (the Hugging Face hub cannot be reached: only cached or local models can load)" if unreachable
+                else "")
         raise ValueError(
             f"cannot load model {name_or_path!r}{hint}: give a Hugging Face causal-LM id, a local model directory, "
             f"or omit --model for the offline default {DEFAULT_MODEL!r}. Cause: {str(err).splitlines()[0]}"

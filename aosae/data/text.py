@@ -14,6 +14,8 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from aosae.machine import hub_offline, hub_reachable
+
 DEFAULT_DATASET = "stdlib"
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -68,6 +70,9 @@ def iter_texts(dataset: Optional[str] = None, *, split: str = "train", streaming
             raise ValueError(f"unsupported file type {path.suffix!r} for {dataset}; use one of {sorted(_BUILDERS)}")
         ds = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=bool(streaming))
     else:
+        if not path.exists() and (hub_offline("DATASETS") or not hub_reachable()):
+            raise ValueError(f"dataset {dataset!r} is neither a local file or directory nor reachable: the Hugging "
+                             "Face hub is offline here; pass a local .txt/.json/.jsonl/.parquet/.csv file")
         try:
             ds = datasets.load_dataset(dataset, split=split, streaming=True if streaming is None else streaming)
         except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
