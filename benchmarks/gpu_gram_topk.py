@@ -173,7 +173,7 @@ def main(argv=None) -> int:
 
     aosae = import_aosae()
     from aosae.ops.backends import reference, triton as triton_backend
-    from aosae.kernels import gram_topk as kernel
+    from aosae.ops.backends import triton_driver as kernel
 
     ok, why = triton_backend.available()
     if not ok:

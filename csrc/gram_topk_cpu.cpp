@@ -247,7 +247,9 @@ std::vector<at::Tensor> gram_topk_cpu(const at::Tensor& a, int64_t k, bool cosin
 
 }  // namespace
 
-void register_sparse(pybind11::module& m);  // csrc/gram_topk_sparse.cpp
+void register_sparse(pybind11::module& m);    // csrc/gram_topk_sparse.cpp
+void register_backward(pybind11::module& m);  // csrc/gram_topk_backward.cpp
+void register_sparse_input(pybind11::module& m);  // csrc/sparse_input.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aosae C++ CPU kernels";
@@ -255,4 +257,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("a"), pybind11::arg("k"), pybind11::arg("cosine"), pybind11::arg("hint"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   register_sparse(m);
+  register_backward(m);
+  register_sparse_input(m);
 }

@@ -51,7 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         warmup_steps=max(1, args.steps // 10),
         device=args.device,
         seed=0,
-        # the penalty: c·τ·Σ_{top-k pairs}|C_ij| with adaptive τ
+        # the penalty: c·τ·Σ_{top-k pairs}|C_ij|, C = fᵀf / B (per token, like the trainers' MSE), adaptive τ
+        ortho_scale="per_token",
         ortho_fraction=args.fraction,
         tau_init=0.05,
         tau_calibration_steps=max(1, args.steps // 5),

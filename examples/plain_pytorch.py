@@ -5,7 +5,8 @@ from aosae import AdaptiveTau, TopKOrthoLoss
 d, n = 64, 256
 enc, dec = torch.nn.Linear(d, n), torch.nn.Linear(n, d)
 opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
-ortho, tau = TopKOrthoLoss(fraction=0.005), AdaptiveTau(init=0.05, calibration_steps=10)
+# Penalty per token: Σ|C_ij| over the top 0.5% latent pairs of C = fᵀf / B (scale="batch_sum": the paper's fᵀf)
+ortho, tau = TopKOrthoLoss(fraction=0.005), AdaptiveTau(init=0.05, max=0.1, calibration_steps=10)
 for step in range(30):
     x = torch.randn(256, d)
     f = torch.relu(enc(x))  # latents [batch, n]
@@ -14,4 +15,4 @@ for step in range(30):
     opt.zero_grad(), loss.backward(), opt.step()
     dec.weight.data /= dec.weight.norm(dim=0, keepdim=True)  # unit-norm decoder column per latent
     tau.update(recon.detach())
-print(f"recon {recon.item():.3f}  penalty {ortho(f).item():.1f}  tau {tau.tau:.3f}")
+print(f"recon {recon.item():.3f}  penalty {ortho(f).item():.4g}  tau {tau.tau:.3f}")

@@ -21,12 +21,14 @@ def build_config(args: argparse.Namespace, d_in: int):
 
     import aosae.integrations.saelens as aos  # registers "aosae_standard" / "aosae_topk"
 
+    # The defaults, spelled out: c·τ·Σ_{top-k pairs}|C_ij| with C = fᵀf / B (per token, like mse_loss).
     penalty = dict(
         orthogonality_coefficient=1.0,
+        ortho_scale="per_token",
         ortho_fraction=args.fraction,
         tau_init=0.05,
         tau_min=0.01,
-        tau_max=0.2,
+        tau_max=0.1,
         tau_calibration_steps=args.tau_calibration_steps,
     )
     if args.architecture == "aosae_topk":

@@ -1,127 +1,145 @@
-"""`aosae ablate --out DIR [--data synthetic|model|both] [--steps N]`: the penalty ablation.
+"""`aosae ablate --out DIR`: the penalty ablation, every arm through the trainer's own loop.
 
-Trains, at equal steps and matched settings, no penalty / fixed τ 0.05 / fixed τ 0.2 /
-adaptive τ / the same penalty on decoder directions, and writes a markdown table and PNG
-plots to DIR (see aosae.ablation).
+Sweeps λ (ReLU) or k (TopK) for each arm over several seeds, on the project's synthetic
+ground truth, SAELens's synthetic generator and optionally cached model activations, and
+writes DIR/runs.json (every run; the sweeps of earlier calls into DIR that this call does not
+redo are kept, and so are the other arms of a sweep redone with the same settings), DIR/ablation.json (L0-matched comparison with confidence
+intervals), DIR/README.md (tables and verdict) and PNG plots. See aosae.experiments.ablation.
 """
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated
 
 import torch
 import tyro
 
-from aosae.eval import ablation as A
-from aosae.data import synthetic as S
+from aosae.experiments.ablation import ARMS, Sweep, load_dataset, parse_arms, run_sweep
+
+SWEEPS = ("synthetic", "saelens", "synthetic_topk", "model")
 
 
 @dataclass
 class AblateArgs:
-    """Train the penalty ablation arms and write a markdown table and PNG plots to --out."""
+    """Train the penalty ablation (arms × swept λ or k × seeds) and write tables, JSON and plots to --out."""
 
-    out: str
+    out: str = "benchmarks/results/ablation"
     """Output folder (created)."""
-    data: Literal["synthetic", "model", "both"] = "synthetic"
-    """Synthetic ground truth, the embedded default model's cached activations, or both."""
-    steps: int = 3000
-    """Optimiser steps per arm."""
-    seeds: int = 1
-    """Seeds per arm; the table shows mean ± std."""
-    arms: str = ",".join(A.ARMS)
-    """Comma-separated subset of the arms."""
+    sweeps: str = "synthetic,saelens,synthetic_topk"
+    """Comma-separated subset of: synthetic (ReLU, λ sweep), saelens (ReLU, λ sweep on SAELens's generator),
+    synthetic_topk (TopK, k sweep), model (ReLU on cached SmolLM2 activations, no ground truth)."""
+    arms: str = ",".join(ARMS)
+    """Comma-separated subset of the arms (the penalty-free arm 'none' always runs: it sets the budgets)."""
+    seeds: int = 3
+    """Seeds per (arm, λ or k)."""
+    lambdas: str = "0.1,0.2,0.4"
+    """λ values of the ReLU sweeps."""
+    ks: str = "3,6,12"
+    """k values of the TopK sweep."""
+    steps: int = 800
+    """Optimiser steps per run."""
     batch_size: int = 512
-    lr: float = 3e-3
-    l1: Optional[float] = None
-    """λ of the L1 term (default 0.2 on synthetic data; 1.5 on model data, scaled to E‖x‖ = √d_in: L0 ≈ 40 on SmolLM2 layer 6)."""
-    coactivation: Literal["sum", "mean"] = "mean"
-    """C = fᵀf / B, the batch mean (as `aosae train`), or the paper's literal sum over the batch."""
-    similarity: Literal["dot", "cosine"] = "dot"
-    threads: int = 1
-    """torch CPU threads (the SAEs are small: extra threads only contend on a shared machine)."""
+    lr: float = 5e-3
+    d_sae: int = 128
+    """Latents (synthetic sweeps)."""
+    slack: float = 0.05
+    """Budgeted arms: FVU at most (1 + slack) × the penalty-free run's at every step."""
     d: int = 64
     """Synthetic: dimension."""
     features: int = 128
     """Synthetic: number of true features."""
-    d_sae: Optional[int] = None
-    """Latents (default: --features on synthetic, 2·d_in on model)."""
-    firing_prob: float = 0.03
-    correlation: float = 0.3
-    samples: int = 40000
+    samples: int = 40_000
     """Synthetic: training tokens."""
-    model: Optional[str] = None
-    """Model for --data model (default: the embedded SmolLM2-135M)."""
-    layer: Optional[int] = None
-    """Hooked decoder block (default: the trainer's default)."""
-    tokens: int = 60000
-    """Model: activation tokens to cache (train + eval)."""
+    model_tokens: int = 30_000
+    """Model sweep: activation tokens (collected once, then read from the trainer's activation cache)."""
+    model_arms: str = "none,paper,paper_budget,coact_x_decoder"
+    """Model sweep: its arms (d_sae = 576 runs cost more than the synthetic ones)."""
+    model_seeds: int = 2
+    """Model sweep: seeds per (arm, λ)."""
+    model_steps: int = 400
+    """Model sweep: optimiser steps per run."""
+    lm_tokens: int = 512
+    """Model sweep: tokens of the KL/CE-loss scores (the LM runs three times over them per run)."""
+    model_lambdas: str = "0.02,0.04,0.08"
+    """Model sweep: λ values."""
+    threads: int = 1
+    """torch CPU threads (the SAEs are small: extra threads only contend on a shared machine)."""
+    render_only: bool = False
+    """Re-render the tables and plots from --out/runs.json without training."""
+
+
+def _floats(text: str, name: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise ValueError(f"--{name} is empty")
+    return values
 
 
 def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
-    """Train the penalty ablation arms and write a markdown table and PNG plots."""
-    if args.threads < 1:
-        raise ValueError("--threads must be >= 1")
+    """Train the penalty ablation arms and write tables, JSON and PNG plots."""
+    out = Path(args.out)
+    runs_path = out / "runs.json"
+    if args.render_only:
+        from aosae.experiments.ablation.report import write_report
+
+        if not runs_path.is_file():
+            raise FileNotFoundError(f"{runs_path} does not exist: run `aosae ablate --out {out}` without --render-only first")
+        write_report(json.loads(runs_path.read_text()), out)
+        print(f"wrote {out / 'README.md'}")
+        return 0
+    if min(args.threads, args.seeds, args.model_seeds, args.steps) < 1:
+        raise ValueError("--threads, --seeds, --model-seeds and --steps must be >= 1")
+    sweeps = tuple(s.strip() for s in args.sweeps.split(",") if s.strip())
+    bad = [s for s in sweeps if s not in SWEEPS]
+    if bad or not sweeps:
+        raise ValueError(f"unknown or no sweep(s) {bad}; choose from {', '.join(SWEEPS)}")
+    arms = parse_arms(args.arms)
+    lambdas, ks = _floats(args.lambdas, "lambdas"), tuple(int(k) for k in _floats(args.ks, "ks"))
+    out.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    record = {"args": asdict(args), "arms": {a: asdict(ARMS[a]) for a in ARMS}, "sweeps": {}}
+    earlier = json.loads(runs_path.read_text()).get("sweeps", {}) if runs_path.is_file() else {}
+    record["sweeps"] = {k: v for k, v in earlier.items() if k not in sweeps}  # sweeps this call does not redo
     try:
-        return _run(args)
+        for name in sweeps:
+            kind = {"synthetic_topk": "synthetic"}.get(name, name)
+            t0 = time.perf_counter()
+            train, held, truth, desc, scorer = load_dataset(kind, samples=args.samples, d=args.d, features=args.features,
+                                                           tokens=args.model_tokens, lm_tokens=args.lm_tokens)
+            base = dict(steps=args.steps if kind != "model" else args.model_steps, batch_size=args.batch_size, tokens=train.shape[0], lr=args.lr,
+                        checkpoint_every=10**9, device="cpu")
+            if kind != "model":
+                base["d_sae"] = args.d_sae
+            values = lambdas if kind != "model" else _floats(args.model_lambdas, "model-lambdas")
+            sweep_arms = arms if kind != "model" else parse_arms(args.model_arms)
+            seeds = args.seeds if kind != "model" else args.model_seeds
+            if name.endswith("_topk"):
+                base.update(activation="topk", l1=0.0)
+                values = ks
+            sweep = Sweep(name, base, values, seeds=tuple(range(seeds)), slack=args.slack)
+            print(f"{name}: {desc['data']}; {len(sweep_arms)} arms × {len(values)} {sweep.swept} × {seeds} seeds")
+            rows = run_sweep(sweep, train, held, truth, sweep_arms, scorer=scorer)
+            old = earlier.get(name)
+            if old is not None and (old["base"], old["values"]) == (base, list(values)):
+                # the same sweep settings: keep the earlier call's arms that this one did not train
+                rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
+                sweep_arms = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
+            record["sweeps"][name] = {"args": asdict(args), "arms": list(sweep_arms), "description": desc,
+                                      "swept": sweep.swept, "values": list(values),
+                                      "base": base, "slack": args.slack, "ground_truth": truth is not None,
+                                      "seconds": time.perf_counter() - t0, "runs": rows}
+            runs_path.write_text(json.dumps(record, indent=1))  # after every sweep: a crash keeps what ran
     finally:
         torch.set_num_threads(previous)
+    from aosae.experiments.ablation.report import write_report
 
-
-def _synthetic(args, log):
-    scfg = S.SyntheticConfig(d=args.d, n_features=args.features, firing_prob=args.firing_prob,
-                             correlation=args.correlation)
-    train = S.generate(scfg, args.samples, seed=0)
-    held = S.generate(scfg, max(2000, args.samples // 5), seed=1)
-    cfg = A.AblationConfig(steps=args.steps, batch_size=args.batch_size, d_sae=args.d_sae or args.features,
-                           lr=args.lr, l1_coeff=0.2 if args.l1 is None else args.l1,
-                           similarity=args.similarity, coactivation=args.coactivation,
-                           log_every=max(1, args.steps // 60))
-    meta = {"data": f"synthetic: d={scfg.d}, {scfg.n_features} features ({scfg.n_hierarchy} in a hierarchy of "
-                    f"{scfg.n_parents} parents × {scfg.children_per_parent} children), firing prob {scfg.firing_prob}, "
-                    f"correlation {scfg.correlation} in groups of {scfg.correlation_group}, {scfg.magnitude} magnitudes; "
-                    f"{args.samples} train / {held.x.shape[0]} held-out tokens",
-            "true L0 (held-out)": f"{float((held.activations > 0).sum(1).double().mean()):.2f}"}
-    log(f"synthetic: {meta['data']}")
-    return train.x, held.x, held, cfg, meta
-
-
-def _model(args, log):
-    x, meta = A.model_activations(args.model, args.layer, args.tokens, log=log)
-    # as `aosae train`: scale so that E‖x‖ = √d_in, which gives λ the same meaning on any model
-    scale = x.shape[1] ** 0.5 / float(x.norm(dim=1).mean())
-    x = x * scale
-    n_eval = max(1000, x.shape[0] // 6)
-    x_train, x_eval = x[:-n_eval], x[-n_eval:]  # held out: the last tokens collected
-    cfg = A.AblationConfig(steps=args.steps, batch_size=args.batch_size, d_sae=args.d_sae or 2 * x.shape[1],
-                           lr=args.lr, l1_coeff=1.5 if args.l1 is None else args.l1, similarity=args.similarity,
-                           coactivation=args.coactivation, log_every=max(1, args.steps // 60))
-    meta.update({"train / held-out tokens": f"{x_train.shape[0]} / {x_eval.shape[0]}",
-                 "activation scale": f"{scale:.4g} (E‖x‖ = √d_in, as aosae train)"})
-    return x_train, x_eval, None, cfg, meta
-
-
-def _run(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
-    bad = [a for a in arms if a not in A.ARMS]
-    if bad:
-        raise ValueError(f"unknown arm(s) {bad}; choose from {', '.join(A.ARMS)}")
-    kinds = ("synthetic", "model") if args.data == "both" else (args.data,)
-    for kind in kinds:
-        t0 = time.perf_counter()
-        x_train, x_eval, truth, cfg, meta = (_synthetic if kind == "synthetic" else _model)(args, print)
-        print(f"{kind}: {len(arms)} arms × {args.seeds} seed(s) × {cfg.steps} steps")
-        results = A.run_ablation(x_train, x_eval, cfg, truth=truth, arms=arms, seeds=tuple(range(args.seeds)))
-        meta["wall time"] = f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads"
-        md = A.write_outputs(results, out, kind, cfg, meta)
-        print(A.markdown_table(results))
-        print(f"wrote {md}")
-    index = out / "README.md"
-    listed = sorted(p.name for p in out.glob("*.md") if p.name != "README.md")  # earlier runs into DIR too
-    index.write_text("# aosae ablation\n\n" + "\n".join(f"- [{d}]({d})" for d in listed) + "\n")
+    write_report(record, out)
+    print(f"wrote {runs_path} and {out / 'README.md'}")
     return 0

@@ -292,3 +292,72 @@ def evaluate_against_truth(sae, data: SyntheticData, threshold: float = 0.9) -> 
         matched = match_features(sae.W_dec, data.directions)
         out.update(hierarchy_absorption(latents, matched, data.hierarchy, data.activations))
     return out
+
+
+# ---------------------------------------------------------------- ground truth written elsewhere
+
+
+@dataclass
+class SAELensSyntheticConfig:
+    """SAELens's synthetic generator (sae_lens.synthetic.SyntheticModel, SynthSAEBench-style):
+    Zipfian firing probabilities, a forest of depth-1 hierarchies whose children are
+    mutually exclusive and fire only with their parent (probabilities compensated so that
+    children still fire), unit feature vectors and a bias of norm 1.
+
+    d: hidden dimension; n_features: true features; n_parents, children_per_parent: the
+    hierarchy; max_prob, min_prob, zipf_exponent: the firing probabilities; model_seed:
+    the generator's own seed (features, hierarchy, probabilities)."""
+
+    d: int = 64
+    n_features: int = 128
+    n_parents: int = 8
+    children_per_parent: int = 3
+    max_prob: float = 0.2
+    min_prob: float = 0.02
+    zipf_exponent: float = 1.0
+    model_seed: int = 0
+
+
+def saelens_model(cfg: SAELensSyntheticConfig):
+    """The sae_lens SyntheticModel for cfg (needs sae-lens >= 6 with sae_lens.synthetic)."""
+    try:
+        from sae_lens.synthetic import HierarchyConfig, SyntheticModel, SyntheticModelConfig, ZipfianFiringProbabilityConfig
+    except ImportError as err:
+        raise ImportError(f"SAELens's synthetic generator is not importable ({err}); pip install 'sae-lens>=6'") from err
+    return SyntheticModel(SyntheticModelConfig(
+        num_features=cfg.n_features, hidden_dim=cfg.d,
+        firing_probability=ZipfianFiringProbabilityConfig(exponent=cfg.zipf_exponent, max_prob=cfg.max_prob,
+                                                          min_prob=cfg.min_prob),
+        hierarchy=HierarchyConfig(total_root_nodes=cfg.n_parents, branching_factor=cfg.children_per_parent,
+                                  max_depth=1, mutually_exclusive_portion=1.0, compensate_probabilities=True),
+        seed=cfg.model_seed,
+    ))
+
+
+def _saelens_hierarchy(roots) -> list:
+    """[(parent, [children])] for every node with children, from SAELens's HierarchyNode trees."""
+    out, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        kids = [c.feature_index for c in node.children if c.feature_index is not None]
+        if node.feature_index is not None and kids:
+            out.append((int(node.feature_index), [int(c) for c in kids]))
+        stack.extend(node.children)
+    return sorted(out)
+
+
+def generate_saelens(cfg: SAELensSyntheticConfig, n_samples: int, seed: int = 0, model=None) -> SyntheticData:
+    """n_samples tokens from SAELens's generator as SyntheticData (so the same ground-truth
+    metrics apply). SAELens samples from torch's global generator: it is seeded with `seed`
+    inside torch.random.fork_rng, so the caller's random state is left as it was."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    model = saelens_model(cfg) if model is None else model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        x, acts = model.sample_with_features(n_samples)
+    hierarchy = _saelens_hierarchy(model.hierarchy.roots) if model.hierarchy is not None else []
+    directions = model.feature_dict.feature_vectors.detach().float()
+    return SyntheticData(x=x.detach().float(), directions=directions / directions.norm(dim=1, keepdim=True),
+                         activations=acts.detach().float().to_dense() if acts.is_sparse else acts.detach().float(),
+                         hierarchy=hierarchy)

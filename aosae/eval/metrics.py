@@ -252,3 +252,33 @@ def coactivation_stats(
         total += float(block.double()[upper].sum())
     return {"topk_abs_c_mean": topk_mean, "all_abs_c_mean": total / num_pairs(n), "k": k}
 
+
+
+DUPLICATE_COS = 0.9
+
+
+def duplicate_pairs(W_dec: torch.Tensor, live: Optional[torch.Tensor] = None, threshold: float = DUPLICATE_COS) -> dict:
+    """Near-duplicate latents: pairs of live latents whose decoder rows have |cos| > threshold.
+
+    Args:
+        W_dec: [d_sae, d_in] decoder rows.
+        live: [d_sae] bool, latents that fired on the evaluation tokens (None: all).
+        threshold: |cos| above which two latents count as duplicates (0.9).
+
+    Returns {"duplicate_pairs": count, "duplicate_latents": latents in at least one such pair,
+    "live_latents": count}.
+    """
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be [d_sae, d_in], got shape {tuple(W_dec.shape)}")
+    if live is not None and (live.shape != (W_dec.shape[0],) or live.dtype != torch.bool):
+        raise ValueError(f"live must be a bool tensor [d_sae={W_dec.shape[0]}], got {live.dtype} {tuple(live.shape)}")
+    rows = W_dec.detach().double()
+    if live is not None:
+        rows = rows[live]
+    n = rows.shape[0]
+    if n < 2:
+        return {"duplicate_pairs": 0, "duplicate_latents": 0, "live_latents": n}
+    u = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    close = (u @ u.t()).abs() > threshold
+    close.fill_diagonal_(False)
+    return {"duplicate_pairs": int(close.triu(1).sum()), "duplicate_latents": int(close.any(1).sum()), "live_latents": n}

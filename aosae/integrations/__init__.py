@@ -13,6 +13,9 @@ imports SAELens or dictionary_learning, so `import aosae` stays light):
 
 Any other training loop needs no integration at all: add
 `tau * TopKOrthoLoss()(latents)` to its loss (examples/plain_pytorch.py).
+
+Every adapter uses TopKOrthoLoss's one scale: per token (C = fᵀf / B) by default, the
+paper's literal batch sum with `ortho_scale="batch_sum"`.
 """
 from __future__ import annotations
 
@@ -33,3 +36,4 @@ def missing_dependency_message(module: str) -> str | None:
         return None
     hint = _INSTALL_HINTS.get(module, f"pip install {module}")
     return f"aosae.integrations needs the optional package {module!r}, which is not installed: {hint}"
+

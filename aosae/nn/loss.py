@@ -1,7 +1,14 @@
 """The selective orthogonality penalty and its adaptive weight.
 
-    penalty = Σ_{(i,j) ∈ S} |C_ij|,  C = fᵀf,  S = the k most correlated latent pairs
+    penalty = Σ_{(i,j) ∈ S} |C_ij|,  C = fᵀf / B,  S = the k most correlated latent pairs
     τ ← clip(τ · L_target / L_recon, τ_min, τ_max)                  (AdaptiveTau)
+
+One scale everywhere (trainer, ablation, adapters, examples): scale="per_token" (default)
+divides the batch's co-activation by its B tokens, so the penalty sits on the same per-token
+scale as the reconstruction and L1 terms and τ means the same at any batch size.
+scale="batch_sum" is the paper's literal C = fᵀf (B× larger; at the paper's τ range it
+collapses training, see the README's ablation). similarity="cosine" scores C's cosines, which
+do not depend on B: there both scales give the same penalty.
 
 The selection S is treated as constant in the backward pass (gram_topk's gradient
 flows only through the selected values).
@@ -14,8 +21,37 @@ import torch
 from torch import nn
 
 from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction
+from aosae.ops.gram_topk_sparse import gram_topk_sparse
 
 REDUCTIONS = ("sum", "mean")
+SCALES = ("per_token", "batch_sum")
+
+
+def check_scale_and_reduction(scale: str, reduction: str) -> None:
+    if scale not in SCALES:
+        raise ValueError(
+            f"scale must be one of {SCALES}, got {scale!r}: 'per_token' (C = fᵀf / B, the default) or "
+            "'batch_sum' (the paper's literal C = fᵀf, B times larger)"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def penalty_from_pairs(
+    pairs: TopKPairs, batch: int, *, scale: str = "per_token", reduction: str = "sum", similarity: str = "dot"
+) -> torch.Tensor:
+    """The penalty of a selection made on a batch of `batch` tokens (pairs.values: the op's fᵀf
+    scores, or cosines).
+
+    The one place where scale and reduction are applied: gram_topk and gram_topk_sparse
+    callers (TopKOrthoLoss.forward and its TopK path) all end here.
+    """
+    penalty = pairs.values.abs().sum()
+    if reduction == "mean":
+        penalty = penalty / (pairs.rows >= 0).sum().clamp_min(1)
+    if scale == "per_token" and similarity == "dot":  # cosines of fᵀf / B equal those of fᵀf
+        penalty = penalty / max(int(batch), 1)
+    return penalty
 
 
 def topk_ortho_loss(
@@ -25,6 +61,7 @@ def topk_ortho_loss(
     fraction: float = 0.005,
     similarity: str = "dot",
     reduction: str = "sum",
+    scale: str = "per_token",
     backend: str = "auto",
     threshold: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, TopKPairs]:
@@ -35,39 +72,40 @@ def topk_ortho_loss(
         k: pairs to penalise; default ceil(fraction · n(n−1)/2).
         fraction, similarity, backend, threshold: as in TopKOrthoLoss / gram_topk.
         reduction: "sum" (the paper) or "mean" over the non-empty selected pairs.
+        scale: "per_token" (C = fᵀf / B, default) or "batch_sum" (the paper's literal C = fᵀf).
 
     Returns:
-        (penalty: 0-d tensor in float32 (float64 for float64 acts), pairs: TopKPairs).
+        (penalty: 0-d tensor in float32 (float64 for float64 acts), pairs: TopKPairs with the
+        op's raw fᵀf scores, whatever the scale).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_scale_and_reduction(scale, reduction)
     if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
         shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
         raise ValueError(f"acts must be a 2-D tensor [batch, n_latents], got {shape}")
     if k is None:
         k = k_for_fraction(acts.shape[1], fraction)
     pairs = gram_topk(acts, k, similarity=similarity, backend=backend, threshold=threshold)
-    penalty = pairs.values.abs().sum()
-    if reduction == "mean":
-        penalty = penalty / (pairs.rows >= 0).sum().clamp_min(1)
-    return penalty, pairs
+    return penalty_from_pairs(pairs, acts.shape[0], scale=scale, reduction=reduction, similarity=similarity), pairs
 
 
 class TopKOrthoLoss(nn.Module):
-    """Selective orthogonality penalty Σ_{(i,j) ∈ top-k} |C_ij| as a module.
+    """Selective orthogonality penalty Σ_{(i,j) ∈ top-k} |C_ij|, C = fᵀf / B, as a module.
 
     Args:
         fraction: share of the n(n−1)/2 latent pairs to penalise (paper: 0.005).
         k: exact number of pairs instead of `fraction`.
         similarity: "dot" (the paper: raw |f_i · f_j|) or "cosine" (scale-free).
         reduction: "sum" (the paper) or "mean" over selected pairs.
+        scale: "per_token" (default: C = fᵀf / B, on the scale of a per-token MSE, so one τ fits
+            any batch size) or "batch_sum" (the paper's literal C = fᵀf, B× larger).
         backend: gram_topk backend ("auto" picks the fastest usable one).
         warm_start: pass the previous call's k-th score to the op as a threshold hint
             (correlations drift slowly during training, so the fused kernels usually
             need a single pass). Never changes the result, only the speed.
 
-    forward(acts [batch, n_latents]) -> 0-d penalty tensor. The last selection is kept
-    in `last_pairs` for logging.
+    forward(acts [batch, n_latents]) -> 0-d penalty tensor. For logging, the last call keeps
+    `last_pairs` (the selection, raw fᵀf scores) and `last_mean_abs` (the selected pairs'
+    mean |C_ij| at this loss's scale, a detached 0-d tensor).
     """
 
     def __init__(
@@ -77,6 +115,7 @@ class TopKOrthoLoss(nn.Module):
         k: Optional[int] = None,
         similarity: str = "dot",
         reduction: str = "sum",
+        scale: str = "per_token",
         backend: str = "auto",
         warm_start: bool = True,
     ):
@@ -85,13 +124,14 @@ class TopKOrthoLoss(nn.Module):
             k_for_fraction(2, fraction)  # validates fraction now rather than at first call
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_scale_and_reduction(scale, reduction)
         if similarity not in ("dot", "cosine"):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         self.fraction, self.k, self.similarity = fraction, k, similarity
-        self.reduction, self.backend, self.warm_start = reduction, backend, warm_start
+        self.reduction, self.scale = reduction, scale
+        self.backend, self.warm_start = backend, warm_start
         self.last_pairs: Optional[TopKPairs] = None
+        self.last_mean_abs: Optional[torch.Tensor] = None
         self._kth: Optional[torch.Tensor] = None
 
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
@@ -102,13 +142,42 @@ class TopKOrthoLoss(nn.Module):
             fraction=self.fraction,
             similarity=self.similarity,
             reduction=self.reduction,
+            scale=self.scale,
             backend=self.backend,
             threshold=hint,
         )
+        self._record(pairs, acts.shape[0])
+        return penalty
+
+    def from_topk(self, indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
+        """The penalty of a TopK SAE's latents given sparsely: the same value (and gradient) as
+        forward(f) on the dense f [B, n_latents] with f[t, indices[t, s]] = values[t, s], through
+        gram_topk_sparse, so no [B, n_latents] tensor is built in the forward or the backward.
+
+        indices: [B, L] int64/int32, distinct latents per row; values: [B, L] float (the kept
+        activations, differentiable). `backend` and the warm-start hint do not apply: the sparse
+        op enumerates every co-active pair, O(B·L²), whatever the threshold.
+        """
+        if isinstance(n_latents, bool) or not isinstance(n_latents, int):
+            raise TypeError(f"n_latents must be an int (the SAE's d_sae), got {type(n_latents).__name__}")
+        k = self.k if self.k is not None else k_for_fraction(n_latents, self.fraction)
+        pairs = gram_topk_sparse(indices, values, n_latents, k, similarity=self.similarity)
+        self._record(pairs, indices.shape[0])
+        return penalty_from_pairs(
+            pairs, indices.shape[0], scale=self.scale, reduction=self.reduction, similarity=self.similarity
+        )
+
+    def _record(self, pairs: TopKPairs, batch: int) -> None:
+        """Keep the selection for logging and its k-th score (in the op's raw units) as the next hint."""
         self.last_pairs = TopKPairs(*(t.detach() for t in pairs))
         self._kth = pairs.values[-1].detach().abs()
-        return penalty
+        self.last_mean_abs = penalty_from_pairs(
+            self.last_pairs, batch, scale=self.scale, reduction="mean", similarity=self.similarity
+        )
 
     def extra_repr(self) -> str:
         size = f"k={self.k}" if self.k is not None else f"fraction={self.fraction}"
-        return f"{size}, similarity={self.similarity!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (
+            f"{size}, similarity={self.similarity!r}, reduction={self.reduction!r}, scale={self.scale!r}, "
+            f"backend={self.backend!r}"
+        )

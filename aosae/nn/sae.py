@@ -97,11 +97,19 @@ class SAEConfig:
 
 class SAEOutput(NamedTuple):
     """x_hat [..., d_in]: reconstruction; latents [..., d_sae]: f (after the activation);
-    pre_acts [..., d_sae]: encoder pre-activations (before ReLU / TopK)."""
+    pre_acts [..., d_sae]: encoder pre-activations (before ReLU / TopK).
+
+    TopK SAEs also return the kept latents sparsely (None for ReLU): topk_indices
+    [..., top_k] int64 and topk_values [..., top_k] (ReLU'd, differentiable), with
+    latents[..., topk_indices] = topk_values. The penalty reads these
+    (TopKOrthoLoss.from_topk) instead of searching the dense latents again.
+    """
 
     x_hat: torch.Tensor
     latents: torch.Tensor
     pre_acts: torch.Tensor
+    topk_indices: Optional[torch.Tensor] = None
+    topk_values: Optional[torch.Tensor] = None
 
 
 class SparseAutoencoder(nn.Module):
@@ -149,8 +157,16 @@ class SparseAutoencoder(nn.Module):
         """pre-activations [..., d_sae] -> latents f [..., d_sae] (ReLU, or ReLU of the top k)."""
         if self.cfg.activation == "relu":
             return torch.relu(pre)
+        idx, values = self.select_topk(pre)
+        return torch.zeros_like(pre).scatter(-1, idx, values)
+
+    def select_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TopK SAEs: pre-activations [..., d_sae] -> (indices [..., top_k] int64, ReLU'd
+        values [..., top_k]), the non-zeros of activate(pre) (plus kept slots that ReLU zeroed)."""
+        if self.cfg.activation != "topk":
+            raise ValueError(f"select_topk needs a TopK SAE, this one has activation={self.cfg.activation!r}")
         values, idx = pre.topk(self.cfg.top_k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+        return idx, torch.relu(values)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> f [..., d_sae]."""
@@ -163,8 +179,12 @@ class SparseAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         pre = self.pre_activations(x)
-        f = self.activate(pre)
-        return SAEOutput(self.decode(f), f, pre)
+        if self.cfg.activation == "relu":
+            f = torch.relu(pre)
+            return SAEOutput(self.decode(f), f, pre)
+        idx, values = self.select_topk(pre)
+        f = torch.zeros_like(pre).scatter(-1, idx, values)
+        return SAEOutput(self.decode(f), f, pre, idx, values)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch
 
 from aosae.ops.backends import sparse as sparse_backend
+from aosae.ops.backward import gram_topk_sparse_backward
 from aosae.ops.gram_topk import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
 from aosae.ops.conventions import accumulation_dtype
 
 INDEX_DTYPES = (torch.int32, torch.int64)
-# Row chunk of the backward: at most this many (row, s, s') lookups at a time.
-BACKWARD_CHUNK = 1 << 22
 
 
 def gram_topk_sparse(
@@ -76,27 +75,37 @@ def _validate(indices, values, n_latents, k, similarity) -> None:
 
 def _check_data(indices: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks range, duplicates and finiteness; returns (indices sorted within each row [B, L],
-    the permutation that sorts them [B, L])."""
-    if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(
-                f"indices must lie in [0, n_latents) = [0, {n}), got values in [{lo}, {hi}]"
-            )
-    check_finite(values)
+    the permutation that sorts them [B, L]). One host sync for all checks (on CUDA each
+    bool()/int() waits for the device); the detailed message is built only on bad input."""
     sorted_idx, perm = torch.sort(indices, dim=1)
-    if sorted_idx.shape[1] > 1 and bool((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()):
-        row = int((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any(dim=1).nonzero()[0])
-        raise ValueError(
-            f"row {row} of indices repeats a latent; each row must list distinct latents "
-            f"(sum the duplicate activations first if that is what you mean)"
-        )
-    return sorted_idx, perm
+    if indices.numel() == 0:
+        return sorted_idx, perm
+    bad = (sorted_idx[:, 0].min() < 0) | (sorted_idx[:, -1].max() >= n)
+    bad = bad | ~torch.isfinite(torch.linalg.vector_norm(values.float(), float("inf")))
+    if sorted_idx.shape[1] > 1:
+        bad = bad | (sorted_idx[:, 1:] == sorted_idx[:, :-1]).any()
+    if not bool(bad):
+        return sorted_idx, perm
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"indices must lie in [0, n_latents) = [0, {n}), got values in [{lo}, {hi}]")
+    check_finite(values)
+    row = int((sorted_idx[:, 1:] == sorted_idx[:, :-1]).any(dim=1).nonzero()[0])
+    raise ValueError(
+        f"row {row} of indices repeats a latent; each row must list distinct latents "
+        f"(sum the duplicate activations first if that is what you mean)"
+    )
 
 
 def to_csr(indices: torch.Tensor, values: torch.Tensor, n: int):
     """(indices, values) [B, L] -> CSR (row_ptr [B+1], cols [nnz], vals [nnz] in the
     accumulation dtype) of the non-zero entries, cols ascending per row."""
+    ext = sparse_backend.cpp_module() if values.device.type == "cpu" else None
+    if ext is not None and hasattr(ext, "sparse_topk_to_csr"):  # one pass instead of a dozen small ops
+        row_ptr, cols, vals, ok = ext.sparse_topk_to_csr(indices.long(), values, n)
+        if ok:
+            return row_ptr, cols, vals
+        _check_data(indices, values, n)  # raises the message that says what is wrong
     acc = accumulation_dtype(values.dtype)
     sorted_idx, perm = _check_data(indices, values, n)
     vals = torch.gather(values, 1, perm).to(acc)
@@ -142,47 +151,6 @@ def _gram_topk_sparse_backward_op(
 @_gram_topk_sparse_backward_op.register_fake
 def _(grad_out, indices, values, out_values, rows, cols, n_latents, similarity):
     return torch.empty_like(values)
-
-
-def gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols, n: int, cosine: bool):
-    """Gradient of the selected scores with respect to values [B, L], never densified.
-
-    With G the symmetric sparse n × n matrix holding g_p at (r_p, c_p) and (c_p, r_p):
-      dot:    grad[t, s] = Σ_{s'} G[idx_ts, idx_ts'] · x_ts'
-      cosine: grad[t, s] = (Σ_{s'} G[idx_ts, idx_ts'] · x̂_ts' − x̂_ts · u_{idx_ts}) / ‖f_{idx_ts}‖,
-              x̂ = x / ‖f_idx‖, u_i = Σ_{p ∋ i} g_p v_p.
-    G lookups are a binary search of the 2k selected keys for each (t, s, s'): O(B·L²·log k).
-    """
-    acc = accumulation_dtype(values.dtype)
-    valid = rows >= 0  # empty slots carry no gradient
-    r, c = rows[valid], cols[valid]
-    g = grad_out[valid].to(acc)
-    if r.numel() == 0 or values.numel() == 0:
-        return torch.zeros_like(values)
-    idx = indices.long()
-    x = values.to(acc)
-    keys, order = torch.sort(torch.cat([r * n + c, c * n + r]))
-    gk = torch.cat([g, g])[order]
-    if cosine:
-        sq = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, idx.flatten(), (x * x).flatten())
-        inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
-        y = x * inv[idx]  # x̂
-    else:
-        y = x
-    B, L = idx.shape
-    grad = torch.empty_like(x)
-    step = max(1, BACKWARD_CHUNK // max(1, L * L))
-    for t0 in range(0, B, step):
-        ib, yb = idx[t0 : t0 + step], y[t0 : t0 + step]
-        q = (ib[:, :, None] * n + ib[:, None, :]).flatten()
-        pos = torch.searchsorted(keys, q).clamp_max_(keys.numel() - 1)
-        gq = torch.where(keys[pos] == q, gk[pos], torch.zeros((), dtype=acc, device=x.device))
-        grad[t0 : t0 + step] = (gq.view(-1, L, L) * yb[:, None, :]).sum(dim=-1)
-    if cosine:
-        gv = g * out_values[valid].to(acc)
-        u = torch.zeros(n, dtype=acc, device=x.device).index_add_(0, r, gv).index_add_(0, c, gv)
-        grad = (grad - y * u[idx]) * inv[idx]
-    return grad.to(values.dtype)
 
 
 def _setup_context(ctx, inputs, output):

@@ -12,10 +12,16 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
+from aosae.data.store import STORE_DTYPES as STORE_TORCH_DTYPES
+from aosae.nn.loss import SCALES
+from aosae.nn.penalties import PAIR_RULES, PENALTIES
 from aosae.nn.sae import ACTIVATIONS
+from aosae.nn.tau import TAU_RULES
 from aosae.ops.gram_topk import SIMILARITIES
+from aosae.training.logging import LOG_BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
+STORE_DTYPES = tuple(STORE_TORCH_DTYPES)  # defined with the store
 # Field names of earlier versions, so that their run directories still resume.
 RENAMED = {"tau0": "tau_init", "k": "top_k"}
 
@@ -64,6 +70,27 @@ class TrainConfig:
     """L_target of the τ rule; None: the mean reconstruction loss over the warm-up."""
     fixed_tau: bool = False
     """Keep τ = tau_init (no adaptation)."""
+    penalty: Literal[PENALTIES] = "coactivation"
+    """What the penalty sums over its selected pairs: coactivation (the paper: |C_ij|), coact_x_decoder
+    (|C_ij|·|cos(d_i, d_j)|), decoder_on_coactive (|cos(d_i, d_j)| of the most co-active pairs) or decoder
+    (top pairs of the decoder cosine, OrtSAE-style); see aosae.nn.penalties."""
+    ortho_scale: Literal[SCALES] = "per_token"
+    """Penalty scale of --penalty coactivation: per_token (C = fᵀf / B, like the other loss terms) or batch_sum
+    (the paper's literal C = fᵀf, B× larger; collapses training at the paper's τ range)."""
+    pair_rule: Literal[PAIR_RULES] = "all"
+    """k = fraction × all n(n−1)/2 pairs (all, the paper) or × the pairs co-active in the batch (coactive)."""
+    tau_rule: Literal[TAU_RULES] = "paper"
+    """paper: τ ← clip(τ·L_target/L_recon); budget: τ steered so that the training FVU meets --tau-budget (BudgetTau)."""
+    tau_budget: Optional[float] = None
+    """FVU (1 − explained variance on the training batches) that --tau-rule budget holds reconstruction to,
+    e.g. 1.05 × the FVU of a --no-ortho run with the same λ."""
+    tau_budget_run: Optional[str] = None
+    """Budget rule: a finished penalty-free run on the same data; the budget at step t is (1 + --tau-slack) × its
+    smoothed FVU at step t (instead of a constant --tau-budget)."""
+    tau_slack: float = 0.05
+    """Budget rule with --tau-budget-run: allowed relative FVU excess over the reference run."""
+    tau_gain: float = 0.5
+    """Budget rule: step of log τ per unit of log(budget / FVU) (each step clipped to ±0.05)."""
     activation: Literal[ACTIVATIONS] = "relu"
     """Latent activation: relu, or topk (keep the top_k largest pre-activations)."""
     top_k: Optional[int] = None
@@ -84,6 +111,20 @@ class TrainConfig:
     """Sequences per LM forward while collecting activations."""
     normalize_activations: bool = True
     """Train on x/E‖x‖ (λ = 0.04 then gives L0 ≈ 10-100 on any model); folded back into the weights at save."""
+    # --- activation pipeline, checkpoints and logging (bounded memory: see aosae/data/store.py, mixing.py)
+    store_dtype: Literal[STORE_DTYPES] = "bfloat16"
+    """Dtype of the on-disk activation store: bfloat16 (default: float32's range, half its size, rounding far
+    below any SAE's error), float16 (more precise, checked for overflow) or float32 (exact, 2x the disk)."""
+    streaming: bool = False
+    """Train while the LM runs, with no store on disk. Each epoch re-runs the LM; a resume re-runs it over the
+    first buffer group (the activation scale) and the checkpoint's group (re-tokenising the text before it)."""
+    buffer_tokens: int = 131_072
+    """Rows in the shuffling buffer: each batch mixes rows from 32 places across the store; RAM holds two
+    float32 buffers (in use + prefetched) of buffer_tokens × d_in (2 × 302 MB at d_in 576)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept: the newest N plus the final one (older ones are deleted as training goes)."""
+    log: Optional[Literal[LOG_BACKENDS]] = None
+    """Also log metrics to wandb (offline unless WANDB_MODE is set) or tensorboard (optional extras)."""
 
     def __post_init__(self):
         def positive_int(name, allow_none=False):
@@ -93,7 +134,8 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
 
-        for name in ("tokens", "context", "steps", "batch_size", "checkpoint_every", "lm_batch"):
+        for name in ("tokens", "context", "steps", "batch_size", "checkpoint_every", "lm_batch", "buffer_tokens",
+                     "keep_checkpoints"):
             positive_int(name)
         positive_int("d_sae", allow_none=True)
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
@@ -114,6 +156,28 @@ class TrainConfig:
             raise ValueError(f"need tau_min <= tau_init <= tau_max, got {self.tau_min} <= {self.tau_init} <= {self.tau_max}")
         if self.tau_target is not None and not (math.isfinite(self.tau_target) and self.tau_target > 0):
             raise ValueError(f"tau_target must be a positive finite loss or None, got {self.tau_target}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.ortho_scale not in SCALES:
+            raise ValueError(f"ortho_scale must be one of {SCALES}, got {self.ortho_scale!r}")
+        if self.ortho_scale != "per_token" and (self.penalty != "coactivation" or self.pair_rule != "all"):
+            raise ValueError("--ortho-scale batch_sum is the paper's literal penalty: use it with --penalty coactivation "
+                             "--pair-rule all")
+        if self.pair_rule not in PAIR_RULES:
+            raise ValueError(f"pair_rule must be one of {PAIR_RULES}, got {self.pair_rule!r}")
+        if self.penalty == "decoder" and self.pair_rule != "all":
+            raise ValueError("--penalty decoder selects pairs on the decoder: use it with --pair-rule all")
+        if self.tau_rule not in TAU_RULES:
+            raise ValueError(f"tau_rule must be one of {TAU_RULES}, got {self.tau_rule!r}")
+        if self.tau_rule == "budget" and (self.tau_budget is None) == (self.tau_budget_run is None):
+            raise ValueError("--tau-rule budget needs exactly one of --tau-budget (an FVU, e.g. 1.05 × a --no-ortho "
+                             "run's 1 − explained variance) and --tau-budget-run (that run's directory)")
+        if self.tau_budget is not None and not (isinstance(self.tau_budget, (int, float)) and 0 < self.tau_budget < 1):
+            raise ValueError(f"tau_budget must be an FVU in (0, 1), got {self.tau_budget!r}")
+        if not (isinstance(self.tau_slack, (int, float)) and math.isfinite(self.tau_slack) and self.tau_slack >= 0):
+            raise ValueError(f"tau_slack must be a non-negative number, got {self.tau_slack!r}")
+        if not (isinstance(self.tau_gain, (int, float)) and math.isfinite(self.tau_gain) and self.tau_gain > 0):
+            raise ValueError(f"tau_gain must be a positive finite number, got {self.tau_gain!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.activation not in ACTIVATIONS:
@@ -126,6 +190,12 @@ class TrainConfig:
             raise ValueError("k is only used with activation='topk'")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
+        if self.log is not None and self.log not in LOG_BACKENDS:
+            raise ValueError(f"log must be one of {LOG_BACKENDS} or None, got {self.log!r}")
+        if self.buffer_tokens < self.batch_size:
+            raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
         if self.batch_size > self.tokens:
             raise ValueError(
                 f"batch_size ({self.batch_size}) is larger than the activation buffer (tokens={self.tokens}); "

@@ -1,9 +1,11 @@
 """torchrun / DDP support: environment detection, process group, gradient all-reduce.
 
-Under `torchrun --nproc_per_node N -m aosae train ...` each rank reads its own shard of
-the token stream, computes gradients on its own batches, and the gradients are
-averaged across ranks before every optimiser step, so the weights stay identical.
-Rank 0 alone writes logs and checkpoints.
+Under `torchrun --nproc_per_node N -m aosae train ...` each rank collects and reads its own
+part of the token stream (⌊--tokens / N⌋ rows, its own store), computes gradients on its
+own batches, and the gradients are averaged across ranks before every optimiser step, so
+the weights stay identical. Rank 0 alone writes logs and checkpoints. Every step the ranks
+agree on whether all their losses are finite before any of them steps, so a NaN/Inf on one
+rank stops all of them at the same step (nobody is left waiting in a collective).
 """
 from __future__ import annotations
 
@@ -69,12 +71,28 @@ def all_reduce_grads(params, info: DistInfo) -> None:
         offset += g.numel()
 
 
+def _collective_device() -> str:
+    """NCCL reduces only CUDA tensors; gloo reduces CPU ones."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
-        values = values.clone()
+        home = values.device
+        values = values.to(_collective_device(), copy=True)
         dist.all_reduce(values)
         values /= info.world_size
+        values = values.to(home)
     return values
+
+
+def all_finite(finite: bool, info: DistInfo) -> bool:
+    """True when `finite` holds on every rank (one tiny all-reduce)."""
+    if not info.enabled:
+        return finite
+    t = torch.tensor([1 if finite else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def min_int(value: int, info: DistInfo) -> int:

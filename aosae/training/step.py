@@ -14,8 +14,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from aosae.nn.loss import TopKOrthoLoss
+from aosae.nn.penalties import RedundancyPenalty
 from aosae.nn.sae import SparseAutoencoder
-from aosae.nn.tau import AdaptiveTau
+from aosae.nn.tau import AdaptiveTau, BudgetTau
 
 
 class StepLosses(NamedTuple):
@@ -35,8 +36,8 @@ class SAEObjective:
         opt: torch.optim.Optimizer,
         sched: torch.optim.lr_scheduler.LRScheduler,
         l1_coeff: float,
-        ortho: Optional[TopKOrthoLoss],
-        tau: AdaptiveTau,
+        ortho: Optional[TopKOrthoLoss | RedundancyPenalty],
+        tau: AdaptiveTau | BudgetTau,
     ):
         self.sae, self.opt, self.sched = sae, opt, sched
         self.l1_coeff, self.ortho, self.tau = l1_coeff, ortho, tau
@@ -49,8 +50,13 @@ class SAEObjective:
             l1 = out.latents.float().abs().sum(-1).mean()
             if not bool(torch.isfinite(out.latents).all()):  # the op rejects NaN input: let the guard report it
                 penalty = torch.full((), float("nan"), device=x.device)
+            elif isinstance(self.ortho, RedundancyPenalty):  # variants that also read the decoder
+                penalty = self.ortho(out.latents.float(), self.sae.W_dec)
+            elif isinstance(self.ortho, TopKOrthoLoss) and out.topk_indices is not None:
+                # TopK SAE: the kept (indices, values) go to the sparse op, never a dense [B, n] pass
+                penalty = self.ortho.from_topk(out.topk_indices, out.topk_values.float(), self.sae.d_sae)
             elif self.ortho is not None:
-                penalty = self.ortho(out.latents.float()) / x.shape[0]
+                penalty = self.ortho(out.latents.float())  # per token: C = fᵀf / B
             else:
                 penalty = torch.zeros((), device=x.device)
         loss = recon + self.l1_coeff * l1 + self.tau.tau * penalty

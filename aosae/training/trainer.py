@@ -3,15 +3,20 @@
 Loss per batch of B tokens (x scaled so E||x|| = 1, see TrainConfig):
     recon   = mean_b ||x_b − x̂_b||²                      (sum over d, mean over the batch)
     l1      = mean_b ||f_b||₁                             (decoder rows are unit norm)
-    penalty = TopKOrthoLoss(f) / B                        (Σ |C_ij| over the top-k pairs, C = fᵀf,
+    penalty = TopKOrthoLoss(f)                            (Σ |C_ij| over the top-k pairs, C = fᵀf / B:
                                                            per token like the other two terms)
     loss    = recon + λ·l1 + τ·penalty
 τ follows AdaptiveTau; with no --tau-target, L_target = mean recon over the warm-up steps
 (logged as `tau_target` in metrics.jsonl and summary.json).
 
+Data (bounded memory, aosae/data): the rank's activations live in a disk store (collected on first
+use, reused by later runs) or come from the LM as it runs (--streaming); batches are drawn from a
+MixingBuffer whose position is a function of the step, so a resume is bitwise exact.
+
 Run directory: cfg.json + sae_weights.safetensors (final SAE, folded back to raw activation
 scale: b_enc and b_dec divided by the scale, decoder rows still unit norm), train_config.json,
-metrics.jsonl, checkpoints/step_<N>/, summary.json.
+metrics.jsonl, checkpoints/step_<N>/ (the newest --keep-checkpoints plus the final; see
+checkpoints.py), summary.json, report.md + report.png.
 """
 from __future__ import annotations
 
@@ -27,26 +32,30 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from aosae.training import distributed as ddp
-from aosae.data.activations import ActivationBuffer, cache_key, collect_activations, load_cache, save_cache
-from aosae.training.config import TrainConfig
-from aosae.training.step import SAEObjective
-from aosae.data.text import DEFAULT_DATASET, iter_texts
+from aosae.data.language_models import DEFAULT_MODEL, hook_name
+from aosae.data.mixing import MixingBuffer, TensorSource
+from aosae.data.sources import ActivationSpec, held_out_count, open_store, training_rows
+from aosae.data.text import DEFAULT_DATASET
 from aosae.eval.metrics import ReconstructionStats
+from aosae.files import write_json
 from aosae.nn.loss import TopKOrthoLoss
-from aosae.nn.tau import AdaptiveTau
-from aosae.data.language_models import DEFAULT_MODEL, cache_root, check_layer, hook_name, load_model
-from aosae.files import fsync_path, write_dir_atomically, write_json
 from aosae.nn.sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder
+from aosae.nn.tau import AdaptiveTau
+from aosae.training import checkpoints as ckpts
+from aosae.training import distributed as ddp
+from aosae.training.checkpoints import folded_sae
+from aosae.training.config import TrainConfig
+from aosae.training.logging import make_logger
+from aosae.training.step import SAEObjective
 
 EVAL_TOKENS = 8192
 EVAL_CHUNK = 4096
+SCALE_TOKENS = 65_536  # rows of the first buffer group that set the activation scale
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/Inf; the last good checkpoint is kept."""
+    """The loss became NaN/Inf on some rank; every rank stops, the last good checkpoint is kept."""
 
 
 def resolve_device(device: str) -> str:
@@ -58,88 +67,18 @@ def resolve_device(device: str) -> str:
 
 
 def get_activations(cfg: TrainConfig, info: ddp.DistInfo, device: str, progress: bool) -> tuple[torch.Tensor, dict]:
-    """This rank's activations [N, d_in] float32 on CPU, from the cache or by running the LM."""
-    key_fields = dict(
-        model=cfg.model or DEFAULT_MODEL, layer=cfg.layer, dataset=cfg.dataset or DEFAULT_DATASET,
-        tokens=cfg.tokens, context=cfg.context, rank=info.rank, world=info.world_size, lm_dtype=cfg.dtype,
-    )
-    root = Path(cfg.cache_dir) if cfg.cache_dir else cache_root() / "activations"
-    directory = root / cache_key(**key_fields)
-    acts = load_cache(directory)
-    if acts is not None:
-        meta = json.loads((directory / "meta.json").read_text())
-        if not 0 <= cfg.layer < meta["n_layers"]:
-            raise ValueError(f"layer must be in [0, {meta['n_layers'] - 1}], got {cfg.layer}")
-        return acts, meta
-    model, tokenizer = load_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype))
-    n_layers = check_layer(model, cfg.layer)
-    check_memory_for(cfg.tokens, model.config.hidden_size)
-    acts = collect_activations(
-        model, tokenizer, iter_texts(cfg.dataset), cfg.layer, cfg.tokens, context=cfg.context,
-        lm_batch=cfg.lm_batch, device=device, rank=info.rank, world_size=info.world_size, progress=progress,
-    )
-    meta = {**key_fields, "n_layers": n_layers, "model_type": model.config.model_type}
-    del model
-    save_cache(directory, acts, meta)
-    return acts, meta
+    """This rank's activations [N, d_in] float32 in RAM, from its store (built if missing).
 
-
-def check_memory_for(tokens: int, d_model: int) -> None:
-    """Activations are held in RAM as float32: refuse up front (instead of being killed by
-    the OOM killer hours into collection) when they cannot fit."""
-    need = tokens * d_model * 4
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not available on this platform
-        return
-    if need > 0.8 * total:
-        raise ValueError(
-            f"--tokens {tokens:,} activations of width {d_model} need {need / 2**30:.1f} GiB of RAM as "
-            f"float32, more than 80% of this machine's {total / 2**30:.1f} GiB: lower --tokens"
-        )
-
-
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = s
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    plain = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict, plain: dict) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    n = plain["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = plain["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-def folded_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
-    """The same SAE for raw activations x, when it was trained on x·s.
-
-    relu((x·s − b_dec)W_enc + b_enc)/s = relu((x − b_dec/s)W_enc + b_enc/s), so with b_enc/s and b_dec/s
-    the latents are f/s and the reconstruction is x̂/s; W_enc and W_dec (unit-norm rows) are unchanged."""
-    out = SparseAutoencoder(SAEConfig(**{**sae.cfg.__dict__, "extra": {**sae.cfg.extra, "activation_scale": scale}}))
-    with torch.no_grad():
-        out.W_enc.copy_(sae.W_enc)
-        out.W_dec.copy_(sae.W_dec)
-        out.b_enc.copy_(sae.b_enc / scale)
-        out.b_dec.copy_(sae.b_dec / scale)
-    return out
+    For callers that want them all at once (ablation arms at small budgets); training itself
+    reads the store through a MixingBuffer and never holds it whole."""
+    store = open_store(ActivationSpec.from_config(cfg, info.rank, info.world_size), device, progress)
+    return store.read(0, store.n_tokens).float(), store.meta
 
 
 class Trainer:
-    """One run: build everything from a TrainConfig, then `run()`; `Trainer.resume(run_dir)` continues one."""
+    """One run: build everything from a TrainConfig, then `run()`; `Trainer.resume(run_dir)` continues one.
+
+    `activations` (a tensor [N, d_in]) replaces the store: the ablation's arms share one set in RAM."""
 
     def __init__(
         self,
@@ -159,19 +98,27 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
+        if self.info.is_main:  # before collecting: a run killed during collection can be --resume'd
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(self.run_dir / "train_config.json", cfg.to_dict())
 
         if activations is None:
-            acts, _ = get_activations(cfg, self.info, self.device, progress and self.info.is_main)
+            spec = ActivationSpec.from_config(cfg, self.info.rank, self.info.world_size)
+            train_rows, self.eval_acts, first, self.data_meta = training_rows(
+                spec, cfg.streaming, EVAL_TOKENS, self.device, progress and self.info.is_main)
         else:  # given by the caller (ablation arms share one set)
-            acts = activations
-        n_eval = min(EVAL_TOKENS, acts.shape[0] // 10)
-        self.eval_acts, train_acts = acts[acts.shape[0] - n_eval :], acts[: acts.shape[0] - n_eval]
+            n_eval = held_out_count(activations.shape[0], EVAL_TOKENS)
+            first = activations.shape[0] - n_eval
+            train_rows, self.eval_acts = TensorSource(activations[:first]), activations[first:]
+            self.data_meta = {"source": "given tensor"}
         # which tokens the summary is measured on, so `aosae eval` can run the LM over the same text
-        self.held_out = {"first_token": acts.shape[0] - n_eval, "tokens": n_eval, "world_size": self.info.world_size}
-        self.buffer = ActivationBuffer(train_acts, cfg.batch_size, seed=cfg.seed)
-        d_in = acts.shape[1]
+        self.held_out = {"first_token": first, "tokens": self.eval_acts.shape[0], "world_size": self.info.world_size}
+        self.buffer = MixingBuffer(train_rows, cfg.batch_size, cfg.buffer_tokens, seed=cfg.seed)
+        d_in = train_rows.d
+        first_rows = self.buffer.first_rows(SCALE_TOKENS)
+        norm = torch.cat([c.float().norm(dim=1) for c in first_rows.split(8192)]).mean().item()
         # one scale for all ranks so their weights stay identical
-        scale = torch.tensor([1.0 / train_acts.norm(dim=1).mean().item()], dtype=torch.float64)
+        scale = torch.tensor([1.0 / norm], dtype=torch.float64)
         self.scale = float(ddp.all_reduce_mean(scale, self.info)) if cfg.normalize_activations else 1.0
 
         d_sae = cfg.d_sae or d_in
@@ -184,7 +131,9 @@ class Trainer:
                    "dataset": cfg.dataset or DEFAULT_DATASET, "tokens": cfg.tokens},
         )
         self.sae = SparseAutoencoder(sae_cfg, generator=torch.Generator().manual_seed(cfg.seed))
-        sample = train_acts[: min(4096, train_acts.shape[0])] * self.scale
+        # the first 4096 training rows in source order (b_dec init, BudgetTau's variance; the ablation relies on it)
+        head = first_rows if not self.buffer.shuffle_chunks else train_rows.read(0, min(4096, train_rows.n_tokens))
+        sample = head[:4096].float() * self.scale
         self.sae.init_b_dec_(sample)
         with torch.no_grad():
             self.sae.b_dec.copy_(ddp.all_reduce_mean(self.sae.b_dec.detach(), self.info))
@@ -192,59 +141,47 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         warm = cfg.warmup
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
-        self.ortho = TopKOrthoLoss(cfg.fraction, similarity=cfg.similarity, backend=cfg.backend) if cfg.ortho else None
-        self.tau = AdaptiveTau(cfg.tau_init, cfg.tau_min, cfg.tau_max, target=cfg.tau_target, calibration_steps=warm)
+        from aosae.nn.penalties import RedundancyPenalty
+        from aosae.nn.tau import BudgetTau, budget_from_run
+
+        if not cfg.ortho:
+            self.ortho = None
+        elif cfg.penalty == "coactivation" and cfg.pair_rule == "all":  # the paper's penalty
+            self.ortho = TopKOrthoLoss(cfg.fraction, similarity=cfg.similarity, scale=cfg.ortho_scale, backend=cfg.backend)
+        else:
+            self.ortho = RedundancyPenalty(cfg.penalty, cfg.fraction, similarity=cfg.similarity,
+                                           pair_rule=cfg.pair_rule, backend=cfg.backend)
+        if cfg.tau_rule == "budget":  # FVU = recon / E‖x − E x‖² on the scaled activations
+            variance = float((sample - sample.mean(0)).pow(2).sum(-1).mean())
+            budget = cfg.tau_budget if cfg.tau_budget_run is None else budget_from_run(cfg.tau_budget_run, cfg.tau_slack, variance)
+            self.tau = BudgetTau(cfg.tau_init, cfg.tau_min, cfg.tau_max, budget=budget, variance=variance,
+                                 gain=cfg.tau_gain, hold_steps=warm)
+        else:
+            self.tau = AdaptiveTau(cfg.tau_init, cfg.tau_min, cfg.tau_max, target=cfg.tau_target, calibration_steps=warm)
         self.objective = SAEObjective(self.sae, self.opt, self.sched, cfg.l1, self.ortho, self.tau)
         self.step = 0
 
-    # ----------------------------------------------------------------- checkpoints
+    # ----------------------------------------------------------------- checkpoints (checkpoints.py)
     def checkpoint_dir(self, step: int) -> Path:
-        return self.run_dir / "checkpoints" / f"step_{step}"
+        return ckpts.checkpoint_dir(self.run_dir, step)
 
     def write_checkpoint(self) -> Path:
-        """Atomically write checkpoints/step_<N>: written into a temp dir, fsync'd, renamed."""
-        return write_dir_atomically(self.checkpoint_dir(self.step), self._write_checkpoint_files)
-
-    def _write_checkpoint_files(self, d: Path) -> None:
-        folded_sae(self.sae, self.scale).write_files(d)  # loadable SAE (raw activation scale)
-        save_file(self.sae.state_tensors(), str(d / "train_weights.safetensors"))
-        fsync_path(d / "train_weights.safetensors")
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}, d / "optimizer.pt")
-        fsync_path(d / "optimizer.pt")
-        rng_tensors, rng_plain = _rng_state()
-        save_file(rng_tensors, str(d / "rng.safetensors"))
-        epoch, offset = self.buffer.position(self.step)
-        kth = self.ortho._kth if self.ortho is not None else None
-        write_json(d / "state.json", {
-            "step": self.step, "scale": self.scale, "tau": self.tau.state_dict(), "rng": rng_plain,
-            "data_position": {"epoch": epoch, "offset": offset},
-            "ortho_kth": None if kth is None else float(kth),
-        })
-
-    def load_checkpoint(self, d: Path) -> None:
-        state = json.loads((d / "state.json").read_text())
-        tensors = load_file(str(d / "train_weights.safetensors"))
-        with torch.no_grad():
-            for name in WEIGHT_KEYS:
-                getattr(self.sae, name).copy_(tensors[name])
-        opt_state = torch.load(d / "optimizer.pt", weights_only=True, map_location=self.device)
-        self.opt.load_state_dict(opt_state["optimizer"])
-        self.sched.load_state_dict(opt_state["scheduler"])
-        self.tau.load_state_dict(state["tau"])
-        self.scale = state["scale"]
-        if self.ortho is not None and state["ortho_kth"] is not None:
-            self.ortho._kth = torch.tensor(state["ortho_kth"], device=self.device)
-        _set_rng_state(load_file(str(d / "rng.safetensors")), state["rng"])
-        self.step = state["step"]
+        """Write checkpoints/step_<N> atomically, then prune to the newest keep_checkpoints + the final."""
+        path = ckpts.write_checkpoint(self)
+        ckpts.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints, self.cfg.steps)
+        return path
 
     @staticmethod
     def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-        ckpts = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "state.json").is_file()]
-        return max(ckpts, key=lambda p: int(p.name.split("_")[1]), default=None)
+        return ckpts.latest_checkpoint(Path(run_dir))
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, *, progress: bool = True, steps: Optional[int] = None) -> "Trainer":
-        """Continue a run from its latest complete checkpoint (exactly: same batches, same state)."""
+        """Continue a run from its newest usable checkpoint (exactly: same batches, same state).
+
+        A damaged newest checkpoint is skipped with a CheckpointWarning naming it; if every
+        checkpoint is damaged, NoUsableCheckpoint. A run killed before its first checkpoint
+        starts over (its activation store, complete or not, is reused)."""
         run_dir = Path(run_dir)
         cfg_path = run_dir / "train_config.json"
         if not cfg_path.is_file():
@@ -253,9 +190,7 @@ class Trainer:
         if steps is not None:
             d["steps"] = steps
         trainer = cls(TrainConfig.from_dict(d), run_dir, progress=progress)
-        ckpt = cls.latest_checkpoint(run_dir)
-        if ckpt is not None:
-            trainer.load_checkpoint(ckpt)
+        ckpts.load_latest_good(trainer)
         return trainer
 
     # ----------------------------------------------------------------- the loop
@@ -269,48 +204,62 @@ class Trainer:
             self._truncate_metrics(metrics_path)
             if self.step == 0 and self.latest_checkpoint(self.run_dir) is None:
                 self.write_checkpoint()  # step 0: the NaN guard always has a good state to fall back to
+        logger = make_logger(cfg.log if main else None, self.run_dir, cfg.to_dict())
         bar = None
         if self.progress and main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True)
-        params = list(self.sae.parameters())
-        with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
-            while self.step < cfg.steps:
-                x = self.buffer.batch(self.step).to(self.device) * self.scale
-                loss, recon, l1, penalty, f = self.objective.losses(x)
-                if not torch.isfinite(loss):
-                    last = self.latest_checkpoint(self.run_dir)
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {self.step} (recon={recon.item()}, l1={l1.item()}, "
-                        f"penalty={penalty.item()}); stopped. The last good checkpoint is {last}. "
-                        "Lower --lr, check the activations for NaN/Inf, or resume with --resume."
-                    )
-                self.objective.optimizer_step(loss, reduce_grads=lambda: ddp.all_reduce_grads(params, self.info))
-                stats = ddp.all_reduce_mean(
-                    torch.stack([loss.detach(), recon.detach(), l1.detach(), penalty.detach(),
-                                 (f > 0).sum(-1).float().mean()]).float().cpu(), self.info).tolist()
-                tau_used = self.tau.tau
-                if not cfg.fixed_tau:
-                    self.tau.update(stats[1])
-                self.step += 1
-                epoch, offset = self.buffer.position(self.step)
-                row = {"step": self.step, "loss": stats[0], "recon": stats[1], "l1": stats[2], "penalty": stats[3],
-                       "tau": tau_used, "next_tau": self.tau.tau, "tau_target": self.tau.target, "l0": stats[4],
-                       "lr": self.sched.get_last_lr()[0], "tokens": self.step * cfg.batch_size * self.info.world_size,
-                       "epoch": epoch}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats[0]:.4g}", l0=f"{stats[4]:.1f}", tau=f"{self.tau.tau:.3g}")
-                if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                    self.write_checkpoint()
-                if on_step is not None:
-                    on_step(self)
-        if bar is not None:
-            bar.close()
+        try:
+            with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
+                while self.step < cfg.steps:
+                    row = self._train_step()
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    logger.log(row)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", tau=f"{self.tau.tau:.3g}")
+                    if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                        self.write_checkpoint()
+                    if on_step is not None:
+                        on_step(self)
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.close()
+            self.buffer.close()
         return self.finish()
+
+    def _train_step(self) -> dict:
+        """One optimiser step on batch self.step; returns its metrics row (rank-averaged)."""
+        cfg = self.cfg
+        params = list(self.sae.parameters())
+        x = self.buffer.batch(self.step).to(self.device) * self.scale
+        loss, recon, l1, penalty, f = self.objective.losses(x)
+        # every rank learns whether all are finite before any steps: all stop together or none does
+        if not ddp.all_finite(bool(torch.isfinite(loss)), self.info):
+            last = self.latest_checkpoint(self.run_dir)
+            where = "" if not self.info.enabled else f" on rank {self.info.rank}" if not torch.isfinite(loss) \
+                else f" on another rank (rank {self.info.rank} was finite)"
+            raise TrainingDiverged(
+                f"loss is {loss.item()}{where} at step {self.step} (recon={recon.item()}, l1={l1.item()}, "
+                f"penalty={penalty.item()}); stopped. The last good checkpoint is {last}. "
+                "Lower --lr, check the activations for NaN/Inf, or resume with --resume."
+            )
+        self.objective.optimizer_step(loss, reduce_grads=lambda: ddp.all_reduce_grads(params, self.info))
+        stats = ddp.all_reduce_mean(
+            torch.stack([loss.detach(), recon.detach(), l1.detach(), penalty.detach(),
+                         (f > 0).sum(-1).float().mean()]).float().cpu(), self.info).tolist()
+        tau_used = self.tau.tau
+        if not cfg.fixed_tau:
+            self.tau.update(stats[1])
+        self.step += 1
+        epoch = self.buffer.position(self.step)[0]
+        return {"step": self.step, "loss": stats[0], "recon": stats[1], "l1": stats[2], "penalty": stats[3],
+                "tau": tau_used, "next_tau": self.tau.tau, "tau_target": self.tau.target, "l0": stats[4],
+                "lr": self.sched.get_last_lr()[0], "tokens": self.step * cfg.batch_size * self.info.world_size,
+                "epoch": epoch}
 
     def _truncate_metrics(self, path: Path) -> None:
         """On resume, drop log lines past the checkpoint (a killed run may have logged them)."""

@@ -155,3 +155,22 @@ def test_config_errors():
         S.SyntheticConfig(firing_prob=1.5)
     with pytest.raises(ValueError, match="correlation"):
         S.SyntheticConfig(correlation=1.0)
+
+
+def test_saelens_generator_as_ground_truth():
+    """SAELens's own generator through generate_saelens: x = features·directions + bias, its hierarchy's
+    children fire only with their parent and are mutually exclusive, same seed ⇒ same data."""
+    cfg = S.SAELensSyntheticConfig(d=16, n_features=32, n_parents=2, children_per_parent=3)
+    model = S.saelens_model(cfg)
+    a = S.generate_saelens(cfg, 4000, seed=3, model=model)
+    b = S.generate_saelens(cfg, 4000, seed=3, model=model)
+    assert torch.equal(a.x, b.x) and a.x.shape == (4000, 16) and a.activations.shape == (4000, 32)
+    bias = model.feature_dict.bias.detach()
+    assert torch.allclose(a.activations @ model.feature_dict.feature_vectors.detach() + bias, a.x, atol=1e-4)
+    assert torch.allclose(a.directions.norm(dim=1), torch.ones(32), atol=1e-5)
+    assert len(a.hierarchy) == 2
+    for parent, children in a.hierarchy:
+        on = a.activations[:, children] > 0
+        assert int(on.sum(1).max()) <= 1  # mutually exclusive
+        assert not bool((on.any(1) & (a.activations[:, parent] <= 0)).any())  # never without the parent
+        assert int(on.sum()) > 0

@@ -116,3 +116,30 @@ def test_shape_errors():
         M.explained_variance(torch.ones(4, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="W_dec"):
         M.decoder_cosine_stats(torch.zeros(1, 4))
+
+
+def test_duplicate_pairs_hand_built(seed):
+    W = torch.nn.functional.normalize(torch.randn(6, 16), dim=1)
+    W[1] = -0.99 * W[0] + 0.01 * W[2]  # |cos| > 0.9 with latent 0 (sign does not matter)
+    W[3] = W[2]
+    live = torch.tensor([True, True, True, False, True, True])
+    full = M.duplicate_pairs(W)
+    assert full["duplicate_pairs"] >= 2 and full["live_latents"] == 6
+    only_live = M.duplicate_pairs(W, live=live)  # latent 3 is dead: its copy of 2 does not count
+    want = sum(1 for i in range(6) for j in range(i + 1, 6) if live[i] and live[j]
+               and abs(float(torch.nn.functional.cosine_similarity(W[i], W[j], dim=0))) > 0.9)
+    assert only_live["duplicate_pairs"] == want and only_live["live_latents"] == 5
+    with pytest.raises(ValueError, match="live must be"):
+        M.duplicate_pairs(W, live=torch.ones(3, dtype=torch.bool))
+
+
+def test_mcc_matches_saelens_reference(seed):
+    """The project's MCC against SAELens's own mean_correlation_coefficient (Hungarian on |cos|)."""
+    import sae_lens.synthetic as saelens
+    from aosae.data.synthetic import dictionary_metrics
+
+    truth = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)
+    learned = truth[torch.randperm(20)] + 0.08 * torch.randn(20, 16)  # positively aligned: cos and |cos| agree
+    ours = dictionary_metrics(learned, truth)["mcc"]
+    theirs = saelens.mean_correlation_coefficient(learned, truth)
+    assert ours == pytest.approx(theirs, abs=1e-5)

@@ -40,6 +40,40 @@ def test_topk_keeps_k_largest():
     torch.testing.assert_close(out.latents.sort(-1, descending=True).values[:, :3], top)
 
 
+def test_topk_output_carries_its_indices_and_values():
+    sae = make(activation="topk", top_k=4)
+    x = torch.randn(2, 5, 12)
+    out = sae(x)
+    assert out.topk_indices.shape == out.topk_values.shape == (2, 5, 4)
+    rebuilt = torch.zeros_like(out.latents).scatter(-1, out.topk_indices, out.topk_values)
+    assert torch.equal(rebuilt, out.latents)
+    assert torch.equal(sae.encode(x), out.latents)
+    relu = make()(x)
+    assert relu.topk_indices is None and relu.topk_values is None
+    with pytest.raises(ValueError, match="TopK SAE"):
+        make().select_topk(out.pre_acts)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_penalty_from_topk_equals_the_dense_penalty(seed, similarity, reduction):
+    # the trainer's TopK path (sparse op on (indices, values)) against the dense op on the latents
+    from aosae.nn.loss import TopKOrthoLoss
+
+    sae = SparseAutoencoder.from_dims(16, 120, activation="topk", top_k=6)
+    with torch.no_grad():
+        sae.b_enc.sub_(0.3)  # some kept slots are ReLU'd to zero
+    x = torch.randn(50, 16)
+    loss = TopKOrthoLoss(0.02, similarity=similarity, reduction=reduction)
+    dense = loss(sae(x).latents)
+    (g_dense,) = torch.autograd.grad(dense, sae.W_enc)
+    out = sae(x)
+    sparse = loss.from_topk(out.topk_indices, out.topk_values, sae.d_sae)
+    (g_sparse,) = torch.autograd.grad(sparse, sae.W_enc)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_sparse, g_dense, rtol=1e-4, atol=1e-6 * float(g_dense.abs().max()))
+
+
 def test_decoder_constraints():
     sae = make()
     with torch.no_grad():
@@ -99,3 +133,28 @@ def test_bad_input_shape_and_missing_dir(tmp_path):
         sae(torch.randn(3, 11))
     with pytest.raises(FileNotFoundError):
         SparseAutoencoder.load(tmp_path)
+
+
+def test_training_step_sends_topk_latents_to_the_sparse_op(seed, monkeypatch):
+    # SAEObjective must not run the dense op on a TopK SAE's latents: the penalty comes from
+    # (indices, values), equal to the dense penalty
+    from aosae.nn.loss import TopKOrthoLoss
+    from aosae.nn.tau import AdaptiveTau
+    from aosae.training.step import SAEObjective
+
+    sae = SparseAutoencoder.from_dims(16, 90, activation="topk", top_k=5)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        want = TopKOrthoLoss(0.02)(sae(x).latents)
+    opt = torch.optim.AdamW(sae.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    objective = SAEObjective(sae, opt, sched, 0.04, TopKOrthoLoss(0.02), AdaptiveTau())
+
+    def dense_call(*args, **kwargs):
+        raise AssertionError("the dense penalty path ran on TopK latents")
+
+    monkeypatch.setattr(TopKOrthoLoss, "forward", dense_call)
+    losses = objective.losses(x)
+    torch.testing.assert_close(losses.penalty, want, rtol=1e-5, atol=1e-7)
+    objective.optimizer_step(losses.loss)
+    assert sae.W_enc.grad is not None and bool(torch.isfinite(sae.W_enc.grad).all())

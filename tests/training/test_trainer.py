@@ -40,7 +40,8 @@ def test_run_dir_contents(tiny, tmp_path):
     run_dir, summary = T.train(tiny_cfg(tiny, tmp_path, steps=40, checkpoint_every=10), progress=False)
     for name in ("cfg.json", "sae_weights.safetensors", "train_config.json", "metrics.jsonl", "summary.json", "report.md", "report.png"):
         assert (run_dir / name).is_file(), name
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{i}" for i in (0, 10, 20, 30, 40)]
+    # the final one and the newest 3 others (--keep-checkpoints) are kept
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{i}" for i in (10, 20, 30, 40)]
     sae = SparseAutoencoder.load(run_dir)
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -98,13 +99,13 @@ def test_cli_train_and_resume(tiny, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypatch):
-    real = T.ActivationBuffer.batch
+    real = T.MixingBuffer.batch
 
     def poisoned(self, step):
         x = real(self, step)
         return x * float("nan") if step == 5 else x
 
-    monkeypatch.setattr(T.ActivationBuffer, "batch", poisoned)
+    monkeypatch.setattr(T.MixingBuffer, "batch", poisoned)
     with pytest.raises(T.TrainingDiverged, match="step 5.*last good checkpoint"):
         T.train(tiny_cfg(tiny, tmp_path), progress=False)
     ckpt = T.Trainer.latest_checkpoint(tmp_path / "run")
@@ -114,7 +115,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
 
 
 def test_disk_full_while_checkpointing_keeps_previous(tiny, tmp_path, monkeypatch):
-    real = T.save_file
+    real = T.ckpts.save_file
     calls = {"n": 0}
 
     def flaky(tensors, path, *a, **kw):
@@ -124,13 +125,13 @@ def test_disk_full_while_checkpointing_keeps_previous(tiny, tmp_path, monkeypatc
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(T, "save_file", flaky)
+    monkeypatch.setattr(T.ckpts, "save_file", flaky)
     with pytest.raises(OSError) as info:
         T.train(tiny_cfg(tiny, tmp_path), progress=False)
     assert info.value.errno == errno.ENOSPC
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0", "step_4"]  # no half-written leftovers
-    monkeypatch.setattr(T, "save_file", real)
+    monkeypatch.setattr(T.ckpts, "save_file", real)
     resumed = T.Trainer.resume(tmp_path / "run", progress=False)
     assert resumed.step == 4
     resumed.run()
@@ -203,9 +204,9 @@ def test_sigkilled_cli_run_resumes_bitwise(tiny, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_activations_that_cannot_fit_in_ram_are_refused():
-    from aosae.training.trainer import check_memory_for
+def test_store_that_cannot_fit_on_disk_is_refused(tmp_path):
+    from aosae.data.store import check_disk_space
 
-    check_memory_for(1000, 64)  # 256 kB: fine anywhere
-    with pytest.raises(ValueError, match="lower --tokens"):
-        check_memory_for(10**13, 2304)
+    check_disk_space(tmp_path / "new" / "store", 1000, 64, "bfloat16")  # 128 kB: fine anywhere
+    with pytest.raises(ValueError, match="lower --tokens.*--streaming"):
+        check_disk_space(tmp_path, 10**13, 2304, "bfloat16")

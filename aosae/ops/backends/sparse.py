@@ -159,7 +159,7 @@ def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
     total = int(partners.sum())
     empty = (vals.new_zeros(0), cols.new_zeros(0), cols.new_zeros(0))
     if total == 0:
-        return finalize(*empty, k)
+        return finalize(*empty, k, n)
     # Pair expansion: entry e pairs with e+1, …, e+partners[e] (same row, larger column).
     first = torch.repeat_interleave(torch.arange(nnz, device=device), partners, output_size=total)
     starts = torch.cumsum(partners, 0) - partners
@@ -180,4 +180,4 @@ def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
         kth = torch.topk(sums.abs(), k, sorted=False).values.min()
         keep = sums.abs() >= kth
         sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
-    return finalize(sums, rows, cols_out, k)
+    return finalize(sums, rows, cols_out, k, n)

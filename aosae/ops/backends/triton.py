@@ -45,6 +45,6 @@ def supports(a: torch.Tensor) -> tuple[bool, str]:
 def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = None):
     """a: [m, n] fp16/bf16/fp32 -> (values[k] fp32, rows[k] int64, cols[k] int64);
     see aosae.gram_topk for the contract. `threshold` (previous k-th score) only saves passes."""
-    from aosae.kernels.gram_topk import gram_topk_triton
+    from aosae.ops.backends.triton_driver import gram_topk_triton
 
     return gram_topk_triton(a, k, cosine, threshold)

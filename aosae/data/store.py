@@ -1,0 +1,247 @@
+"""An on-disk activation store: raw row-major shards written while the LM runs, read through memory maps.
+
+Layout of a store directory (one per model, layer, dataset, token budget, context, LM dtype,
+storage dtype and DDP part; see `store_key`):
+
+    shard_00000.bin ...   rows [n, d] in the storage dtype, little-endian, no header
+    progress.json         while collecting: the shards closed so far and the text windows they used
+    meta.json             written last, only when the store is complete: shape, dtype, model, layer,
+                          dataset, token range, rows per shard
+
+A store without meta.json is incomplete (collection was killed): `StoreWriter` resumes it from
+progress.json (the LM restarts at the first window of the first unfinished shard) and
+`ActivationStore.open` refuses it. Nothing is ever concatenated in RAM: readers copy the rows
+they ask for out of the maps and then drop those pages from the process (MADV_DONTNEED), so the
+resident set stays flat however large the store is (the kernel's page cache still helps).
+
+Storage dtype (default bfloat16): bf16 keeps float32's exponent range, so no activation can
+overflow (fp16 overflows past 65504, which models with massive activations reach), at half the
+size of float32; its relative rounding error (≤ 2⁻⁹) puts a floor of ~1e-6 on the fraction of
+variance lost, orders of magnitude under any SAE's. float16 is more precise where it fits and
+is checked for overflow; float32 is exact.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import mmap
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from aosae.files import fsync_path, write_json
+
+STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+FORMAT = "aosae-activation-store-v1"
+_RAW = {2: np.int16, 4: np.int32}  # rows are moved as raw bits of their width
+_TORCH_RAW = {2: torch.int16, 4: torch.int32}
+SHARD_BYTES = 1 << 27  # 128 MiB per shard: a kill during collection loses at most one shard of LM work
+
+
+def store_key(**fields) -> str:
+    """Directory name of a store: a hash of everything that determines its contents."""
+    blob = json.dumps({"format": FORMAT, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def shard_rows(d: int, dtype: str) -> int:
+    return max(1024, SHARD_BYTES // (d * STORE_DTYPES[dtype].itemsize))
+
+
+def check_disk_space(directory: Path, n_rows: int, d: int, dtype: str) -> None:
+    """Refuse up front, before hours of LM work, a store that cannot fit on the disk."""
+    need = n_rows * d * STORE_DTYPES[dtype].itemsize
+    probe = directory
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise ValueError(
+            f"the activation store needs {need / 2**30:.1f} GiB ({n_rows:,} tokens × {d} × {dtype}) but only "
+            f"{free / 2**30:.1f} GiB is free under {probe}: lower --tokens, pick --store-dtype bfloat16, "
+            "point --cache-dir at a larger disk, or train with --streaming (no store)"
+        )
+
+
+@contextmanager
+def store_lock(directory: Path):
+    """Hold an exclusive lock on a store while it is collected: a second process asking for the
+    same store (a parallel run, an ablation arm) waits, then finds it complete."""
+    import fcntl
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class StoreIncomplete(ValueError):
+    """The store has no meta.json: its collection did not finish."""
+
+
+class StoreWriter:
+    """Append rows to a store, shard by shard, resuming an interrupted collection.
+
+    `windows_done` / `rows_done` say where the LM must restart: the text windows (and rows)
+    covered by the shards already closed. Rows are only committed when their shard closes."""
+
+    def __init__(self, directory: Path, d: int, dtype: str, meta: dict):
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+        self.directory, self.d, self.dtype = Path(directory), d, dtype
+        self.torch_dtype = STORE_DTYPES[dtype]
+        self.meta = {**meta, "format": FORMAT, "d": d, "dtype": dtype}
+        self.max_rows = shard_rows(d, dtype)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "meta.json").unlink(missing_ok=True)  # rewriting a store: it is incomplete until finish()
+        self.shards: list[int] = []
+        self.windows_done = 0
+        progress = self.directory / "progress.json"
+        if progress.is_file():
+            try:
+                state = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                state = None
+            if state is not None and state.get("meta") == self.meta:
+                self.shards, self.windows_done = list(state["shards"]), int(state["windows"])
+        # anything past the committed shards is a partial shard of a killed run (or a different store)
+        for path in self.directory.glob("shard_*.bin"):
+            if int(path.stem.split("_")[1]) >= len(self.shards):
+                path.unlink()
+        for i, rows in enumerate(self.shards):
+            path = self._shard_path(i)
+            if not path.is_file() or path.stat().st_size != rows * d * self.torch_dtype.itemsize:
+                raise ValueError(f"{path} does not match {progress}; delete {self.directory} to rebuild the store")
+        self.resumed = bool(self.shards)
+        self._file = None
+        self._rows, self._pending_windows = 0, 0
+
+    @property
+    def rows_done(self) -> int:
+        return sum(self.shards)
+
+    def _shard_path(self, i: int) -> Path:
+        return self.directory / f"shard_{i:05d}.bin"
+
+    def append(self, acts: torch.Tensor, windows: int) -> None:
+        """Write acts [n, d] (any float dtype) produced from `windows` more text windows."""
+        if acts.dim() != 2 or acts.shape[1] != self.d:
+            raise ValueError(f"expected activations [n, {self.d}], got {tuple(acts.shape)}")
+        out = acts.to(self.torch_dtype).contiguous()
+        if self.torch_dtype == torch.float16 and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(acts).all()):
+            raise ValueError("activations overflow float16 (|x| > 65504): use --store-dtype bfloat16 or float32")
+        if self._file is None:
+            self._file = open(self._shard_path(len(self.shards)), "wb")
+        self._file.write(out.view(_TORCH_RAW[out.element_size()]).numpy().data)  # the tensor's own buffer: no extra copy
+        self._rows += out.shape[0]
+        self._pending_windows += windows
+        if self._rows >= self.max_rows:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        if self._file is None:
+            return
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.shards.append(self._rows)
+        self.windows_done += self._pending_windows
+        self._rows, self._pending_windows = 0, 0
+        tmp = self.directory / "progress.json.tmp"
+        write_json(tmp, {"meta": self.meta, "shards": self.shards, "windows": self.windows_done})
+        os.replace(tmp, self.directory / "progress.json")
+
+    def finish(self) -> "ActivationStore":
+        """Close the last shard and write meta.json: from here on the store is complete and read-only."""
+        self._close_shard()
+        n = self.rows_done
+        write_json(self.directory / "meta.json.tmp", {**self.meta, "complete": True, "shape": [n, self.d],
+                                                      "shards": self.shards, "windows": self.windows_done})
+        os.replace(self.directory / "meta.json.tmp", self.directory / "meta.json")
+        fsync_path(self.directory)
+        (self.directory / "progress.json").unlink(missing_ok=True)
+        return ActivationStore.open(self.directory)
+
+    def close(self) -> None:
+        """Drop the uncommitted partial shard (on an error); committed shards stay for a resume."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._shard_path(len(self.shards)).unlink(missing_ok=True)
+
+
+class ActivationStore:
+    """A complete store, read through memory maps: `read(start, stop)` -> [stop − start, d] rows."""
+
+    def __init__(self, directory: Path, meta: dict):
+        self.directory, self.meta = Path(directory), meta
+        self.n_tokens, self.d = meta["shape"]
+        self.dtype = STORE_DTYPES[meta["dtype"]]
+        self.rows = list(meta["shards"])
+        self.starts = [0]
+        for r in self.rows:
+            self.starts.append(self.starts[-1] + r)
+        self._maps: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "ActivationStore":
+        """Open a complete store; StoreIncomplete if its collection did not finish, ValueError if damaged."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise StoreIncomplete(f"{directory} is not a complete activation store (no meta.json: its collection "
+                                  "was interrupted); `aosae train` resumes it, or delete the directory")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or not meta.get("complete"):
+            raise ValueError(f"{meta_path} is not an {FORMAT} store; delete {directory} to rebuild it")
+        itemsize = STORE_DTYPES[meta["dtype"]].itemsize
+        for i, rows in enumerate(meta["shards"]):
+            path = directory / f"shard_{i:05d}.bin"
+            size = path.stat().st_size if path.is_file() else -1
+            if size != rows * meta["d"] * itemsize:
+                raise ValueError(f"activation store {directory} is damaged: {path.name} has {size} bytes, expected "
+                                 f"{rows * meta['d'] * itemsize}; delete the directory to rebuild it")
+        if sum(meta["shards"]) != meta["shape"][0]:
+            raise ValueError(f"activation store {directory} is damaged: shard rows do not add up to its shape")
+        return cls(directory, meta)
+
+    def _map(self, i: int) -> tuple[mmap.mmap, np.ndarray]:
+        if i not in self._maps:
+            with open(self.directory / f"shard_{i:05d}.bin", "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # raw integer view of the rows: numpy copies out of a read-only map at memcpy speed
+            self._maps[i] = (mm, np.frombuffer(mm, dtype=_RAW[self.dtype.itemsize]).reshape(self.rows[i], self.d))
+        return self._maps[i]
+
+    def read(self, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Rows [start, stop) as a tensor in the storage dtype (a copy: into `out` when given)."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) outside the store's {self.n_tokens}")
+        if out is None:
+            out = torch.empty(stop - start, self.d, dtype=self.dtype)
+        raw = out.view(_TORCH_RAW[self.dtype.itemsize]).numpy()
+        row_bytes = self.d * self.dtype.itemsize
+        pos = start
+        while pos < stop:
+            i = bisect.bisect_right(self.starts, pos) - 1  # the shard holding row `pos`
+            a, b = pos - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
+            mm, rows = self._map(i)
+            raw[pos - start : pos - start + b - a] = rows[a:b]
+            lo = (a * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo, b * row_bytes - lo)  # keep RSS flat: the page cache still has them
+            pos += b - a
+        return out
+
+    def close(self) -> None:
+        self._maps.clear()

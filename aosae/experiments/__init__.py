@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: the penalty ablation (aosae.experiments.ablation, `aosae ablate`)."""

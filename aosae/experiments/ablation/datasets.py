@@ -1,0 +1,73 @@
+"""The ablation's data: activations to train on, a held-out set, and its ground truth if any.
+
+    synthetic  the project's generator (aosae.data.synthetic): correlated groups and
+               parent/child hierarchies with mutually exclusive children
+    saelens    SAELens's own generator (sae_lens.synthetic, SynthSAEBench-style): Zipfian
+               firing, mutually exclusive children, a bias; ground truth nobody here wrote
+    model      cached residual activations of a language model (no ground truth)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from aosae.data import synthetic as S
+
+DATASETS = ("synthetic", "saelens", "model")
+
+
+def load(kind: str, *, samples: int = 40_000, held: int = 8_000, d: int = 64, features: int = 128,
+         model: Optional[str] = None, layer: Optional[int] = None, tokens: int = 60_000, lm_tokens: int = 1024):
+    """(train activations [N, d], held-out activations [M, d], SyntheticData of the held-out
+    set or None, a description dict, an LM scorer (sae -> KL/CE scores) or None)."""
+    if kind == "synthetic":
+        cfg = S.SyntheticConfig(d=d, n_features=features, firing_prob=0.03, correlation=0.3, n_parents=8)
+        train, truth = S.generate(cfg, samples, seed=0), S.generate(cfg, held, seed=1)
+        desc = (f"aosae.data.synthetic: d={d}, {features} features ({cfg.n_hierarchy} in {cfg.n_parents} parent/"
+                f"{cfg.children_per_parent}-children hierarchies), firing prob {cfg.firing_prob}, correlation "
+                f"{cfg.correlation} in groups of {cfg.correlation_group}, {cfg.magnitude} magnitudes")
+    elif kind == "saelens":
+        cfg = S.SAELensSyntheticConfig(d=d, n_features=features)
+        gen = S.saelens_model(cfg)
+        train, truth = S.generate_saelens(cfg, samples, seed=0, model=gen), S.generate_saelens(cfg, held, seed=1, model=gen)
+        desc = (f"sae_lens.synthetic.SyntheticModel: d={d}, {features} features, Zipfian firing "
+                f"[{cfg.min_prob}, {cfg.max_prob}], {cfg.n_parents} roots × {cfg.children_per_parent} mutually "
+                f"exclusive children (compensated probabilities), bias norm 1")
+    elif kind == "model":
+        from aosae.training.config import TrainConfig
+        from aosae.training.distributed import DistInfo
+        from aosae.training.trainer import get_activations
+
+        tcfg = TrainConfig(model=model, tokens=tokens, batch_size=min(2048, tokens),
+                           **({} if layer is None else {"layer": int(layer)}))
+        acts, _ = get_activations(tcfg, DistInfo(), "cpu", progress=False)
+        n_held = max(1000, acts.shape[0] // 6)
+        # held out: the last tokens; the Trainer holds out the last 10% of what it is given as well
+        return acts[:-n_held], acts[-n_held:], None, {
+            "data": f"{tcfg.model or 'SmolLM2-135M'} layer {tcfg.layer} residual stream, {acts.shape[0]} tokens; "
+                    f"KL/CE scores on {lm_tokens} tokens of the text after them"}, lm_scorer(tcfg, lm_tokens)
+    else:
+        raise ValueError(f"unknown dataset {kind!r}; choose from {DATASETS}")
+    true_l0 = float((truth.activations > 0).sum(1).double().mean())
+    return train.x, truth.x, truth, {"data": desc, "train / held-out tokens": f"{samples} / {held}",
+                                     "true L0 (held-out)": round(true_l0, 2)}, None
+
+
+LM_SCORES = ("kl_div_score", "ce_loss_score", "kl_div_with_sae", "ce_loss_with_sae", "ce_loss_without_sae")
+
+
+def lm_scorer(tcfg, n_tokens: int):
+    """sae -> SAEBench's KL and CE-loss scores with the SAE spliced into the LM, on n_tokens of the
+    text that follows the cached training tokens (aosae.eval.evaluate, as `aosae eval`)."""
+    from aosae.data.language_models import load_model
+    from aosae.eval.evaluate import eval_token_ids, evaluate_sae, token_batches_from_ids
+
+    lm, tokenizer = load_model(tcfg.model, "cpu", torch.float32)
+    ids = eval_token_ids(tokenizer, tcfg.dataset, n_tokens, tcfg.context, skip_tokens=tcfg.tokens)
+
+    def score(sae) -> dict:
+        res = evaluate_sae(sae, lm, token_batches_from_ids(ids, 8), tcfg.layer)
+        return {k: res[k] for k in LM_SCORES}
+
+    return score

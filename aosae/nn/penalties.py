@@ -1,0 +1,172 @@
+"""Orthogonality penalties aimed at redundancy, all through the gram_topk op.
+
+The paper penalises the co-activation C = fᵀf / B of the k most co-active latent pairs.
+A parent latent that fires with its child is such a pair, so the paper's penalty pushes
+towards absorption; what an orthogonality penalty should remove are latents that fire
+together *and* point the same way. The kinds (per token, like the trainer's losses):
+
+    coactivation         Σ_S |C_ij|                      S = top-k of |C| (the paper; with
+                                                         similarity="cosine": top-k of cos(f_i, f_j))
+    coact_x_decoder      Σ_S |C_ij| · |cos(d_i, d_j)|    S as above; co-activation weighted by
+                                                         the pair's decoder similarity (C²R-like)
+    decoder_on_coactive  Σ_S |cos(d_i, d_j)|             S chosen by co-activation (no gradient to f),
+                                                         penalised on the decoder cosine
+    decoder              Σ_S' |cos(d_i, d_j)|            S' = top-k of the decoder Gram's cosine
+                                                         (OrtSAE-style: gram_topk on W_decᵀ)
+
+d_i is latent i's decoder row. The pair rule fixes k: "all" takes `fraction` of all
+n(n−1)/2 pairs (the paper); "coactive" takes `fraction` of the pairs that fire together at
+least once in the batch. With B tokens and L0 active latents there are at most B·L0²/2
+co-active pairs, which at large widths is below the paper's 0.5% of all pairs: the rule
+"all" then selects every co-active pair and pads with zeros. `last_nonzero_share` reports
+the share of the k selected slots that hold a non-zero pair, for either rule.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from aosae.ops.gram_topk import SIMILARITIES, gram_topk, k_for_fraction, num_pairs
+
+PENALTIES = ("coactivation", "coact_x_decoder", "decoder_on_coactive", "decoder")
+PAIR_RULES = ("all", "coactive")
+# pair codes held at once by count_coactive_pairs before it switches to the chunked Gram
+MAX_PAIR_CODES = 1 << 24
+
+
+def count_coactive_pairs(latents: torch.Tensor, chunk: int = 1024) -> int:
+    """Number of latent pairs i < j that are both non-zero on at least one token.
+
+    latents: [B, n]. From the non-zeros of each token (O(B·L²) for L active latents per
+    token, no n × n matrix) when they fit, else from the binary Gram in column chunks."""
+    if latents.dim() != 2:
+        raise ValueError(f"latents must be [tokens, n_latents], got shape {tuple(latents.shape)}")
+    on = latents.detach() != 0
+    b, n = on.shape
+    per_row = on.sum(1)
+    width = int(per_row.max()) if b else 0
+    if width < 2:
+        return 0
+    if b * width * width <= MAX_PAIR_CODES:
+        # each token's active ids, padded with n (sorts last)
+        return count_pairs_of_ids(torch.where(on, torch.arange(n, device=on.device), n).sort(1).values[:, :width], n)
+    a = on.float()
+    total = 0
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        block = a[:, s:e].t() @ a  # [e-s, n] co-firing counts (exact in float32 below 2^24 tokens)
+        upper = torch.arange(n, device=a.device).unsqueeze(0) > torch.arange(s, e, device=a.device).unsqueeze(1)
+        total += int(((block > 0) & upper).sum())
+    return total
+
+
+def count_pairs_of_ids(ids: torch.Tensor, n: int) -> int:
+    """Distinct pairs i < j that share a row of ids [B, L] (entries >= n are padding): the
+    codes i·n + j of every row's pairs, deduplicated."""
+    i, j = ids.unsqueeze(2), ids.unsqueeze(1)
+    keep = (i < j) & (j < n)
+    return int(torch.unique((i * n + j)[keep]).numel())
+
+
+def _pair_cosines(W_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """|cos(d_i, d_j)| of the given pairs (0 for empty slots, row −1), differentiable in W_dec."""
+    valid = rows >= 0
+    u = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    i, j = rows.clamp_min(0), cols.clamp_min(0)
+    return (u[i] * u[j]).sum(-1).abs() * valid
+
+
+class RedundancyPenalty(nn.Module):
+    """One of PENALTIES as a module: forward(latents [B, n], W_dec [n, d_in]) -> 0-d penalty,
+    per token (C = fᵀf / B), summed over the selected pairs.
+
+    Args:
+        kind: one of PENALTIES (see the module docstring).
+        fraction: share of pairs selected, over all pairs or over the co-active ones (pair_rule).
+        similarity: "dot" or "cosine", the co-activation score used to select (and, for
+            coactivation and coact_x_decoder, to penalise) pairs.
+        pair_rule: "all" (the paper) or "coactive".
+        backend: gram_topk backend.
+    """
+
+    def __init__(self, kind: str = "coactivation", fraction: float = 0.005, *, similarity: str = "dot",
+                 pair_rule: str = "all", backend: str = "auto"):
+        super().__init__()
+        if kind not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {kind!r}")
+        if pair_rule not in PAIR_RULES:
+            raise ValueError(f"pair_rule must be one of {PAIR_RULES}, got {pair_rule!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if kind == "decoder" and pair_rule == "coactive":
+            raise ValueError("penalty 'decoder' selects pairs on the decoder, not by co-activation: "
+                             "use pair_rule 'all' with it")
+        k_for_fraction(2, fraction)  # validates fraction now
+        self.kind, self.fraction, self.similarity = kind, fraction, similarity
+        self.pair_rule, self.backend = pair_rule, backend
+        self._kth: Optional[torch.Tensor] = None  # warm-start hint, saved in checkpoints by the trainer
+        self.last_pairs = None
+        self.last_k = 0
+        self.last_nonzero_share = float("nan")
+
+    def pairs_k(self, latents: torch.Tensor) -> int:
+        n = latents.shape[1]
+        if self.pair_rule == "all":
+            return k_for_fraction(n, self.fraction)
+        coactive = count_coactive_pairs(latents)
+        return max(1, min(num_pairs(n), math.ceil(round(self.fraction * coactive, 9))))
+
+    def forward(self, latents: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        if latents.dim() != 2 or latents.shape[1] < 2:
+            raise ValueError(f"latents must be [tokens, n_latents >= 2], got shape {tuple(latents.shape)}")
+        if W_dec.dim() != 2 or W_dec.shape[0] != latents.shape[1]:
+            raise ValueError(f"W_dec must be [n_latents={latents.shape[1]}, d_in], got shape {tuple(W_dec.shape)}")
+        if self.kind == "decoder":
+            k = k_for_fraction(W_dec.shape[0], self.fraction)
+            pairs = gram_topk(W_dec.float().t(), k, similarity="cosine", backend=self.backend)
+            penalty = pairs.values.abs().sum()
+        else:
+            k = self.pairs_k(latents)
+            f = latents.float() / math.sqrt(latents.shape[0])  # C = fᵀf / B: per token
+            if self.kind == "decoder_on_coactive":
+                f = f.detach()  # the selection only; the gradient goes to the decoder
+            hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
+            pairs = gram_topk(f, k, similarity=self.similarity, backend=self.backend, threshold=hint)
+            if self.kind == "coactivation":
+                penalty = pairs.values.abs().sum()
+            elif self.kind == "coact_x_decoder":
+                penalty = (pairs.values.abs() * _pair_cosines(W_dec, pairs.rows, pairs.cols)).sum()
+            else:
+                penalty = _pair_cosines(W_dec, pairs.rows, pairs.cols).sum()
+        self.last_pairs = type(pairs)(*(t.detach() for t in pairs))
+        self._kth = pairs.values[-1].detach().abs()
+        self.last_k = k
+        self.last_nonzero_share = float((pairs.rows >= 0).float().mean())
+        return penalty
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, fraction={self.fraction}, similarity={self.similarity!r}, "
+                f"pair_rule={self.pair_rule!r}, backend={self.backend!r}")
+
+
+def nonzero_share(pairs) -> float:
+    """Share of a TopKPairs selection's slots that hold a pair with a non-zero score."""
+    return float((pairs.rows >= 0).float().mean())
+
+
+def selection_at_width(n: int, batch: int, l0: int, fraction: float = 0.005, seed: int = 0) -> dict:
+    """What the paper's rule selects at width n: B tokens with l0 active latents each, drawn
+    uniformly (with replacement; real latents cluster, so they have fewer distinct co-active
+    pairs and an even smaller non-zero share). Returns k (fraction of all pairs), the distinct
+    co-active pairs, the bound B·l0(l0−1)/2, and the share of the k slots that can be non-zero."""
+    if not (2 <= l0 <= n and batch >= 1):
+        raise ValueError(f"need 2 <= l0 <= n and batch >= 1, got n={n}, batch={batch}, l0={l0}")
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, n, (batch, l0), generator=gen)
+    k = k_for_fraction(n, fraction)
+    coactive = count_pairs_of_ids(ids, n)
+    return {"n": n, "batch": batch, "l0": l0, "k": k, "coactive_pairs": coactive,
+            "bound": batch * l0 * (l0 - 1) // 2, "nonzero_share": min(1.0, coactive / k)}

@@ -1,0 +1,136 @@
+"""The disk activation store: round trip per dtype across shard boundaries, kill and resume of a
+collection (bitwise equal to an uninterrupted one), incomplete and damaged stores refused, and the
+LM stream reading the same rows as the store."""
+import json
+
+import pytest
+import torch
+
+from aosae.data import store as S
+from aosae.data.activations import StreamSource, collect_activations, collect_to_store
+from aosae.data.text import iter_texts
+from tiny_lm import corpus_text, make_tiny_lm
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_store")
+    path = make_tiny_lm(root / "model")
+    text = root / "corpus.txt"
+    text.write_text(corpus_text())
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), str(text)
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(S, "SHARD_BYTES", 1)  # shard_rows' floor: 1024 rows a shard
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_round_trip_across_shards(tmp_path, small_shards, dtype):
+    acts = torch.randn(2500, 7) * 3
+    writer = S.StoreWriter(tmp_path / "s", 7, dtype, {"model": "m", "layer": 1})
+    for part, n in zip(acts.split([300, 700, 1, 999, 500]), [3, 7, 1, 9, 5]):
+        writer.append(part, n)
+    store = writer.finish()
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["shape"] == [2500, 7] and meta["dtype"] == dtype and meta["model"] == "m" and meta["windows"] == 25
+    assert len(meta["shards"]) > 1 and not (tmp_path / "s" / "progress.json").exists()
+    want = acts.to(S.STORE_DTYPES[dtype])
+    assert torch.equal(store.read(0, 2500), want)
+    for a, b in [(0, 1), (1023, 1025), (1000, 2100), (2499, 2500), (7, 7)]:
+        assert torch.equal(store.read(a, b), want[a:b])
+    out = torch.empty(10, 7, dtype=store.dtype)
+    assert torch.equal(store.read(1020, 1030, out=out), want[1020:1030])
+    with pytest.raises(IndexError):
+        store.read(2400, 2501)
+
+
+def test_incomplete_store_is_resumed_and_damaged_one_refused(tmp_path, small_shards):
+    acts = torch.randn(3000, 5)
+    d = tmp_path / "s"
+    writer = S.StoreWriter(d, 5, "float32", {"k": 1})
+    writer.append(acts[:1100], 11)  # closes shard 0 (1100 rows ≥ 1024)
+    writer.append(acts[1100:1500], 4)  # partial shard 1: lost in the "kill"
+    with pytest.raises(S.StoreIncomplete, match="interrupted"):
+        S.ActivationStore.open(d)
+    again = S.StoreWriter(d, 5, "float32", {"k": 1})
+    assert (again.resumed, again.rows_done, again.windows_done) == (True, 1100, 11)
+    assert sorted(p.name for p in d.glob("shard_*")) == ["shard_00000.bin"]
+    again.append(acts[1100:], 19)
+    assert torch.equal(again.finish().read(0, 3000), acts)
+    # another store's leftovers (different meta) are not resumed
+    fresh = S.StoreWriter(tmp_path / "t", 5, "float32", {"k": 1})
+    fresh.append(acts[:1100], 11)
+    other = S.StoreWriter(tmp_path / "t", 5, "float32", {"k": 2})
+    assert other.rows_done == 0 and not list((tmp_path / "t").glob("shard_*"))
+    # a complete store with a truncated shard is refused, not read
+    shard = d / "shard_00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])
+    with pytest.raises(ValueError, match="damaged.*shard_00001"):
+        S.ActivationStore.open(d)
+
+
+def test_float16_overflow_is_an_error(tmp_path):
+    writer = S.StoreWriter(tmp_path / "s", 3, "float16", {})
+    with pytest.raises(ValueError, match="overflow float16.*bfloat16"):
+        writer.append(torch.tensor([[1.0, 7e4, 0.0]]), 1)
+
+
+def test_killed_collection_resumes_to_the_same_store(tiny, tmp_path, small_shards):
+    model, tok, text = tiny
+    kw = dict(context=16, lm_batch=8)
+    ref = collect_to_store(S.StoreWriter(tmp_path / "ref", 32, "float32", {}), model, tok, iter_texts(text), 1, 2600,
+                           **kw).read(0, 2600)
+    assert torch.equal(ref, collect_activations(model, tok, iter_texts(text), 1, 2600, **kw))
+
+    class Killed(Exception):
+        pass
+
+    writer = S.StoreWriter(tmp_path / "k", 32, "float32", {})
+    real, calls = writer.append, {"n": 0}
+
+    def dying(acts, windows):
+        calls["n"] += 1
+        if calls["n"] == 12:  # after shard 0 closed, inside shard 1
+            raise Killed
+        real(acts, windows)
+
+    writer.append = dying
+    with pytest.raises(Killed):
+        collect_to_store(writer, model, tok, iter_texts(text), 1, 2600, **kw)
+    resumed = S.StoreWriter(tmp_path / "k", 32, "float32", {})
+    assert resumed.resumed and 0 < resumed.rows_done < 2600
+    store = collect_to_store(resumed, model, tok, iter_texts(text), 1, 2600, **kw)
+    assert torch.equal(store.read(0, 2600), ref)
+
+
+def test_stream_reads_the_same_rows_in_any_order(tiny):
+    model, tok, text = tiny
+    ref = collect_activations(model, tok, iter_texts(text), 1, 2000, context=16, lm_batch=8)
+    stream = StreamSource(model, tok, lambda: iter_texts(text), 1, 1900, offset=100, context=16, lm_batch=8)
+    assert torch.equal(stream.read(0, 700), ref[100:800])
+    assert torch.equal(stream.read(700, 1000), ref[800:1100])  # continues without a restart
+    assert torch.equal(stream.read(37, 90), ref[137:190])  # goes back: re-tokenises, LM from there
+    assert torch.equal(stream.read(1500, 1900), ref[1600:2000])
+
+
+def test_a_second_collector_waits_for_the_first(tmp_path):
+    import threading
+    import time
+
+    order = []
+
+    def second():
+        with S.store_lock(tmp_path / "s"):
+            order.append("second")
+
+    with S.store_lock(tmp_path / "s"):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first done")
+    thread.join(5)
+    assert order == ["first done", "second"]

@@ -1,0 +1,101 @@
+"""The ablation: a couple of arms for a few steps through the CLI (outputs exist, numbers sane),
+and the L0-matched comparison on hand-built runs."""
+import json
+import math
+
+import pytest
+
+from aosae.cli import main as cli_main
+from aosae.experiments.ablation import compare as C
+from aosae.experiments.ablation import parse_arms
+
+
+def test_cli_ablate_two_arms(tmp_path):
+    out = tmp_path / "abl"
+    rc = cli_main(["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper,paper_budget",
+                   "--seeds", "2", "--lambdas", "0.3", "--steps", "20", "--samples", "3000", "--d", "16",
+                   "--features", "32", "--d-sae", "32", "--batch-size", "128"])
+    assert rc == 0
+    runs = json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["runs"]
+    assert {r["arm"] for r in runs} == {"none", "paper", "paper_budget"}  # none joins: it sets the budget
+    assert len(runs) == 3 * 2
+    for r in runs:
+        for key in ("l0", "fvu", "mmcs", "mcc", "frac_recovered", "absorption_rate", "train_fvu_end"):
+            assert math.isfinite(r[key]), (r["arm"], key)
+        assert 0 <= r["fvu"] <= 1.5 and 0 <= r["mmcs"] <= 1 and r["l0"] > 0
+        assert r["duplicate_pairs"] >= 0
+        if r["arm"] == "none":
+            assert r["tau_trajectory"] == [] and r["budget_fvu_end"] is None
+        else:
+            assert 0 < r["nonzero_share"] <= 1 and len(r["tau_trajectory"]) > 5
+    budget = [r for r in runs if r["arm"] == "paper_budget"]
+    assert all(1e-4 <= tau <= 1e2 for r in budget for _, tau in r["tau_trajectory"])
+    paper = [r for r in runs if r["arm"] == "paper"]
+    assert all(0.01 <= tau <= 0.2 for r in paper for _, tau in r["tau_trajectory"])
+    # the budget follows the penalty-free run of the same λ and seed
+    none = {(r["value"], r["seed"]): r["train_fvu_end"] for r in runs if r["arm"] == "none"}
+    for r in budget:
+        assert r["budget_fvu_end"] == pytest.approx(1.05 * none[(r["value"], r["seed"])])
+    md = (out / "README.md").read_text()
+    assert "### Verdict" in md and "| paper_budget |" in md
+    for png in ("pareto_synthetic.png", "tau_synthetic.png"):
+        assert (out / png).stat().st_size > 1000
+    analysis = json.loads((out / "ablation.json").read_text())
+    assert set(analysis["sweeps"]["synthetic"]["verdict"]) == {"paper", "paper_budget"}
+    assert cli_main(["ablate", "--out", str(out), "--render-only"]) == 0
+
+
+def test_mean_ci_and_interpolate():
+    m, ci = C.mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and ci == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(C.mean_ci([5.0])[1])
+    pts = [(1.0, 0.0), (100.0, 2.0)]
+    assert C.interpolate(pts, 10.0) == pytest.approx(1.0)  # linear in log L0
+    assert C.interpolate(pts, 1000.0) is None
+    assert C.interpolate(pts, 110.0) == pytest.approx(2.0 + 2 * math.log(1.1) / math.log(100))  # end segment extended
+
+
+def _run(arm, seed, value, l0, **m):
+    return {"arm": arm, "seed": seed, "value": value, "l0": l0, **m}
+
+
+def test_matched_reads_every_arm_at_the_penalty_free_l0():
+    # arm "a" is the penalty-free curve shifted to twice the L0 (same FVU at 2× L0) and +0.1 MMCS
+    runs = []
+    for s in range(3):
+        for v, l0 in ((0.1, 4.0), (0.2, 8.0), (0.4, 16.0)):
+            fvu = 1.0 / l0
+            runs.append(_run("none", s, v, l0, fvu=fvu, mmcs=0.5 + 0.01 * s, absorption_rate=0.2))
+            runs.append(_run("a", s, v, 2 * l0, fvu=fvu, mmcs=0.6 + 0.01 * s, absorption_rate=0.1))
+    match = C.matched(runs, topk=False, metrics=("fvu", "mmcs", "absorption_rate"))
+    assert match["targets"] == pytest.approx([math.sqrt(32), 8.0, math.sqrt(128)])
+    assert match["a"]["fvu"][0] is None  # L0 √32 lies below arm a's curve (from 8) by more than 15%
+    assert match["a"]["fvu"][1][0] == pytest.approx(1 / 4 - 1 / 8)  # at L0 8 arm a has its λ=0.1 point
+    assert match["a"]["mmcs"][2][0] == pytest.approx(0.1) and match["a"]["mmcs"][2][1] == pytest.approx(0.0)
+    verdict = C.verdict(match, slack=0.05, ground_truth=True)["a"]
+    assert verdict["mmcs_better"] == 2 and verdict["absorption_better"] == 2 and verdict["fvu_worse"] == 2
+    assert verdict["wins"] == 0  # better recovery bought with reconstruction does not count
+
+
+def test_parse_arms():
+    assert parse_arms("decoder") == ("none", "decoder")
+    with pytest.raises(ValueError, match="unknown"):
+        parse_arms("nope")
+
+
+@pytest.mark.parametrize("over", [dict(penalty="coact_x_decoder"), dict(penalty="decoder_on_coactive"),
+                                  dict(penalty="decoder"), dict(pair_rule="coactive", fraction=0.2),
+                                  dict(similarity="cosine", tau_rule="budget", tau_budget=0.5)])
+def test_trainer_runs_each_penalty_and_rule(tmp_path, over):
+    from aosae.data import synthetic as S
+    from aosae.experiments.ablation import train_run
+    from aosae.training.config import TrainConfig
+
+    data = S.generate(S.SyntheticConfig(d=8, n_features=16, n_parents=1), 1200, seed=0)
+    held = S.generate(S.SyntheticConfig(d=8, n_features=16, n_parents=1), 300, seed=1)
+    cfg = TrainConfig(steps=6, batch_size=64, tokens=1200, d_sae=16, l1=0.1, lr=1e-3, checkpoint_every=100,
+                      device="cpu", **over)
+    res = train_run(data.x, cfg, held.x, held, tmp_path / "run")
+    assert math.isfinite(res["fvu"]) and math.isfinite(res["train_fvu_end"]) and len(res["tau_trajectory"]) == 6
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["penalty"]) for r in rows) and any(r["penalty"] > 0 for r in rows)

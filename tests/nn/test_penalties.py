@@ -1,0 +1,101 @@
+"""RedundancyPenalty, count_coactive_pairs and selection_at_width against float64 references."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aosae.nn.loss import TopKOrthoLoss
+from aosae.nn.penalties import PENALTIES, RedundancyPenalty, count_coactive_pairs, selection_at_width
+from oracle import oracle_scores, oracle_topk
+
+
+def _cos(W, i, j):
+    w = W.double()
+    return abs(float(w[i] @ w[j] / (w[i].norm() * w[j].norm())))
+
+
+def _latents(b=48, n=40):
+    return torch.relu(torch.randn(b, n) - 1.0)
+
+
+@pytest.mark.parametrize("kind", PENALTIES)
+def test_each_kind_equals_its_formula_on_oracle_pairs(seed, kind):
+    f, W = _latents(), torch.randn(40, 12)
+    pen = RedundancyPenalty(kind, fraction=0.02)
+    got = float(pen(f, W))
+    k = pen.last_k
+    if kind == "decoder":
+        top, _ = oracle_topk(W.t(), k, cosine=True)
+        want = sum(score for score, *_ in top)
+    else:
+        top, _ = oracle_topk(f / math.sqrt(f.shape[0]), k)  # per token: C = fᵀf / B
+        if kind == "coactivation":
+            want = sum(score for score, *_ in top)
+        elif kind == "coact_x_decoder":
+            want = sum(score * _cos(W, i, j) for score, i, j, _ in top)
+        else:
+            want = sum(_cos(W, i, j) for _, i, j, _ in top)
+    assert math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-7)
+
+
+def test_paper_kind_matches_topk_ortho_loss_per_token(seed):
+    f, W = _latents(), torch.randn(40, 12)
+    mine = RedundancyPenalty("coactivation", fraction=0.01)(f, W)
+    theirs = TopKOrthoLoss(fraction=0.01)(f)
+    assert math.isclose(float(mine), float(theirs), rel_tol=1e-5)
+
+
+def test_gradients_go_where_each_kind_says(seed):
+    for kind, to_f, to_w in (("coactivation", True, False), ("coact_x_decoder", True, True),
+                             ("decoder_on_coactive", False, True), ("decoder", False, True)):
+        f = _latents().requires_grad_()
+        W = torch.randn(40, 12, requires_grad=True)
+        RedundancyPenalty(kind, fraction=0.02)(f, W).backward()
+        assert (f.grad is not None and bool(f.grad.abs().sum() > 0)) == to_f, kind
+        assert (W.grad is not None and bool(W.grad.abs().sum() > 0)) == to_w, kind
+
+
+def test_count_coactive_pairs_against_dense_gram(seed, monkeypatch):
+    f = torch.relu(torch.randn(64, 30) - 1.2)
+    on = (f != 0).double()
+    want = int(((on.t() @ on).triu(1) > 0).sum())
+    assert count_coactive_pairs(f) == want
+    import aosae.nn.penalties as P
+
+    monkeypatch.setattr(P, "MAX_PAIR_CODES", 0)  # the chunked-Gram path
+    assert count_coactive_pairs(f, chunk=7) == want
+    assert count_coactive_pairs(torch.zeros(5, 9)) == 0
+
+
+def test_coactive_rule_takes_a_fraction_of_the_coactive_pairs(seed):
+    f, W = torch.relu(torch.randn(32, 60) - 1.5), torch.randn(60, 8)
+    pen = RedundancyPenalty("coactivation", fraction=0.25, pair_rule="coactive")
+    pen(f, W)
+    assert pen.last_k == max(1, math.ceil(0.25 * count_coactive_pairs(f)))
+    assert pen.last_nonzero_share == 1.0
+    # the paper's rule at a fraction larger than the co-active share pads with empty slots
+    sparse = torch.zeros(16, 60)
+    sparse[:, :3] = 1.0
+    paper = RedundancyPenalty("coactivation", fraction=0.5)
+    paper(sparse, W)
+    assert paper.last_nonzero_share == pytest.approx(3 / paper.last_k)
+
+
+def test_selection_at_width_share():
+    small = selection_at_width(128, 64, 8)
+    assert small["nonzero_share"] == 1.0 and small["coactive_pairs"] <= small["bound"]
+    wide = selection_at_width(1 << 16, 64, 8, fraction=0.005)
+    assert wide["coactive_pairs"] <= 64 * 28 and wide["nonzero_share"] == pytest.approx(wide["coactive_pairs"] / wide["k"])
+    assert wide["nonzero_share"] < 0.01
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        RedundancyPenalty("nope")
+    with pytest.raises(ValueError, match="pair_rule"):
+        RedundancyPenalty("decoder", pair_rule="coactive")
+    with pytest.raises(ValueError, match="W_dec must be"):
+        RedundancyPenalty()(torch.rand(4, 6), torch.rand(5, 3))
+    assert oracle_scores(torch.eye(2), False).shape == (2, 2)
