@@ -11,16 +11,7 @@ from aosae.cli import main as cli_main
 from aosae.training import checkpoints as C
 from aosae.training import trainer as T
 from aosae.training.config import TrainConfig
-from tiny_lm import corpus_text, make_tiny_lm
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_pipe")
-    model = make_tiny_lm(root / "model")
-    text = root / "corpus.txt"
-    text.write_text(corpus_text() * 2)
-    return {"model": str(model), "dataset": str(text), "cache": str(root / "cache")}
 
 
 def cfg_for(tiny, out, **kw):

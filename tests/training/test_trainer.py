@@ -12,16 +12,7 @@ from aosae.training import trainer as T
 from aosae.cli import main as cli_main
 from aosae.training.config import TrainConfig
 from aosae.nn.sae import SparseAutoencoder
-from tiny_lm import corpus_text, make_tiny_lm
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    model = make_tiny_lm(root / "model")
-    text = root / "corpus.txt"
-    text.write_text(corpus_text() * 2)
-    return {"model": str(model), "dataset": str(text), "cache": str(root / "cache")}
 
 
 def tiny_cfg(tiny, tmp_path, **kw):
