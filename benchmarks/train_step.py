@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
-from aosae.nn.loss import TopKOrthoLoss, topk_ortho_loss  # noqa: E402
+from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
 from aosae.nn.sae import SparseAutoencoder  # noqa: E402
 from aosae.nn.tau import AdaptiveTau  # noqa: E402
 from aosae.ops.backward import gram_topk_backward, gram_topk_sparse_backward  # noqa: E402
