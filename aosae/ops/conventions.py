@@ -35,6 +35,16 @@ def finalize(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: in
     return pad_to_k(values, rows, cols, k)
 
 
+def empty_pairs(like: torch.Tensor, k: int):
+    """Uninitialised (values[k], rows[k], cols[k]) with the dtypes every op returns for input
+    like `like`: the shapes their fake (meta) kernels report."""
+    return (
+        like.new_empty((k,), dtype=accumulation_dtype(like.dtype)),
+        like.new_empty((k,), dtype=torch.int64),
+        like.new_empty((k,), dtype=torch.int64),
+    )
+
+
 def pad_to_k(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k: int):
     """Append empty slots (value 0, index -1) up to k entries; contiguous outputs."""
     pad = k - values.numel()

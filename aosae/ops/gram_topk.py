@@ -14,7 +14,7 @@ import torch
 
 from aosae.ops import backends
 from aosae.ops.backward import gram_topk_backward
-from aosae.ops.conventions import accumulation_dtype
+from aosae.ops.conventions import empty_pairs
 
 SIMILARITIES = ("dot", "cosine")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -143,12 +143,7 @@ def _gram_topk_op(
 
 @_gram_topk_op.register_fake
 def _(a, k, similarity, backend, threshold):
-    acc = accumulation_dtype(a.dtype)
-    return (
-        a.new_empty((k,), dtype=acc),
-        a.new_empty((k,), dtype=torch.int64),
-        a.new_empty((k,), dtype=torch.int64),
-    )
+    return empty_pairs(a, k)
 
 
 @torch.library.custom_op("aosae::gram_topk_backward", mutates_args=())

@@ -18,7 +18,7 @@ import torch
 from aosae.ops.backends import sparse as sparse_backend
 from aosae.ops.backward import gram_topk_sparse_backward
 from aosae.ops.gram_topk import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
-from aosae.ops.conventions import accumulation_dtype
+from aosae.ops.conventions import accumulation_dtype, empty_pairs
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -126,12 +126,7 @@ def _gram_topk_sparse_op(
 
 @_gram_topk_sparse_op.register_fake
 def _(indices, values, n_latents, k, similarity):
-    acc = accumulation_dtype(values.dtype)
-    return (
-        values.new_empty((k,), dtype=acc),
-        values.new_empty((k,), dtype=torch.int64),
-        values.new_empty((k,), dtype=torch.int64),
-    )
+    return empty_pairs(values, k)
 
 
 @torch.library.custom_op("aosae::gram_topk_sparse_backward", mutates_args=())
