@@ -8,9 +8,10 @@
 //      the order inside a bucket is the global row order, whatever the thread count),
 //   3. scatter each pair's (j, a_ti·a_tj) into bucket i,
 //   4. reduce each bucket with a thread-local dense accumulator of n slots (O(bucket)),
-//      compacting the distinct non-zero (j, C_ij) in place,
-//   5. find the k-th best |C| (nth_element on magnitudes), gather the pairs at least that
-//      good, order them by (|C| desc, (i, j) asc) (radix sort of a 64-bit composite key).
+//      compacting the distinct non-zero (j, C_ij) in place and counting them in a |C|
+//      histogram,
+//   5. find the k-th best |C| from the histogram (csrc/pair_select.h), gather the pairs at
+//      least that good, order them by (|C| desc, (i, j) asc) (radix sort of 64-bit keys).
 // Memory O(pairs + threads·n); accumulation in float32 (float64 for float64 input), each
 // C_ij summed in row order, so results are deterministic.
 //
@@ -31,17 +32,27 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__GLIBCXX__) && defined(_OPENMP)
-#include <parallel/algorithm>
-#define AOSAE_PARALLEL_SORT 1
-#endif
+
+#include "pair_select.h"
 
 namespace {
 
 using torch::Tensor;
+using aosae::Candidate;
+
+// Pair lists up to this size stay allocated between calls (see aosae::scratch).
+constexpr size_t kKeepScratchBytes = size_t(256) << 20;
 
 int num_threads() {
   return std::max(1, at::get_num_threads());
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
 }
 
 // Dense [m, n] (acc_t, contiguous) -> CSR of its non-zeros, cols ascending per row.
@@ -80,65 +91,6 @@ std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
     }
   });
   return {row_ptr, cols, vals};
-}
-
-template <typename acc_t>
-struct Candidate {
-  acc_t value;  // signed score
-  int64_t key;  // i * n + j
-};
-
-// Orders candidates by |value| desc, then key = i·n + j asc (keys are distinct).
-// float scores with n·n < 2^33: one 64-bit composite (inverted |value| bits, key) and an
-// LSD radix sort, ~4 linear passes; otherwise a comparison sort.
-template <typename acc_t>
-void sort_candidates(std::vector<Candidate<acc_t>>& cand, int64_t n) {
-  const size_t count = cand.size();
-  int key_bits = 1;
-  while (key_bits < 63 && (uint64_t(1) << key_bits) < uint64_t(n) * uint64_t(n)) ++key_bits;
-  if (std::is_same<acc_t, float>::value && key_bits + 31 <= 64 && count > 2048 && count < (size_t(1) << 32)) {
-    const int bits = key_bits + 31;
-    std::vector<uint64_t> ck(count), ck2(count);
-    std::vector<uint32_t> ix(count), ix2(count);
-    for (size_t p = 0; p < count; ++p) {
-      float mag = std::abs(static_cast<float>(cand[p].value));
-      uint32_t mb;
-      std::memcpy(&mb, &mag, sizeof(mb));
-      ck[p] = (uint64_t(0x7fffffffu - mb) << key_bits) | uint64_t(cand[p].key);
-      ix[p] = static_cast<uint32_t>(p);
-    }
-    std::vector<size_t> hist(1 << 16);
-    for (int shift = 0; shift < bits; shift += 16) {
-      std::fill(hist.begin(), hist.end(), 0);
-      for (size_t p = 0; p < count; ++p) ++hist[(ck[p] >> shift) & 0xffff];
-      size_t run = 0;
-      for (auto& h : hist) {
-        const size_t c = h;
-        h = run;
-        run += c;
-      }
-      for (size_t p = 0; p < count; ++p) {
-        const size_t o = hist[(ck[p] >> shift) & 0xffff]++;
-        ck2[o] = ck[p];
-        ix2[o] = ix[p];
-      }
-      ck.swap(ck2);
-      ix.swap(ix2);
-    }
-    std::vector<Candidate<acc_t>> sorted(count);
-    for (size_t p = 0; p < count; ++p) sorted[p] = cand[ix[p]];
-    cand.swap(sorted);
-    return;
-  }
-  auto better = [](const Candidate<acc_t>& x, const Candidate<acc_t>& y) {
-    const acc_t ax = std::abs(x.value), ay = std::abs(y.value);
-    return ax > ay || (ax == ay && x.key < y.key);
-  };
-#ifdef AOSAE_PARALLEL_SORT
-  __gnu_parallel::sort(cand.begin(), cand.end(), better);
-#else
-  std::sort(cand.begin(), cand.end(), better);
-#endif
 }
 
 template <typename acc_t>
@@ -213,8 +165,8 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   });
 
   // Scatter (j, a_ti·a_tj) into bucket i.
-  std::vector<int32_t> pj(pairs);
-  std::vector<acc_t> pv(pairs);
+  int32_t* pj = aosae::scratch<int32_t, 0>(pairs);
+  acc_t* pv = aosae::scratch<acc_t, 1>(pairs);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* cursor = hist.data() + c * n;
@@ -235,83 +187,82 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   });
   std::vector<int64_t>().swap(hist);
 
-  // Reduce each bucket with a dense accumulator; compact distinct non-zeros in place.
+  // Reduce each bucket with a dense accumulator: one pass sums, a second (branch-free) one
+  // compacts the distinct non-zero (j, C_ij) in place in first-seen order and counts them
+  // in the thread's |C| histogram.
   std::vector<int64_t> distinct(n, 0);
-#pragma omp parallel num_threads(num_threads())
+  const int threads = num_threads();
+  std::vector<std::vector<uint32_t>> hists(threads);
+#pragma omp parallel num_threads(threads)
   {
     std::vector<acc_t> acc(n, acc_t(0));
-    std::vector<uint8_t> seen(n, 0);
-    std::vector<int32_t> touched;
+    std::vector<uint32_t>& hist = hists[thread_id()];
+    hist.assign(aosae::kMagnitudeBins, 0);
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
-      touched.clear();
-      for (int64_t o = b; o < e; ++o) {
-        const int32_t j = pj[o];
-        if (!seen[j]) {
-          seen[j] = 1;
-          acc[j] = pv[o];
-          touched.push_back(j);
-        } else {
-          acc[j] += pv[o];
-        }
-      }
+      for (int64_t o = b; o < e; ++o) acc[pj[o]] += pv[o];
+      const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
-      for (const int32_t j : touched) {
+      for (int64_t o = b; o < e; ++o) {  // w <= o: the slot written was read already
+        const int32_t j = pj[o];
         acc_t v = acc[j];
-        seen[j] = 0;
-        if (cosine) v = v * inv_norm[i] * inv_norm[j];
-        if (v != acc_t(0)) {
-          pj[w] = j;
-          pv[w] = v;
-          ++w;
-        }
+        acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
+        if (cosine) v = v * scale * inv_norm[j];
+        const bool keep = v != acc_t(0);
+        pj[w] = j;
+        pv[w] = v;
+        w += keep;
+        hist[aosae::magnitude_bin(v)] += keep;
       }
       distinct[i] = w - b;
     }
   }
 
-  // Select: the k-th largest |C| among the distinct pairs (nth_element on magnitudes
-  // only, 4 or 8 bytes each), then gather every pair at least that good and order them.
-  std::vector<int64_t> out_start(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) out_start[i + 1] = out_start[i] + distinct[i];
-  const int64_t total = out_start[n];
-  acc_t kth = acc_t(0);  // keep |C| >= kth; every distinct pair is non-zero already
-  if (total > k) {
-    std::vector<acc_t> mag(total);
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = bucket_start[i];
-        for (int64_t u = 0; u < distinct[i]; ++u) mag[out_start[i] + u] = std::abs(pv[b + u]);
+  // Select: the histogram names the bin of the k-th best |C|; pairs above it are kept, and
+  // one nth_element inside that bin finds the exact k-th score.
+  std::vector<int64_t> hist_total(aosae::kMagnitudeBins, 0);
+  for (const auto& h : hists)
+    for (int64_t b = 0; b < aosae::kMagnitudeBins; ++b) hist_total[b] += h[b];
+  const aosae::KthBin kth_bin = aosae::find_kth_bin(hist_total, k);
+  const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
+  std::vector<std::vector<Candidate<acc_t>>> sure(threads), border(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    auto& mine = sure[thread_id()];
+    auto& edge = border[thread_id()];
+    // capacity only (untouched pages cost nothing): no regrowth while pushing
+    mine.reserve(kth_bin.above);
+    if (bar >= 0) edge.reserve(hist_total[bar]);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = bucket_start[i];
+      for (int64_t u = 0; u < distinct[i]; ++u) {
+        const acc_t v = pv[b + u];
+        const int64_t bin = aosae::magnitude_bin(v);
+        if (bin > bar) mine.push_back({v, i * n + pj[b + u]});
+        else if (bin == bar) edge.push_back({v, i * n + pj[b + u]});
       }
-    });
-    std::nth_element(mag.begin(), mag.begin() + (k - 1), mag.end(), std::greater<acc_t>());
-    kth = mag[k - 1];
+    }
   }
-  std::vector<int64_t> keep_start(n + 1, 0);
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = bucket_start[i];
-      int64_t c = 0;
-      for (int64_t u = 0; u < distinct[i]; ++u) c += std::abs(pv[b + u]) >= kth;
-      keep_start[i + 1] = c;
-    }
-  });
-  for (int64_t i = 0; i < n; ++i) keep_start[i + 1] += keep_start[i];
-  std::vector<Candidate<acc_t>> cand(keep_start[n]);
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = bucket_start[i];
-      int64_t w = keep_start[i];
-      for (int64_t u = 0; u < distinct[i]; ++u)
-        if (std::abs(pv[b + u]) >= kth) cand[w++] = {pv[b + u], i * n + pj[b + u]};
-    }
-  });
-  std::vector<int32_t>().swap(pj);
-  std::vector<acc_t>().swap(pv);
+  aosae::release_scratch_above<int32_t, 0>(pairs, kKeepScratchBytes);
+  aosae::release_scratch_above<acc_t, 1>(pairs, kKeepScratchBytes);
+  std::vector<Candidate<acc_t>> cand;
+  cand.reserve(kth_bin.above + (bar >= 0 ? hist_total[bar] : 0));
+  for (auto& part : sure) cand.insert(cand.end(), part.begin(), part.end());
+  std::vector<acc_t> edge_mag;
+  for (const auto& part : border)
+    for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
+  if (!edge_mag.empty()) {
+    const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
+    std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
+    const acc_t kth = edge_mag[need - 1];
+    for (const auto& part : border)
+      for (const auto& c : part)
+        if (std::abs(c.value) >= kth) cand.push_back(c);
+  }
   // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
-  sort_candidates(cand, n);
-  if (static_cast<int64_t>(cand.size()) > k) cand.resize(k);
+  aosae::sort_candidates(cand, n, static_cast<size_t>(k));
 
   auto values = torch::zeros({k}, vals_t.options());
   auto rows = torch::full({k}, -1, torch::kInt64);

@@ -1,0 +1,158 @@
+// Exact top-k selection of scored latent pairs, shared by the sparse CPU backend.
+//
+// The k-th best |score| is found without sorting or nth_element over every pair: while the
+// pairs are produced, each thread counts them in a 65536-bin histogram of the top 16 bits of
+// |score| (the IEEE bits of a non-negative float order like the float). The bin holding the
+// k-th best is then known; only the pairs inside that one bin need an nth_element.
+// The survivors (about k) are ordered by (|score| desc, i·n + j asc), the contract's order,
+// with an LSD radix sort of one 64-bit key per pair that also carries the score itself.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GLIBCXX__) && defined(_OPENMP)
+#include <parallel/algorithm>
+#define AOSAE_PARALLEL_SORT 1
+#endif
+
+namespace aosae {
+
+template <typename acc_t>
+struct Candidate {
+  acc_t value;  // signed score
+  int64_t key;  // i * n + j
+};
+
+constexpr int64_t kMagnitudeBins = int64_t(1) << 16;
+
+// Bin of |v|: the top 16 bits of its IEEE magnitude (31 bits for float, 63 for double).
+template <typename acc_t>
+inline uint32_t magnitude_bin(acc_t v) {
+  const acc_t mag = std::abs(v);
+  if constexpr (std::is_same<acc_t, float>::value) {
+    uint32_t bits;
+    std::memcpy(&bits, &mag, sizeof(bits));
+    return bits >> 15;
+  } else {
+    uint64_t bits;
+    std::memcpy(&bits, &mag, sizeof(bits));
+    return static_cast<uint32_t>(bits >> 47);
+  }
+}
+
+// Where the k-th best lies: every pair in a bin above `bin` is kept, `above` of them; the
+// k − above best of bin `bin` complete the top k. bin = -1: there are at most k pairs.
+struct KthBin {
+  int64_t bin;
+  int64_t above;
+};
+
+inline KthBin find_kth_bin(const std::vector<int64_t>& hist, int64_t k) {
+  int64_t above = 0;
+  for (int64_t b = kMagnitudeBins - 1; b >= 0; --b) {
+    if (above + hist[b] >= k) return {b, above};
+    above += hist[b];
+  }
+  return {-1, above};
+}
+
+// Per-thread scratch that outlives the call: a training step asks for the same sizes every
+// step, and fresh pages (first-touch faults) cost as much as the work that fills them.
+// Buffers above `keep_bytes` are released after use (see release_scratch).
+template <typename T, int Slot>
+T* scratch(size_t count) {
+  thread_local std::unique_ptr<T[]> buffer;
+  thread_local size_t capacity = 0;
+  if (count > capacity || count == 0) {
+    buffer.reset();
+    capacity = std::max<size_t>(count, 1);
+    buffer.reset(new T[capacity]);  // default-initialised: no zero fill
+  }
+  return buffer.get();
+}
+
+template <typename T, int Slot>
+void release_scratch_above(size_t count, size_t keep_bytes) {
+  if (count * sizeof(T) > keep_bytes) scratch<T, Slot>(0);
+}
+
+// LSD radix sort of 64-bit keys on 11-bit digits, skipping digits that every key shares.
+inline void radix_sort(std::vector<uint64_t>& keys) {
+  const size_t count = keys.size();
+  if (count < 2) return;
+  uint64_t any = 0, all = ~uint64_t(0);
+  for (const uint64_t x : keys) {
+    any |= x;
+    all &= x;
+  }
+  const uint64_t varying = any ^ all;
+  std::vector<uint64_t> other(count);
+  std::vector<size_t> hist(1 << 11);
+  for (int shift = 0; shift < 64; shift += 11) {
+    const uint64_t digit_mask = uint64_t(0x7ff) << shift;
+    if (!(varying & digit_mask)) continue;
+    std::fill(hist.begin(), hist.end(), 0);
+    for (const uint64_t x : keys) ++hist[(x >> shift) & 0x7ff];
+    size_t run = 0;
+    for (auto& h : hist) {
+      const size_t c = h;
+      h = run;
+      run += c;
+    }
+    for (const uint64_t x : keys) other[hist[(x >> shift) & 0x7ff]++] = x;
+    keys.swap(other);
+  }
+}
+
+// Orders candidates by |value| desc, then key asc (keys are distinct), and keeps the first
+// `limit`. float scores with n ≤ 65536: one 64-bit key per pair, [inverted |value| bits:31]
+// [key:key_bits][sign:1], radix sorted and decoded back (the score is carried exactly);
+// otherwise a comparison sort.
+template <typename acc_t>
+void sort_candidates(std::vector<Candidate<acc_t>>& cand, int64_t n, size_t limit) {
+  int key_bits = 1;
+  while (key_bits < 63 && (uint64_t(1) << key_bits) < uint64_t(n) * uint64_t(n)) ++key_bits;
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (key_bits + 32 <= 64) {
+      std::vector<uint64_t> keys(cand.size());
+      for (size_t p = 0; p < cand.size(); ++p) {
+        const float mag = std::abs(cand[p].value);
+        uint32_t bits;
+        std::memcpy(&bits, &mag, sizeof(bits));
+        keys[p] = (uint64_t(0x7fffffffu - bits) << (key_bits + 1)) | (uint64_t(cand[p].key) << 1) |
+                  uint64_t(cand[p].value < 0);
+      }
+      radix_sort(keys);
+      const size_t kept = std::min(limit, keys.size());
+      cand.resize(kept);
+      const uint64_t key_mask = (uint64_t(1) << key_bits) - 1;
+      for (size_t p = 0; p < kept; ++p) {
+        const uint64_t x = keys[p];
+        const uint32_t bits = 0x7fffffffu - static_cast<uint32_t>(x >> (key_bits + 1));
+        float mag;
+        std::memcpy(&mag, &bits, sizeof(mag));
+        cand[p] = {(x & 1) ? -mag : mag, static_cast<int64_t>((x >> 1) & key_mask)};
+      }
+      return;
+    }
+  }
+  auto better = [](const Candidate<acc_t>& x, const Candidate<acc_t>& y) {
+    const acc_t ax = std::abs(x.value), ay = std::abs(y.value);
+    return ax > ay || (ax == ay && x.key < y.key);
+  };
+#ifdef AOSAE_PARALLEL_SORT
+  __gnu_parallel::sort(cand.begin(), cand.end(), better);
+#else
+  std::sort(cand.begin(), cand.end(), better);
+#endif
+  if (cand.size() > limit) cand.resize(limit);
+}
+
+}  // namespace aosae
