@@ -33,6 +33,7 @@
 #include <omp.h>
 #endif
 
+#include "dense_rows.h"
 #include "pair_select.h"
 
 namespace {
@@ -128,6 +129,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     for (int64_t i = 0; i < n; ++i) inv_norm[i] = sq[i] > acc_t(0) ? acc_t(1) / std::sqrt(sq[i]) : acc_t(0);
   }
 
+  // The densest rows (outlier tokens) go to one GEMM block over the latents they touch.
+  const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n);
+  const uint8_t* moved = dense.moved.data();
+  const int32_t* position = dense.position.data();
+  const int64_t* block_latent = dense.latents.data();
+  const int64_t width = dense.size();
+  acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
+
   // Fixed chunks of rows: per-chunk histograms make the scatter race-free and its order
   // independent of scheduling. Cap chunks so that chunks·n counters stay small.
   int64_t chunks = std::min<int64_t>(std::max<int64_t>(1, m), 4 * num_threads());
@@ -140,6 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     for (int64_t c = begin; c < end; ++c) {
       int64_t* h = hist.data() + c * n;
       for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
+        if (moved[t]) continue;
         const int64_t s = rp[t], L = rp[t + 1] - rp[t];
         for (int64_t p = 0; p + 1 < L; ++p) h[cp[s + p]] += L - 1 - p;
       }
@@ -171,6 +181,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     for (int64_t c = begin; c < end; ++c) {
       int64_t* cursor = hist.data() + c * n;
       for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
+        if (moved[t]) continue;
         const int64_t s = rp[t], e_end = rp[t + 1];
         for (int64_t p = s; p + 1 < e_end; ++p) {
           const int64_t i = cp[p];
@@ -201,7 +212,17 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
-      for (int64_t o = b; o < e; ++o) acc[pj[o]] += pv[o];
+      const int64_t pi = position[i];
+      acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+      if (block_row) {  // pairs inside U × U join the block (row pi is this bucket's alone)
+        for (int64_t o = b; o < e; ++o) {
+          const int32_t pj_block = position[pj[o]];
+          if (pj_block >= 0) block_row[pj_block] += pv[o];
+          else acc[pj[o]] += pv[o];
+        }
+      } else {
+        for (int64_t o = b; o < e; ++o) acc[pj[o]] += pv[o];
+      }
       const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
       for (int64_t o = b; o < e; ++o) {  // w <= o: the slot written was read already
@@ -216,6 +237,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         hist[aosae::magnitude_bin(v)] += keep;
       }
       distinct[i] = w - b;
+      if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
+        for (int64_t p = pi + 1; p < width; ++p) {
+          acc_t v = block_row[p];
+          if (cosine) v = v * scale * inv_norm[block_latent[p]];
+          block_row[p] = v;
+          hist[aosae::magnitude_bin(v)] += v != acc_t(0);
+        }
+      }
     }
   }
 
@@ -242,6 +271,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         const int64_t bin = aosae::magnitude_bin(v);
         if (bin > bar) mine.push_back({v, i * n + pj[b + u]});
         else if (bin == bar) edge.push_back({v, i * n + pj[b + u]});
+      }
+      const int64_t pi = position[i];
+      for (int64_t p = pi + 1; pi >= 0 && p < width; ++p) {
+        const acc_t v = block[pi * width + p];
+        if (v == acc_t(0)) continue;
+        const int64_t bin = aosae::magnitude_bin(v);
+        if (bin > bar) mine.push_back({v, i * n + block_latent[p]});
+        else if (bin == bar) edge.push_back({v, i * n + block_latent[p]});
       }
     }
   }
@@ -327,6 +364,20 @@ std::tuple<Tensor, Tensor, Tensor> gram_topk_sparse_cpu(const Tensor& a, int64_t
   return sparse_csr_topk(std::get<0>(csr), std::get<1>(csr), std::get<2>(csr), a.size(1), k, cosine);
 }
 
+// The rows of a CSR matrix that the sparse backend would sum with one GEMM block (tests,
+// benchmarks): int64 row ids, ascending; empty when every row goes through the pair path.
+Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n) {
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat,
+              "sparse_dense_rows: int64 row_ptr and cols, float32 vals");
+  const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
+  const auto plan = aosae::plan_dense_rows<float>(rp.data_ptr<int64_t>(), cp.data_ptr<int64_t>(), vp.data_ptr<float>(),
+                                                  rp.size(0) - 1, n);
+  std::vector<int64_t> rows;
+  for (size_t t = 0; t < plan.moved.size(); ++t)
+    if (plan.moved[t]) rows.push_back(static_cast<int64_t>(t));
+  return torch::tensor(rows, torch::kInt64);
+}
+
 void register_sparse(pybind11::module& m) {
   namespace py = pybind11;
   m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
@@ -337,4 +388,6 @@ void register_sparse(pybind11::module& m) {
   m.def("sparse_csr_topk", &sparse_csr_topk, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
         "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");
+  m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
+        "Rows the sparse kernel would sum with one GEMM block (its outlier rows)");
 }

@@ -118,6 +118,45 @@ def test_scores_crowded_in_one_histogram_bin(impl, cosine):
         assert_matches_oracle(run_impl(impl, a, k, cosine), a, k, cosine)
 
 
+def outlier_rows(B, n, L, dense_rows, dense_l0, *, signed=False):
+    """Sparse TopK-like rows plus a few dense ones (outlier tokens firing on many latents,
+    with large activations), as real ReLU SAE batches have. Returns dense [B, n]."""
+    a, _, _ = topk_rows(B, n, L, signed=signed, pool=n // 2)
+    for t in torch.randperm(B)[:dense_rows].tolist():
+        a[t] = 0
+        cols = torch.randperm(n)[:dense_l0]
+        a[t, cols] = (torch.rand(dense_l0) * 20 + 1) * ((torch.randint(0, 2, (dense_l0,)) * 2 - 1) if signed else 1)
+    return a
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("dense_rows,dense_l0", [(1, 300), (4, 200), (7, 500)])
+def test_dense_rows_block_matches_oracle(similarity, signed, dense_rows, dense_l0):
+    # The C++ kernel sums the densest rows with one GEMM block over the latents they touch
+    # and adds the other rows' pairs inside that block to it: same top-k as the oracle.
+    module = cpp_or_skip()
+    a = outlier_rows(300, 640, 6, dense_rows, dense_l0, signed=signed)
+    row_ptr, cols, vals = sparse_backend.dense_to_csr_torch(a)
+    moved = module.sparse_dense_rows(row_ptr, cols, vals.float(), a.shape[1])
+    assert moved.numel() >= 1 and set(moved.tolist()) <= set((a != 0).sum(1).ge(128).nonzero().flatten().tolist())
+    cosine = similarity == "cosine"
+    for k in (1, 500, k_for(640)):
+        assert_matches_oracle(run_impl("cpp", a, k, cosine), a, k, cosine)
+
+
+def test_dense_rows_block_exact_on_integers_and_unused_on_sparse_rows():
+    module = cpp_or_skip()
+    a = outlier_rows(200, 400, 5, 3, 250, signed=True)
+    a = a.round()  # integer scores: bit-identical to the reference, ties and cancellations included
+    row_ptr, cols, vals = sparse_backend.dense_to_csr_torch(a)
+    assert module.sparse_dense_rows(row_ptr, cols, vals.float(), 400).numel() >= 1
+    for k in (10, 3000, 79800):
+        assert_identical(run_impl("cpp", a, k, False), reference.forward(a, k, False))
+    sparse, _, _ = topk_rows(200, 400, 16)
+    assert module.sparse_dense_rows(*sparse_backend.dense_to_csr_torch(sparse), 400).numel() == 0
+
+
 @pytest.mark.parametrize("impl", ["cpp", "torch"])
 def test_non_contiguous_input(impl):
     a, _, _ = topk_rows(40, 60, 6)

@@ -1,0 +1,107 @@
+// The few dense rows of a sparse activation matrix, handled by one GEMM (sparse CPU backend).
+//
+// Real ReLU SAE batches are sparse except for a few outlier tokens (massive-activation tokens
+// fire on thousands of latents): at d_sae 16384, mean L0 86, the 50 densest of 2048 rows hold
+// 95 % of the Σ_t L0_t²/2 co-active pairs. Emitting those pairs one by one costs ~10 ns each;
+// their sum over the rows is a rank-h product A_Hᵀ A_H over the latents they touch (U, |U| = u),
+// which a GEMM does at ~0.01 ns per multiply-add. The sparse backend then reduces the other
+// rows' pairs as usual and adds the ones that fall inside U × U to this u × u block.
+//
+// plan_dense_rows picks how many of the densest rows to move (by a cost model, possibly none)
+// and computes the block. Exact: every pair is still summed, only in a different place.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace aosae {
+
+// Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
+// scatter / reduce path, a multiply-add of the GEMM, an entry of the u × u block (written by
+// the GEMM, scanned twice).
+struct DenseRowCost {
+  double pair = 8.0;
+  double mac = 0.012;
+  double entry = 1.5;
+};
+
+// Rows below this L0 never move: their pairs are cheap and they would widen U.
+constexpr int64_t kMinDenseRowL0 = 128;
+// Largest block: u² accumulators (8192² float32 = 256 MiB).
+constexpr int64_t kMaxDenseLatents = 8192;
+
+template <typename acc_t>
+struct DenseRows {
+  std::vector<uint8_t> moved;     // [m]: 1 for a row handled by the block
+  std::vector<int32_t> position;  // [n]: index of a latent in U, or -1
+  std::vector<int64_t> latents;   // U, ascending (so position order is latent order)
+  torch::Tensor block;                   // [u, u] acc_t: Σ over moved rows of a_ti·a_tj
+  int64_t size() const { return static_cast<int64_t>(latents.size()); }
+};
+
+template <typename acc_t>
+DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
+                                 const DenseRowCost& cost = DenseRowCost()) {
+  DenseRows<acc_t> out;
+  out.moved.assign(m, 0);
+  out.position.assign(n, -1);
+  std::vector<int64_t> order;
+  double total_pairs = 0;
+  for (int64_t t = 0; t < m; ++t) {
+    const double L = static_cast<double>(rp[t + 1] - rp[t]);
+    total_pairs += L * (L - 1) / 2;
+    if (rp[t + 1] - rp[t] >= kMinDenseRowL0) order.push_back(t);
+  }
+  if (order.empty()) return out;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return rp[x + 1] - rp[x] > rp[y + 1] - rp[y]; });
+  // Grow the moved set densest first; keep the cheapest prefix.
+  std::vector<uint8_t> in_u(n, 0);
+  double u = 0, moved_pairs = 0, best_cost = cost.pair * total_pairs;
+  int64_t best = 0;
+  for (int64_t h = 1; h <= static_cast<int64_t>(order.size()); ++h) {
+    const int64_t t = order[h - 1];
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      u += !in_u[cp[e]];
+      in_u[cp[e]] = 1;
+    }
+    if (u > kMaxDenseLatents) break;
+    const double L = static_cast<double>(rp[t + 1] - rp[t]);
+    moved_pairs += L * (L - 1) / 2;
+    const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u;
+    if (c < best_cost) {
+      best_cost = c;
+      best = h;
+    }
+  }
+  if (best == 0) return out;
+  std::fill(in_u.begin(), in_u.end(), 0);
+  for (int64_t h = 0; h < best; ++h) {
+    const int64_t t = order[h];
+    out.moved[t] = 1;
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (!in_u[i]) continue;
+    out.position[i] = static_cast<int32_t>(out.latents.size());
+    out.latents.push_back(i);
+  }
+  // A_H [best, u] (moved rows, their latents), then the block A_Hᵀ A_H.
+  const int64_t width = out.size();
+  const auto dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  torch::Tensor dense = at::zeros({best, width}, at::TensorOptions().dtype(dtype));
+  acc_t* d = dense.data_ptr<acc_t>();
+  for (int64_t h = 0; h < best; ++h) {
+    const int64_t t = order[h];
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
+  }
+  out.block = at::mm(dense.t(), dense).contiguous();
+  return out;
+}
+
+}  // namespace aosae
