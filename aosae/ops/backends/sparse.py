@@ -22,28 +22,35 @@ import torch
 from aosae.ops import extension as _extension
 from aosae.ops.conventions import accumulation_dtype, finalize
 
-# Cost model, in nanoseconds (fitted to benchmarks/sparse_sweep.py on the 2-core CI-class
-# CPU, B = 2048, n ∈ {4096, 16384}, L0 ∈ {16, 64, 256}; see benchmarks/NOTES.md):
-#   sparse  ≈ fixed + scan · m·n + pair · Σ_t L0_t(L0_t−1)/2
+# Cost model, in nanoseconds (2-core CI-class CPU; benchmarks/sparse_sweep.py and
+# benchmarks/train_step.py, see benchmarks/NOTES.md):
+#   sparse  ≈ fixed + scan · m·n + Σ_rows row_cost
 #   dense   ≈ mac · m·n²/2          (upper-triangle GEMM of the fused dense backend)
-# Only the ratios matter for the choice. On the CPU the crossover is L0/n ≈ sqrt(mac/pair)
-# ≈ 0.05: sparse below L0 ≈ 220 at n = 4096, ≈ 870 at n = 16384.
+# row_cost = pair · L0(L0−1)/2 for a sparse row. The C++ kernel sums rows with L0 >= 128
+# (outlier tokens) with one GEMM block over the latents they touch instead
+# (csrc/dense_rows.h): such a row costs at most block_mac · u² with u <= min(n, 8192), plus
+# block_entry · u² once. Only the ratios matter. CPU crossover for uniform rows:
+# L0/n ≈ sqrt(mac/pair) ≈ 0.04, i.e. L0 ≈ 165 at n = 4096, ≈ 660 at n = 16384.
 COST = {
-    # C++ kernel: ~25 ns per co-active pair (scatter + bucket reduce + select, 2 threads),
-    # ~1 ns per element to find the non-zeros; fused dense kernel ~0.07 ns per multiply-add.
-    "cpu": {"fixed": 2e7, "scan": 1.0, "pair": 25.0, "mac": 0.07},
-    # pure-torch path on CPU (aosae._C without the sparse kernel): ~20x slower per pair.
-    "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.07},
+    # C++ kernel: ~4–10 ns per co-active pair (scatter + reduce + select, 2 threads; 4.1M
+    # pairs in 17 ms at n = 4608), ~1 ns per element to find the non-zeros; fused dense
+    # kernel ~0.013 ns per multiply-add (3.5 s for m = 2048, n = 16384).
+    "cpu": {"fixed": 2e6, "scan": 1.0, "pair": 8.0, "mac": 0.013, "block_mac": 0.012, "block_entry": 1.5},
+    # pure-torch path on CPU (aosae._C without the sparse kernel): ~50x slower per pair, no block.
+    "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.013},
     # CUDA: NOT measured (no GPU here). Estimates: the torch-ops path streams ~20 passes of
     # 8-16 bytes per pair (~0.5 ns/pair incl. sort) plus ~1 ms of launches; the fused
-    # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective).
+    # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective). No block.
     "cuda": {"fixed": 1e6, "scan": 0.005, "pair": 0.5, "mac": 1e-5},
 }
 # Never pick sparse on its own when the pair list alone would exceed this many pairs
-# (~12 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
+# (~8 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
 MAX_AUTO_PAIRS = 1 << 28
 # Rows sampled by prefers() to estimate Σ L0² (a strided sample, deterministic).
 SAMPLE_ROWS = 256
+# csrc/dense_rows.h: rows at least this dense may join the GEMM block; its width cap.
+BLOCK_MIN_L0 = 128
+BLOCK_MAX_LATENTS = 8192
 
 
 def cpp_module():
@@ -63,24 +70,44 @@ def supports(a: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def estimate_pairs(a: torch.Tensor) -> float:
-    """Estimated Σ_t L0_t(L0_t−1)/2 of a [m, n] from a strided sample of at most 256 rows."""
+def _sample_l0(a: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """L0 of a strided sample of at most SAMPLE_ROWS rows of a [m, n], and the rows each stands for."""
     m = a.shape[0]
     step = max(1, m // SAMPLE_ROWS)
     l0 = (a[::step] != 0).sum(dim=1, dtype=torch.float64)
-    return float((l0 * (l0 - 1) / 2).mean()) * m
+    return l0, m / l0.numel()
+
+
+def estimate_pairs(a: torch.Tensor) -> float:
+    """Estimated Σ_t L0_t(L0_t−1)/2 of a [m, n] from a strided sample of at most 256 rows."""
+    l0, weight = _sample_l0(a)
+    return float((l0 * (l0 - 1) / 2).sum()) * weight
 
 
 def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float]:
-    """The cost model's predicted times (ms) of the sparse and the dense path for a [m, n]."""
+    """The cost model's predicted times (ms) of the sparse and the dense path for a [m, n],
+    and the pairs the sparse path would emit one by one (`pairs` overrides the estimate and
+    assumes no outlier rows)."""
     m, n = a.shape
-    if pairs is None:
-        pairs = estimate_pairs(a)
     if a.device.type == "cuda":
         c = COST["cuda"]
     else:
         c = COST["cpu"] if cpp_module() is not None else COST["cpu_torch"]
-    sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs
+    if pairs is None:
+        l0, weight = _sample_l0(a)
+        row_pairs = l0 * (l0 - 1) / 2
+        if "block_mac" in c:  # outlier rows: the GEMM block caps what each costs
+            width = float(min(n, BLOCK_MAX_LATENTS))
+            moved = (l0 >= BLOCK_MIN_L0) & (c["pair"] * row_pairs > c["block_mac"] * width**2)
+            block = (c["block_mac"] * width**2 * float(moved.sum()) * weight
+                     + (c["block_entry"] * width**2 if bool(moved.any()) else 0.0))
+            row_pairs = torch.where(moved, torch.zeros_like(row_pairs), row_pairs)
+        else:
+            block = 0.0
+        pairs = float(row_pairs.sum()) * weight
+    else:
+        block = 0.0
+    sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs + block
     dense = c["mac"] * m * n * n / 2
     return {"sparse": sparse * 1e-6, "dense": dense * 1e-6, "pairs": pairs}
 
