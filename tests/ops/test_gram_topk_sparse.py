@@ -309,3 +309,16 @@ def test_prefers_follows_density():
     assert sparse_backend.prefers(topk_like)
     pred = sparse_backend.predicted_ms(topk_like)
     assert pred["pairs"] == pytest.approx(256 * 8 * 7 / 2)
+
+
+def test_prefers_counts_outlier_rows_as_the_gemm_block():
+    cpp_or_skip()
+    a, _, _ = topk_rows(512, 4096, 8)
+    for t in (0, 200, 400):  # even rows: in the strided sample
+        a[t, torch.randperm(4096)[:3000]] = 5.0
+    pred = sparse_backend.predicted_ms(a)
+    assert pred["pairs"] == pytest.approx((256 - 3) * 2 * 8 * 7 / 2)  # sample of every 2nd row; outliers go to the block
+    assert sparse_backend.prefers(a)  # pair by pair they would cost more than the dense kernel
+    assert 3 * 3000 * 2999 / 2 * sparse_backend.COST["cpu"]["pair"] * 1e-6 > pred["dense"]
+    at_init = torch.relu(torch.randn(256, 10000))  # L0 ≈ n/2 everywhere: too wide for the block
+    assert not sparse_backend.prefers(at_init)
