@@ -107,12 +107,9 @@ def main() -> None:
         "predicted_run_ratio_without_dense_phase": (run_floor + cfg.steps * (sparse_penalty or 0.0)) / run_floor,
         "note": "trajectory without the penalty; penalty timed on the step's latents every `every` steps, "
                 "linear in between; run ratio = (floor + penalty) / floor over the default 400 steps",
-        "every": args.every, "steps": steps, "threads": torch.get_num_threads(), "machine": machine.machine_name(),
-        "versions": machine.versions(), "date": machine.today(),
+        "every": args.every, "steps": steps,
     }
-    name = machine.slug(machine.machine_name())
-    machine.write_rows(machine.RESULTS / f"train_step-dense-phase-{name}.json", [summary])
-    print({k: v for k, v in summary.items() if k != "steps"})
+    machine.write_summary("train_step-dense-phase", summary, bulky="steps")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def write_summary(prefix: str, summary: dict, bulky: str) -> None:
+    """Stamps a one-row result (threads, machine, versions, date), writes it to
+    results/<prefix>-<machine>.json and prints it without its `bulky` per-step key."""
+    summary.update(threads=torch.get_num_threads(), machine=machine_name(), versions=versions(), date=today())
+    write_rows(RESULTS / f"{prefix}-{slug(machine_name())}.json", [summary])
+    print({k: v for k, v in summary.items() if k != bulky})
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

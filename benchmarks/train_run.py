@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
@@ -73,12 +71,9 @@ def main() -> None:
         "ratio_after_dense_phase": ratio(sparse),
         "per_step_ratio_after_dense_phase_median": statistics.median(r["with_s"] / r["without_s"] for r in sparse)
         if sparse else None,
-        "rows": rows, "threads": torch.get_num_threads(), "machine": machine.machine_name(),
-        "versions": machine.versions(), "date": machine.today(),
+        "rows": rows,
     }
-    name = machine.slug(machine.machine_name())
-    machine.write_rows(machine.RESULTS / f"train_run-{name}.json", [summary])
-    print({k: v for k, v in summary.items() if k != "rows"})
+    machine.write_summary("train_run", summary, bulky="rows")
 
 
 if __name__ == "__main__":
