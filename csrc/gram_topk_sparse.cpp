@@ -42,7 +42,7 @@ using torch::Tensor;
 using aosae::Candidate;
 
 // Pair lists up to this size stay allocated between calls (see aosae::scratch).
-constexpr size_t kKeepScratchBytes = size_t(256) << 20;
+constexpr size_t kKeepScratchBytes = size_t(64) << 20;
 
 int num_threads() {
   return std::max(1, at::get_num_threads());
