@@ -227,6 +227,60 @@ Tensor sparse_backward_impl(const Tensor& grad_values, const Tensor& indices, co
   return out;
 }
 
+// The gradient at the non-zeros of a only, a given as CSR (row_ptr, cols, vals): what
+// reaches the parameters upstream of a ReLU, whose backward zeroes every other entry. Row by
+// row: scatter each non-zero into its partners in a thread-local dense row, read the row at
+// the row's own non-zeros, clear what was written. Work O(Σ_nnz deg + nnz); no [m, n] tensor.
+// Values equal dense_backward_impl's at those entries (same sums in the same order).
+template <typename acc_t>
+Tensor support_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a, const Tensor& vals,
+                             const Tensor& values, const Tensor& rows, const Tensor& cols, int64_t n, bool cosine) {
+  const int64_t m = row_ptr.size(0) - 1;
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t* ca = cols_a.data_ptr<int64_t>();
+  const acc_t* va = vals.data_ptr<acc_t>();
+  const auto acc = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  std::vector<acc_t> inv;
+  if (cosine) {
+    inv.assign(n, acc_t(0));
+    for (int64_t e = 0; e < rp[m]; ++e) inv[ca[e]] += va[e] * va[e];
+    for (auto& s : inv) s = s > 0 ? acc_t(1) / std::sqrt(s) : acc_t(0);
+  }
+  const Adjacency<acc_t> adj = build_adjacency<acc_t>(
+      grad_values.to(acc).contiguous(), values.to(acc).contiguous(), rows.contiguous(), cols.contiguous(), n,
+      cosine ? inv.data() : nullptr);
+  Tensor out = at::empty({rp[m]}, vals.options());
+  acc_t* o = out.data_ptr<acc_t>();
+  const int64_t* ptr = adj.ptr.data();
+  const Edge<acc_t>* edges = adj.edges.data();
+  const acc_t* diag = cosine ? adj.diag.data() : nullptr;
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(n, acc_t(0));
+    acc_t* buf = buffer.data();
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t written = 0;
+      for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
+        const int64_t j = ca[e];
+        const acc_t xj = va[e];
+        if (diag) buf[j] += diag[j] * xj;
+        for (int64_t q = ptr[j]; q < ptr[j + 1]; ++q) buf[edges[q].nbr] += edges[q].weight * xj;
+        written += ptr[j + 1] - ptr[j];
+      }
+      for (int64_t e = rp[b]; e < rp[b + 1]; ++e) o[e] = buf[ca[e]];
+      if (written > n / 8) {  // clear: one pass over the row, or the entries written
+        std::fill(buf, buf + n, acc_t(0));
+      } else {
+        for (int64_t e = rp[b]; e < rp[b + 1]; ++e) {
+          const int64_t j = ca[e];
+          buf[j] = acc_t(0);
+          for (int64_t q = ptr[j]; q < ptr[j + 1]; ++q) buf[edges[q].nbr] = acc_t(0);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // grad_values [k], a [m, n] (any float dtype, CPU), values/rows/cols [k] -> grad_a [m, n] in a's dtype.
@@ -267,6 +321,25 @@ Tensor gram_topk_sparse_backward_cpu(const Tensor& grad_values, const Tensor& in
   return out;
 }
 
+// grad_values [k], a as CSR (row_ptr [m+1] int64, cols [nnz] int64, vals [nnz] float32/float64),
+// values/rows/cols [k] -> the gradient at a's non-zeros, [nnz] in vals' dtype.
+Tensor gram_topk_support_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
+                                      const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
+                                      int64_t n, bool cosine) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong &&
+                  cols_a.scalar_type() == at::kLong && vals.dim() == 1 && vals.sizes() == cols_a.sizes(),
+              "gram_topk_support_backward_cpu: expects CSR row_ptr [m+1] int64, cols [nnz] int64, vals [nnz]");
+  TORCH_CHECK(vals.scalar_type() == at::kFloat || vals.scalar_type() == at::kDouble,
+              "gram_topk_support_backward_cpu: vals must be float32 or float64");
+  TORCH_CHECK(n >= 2 && n < (int64_t(1) << 31), "gram_topk_support_backward_cpu: n must be in [2, 2^31)");
+  check_pairs(grad_values, values, rows, cols);
+  at::NoGradGuard no_grad;
+  const Tensor rp = row_ptr.contiguous(), ca = cols_a.contiguous(), va = vals.contiguous();
+  if (va.scalar_type() == at::kDouble)
+    return support_backward_impl<double>(grad_values, rp, ca, va, values, rows, cols, n, cosine);
+  return support_backward_impl<float>(grad_values, rp, ca, va, values, rows, cols, n, cosine);
+}
+
 void register_backward(pybind11::module& m) {
   namespace py = pybind11;
   m.def("gram_topk_backward_cpu", &gram_topk_backward_cpu, py::arg("grad_values"), py::arg("a"), py::arg("values"),
@@ -276,4 +349,8 @@ void register_backward(pybind11::module& m) {
         py::arg("vals"), py::arg("values"), py::arg("rows"), py::arg("cols"), py::arg("n"), py::arg("cosine"),
         py::call_guard<py::gil_scoped_release>(),
         "Gradient of the selected Gram entries w.r.t. the values [B, L] of (indices, values) activations");
+  m.def("gram_topk_support_backward_cpu", &gram_topk_support_backward_cpu, py::arg("grad_values"),
+        py::arg("row_ptr"), py::arg("cols_a"), py::arg("vals"), py::arg("values"), py::arg("rows"), py::arg("cols"),
+        py::arg("n"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
+        "Gradient of the selected Gram entries at the non-zeros of a CSR input only (what a ReLU passes on)");
 }

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction
+from aosae.ops import gram_topk_support
 from aosae.ops.gram_topk_sparse import gram_topk_sparse
 
 REDUCTIONS = ("sum", "mean")
@@ -148,6 +149,22 @@ class TopKOrthoLoss(nn.Module):
         )
         self._record(pairs, acts.shape[0])
         return penalty
+
+    def on_support(self, acts: torch.Tensor) -> torch.Tensor:
+        """forward(acts) for ReLU latents: the same penalty, but its gradient is kept at the
+        non-zeros of acts (a sparse tensor), which is all a ReLU upstream passes on, so no dense
+        [B, n_latents] gradient is built (aosae.ops.gram_topk_support). Falls back to forward()
+        where that path cannot run (CUDA, half precision, no aosae._C)."""
+        if not gram_topk_support.available(acts):
+            return self(acts)
+        k = self.k if self.k is not None else k_for_fraction(acts.shape[1], self.fraction)
+        pairs = gram_topk_support.gram_topk_on_support(
+            acts, k, similarity=self.similarity, backend=self.backend, threshold=self._kth if self.warm_start else None
+        )
+        self._record(pairs, acts.shape[0])
+        return penalty_from_pairs(
+            pairs, acts.shape[0], scale=self.scale, reduction=self.reduction, similarity=self.similarity
+        )
 
     def from_topk(self, indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
         """The penalty of a TopK SAE's latents given sparsely: the same value (and gradient) as

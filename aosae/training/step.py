@@ -56,7 +56,9 @@ class SAEObjective:
                 # TopK SAE: the kept (indices, values) go to the sparse op, never a dense [B, n] pass
                 penalty = self.ortho.from_topk(out.topk_indices, out.topk_values.float(), self.sae.d_sae)
             elif self.ortho is not None:
-                penalty = self.ortho(out.latents.float())  # per token: C = fᵀf / B
+                # ReLU: C = fᵀf / B per token; the gradient stays on f's non-zeros (all the ReLU
+                # passes on), so no dense [B, n] penalty gradient is built (CPU)
+                penalty = self.ortho.on_support(out.latents.float())
             else:
                 penalty = torch.zeros((), device=x.device)
         loss = recon + self.l1_coeff * l1 + self.tau.tau * penalty

@@ -1,0 +1,94 @@
+"""gram_topk whose gradient is kept on the support of its input: for ReLU latents.
+
+Upstream of a ReLU, the gradient of any loss w.r.t. the latents a is masked to their non-zeros
+by the ReLU's own backward, so only those entries ever reach the SAE's parameters.
+`gram_topk_on_support(a, k)` selects the same pairs as `gram_topk(a, k)`; its backward returns
+the gradient at the non-zeros of a only, as a sparse COO tensor. No dense [B, n] gradient is
+allocated for the penalty (at B = 2048, n = 16384 its first-touch page faults alone cost more
+than the penalty's work), and autograd adds the few entries into the dense gradient that the
+decoder sends to a.
+
+Exact for everything upstream of a ReLU (or TopK). It is NOT the gradient w.r.t. a at its
+zeros, which `gram_topk`'s contract gives: use `gram_topk` when a itself is what you
+differentiate. CPU with aosae._C only; `available()` says whether it can run.
+"""
+from __future__ import annotations
+
+import torch
+
+from aosae.ops import extension as _extension
+from aosae.ops.backends import sparse as sparse_backend
+from aosae.ops.gram_topk import TopKPairs, check_finite, gram_topk, validate
+
+
+def _ext():
+    module, _ = _extension.load()
+    if module is None or not hasattr(module, "gram_topk_support_backward_cpu"):
+        return None
+    return module
+
+
+def available(a: torch.Tensor) -> bool:
+    """Whether gram_topk_on_support runs on a (CPU, float32/float64, aosae._C built with it)."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.float64)
+        and _ext() is not None
+        and hasattr(_ext(), "sparse_dense_to_csr")
+    )
+
+
+class _OnSupport(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, k, similarity, backend, threshold):
+        ext = _ext()
+        cosine = similarity == "cosine"
+        row_ptr, cols, vals = ext.sparse_dense_to_csr(a)
+        if backend == "sparse" or (backend == "auto" and sparse_backend.prefers(a)):
+            check_finite(a)  # (gram_topk checks on the other branch)
+            out = sparse_backend.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)  # reuses the CSR
+        else:
+            out = tuple(gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold))
+        values, rows, cols_sel = (t.contiguous() for t in out)
+        ctx.save_for_backward(row_ptr, cols, vals, values, rows, cols_sel)
+        ctx.shape, ctx.dtype, ctx.cosine = a.shape, a.dtype, cosine
+        ctx.mark_non_differentiable(rows, cols_sel)
+        return values, rows, cols_sel
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_rows, _grad_cols):
+        row_ptr, cols, vals, values, rows, cols_sel = ctx.saved_tensors
+        grad = _ext().gram_topk_support_backward_cpu(
+            grad_values, row_ptr, cols, vals, values, rows, cols_sel, ctx.shape[1], ctx.cosine
+        )
+        counts = row_ptr[1:] - row_ptr[:-1]
+        row_of = torch.repeat_interleave(torch.arange(ctx.shape[0]), counts, output_size=cols.numel())
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([row_of, cols]), grad.to(ctx.dtype), ctx.shape, is_coalesced=True, check_invariants=False
+        )
+        return sparse, None, None, None, None
+
+
+def gram_topk_on_support(
+    a: torch.Tensor,
+    k: int,
+    *,
+    similarity: str = "dot",
+    backend: str = "auto",
+    threshold: torch.Tensor | None = None,
+) -> TopKPairs:
+    """gram_topk(a, k, ...) with the gradient restricted to a's non-zeros (sparse COO).
+
+    Same arguments and the same selection as `aosae.gram_topk`; see the module docstring for
+    when the gradient is exact. Raises RuntimeError where `available(a)` is False.
+    """
+    validate(a, k, similarity, backend)
+    if not available(a):
+        raise RuntimeError(
+            "gram_topk_on_support needs a float32/float64 CPU tensor and aosae._C built with "
+            f"gram_topk_support_backward_cpu (got {a.dtype} on {a.device}); use aosae.gram_topk instead, "
+            "or rebuild: pip install --no-build-isolation -e ."
+        )
+    if not torch.is_grad_enabled() or not a.requires_grad:
+        return gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold)
+    return TopKPairs(*_OnSupport.apply(a, k, similarity, backend, threshold))
