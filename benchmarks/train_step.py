@@ -33,6 +33,8 @@ from aosae.nn.tau import AdaptiveTau  # noqa: E402
 from aosae.ops.backward import gram_topk_backward, gram_topk_sparse_backward  # noqa: E402
 from aosae.ops.gram_topk import gram_topk, k_for_fraction  # noqa: E402
 from aosae.ops.gram_topk_sparse import gram_topk_sparse  # noqa: E402
+from aosae.ops.gram_topk_support import support_backward  # noqa: E402
+from aosae.ops.backends import sparse as sparse_backend  # noqa: E402
 from aosae.training import distributed as ddp  # noqa: E402
 from aosae.training.config import TrainConfig  # noqa: E402
 from aosae.training.step import SAEObjective  # noqa: E402
@@ -147,7 +149,11 @@ def backward_rows(x, args) -> list[dict]:
     ref_s = gram_topk_backward(gs, dense_topk, *sp, False, path="product").gather(1, out.topk_indices)
     torch.testing.assert_close(gram_topk_sparse_backward(gs, out.topk_indices, out.topk_values, *sp, n, False), ref_s,
                                rtol=1e-4, atol=1e-4 * float(ref_s.abs().max()))
+    csr = sparse_backend.cpp_module().sparse_dense_to_csr(a)  # what gram_topk_on_support's forward saves
+    on_support = support_backward(g, csr, pairs, a.shape, a.dtype, False)
+    torch.testing.assert_close(on_support.to_dense()[a != 0], ref[a != 0], rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     arms = {
+        "on support, sparse COO (ReLU latents)": lambda: support_backward(g, csr, pairs, a.shape, a.dtype, False),
         "dense op, scatter (ReLU latents)": lambda: gram_topk_backward(g, a, *pairs, False, path="scatter"),
         "dense op, sparse.mm (before)": lambda: gram_topk_backward(g, a, *pairs, False, path="product"),
         "sparse op (TopK indices, values)": lambda: gram_topk_sparse_backward(gs, out.topk_indices, out.topk_values, *sp, n, False),

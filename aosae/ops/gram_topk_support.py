@@ -57,16 +57,19 @@ class _OnSupport(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
-        row_ptr, cols, vals, values, rows, cols_sel = ctx.saved_tensors
-        grad = _ext().gram_topk_support_backward_cpu(
-            grad_values, row_ptr, cols, vals, values, rows, cols_sel, ctx.shape[1], ctx.cosine
-        )
-        counts = row_ptr[1:] - row_ptr[:-1]
-        row_of = torch.repeat_interleave(torch.arange(ctx.shape[0]), counts, output_size=cols.numel())
-        sparse = torch.sparse_coo_tensor(
-            torch.stack([row_of, cols]), grad.to(ctx.dtype), ctx.shape, is_coalesced=True, check_invariants=False
-        )
-        return sparse, None, None, None, None
+        csr, pairs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
+        return support_backward(grad_values, csr, pairs, ctx.shape, ctx.dtype, ctx.cosine), None, None, None, None
+
+
+def support_backward(grad_values, csr, pairs, shape, dtype, cosine: bool) -> torch.Tensor:
+    """The gradient of the selected scores at the non-zeros of a [B, n] given as CSR
+    (row_ptr, cols, vals), as a coalesced sparse COO tensor of `shape` and `dtype`."""
+    row_ptr, cols, vals = csr
+    grad = _ext().gram_topk_support_backward_cpu(grad_values, row_ptr, cols, vals, *pairs, shape[1], cosine)
+    row_of = torch.repeat_interleave(torch.arange(shape[0]), row_ptr[1:] - row_ptr[:-1], output_size=cols.numel())
+    return torch.sparse_coo_tensor(
+        torch.stack([row_of, cols]), grad.to(dtype), shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def gram_topk_on_support(
