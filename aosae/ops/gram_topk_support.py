@@ -44,8 +44,9 @@ class _OnSupport(torch.autograd.Function):
         ext = _ext()
         cosine = similarity == "cosine"
         row_ptr, cols, vals = ext.sparse_dense_to_csr(a)
+        if not bool(torch.isfinite(vals).all()):  # NaN/Inf are non-zeros: checking vals covers a
+            check_finite(a)  # raises, naming what is wrong
         if backend == "sparse" or (backend == "auto" and sparse_backend.prefers(a)):
-            check_finite(a)  # (gram_topk checks on the other branch)
             out = sparse_backend.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)  # reuses the CSR
         else:
             out = tuple(gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold))

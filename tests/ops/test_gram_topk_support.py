@@ -89,3 +89,12 @@ def test_sae_parameter_gradients_equal_the_dense_path():
         grads.append({name: p.grad.clone() for name, p in sae.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_latents_are_refused(bad):
+    pre, act = relu_latents(20, 30, dtype=torch.float32)
+    a = act(pre)
+    a[3, 7] = bad
+    with pytest.raises(ValueError, match="NaN|Inf|finite"):
+        gram_topk_on_support(a.requires_grad_(), 10)
