@@ -48,8 +48,10 @@ def train(
 
     start = time.perf_counter()
     trainer = Trainer.resume(resume, progress=progress) if resume else Trainer(cfg, progress=progress)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:  # also on a diverged run: a process group left alive can abort the exit (SIGABRT)
+        ddp.shutdown(trainer.info)
     if trainer.info.is_main:
         print(format_summary(trainer.run_dir, summary, time.perf_counter() - start))
-    ddp.shutdown(trainer.info)
     return 0

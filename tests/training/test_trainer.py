@@ -183,7 +183,8 @@ def test_sigkilled_cli_run_resumes_bitwise(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "aosae", "train", *args], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (run / "checkpoints" / "step_3").exists() and proc.poll() is None and time.monotonic() < deadline:
+    # any checkpoint: step_3 itself may already be pruned (--keep-checkpoints) when a poll looks
+    while not any((run / "checkpoints").glob("step_*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
