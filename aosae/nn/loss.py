@@ -161,10 +161,7 @@ class TopKOrthoLoss(nn.Module):
         pairs = gram_topk_support.gram_topk_on_support(
             acts, k, similarity=self.similarity, backend=self.backend, threshold=self._kth if self.warm_start else None
         )
-        self._record(pairs, acts.shape[0])
-        return penalty_from_pairs(
-            pairs, acts.shape[0], scale=self.scale, reduction=self.reduction, similarity=self.similarity
-        )
+        return self._penalty(pairs, acts.shape[0])
 
     def from_topk(self, indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
         """The penalty of a TopK SAE's latents given sparsely: the same value (and gradient) as
@@ -179,10 +176,12 @@ class TopKOrthoLoss(nn.Module):
             raise TypeError(f"n_latents must be an int (the SAE's d_sae), got {type(n_latents).__name__}")
         k = self.k if self.k is not None else k_for_fraction(n_latents, self.fraction)
         pairs = gram_topk_sparse(indices, values, n_latents, k, similarity=self.similarity)
-        self._record(pairs, indices.shape[0])
-        return penalty_from_pairs(
-            pairs, indices.shape[0], scale=self.scale, reduction=self.reduction, similarity=self.similarity
-        )
+        return self._penalty(pairs, indices.shape[0])
+
+    def _penalty(self, pairs: TopKPairs, batch: int) -> torch.Tensor:
+        """The penalty of a selection, after recording it for logging and the next hint."""
+        self._record(pairs, batch)
+        return penalty_from_pairs(pairs, batch, scale=self.scale, reduction=self.reduction, similarity=self.similarity)
 
     def _record(self, pairs: TopKPairs, batch: int) -> None:
         """Keep the selection for logging and its k-th score (in the op's raw units) as the next hint."""

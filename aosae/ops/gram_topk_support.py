@@ -30,12 +30,9 @@ def _ext():
 
 def available(a: torch.Tensor) -> bool:
     """Whether gram_topk_on_support runs on a (CPU, float32/float64, aosae._C built with it)."""
-    return (
-        a.device.type == "cpu"
-        and a.dtype in (torch.float32, torch.float64)
-        and _ext() is not None
-        and hasattr(_ext(), "sparse_dense_to_csr")
-    )
+    ext = _ext()
+    return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and ext is not None \
+        and hasattr(ext, "sparse_dense_to_csr")
 
 
 class _OnSupport(torch.autograd.Function):
