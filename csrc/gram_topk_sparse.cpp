@@ -41,7 +41,7 @@ namespace {
 using torch::Tensor;
 using aosae::Candidate;
 
-// Pair lists up to this size stay allocated between calls (see aosae::scratch).
+// Pair lists up to this size stay allocated between calls (see aosae::Scratch).
 constexpr size_t kKeepScratchBytes = size_t(64) << 20;
 
 int num_threads() {
@@ -175,8 +175,8 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   });
 
   // Scatter (j, a_ti·a_tj) into bucket i.
-  int32_t* pj = aosae::scratch<int32_t, 0>(pairs);
-  acc_t* pv = aosae::scratch<acc_t, 1>(pairs);
+  int32_t* pj = aosae::Scratch<int32_t, 0>::get(pairs);
+  acc_t* pv = aosae::Scratch<acc_t, 1>::get(pairs);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* cursor = hist.data() + c * n;
@@ -263,27 +263,22 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     // capacity only (untouched pages cost nothing): no regrowth while pushing
     mine.reserve(kth_bin.above);
     if (bar >= 0) edge.reserve(hist_total[bar]);
+    auto offer = [&](acc_t v, int64_t key) {  // above the k-th bin: kept; in it: settled later
+      const int64_t bin = aosae::magnitude_bin(v);
+      if (bin > bar) mine.push_back({v, key});
+      else if (bin == bar) edge.push_back({v, key});
+    };
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i];
-      for (int64_t u = 0; u < distinct[i]; ++u) {
-        const acc_t v = pv[b + u];
-        const int64_t bin = aosae::magnitude_bin(v);
-        if (bin > bar) mine.push_back({v, i * n + pj[b + u]});
-        else if (bin == bar) edge.push_back({v, i * n + pj[b + u]});
-      }
+      for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i * n + pj[b + u]);
       const int64_t pi = position[i];
-      for (int64_t p = pi + 1; pi >= 0 && p < width; ++p) {
-        const acc_t v = block[pi * width + p];
-        if (v == acc_t(0)) continue;
-        const int64_t bin = aosae::magnitude_bin(v);
-        if (bin > bar) mine.push_back({v, i * n + block_latent[p]});
-        else if (bin == bar) edge.push_back({v, i * n + block_latent[p]});
-      }
+      for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
+        if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i * n + block_latent[p]);
     }
   }
-  aosae::release_scratch_above<int32_t, 0>(pairs, kKeepScratchBytes);
-  aosae::release_scratch_above<acc_t, 1>(pairs, kKeepScratchBytes);
+  aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
+  aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
   std::vector<Candidate<acc_t>> cand;
   cand.reserve(kth_bin.above + (bar >= 0 ? hist_total[bar] : 0));
   for (auto& part : sure) cand.insert(cand.end(), part.begin(), part.end());
@@ -388,6 +383,10 @@ void register_sparse(pybind11::module& m) {
   m.def("sparse_csr_topk", &sparse_csr_topk, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
         "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");
+  m.def("sparse_block_costs", [] {
+    const aosae::DenseRowCost c;
+    return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents);
+  }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
         "Rows the sparse kernel would sum with one GEMM block (its outlier rows)");
 }

@@ -65,23 +65,35 @@ inline KthBin find_kth_bin(const std::vector<int64_t>& hist, int64_t k) {
 
 // Per-thread scratch that outlives the call: a training step asks for the same sizes every
 // step, and fresh pages (first-touch faults) cost as much as the work that fills them.
-// Buffers above `keep_bytes` are released after use (see release_scratch).
+// Slot tells apart buffers of the same type. get() grows it (contents undefined: no zero
+// fill); trim() frees it when it holds more than keep_bytes.
 template <typename T, int Slot>
-T* scratch(size_t count) {
-  thread_local std::unique_ptr<T[]> buffer;
-  thread_local size_t capacity = 0;
-  if (count > capacity || count == 0) {
-    buffer.reset();
-    capacity = std::max<size_t>(count, 1);
-    buffer.reset(new T[capacity]);  // default-initialised: no zero fill
+struct Scratch {
+  static T* get(size_t count) {
+    if (count > capacity()) {
+      buffer().reset();
+      buffer().reset(new T[count]);  // default-initialised
+      capacity() = count;
+    }
+    return buffer().get();
   }
-  return buffer.get();
-}
+  static void trim(size_t keep_bytes) {
+    if (capacity() * sizeof(T) > keep_bytes) {
+      buffer().reset();
+      capacity() = 0;
+    }
+  }
 
-template <typename T, int Slot>
-void release_scratch_above(size_t count, size_t keep_bytes) {
-  if (count * sizeof(T) > keep_bytes) scratch<T, Slot>(0);
-}
+ private:
+  static std::unique_ptr<T[]>& buffer() {
+    thread_local std::unique_ptr<T[]> b;
+    return b;
+  }
+  static size_t& capacity() {
+    thread_local size_t c = 0;
+    return c;
+  }
+};
 
 // LSD radix sort of 64-bit keys on 11-bit digits, skipping digits that every key shares.
 inline void radix_sort(std::vector<uint64_t>& keys) {

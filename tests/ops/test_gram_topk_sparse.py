@@ -319,6 +319,6 @@ def test_prefers_counts_outlier_rows_as_the_gemm_block():
     pred = sparse_backend.predicted_ms(a)
     assert pred["pairs"] == pytest.approx((256 - 3) * 2 * 8 * 7 / 2)  # sample of every 2nd row; outliers go to the block
     assert sparse_backend.prefers(a)  # pair by pair they would cost more than the dense kernel
-    assert 3 * 3000 * 2999 / 2 * sparse_backend.COST["cpu"]["pair"] * 1e-6 > pred["dense"]
+    assert 3 * 3000 * 2999 / 2 * sparse_backend.cpp_costs()["pair"] * 1e-6 > pred["dense"]
     at_init = torch.relu(torch.randn(256, 10000))  # L0 ≈ n/2 everywhere: too wide for the block
     assert not sparse_backend.prefers(at_init)

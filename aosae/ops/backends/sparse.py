@@ -29,19 +29,22 @@ from aosae.ops.conventions import accumulation_dtype, finalize
 # benchmarks/train_step.py, see benchmarks/NOTES.md):
 #   sparse  ≈ fixed + scan · m·n + Σ_rows row_cost
 #   dense   ≈ mac · m·n²/2          (upper-triangle GEMM of the fused dense backend)
-# row_cost = pair · L0(L0−1)/2 for a sparse row. The C++ kernel sums rows with L0 >= 128
+# row_cost = pair · L0(L0−1)/2 for a sparse row. The C++ kernel sums its densest rows
 # (outlier tokens) with one GEMM block over the latents they touch instead
-# (csrc/dense_rows.h): such a row costs at most block_mac · u² with u <= min(n, 8192), plus
-# block_entry · u² once. Only the ratios matter. CPU crossover for uniform rows:
+# (csrc/dense_rows.h; _block_plan mirrors its plan): h such rows cost block_mac · h·u² plus
+# block_entry · u² for a block of width u. Only the ratios matter. CPU crossover for uniform rows:
 # L0/n ≈ sqrt(mac/pair) ≈ 0.04, i.e. L0 ≈ 165 at n = 4096, ≈ 660 at n = 16384.
 COST = {
     # C++ kernel: ~4–10 ns per co-active pair (scatter + reduce + select, 2 threads; 4.1M
     # pairs in 17 ms at n = 4608), ~1 ns per element to find the non-zeros; fused dense
     # kernel ~0.013 ns per multiply-add (3.5 s for m = 2048, n = 16384).
-    "cpu": {"fixed": 2e6, "scan": 1.0, "pair": 8.0, "mac": 0.013, "block_mac": 0.012, "block_entry": 1.5},
+    # pair, block_mac and block_entry are read from aosae._C (csrc/dense_rows.h), where the
+    # kernel plans its block with them: one set of numbers for both decisions.
+    "cpu": {"fixed": 2e6, "scan": 1.0, "mac": 0.013},
     # pure-torch path on CPU (aosae._C without the sparse kernel): ~50x slower per pair, no block.
     "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.013},
-    # CUDA: NOT measured (no GPU here). Estimates: the torch-ops path streams ~20 passes of
+    # CUDA: estimates, not refitted (the first H200 run, benchmarks/NOTES.md, measured ~1.4 ns
+    # per pair at n = 16384, L0 = 64, B = 4096, fixed cost included). Estimates: the torch-ops path streams ~20 passes of
     # 8-16 bytes per pair (~0.5 ns/pair incl. sort) plus ~1 ms of launches; the fused
     # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective). No block.
     "cuda": {"fixed": 1e6, "scan": 0.005, "pair": 0.5, "mac": 1e-5},
@@ -51,15 +54,20 @@ COST = {
 MAX_AUTO_PAIRS = 1 << 28
 # Rows sampled by prefers() to estimate Σ L0² (a strided sample, deterministic).
 SAMPLE_ROWS = 256
-# csrc/dense_rows.h: rows at least this dense may join the GEMM block; its width cap.
-BLOCK_MIN_L0 = 128
-BLOCK_MAX_LATENTS = 8192
+
+
+def cpp_costs() -> dict:
+    """COST["cpu"] completed with the C++ kernel's own block cost model: pair, block_mac,
+    block_entry (ns) and the block's row threshold and width cap."""
+    pair, block_mac, block_entry, min_l0, max_latents = cpp_module().sparse_block_costs()
+    return {**COST["cpu"], "pair": pair, "block_mac": block_mac, "block_entry": block_entry,
+            "block_min_l0": min_l0, "block_max_latents": max_latents}
 
 
 def cpp_module():
     """aosae._C when it was built with the sparse kernel, else None."""
     module, _ = _extension.load()
-    if module is not None and hasattr(module, "gram_topk_sparse_cpu"):
+    if module is not None and hasattr(module, "gram_topk_sparse_cpu") and hasattr(module, "sparse_block_costs"):
         return module
     return None
 
@@ -90,9 +98,9 @@ def estimate_pairs(a: torch.Tensor) -> float:
 
 def _block_plan(rows: torch.Tensor, l0: torch.Tensor, weight: float, c: dict) -> tuple[float, float]:
     """The GEMM block of csrc/dense_rows.h on the sample: the densest rows first while the
-    latents they touch fit in BLOCK_MAX_LATENTS, the cheapest prefix. Returns (pairs those
+    latents they touch fit in the block's width cap, the cheapest prefix. Returns (pairs those
     rows take off the pair path, the block's cost in ns), both for the whole batch."""
-    heavy = (l0 >= BLOCK_MIN_L0).nonzero().flatten()
+    heavy = (l0 >= c["block_min_l0"]).nonzero().flatten()
     if heavy.numel() == 0:
         return 0.0, 0.0
     heavy = heavy[l0[heavy].argsort(descending=True)]
@@ -100,7 +108,7 @@ def _block_plan(rows: torch.Tensor, l0: torch.Tensor, weight: float, c: dict) ->
     for row in rows[heavy]:  # |U| after each prefix, until it no longer fits
         touched |= row
         sizes.append(float(touched.view(torch.uint8).sum(dtype=torch.int32)))
-        if sizes[-1] > BLOCK_MAX_LATENTS:
+        if sizes[-1] > c["block_max_latents"]:
             sizes.pop()
             break
     fits = len(sizes)
@@ -124,7 +132,7 @@ def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float
     if a.device.type == "cuda":
         c = COST["cuda"]
     else:
-        c = COST["cpu"] if cpp_module() is not None else COST["cpu_torch"]
+        c = cpp_costs() if cpp_module() is not None else COST["cpu_torch"]
     block = 0.0
     if pairs is None:
         rows, l0, weight = _sample(a)
