@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from aosae.ops import extension as _extension
+from aosae.ops.backends import sparse_triton
 from aosae.ops.conventions import accumulation_dtype, column_norms
 
 # Above this fraction of non-zeros the scatter stops beating the sparse-dense product on CPU:
@@ -109,7 +110,10 @@ def product_backward(grad_values, a, values, rows, cols, cosine: bool) -> torch.
 
 def gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols, n: int, cosine: bool, impl: str = "auto"):
     """Gradient of gram_topk_sparse's selected scores w.r.t. values [B, L] (indices [B, L]
-    int64, distinct per row). impl: "auto" (C++ on CPU when built), "cpp" or "torch"."""
+    int64, distinct per row). impl: "auto" (C++ on CPU when built, Triton on CUDA), "cpp",
+    "triton" or "torch"."""
+    if impl == "triton" or (impl == "auto" and values.device.type == "cuda" and sparse_triton.usable(values)):
+        return sparse_triton.padded_grad(indices, values, n, grad_out, out_values, rows, cols, cosine)
     kernel = _cpp("gram_topk_sparse_backward_cpu") if values.device.type == "cpu" and impl != "torch" else None
     if impl == "cpp" and kernel is None:
         raise RuntimeError("the C++ sparse backward needs aosae._C (rebuilt with csrc/gram_topk_backward.cpp) and CPU tensors")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from aosae.ops.backends import sparse as sparse_backend
+from aosae.ops.backends import sparse_triton
 from aosae.ops.backward import gram_topk_sparse_backward
 from aosae.ops.gram_topk import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
 from aosae.ops.conventions import accumulation_dtype, empty_pairs
@@ -119,8 +120,12 @@ def to_csr(indices: torch.Tensor, values: torch.Tensor, n: int):
 def _gram_topk_sparse_op(
     indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    row_ptr, cols, vals = to_csr(indices, values, n_latents)
-    out = sparse_backend.csr_topk(row_ptr, cols, vals, n_latents, k, similarity == "cosine")
+    if values.device.type == "cuda" and sparse_triton.usable(values):
+        _check_data(indices, values, n_latents)  # the rows are read in place, zeros and all
+        out = sparse_triton.padded_topk(indices, values, n_latents, k, similarity == "cosine")
+    else:
+        row_ptr, cols, vals = to_csr(indices, values, n_latents)
+        out = sparse_backend.csr_topk(row_ptr, cols, vals, n_latents, k, similarity == "cosine")
     return tuple(t.contiguous() for t in out)
 
 

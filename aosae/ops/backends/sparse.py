@@ -12,7 +12,10 @@ Two implementations, same results:
   from a histogram of |C| (csrc/pair_select.h). The few densest rows (outlier tokens that
   fire on thousands of latents) are summed by one GEMM over the latents they touch instead of
   pair by pair (csrc/dense_rows.h).
-- pure torch (any device; the CUDA path, and the CPU fallback when aosae._C is missing or
+- Triton on CUDA (aosae/ops/backends/sparse_triton.py, kernels/sparse_pairs.py): every
+  co-active pair written to a fixed slot, one radix sort of the keys, each run of equal keys
+  summed in row order, one sort of the scores. Deterministic, no float atomics.
+- pure torch (any device; float64 on CUDA, and the CPU fallback when aosae._C is missing or
   was built without the sparse kernel): pair expansion with repeat_interleave, stable
   sort of 64-bit keys i·n + j, segment sum, topk.
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from aosae.ops import extension as _extension
+from aosae.ops.backends import sparse_triton
 from aosae.ops.conventions import accumulation_dtype, finalize
 
 # Cost model, in nanoseconds (2-core CI-class CPU; benchmarks/sparse_sweep.py and
@@ -162,6 +166,9 @@ def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = Non
     ext = cpp_module() if a.device.type == "cpu" else None
     if ext is not None:
         return tuple(ext.gram_topk_sparse_cpu(a, k, cosine))
+    if a.device.type == "cuda" and sparse_triton.usable(a):
+        row_ptr, cols, vals = dense_to_csr_torch(a, keep_dtype=True)
+        return sparse_triton.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)
     row_ptr, cols, vals = dense_to_csr_torch(a)
     return csr_topk_torch(row_ptr, cols, vals, a.shape[1], k, cosine)
 
@@ -170,11 +177,18 @@ def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, impl: str = "aut
     """Top-k pairs of the CSR matrix (row_ptr [m+1] int64, cols [nnz] int64 strictly
     increasing per row, vals [nnz] float32/float64) of shape [m, n].
 
-    impl: "auto" (C++ on CPU when built, else torch), "cpp" or "torch".
+    impl: "auto" (C++ on CPU when built, Triton on CUDA, else torch), "cpp", "triton" or "torch".
     Returns (values [k] in vals' dtype, rows [k] int64, cols [k] int64), contract order.
     """
-    if impl not in ("auto", "cpp", "torch"):
-        raise ValueError(f"impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
+    if impl not in ("auto", "cpp", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'cpp', 'triton' or 'torch', got {impl!r}")
+    if impl == "triton" or (impl == "auto" and vals.device.type == "cuda" and sparse_triton.usable(vals)):
+        if not sparse_triton.usable(vals):
+            raise RuntimeError(
+                f"the Triton sparse kernels need Triton and float16/bfloat16/float32 values on CUDA "
+                f"(or TRITON_INTERPRET=1 on CPU), got {vals.dtype} on {vals.device}"
+            )
+        return sparse_triton.csr_topk(row_ptr, cols, vals, n, k, cosine)
     ext = cpp_module() if (impl != "torch" and vals.device.type == "cpu") else None
     if impl == "cpp" and ext is None:
         raise RuntimeError(
@@ -186,13 +200,12 @@ def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, impl: str = "aut
     return csr_topk_torch(row_ptr, cols, vals, n, k, cosine)
 
 
-def dense_to_csr_torch(a: torch.Tensor):
+def dense_to_csr_torch(a: torch.Tensor, keep_dtype: bool = False):
     """Non-zeros of a [m, n] as CSR (row_ptr [m+1] int64, cols [nnz] int64 ascending per
-    row, vals [nnz] float32/float64)."""
-    acc = accumulation_dtype(a.dtype)
+    row, vals [nnz] float32/float64, or a's dtype with keep_dtype)."""
     m = a.shape[0]
     t, c = torch.nonzero(a, as_tuple=True)  # row-major order: cols ascending within a row
-    vals = a[t, c].to(acc)
+    vals = a[t, c] if keep_dtype else a[t, c].to(accumulation_dtype(a.dtype))
     row_ptr = torch.zeros(m + 1, dtype=torch.int64, device=a.device)
     row_ptr[1:] = torch.cumsum(torch.bincount(t, minlength=m), 0)
     return row_ptr, c, vals

@@ -1,0 +1,203 @@
+"""Host side of the sparse path on GPU, around the Triton kernels of aosae.kernels.sparse_pairs.
+
+    CSR rows -> every co-active pair's key and product, at a fixed slot  (_emit_kernel)
+    -> sort the keys (CUB radix sort via torch.sort; stable, so runs stay in row order)
+    -> sum each run of equal keys, score it                              (_reduce_kernel)
+    -> sort the scores' selection keys, keep the first k.
+
+Work O(Σ_t L0_t²) plus two sorts of that many keys; no float atomics (deterministic); no host
+sync when the sizes are known from the shapes (TopK input [B, L]), one otherwise (CSR input:
+how many pairs and tiles). The backward (`support_grad`) follows the same rows: each entry's
+gradient sums its row partners' G[i, j] · y, G looked up among the k selected keys.
+
+Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (tests, tiny shapes). Imports Triton:
+check `usable(t)` first.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from aosae.machine import triton_interpreting
+from aosae.ops.conventions import pad_to_k
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT64_MAX = 2**63 - 1
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the Triton sparse kernels run on tensors like t: float16/bfloat16/float32 on CUDA
+    (or on CPU under Triton's interpreter) with Triton installed."""
+    if t.dtype not in DTYPES or importlib.util.find_spec("triton") is None:
+        return False
+    return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreting())
+
+
+def _block(gpu: int) -> int:
+    # small tiles under the interpreter so that tests cover rows spanning several tiles
+    return 16 if triton_interpreting() else gpu
+
+
+def _key32(n: int, diag: bool) -> bool:
+    """Whether every key i·n + j (shifted by −2³¹) fits an int32 below the INT32_MAX sentinel."""
+    largest = (n - 1) * n + (n - 1) if diag else (n - 2) * n + (n - 1)
+    return largest - 2**31 < 2**31 - 1
+
+
+def _tri_decode(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j), i <= j, of the q-th tile in column-major upper-triangle order
+    (0,0) (0,1) (1,1) (0,2) …: the first T(nt) tiles cover exactly the tiles below nt."""
+    j = ((torch.sqrt(8 * q.double() + 1) - 1) / 2).floor().long()
+    j = j - (j * (j + 1) // 2 > q).long()  # float rounding, either way
+    j = j + ((j + 1) * (j + 2) // 2 <= q).long()
+    return q - j * (j + 1) // 2, j
+
+
+def _work_list(per_row: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, index within the row) of `total` = Σ per_row work items, int32, on device."""
+    rows = torch.arange(per_row.numel(), device=per_row.device)
+    row_of = torch.repeat_interleave(rows, per_row, output_size=total)
+    first = torch.cumsum(per_row, 0) - per_row
+    return row_of.to(torch.int32), (torch.arange(total, device=per_row.device) - first[row_of])
+
+
+def _pair_layout(row_ptr: torch.Tensor, diag: bool, block: int, sizes: tuple[int, int] | None):
+    """Per-row pair offsets and the tile work list; sizes = (pairs, tiles) when known."""
+    l0 = row_ptr[1:] - row_ptr[:-1]
+    pairs = l0 * (l0 + 1) // 2 if diag else l0 * (l0 - 1) // 2
+    nt = (l0 + block - 1) // block
+    tiles = nt * (nt + 1) // 2
+    if sizes is None:  # the one host sync of CSR input
+        sizes = tuple(int(v) for v in torch.stack([pairs.sum(), tiles.sum()]).tolist())
+    total_pairs, total_tiles = sizes
+    tile_row, q = _work_list(tiles, total_tiles)
+    ti, tj = _tri_decode(q)
+    return torch.cumsum(pairs, 0) - pairs, total_pairs, tile_row, ti.to(torch.int32), tj.to(torch.int32)
+
+
+def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, *, sizes: tuple[int, int] | None = None):
+    """Top-k pairs of the [R, n] matrix given as CSR (row_ptr [R+1] int64, cols [nnz] int64
+    distinct within a row, any order; vals [nnz] float16/bfloat16/float32). Zeros in vals are
+    allowed and count for nothing. sizes = (pairs, tiles) skips the host sync that counts them
+    (see padded_topk). Returns (values [k] fp32, rows [k] int64, cols [k] int64), contract order.
+    """
+    from aosae.kernels import sparse_pairs as kern  # Triton: imported only when used
+
+    device = vals.device
+    block = _block(64)
+    key32 = _key32(n, cosine)
+    pair_off, total, tile_row, ti, tj = _pair_layout(row_ptr, cosine, block, sizes)
+    if total >= 2**32:
+        raise ValueError(
+            f"{total} co-active pairs in this batch: more than the sparse path's 2^32 (and ~{total * 40 >> 30} GiB); "
+            f"use a smaller batch, or backend='triton' (dense) for activations this dense"
+        )
+    if total == 0:
+        return _empty(device, k)
+    keys = torch.empty(total, dtype=torch.int32 if key32 else torch.int64, device=device)
+    prods = torch.empty(total, dtype=torch.float32, device=device)
+    kern._emit_kernel[(tile_row.numel(),)](
+        row_ptr, cols, vals, pair_off, tile_row, ti, tj, n, keys, prods,
+        DIAG=cosine, KEY32=key32, BLOCK=block, num_warps=4,
+    )
+    skeys, perm = torch.sort(keys, stable=True)  # stable: each run's products stay in row order
+    del keys
+    sprods = prods[perm]
+    del prods, perm
+    sums = torch.empty(total, dtype=torch.float32, device=device)
+    sel = torch.empty(total, dtype=torch.int64, device=device)
+    norm_sq = torch.zeros(n if cosine else 1, dtype=torch.float32, device=device)
+    rblock = _block(1024)
+    grid = (triton_cdiv(total, rblock),)
+    kern._reduce_kernel[grid](skeys, sprods, total, n, sums, sel, norm_sq,
+                              COSINE=cosine, KEY32=key32, BLOCK=rblock, num_warps=4)
+    del sprods
+    if cosine:
+        kern._cosine_score_kernel[grid](skeys, sums, norm_sq, total, n, sel, KEY32=key32, BLOCK=rblock, num_warps=4)
+    sel_sorted, order = torch.sort(sel)
+    take = min(k, total)
+    top, live = order[:take], sel_sorted[:take] != _INT64_MAX
+    flat = skeys[top].long() + (2**31 if key32 else 0)
+    minus_one = torch.full_like(flat, -1)
+    values = torch.where(live, sums[top], torch.zeros((), dtype=torch.float32, device=device))
+    rows = torch.where(live, flat // n, minus_one)
+    cols_out = torch.where(live, flat % n, minus_one)
+    return pad_to_k(values, rows, cols_out, k)
+
+
+def padded_topk(indices: torch.Tensor, values: torch.Tensor, n: int, k: int, cosine: bool):
+    """csr_topk of a TopK SAE's latents given as indices/values [B, L] (distinct per row): the
+    rows are read in place, and every size follows from the shapes, so nothing syncs."""
+    B, L = indices.shape
+    block = _block(64)
+    nt = -(-L // block)
+    sizes = (B * (L * (L + 1) // 2 if cosine else L * (L - 1) // 2), B * nt * (nt + 1) // 2)
+    row_ptr = torch.arange(B + 1, device=indices.device, dtype=torch.int64) * L
+    return csr_topk(row_ptr, indices.reshape(-1).long(), values.reshape(-1), n, k, cosine, sizes=sizes)
+
+
+def support_grad(row_ptr, cols, vals, n: int, grad_out, out_values, rows, cols_sel, cosine: bool,
+                 *, blocks: int | None = None) -> torch.Tensor:
+    """Gradient of the selected scores w.r.t. the CSR values [nnz] (the same CSR as the forward):
+      dot:    grad[e] = Σ_{e' in row(e)} G[c_e, c_e'] · x_e'
+      cosine: grad[e] = (Σ_{e'} G[c_e, c_e'] · x̂_e' − x̂_e · u_{c_e}) / ‖f_{c_e}‖,
+    x̂ = x / ‖f_c‖, u_i = Σ_{p ∋ i} g_p v_p. grad_out/out_values/rows/cols_sel [k] as returned by
+    csr_topk (empty slots -1). `blocks` = Σ_t ceil(L0_t / BLOCK) skips its host sync.
+    Returns fp32 [nnz]."""
+    from aosae.kernels import sparse_pairs as kern
+
+    device = vals.device
+    block = _block(32)
+    x = vals.float()
+    valid = rows >= 0
+    g = torch.where(valid, grad_out.float(), torch.zeros((), device=device))
+    # selected keys ascending (empty slots last, never matched); G's lookup table
+    keys = torch.where(valid, rows * n + cols_sel, torch.full_like(rows, _INT64_MAX))
+    keys, order = torch.sort(keys)
+    g_sorted = g[order]
+    if cosine:
+        sq = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, cols, x * x)
+        inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+        y = x * inv[cols]
+    else:
+        y = x
+    l0 = row_ptr[1:] - row_ptr[:-1]
+    per_row = (l0 + block - 1) // block
+    if blocks is None:
+        blocks = int(per_row.sum())
+    work_row, work_blk = _work_list(per_row, blocks)
+    grad = torch.zeros_like(x)
+    if blocks:
+        steps = max(1, math.ceil(math.log2(keys.numel() + 1)))
+        kern._support_grad_kernel[(blocks,)](
+            row_ptr, cols, y, work_row, work_blk.to(torch.int32), n, keys, g_sorted, keys.numel(), steps, grad,
+            BLOCK=block, num_warps=4,
+        )
+    if cosine:
+        gv = g * out_values.float()
+        r, c = rows.clamp_min(0), cols_sel.clamp_min(0)
+        u = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, r, gv).index_add_(0, c, gv)
+        grad = (grad - y * u[cols]) * inv[cols]
+    return grad
+
+
+def padded_grad(indices, values, n: int, grad_out, out_values, rows, cols_sel, cosine: bool) -> torch.Tensor:
+    """support_grad for indices/values [B, L] (padded_topk's input); returns [B, L] in values' dtype."""
+    B, L = indices.shape
+    row_ptr = torch.arange(B + 1, device=indices.device, dtype=torch.int64) * L
+    blocks = B * -(-L // _block(32))
+    grad = support_grad(row_ptr, indices.reshape(-1).long(), values.reshape(-1), n, grad_out, out_values,
+                        rows, cols_sel, cosine, blocks=blocks)
+    return grad.view(B, L).to(values.dtype)
+
+
+def _empty(device, k: int):
+    z = torch.zeros(0, dtype=torch.float32, device=device)
+    i = torch.zeros(0, dtype=torch.int64, device=device)
+    return pad_to_k(z, i, i, k)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,182 @@
+"""Triton kernels of the sparse path on GPU: co-active pairs, their sums, their scores, and the
+gradient that follows the non-zeros.
+
+The input is CSR (row_ptr, cols, vals): row t holds the L0_t latents active on token t. Its
+co-active pairs (s < s' within the row; s = s' too for cosine, whose diagonal gives the norms)
+are numbered row by row, so every pair has a fixed slot and nothing here depends on the order
+in which programs run. The host side (aosae/ops/backends/sparse_triton.py) sorts the pair keys
+(CUB radix sort through torch.sort), so equal pairs from different rows sit side by side, in
+row order; `_reduce_kernel` sums each run in that order. The result is deterministic: no float
+atomics anywhere.
+
+Keys: i·n + j as int64, or shifted by −2³¹ into int32 when n² fits (half the sort's bytes).
+Pairs that do not count (a zero product) get the largest key and sort last.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+KEY32_SHIFT = 2**31
+
+
+@triton.jit
+def _emit_kernel(
+    row_ptr, cols_ptr, vals_ptr, pair_off_ptr, tile_row_ptr, tile_i_ptr, tile_j_ptr, n,
+    keys_ptr, prods_ptr,
+    DIAG: tl.constexpr, KEY32: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per (row, tile_i <= tile_j) tile of a row's entries: writes the key and the
+    product of every pair (s, s') with s < s' (s <= s' with DIAG) to the pair's fixed slot
+    pair_off[row] + (its rank in the row's upper triangle, row-major)."""
+    q = tl.program_id(0)
+    t = tl.load(tile_row_ptr + q)
+    ti = tl.load(tile_i_ptr + q)
+    tj = tl.load(tile_j_ptr + q)
+    start = tl.load(row_ptr + t)
+    l0 = tl.load(row_ptr + t + 1) - start
+    base = tl.load(pair_off_ptr + t)
+    s = ti * BLOCK + tl.arange(0, BLOCK)
+    s2 = tj * BLOCK + tl.arange(0, BLOCK)
+    in1 = s < l0
+    in2 = s2 < l0
+    c1 = tl.load(cols_ptr + start + s, mask=in1, other=0)
+    c2 = tl.load(cols_ptr + start + s2, mask=in2, other=0)
+    v1 = tl.load(vals_ptr + start + s, mask=in1, other=0.0).to(tl.float32)
+    v2 = tl.load(vals_ptr + start + s2, mask=in2, other=0.0).to(tl.float32)
+    s_col = s.to(tl.int64)[:, None]
+    s2_row = s2.to(tl.int64)[None, :]
+    if DIAG:
+        valid = in1[:, None] & in2[None, :] & (s_col <= s2_row)
+        rank = s_col * l0 - s_col * (s_col - 1) // 2 + (s2_row - s_col)
+    else:
+        valid = in1[:, None] & in2[None, :] & (s_col < s2_row)
+        rank = s_col * l0 - s_col * (s_col + 1) // 2 + (s2_row - s_col - 1)
+    prod = v1[:, None] * v2[None, :]
+    lo = tl.minimum(c1[:, None], c2[None, :]).to(tl.int64)
+    hi = tl.maximum(c1[:, None], c2[None, :]).to(tl.int64)
+    key = lo * n + hi
+    if KEY32:
+        key = tl.where(prod != 0.0, key - 2147483648, 2147483647).to(tl.int32)
+    else:
+        key = tl.where(prod != 0.0, key, 9223372036854775807)
+    tl.store(keys_ptr + base + rank, key, mask=valid)
+    tl.store(prods_ptr + base + rank, prod, mask=valid)
+
+
+@triton.jit
+def _reduce_kernel(
+    skeys_ptr, sprods_ptr, P, n, sums_ptr, sel_ptr, norm_sq_ptr,
+    COSINE: tl.constexpr, KEY32: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Over the sorted keys: the first slot of each run of equal keys gets the run's sum (in
+    row order); with COSINE a diagonal run (i, i) writes norm_sq[i] instead. Without COSINE the
+    selection key is written here too (see _selection_key); every other slot gets INT64_MAX."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = pos < P
+    key = tl.load(skeys_ptr + pos, mask=inside, other=0)
+    prev = tl.load(skeys_ptr + pos - 1, mask=inside & (pos > 0), other=0)
+    if KEY32:
+        live = key != 2147483647
+    else:
+        live = key != 9223372036854775807
+    head = inside & live & ((pos == 0) | (key != prev))
+    total = tl.load(sprods_ptr + pos, mask=head, other=0.0)
+    nxt = pos + 1
+    more = head & (nxt < P)
+    more = more & (tl.load(skeys_ptr + nxt, mask=more, other=0) == key)
+    while tl.max(more.to(tl.int32), axis=0) > 0:  # runs are short: a pair's rows in this batch
+        total += tl.load(sprods_ptr + nxt, mask=more, other=0.0)
+        nxt += 1
+        more = more & (nxt < P)
+        more = more & (tl.load(skeys_ptr + nxt, mask=more, other=0) == key)
+    flat = key.to(tl.int64)
+    if KEY32:
+        flat = flat + 2147483648
+    i = flat // n
+    j = flat - i * n
+    if COSINE:
+        diag = head & (i == j)
+        tl.store(norm_sq_ptr + i, total, mask=diag)
+        tl.store(sums_ptr + pos, tl.where(head & (i != j), total, 0.0), mask=inside)
+    else:
+        tl.store(sums_ptr + pos, tl.where(head, total, 0.0), mask=inside)
+        tl.store(sel_ptr + pos, _selection_key(total, pos, head), mask=inside)
+
+
+@triton.jit
+def _selection_key(value, pos, keep):
+    """An int64 that sorts ascending by (|value| desc, pos asc): 31 bits of reversed |value|
+    (a non-negative fp32 orders like its bits), 32 bits of the slot. The slots are in (i, j)
+    order, so this is the contract's tie order. INT64_MAX where not kept or zero."""
+    bits = tl.abs(value).to(tl.int32, bitcast=True).to(tl.int64)
+    key = ((2147483647 - bits) << 32) | pos.to(tl.int64)
+    return tl.where(keep & (value != 0.0), key, 9223372036854775807)
+
+
+@triton.jit
+def _cosine_score_kernel(
+    skeys_ptr, sums_ptr, norm_sq_ptr, P, n, sel_ptr,
+    KEY32: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Cosine: sums[pos] /= ‖f_i‖‖f_j‖ in place, then the selection key."""
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = pos < P
+    total = tl.load(sums_ptr + pos, mask=inside, other=0.0)
+    keep = inside & (total != 0.0)
+    flat = tl.load(skeys_ptr + pos, mask=keep, other=0).to(tl.int64)
+    if KEY32:
+        flat = flat + 2147483648
+    i = flat // n
+    j = flat - i * n
+    ni = tl.load(norm_sq_ptr + i, mask=keep, other=1.0)
+    nj = tl.load(norm_sq_ptr + j, mask=keep, other=1.0)
+    # a norm is 0 only when every square underflowed: cosine 0, as for a zero column
+    keep = keep & (ni > 0.0) & (nj > 0.0)
+    score = tl.where(keep, total / tl.sqrt(ni) / tl.sqrt(nj), 0.0)
+    tl.store(sums_ptr + pos, score, mask=inside)
+    tl.store(sel_ptr + pos, _selection_key(score, pos, keep), mask=inside)
+
+
+@triton.jit
+def _support_grad_kernel(
+    row_ptr, cols_ptr, y_ptr, work_row_ptr, work_blk_ptr, n,
+    sel_keys_ptr, sel_grad_ptr, num_sel, search_steps, grad_ptr,
+    BLOCK: tl.constexpr,
+):
+    """grad[e] = Σ_{e' in e's row, e' != e} G[col_e, col_e'] · y[e'] for the entries e of one
+    (row, block of BLOCK entries); G[i, j] = G[j, i] is the selected pair's upstream gradient
+    (0 when (i, j) is not selected), found by binary search in sel_keys (ascending i·n + j,
+    i < j). Each entry is written by one program, summed in a fixed order."""
+    q = tl.program_id(0)
+    t = tl.load(work_row_ptr + q)
+    blk = tl.load(work_blk_ptr + q)
+    start = tl.load(row_ptr + t)
+    l0 = tl.load(row_ptr + t + 1) - start
+    s = blk * BLOCK + tl.arange(0, BLOCK)
+    in1 = s < l0
+    c1 = tl.load(cols_ptr + start + s, mask=in1, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for b2 in range(0, l0, BLOCK):
+        s2 = b2 + tl.arange(0, BLOCK)
+        in2 = s2 < l0
+        c2 = tl.load(cols_ptr + start + s2, mask=in2, other=0).to(tl.int64)
+        y2 = tl.load(y_ptr + start + s2, mask=in2, other=0.0)
+        want = in1[:, None] & in2[None, :] & (c1[:, None] != c2[None, :])
+        query = tl.minimum(c1[:, None], c2[None, :]) * n + tl.maximum(c1[:, None], c2[None, :])
+        lo = tl.zeros((BLOCK, BLOCK), dtype=tl.int64)
+        hi = tl.zeros((BLOCK, BLOCK), dtype=tl.int64) + num_sel
+        for _ in range(search_steps):  # lower bound of query in sel_keys
+            open_ = lo < hi
+            mid = (lo + hi) // 2
+            at = tl.load(sel_keys_ptr + mid, mask=want & open_, other=0)
+            right = at < query
+            lo = tl.where(open_ & right, mid + 1, lo)
+            hi = tl.where(open_ & ~right, mid, hi)
+        found = want & (lo < num_sel)
+        found = found & (tl.load(sel_keys_ptr + lo, mask=found, other=-1) == query)
+        g = tl.load(sel_grad_ptr + lo, mask=found, other=0.0)
+        acc += tl.sum(g * y2[None, :], axis=1)
+    tl.store(grad_ptr + start + s, acc, mask=in1)

@@ -1,0 +1,151 @@
+"""The Triton sparse path (the GPU's sparse backend) under Triton's CPU interpreter: the same
+pairs as the float64 oracle, and the same gradient as the torch sparse backward, on random,
+tied, zero, TopK-padded and wide inputs; rows spanning several tiles (BLOCK 16 here)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'aosae[triton]')")
+
+from aosae.ops.backends import sparse, sparse_triton  # noqa: E402
+from aosae.ops.backward import gram_topk_sparse_backward, sparse_backward_torch  # noqa: E402
+from oracle import assert_identical, assert_matches_oracle  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton kernels were loaded without the interpreter", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch, seed):  # seed: fresh inputs per run, printed on failure
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def sparse_rows(B, n, max_l0, dtype=torch.float32):
+    """[B, n] with 0..max_l0 random non-zeros per row."""
+    a = torch.zeros(B, n)
+    for t in range(B):
+        l0 = int(torch.randint(0, max_l0 + 1, ()))
+        a[t, torch.randperm(n)[:l0]] = torch.randn(l0)
+    return a.to(dtype)
+
+
+def run_csr(a, k, cosine):
+    row_ptr, cols, vals = sparse.dense_to_csr_torch(a, keep_dtype=True)
+    return sparse_triton.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)
+
+
+def topk_rows(B, n, L, zero_share=0.2):
+    """TopK-style (indices, values) [B, L]: distinct latents per row, unsorted, some values 0."""
+    idx = torch.stack([torch.randperm(n)[:L] for _ in range(B)])
+    vals = torch.randn(B, L)
+    vals[torch.rand(B, L) < zero_share] = 0.0
+    return idx, vals
+
+
+@pytest.mark.parametrize("B,n,max_l0", [(1, 2, 2), (7, 50, 5), (9, 131, 40), (33, 64, 17)])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_csr_matches_oracle(B, n, max_l0, cosine):
+    a = sparse_rows(B, n, max_l0)
+    for k in sorted({1, 10, n * (n - 1) // 2}):
+        assert_matches_oracle(run_csr(a, k, cosine), a, k, cosine)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes(dtype):
+    a = sparse_rows(12, 60, 20, dtype)
+    for cosine in (False, True):
+        pairs = run_csr(a, 90, cosine)
+        assert pairs[0].dtype == torch.float32
+        assert_matches_oracle(pairs, a, 90, cosine)
+
+
+def test_ties_are_ordered_by_row_and_col():
+    # small integers: many exactly equal scores, all sums exact in fp32
+    a = sparse_rows(30, 40, 12)
+    a = torch.where(a != 0, torch.randint(1, 3, a.shape).float() * a.sign(), a)
+    for cosine in (False, True):
+        assert_matches_oracle(run_csr(a, 300, cosine), a, 300, cosine)
+
+
+def test_zeros_and_padding():
+    a = torch.zeros(5, 30)
+    values, rows, cols = run_csr(a, 7, False)
+    assert torch.equal(rows, torch.full((7,), -1)) and torch.equal(values, torch.zeros(7))
+    a[2, 3], a[2, 9], a[4, 3] = 1.0, -2.0, 5.0  # one non-zero pair: the rest padded
+    assert_matches_oracle(run_csr(a, 7, False), a, 7, False)
+    assert_matches_oracle(run_csr(a, 7, True), a, 7, True)
+
+
+def test_deterministic():
+    a = sparse_rows(25, 80, 30)
+    assert_identical(run_csr(a, 200, False), run_csr(a, 200, False))
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_topk_padded_matches_oracle_with_zero_slots(cosine):
+    idx, vals = topk_rows(10, 90, 23)
+    dense = torch.zeros(10, 90).scatter_(1, idx, vals)
+    for k in (1, 60, 90 * 89 // 2):
+        assert_matches_oracle(sparse_triton.padded_topk(idx, vals, 90, k, cosine), dense, k, cosine)
+
+
+def test_wide_keys_take_the_int64_path():
+    n = 70000  # i·n + j no longer fits an int32: 64-bit keys
+    assert not sparse_triton._key32(n, False) and sparse_triton._key32(65536, False)
+    assert not sparse_triton._key32(65536, True)  # the diagonal (65535, 65535) would hit the sentinel
+    idx, vals = topk_rows(6, n, 9, zero_share=0.0)
+    idx[:, 0] = n - 1  # the largest keys
+    pairs = sparse_triton.padded_topk(idx, vals, n, 50, False)
+    dense = torch.zeros(6, n).scatter_(1, idx, vals)
+    keep = torch.unique(idx)  # the oracle on the touched columns only (n² is too big)
+    sub = sparse_triton.padded_topk(torch.searchsorted(keep, idx), vals, keep.numel(), 50, False)
+    assert torch.equal(pairs[0], sub[0])  # column ranks keep every order: the same result
+    assert torch.equal(pairs[1][pairs[1] >= 0], keep[sub[1][sub[1] >= 0]])
+    assert torch.equal(pairs[2][pairs[2] >= 0], keep[sub[2][sub[2] >= 0]])
+    assert_matches_oracle(sub, dense[:, keep], 50, False)
+
+
+def test_tile_decode_covers_each_row_triangle():
+    q = torch.arange(200_000)
+    i, j = sparse_triton._tri_decode(q)
+    assert bool((i <= j).all()) and bool((i >= 0).all())
+    assert torch.equal(j * (j + 1) // 2 + i, q)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_matches_torch_sparse_backward(cosine, dtype):
+    idx, vals = topk_rows(6, 70, 21)  # 21 > BLOCK: each row spans two blocks
+    vals = vals.to(dtype)
+    for k in (5, 70 * 69 // 2):
+        out = sparse_triton.padded_topk(idx, vals, 70, k, cosine)
+        g = torch.randn(k)
+        got = gram_topk_sparse_backward(g, idx, vals, *out, 70, cosine, impl="triton")
+        want = sparse_backward_torch(g, idx, vals, *out, 70, cosine)
+        assert got.dtype == dtype and got.shape == vals.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * float(want.abs().max().clamp_min(1)), rtol=0)
+
+
+def test_gradient_through_csr_matches_dense_autograd():
+    a = sparse_rows(16, 50, 14).double()
+    k = 40
+    row_ptr, cols, vals = sparse.dense_to_csr_torch(a.float(), keep_dtype=True)
+    out = sparse_triton.csr_topk(row_ptr, cols, vals, 50, k, False)
+    g = torch.randn(k)
+    grad = sparse_triton.support_grad(row_ptr, cols, vals, 50, g, *out, False)
+    # dense reference: ∂/∂a of Σ g_p a_r·a_c at the non-zeros of a
+    x = a.clone().requires_grad_()
+    r, c = out[1].clamp_min(0), out[2].clamp_min(0)
+    ((x[:, r] * x[:, c]).sum(0) * torch.where(out[1] >= 0, g.double(), 0.0)).sum().backward()
+    t, cc = torch.nonzero(a, as_tuple=True)
+    torch.testing.assert_close(grad.double(), x.grad[t, cc], atol=1e-5, rtol=1e-5)
+
+
+def test_csr_topk_dispatch_rejects_float64_for_triton():
+    row_ptr, cols, vals = sparse.dense_to_csr_torch(sparse_rows(4, 10, 4).double())
+    with pytest.raises(RuntimeError, match="float16/bfloat16/float32"):
+        sparse.csr_topk(row_ptr, cols, vals, 10, 3, False, impl="triton")
+    out = sparse.csr_topk(row_ptr, cols, vals.float(), 10, 3, False, impl="triton")
+    assert out[0].dtype == torch.float32
