@@ -154,7 +154,7 @@ class TopKOrthoLoss(nn.Module):
         """forward(acts) for ReLU latents: the same penalty, but its gradient is kept at the
         non-zeros of acts (a sparse tensor), which is all a ReLU upstream passes on, so no dense
         [B, n_latents] gradient is built (aosae.ops.gram_topk_support). Falls back to forward()
-        where that path cannot run (CUDA, half precision, no aosae._C)."""
+        where that path cannot run (half precision on CPU, no aosae._C, CUDA without Triton)."""
         if not gram_topk_support.available(acts):
             return self(acts)
         k = self.k if self.k is not None else k_for_fraction(acts.shape[1], self.fraction)

@@ -10,7 +10,8 @@ decoder sends to a.
 
 Exact for everything upstream of a ReLU (or TopK). It is NOT the gradient w.r.t. a at its
 zeros, which `gram_topk`'s contract gives: use `gram_topk` when a itself is what you
-differentiate. CPU with aosae._C only; `available()` says whether it can run.
+differentiate. CPU with aosae._C (C++ backward), or CUDA with Triton (the backward of the
+Triton sparse kernels, aosae/ops/backends/sparse_triton.py); `available()` says whether it can run.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from aosae.ops import extension as _extension
 from aosae.ops.backends import sparse as sparse_backend
+from aosae.ops.backends import sparse_triton
 from aosae.ops.gram_topk import TopKPairs, check_finite, gram_topk, validate
 
 
@@ -28,19 +30,32 @@ def _ext():
     return module
 
 
+def _on_gpu(a: torch.Tensor) -> bool:
+    """Whether a takes the Triton path (CUDA, float16/bfloat16/float32, Triton installed)."""
+    return a.device.type == "cuda" and sparse_triton.usable(a)
+
+
 def available(a: torch.Tensor) -> bool:
-    """Whether gram_topk_on_support runs on a (CPU, float32/float64, aosae._C built with it)."""
+    """Whether gram_topk_on_support runs on a: CPU float32/float64 with aosae._C built with it,
+    or CUDA float16/bfloat16/float32 with Triton."""
+    if _on_gpu(a):
+        return True
     ext = _ext()
     return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and ext is not None \
         and hasattr(ext, "sparse_dense_to_csr")
 
 
+def _to_csr(a: torch.Tensor):
+    if _on_gpu(a):
+        return sparse_backend.dense_to_csr_torch(a, keep_dtype=True)
+    return _ext().sparse_dense_to_csr(a)
+
+
 class _OnSupport(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, k, similarity, backend, threshold):
-        ext = _ext()
         cosine = similarity == "cosine"
-        row_ptr, cols, vals = ext.sparse_dense_to_csr(a)
+        row_ptr, cols, vals = _to_csr(a)
         if not bool(torch.isfinite(vals).all()):  # NaN/Inf are non-zeros: checking vals covers a
             check_finite(a)  # raises, naming what is wrong
         if backend == "sparse" or (backend == "auto" and sparse_backend.prefers(a)):
@@ -49,22 +64,28 @@ class _OnSupport(torch.autograd.Function):
             out = tuple(gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold))
         values, rows, cols_sel = (t.contiguous() for t in out)
         ctx.save_for_backward(row_ptr, cols, vals, values, rows, cols_sel)
-        ctx.shape, ctx.dtype, ctx.cosine = a.shape, a.dtype, cosine
+        ctx.shape, ctx.dtype, ctx.cosine, ctx.gpu = a.shape, a.dtype, cosine, _on_gpu(a)
         ctx.mark_non_differentiable(rows, cols_sel)
         return values, rows, cols_sel
 
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
         csr, pairs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
-        return support_backward(grad_values, csr, pairs, ctx.shape, ctx.dtype, ctx.cosine), None, None, None, None
+        grad = support_backward(grad_values, csr, pairs, ctx.shape, ctx.dtype, ctx.cosine, gpu=ctx.gpu)
+        return grad, None, None, None, None
 
 
-def support_backward(grad_values, csr, pairs, shape, dtype, cosine: bool) -> torch.Tensor:
+def support_backward(grad_values, csr, pairs, shape, dtype, cosine: bool, gpu: bool = False) -> torch.Tensor:
     """The gradient of the selected scores at the non-zeros of a [B, n] given as CSR
-    (row_ptr, cols, vals), as a coalesced sparse COO tensor of `shape` and `dtype`."""
+    (row_ptr, cols, vals), as a coalesced sparse COO tensor of `shape` and `dtype`.
+    gpu: the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) instead of the C++ one."""
     row_ptr, cols, vals = csr
-    grad = _ext().gram_topk_support_backward_cpu(grad_values, row_ptr, cols, vals, *pairs, shape[1], cosine)
-    row_of = torch.repeat_interleave(torch.arange(shape[0]), row_ptr[1:] - row_ptr[:-1], output_size=cols.numel())
+    if gpu:
+        grad = sparse_triton.support_grad(row_ptr, cols, vals, shape[1], grad_values, *pairs, cosine)
+    else:
+        grad = _ext().gram_topk_support_backward_cpu(grad_values, row_ptr, cols, vals, *pairs, shape[1], cosine)
+    rows = torch.arange(shape[0], device=cols.device)
+    row_of = torch.repeat_interleave(rows, row_ptr[1:] - row_ptr[:-1], output_size=cols.numel())
     return torch.sparse_coo_tensor(
         torch.stack([row_of, cols]), grad.to(dtype), shape, is_coalesced=True, check_invariants=False
     )
@@ -87,7 +108,8 @@ def gram_topk_on_support(
     if not available(a):
         raise RuntimeError(
             "gram_topk_on_support needs a float32/float64 CPU tensor and aosae._C built with "
-            f"gram_topk_support_backward_cpu (got {a.dtype} on {a.device}); use aosae.gram_topk instead, "
+            "gram_topk_support_backward_cpu, or a float16/bfloat16/float32 CUDA tensor and Triton "
+            f"(got {a.dtype} on {a.device}); use aosae.gram_topk instead, "
             "or rebuild: pip install --no-build-isolation -e ."
         )
     if not torch.is_grad_enabled() or not a.requires_grad:

@@ -48,17 +48,21 @@ class SAEObjective:
             out = self.sae(x)
             recon = (x - out.x_hat.float()).pow(2).sum(-1).mean()
             l1 = out.latents.float().abs().sum(-1).mean()
+            # On GPU the latents stay in autocast's bf16: the kernels read bf16 with tensor cores
+            # and accumulate in fp32 (an fp32 copy would double the bytes and lose the tensor cores)
+            latents = out.latents if cuda else out.latents.float()
             if not bool(torch.isfinite(out.latents).all()):  # the op rejects NaN input: let the guard report it
                 penalty = torch.full((), float("nan"), device=x.device)
             elif isinstance(self.ortho, RedundancyPenalty):  # variants that also read the decoder
-                penalty = self.ortho(out.latents.float(), self.sae.W_dec)
+                penalty = self.ortho(latents, self.sae.W_dec)
             elif isinstance(self.ortho, TopKOrthoLoss) and out.topk_indices is not None:
                 # TopK SAE: the kept (indices, values) go to the sparse op, never a dense [B, n] pass
-                penalty = self.ortho.from_topk(out.topk_indices, out.topk_values.float(), self.sae.d_sae)
+                values = out.topk_values if cuda else out.topk_values.float()
+                penalty = self.ortho.from_topk(out.topk_indices, values, self.sae.d_sae)
             elif self.ortho is not None:
                 # ReLU: C = fᵀf / B per token; the gradient stays on f's non-zeros (all the ReLU
-                # passes on), so no dense [B, n] penalty gradient is built (CPU)
-                penalty = self.ortho.on_support(out.latents.float())
+                # passes on), so no dense [B, n] penalty gradient is built
+                penalty = self.ortho.on_support(latents)
             else:
                 penalty = torch.zeros((), device=x.device)
         loss = recon + self.l1_coeff * l1 + self.tau.tau * penalty

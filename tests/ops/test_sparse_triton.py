@@ -149,3 +149,27 @@ def test_csr_topk_dispatch_rejects_float64_for_triton():
         sparse.csr_topk(row_ptr, cols, vals, 10, 3, False, impl="triton")
     out = sparse.csr_topk(row_ptr, cols, vals.float(), 10, 3, False, impl="triton")
     assert out[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_on_support_through_triton_matches_gram_topk_gradient(monkeypatch, similarity):
+    """gram_topk_on_support's GPU path (CSR by torch, the Triton forward and backward), run here
+    on CPU tensors through the interpreter: the SAE's gradient through a ReLU equals gram_topk's."""
+    from aosae.ops import gram_topk_support
+    from aosae.ops.gram_topk import gram_topk
+
+    monkeypatch.setattr(gram_topk_support, "_on_gpu", sparse_triton.usable)
+    pre = torch.randn(24, 45)
+    pre[0] += 2.0  # an outlier row firing on most latents
+    k, grads, selections = 50, [], []
+    for op in (gram_topk, gram_topk_support.gram_topk_on_support):
+        p = pre.clone().requires_grad_()
+        a = torch.relu(p - 1.0)
+        x_hat = a @ torch.ones(45, 3)  # the decoder: autograd adds the sparse gradient into its dense one
+        pairs = op(a, k, similarity=similarity, backend="sparse")
+        (x_hat.pow(2).sum() + (pairs.values.abs() * torch.linspace(1, 2, k)).sum()).backward()
+        grads.append(p.grad)
+        selections.append(pairs)
+    for got, want in zip(selections[1], selections[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
