@@ -69,63 +69,16 @@ def threshold_from_histogram(hist: torch.Tensor, k: int, num_pairs: int) -> tupl
     return float(edge), int(from_top[b - 1])
 
 
-def gram_topk_triton(
-    a: torch.Tensor,
-    k: int,
-    cosine: bool = False,
-    threshold: float | None = None,
-    *,
-    capacity: int | None = None,
-    max_capacity: int | None = None,
-    sample_size: int = 1024,
-    margin: float = 2.0,
-    hint_margin: float = 0.9,
-    block: int | None = None,
-    block_k: int | None = None,
-):
-    """Exact top-k pairs of C = aᵀa (or the cosine matrix) with the fused Triton kernel.
-
-    Args:
-        a: [m, n] float16/bfloat16/float32 on CUDA (or CPU under TRITON_INTERPRET=1),
-            any strides. Scores are accumulated in fp32.
-        k: 1 <= k <= n(n-1)/2.
-        cosine: score a_i·a_j / (‖a_i‖‖a_j‖) instead of a_i·a_j.
-        threshold: hint, about the k-th |score| (e.g. the previous step's); the first pass
-            uses hint · hint_margin. Only the number of passes depends on it.
-        capacity: candidate buffer size of the first pass (default 4k + 1024).
-        max_capacity: largest buffer a retry may grow to before the threshold is re-estimated
-            instead (default 16k + 2^20); the histogram stage allocates what it needs.
-        sample_size, margin: cold start from the columns sample, aiming at margin · k pairs.
-        block, block_k: tile sizes (powers of two >= 16); defaults per device and dtype.
-
-    Returns:
-        (values [k] fp32, rows [k] int64, cols [k] int64), the aosae.gram_topk contract:
-        |value| desc, ties by (row, col) asc, empty slots (0, -1, -1).
-    """
-    if a.dtype not in supported_dtypes():
-        raise TypeError(f"the triton kernel takes float16/bfloat16/float32 input, got {a.dtype}; convert with a.float()")
-    if a.dim() != 2:
-        raise ValueError(f"expected a 2-D tensor [m, n], got shape {tuple(a.shape)}")
-    if a.device.type != "cuda" and not triton_interpreting():
-        raise ValueError(
-            f"the triton kernel runs on CUDA tensors, got a tensor on {a.device}; "
-            f"move it with a.cuda() or set TRITON_INTERPRET=1 (before importing triton) to interpret it on CPU"
-        )
+def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
+    """The two kernel passes over all upper-triangle tiles of a, launched with cfg:
+    collect(threshold, capacity) -> count (candidates land in buffers["vals"/"rows"/"cols"])
+    and histogram() -> int64 [HIST_BINS]. Used by gram_topk_triton and the tuning benchmark."""
     m, n = a.shape
-    num_pairs = n * (n - 1) // 2
-    if not 1 <= k <= num_pairs:
-        raise ValueError(f"k must be in [1, {num_pairs}] for n = {n}, got {k}")
     device = a.device
-    cfg = _config(a.dtype, n)
-    if block is not None:
-        cfg["BLOCK"] = block
-    if block_k is not None:
-        cfg["BLOCK_K"] = block_k
     blk = cfg["BLOCK"]
-    inv_norm = inverse_column_norms(a) if cosine else None
     tile_bi, tile_bj = _tile_order(triton.cdiv(n, blk), cfg["group"], str(device))
     common = dict(
-        COSINE=cosine, BLOCK=blk, BLOCK_K=cfg["BLOCK_K"],
+        COSINE=inv_norm is not None, BLOCK=blk, BLOCK_K=cfg["BLOCK_K"],
         EVEN_M=m % cfg["BLOCK_K"] == 0, EVEN_N=n % blk == 0,
         CAST_FP32=triton_interpreting() and a.dtype != torch.float32,
         IEEE=a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
@@ -134,7 +87,7 @@ def gram_topk_triton(
     args = (a, a if inv_norm is None else inv_norm, tile_bi, tile_bj, m, n, a.stride(0), a.stride(1))
     grid = (tile_bi.numel(),)
     counter = torch.zeros(1, dtype=torch.int64, device=device)
-    buffers = {}
+    buffers: dict = {}
 
     def collect(thr: float, cap: int) -> int:
         if buffers.get("cap") != cap:
@@ -153,6 +106,67 @@ def gram_topk_triton(
         hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
         _histogram_kernel[grid](*args, hist, SHIFT=HIST_SHIFT, NUM_BINS=HIST_BINS, **common)
         return hist
+
+    return collect, histogram, buffers
+
+
+def gram_topk_triton(
+    a: torch.Tensor,
+    k: int,
+    cosine: bool = False,
+    threshold: float | None = None,
+    *,
+    capacity: int | None = None,
+    max_capacity: int | None = None,
+    sample_size: int = 1024,
+    margin: float = 2.0,
+    hint_margin: float = 0.9,
+    block: int | None = None,
+    block_k: int | None = None,
+    config: dict | None = None,
+):
+    """Exact top-k pairs of C = aᵀa (or the cosine matrix) with the fused Triton kernel.
+
+    Args:
+        a: [m, n] float16/bfloat16/float32 on CUDA (or CPU under TRITON_INTERPRET=1),
+            any strides. Scores are accumulated in fp32.
+        k: 1 <= k <= n(n-1)/2.
+        cosine: score a_i·a_j / (‖a_i‖‖a_j‖) instead of a_i·a_j.
+        threshold: hint, about the k-th |score| (e.g. the previous step's); the first pass
+            uses hint · hint_margin. Only the number of passes depends on it.
+        capacity: candidate buffer size of the first pass (default 4k + 1024).
+        max_capacity: largest buffer a retry may grow to before the threshold is re-estimated
+            instead (default 16k + 2^20); the histogram stage allocates what it needs.
+        sample_size, margin: cold start from the columns sample, aiming at margin · k pairs.
+        block, block_k: tile sizes (powers of two >= 16); defaults per device and dtype.
+        config: overrides of the launch configuration (BLOCK, BLOCK_K, num_warps,
+            num_stages, group), for tuning: see benchmarks/gpu_triton_tune.py.
+
+    Returns:
+        (values [k] fp32, rows [k] int64, cols [k] int64), the aosae.gram_topk contract:
+        |value| desc, ties by (row, col) asc, empty slots (0, -1, -1).
+    """
+    if a.dtype not in supported_dtypes():
+        raise TypeError(f"the triton kernel takes float16/bfloat16/float32 input, got {a.dtype}; convert with a.float()")
+    if a.dim() != 2:
+        raise ValueError(f"expected a 2-D tensor [m, n], got shape {tuple(a.shape)}")
+    if a.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"the triton kernel runs on CUDA tensors, got a tensor on {a.device}; "
+            f"move it with a.cuda() or set TRITON_INTERPRET=1 (before importing triton) to interpret it on CPU"
+        )
+    m, n = a.shape
+    num_pairs = n * (n - 1) // 2
+    if not 1 <= k <= num_pairs:
+        raise ValueError(f"k must be in [1, {num_pairs}] for n = {n}, got {k}")
+    cfg = _config(a.dtype, n)
+    if block is not None:
+        cfg["BLOCK"] = block
+    if block_k is not None:
+        cfg["BLOCK_K"] = block_k
+    cfg.update(config or {})
+    inv_norm = inverse_column_norms(a) if cosine else None
+    collect, histogram, buffers = make_passes(a, inv_norm, cfg)
 
     cap = max(1, min(num_pairs, capacity if capacity is not None else 4 * k + 1024))
     cap_limit = max(cap, min(num_pairs, max_capacity if max_capacity is not None else 16 * k + (1 << 20)))
