@@ -47,11 +47,11 @@ COST = {
     "cpu": {"fixed": 2e6, "scan": 1.0, "mac": 0.013},
     # pure-torch path on CPU (aosae._C without the sparse kernel): ~50x slower per pair, no block.
     "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.013},
-    # CUDA: estimates, not refitted (the first H200 run, benchmarks/NOTES.md, measured ~1.4 ns
-    # per pair at n = 16384, L0 = 64, B = 4096, fixed cost included). Estimates: the torch-ops path streams ~20 passes of
-    # 8-16 bytes per pair (~0.5 ns/pair incl. sort) plus ~1 ms of launches; the fused
-    # tensor-core kernel ~1e-5 ns per multiply-add (~200 TFLOP/s effective). No block.
-    "cuda": {"fixed": 1e6, "scan": 0.005, "pair": 0.5, "mac": 1e-5},
+    # CUDA: the Triton sparse kernels' predicted ~0.2 ns per pair (two radix sorts and ~5
+    # streaming passes over the pairs; benchmarks/NOTES.md, not yet measured on a GPU) plus
+    # ~0.3 ms of launches and the CSR's host sync; the fused dense kernel ~1e-5 ns per
+    # multiply-add (the first H200 run: 4.75 ms for m = 4096, n = 16384, bf16). No block.
+    "cuda": {"fixed": 3e5, "scan": 0.005, "pair": 0.2, "mac": 1e-5},
 }
 # Never pick sparse on its own when the pair list alone would exceed this many pairs
 # (~8 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
