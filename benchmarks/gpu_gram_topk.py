@@ -118,7 +118,8 @@ def skip_reason(err: BaseException) -> str:
 
     if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
         return "out of memory"
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    lines = str(err).strip().splitlines()  # a bare AssertionError has no message
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def free(device: str):

@@ -318,6 +318,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+        os.environ["AOSAE_SPARSE_TRITON"] = "1"  # the sparse path takes the GPU's Triton route, interpreted
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU here; use --device cpu --quick for a dry run", file=sys.stderr)
         return 2

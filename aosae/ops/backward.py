@@ -112,7 +112,7 @@ def gram_topk_sparse_backward(grad_out, indices, values, out_values, rows, cols,
     """Gradient of gram_topk_sparse's selected scores w.r.t. values [B, L] (indices [B, L]
     int64, distinct per row). impl: "auto" (C++ on CPU when built, Triton on CUDA), "cpp",
     "triton" or "torch"."""
-    if impl == "triton" or (impl == "auto" and values.device.type == "cuda" and sparse_triton.usable(values)):
+    if impl == "triton" or (impl == "auto" and sparse_triton.preferred(values)):
         return sparse_triton.padded_grad(indices, values, n, grad_out, out_values, rows, cols, cosine)
     kernel = _cpp("gram_topk_sparse_backward_cpu") if values.device.type == "cpu" and impl != "torch" else None
     if impl == "cpp" and kernel is None:

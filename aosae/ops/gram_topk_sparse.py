@@ -120,7 +120,7 @@ def to_csr(indices: torch.Tensor, values: torch.Tensor, n: int):
 def _gram_topk_sparse_op(
     indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if values.device.type == "cuda" and sparse_triton.usable(values):
+    if sparse_triton.preferred(values):
         _check_data(indices, values, n_latents)  # the rows are read in place, zeros and all
         out = sparse_triton.padded_topk(indices, values, n_latents, k, similarity == "cosine")
     else:

@@ -32,7 +32,7 @@ def _ext():
 
 def _on_gpu(a: torch.Tensor) -> bool:
     """Whether a takes the Triton path (CUDA, float16/bfloat16/float32, Triton installed)."""
-    return a.device.type == "cuda" and sparse_triton.usable(a)
+    return sparse_triton.preferred(a)
 
 
 def available(a: torch.Tensor) -> bool:

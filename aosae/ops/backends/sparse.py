@@ -163,12 +163,12 @@ def forward(a: torch.Tensor, k: int, cosine: bool, threshold: float | None = Non
 
     `threshold` is ignored: the pair list is built in full either way.
     """
+    if sparse_triton.preferred(a):
+        row_ptr, cols, vals = dense_to_csr_torch(a, keep_dtype=True)
+        return sparse_triton.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)
     ext = cpp_module() if a.device.type == "cpu" else None
     if ext is not None:
         return tuple(ext.gram_topk_sparse_cpu(a, k, cosine))
-    if a.device.type == "cuda" and sparse_triton.usable(a):
-        row_ptr, cols, vals = dense_to_csr_torch(a, keep_dtype=True)
-        return sparse_triton.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)
     row_ptr, cols, vals = dense_to_csr_torch(a)
     return csr_topk_torch(row_ptr, cols, vals, a.shape[1], k, cosine)
 
@@ -182,7 +182,7 @@ def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, impl: str = "aut
     """
     if impl not in ("auto", "cpp", "triton", "torch"):
         raise ValueError(f"impl must be 'auto', 'cpp', 'triton' or 'torch', got {impl!r}")
-    if impl == "triton" or (impl == "auto" and vals.device.type == "cuda" and sparse_triton.usable(vals)):
+    if impl == "triton" or (impl == "auto" and sparse_triton.preferred(vals)):
         if not sparse_triton.usable(vals):
             raise RuntimeError(
                 f"the Triton sparse kernels need Triton and float16/bfloat16/float32 values on CUDA "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import torch
 
@@ -24,6 +25,7 @@ from aosae.machine import triton_interpreting
 from aosae.ops.conventions import pad_to_k
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FORCE_ENV = "AOSAE_SPARSE_TRITON"
 _INT64_MAX = 2**63 - 1
 
 
@@ -33,6 +35,14 @@ def usable(t: torch.Tensor) -> bool:
     if t.dtype not in DTYPES or importlib.util.find_spec("triton") is None:
         return False
     return t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreting())
+
+
+def preferred(t: torch.Tensor) -> bool:
+    """Whether the sparse path should run these kernels on t: on CUDA whenever they can, and on
+    CPU only when AOSAE_SPARSE_TRITON=1 asks for them (with TRITON_INTERPRET=1: dry runs of
+    the GPU path, e.g. benchmarks/gpu_suite.py --device cpu). Elsewhere C++ or torch runs."""
+    forced = t.device.type == "cpu" and os.environ.get(FORCE_ENV, "0") == "1"
+    return (t.device.type == "cuda" or forced) and usable(t)
 
 
 def _block(gpu: int) -> int:
