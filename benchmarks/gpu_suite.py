@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 START = time.monotonic()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_gram_topk import REPO, import_aosae  # noqa: E402  (stdlib only at import time)
+from gpu_gram_topk import REPO, import_aosae, peak_extra_mib  # noqa: E402  (stdlib only at import time)
 
 from gpu_checks import DTYPES, call, checked, gaussian, ref_skip, topk_input  # noqa: E402
 from gpu_report import plot, summarize  # noqa: E402
@@ -148,14 +148,8 @@ class Suite:
         return start.elapsed_time(end)
 
     def peak(self, fn):
-        if not self.cfg.cuda:
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+        mib = peak_extra_mib(fn, self.cfg.device)
+        return None if mib is None else round(mib, 1)
 
     def time_arms(self, arms: dict, warmup=None, reps=None) -> dict:
         """Rounds over all arms (order flipped each round, so drift hits every arm alike), then one
