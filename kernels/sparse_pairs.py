@@ -69,10 +69,10 @@ def _emit_kernel(
 @triton.jit
 def _reduce_kernel(
     skeys_ptr, sprods_ptr, P, n, sums_ptr, sel_ptr, norm_sq_ptr,
-    COSINE: tl.constexpr, KEY32: tl.constexpr, BLOCK: tl.constexpr,
+    COSINE: tl.constexpr, KEY32: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Over the sorted keys: the first slot of each run of equal keys gets the run's sum (in
-    row order); with COSINE a diagonal run (i, i) writes norm_sq[i] instead. Without COSINE the
+    """Over the sorted keys: the first slot of each run of equal keys gets the run's sum (in a
+    fixed order: row order, CHUNK slots at a time); with COSINE a diagonal run (i, i) writes norm_sq[i] instead. Without COSINE the
     selection key is written here too (see _selection_key); every other slot gets INT64_MAX."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pos < P
@@ -87,9 +87,14 @@ def _reduce_kernel(
     nxt = pos + 1
     more = head & (nxt < P)
     more = more & (tl.load(skeys_ptr + nxt, mask=more, other=0) == key)
-    while tl.max(more.to(tl.int32), axis=0) > 0:  # runs are short: a pair's rows in this batch
-        total += tl.load(sprods_ptr + nxt, mask=more, other=0.0)
-        nxt += 1
+    # a run holds the rows where its pair fires (a frequent latent's diagonal: thousands), so it
+    # is walked CHUNK slots at a time; a run is contiguous, so "equal key" is "inside the run"
+    while tl.max(more.to(tl.int32), axis=0) > 0:
+        offs = nxt[:, None] + tl.arange(0, CHUNK)[None, :]
+        inrun = more[:, None] & (offs < P)
+        inrun = inrun & (tl.load(skeys_ptr + offs, mask=inrun, other=0) == key[:, None])
+        total += tl.sum(tl.load(sprods_ptr + offs, mask=inrun, other=0.0), axis=1)
+        nxt += CHUNK
         more = more & (nxt < P)
         more = more & (tl.load(skeys_ptr + nxt, mask=more, other=0) == key)
     flat = key.to(tl.int64)
@@ -133,9 +138,10 @@ def _cosine_score_kernel(
     j = flat - i * n
     ni = tl.load(norm_sq_ptr + i, mask=keep, other=1.0)
     nj = tl.load(norm_sq_ptr + j, mask=keep, other=1.0)
-    # a norm is 0 only when every square underflowed: cosine 0, as for a zero column
+    # a norm is 0 only when every square underflowed: cosine 0, as for a zero column. IEEE
+    # sqrt and division: the compiled defaults (sqrt.approx.ftz) would flush a subnormal norm to 0
     keep = keep & (ni > 0.0) & (nj > 0.0)
-    score = tl.where(keep, total / tl.sqrt(ni) / tl.sqrt(nj), 0.0)
+    score = tl.where(keep, tl.div_rn(tl.div_rn(total, tl.sqrt_rn(ni)), tl.sqrt_rn(nj)), 0.0)
     tl.store(sums_ptr + pos, score, mask=inside)
     tl.store(sel_ptr + pos, _selection_key(score, pos, keep), mask=inside)
 

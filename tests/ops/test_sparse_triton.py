@@ -199,3 +199,21 @@ def test_public_ops_route_through_triton_when_asked(monkeypatch, similarity):
     # from the reference's)
     want = sparse_backward_torch(pairs.values.detach().sign(), idx, vals, *(t.detach() for t in pairs), 50, similarity == "cosine")
     torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_long_runs_span_chunks_and_blocks(cosine):
+    # 3 latents on every one of 150 rows: runs of 150 equal keys, over many reduce blocks and
+    # CHUNK-sized steps; plus sparse noise so the runs start at odd offsets
+    a = sparse_rows(150, 40, 3)
+    a[:, [5, 17, 33]] = torch.rand(150, 3) + 0.5
+    assert_matches_oracle(run_csr(a, 100, cosine), a, 100, cosine)
+
+
+def test_tiny_activations_keep_a_finite_cosine():
+    a = torch.zeros(4, 6)
+    a[0, 1], a[0, 2] = 1e-20, 1e-20  # squares underflow to subnormals: cosine 1, not inf
+    a[1, 3], a[1, 4] = 1.0, 2.0
+    values, rows, cols = run_csr(a, 3, True)
+    assert bool(torch.isfinite(values).all())
+    assert_matches_oracle((values, rows, cols), a, 3, True)

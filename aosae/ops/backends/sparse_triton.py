@@ -5,7 +5,7 @@
     -> sum each run of equal keys, score it                              (_reduce_kernel)
     -> sort the scores' selection keys, keep the first k.
 
-Work O(Σ_t L0_t²) plus two sorts of that many keys; no float atomics (deterministic); no host
+Work O(Σ_t L0_t²) plus two sorts of that many keys; no float atomics (a deterministic forward); no host
 sync when the sizes are known from the shapes (TopK input [B, L]), one otherwise (CSR input:
 how many pairs and tiles). The backward (`support_grad`) follows the same rows: each entry's
 gradient sums its row partners' G[i, j] · y, G looked up among the k selected keys.
@@ -15,6 +15,7 @@ check `usable(t)` first.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -87,30 +88,40 @@ def _pair_layout(row_ptr: torch.Tensor, diag: bool, block: int, sizes: tuple[int
     return torch.cumsum(pairs, 0) - pairs, total_pairs, tile_row, ti.to(torch.int32), tj.to(torch.int32)
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's (a tensor on cuda:1, say)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, *, sizes: tuple[int, int] | None = None):
     """Top-k pairs of the [R, n] matrix given as CSR (row_ptr [R+1] int64, cols [nnz] int64
     distinct within a row, any order; vals [nnz] float16/bfloat16/float32). Zeros in vals are
     allowed and count for nothing. sizes = (pairs, tiles) skips the host sync that counts them
     (see padded_topk). Returns (values [k] fp32, rows [k] int64, cols [k] int64), contract order.
     """
+    with _on_device(vals):
+        return _csr_topk(row_ptr, cols, vals, n, k, cosine, sizes)
+
+
+def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     from aosae.kernels import sparse_pairs as kern  # Triton: imported only when used
 
     device = vals.device
     block = _block(64)
     key32 = _key32(n, cosine)
     pair_off, total, tile_row, ti, tj = _pair_layout(row_ptr, cosine, block, sizes)
-    if total >= 2**32:
+    if total > 2**31 - 1:  # torch.sort (CUB) sorts at most INT_MAX elements
         raise ValueError(
-            f"{total} co-active pairs in this batch: more than the sparse path's 2^32 (and ~{total * 40 >> 30} GiB); "
+            f"{total} co-active pairs in this batch: more than the sparse path's 2^31 - 1 (and ~{total * 40 >> 30} GiB); "
             f"use a smaller batch, or backend='triton' (dense) for activations this dense"
         )
     if total == 0:
         return _empty(device, k)
     keys = torch.empty(total, dtype=torch.int32 if key32 else torch.int64, device=device)
     prods = torch.empty(total, dtype=torch.float32, device=device)
-    kern._emit_kernel[(tile_row.numel(),)](
+    kern._emit_kernel[(tile_row.numel(),)](  # 8 warps: a 64 × 64 tile of int64 keys spills at 4
         row_ptr, cols, vals, pair_off, tile_row, ti, tj, n, keys, prods,
-        DIAG=cosine, KEY32=key32, BLOCK=block, num_warps=4,
+        DIAG=cosine, KEY32=key32, BLOCK=block, num_warps=8,
     )
     skeys, perm = torch.sort(keys, stable=True)  # stable: each run's products stay in row order
     del keys
@@ -122,7 +133,7 @@ def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, *, sizes: tuple[
     rblock = _block(1024)
     grid = (triton_cdiv(total, rblock),)
     kern._reduce_kernel[grid](skeys, sprods, total, n, sums, sel, norm_sq,
-                              COSINE=cosine, KEY32=key32, BLOCK=rblock, num_warps=4)
+                              COSINE=cosine, KEY32=key32, BLOCK=rblock, CHUNK=8, num_warps=4)
     del sprods
     if cosine:
         kern._cosine_score_kernel[grid](skeys, sums, norm_sq, total, n, sel, KEY32=key32, BLOCK=rblock, num_warps=4)
@@ -156,6 +167,11 @@ def support_grad(row_ptr, cols, vals, n: int, grad_out, out_values, rows, cols_s
     x̂ = x / ‖f_c‖, u_i = Σ_{p ∋ i} g_p v_p. grad_out/out_values/rows/cols_sel [k] as returned by
     csr_topk (empty slots -1). `blocks` = Σ_t ceil(L0_t / BLOCK) skips its host sync.
     Returns fp32 [nnz]."""
+    with _on_device(vals):
+        return _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, cosine, blocks)
+
+
+def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, cosine, blocks):
     from aosae.kernels import sparse_pairs as kern
 
     device = vals.device
