@@ -147,15 +147,45 @@ def _cosine_score_kernel(
 
 
 @triton.jit
+def _slot(key, mask_bits, SHIFT: tl.constexpr):
+    """Home slot of a key in a table of mask_bits + 1 = 2^(64 − SHIFT) slots: the high bits of a
+    multiplicative hash (the PCG multiplier, odd and below 2^63 so it stays a signed int64)."""
+    return ((key * 6364136223846793005) >> SHIFT) & mask_bits
+
+
+@triton.jit
+def _table_insert_kernel(
+    keys_ptr, g_ptr, K, table_keys_ptr, table_g_ptr, mask_bits,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Inserts the selected pairs (key i·n + j, upstream gradient g) into an open-addressing table
+    (empty = −1, linear probing); keys < 0 (empty selection slots) are skipped. The keys are
+    distinct, so the table's content does not depend on the order of the inserts, only its layout."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    key = tl.load(keys_ptr + e, mask=e < K, other=-1)
+    g = tl.load(g_ptr + e, mask=e < K, other=0.0)
+    pending = key >= 0
+    # lanes with nothing to insert compare against −2, which no slot holds: their CAS never writes
+    slot = tl.where(pending, _slot(key, mask_bits, SHIFT), e & mask_bits)
+    while tl.max(pending.to(tl.int32), axis=0) > 0:  # cmp and val int64, as the table: a 64-bit CAS
+        empty = tl.where(pending, -1, -2).to(tl.int64)
+        old = tl.atomic_cas(table_keys_ptr + slot, empty, tl.where(pending, key, -2).to(tl.int64))
+        won = pending & (old == -1)
+        tl.store(table_g_ptr + slot, g, mask=won)
+        pending = pending & ~won
+        slot = tl.where(pending, (slot + 1) & mask_bits, slot)
+
+
+@triton.jit
 def _support_grad_kernel(
     row_ptr, cols_ptr, y_ptr, work_row_ptr, work_blk_ptr, n,
-    sel_keys_ptr, sel_grad_ptr, num_sel, search_steps, grad_ptr,
-    BLOCK: tl.constexpr,
+    table_keys_ptr, table_g_ptr, mask_bits, grad_ptr,
+    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """grad[e] = Σ_{e' in e's row, e' != e} G[col_e, col_e'] · y[e'] for the entries e of one
     (row, block of BLOCK entries); G[i, j] = G[j, i] is the selected pair's upstream gradient
-    (0 when (i, j) is not selected), found by binary search in sel_keys (ascending i·n + j,
-    i < j). Each entry is written by one program, summed in a fixed order."""
+    (0 when (i, j) is not selected), looked up in the table of _table_insert_kernel (≈ 1.5
+    probes at its load factor ≤ 1/2). Each entry is written by one program, summed in a fixed order."""
     q = tl.program_id(0)
     t = tl.load(work_row_ptr + q)
     blk = tl.load(work_blk_ptr + q)
@@ -170,19 +200,15 @@ def _support_grad_kernel(
         in2 = s2 < l0
         c2 = tl.load(cols_ptr + start + s2, mask=in2, other=0).to(tl.int64)
         y2 = tl.load(y_ptr + start + s2, mask=in2, other=0.0)
-        want = in1[:, None] & in2[None, :] & (c1[:, None] != c2[None, :])
+        probing = in1[:, None] & in2[None, :] & (c1[:, None] != c2[None, :])
         query = tl.minimum(c1[:, None], c2[None, :]) * n + tl.maximum(c1[:, None], c2[None, :])
-        lo = tl.zeros((BLOCK, BLOCK), dtype=tl.int64)
-        hi = tl.zeros((BLOCK, BLOCK), dtype=tl.int64) + num_sel
-        for _ in range(search_steps):  # lower bound of query in sel_keys
-            open_ = lo < hi
-            mid = (lo + hi) // 2
-            at = tl.load(sel_keys_ptr + mid, mask=want & open_, other=0)
-            right = at < query
-            lo = tl.where(open_ & right, mid + 1, lo)
-            hi = tl.where(open_ & ~right, mid, hi)
-        found = want & (lo < num_sel)
-        found = found & (tl.load(sel_keys_ptr + lo, mask=found, other=-1) == query)
-        g = tl.load(sel_grad_ptr + lo, mask=found, other=0.0)
+        slot = _slot(query, mask_bits, SHIFT)
+        g = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        while tl.max(tl.max(probing.to(tl.int32), axis=1), axis=0) > 0:
+            at = tl.load(table_keys_ptr + slot, mask=probing, other=-1)
+            hit = probing & (at == query)
+            g = tl.where(hit, tl.load(table_g_ptr + slot, mask=hit, other=0.0), g)
+            probing = probing & (at != query) & (at != -1)  # an empty slot ends the probe: absent
+            slot = (slot + 1) & mask_bits
         acc += tl.sum(g * y2[None, :], axis=1)
     tl.store(grad_ptr + start + s, acc, mask=in1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import math
 import os
 
 import torch
@@ -179,10 +178,15 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
     x = vals.float()
     valid = rows >= 0
     g = torch.where(valid, grad_out.float(), torch.zeros((), device=device))
-    # selected keys ascending (empty slots last, never matched); G's lookup table
-    keys = torch.where(valid, rows * n + cols_sel, torch.full_like(rows, _INT64_MAX))
-    keys, order = torch.sort(keys)
-    g_sorted = g[order]
+    # G's lookup table: the selected keys (empty slots −1, skipped), load factor ≤ 1/2
+    keys = torch.where(valid, rows * n + cols_sel, torch.full_like(rows, -1))
+    bits = max(4, (2 * keys.numel() - 1).bit_length())
+    table_keys = torch.full((1 << bits,), -1, dtype=torch.int64, device=device)
+    table_g = torch.zeros(1 << bits, dtype=torch.float32, device=device)
+    iblock = _block(1024)
+    kern._table_insert_kernel[(triton_cdiv(keys.numel(), iblock),)](
+        keys, g, keys.numel(), table_keys, table_g, (1 << bits) - 1, SHIFT=64 - bits, BLOCK=iblock, num_warps=4,
+    )
     if cosine:
         sq = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, cols, x * x)
         inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
@@ -196,10 +200,9 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
     work_row, work_blk = _work_list(per_row, blocks)
     grad = torch.zeros_like(x)
     if blocks:
-        steps = max(1, math.ceil(math.log2(keys.numel() + 1)))
         kern._support_grad_kernel[(blocks,)](
-            row_ptr, cols, y, work_row, work_blk.to(torch.int32), n, keys, g_sorted, keys.numel(), steps, grad,
-            BLOCK=block, num_warps=4,
+            row_ptr, cols, y, work_row, work_blk.to(torch.int32), n, table_keys, table_g, (1 << bits) - 1, grad,
+            SHIFT=64 - bits, BLOCK=block, num_warps=4,
         )
     if cosine:
         gv = g * out_values.float()
