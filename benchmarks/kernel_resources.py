@@ -1,0 +1,103 @@
+"""Registers, spills and shared memory of every Triton kernel as compiled for an H100/H200 (sm_90a),
+without a GPU: Triton compiles the kernel with the launch's specialisations (unit stride, 16-byte
+aligned pointers and sizes), and its bundled ptxas reports the resources. Occupancy follows from
+them: an SM has 64 K registers and 228 KiB of shared memory, so a 256-thread program using 255
+registers or > 114 KiB runs one program per SM, and nothing overlaps its epilogue.
+
+    python benchmarks/kernel_resources.py      # -> benchmarks/results/kernel-resources-sm90.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_gram_topk import import_aosae  # noqa: E402
+
+import_aosae()
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from aosae.kernels import gram_topk as dense, sparse_pairs as sparse  # noqa: E402
+from machine import RESULTS, today, write_rows  # noqa: E402
+
+TILES = {"a_ptr": "*bf16", "inv_norm_ptr": "*fp32", "tile_bi_ptr": "*i32", "tile_bj_ptr": "*i32",
+         "M": "i32", "N": "i32", "stride_m": "i32"}
+COLLECT = {**TILES, "threshold": "fp32", "val_ptr": "*fp32", "row_ptr": "*i32", "col_ptr": "*i32",
+           "counter_ptr": "*i64", "capacity": "i64"}
+DENSE_FLAGS = dict(COSINE=False, EVEN_M=True, EVEN_N=True, CAST_FP32=False, IEEE=False, stride_n=1)
+# (name, kernel, argument types, constexprs, num_warps, num_stages)
+KERNELS = [
+    ("collect (shipped config)", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64), 8, 3),
+    ("collect BLOCK_K 32, 4 stages", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=32), 8, 4),
+    ("collect BLOCK 64", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=64, BLOCK_K=64), 4, 4),
+    ("histogram (same main loop, no compaction)", dense._histogram_kernel, {**TILES, "hist_ptr": "*i64"},
+     dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
+    ("sparse emit (int32 keys)", sparse._emit_kernel,
+     {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_ptr": "*i64", "tile_row_ptr": "*i32",
+      "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "keys_ptr": "*i32", "prods_ptr": "*fp32"},
+     dict(DIAG=False, KEY32=True, BLOCK=64), 8, 3),
+    ("sparse reduce", sparse._reduce_kernel,
+     {"skeys_ptr": "*i32", "sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i64",
+      "norm_sq_ptr": "*fp32"}, dict(COSINE=False, KEY32=True, BLOCK=1024, CHUNK=8), 4, 3),
+    ("sparse table insert", sparse._table_insert_kernel,
+     {"keys_ptr": "*i64", "g_ptr": "*fp32", "K": "i32", "table_keys_ptr": "*i64", "table_g_ptr": "*fp32",
+      "mask_bits": "i64"}, dict(SHIFT=40, BLOCK=1024), 4, 3),
+    ("sparse support grad", sparse._support_grad_kernel,
+     {"row_ptr": "*i64", "cols_ptr": "*i64", "y_ptr": "*fp32", "work_row_ptr": "*i32", "work_blk_ptr": "*i32",
+      "n": "i32", "table_keys_ptr": "*i64", "table_g_ptr": "*fp32", "mask_bits": "i64", "grad_ptr": "*fp32"},
+     dict(SHIFT=40, BLOCK=32), 4, 3),
+]
+
+
+def ptxas() -> str:
+    """Triton's ptxas that reads the PTX version this Triton emits (the newest bundled one)."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    for name in ("ptxas-blackwell", "ptxas"):
+        if (bin_dir / name).exists():
+            return str(bin_dir / name)
+    raise SystemExit(f"no ptxas under {bin_dir}: this Triton install cannot compile for NVIDIA GPUs")
+
+
+def resources(fn, types: dict, const: dict, warps: int, stages: int, tmp: Path) -> dict:
+    sig = {**types, **{name: "constexpr" for name in const}}
+    names = list(sig)
+    aligned = [i for i, name in enumerate(names) if sig[name].startswith("*") or name in ("M", "N", "stride_m")]
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
+        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages},
+    )
+    ptx = tmp / "k.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    report = subprocess.run([ptxas(), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp / "k.cubin")],
+                            capture_output=True, text=True).stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else None  # noqa: E731
+    return dict(registers=number(r"Used (\d+) registers"), spill_store_bytes=number(r"(\d+) bytes spill stores"),
+                spill_load_bytes=number(r"(\d+) bytes spill loads"), shared_bytes=kernel.metadata.shared,
+                layout_conversions=kernel.asm["ttgir"].count("ttg.convert_layout"), num_warps=warps, num_stages=stages)
+
+
+def main() -> int:
+    rows = [dict(target="sm_90a", triton=triton.__version__, date=today(), command=" ".join(sys.argv))]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
+        for name, fn, types, const, warps, stages in KERNELS:
+            row = {"kernel": name, **resources(fn, types, const, warps, stages, Path(tmp))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    write_rows(RESULTS / "kernel-resources-sm90.json", rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
