@@ -48,7 +48,7 @@ KERNELS = [
       "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "keys_ptr": "*i32", "prods_ptr": "*fp32"},
      dict(DIAG=False, KEY32=True, BLOCK=64), 8, 3),
     ("sparse reduce", sparse._reduce_kernel,
-     {"skeys_ptr": "*i32", "sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i64",
+     {"skeys_ptr": "*i32", "sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32",
       "norm_sq_ptr": "*fp32"}, dict(COSINE=False, KEY32=True, BLOCK=1024, CHUNK=8), 4, 3),
     ("sparse table insert", sparse._table_insert_kernel,
      {"keys_ptr": "*i64", "g_ptr": "*fp32", "K": "i32", "table_keys_ptr": "*i64", "table_g_ptr": "*fp32",

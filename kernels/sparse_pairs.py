@@ -17,10 +17,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-INT32_MAX = 2**31 - 1
-INT64_MAX = 2**63 - 1
-KEY32_SHIFT = 2**31
-
 
 @triton.jit
 def _emit_kernel(
@@ -73,7 +69,7 @@ def _reduce_kernel(
 ):
     """Over the sorted keys: the first slot of each run of equal keys gets the run's sum (in a
     fixed order: row order, CHUNK slots at a time); with COSINE a diagonal run (i, i) writes norm_sq[i] instead. Without COSINE the
-    selection key is written here too (see _selection_key); every other slot gets INT64_MAX."""
+    selection key is written here too (see _selection_key); every other slot gets INT32_MAX."""
     pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = pos < P
     key = tl.load(skeys_ptr + pos, mask=inside, other=0)
@@ -108,17 +104,16 @@ def _reduce_kernel(
         tl.store(sums_ptr + pos, tl.where(head & (i != j), total, 0.0), mask=inside)
     else:
         tl.store(sums_ptr + pos, tl.where(head, total, 0.0), mask=inside)
-        tl.store(sel_ptr + pos, _selection_key(total, pos, head), mask=inside)
+        tl.store(sel_ptr + pos, _selection_key(total, head), mask=inside)
 
 
 @triton.jit
-def _selection_key(value, pos, keep):
-    """An int64 that sorts ascending by (|value| desc, pos asc): 31 bits of reversed |value|
-    (a non-negative fp32 orders like its bits), 32 bits of the slot. The slots are in (i, j)
-    order, so this is the contract's tie order. INT64_MAX where not kept or zero."""
-    bits = tl.abs(value).to(tl.int32, bitcast=True).to(tl.int64)
-    key = ((2147483647 - bits) << 32) | pos.to(tl.int64)
-    return tl.where(keep & (value != 0.0), key, 9223372036854775807)
+def _selection_key(value, keep):
+    """An int32 that sorts ascending by |value| descending: the bits of |value| reversed (a
+    non-negative fp32 orders like its bits). The slots are in (i, j) order, so a stable sort on
+    this key leaves ties in the contract's (row, col) order. INT32_MAX where not kept or zero."""
+    bits = tl.abs(value).to(tl.int32, bitcast=True)
+    return tl.where(keep & (value != 0.0), 2147483647 - bits, 2147483647)
 
 
 @triton.jit
@@ -143,7 +138,7 @@ def _cosine_score_kernel(
     keep = keep & (ni > 0.0) & (nj > 0.0)
     score = tl.where(keep, tl.div_rn(tl.div_rn(total, tl.sqrt_rn(ni)), tl.sqrt_rn(nj)), 0.0)
     tl.store(sums_ptr + pos, score, mask=inside)
-    tl.store(sel_ptr + pos, _selection_key(score, pos, keep), mask=inside)
+    tl.store(sel_ptr + pos, _selection_key(score, keep), mask=inside)
 
 
 @triton.jit

@@ -48,10 +48,10 @@ SCRIPT = textwrap.dedent('''
                                    "keys_ptr": "*i32" if key32 else "*i64", "prods_ptr": "*fp32"},
                   dict(DIAG=diag, KEY32=key32, BLOCK=64), 8)
             build(K._reduce_kernel, {"skeys_ptr": "*i32" if key32 else "*i64", "sprods_ptr": "*fp32", "P": "i64",
-                                     "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i64", "norm_sq_ptr": "*fp32"},
+                                     "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32", "norm_sq_ptr": "*fp32"},
                   dict(COSINE=diag, KEY32=key32, BLOCK=1024, CHUNK=8), 4)
         build(K._cosine_score_kernel, {"skeys_ptr": "*i32" if diag else "*i64", "sums_ptr": "*fp32",
-                                       "norm_sq_ptr": "*fp32", "P": "i64", "n": "i32", "sel_ptr": "*i64"},
+                                       "norm_sq_ptr": "*fp32", "P": "i64", "n": "i32", "sel_ptr": "*i32"},
               dict(KEY32=diag, BLOCK=1024), 4)
     build(K._table_insert_kernel, {"keys_ptr": "*i64", "g_ptr": "*fp32", "K": "i32", "table_keys_ptr": "*i64",
                                    "table_g_ptr": "*fp32", "mask_bits": "i64"}, dict(SHIFT=40, BLOCK=1024), 4)

@@ -26,7 +26,7 @@ from aosae.ops.conventions import pad_to_k
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FORCE_ENV = "AOSAE_SPARSE_TRITON"
-_INT64_MAX = 2**63 - 1
+_INT32_MAX = 2**31 - 1
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -127,7 +127,7 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     sprods = prods[perm]
     del prods, perm
     sums = torch.empty(total, dtype=torch.float32, device=device)
-    sel = torch.empty(total, dtype=torch.int64, device=device)
+    sel = torch.empty(total, dtype=torch.int32, device=device)
     norm_sq = torch.zeros(n if cosine else 1, dtype=torch.float32, device=device)
     rblock = _block(1024)
     grid = (triton_cdiv(total, rblock),)
@@ -136,9 +136,10 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     del sprods
     if cosine:
         kern._cosine_score_kernel[grid](skeys, sums, norm_sq, total, n, sel, KEY32=key32, BLOCK=rblock, num_warps=4)
-    sel_sorted, order = torch.sort(sel)
+    # 32-bit keys: half the radix passes of a 64-bit (|value|, slot) key; stable keeps (i, j) order
+    sel_sorted, order = torch.sort(sel, stable=True)
     take = min(k, total)
-    top, live = order[:take], sel_sorted[:take] != _INT64_MAX
+    top, live = order[:take], sel_sorted[:take] != _INT32_MAX
     flat = skeys[top].long() + (2**31 if key32 else 0)
     minus_one = torch.full_like(flat, -1)
     values = torch.where(live, sums[top], torch.zeros((), dtype=torch.float32, device=device))
