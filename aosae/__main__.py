@@ -1,6 +1,4 @@
 """`python -m aosae ...` (and `torchrun -m aosae train ...`) run the CLI."""
-import sys
+from aosae.cli import exit_process, main
 
-from aosae.cli import main
-
-sys.exit(main())
+exit_process(main())

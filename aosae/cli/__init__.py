@@ -22,6 +22,23 @@ COMMANDS = {"info": info, "train": train, "eval": eval_command, "export": export
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError)
 
 
+def exit_process(code: int) -> None:
+    """Ends the process with `code`. A data-parallel rank ends with os._exit once its output is
+    flushed: the process group is already shut down, and the interpreter's own teardown can still
+    hit a gloo/c10d thread left joinable and abort (SIGABRT) after a run that ended cleanly or with
+    its error message. Single-process runs exit normally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def script() -> None:
+    """The `aosae` console script."""
+    exit_process(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in args if a in COMMANDS), "aosae")
