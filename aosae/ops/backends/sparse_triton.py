@@ -8,7 +8,7 @@
 Work O(Σ_t L0_t²) plus two sorts of that many keys; no float atomics (a deterministic forward); no host
 sync when the sizes are known from the shapes (TopK input [B, L]), one otherwise (CSR input:
 how many pairs and tiles). The backward (`support_grad`) follows the same rows: each entry's
-gradient sums its row partners' G[i, j] · y, G looked up among the k selected keys.
+gradient sums its row partners' G[i, j] · y, G looked up in a hash table of the k selected pairs.
 
 Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (tests, tiny shapes). Imports Triton:
 check `usable(t)` first.
@@ -130,7 +130,7 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     sel = torch.empty(total, dtype=torch.int32, device=device)
     norm_sq = torch.zeros(n if cosine else 1, dtype=torch.float32, device=device)
     rblock = _block(1024)
-    grid = (triton_cdiv(total, rblock),)
+    grid = (_cdiv(total, rblock),)
     kern._reduce_kernel[grid](skeys, sprods, total, n, sums, sel, norm_sq,
                               COSINE=cosine, KEY32=key32, BLOCK=rblock, CHUNK=8, num_warps=4)
     del sprods
@@ -148,15 +148,20 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     return pad_to_k(values, rows, cols_out, k)
 
 
+def _padded_csr(indices: torch.Tensor, values: torch.Tensor):
+    """indices/values [B, L] read as CSR rows of L entries each, in place (zeros included)."""
+    B, L = indices.shape
+    row_ptr = torch.arange(B + 1, device=indices.device, dtype=torch.int64) * L
+    return row_ptr, indices.reshape(-1).long(), values.reshape(-1)
+
+
 def padded_topk(indices: torch.Tensor, values: torch.Tensor, n: int, k: int, cosine: bool):
     """csr_topk of a TopK SAE's latents given as indices/values [B, L] (distinct per row): the
     rows are read in place, and every size follows from the shapes, so nothing syncs."""
     B, L = indices.shape
-    block = _block(64)
-    nt = -(-L // block)
+    nt = _cdiv(L, _block(64))
     sizes = (B * (L * (L + 1) // 2 if cosine else L * (L - 1) // 2), B * nt * (nt + 1) // 2)
-    row_ptr = torch.arange(B + 1, device=indices.device, dtype=torch.int64) * L
-    return csr_topk(row_ptr, indices.reshape(-1).long(), values.reshape(-1), n, k, cosine, sizes=sizes)
+    return csr_topk(*_padded_csr(indices, values), n, k, cosine, sizes=sizes)
 
 
 def support_grad(row_ptr, cols, vals, n: int, grad_out, out_values, rows, cols_sel, cosine: bool,
@@ -185,7 +190,7 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
     table_keys = torch.full((1 << bits,), -1, dtype=torch.int64, device=device)
     table_g = torch.zeros(1 << bits, dtype=torch.float32, device=device)
     iblock = _block(1024)
-    kern._table_insert_kernel[(triton_cdiv(keys.numel(), iblock),)](
+    kern._table_insert_kernel[(_cdiv(keys.numel(), iblock),)](
         keys, g, keys.numel(), table_keys, table_g, (1 << bits) - 1, SHIFT=64 - bits, BLOCK=iblock, num_warps=4,
     )
     if cosine:
@@ -216,10 +221,8 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
 def padded_grad(indices, values, n: int, grad_out, out_values, rows, cols_sel, cosine: bool) -> torch.Tensor:
     """support_grad for indices/values [B, L] (padded_topk's input); returns [B, L] in values' dtype."""
     B, L = indices.shape
-    row_ptr = torch.arange(B + 1, device=indices.device, dtype=torch.int64) * L
-    blocks = B * -(-L // _block(32))
-    grad = support_grad(row_ptr, indices.reshape(-1).long(), values.reshape(-1), n, grad_out, out_values,
-                        rows, cols_sel, cosine, blocks=blocks)
+    grad = support_grad(*_padded_csr(indices, values), n, grad_out, out_values, rows, cols_sel, cosine,
+                        blocks=B * _cdiv(L, _block(32)))
     return grad.view(B, L).to(values.dtype)
 
 
@@ -229,5 +232,5 @@ def _empty(device, k: int):
     return pad_to_k(z, i, i, k)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
