@@ -6,8 +6,10 @@ co-active pairs (s < s' within the row; s = s' too for cosine, whose diagonal gi
 are numbered row by row, so every pair has a fixed slot and nothing here depends on the order
 in which programs run. The host side (aosae/ops/backends/sparse_triton.py) sorts the pair keys
 (CUB radix sort through torch.sort), so equal pairs from different rows sit side by side, in
-row order; `_reduce_kernel` sums each run in that order. The result is deterministic: no float
-atomics anywhere.
+row order; `_reduce_kernel` sums each run in a fixed order. The forward is deterministic: no
+float atomics. The backward looks the k selected pairs up in a hash table built with 64-bit CAS
+(`_table_insert_kernel`): its layout depends on the order of the inserts, its content does not.
+(The cosine backward's norm sums use torch's index_add_, which is atomic on CUDA.)
 
 Keys: i·n + j as int64, or shifted by −2³¹ into int32 when n² fits (half the sort's bytes).
 Pairs that do not count (a zero product) get the largest key and sort last.
