@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 START = time.monotonic()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_gram_topk import REPO, import_aosae, peak_extra_mib  # noqa: E402  (stdlib only at import time)
+from gpu_gram_topk import REPO, import_aosae, peak_extra_mib, skip_reason as reason  # noqa: E402  (stdlib only at import time)
 
 from gpu_checks import DTYPES, call, checked, gaussian, ref_skip, topk_input  # noqa: E402
 from gpu_report import plot, summarize  # noqa: E402
@@ -69,13 +69,6 @@ def config(args) -> SimpleNamespace:
     if args.reps:
         c.update(reps=args.reps, step_rounds=args.reps)
     return SimpleNamespace(**c, t_l0=c["top_k"], device=args.device, cuda=args.device == "cuda")
-
-
-def reason(err: BaseException) -> str:
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower():
-        return "out of memory"
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def attempt(fn):

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_gram_topk import import_aosae  # noqa: E402  (aosae from this tree, kernels/ included)
+from gpu_gram_topk import import_aosae, skip_reason  # noqa: E402  (aosae from this tree, kernels/ included)
 
 import_aosae()
 import torch  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                        op_over_half_gemm=whole["median"] / (gemm["median"] / 2),
                        passes=triton_driver.last_call_info.get("passes"))
         except Exception as err:  # a config that does not compile or fit: record, go on
-            row["skipped"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            row["skipped"] = skip_reason(err)
         rows.append(row)
         save()
         print(json.dumps(row), flush=True)

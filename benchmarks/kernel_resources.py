@@ -5,9 +5,12 @@ them: an SM has 64 K registers and 228 KiB of shared memory, so a 256-thread pro
 registers or > 114 KiB runs one program per SM, and nothing overlaps its epilogue.
 
     python benchmarks/kernel_resources.py      # -> benchmarks/results/kernel-resources-sm90.json
+
+tests/ops/test_kernels_compile.py runs it in CI: every kernel listed here must compile.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -36,20 +39,27 @@ TILES = {"a_ptr": "*bf16", "inv_norm_ptr": "*fp32", "tile_bi_ptr": "*i32", "tile
 COLLECT = {**TILES, "threshold": "fp32", "val_ptr": "*fp32", "row_ptr": "*i32", "col_ptr": "*i32",
            "counter_ptr": "*i64", "capacity": "i64"}
 DENSE_FLAGS = dict(COSINE=False, EVEN_M=True, EVEN_N=True, CAST_FP32=False, IEEE=False, stride_n=1)
-# (name, kernel, argument types, constexprs, num_warps, num_stages)
+EMIT = {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_ptr": "*i64", "tile_row_ptr": "*i32",
+        "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "prods_ptr": "*fp32"}
+REDUCE = {"sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32", "norm_sq_ptr": "*fp32"}
+SCORE = {"sums_ptr": "*fp32", "norm_sq_ptr": "*fp32", "P": "i64", "n": "i32", "sel_ptr": "*i32"}
+# (name, kernel, argument types, constexprs, num_warps, num_stages): every kernel with the launch
+# parameters of its host side (triton_driver._config, sparse_triton), both key widths, dot and cosine
 KERNELS = [
     ("collect (shipped config)", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64), 8, 3),
+    ("collect, cosine", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, COSINE=True, BLOCK=128, BLOCK_K=64), 8, 3),
     ("collect BLOCK_K 32, 4 stages", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=32), 8, 4),
     ("collect BLOCK 64", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=64, BLOCK_K=64), 4, 4),
     ("histogram (same main loop, no compaction)", dense._histogram_kernel, {**TILES, "hist_ptr": "*i64"},
      dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
-    ("sparse emit (int32 keys)", sparse._emit_kernel,
-     {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_ptr": "*i64", "tile_row_ptr": "*i32",
-      "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "keys_ptr": "*i32", "prods_ptr": "*fp32"},
-     dict(DIAG=False, KEY32=True, BLOCK=64), 8, 3),
-    ("sparse reduce", sparse._reduce_kernel,
-     {"skeys_ptr": "*i32", "sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32",
-      "norm_sq_ptr": "*fp32"}, dict(COSINE=False, KEY32=True, BLOCK=1024, CHUNK=8), 4, 3),
+    *[(f"sparse emit ({bits} keys{', diagonal' if diag else ''})", sparse._emit_kernel,
+       {**EMIT, "keys_ptr": f"*{bits}"}, dict(DIAG=diag, KEY32=bits == "i32", BLOCK=64), 8, 3)
+      for bits in ("i32", "i64") for diag in (False, True)],
+    *[(f"sparse reduce ({bits} keys{', cosine' if cosine else ''})", sparse._reduce_kernel,
+       {"skeys_ptr": f"*{bits}", **REDUCE}, dict(COSINE=cosine, KEY32=bits == "i32", BLOCK=1024, CHUNK=8), 4, 3)
+      for bits in ("i32", "i64") for cosine in (False, True)],
+    *[(f"sparse cosine score ({bits} keys)", sparse._cosine_score_kernel, {"skeys_ptr": f"*{bits}", **SCORE},
+       dict(KEY32=bits == "i32", BLOCK=1024), 4, 3) for bits in ("i32", "i64")],
     ("sparse table insert", sparse._table_insert_kernel,
      {"keys_ptr": "*i64", "g_ptr": "*fp32", "K": "i32", "table_keys_ptr": "*i64", "table_g_ptr": "*fp32",
       "mask_bits": "i64"}, dict(SHIFT=40, BLOCK=1024), 4, 3),
@@ -87,7 +97,10 @@ def resources(fn, types: dict, const: dict, warps: int, stages: int, tmp: Path) 
                 layout_conversions=kernel.asm["ttgir"].count("ttg.convert_layout"), num_warps=warps, num_stages=stages)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS / "kernel-resources-sm90.json")
+    args = p.parse_args(argv)
     rows = [dict(target="sm_90a", triton=triton.__version__, date=today(), command=" ".join(sys.argv))]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
@@ -95,7 +108,7 @@ def main() -> int:
             row = {"kernel": name, **resources(fn, types, const, warps, stages, Path(tmp))}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    write_rows(RESULTS / "kernel-resources-sm90.json", rows)
+    write_rows(args.out, rows)
     return 0
 
 

@@ -30,15 +30,10 @@ def _ext():
     return module
 
 
-def _on_gpu(a: torch.Tensor) -> bool:
-    """Whether a takes the Triton path (CUDA, float16/bfloat16/float32, Triton installed)."""
-    return sparse_triton.preferred(a)
-
-
 def available(a: torch.Tensor) -> bool:
     """Whether gram_topk_on_support runs on a: CPU float32/float64 with aosae._C built with it,
     or CUDA float16/bfloat16/float32 with Triton."""
-    if _on_gpu(a):
+    if sparse_triton.preferred(a):
         return True
     ext = _ext()
     return a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64) and ext is not None \
@@ -46,7 +41,7 @@ def available(a: torch.Tensor) -> bool:
 
 
 def _to_csr(a: torch.Tensor):
-    if _on_gpu(a):
+    if sparse_triton.preferred(a):
         return sparse_backend.dense_to_csr_torch(a, keep_dtype=True)
     return _ext().sparse_dense_to_csr(a)
 
@@ -64,7 +59,7 @@ class _OnSupport(torch.autograd.Function):
             out = tuple(gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold))
         values, rows, cols_sel = (t.contiguous() for t in out)
         ctx.save_for_backward(row_ptr, cols, vals, values, rows, cols_sel)
-        ctx.shape, ctx.dtype, ctx.cosine, ctx.gpu = a.shape, a.dtype, cosine, _on_gpu(a)
+        ctx.shape, ctx.dtype, ctx.cosine, ctx.gpu = a.shape, a.dtype, cosine, sparse_triton.preferred(a)
         ctx.mark_non_differentiable(rows, cols_sel)
         return values, rows, cols_sel
 
