@@ -2,7 +2,7 @@
 # Install the optional SAE-codebase integrations of aosae into the current Python
 # environment without replacing torch or transformers.
 #
-#   bash .ci/install_integrations.sh [saelens|dictlearn|all]     (default: all)
+#   bash .ci/install_integrations.sh [saelens|dictlearn|saebench|all]     (default: all)
 #   PYTHON=/path/to/python bash .ci/install_integrations.sh ...   (default: python)
 #
 # Why not a plain `pip install sae-lens dictionary-learning`:
@@ -12,6 +12,12 @@
 #     torchvision nor diffusers is needed to import dictionary_learning or run trainSAE, nor are
 #     umap-learn / circuitsvis (used only by dictionary_learning.interp). So dictionary-learning
 #     and nnsight are installed with --no-deps and the modules they import are listed here.
+#   - sae-bench 0.6.0 (used only by tests/eval/test_saebench_crosscheck.py, which runs aosae's sparse
+#     probing / SCR / TPP and SAEBench's own functions on the same activations) pins numpy<2,
+#     datasets<4 and torchvision, and needs sae-probes and openai for evals aosae does not compare
+#     with. So it is installed with --no-deps, plus what its sparse_probing and scr_and_tpp modules
+#     import (sae_lens and transformer_lens via sae-lens, scikit-learn, einops, beartype, jaxtyping,
+#     pandas, datasets, tabulate, pydantic).
 #   - sae-lens resolves cleanly (transformer-lens 3.x, transformers<6, torch>=2.6 accept what is
 #     installed), but every install below runs under a constraints file pinning the installed
 #     torch / transformers / numpy, so pip fails loudly instead of swapping them.
@@ -19,7 +25,7 @@ set -euo pipefail
 
 PY="${PYTHON:-python}"
 WHAT="${1:-all}"
-case "$WHAT" in saelens|dictlearn|all) ;; *) echo "usage: $0 [saelens|dictlearn|all]" >&2; exit 2 ;; esac
+case "$WHAT" in saelens|dictlearn|saebench|all) ;; *) echo "usage: $0 [saelens|dictlearn|saebench|all]" >&2; exit 2 ;; esac
 
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
@@ -47,6 +53,13 @@ if [[ "$WHAT" == dictlearn || "$WHAT" == all ]]; then
         "datasets>=2.18" accelerate protobuf sentencepiece "pydantic>=2.9"
 fi
 
+if [[ "$WHAT" == saebench || "$WHAT" == all ]]; then
+    # sae_bench's modules import sae_lens and transformer_lens at module level: sae-lens brings both.
+    pip_install "sae-lens>=6.28,<7"
+    pip_install --no-deps "sae-bench==0.6.0"
+    pip_install "scikit-learn>=1.5.2" einops beartype jaxtyping pandas "datasets>=2.18" tabulate "pydantic>=2.9" tqdm
+fi
+
 # A torchvision built for another torch (left by an earlier plain install) breaks transformers.
 if ! "$PY" -c 'import transformers; from transformers import AutoModelForCausalLM' >/dev/null 2>&1; then
     if "$PY" -m pip show torchvision >/dev/null 2>&1; then
@@ -68,5 +81,10 @@ if what in ("dictlearn", "all"):
     import dictionary_learning
     from dictionary_learning.training import trainSAE  # noqa: F401
     print(f"install_integrations: dictionary_learning {dictionary_learning.__version__}")
+if what in ("saebench", "all"):
+    from importlib.metadata import version
+    import sae_bench.evals.scr_and_tpp.main  # noqa: F401
+    import sae_bench.evals.sparse_probing.main  # noqa: F401
+    print(f"install_integrations: sae_bench {version('sae-bench')}")
 print(f"install_integrations: torch {torch.__version__} unchanged")
 EOF
