@@ -63,3 +63,159 @@ def atomic_replace_dir(tmp: Path, target: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------ reading files the user hands us
+# Every way a file can be wrong becomes one BadFile whose message names the file, what is wrong
+# and what to do: the CLI prints it as one line, the Python API raises it (a ValueError).
+
+
+class BadFile(ValueError):
+    """A file cannot be used. str(err) = "<path>: <what is wrong>; <what to do>"."""
+
+    def __init__(self, path: str | os.PathLike, problem: str, fix: str):
+        self.path, self.problem, self.fix = Path(path), problem, fix
+        super().__init__(f"{path}: {problem}; {fix}")
+
+
+class MissingFile(BadFile, FileNotFoundError):
+    """A file that should be there is not (also a FileNotFoundError)."""
+
+
+def read_bytes(path: str | os.PathLike, fix: str) -> bytes:
+    """The file's bytes; MissingFile / BadFile if it is absent, a directory, unreadable or empty."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadFile(path, "is a directory, not a file", fix)
+    if not path.exists():
+        raise MissingFile(path, "does not exist", fix)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BadFile(path, f"cannot be read ({err.strerror or err})", fix) from err
+    if not data:
+        raise BadFile(path, "is empty (0 bytes)", fix)
+    return data
+
+
+def read_json(path: str | os.PathLike, fix: str, *, kind: type = dict):
+    """A JSON file holding a `kind` (an object by default), or BadFile saying what is wrong with it."""
+    path = Path(path)
+    data = read_bytes(path, fix)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadFile(path, f"is not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x}: damaged or "
+                      "not a JSON file)", fix) from err
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        cut = " (the file ends early: cut short?)" if err.pos >= len(text.rstrip()) else ""
+        raise BadFile(path, f"is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}{cut}", fix) from err
+    if not isinstance(obj, kind):
+        raise BadFile(path, f"holds a JSON {_json_type(obj)}, expected a JSON {_json_type(kind())}", fix)
+    return obj
+
+
+def read_jsonl(path: str | os.PathLike, fix: str) -> list[dict]:
+    """A JSON-lines file of objects (blank lines skipped), or BadFile naming the first bad line."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        return []
+    data = read_bytes(path, fix)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadFile(path, f"is not UTF-8 text (byte {err.start} is 0x{data[err.start]:02x}: damaged?)", fix) from err
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise BadFile(path, f"line {number} is not valid JSON ({err.msg})", fix) from err
+        if not isinstance(row, dict):
+            raise BadFile(path, f"line {number} holds a JSON {_json_type(row)}, expected an object", fix)
+        rows.append(row)
+    return rows
+
+
+def _json_type(obj) -> str:
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"),
+                       ((int, float), "number")):
+        if isinstance(obj, kind):
+            return name
+    return "null" if obj is None else type(obj).__name__
+
+
+def require(obj: dict, key: str, kinds, path: str | os.PathLike, fix: str, *, optional: bool = False):
+    """obj[key], checked to be one of `kinds` (a type or tuple; bool is never taken for int/float)."""
+    if key not in obj:
+        if optional:
+            return None
+        raise BadFile(path, f"has no {key!r} (keys: {', '.join(map(repr, obj)) or 'none'})", fix)
+    value = obj[key]
+    if value is None and optional:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("number" if k is float else k.__name__ for k in kinds)
+        raise BadFile(path, f"{key!r} must be {names}, got {value!r} ({_json_type(value)})", fix)
+    return value
+
+
+# ------------------------------------------------------------------ checksummed tensor files
+# safetensors checks its header but not its data: a flipped byte in a tensor loads silently as a
+# different number. aosae records a sha256 of the tensors in the file's own metadata (SAELens and
+# plain safetensors readers ignore it) and checks it on load; files without one load unchecked.
+CHECKSUM_KEY = "aosae_sha256"
+
+
+def tensors_sha256(tensors: dict) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode() + b"\0" + str(t.dtype).encode() + b"\0" + str(tuple(tensors[name].shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """safetensors file with a checksum of its tensors, fsync'd."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={CHECKSUM_KEY: tensors_sha256(tensors)})
+    fsync_path(Path(path))
+
+
+def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file, or BadFile: missing, empty, cut short, not safetensors,
+    or (when it records one) not matching its checksum."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    data = read_bytes(path, fix)
+    if len(data) < 8:
+        raise BadFile(path, f"is cut short ({len(data)} bytes; a safetensors file starts with an 8-byte header size)", fix)
+    header = int.from_bytes(data[:8], "little")
+    if header > len(data) - 8:
+        raise BadFile(path, f"is cut short or not a safetensors file (its header claims {header} bytes, the file "
+                      f"has {len(data) - 8} after the size)", fix)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error type, and torch device errors
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        problem = "is cut short" if "not fully covered" in first else "is not a readable safetensors file"
+        raise BadFile(path, f"{problem} ({first})", fix) from err
+    recorded = metadata.get(CHECKSUM_KEY)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise BadFile(path, "its tensors do not match the checksum recorded when it was saved (the file was "
+                      "damaged or changed afterwards)", fix)
+    return tensors

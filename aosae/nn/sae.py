@@ -6,17 +6,15 @@ cfg.json + sae_weights.safetensors; loading never goes through pickle.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from aosae.files import fsync_path, write_dir_atomically, write_json
+from aosae.files import save_tensors, write_dir_atomically, write_json
 
 ACTIVATIONS = ("relu", "topk")
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -79,19 +77,49 @@ class SAEConfig:
 
     @classmethod
     def from_json_dict(cls, d: dict) -> "SAEConfig":
-        activation = d.get("activation_fn_str", "relu")
-        k = (d.get("activation_fn_kwargs") or {}).get("k") if activation == "topk" else None
+        """The config of a cfg.json (aosae's or SAELens's standard/topk layout), type-checked:
+        ValueError naming the key that is missing or wrong."""
+        if not isinstance(d, dict):
+            raise TypeError(f"an SAE config is a JSON object, got {type(d).__name__}")
+
+        def get(key, kinds, default=None, required=False):
+            if key not in d or d[key] is None:
+                if required:
+                    raise ValueError(f"it has no {key!r} (keys: {', '.join(map(repr, d)) or 'none'})")
+                return default
+            value = d[key]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+                raise ValueError(f"{key!r} must be {names}, got {value!r}")
+            return value
+
+        arch = get("architecture", str)
+        if arch is not None and arch not in ("standard", "topk", "aosae_standard", "aosae_topk"):
+            raise ValueError(f"architecture {arch!r} is not supported: aosae loads standard (ReLU) and topk SAEs")
+        activation = get("activation_fn_str", str, "topk" if arch in ("topk", "aosae_topk") else "relu")
+        if get("normalize_activations", str, "none") != "none":
+            raise ValueError(f"normalize_activations={d['normalize_activations']!r}: aosae SAEs read raw activations; "
+                             "load it with aosae.integrations.saelens.import_from_saelens (it says how to fold it)")
+        if d.get("apply_b_dec_to_input") is False:
+            raise ValueError("apply_b_dec_to_input=false: load it with aosae.integrations.saelens.import_from_saelens, "
+                             "which folds b_dec into b_enc")
+        kwargs = get("activation_fn_kwargs", dict, {})
+        k = None
+        if activation == "topk":
+            k = kwargs.get("k", d.get("k"))
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise ValueError(f"a topk SAE needs an int activation_fn_kwargs.k, got {k!r}")
         return cls(
-            d_in=int(d["d_in"]),
-            d_sae=int(d["d_sae"]),
+            d_in=get("d_in", int, required=True),
+            d_sae=get("d_sae", int, required=True),
             activation=activation,
             top_k=k,
-            model_name=d.get("model_name"),
-            hook_layer=d.get("hook_layer"),
-            hook_name=d.get("hook_name"),
-            context_size=d.get("context_size"),
-            dtype=d.get("dtype", "float32"),
-            extra=dict(d.get("aosae") or {}),
+            model_name=get("model_name", str),
+            hook_layer=get("hook_layer", int),
+            hook_name=get("hook_name", str),
+            context_size=get("context_size", int),
+            dtype=get("dtype", str, "float32").removeprefix("torch."),
+            extra=dict(get("aosae", dict, {})),
         )
 
 
@@ -226,27 +254,21 @@ class SparseAutoencoder(nn.Module):
 
     def write_files(self, directory: Path) -> None:
         """Write cfg.json + weights into an existing directory, fsync'ing both (not atomic by itself)."""
-        save_file(self.state_tensors(), str(directory / WEIGHTS_FILE))
+        save_tensors(directory / WEIGHTS_FILE, self.state_tensors())  # with a checksum, fsync'd
         write_json(directory / CFG_FILE, self.cfg.to_json_dict())
-        fsync_path(directory / WEIGHTS_FILE)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "SparseAutoencoder":
-        """Load an SAE saved by `save` (or a SAELens-style standard/topk SAE directory)."""
-        directory = Path(directory)
-        cfg_path, w_path = directory / CFG_FILE, directory / WEIGHTS_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise FileNotFoundError(f"{directory} is not an SAE directory: need {CFG_FILE} and {WEIGHTS_FILE}")
-        cfg = SAEConfig.from_json_dict(json.loads(cfg_path.read_text()))
-        tensors = load_file(str(w_path), device=str(device))
-        missing = [k for k in WEIGHT_KEYS if k not in tensors]
-        if missing:
-            raise ValueError(f"{w_path} lacks tensors {missing}")
+        """Load an SAE saved by `save` (or a SAELens-style standard/topk SAE directory).
+
+        Every file is checked first (aosae.nn.sae_files): a missing, damaged or inconsistent file
+        raises aosae.files.BadFile (a ValueError) naming it and what to do."""
+        from aosae.nn.sae_files import read_sae_files
+
+        cfg, tensors = read_sae_files(directory)
         sae = cls(cfg)
         with torch.no_grad():
             for name in WEIGHT_KEYS:
                 param = getattr(sae, name)
-                if tensors[name].shape != param.shape:
-                    raise ValueError(f"{name} in {w_path} has shape {tuple(tensors[name].shape)}, cfg says {tuple(param.shape)}")
                 param.data = tensors[name].to(param.dtype)
         return sae.to(device)

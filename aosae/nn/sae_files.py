@@ -1,0 +1,77 @@
+"""Reading a saved SAE directory (cfg.json + sae_weights.safetensors), checked end to end.
+
+Every way the files can be wrong (missing, empty, cut short, not JSON / not safetensors, keys
+missing, wrong types, shapes that disagree with cfg.json, non-float dtypes, NaN/Inf weights, a
+checksum that no longer matches) is one aosae.files.BadFile naming the file and what to do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from aosae.files import BadFile, MissingFile, load_tensors, read_json
+from aosae.nn.sae import CFG_FILE, WEIGHT_KEYS, WEIGHTS_FILE
+
+FIX = ("restore both files from a copy (a run's checkpoints/step_<N>/ hold the SAE at step N), re-save the SAE "
+       "with SparseAutoencoder.save, or train it again")
+
+
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    return {"W_enc": (cfg.d_in, cfg.d_sae), "b_enc": (cfg.d_sae,), "W_dec": (cfg.d_sae, cfg.d_in), "b_dec": (cfg.d_in,)}
+
+
+def read_sae_config(directory: str | os.PathLike, fix: str = FIX):
+    """The SAEConfig of directory/cfg.json."""
+    from aosae.nn.sae import SAEConfig
+
+    path = Path(directory) / CFG_FILE
+    d = read_json(path, fix)
+    try:
+        return SAEConfig.from_json_dict(d)
+    except (ValueError, TypeError) as err:
+        raise BadFile(path, f"is not a usable SAE config: {err}", fix) from err
+
+
+def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[str, torch.Tensor]:
+    """The four weight tensors of directory/sae_weights.safetensors (on CPU), checked against cfg."""
+    path = Path(directory) / WEIGHTS_FILE
+    tensors = load_tensors(path, fix)
+    missing = [k for k in WEIGHT_KEYS if k not in tensors]
+    if missing:
+        raise BadFile(path, f"has no tensor(s) {', '.join(missing)} (it holds: {', '.join(sorted(tensors)) or 'none'})", fix)
+    for name, want in expected_shapes(cfg).items():
+        t = tensors[name]
+        if not t.dtype.is_floating_point:
+            raise BadFile(path, f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; SAE weights are floating point", fix)
+        if tuple(t.shape) != want:
+            raise BadFile(path, f"{name} has shape {tuple(t.shape)} but {CFG_FILE} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) "
+                          f"needs {want}: the two files belong to different SAEs", fix)
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise BadFile(path, f"{name} holds {bad} NaN/Inf value(s) of {t.numel()} (a diverged run or a damaged file)", fix)
+    return {k: tensors[k] for k in WEIGHT_KEYS}
+
+
+def check_sae_dir(directory: str | os.PathLike, fix: Optional[str] = None) -> Path:
+    """The directory as a Path; MissingFile if it is not there, BadFile if it is a file."""
+    directory = Path(directory)
+    hint = fix or "pass a run directory written by `aosae train` or a directory written by SparseAutoencoder.save"
+    if not directory.exists():
+        raise MissingFile(directory, "does not exist", hint)
+    if not directory.is_dir():
+        raise BadFile(directory, f"is a file, not an SAE directory (with {CFG_FILE} and {WEIGHTS_FILE})", hint)
+    for name in (CFG_FILE, WEIGHTS_FILE):
+        if not (directory / name).exists():
+            raise MissingFile(directory / name, "does not exist, so this is not a saved SAE", hint if name == CFG_FILE
+                              and not (directory / WEIGHTS_FILE).exists() else FIX)
+    return directory
+
+
+def read_sae_files(directory: str | os.PathLike, fix: str = FIX):
+    """(SAEConfig, weights) of a saved SAE directory, every file checked."""
+    directory = check_sae_dir(directory)
+    cfg = read_sae_config(directory, fix)
+    return cfg, read_sae_weights(directory, cfg, fix)
