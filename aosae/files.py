@@ -219,3 +219,23 @@ def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> dict
         raise BadFile(path, "its tensors do not match the checksum recorded when it was saved (the file was "
                       "damaged or changed afterwards)", fix)
     return tensors
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_file_digests(directory: str | os.PathLike, digests: dict, fix: str) -> None:
+    """BadFile for the first file in `digests` ({name: sha256}) that is missing or has changed."""
+    for name, want in digests.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise MissingFile(path, "does not exist", fix)
+        if file_sha256(path) != want:
+            raise BadFile(path, "does not match the checksum recorded when it was written (damaged or changed since)", fix)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from aosae.files import fsync_path, write_dir_atomically, write_json
+from aosae.files import check_file_digests, file_sha256, fsync_path, write_dir_atomically, write_json
 from aosae.nn.sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder
 
 
@@ -106,7 +106,8 @@ def write_checkpoint(trainer) -> Path:
         save_file(rng_tensors, str(d / "rng.safetensors"))
         epoch, group, index = trainer.buffer.position(trainer.step)
         kth = trainer.ortho._kth if trainer.ortho is not None else None
-        write_json(d / "state.json", {
+        files = ("cfg.json", "sae_weights.safetensors", "train_weights.safetensors", "optimizer.pt", "rng.safetensors")
+        write_json(d / "state.json", {"sha256": {name: file_sha256(d / name) for name in files},  # checked on resume
             "step": trainer.step, "scale": trainer.scale, "tau": trainer.tau.state_dict(), "rng": rng_plain,
             "data_position": {"epoch": epoch, "group": group, "batch_in_group": index},
             "ortho_kth": None if kth is None else float(kth),
@@ -130,6 +131,7 @@ def read_checkpoint(d: Path, sae: SparseAutoencoder, device) -> dict:
         for key in ("step", "scale", "tau", "rng", "ortho_kth"):
             if key not in state:
                 raise ValueError(f"state.json has no {key!r}")
+        check_file_digests(d, state.get("sha256", {}), "it is skipped")  # a flipped byte in optimizer.pt loads silently otherwise
         weights = load_file(str(d / "train_weights.safetensors"))
         for name in WEIGHT_KEYS:
             want = tuple(getattr(sae, name).shape)
