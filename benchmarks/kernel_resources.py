@@ -31,7 +31,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aosae.kernels import gram_topk as dense, sparse_pairs as sparse  # noqa: E402
+from aosae.kernels import gram_topk as dense, sparse_coding as coding, sparse_pairs as sparse  # noqa: E402
+from aosae.ops.backends import sparse_coding_triton as coding_host  # noqa: E402
 from machine import RESULTS, today, write_rows  # noqa: E402
 
 TILES = {"a_ptr": "*bf16", "inv_norm_ptr": "*fp32", "tile_bi_ptr": "*i32", "tile_bj_ptr": "*i32",
@@ -43,6 +44,13 @@ EMIT = {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_pt
         "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "prods_ptr": "*fp32"}
 REDUCE = {"sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32", "norm_sq_ptr": "*fp32"}
 SCORE = {"sums_ptr": "*fp32", "norm_sq_ptr": "*fp32", "P": "i64", "n": "i32", "sel_ptr": "*i32"}
+SEGMENT = {"offsets_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32", "order_ptr": "*i64", "out_ptr": "*fp32",
+           "d": "i32", "stride_table": "i32", "stride_out": "i32"}
+DOT = {"rows_a_ptr": "*i64", "rows_b_ptr": "*i64", "out_ptr": "*fp32", "nnz": "i64", "d": "i32", "stride_a": "i32",
+       "stride_b": "i32"}
+# sizes a launch passes as multiples of 16 (Triton specialises them): the Gram's M, N, stride; the SAE's d_in
+# (576, 2304, 4096: every width trained) and the row strides that follow from it
+ALIGNED = ("M", "N", "stride_m", "d", "stride_table", "stride_out", "stride_a", "stride_b")
 # (name, kernel, argument types, constexprs, num_warps, num_stages): every kernel with the launch
 # parameters of its host side (triton_driver._config, sparse_triton), both key widths, dot and cosine
 KERNELS = [
@@ -67,6 +75,15 @@ KERNELS = [
      {"row_ptr": "*i64", "cols_ptr": "*i64", "y_ptr": "*fp32", "work_row_ptr": "*i32", "work_blk_ptr": "*i32",
       "n": "i32", "table_keys_ptr": "*i64", "table_g_ptr": "*fp32", "mask_bits": "i64", "grad_ptr": "*fp32"},
      dict(SHIFT=40, BLOCK=32), 4, 3),
+    # the sparse SAE step (sparse_coding_triton's SEGMENT_CONFIG / DOT_CONFIG): every table dtype
+    *[(f"sparse coding segment sum ({dt} table{', longest first' if ordered else ''})",
+       coding._segment_gather_sum_kernel, {**SEGMENT, "table_ptr": f"*{dt}"},
+       dict(ORDERED=ordered, BLOCK_E=coding_host.SEGMENT_CONFIG[0], BLOCK_D=coding_host.SEGMENT_CONFIG[1]),
+       coding_host.SEGMENT_CONFIG[2], 3) for dt in ("fp32", "bf16", "fp16") for ordered in (False, True)],
+    *[(f"sparse coding gathered dot ({da} A, {db} B)", coding._gathered_dot_kernel,
+       {**DOT, "a_ptr": f"*{da}", "b_ptr": f"*{db}"},
+       dict(BLOCK_E=coding_host.DOT_CONFIG[0], BLOCK_D=coding_host.DOT_CONFIG[1]), coding_host.DOT_CONFIG[2], 3)
+      for da, db in (("fp32", "fp32"), ("bf16", "bf16"), ("fp32", "bf16"), ("fp16", "fp16"))],
 ]
 
 
@@ -81,8 +98,8 @@ def ptxas() -> str:
 
 def resources(fn, types: dict, const: dict, warps: int, stages: int, tmp: Path) -> dict:
     sig = {**types, **{name: "constexpr" for name in const}}
-    names = list(sig)
-    aligned = [i for i, name in enumerate(names) if sig[name].startswith("*") or name in ("M", "N", "stride_m")]
+    # attrs are keyed by the argument's position in the kernel, not in this dict
+    aligned = [fn.arg_names.index(name) for name in sig if sig[name].startswith("*") or name in ALIGNED]
     kernel = triton.compile(
         ASTSource(fn=fn, signature=sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in aligned}),
         target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages},
