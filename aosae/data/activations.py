@@ -14,7 +14,7 @@ import torch
 
 from aosae.data.language_models import residual_at
 from aosae.data.store import StoreWriter
-from aosae.data.text import token_windows
+from aosae.data.text import shortfall, token_windows
 
 
 def keep_mask(ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -84,7 +84,7 @@ def collect_to_store(writer: StoreWriter, model, tokenizer, texts: Iterable[str]
             bar.close()
     if have < n_tokens:
         writer.close()
-        raise ValueError(f"the dataset ran out after {have} tokens; ask for fewer tokens (--tokens) than {n_tokens}")
+        raise ValueError(shortfall(texts, have, n_tokens))
     return writer.finish()
 
 
@@ -103,7 +103,7 @@ def collect_activations(model, tokenizer, texts: Iterable[str], layer: int, n_to
         have += acts.shape[0]
         if have >= n_tokens:
             return out
-    raise ValueError(f"the dataset ran out after {have} tokens; ask for fewer tokens (--tokens) than {n_tokens}")
+    raise ValueError(shortfall(texts, have, n_tokens))
 
 
 class StreamSource:

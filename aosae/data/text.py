@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -41,52 +42,144 @@ def stdlib_documents(seed: int = 0) -> list[str]:
     return docs
 
 
-def find_text_column(columns: Iterable[str], features=None) -> str:
-    """'text' if present, else the only string column; a clear ValueError otherwise."""
+class DatasetColumnWarning(UserWarning):
+    """The dataset has no 'text' column: another column is read instead (the message names it)."""
+
+
+def _column_types(columns: list, features) -> str:
+    if features is None:
+        return ", ".join(map(repr, columns)) or "none"
+    return ", ".join(f"{c!r} ({getattr(features.get(c), 'dtype', type(features.get(c)).__name__)})" for c in columns) or "none"
+
+
+def find_text_column(columns: Iterable[str], features=None, name: str = "the dataset") -> str:
+    """'text' if present, else the only string column (with a DatasetColumnWarning naming it);
+    a ValueError naming the columns found otherwise."""
     columns = list(columns)
     if "text" in columns:
         return "text"
-    if features is not None:
-        strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
-        if len(strings) == 1:
-            return strings[0]
+    strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")] \
+        if features is not None else []
+    if len(strings) == 1:
+        warnings.warn(f"{name} has no 'text' column; reading its only string column {strings[0]!r} "
+                      f"(columns: {_column_types(columns, features)})", DatasetColumnWarning, stacklevel=3)
+        return strings[0]
+    why = "several string columns" if len(strings) > 1 else "no string column"
     raise ValueError(
-        f"the dataset has no 'text' column (columns: {columns}); rename the text column to 'text' "
-        "or use a dataset with exactly one string column"
+        f"{name} has no 'text' column and {why} to read instead (columns: {_column_types(columns, features)}); "
+        "rename the text column to 'text'"
     )
 
 
-def iter_texts(dataset: Optional[str] = None, *, split: str = "train", streaming: Optional[bool] = None) -> Iterator[str]:
-    """Yield documents (str) from `dataset` (see module docstring) in a deterministic order."""
-    if dataset is None or dataset == DEFAULT_DATASET:
-        yield from stdlib_documents()
-        return
-    import datasets
+def _saved_to_disk(path: Path) -> bool:
+    """A directory written by datasets' save_to_disk (read with load_from_disk, not load_dataset)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
-    path = Path(dataset)
-    if path.is_file():
-        builder = _BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"unsupported file type {path.suffix!r} for {dataset}; use one of {sorted(_BUILDERS)}")
-        ds = datasets.load_dataset(builder, data_files=str(path), split=split, streaming=bool(streaming))
-    else:
+
+def _first_line(err: BaseException) -> str:
+    """The first line of the innermost cause (datasets wraps pyarrow's precise message in a vague one)."""
+    for _ in range(10):
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            break
+        err = inner
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Texts:
+    """Documents (str) of a dataset in a deterministic order (an iterator; see iter_texts).
+
+    Counts what it yields, so that a dataset with too little text can say how much it had:
+    `describe()` names the dataset, the column read and the documents seen so far."""
+
+    def __init__(self, dataset: Optional[str], split: str = "train", streaming: Optional[bool] = None):
+        self.dataset, self.split, self.streaming = dataset, split, streaming
+        self.column: Optional[str] = None
+        self.documents = 0
+        self._rows: Optional[Iterator[str]] = None
+
+    @property
+    def name(self) -> str:
+        return "the standard-library corpus" if self.dataset in (None, DEFAULT_DATASET) else f"dataset {self.dataset}"
+
+    def describe(self) -> str:
+        column = f", column {self.column!r}" if self.column not in (None, "text") else ""
+        return f"{self.name} ({self.documents} non-empty documents{column})"
+
+    def __iter__(self) -> "Texts":
+        return self
+
+    def __next__(self) -> str:
+        if self._rows is None:
+            self._rows = self._open()
+        try:
+            text = next(self._rows)
+        except StopIteration:
+            raise
+        except Exception as err:  # datasets/pyarrow read errors of a damaged file, raised while iterating
+            raise ValueError(f"{self.dataset}: cannot be read ({_first_line(err)}); check or replace the file") from err
+        self.documents += 1
+        return text
+
+    def _open(self) -> Iterator[str]:
+        if self.dataset is None or self.dataset == DEFAULT_DATASET:
+            return iter(stdlib_documents())
+        ds = self._load()
+        features = getattr(ds, "features", None)
+        columns = list(features) if features is not None else list(getattr(ds, "column_names", None) or [])
+        if not columns:  # streaming datasets without declared features: peek at the first row
+            first = next(iter(ds), None)
+            if first is None:
+                raise ValueError(f"{self.name} has no rows; pass a dataset with text")
+            columns = list(first)
+        self.column = find_text_column(columns, features, self.name)
+        return (row[self.column] for row in ds if isinstance(row[self.column], str) and row[self.column])
+
+    def _load(self):
+        import datasets
+
+        dataset, path = self.dataset, Path(self.dataset)
+        if path.is_file():
+            builder = _BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise ValueError(f"unsupported file type {path.suffix!r} for {dataset}; use one of {sorted(_BUILDERS)}")
+            if path.stat().st_size == 0:
+                raise ValueError(f"{dataset}: the file is empty; pass a file with text")
+            try:
+                return datasets.load_dataset(builder, data_files=str(path), split=self.split,
+                                             streaming=bool(self.streaming))
+            except Exception as err:  # pyarrow / datasets raise many types for a malformed file
+                raise ValueError(f"{dataset}: cannot be read as a {path.suffix} file ({_first_line(err)}); check the "
+                                 "file (a cut or damaged file?) or convert it to .jsonl rows with a 'text' field") from err
+        if _saved_to_disk(path):
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as err:
+                raise ValueError(f"{dataset}: cannot be read as a dataset saved with save_to_disk ({_first_line(err)})") from err
+            if isinstance(ds, datasets.DatasetDict):
+                if self.split not in ds:
+                    raise ValueError(f"{dataset} has no {self.split!r} split (splits: {', '.join(ds)})")
+                ds = ds[self.split]
+            return ds
         if not path.exists() and (hub_offline("DATASETS") or not hub_reachable()):
             raise ValueError(f"dataset {dataset!r} is neither a local file or directory nor reachable: the Hugging "
                              "Face hub is offline here; pass a local .txt/.json/.jsonl/.parquet/.csv file")
         try:
-            ds = datasets.load_dataset(dataset, split=split, streaming=True if streaming is None else streaming)
+            return datasets.load_dataset(dataset, split=self.split, streaming=True if self.streaming is None else self.streaming)
         except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-            raise ValueError(f"cannot load dataset {dataset!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-    features = getattr(ds, "features", None)
-    columns = list(features) if features is not None else list(getattr(ds, "column_names", None) or [])
-    if not columns:  # streaming datasets without declared features: peek at the first row
-        first = next(iter(ds))
-        columns = list(first)
-    column = find_text_column(columns, features)
-    for row in ds:
-        text = row[column]
-        if isinstance(text, str) and text:
-            yield text
+            raise ValueError(f"cannot load dataset {dataset!r}: {_first_line(err)}") from err
+
+
+def iter_texts(dataset: Optional[str] = None, *, split: str = "train", streaming: Optional[bool] = None) -> Texts:
+    """Documents (str) from `dataset` (see module docstring) in a deterministic order: an iterator
+    that opens the dataset on the first next() and can describe() what it has read."""
+    return Texts(dataset, split, streaming)
+
+
+def describe_texts(texts) -> str:
+    """What `texts` held so far, for messages ('the text' when it is a plain iterable)."""
+    return texts.describe() if isinstance(texts, Texts) else "the text"
 
 
 def token_windows(
@@ -105,9 +198,10 @@ def token_windows(
     eos = tokenizer.eos_token_id
     body = context - 1
     pending: list[int] = []
-    index = 0
+    index = total = 0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        total += len(ids)
         pending.extend(ids)
         if eos is not None:
             pending.append(eos)
@@ -116,3 +210,12 @@ def token_windows(
             if index % world_size == rank:
                 yield torch.tensor([bos] + chunk, dtype=torch.long)
             index += 1
+    if index == 0:  # not even one window: say how much text there was against what a window needs
+        raise ValueError(f"{describe_texts(texts)} holds {total} tokens, less than one {context}-token window "
+                         f"(BOS + {body} tokens, documents joined by EOS): give more text, or lower --context")
+
+
+def shortfall(texts, have: int, n_tokens: int) -> str:
+    """The message of a dataset that ran out before n_tokens activations (BOS positions are dropped)."""
+    return (f"{describe_texts(texts)} ran out after {have:,} activation tokens but --tokens asks for {n_tokens:,}: "
+            f"lower --tokens to at most {have:,}, or give more text")
