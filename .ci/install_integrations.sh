@@ -2,7 +2,7 @@
 # Install the optional SAE-codebase integrations of aosae into the current Python
 # environment without replacing torch or transformers.
 #
-#   bash .ci/install_integrations.sh [saelens|dictlearn|saebench|all]     (default: all)
+#   bash .ci/install_integrations.sh [saelens|dictlearn|saebench|all|bench]     (default: all; bench is not in all)
 #   PYTHON=/path/to/python bash .ci/install_integrations.sh ...   (default: python)
 #
 # Why not a plain `pip install sae-lens dictionary-learning`:
@@ -25,7 +25,7 @@ set -euo pipefail
 
 PY="${PYTHON:-python}"
 WHAT="${1:-all}"
-case "$WHAT" in saelens|dictlearn|saebench|all) ;; *) echo "usage: $0 [saelens|dictlearn|saebench|all]" >&2; exit 2 ;; esac
+case "$WHAT" in saelens|dictlearn|saebench|all|bench) ;; *) echo "usage: $0 [saelens|dictlearn|saebench|all|bench]" >&2; exit 2 ;; esac
 
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
@@ -60,6 +60,13 @@ if [[ "$WHAT" == saebench || "$WHAT" == all ]]; then
     pip_install "scikit-learn>=1.5.2" einops beartype jaxtyping pandas "datasets>=2.18" tabulate "pydantic>=2.9" tqdm
 fi
 
+# bench (not in all; CI does not need it): EleutherAI sparsify, the peer of benchmarks/width_sweep.py.
+# eai-sparsify 1.3.3 requires an unpinned torch, datasets and transformers: --no-deps, then what it imports.
+if [[ "$WHAT" == bench ]]; then
+    pip_install --no-deps "eai-sparsify==1.3.3" natsort schedulefree
+    pip_install einops simple-parsing accelerate huggingface-hub safetensors typing-extensions
+fi
+
 # A torchvision built for another torch (left by an earlier plain install) breaks transformers.
 if ! "$PY" -c 'import transformers; from transformers import AutoModelForCausalLM' >/dev/null 2>&1; then
     if "$PY" -m pip show torchvision >/dev/null 2>&1; then
@@ -86,5 +93,11 @@ if what in ("saebench", "all"):
     import sae_bench.evals.scr_and_tpp.main  # noqa: F401
     import sae_bench.evals.sparse_probing.main  # noqa: F401
     print(f"install_integrations: sae_bench {version('sae-bench')}")
+if what == "bench":
+    import os
+
+    os.environ["SPARSIFY_DISABLE_TRITON"] = "1"  # its Triton decoder fails on CPU tensors
+    import sparsify
+    print(f"install_integrations: sparsify {sparsify.__version__}")
 print(f"install_integrations: torch {torch.__version__} unchanged")
 EOF
