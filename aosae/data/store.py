@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from aosae.files import fsync_path, write_json
+from aosae.files import BadFile, fsync_path, read_json, require, write_json
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FORMAT = "aosae-activation-store-v1"
@@ -85,8 +86,38 @@ def store_lock(directory: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def read_meta(directory: Path) -> dict:
+    """directory/meta.json, checked: BadFile naming it (and how to rebuild the store) if anything is off."""
+    path = Path(directory) / "meta.json"
+    fix = f"delete {directory} and the next `aosae train` collects the store again"
+    meta = read_json(path, fix)
+    if require(meta, "format", str, path, fix) != FORMAT or require(meta, "complete", bool, path, fix) is not True:
+        raise BadFile(path, f"is not a complete {FORMAT} store", fix)
+    dtype = require(meta, "dtype", str, path, fix)
+    if dtype not in STORE_DTYPES:
+        raise BadFile(path, f"'dtype' must be one of {sorted(STORE_DTYPES)}, got {dtype!r}", fix)
+    d = require(meta, "d", int, path, fix)
+    shape, shards = require(meta, "shape", list, path, fix), require(meta, "shards", list, path, fix)
+    counts = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
+    if len(shape) != 2 or not counts(shape) or shape[1] != d or d < 1:
+        raise BadFile(path, f"'shape' must be [rows, d={d}], got {shape!r}", fix)
+    if not counts(shards) or sum(shards) != shape[0]:
+        raise BadFile(path, f"'shards' must be row counts adding up to shape[0]={shape[0]}, got {shards!r}", fix)
+    return meta
+
+
 class StoreIncomplete(ValueError):
     """The store has no meta.json: its collection did not finish."""
+
+
+class StoreWarning(UserWarning):
+    """An interrupted collection cannot be resumed from its progress.json and starts over."""
+
+
+def _progress_ok(state: dict) -> bool:
+    shards, windows = state.get("shards"), state.get("windows")
+    return (isinstance(shards, list) and all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in shards)
+            and isinstance(windows, int) and not isinstance(windows, bool) and windows >= 0)
 
 
 class StoreWriter:
@@ -112,8 +143,11 @@ class StoreWriter:
                 state = json.loads(progress.read_text())
             except (OSError, ValueError):
                 state = None
-            if state is not None and state.get("meta") == self.meta:
+            if isinstance(state, dict) and state.get("meta") == self.meta and _progress_ok(state):
                 self.shards, self.windows_done = list(state["shards"]), int(state["windows"])
+            elif state is not None or progress.stat().st_size:
+                warnings.warn(f"{progress} is damaged or belongs to other settings: collecting {self.directory} "
+                              "from the start", StoreWarning, stacklevel=2)
         # anything past the committed shards is a partial shard of a killed run (or a different store)
         for path in self.directory.glob("shard_*.bin"):
             if int(path.stem.split("_")[1]) >= len(self.shards):
@@ -202,18 +236,15 @@ class ActivationStore:
         if not meta_path.is_file():
             raise StoreIncomplete(f"{directory} is not a complete activation store (no meta.json: its collection "
                                   "was interrupted); `aosae train` resumes it, or delete the directory")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or not meta.get("complete"):
-            raise ValueError(f"{meta_path} is not an {FORMAT} store; delete {directory} to rebuild it")
+        meta = read_meta(directory)
         itemsize = STORE_DTYPES[meta["dtype"]].itemsize
         for i, rows in enumerate(meta["shards"]):
             path = directory / f"shard_{i:05d}.bin"
             size = path.stat().st_size if path.is_file() else -1
             if size != rows * meta["d"] * itemsize:
-                raise ValueError(f"activation store {directory} is damaged: {path.name} has {size} bytes, expected "
-                                 f"{rows * meta['d'] * itemsize}; delete the directory to rebuild it")
-        if sum(meta["shards"]) != meta["shape"][0]:
-            raise ValueError(f"activation store {directory} is damaged: shard rows do not add up to its shape")
+                found = "is missing" if size < 0 else f"has {size} bytes"
+                raise BadFile(path, f"the activation store is damaged: {path.name} {found}, its meta.json says "
+                              f"{rows * meta['d'] * itemsize}", f"delete {directory} and the next `aosae train` collects it again")
         return cls(directory, meta)
 
     def _map(self, i: int) -> tuple[mmap.mmap, np.ndarray]:
