@@ -20,8 +20,18 @@ paper's literal batch sum with `ortho_scale="batch_sum"`.
 from __future__ import annotations
 
 import importlib.util
+import re
 
-__all__ = ["missing_dependency_message"]
+__all__ = ["SUPPORTED_VERSIONS", "check_version", "missing_dependency_message"]
+
+# The versions each adapter supports: [minimum, below) of the distribution's major.minor(.patch).
+# CI installs one pinned version of each (.ci/install_integrations.sh): sae-lens 6.54.12, whose
+# registry the SAELens adapter wraps, and dictionary-learning 0.1.0 (the only release).
+SUPPORTED_VERSIONS = {
+    "sae_lens": ((6, 54), (7,)),
+    "dictionary_learning": ((0, 1), (0, 2)),
+}
+_DISTRIBUTIONS = {"sae_lens": "sae-lens", "dictionary_learning": "dictionary-learning"}
 
 _INSTALL_HINTS = {
     "sae_lens": "pip install 'aosae[saelens]'  (or: pip install sae-lens)",
@@ -37,3 +47,28 @@ def missing_dependency_message(module: str) -> str | None:
     hint = _INSTALL_HINTS.get(module, f"pip install {module}")
     return f"aosae.integrations needs the optional package {module!r}, which is not installed: {hint}"
 
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numeric release of a version string: "6.54.12" -> (6, 54, 12), "0.1.0rc1" -> (0, 1, 0)."""
+    release = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        release.append(int(digits.group()))
+        if digits.group() != part:  # "0rc1": a pre-release tag ends the release numbers
+            break
+    return tuple(release)
+
+
+def check_version(module: str, installed: str) -> None:
+    """Raise ImportError, saying what to install, if `installed` is outside SUPPORTED_VERSIONS[module]."""
+    minimum, below = SUPPORTED_VERSIONS[module]
+    release = _release(str(installed))
+    if not release or not (minimum <= release < below):
+        wanted = f">={'.'.join(map(str, minimum))},<{'.'.join(map(str, below))}"
+        raise ImportError(
+            f"aosae.integrations supports {_DISTRIBUTIONS[module]}{wanted} (CI tests one pinned version: "
+            f".ci/install_integrations.sh), but {installed!r} is installed: pip install '{_DISTRIBUTIONS[module]}{wanted}'"
+        )

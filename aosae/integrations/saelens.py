@@ -41,24 +41,30 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
-from aosae.integrations import missing_dependency_message
+from aosae.integrations import check_version, missing_dependency_message
 
 _missing = missing_dependency_message("sae_lens")
 if _missing is not None:
     raise ImportError(_missing)
 
-from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig  # noqa: E402
+import sae_lens  # noqa: E402
+
+check_version("sae_lens", sae_lens.__version__)
+
 from sae_lens.registry import (  # noqa: E402
     SAE_CLASS_REGISTRY,
     SAE_TRAINING_CLASS_REGISTRY,
     register_sae_class,
     register_sae_training_class,
 )
+from sae_lens.saes.abstopk_sae import AbsTopK  # noqa: E402
+from sae_lens.saes.batchtopk_sae import BatchTopK  # noqa: E402
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput  # noqa: E402
-from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig  # noqa: E402
-from sae_lens.saes.topk_sae import TopK, TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
+from sae_lens.saes.topk_sae import TopK  # noqa: E402
 
 from aosae.files import write_json  # noqa: E402
+from aosae.integrations.latents import csr_offsets, jumprelu_window  # noqa: E402
+from aosae.integrations.latents import penalty as latent_penalty  # noqa: E402
 from aosae.integrations.saelens_export import (  # noqa: E402
     export_to_saelens,
     from_saelens,
@@ -69,16 +75,16 @@ from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
 from aosae.nn.tau import AdaptiveTau  # noqa: E402
 
 __all__ = [
+    "ARCHITECTURES",
+    "LATENT_FORMS",
     "ORTHOGONALITY",
-    "AosaeStandardTrainingSAE",
-    "AosaeStandardTrainingSAEConfig",
-    "AosaeTopKTrainingSAE",
-    "AosaeTopKTrainingSAEConfig",
+    "OrthogonalityFields",
+    "add_orthogonality",
     "export_to_saelens",
     "from_saelens",
     "import_from_saelens",
     "to_saelens",
-]
+]  # + every generated Aosae<Arch>TrainingSAE / ...Config (end of module)
 
 ORTHOGONALITY = "orthogonality"  # name of the SAELens training coefficient
 TAU_STATE_FILENAME = "aosae_tau.json"
@@ -162,39 +168,16 @@ class OrthogonalityFields:
 
 
 @dataclass(kw_only=True)
-class AosaeStandardTrainingSAEConfig(StandardTrainingSAEConfig, OrthogonalityFields):
-    """SAELens StandardTrainingSAEConfig (l1_coefficient, ...) plus the penalty settings."""
-
-    @classmethod
-    def architecture(cls) -> str:
-        return "aosae_standard"
-
-    def get_inference_config_class(self) -> type:
-        # Trained SAEs are saved as plain "standard" SAEs: readable without aosae.
-        return StandardSAEConfig
+class _OrthogonalityConfig(OrthogonalityFields):
+    """Placed before the SAELens training config in the MRO: validates the penalty settings
+    after the architecture's own __post_init__."""
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # type: ignore[misc]
         self.validate_orthogonality()
 
 
-@dataclass(kw_only=True)
-class AosaeTopKTrainingSAEConfig(TopKTrainingSAEConfig, OrthogonalityFields):
-    """SAELens TopKTrainingSAEConfig (k, aux_loss_coefficient, ...) plus the penalty settings."""
-
-    @classmethod
-    def architecture(cls) -> str:
-        return "aosae_topk"
-
-    def get_inference_config_class(self) -> type:
-        return TopKSAEConfig
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.validate_orthogonality()
-
-
-# ----------------------------------------------------------------------------- training SAEs
+# ----------------------------------------------------------------------------- activations that keep their selection
 
 
 class _RecordingTopK(TopK):
@@ -212,15 +195,79 @@ class _RecordingTopK(TopK):
         return torch.sparse_coo_tensor(torch.stack([*coords, indices.flatten()]), values.flatten(), x.shape)
 
 
+class _RecordingAbsTopK(AbsTopK):
+    """SAELens's AbsTopK (top k by |x|, signed values kept) that keeps its (indices, values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        indices = torch.topk(x.abs(), k=self.k, dim=-1, sorted=False).indices
+        values = x.gather(-1, indices)
+        self.last_topk = (indices.reshape(-1, self.k), values.reshape(-1, self.k))
+        return torch.zeros_like(x).scatter_(-1, indices, values)
+
+
+class _RecordingBatchTopK(BatchTopK):
+    """SAELens's BatchTopK (the k·tokens largest ReLU'd pre-activations of the whole batch) that
+    keeps its selection as ragged CSR rows (offsets, latent ids, values): each token keeps a
+    different number of latents, and the penalty takes them as they are (no padding)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acts = x.relu()
+        flat = acts.flatten()
+        n_tokens, n_latents = acts.shape[:-1].numel(), acts.shape[-1]
+        top = torch.topk(flat, int(self.k * n_tokens), dim=-1)
+        # Zeros (fewer positive pre-activations than k·tokens) are not co-active with anything
+        # and ReLU gives them no gradient: dropping them changes neither value nor gradient.
+        positive = top.values > 0
+        flat_ids, order = top.indices[positive].sort()  # row-major: CSR order
+        values = top.values[positive][order]
+        rows = torch.div(flat_ids, n_latents, rounding_mode="floor")
+        self.last_rows = (csr_offsets(rows, n_tokens), flat_ids - rows * n_latents, values)
+        return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
+
+
+def _recording(activation: Any) -> Any:
+    """The recording twin of a SAELens activation module, or the module itself if it has none."""
+    kind = type(activation)
+    if kind is TopK:
+        return _RecordingTopK(activation.k, use_sparse_activations=activation.use_sparse_activations)
+    if kind is AbsTopK:
+        return _RecordingAbsTopK(activation.k)
+    if kind is BatchTopK:
+        return _RecordingBatchTopK(activation.k)
+    return activation
+
+
+# ----------------------------------------------------------------------------- the one wrapper
+
+# What each SAELens training architecture hands the penalty (aosae.integrations.latents), and why
+# that gradient equals the dense one (tests/integrations/test_support_gradients.py, float64):
+LATENT_FORMS: dict[str, str] = {
+    "standard": "support",  # ReLU: its backward zeroes the gradient where the latent is 0
+    "gated": "support",  # Heaviside gate (no gradient) × ReLU(magnitude): zero off the non-zeros
+    "matching_pursuit": "support",  # latents scattered from the selected atoms only
+    "topk": "topk",  # the activation's own (indices, values)
+    "abstopk": "topk",
+    "batchtopk": "rows",  # the batch-wide selection as ragged rows
+    "matryoshka_batchtopk": "rows",
+    "jumprelu": "window",  # the threshold's STE reads the gradient at zeros near θ: see latents.py
+}
+DEFAULT_FORM = "dense"  # an architecture not listed: the dense path, exact for any activation
+
+
 class _OrthogonalityPenalty:
-    """Mixin for a SAELens TrainingSAE: adds c·τ·penalty to its auxiliary losses."""
+    """Mixin placed before a SAELens TrainingSAE: adds c·τ·penalty to its auxiliary losses."""
 
     cfg: Any
+    latent_form: str = DEFAULT_FORM  # set per generated class from LATENT_FORMS
 
-    def _init_orthogonality(self) -> None:
+    def __init__(self, cfg: Any, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
         self.orthogonality_loss = self.cfg.make_orthogonality_loss()  # no parameters, no state_dict entries
         self.adaptive_tau = self.cfg.make_adaptive_tau()
         self._last_penalty: Optional[torch.Tensor] = None
+
+    def get_activation_fn(self) -> Any:
+        return _recording(super().get_activation_fn())  # type: ignore[misc]
 
     @property
     def tau(self) -> float:
@@ -237,27 +284,28 @@ class _OrthogonalityPenalty:
 
     def _decoder_norm_weights(self) -> Optional[torch.Tensor]:
         """‖W_dec_i‖ per latent, or None where the latents already multiply unit-norm rows
-        (TopK with rescale_acts_by_decoder_norm: decode divides by the norms)."""
+        (rescale_acts_by_decoder_norm: decode divides by the norms)."""
         if getattr(self.cfg, "rescale_acts_by_decoder_norm", False):
             return None
         return self.W_dec.norm(dim=1)  # type: ignore[attr-defined]
 
-    def orthogonality_penalty(self, feature_acts: torch.Tensor) -> torch.Tensor:
+    def orthogonality_penalty(self, feature_acts: torch.Tensor, hidden_pre: torch.Tensor) -> torch.Tensor:
         """The penalty of this step's latents as coefficients of unit-norm decoder rows
-        (f_i·‖W_dec_i‖, as SAELens's own L1 weighs them), so rescaling a decoder row and its
-        latent against each other cannot dodge it. TopK SAEs: their recorded (indices, values)."""
-        norms = self._decoder_norm_weights()
+        (f_i·‖W_dec_i‖, as SAELens's own L1 weighs them), in the architecture's latent form."""
         activation = getattr(self, "activation_fn", None)
         topk = getattr(activation, "last_topk", None)
-        if topk is not None:
-            activation.last_topk = None  # used once: never pair a later step's latents with it
-            indices, values = topk
-            if norms is not None:
-                values = values * norms[indices]
-            return self.orthogonality_loss.from_topk(indices, values, self.cfg.d_sae)
-        acts = feature_acts.to_dense() if feature_acts.is_sparse else feature_acts
-        acts = acts.reshape(-1, acts.shape[-1])
-        return self.orthogonality_loss(acts if norms is None else acts * norms)
+        rows = getattr(activation, "last_rows", None)
+        if activation is not None:  # used once: never pair a later step's latents with them
+            activation.last_topk = activation.last_rows = None
+        form = self.latent_form
+        if (form == "topk" and topk is None) or (form == "rows" and rows is None):
+            form = "support"  # the activation was replaced or bypassed: its dense output is exact too
+        window = None
+        if form == "window":
+            window = jumprelu_window(hidden_pre.reshape(-1, hidden_pre.shape[-1]), self.threshold,  # type: ignore[attr-defined]
+                                     self.cfg.jumprelu_bandwidth)
+        return latent_penalty(self.orthogonality_loss, form, self.cfg.d_sae, latents=feature_acts,
+                              weights=self._decoder_norm_weights(), topk=topk, rows=rows, window=window)
 
     def calculate_aux_loss(
         self,
@@ -271,7 +319,7 @@ class _OrthogonalityPenalty:
         )
         if not isinstance(losses, dict):
             losses = {"aux_loss": losses}
-        penalty = self.orthogonality_penalty(feature_acts)
+        penalty = self.orthogonality_penalty(feature_acts, hidden_pre)
         coefficient = step_input.coefficients.get(ORTHOGONALITY, self.cfg.orthogonality_coefficient)
         self._last_penalty = penalty.detach()
         losses = dict(losses)
@@ -310,42 +358,61 @@ class _OrthogonalityPenalty:
         self.adaptive_tau.load_state_dict(json.loads(tau_file.read_text()))
 
 
-class AosaeStandardTrainingSAE(_OrthogonalityPenalty, StandardTrainingSAE):
-    """SAELens standard training SAE (ReLU, L1 · decoder norm) with the orthogonality penalty.
+class _Architecture:
+    """Stands in for a config instance where only architecture() is read (the inference config
+    lookup of a base SAELens training config)."""
 
-    Losses (TrainStepOutput.losses): mse_loss, l1_loss, orthogonality_loss.
+    def __init__(self, name: str):
+        self.name = name
+
+    def architecture(self) -> str:
+        return self.name
+
+
+def add_orthogonality(architecture: str) -> tuple[type, type]:
+    """Register "aosae_<architecture>": SAELens's training architecture `architecture` (as in
+    sae_lens.registry) with the penalty, and return (training SAE class, config class).
+
+    The config class subclasses the architecture's own (every field and default unchanged) plus
+    OrthogonalityFields; the SAE class subclasses its SAE class with _OrthogonalityPenalty, which
+    hands the penalty the latents in LATENT_FORMS[architecture] (dense for one not listed).
+    Finished SAEs save as the plain architecture's inference SAE. Idempotent.
     """
-
-    def __init__(self, cfg: AosaeStandardTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self._init_orthogonality()
-
-
-class AosaeTopKTrainingSAE(_OrthogonalityPenalty, TopKTrainingSAE):
-    """SAELens TopK training SAE (with AuxK for dead latents) with the orthogonality penalty.
-
-    Losses: mse_loss, auxiliary_reconstruction_loss, orthogonality_loss.
-    """
-
-    def __init__(self, cfg: AosaeTopKTrainingSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
-        self._init_orthogonality()
-
-    def get_activation_fn(self) -> _RecordingTopK:
-        return _RecordingTopK(self.cfg.k, use_sparse_activations=self.cfg.use_sparse_activations)
-
-
-def _register() -> None:
-    # Idempotent: SAELens raises on a second registration (e.g. importlib.reload).
-    for name, train_cls, train_cfg, infer_cls, infer_cfg in (
-        ("aosae_standard", AosaeStandardTrainingSAE, AosaeStandardTrainingSAEConfig, StandardSAE, StandardSAEConfig),
-        ("aosae_topk", AosaeTopKTrainingSAE, AosaeTopKTrainingSAEConfig, TopKSAE, TopKSAEConfig),
-    ):
-        if name not in SAE_TRAINING_CLASS_REGISTRY:
-            register_sae_training_class(name, train_cls, train_cfg)
-        if name not in SAE_CLASS_REGISTRY:
-            # Lets sae_lens.SAE.load_from_disk read aosae_* training checkpoints as inference SAEs.
-            register_sae_class(name, infer_cls, infer_cfg)
+    name = f"aosae_{architecture}"
+    if name in SAE_TRAINING_CLASS_REGISTRY:
+        return SAE_TRAINING_CLASS_REGISTRY[name]
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ValueError(
+            f"SAELens has no training architecture {architecture!r}; registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)}"
+        )
+    base_sae, base_cfg = SAE_TRAINING_CLASS_REGISTRY[architecture]
+    stem = base_sae.__name__.removesuffix("TrainingSAE")
+    cfg_cls = dataclass(kw_only=True)(type(f"Aosae{stem}TrainingSAEConfig", (_OrthogonalityConfig, base_cfg), {
+        "__doc__": f"SAELens {base_cfg.__name__} (every field as there) plus the penalty settings (OrthogonalityFields).",
+        "__module__": __name__,
+        "architecture": classmethod(lambda cls: name),
+    }))
+    form = LATENT_FORMS.get(architecture, DEFAULT_FORM)
+    sae_cls = type(f"Aosae{stem}TrainingSAE", (_OrthogonalityPenalty, base_sae), {
+        "__doc__": f"SAELens {base_sae.__name__} with the orthogonality penalty (latents: {form!r} form, "
+                   f"aosae.integrations.latents). Losses: the architecture's own plus orthogonality_loss.",
+        "__module__": __name__,
+        "latent_form": form,
+    })
+    register_sae_training_class(name, sae_cls, cfg_cls)
+    if architecture in SAE_CLASS_REGISTRY and name not in SAE_CLASS_REGISTRY:
+        # Lets sae_lens.SAE.load_from_disk read aosae_* training checkpoints as inference SAEs,
+        # where SAELens reads the plain architecture's (it has no inference class for batchtopk).
+        register_sae_class(name, *SAE_CLASS_REGISTRY[architecture])
+    globals()[sae_cls.__name__], globals()[cfg_cls.__name__] = sae_cls, cfg_cls
+    return sae_cls, cfg_cls
 
 
-_register()
+# Every training architecture the installed SAELens registers (aosae_* ones excluded).
+ARCHITECTURES: tuple[str, ...] = tuple(a for a in SAE_TRAINING_CLASS_REGISTRY if not a.startswith("aosae_"))
+for _architecture in ARCHITECTURES:
+    add_orthogonality(_architecture)
+
+AosaeStandardTrainingSAE, AosaeStandardTrainingSAEConfig = SAE_TRAINING_CLASS_REGISTRY["aosae_standard"]
+AosaeTopKTrainingSAE, AosaeTopKTrainingSAEConfig = SAE_TRAINING_CLASS_REGISTRY["aosae_topk"]
+__all__ += sorted(n for n in globals() if n.startswith("Aosae"))

@@ -59,6 +59,14 @@ def _step_input(sae_in: torch.Tensor, coefficients: dict[str, float]):
     )
 
 
+def _penalty_grad(out, param: torch.Tensor) -> torch.Tensor:
+    """The orthogonality loss's gradient w.r.t. param, as the total loss's minus the rest's: a ReLU
+    SAE's penalty sends a sparse gradient (on its support) that must join the decoder's dense one."""
+    rest = out.loss - out.losses["orthogonality_loss"]
+    total = torch.autograd.grad(out.loss, param, retain_graph=True)[0]
+    return total - torch.autograd.grad(rest, param, retain_graph=True)[0]
+
+
 def _training_sae(saelens, architecture: str, d_in: int = 16, d_sae: int = 96, **kwargs):
     if architecture == "aosae_topk":
         cfg = saelens.AosaeTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=8, **kwargs)
@@ -110,7 +118,7 @@ def test_saelens_penalty_in_loss_and_gradient_reaches_encoder(saelens, architect
     mean_abs = topk_ortho_loss(latents, k, reduction="mean", backend="reference")[0]
     torch.testing.assert_close(out.metrics["orthogonality_mean_abs_c"], mean_abs, rtol=1e-4, atol=1e-7)
 
-    grad = torch.autograd.grad(out.losses["orthogonality_loss"], sae.W_enc, retain_graph=True)[0]
+    grad = _penalty_grad(out, sae.W_enc)
     assert grad.abs().sum() > 0, "the orthogonality penalty's gradient does not reach W_enc"
     # ... and it is the gradient of τ·penalty computed through the reference selection.
     acts, _ = sae.encode_with_hidden_pre(x)
@@ -205,7 +213,7 @@ def test_saelens_runner_trains_offline_with_penalty(saelens, architecture, tmp_p
 
     def observed(step_input):
         out = original(step_input)
-        grad = torch.autograd.grad(out.losses["orthogonality_loss"], sae.W_enc, retain_graph=True)[0]
+        grad = _penalty_grad(out, sae.W_enc)
         seen.append((out.losses["orthogonality_loss"].item(), out.loss.item(), sum(out.losses.values()).item(),
                      grad.abs().sum().item(), out.metrics["tau"]))
         return out
