@@ -96,7 +96,7 @@ std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
 
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
-    const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine) {
+    const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad) {
   const int64_t m = row_ptr_t.size(0) - 1;
   const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
   const int64_t* cp = cols_t.data_ptr<int64_t>();
@@ -253,7 +253,11 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   std::vector<int64_t> hist_total(aosae::kMagnitudeBins, 0);
   for (const auto& h : hists)
     for (int64_t b = 0; b < aosae::kMagnitudeBins; ++b) hist_total[b] += h[b];
-  const aosae::KthBin kth_bin = aosae::find_kth_bin(hist_total, k);
+  int64_t nonzero_pairs = 0;
+  for (const int64_t h : hist_total) nonzero_pairs += h;
+  // Unpadded, k covering every non-zero pair: keep them all, in bucket order (no ordering work).
+  const bool keep_all = nonzero_pairs <= k;
+  const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
   std::vector<std::vector<Candidate<acc_t>>> sure(threads), border(threads);
 #pragma omp parallel num_threads(threads)
@@ -294,11 +298,16 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         if (std::abs(c.value) >= kth) cand.push_back(c);
   }
   // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
-  aosae::sort_candidates(cand, n, static_cast<size_t>(k));
+  // Unpadded with every pair kept: the static schedule above gave each thread a contiguous
+  // range of i, so `cand` is already grouped by i ascending (within i: first co-activation,
+  // then the block's partners); that order is deterministic and needs no sort.
+  if (pad || !keep_all) aosae::sort_candidates(cand, n, static_cast<size_t>(k));
 
-  auto values = torch::zeros({k}, vals_t.options());
-  auto rows = torch::full({k}, -1, torch::kInt64);
-  auto cols = torch::full({k}, -1, torch::kInt64);
+  // Padded (gram_topk's contract): k slots, empty ones (0, -1, -1). Unpadded: min(k, pairs).
+  const int64_t slots = pad ? k : static_cast<int64_t>(cand.size());
+  auto values = torch::zeros({slots}, vals_t.options());
+  auto rows = torch::full({slots}, -1, torch::kInt64);
+  auto cols = torch::full({slots}, -1, torch::kInt64);
   acc_t* ov = values.data_ptr<acc_t>();
   int64_t* orow = rows.data_ptr<int64_t>();
   int64_t* ocol = cols.data_ptr<int64_t>();
@@ -347,8 +356,29 @@ std::tuple<Tensor, Tensor, Tensor> sparse_csr_topk(
               "sparse_csr_topk: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous();
   const Tensor vp = vals.to(acc_type(vals.scalar_type())).contiguous();
-  if (vp.scalar_type() == at::kDouble) return csr_topk_impl<double>(rp, cp, vp, n, k, cosine);
-  return csr_topk_impl<float>(rp, cp, vp, n, k, cosine);
+  if (vp.scalar_type() == at::kDouble) return csr_topk_impl<double>(rp, cp, vp, n, k, cosine, true);
+  return csr_topk_impl<float>(rp, cp, vp, n, k, cosine, true);
+}
+
+// sparse_csr_topk without the padding: the min(k, P) best of the P pairs with a non-zero
+// score, P ≤ Σ_t L0_t(L0_t−1)/2, so nothing is sized by k (k may exceed n(n−1)/2). k < P:
+// contract order (|value| desc, (i, j) asc). k >= P: every pair, grouped by i ascending and
+// within i in order of first co-activation (row order), unsorted by score. Memory
+// O(pairs + threads·n): callers with n ≫ nnz compact the latent ids first (coactive_topk).
+std::tuple<Tensor, Tensor, Tensor> sparse_csr_coactive(
+    const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, bool cosine) {
+  TORCH_CHECK(n >= 2 && n < (int64_t(1) << 31), "sparse_csr_coactive: n must be in [2, 2^31), got ", n);
+  TORCH_CHECK(k >= 1, "sparse_csr_coactive: k must be >= 1, got ", k);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong,
+              "sparse_csr_coactive: row_ptr must be a 1-D int64 tensor of length m + 1");
+  TORCH_CHECK(cols.dim() == 1 && cols.scalar_type() == at::kLong, "sparse_csr_coactive: cols must be 1-D int64");
+  TORCH_CHECK(vals.dim() == 1 && vals.size(0) == cols.size(0), "sparse_csr_coactive: vals must be 1-D, same length as cols");
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
+              "sparse_csr_coactive: CPU tensors only");
+  const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous();
+  const Tensor vp = vals.to(acc_type(vals.scalar_type())).contiguous();
+  if (vp.scalar_type() == at::kDouble) return csr_topk_impl<double>(rp, cp, vp, n, k, cosine, false);
+  return csr_topk_impl<float>(rp, cp, vp, n, k, cosine, false);
 }
 
 // The whole sparse backend on a dense CPU tensor a [m, n].
@@ -383,6 +413,9 @@ void register_sparse(pybind11::module& m) {
   m.def("sparse_csr_topk", &sparse_csr_topk, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
         "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");
+  m.def("sparse_csr_coactive", &sparse_csr_coactive, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
+        py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
+        "The min(k, P) best co-active pairs of a CSR matrix, never padded: (values, rows, cols)");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents);

@@ -12,6 +12,11 @@ do not depend on B: there both scales give the same penalty.
 
 The selection S is treated as constant in the backward pass (gram_topk's gradient
 flows only through the selected values).
+
+On the training path (forward when `auto` picks the sparse path, on_support, from_topk,
+from_sparse) the selection never pads: it holds min(k, P) pairs, P = the co-active pairs with
+a non-zero score (aosae.ops.coactive_topk), so its cost follows P, not k ≈ fraction·n²/2.
+The penalty is the same: the padded slots held zeros.
 """
 from __future__ import annotations
 
@@ -20,9 +25,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from aosae.ops import backends, gram_topk_support
+from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
 from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction
-from aosae.ops import gram_topk_support
-from aosae.ops.gram_topk_sparse import gram_topk_sparse
 
 REDUCTIONS = ("sum", "mean")
 SCALES = ("per_token", "batch_sum")
@@ -45,7 +50,9 @@ def penalty_from_pairs(
     scores, or cosines).
 
     The one place where scale and reduction are applied: gram_topk and gram_topk_sparse
-    callers (TopKOrthoLoss.forward and its TopK path) all end here.
+    callers (TopKOrthoLoss.forward and its TopK path) all end here. The selection may be
+    padded (k slots, empty ones −1) or not (coactive_topk's min(k, P)): "mean" is over the
+    selected non-zero pairs either way.
     """
     penalty = pairs.values.abs().sum()
     if reduction == "mean":
@@ -105,8 +112,10 @@ class TopKOrthoLoss(nn.Module):
             need a single pass). Never changes the result, only the speed.
 
     forward(acts [batch, n_latents]) -> 0-d penalty tensor. For logging, the last call keeps
-    `last_pairs` (the selection, raw fᵀf scores) and `last_mean_abs` (the selected pairs'
-    mean |C_ij| at this loss's scale, a detached 0-d tensor).
+    `last_pairs` (the selection, raw fᵀf scores: min(k, P) pairs on the sparse paths, k slots
+    from the dense kernels), `last_k` (the k asked for), `last_nonzero_share` (non-zero pairs
+    ÷ k) and `last_mean_abs` (the selected pairs' mean |C_ij| at this loss's scale, a detached
+    0-d tensor).
     """
 
     def __init__(
@@ -133,9 +142,26 @@ class TopKOrthoLoss(nn.Module):
         self.backend, self.warm_start = backend, warm_start
         self.last_pairs: Optional[TopKPairs] = None
         self.last_mean_abs: Optional[torch.Tensor] = None
+        self.last_k = 0
         self._kth: Optional[torch.Tensor] = None
 
+    @property
+    def last_nonzero_share(self) -> float:
+        """Share of the last call's k that held a pair with a non-zero score (NaN before any)."""
+        if self.last_pairs is None:
+            return float("nan")
+        return int((self.last_pairs.rows >= 0).sum()) / max(1, self.last_k)
+
+    def _k(self, n_latents: int) -> int:
+        return self.k if self.k is not None else k_for_fraction(n_latents, self.fraction)
+
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
+        """The penalty of dense latents acts [batch, n_latents]; where `backend` resolves to the
+        sparse path, through coactive_topk (never padded) with gram_topk's gradient."""
+        if isinstance(acts, torch.Tensor) and acts.dim() == 2 and acts.shape[1] >= 2 and acts.shape[0] >= 1 \
+                and backends.resolve(self.backend, acts) == "sparse":
+            pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity)
+            return self._penalty(pairs, acts.shape[0], self._k(acts.shape[1]))
         hint = self._kth if self.warm_start else None
         penalty, pairs = topk_ortho_loss(
             acts,
@@ -147,7 +173,7 @@ class TopKOrthoLoss(nn.Module):
             backend=self.backend,
             threshold=hint,
         )
-        self._record(pairs, acts.shape[0])
+        self._record(pairs, acts.shape[0], self._k(acts.shape[1]))
         return penalty
 
     def on_support(self, acts: torch.Tensor) -> torch.Tensor:
@@ -157,36 +183,74 @@ class TopKOrthoLoss(nn.Module):
         where that path cannot run (half precision on CPU, no aosae._C, CUDA without Triton)."""
         if not gram_topk_support.available(acts):
             return self(acts)
-        k = self.k if self.k is not None else k_for_fraction(acts.shape[1], self.fraction)
+        k = self._k(acts.shape[1])
         pairs = gram_topk_support.gram_topk_on_support(
-            acts, k, similarity=self.similarity, backend=self.backend, threshold=self._kth if self.warm_start else None
+            acts, k, similarity=self.similarity, backend=self.backend, threshold=self._kth if self.warm_start else None,
+            pad=False,
         )
-        return self._penalty(pairs, acts.shape[0])
+        return self._penalty(pairs, acts.shape[0], k)
 
     def from_topk(self, indices: torch.Tensor, values: torch.Tensor, n_latents: int) -> torch.Tensor:
         """The penalty of a TopK SAE's latents given sparsely: the same value (and gradient) as
         forward(f) on the dense f [B, n_latents] with f[t, indices[t, s]] = values[t, s], through
-        gram_topk_sparse, so no [B, n_latents] tensor is built in the forward or the backward.
+        coactive_topk, so no [B, n_latents] tensor and nothing sized by k is built.
 
         indices: [B, L] int64/int32, distinct latents per row; values: [B, L] float (the kept
         activations, differentiable). `backend` and the warm-start hint do not apply: the sparse
         op enumerates every co-active pair, O(B·L²), whatever the threshold.
         """
-        if isinstance(n_latents, bool) or not isinstance(n_latents, int):
-            raise TypeError(f"n_latents must be an int (the SAE's d_sae), got {type(n_latents).__name__}")
-        k = self.k if self.k is not None else k_for_fraction(n_latents, self.fraction)
-        pairs = gram_topk_sparse(indices, values, n_latents, k, similarity=self.similarity)
-        return self._penalty(pairs, indices.shape[0])
+        _check_n_latents(n_latents)
+        if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError("from_topk expects indices and values as torch.Tensor")
+        if indices.dim() != 2 or indices.shape != values.shape:
+            raise ValueError(
+                f"indices and values must both be [B, L] with the same shape, got {tuple(indices.shape)} "
+                f"and {tuple(values.shape)} (one row per token, one column per kept latent); "
+                "rows of different lengths (BatchTopK): use from_sparse"
+            )
+        batch, width = indices.shape
+        offsets = torch.arange(batch + 1, device=indices.device, dtype=torch.int64) * width
+        return self._sparse_penalty(offsets, indices.reshape(-1), values.reshape(-1), n_latents, batch)
 
-    def _penalty(self, pairs: TopKPairs, batch: int) -> torch.Tensor:
+    def from_sparse(self, latents, n_latents: Optional[int] = None) -> torch.Tensor:
+        """The penalty of latents given as CSR rows, e.g. aosae.ops.sparse_coding.SparseLatents:
+        (offsets [B+1] int64, indices [nnz], values [nnz] differentiable[, n_latents]). Rows may
+        have different lengths (BatchTopK, ReLU) or be empty. The same value and gradient as
+        forward(f) on the densified f, through coactive_topk. n_latents: the SAE's width (default:
+        latents.n_latents)."""
+        if n_latents is None:
+            n_latents = getattr(latents, "n_latents", None)
+        _check_n_latents(n_latents)
+        try:
+            offsets, indices, values = tuple(latents)[:3]
+        except (TypeError, ValueError):
+            raise TypeError(
+                "from_sparse expects (offsets, indices, values), e.g. a SparseLatents, got "
+                f"{type(latents).__name__}"
+            ) from None
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError("from_sparse: offsets must be a 1-D tensor [B+1] of CSR row pointers")
+        return self._sparse_penalty(offsets, indices, values, n_latents, offsets.numel() - 1)
+
+    def _sparse_penalty(self, offsets, indices, values, n_latents: int, batch: int) -> torch.Tensor:
+        k = self._k(n_latents)
+        pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity)
+        return self._penalty(pairs, batch, k)
+
+    def _penalty(self, pairs: TopKPairs, batch: int, k: int) -> torch.Tensor:
         """The penalty of a selection, after recording it for logging and the next hint."""
-        self._record(pairs, batch)
+        self._record(pairs, batch, k)
         return penalty_from_pairs(pairs, batch, scale=self.scale, reduction=self.reduction, similarity=self.similarity)
 
-    def _record(self, pairs: TopKPairs, batch: int) -> None:
-        """Keep the selection for logging and its k-th score (in the op's raw units) as the next hint."""
+    def _record(self, pairs: TopKPairs, batch: int, k: int) -> None:
+        """Keep the selection for logging and its k-th score (in the op's raw units; 0 when fewer
+        than k pairs were selected) as the next hint."""
         self.last_pairs = TopKPairs(*(t.detach() for t in pairs))
-        self._kth = pairs.values[-1].detach().abs()
+        self.last_k = k
+        if pairs.values.numel() >= k:
+            self._kth = pairs.values[k - 1].detach().abs()
+        else:  # an unpadded selection shorter than k: its k-th score is an empty slot's 0
+            self._kth = pairs.values.new_zeros(())
         self.last_mean_abs = penalty_from_pairs(
             self.last_pairs, batch, scale=self.scale, reduction="mean", similarity=self.similarity
         )
@@ -197,3 +261,8 @@ class TopKOrthoLoss(nn.Module):
             f"{size}, similarity={self.similarity!r}, reduction={self.reduction!r}, scale={self.scale!r}, "
             f"backend={self.backend!r}"
         )
+
+
+def _check_n_latents(n_latents) -> None:
+    if isinstance(n_latents, bool) or not isinstance(n_latents, int):
+        raise TypeError(f"n_latents must be an int (the SAE's d_sae), got {type(n_latents).__name__}")

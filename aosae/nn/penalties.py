@@ -18,8 +18,10 @@ d_i is latent i's decoder row. The pair rule fixes k: "all" takes `fraction` of 
 n(n−1)/2 pairs (the paper); "coactive" takes `fraction` of the pairs that fire together at
 least once in the batch. With B tokens and L0 active latents there are at most B·L0²/2
 co-active pairs, which at large widths is below the paper's 0.5% of all pairs: the rule
-"all" then selects every co-active pair and pads with zeros. `last_nonzero_share` reports
-the share of the k selected slots that hold a non-zero pair, for either rule.
+"all" then selects every co-active pair. Where `backend` resolves to the sparse path (the
+training path at real widths) the co-activation kinds select through coactive_topk, which
+never pads: min(k, P) pairs, nothing sized by k. `last_nonzero_share` reports non-zero pairs
+÷ k, for either rule and either path.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from aosae.ops import backends
+from aosae.ops.coactive_topk import coactive_topk_dense
 from aosae.ops.gram_topk import SIMILARITIES, gram_topk, k_for_fraction, num_pairs
 
 PENALTIES = ("coactivation", "coact_x_decoder", "decoder_on_coactive", "decoder")
@@ -133,8 +137,11 @@ class RedundancyPenalty(nn.Module):
             f = latents.float() / math.sqrt(latents.shape[0])  # C = fᵀf / B: per token
             if self.kind == "decoder_on_coactive":
                 f = f.detach()  # the selection only; the gradient goes to the decoder
-            hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
-            pairs = gram_topk(f, k, similarity=self.similarity, backend=self.backend, threshold=hint)
+            if backends.resolve(self.backend, f) == "sparse":  # never padded; the gradient is gram_topk's
+                pairs = coactive_topk_dense(f, k, similarity=self.similarity)
+            else:
+                hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
+                pairs = gram_topk(f, k, similarity=self.similarity, backend=self.backend, threshold=hint)
             if self.kind == "coactivation":
                 penalty = pairs.values.abs().sum()
             elif self.kind == "coact_x_decoder":
@@ -142,9 +149,10 @@ class RedundancyPenalty(nn.Module):
             else:
                 penalty = _pair_cosines(W_dec, pairs.rows, pairs.cols).sum()
         self.last_pairs = type(pairs)(*(t.detach() for t in pairs))
-        self._kth = pairs.values[-1].detach().abs()
+        # the k-th score, the next call's hint: 0 when fewer than k pairs were selected
+        self._kth = pairs.values[k - 1].detach().abs() if pairs.values.numel() >= k else pairs.values.new_zeros(())
         self.last_k = k
-        self.last_nonzero_share = float((pairs.rows >= 0).float().mean())
+        self.last_nonzero_share = nonzero_share(pairs, k)
         return penalty
 
     def extra_repr(self) -> str:
@@ -152,9 +160,11 @@ class RedundancyPenalty(nn.Module):
                 f"pair_rule={self.pair_rule!r}, backend={self.backend!r}")
 
 
-def nonzero_share(pairs) -> float:
-    """Share of a TopKPairs selection's slots that hold a pair with a non-zero score."""
-    return float((pairs.rows >= 0).float().mean())
+def nonzero_share(pairs, k: Optional[int] = None) -> float:
+    """Non-zero pairs ÷ k of a TopKPairs selection: padded (k slots, empty ones −1) or not
+    (coactive_topk's min(k, P) pairs, where k must be given). k defaults to the slots held."""
+    k = pairs.rows.numel() if k is None else k
+    return int((pairs.rows >= 0).sum()) / max(1, k)
 
 
 def selection_at_width(n: int, batch: int, l0: int, fraction: float = 0.005, seed: int = 0) -> dict:

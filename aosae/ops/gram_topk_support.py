@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from aosae.ops import coactive_topk as _coactive
 from aosae.ops import extension as _extension
 from aosae.ops.backends import sparse as sparse_backend
 from aosae.ops.backends import sparse_triton
-from aosae.ops.gram_topk import TopKPairs, check_finite, gram_topk, validate
+from aosae.ops.gram_topk import TopKPairs, check_finite, gram_topk, num_pairs, validate
 
 
 def _ext():
@@ -48,26 +49,40 @@ def _to_csr(a: torch.Tensor):
 
 class _OnSupport(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, k, similarity, backend, threshold):
+    def forward(ctx, a, k, similarity, backend, threshold, mode):
+        # mode: "coactive" (never padded), "sparse" (padded, reuses the CSR) or "dense" (gram_topk)
         cosine = similarity == "cosine"
         row_ptr, cols, vals = _to_csr(a)
         if not bool(torch.isfinite(vals).all()):  # NaN/Inf are non-zeros: checking vals covers a
             check_finite(a)  # raises, naming what is wrong
-        if backend == "sparse" or (backend == "auto" and sparse_backend.prefers(a)):
+        ctx.shape, ctx.dtype, ctx.cosine, ctx.gpu = a.shape, a.dtype, cosine, sparse_triton.preferred(a)
+        ctx.coactive = mode == "coactive"
+        if ctx.coactive:  # min(k, P) pairs, latent ids compacted (aosae.ops.coactive_topk)
+            canon = _coactive.canonical(row_ptr, cols, vals, check=False)
+            values, rows, cols_sel = _coactive.select(canon, k, cosine)
+            ctx.save_for_backward(row_ptr, cols, vals, canon.uniq, values, rows, cols_sel)
+            ctx.mark_non_differentiable(rows, cols_sel)
+            return values, rows, cols_sel
+        if mode == "sparse":
             out = sparse_backend.csr_topk(row_ptr, cols, vals, a.shape[1], k, cosine)  # reuses the CSR
         else:
             out = tuple(gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold))
         values, rows, cols_sel = (t.contiguous() for t in out)
         ctx.save_for_backward(row_ptr, cols, vals, values, rows, cols_sel)
-        ctx.shape, ctx.dtype, ctx.cosine, ctx.gpu = a.shape, a.dtype, cosine, sparse_triton.preferred(a)
         ctx.mark_non_differentiable(rows, cols_sel)
         return values, rows, cols_sel
 
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
-        csr, pairs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
-        grad = support_backward(grad_values, csr, pairs, ctx.shape, ctx.dtype, ctx.cosine, gpu=ctx.gpu)
-        return grad, None, None, None, None
+        if ctx.coactive:
+            row_ptr, cols, vals, uniq, values, rows, cols_sel = ctx.saved_tensors
+            canon = _coactive.Canonical(row_ptr, torch.searchsorted(uniq, cols), vals, None, uniq)
+            grad = _coactive.support_grad(canon, grad_values, values, rows, cols_sel, ctx.cosine)
+            grad = _coo(grad, row_ptr, cols, ctx.shape, ctx.dtype)
+        else:
+            csr, pairs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]
+            grad = support_backward(grad_values, csr, pairs, ctx.shape, ctx.dtype, ctx.cosine, gpu=ctx.gpu)
+        return grad, None, None, None, None, None
 
 
 def support_backward(grad_values, csr, pairs, shape, dtype, cosine: bool, gpu: bool = False) -> torch.Tensor:
@@ -79,6 +94,11 @@ def support_backward(grad_values, csr, pairs, shape, dtype, cosine: bool, gpu: b
         grad = sparse_triton.support_grad(row_ptr, cols, vals, shape[1], grad_values, *pairs, cosine)
     else:
         grad = _ext().gram_topk_support_backward_cpu(grad_values, row_ptr, cols, vals, *pairs, shape[1], cosine)
+    return _coo(grad, row_ptr, cols, shape, dtype)
+
+
+def _coo(grad, row_ptr, cols, shape, dtype) -> torch.Tensor:
+    """The values grad [nnz] at the CSR's entries as a coalesced sparse COO tensor [B, n]."""
     rows = torch.arange(shape[0], device=cols.device)
     row_of = torch.repeat_interleave(rows, row_ptr[1:] - row_ptr[:-1], output_size=cols.numel())
     return torch.sparse_coo_tensor(
@@ -93,13 +113,21 @@ def gram_topk_on_support(
     similarity: str = "dot",
     backend: str = "auto",
     threshold: torch.Tensor | None = None,
+    pad: bool = True,
 ) -> TopKPairs:
     """gram_topk(a, k, ...) with the gradient restricted to a's non-zeros (sparse COO).
 
     Same arguments and the same selection as `aosae.gram_topk`; see the module docstring for
     when the gradient is exact. Raises RuntimeError where `available(a)` is False.
+    pad=False (the training path): where the sparse path runs, the selection is coactive_topk's,
+    min(k, P) pairs and nothing sized by k (k may then exceed n(n−1)/2); the dense kernels, picked
+    only where they are cheaper (dense latents, small n), still return k slots.
     """
-    validate(a, k, similarity, backend)
+    n = a.shape[1] if isinstance(a, torch.Tensor) and a.dim() == 2 else 2
+    if not pad and isinstance(k, int) and not isinstance(k, bool) and k > num_pairs(n):
+        validate(a, num_pairs(n), similarity, backend)  # unpadded: a k above every pair means every pair
+    else:
+        validate(a, k, similarity, backend)
     if not available(a):
         raise RuntimeError(
             "gram_topk_on_support needs a float32/float64 CPU tensor and aosae._C built with "
@@ -107,6 +135,11 @@ def gram_topk_on_support(
             f"(got {a.dtype} on {a.device}); use aosae.gram_topk instead, "
             "or rebuild: pip install --no-build-isolation -e ."
         )
-    if not torch.is_grad_enabled() or not a.requires_grad:
+    if pad and (not torch.is_grad_enabled() or not a.requires_grad):
         return gram_topk(a, k, similarity=similarity, backend=backend, threshold=threshold)
-    return TopKPairs(*_OnSupport.apply(a, k, similarity, backend, threshold))
+    sparse = backend == "sparse" or (backend == "auto" and sparse_backend.prefers(a))
+    if sparse:
+        mode = "sparse" if pad else "coactive"
+    else:
+        mode, k = "dense", min(k, num_pairs(n))  # k slots (at most every pair) from the dense kernels
+    return TopKPairs(*_OnSupport.apply(a, k, similarity, backend, threshold, mode))

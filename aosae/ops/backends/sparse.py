@@ -222,6 +222,20 @@ def _segment_sum(keys: torch.Tensor, vals: torch.Tensor):
 
 def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
     """The pure-torch sparse top-k on CSR input (any device); see csr_topk."""
+    sums, rows, cols_out = csr_pairs_torch(row_ptr, cols, vals, n, cosine)
+    if sums.numel() > k:
+        # keep every pair scoring at least the k-th best (ties included); finalize orders
+        # by (|value| desc, (row, col) asc) and cuts to k
+        kth = torch.topk(sums.abs(), k, sorted=False).values.min()
+        keep = sums.abs() >= kth
+        sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
+    return finalize(sums, rows, cols_out, k, n)
+
+
+def csr_pairs_torch(row_ptr, cols, vals, n: int, cosine: bool):
+    """Every co-active pair of the CSR matrix with a non-zero score, in (row, col) ascending
+    order (the order the duplicate reduction leaves): (values [P] in vals' dtype, rows [P],
+    cols [P] int64). Memory O(Σ_t L0_t²); cols must be ascending within each row."""
     device, acc = vals.device, vals.dtype
     m = row_ptr.numel() - 1
     nnz = cols.numel()
@@ -230,9 +244,8 @@ def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
     pos = torch.arange(nnz, device=device) - row_ptr[:-1][row_of]
     partners = counts[row_of] - 1 - pos  # entries after this one in its row
     total = int(partners.sum())
-    empty = (vals.new_zeros(0), cols.new_zeros(0), cols.new_zeros(0))
     if total == 0:
-        return finalize(*empty, k, n)
+        return vals.new_zeros(0), cols.new_zeros(0), cols.new_zeros(0)
     # Pair expansion: entry e pairs with e+1, …, e+partners[e] (same row, larger column).
     first = torch.repeat_interleave(torch.arange(nnz, device=device), partners, output_size=total)
     starts = torch.cumsum(partners, 0) - partners
@@ -246,11 +259,4 @@ def csr_topk_torch(row_ptr, cols, vals, n: int, k: int, cosine: bool):
         inv[norm_idx] = torch.where(norm_sq > 0, norm_sq.rsqrt(), torch.zeros_like(norm_sq))
         sums = sums * inv[rows] * inv[cols_out]
     keep = sums != 0
-    sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
-    if sums.numel() > k:
-        # keep every pair scoring at least the k-th best (ties included); finalize orders
-        # by (|value| desc, (row, col) asc) and cuts to k
-        kth = torch.topk(sums.abs(), k, sorted=False).values.min()
-        keep = sums.abs() >= kth
-        sums, rows, cols_out = sums[keep], rows[keep], cols_out[keep]
-    return finalize(sums, rows, cols_out, k, n)
+    return sums[keep], rows[keep], cols_out[keep]

@@ -92,17 +92,21 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, *, sizes: tuple[int, int] | None = None):
+def csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, *, sizes: tuple[int, int] | None = None,
+             pad: bool = True):
     """Top-k pairs of the [R, n] matrix given as CSR (row_ptr [R+1] int64, cols [nnz] int64
     distinct within a row, any order; vals [nnz] float16/bfloat16/float32). Zeros in vals are
     allowed and count for nothing. sizes = (pairs, tiles) skips the host sync that counts them
     (see padded_topk). Returns (values [k] fp32, rows [k] int64, cols [k] int64), contract order.
+
+    pad=False (coactive_topk): min(k, P) entries, P = pairs with a non-zero score, one host
+    sync to count them; when k >= P they come in (row, col) ascending order, the score sort skipped.
     """
     with _on_device(vals):
-        return _csr_topk(row_ptr, cols, vals, n, k, cosine, sizes)
+        return _csr_topk(row_ptr, cols, vals, n, k, cosine, sizes, pad)
 
 
-def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
+def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes, pad: bool = True):
     from aosae.kernels import sparse_pairs as kern  # Triton: imported only when used
 
     device = vals.device
@@ -115,7 +119,7 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
             f"use a smaller batch, or backend='triton' (dense) for activations this dense"
         )
     if total == 0:
-        return _empty(device, k)
+        return _empty(device, k if pad else 0)
     keys = torch.empty(total, dtype=torch.int32 if key32 else torch.int64, device=device)
     prods = torch.empty(total, dtype=torch.float32, device=device)
     kern._emit_kernel[(tile_row.numel(),)](  # 8 warps: a 64 × 64 tile of int64 keys spills at 4
@@ -136,6 +140,12 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     del sprods
     if cosine:
         kern._cosine_score_kernel[grid](skeys, sums, norm_sq, total, n, sel, KEY32=key32, BLOCK=rblock, num_warps=4)
+    if not pad:
+        live = sel != _INT32_MAX
+        if int(live.sum()) <= k:  # every pair: the slots are in (i, j) order already, no score sort
+            top = live.nonzero().flatten()
+            flat = skeys[top].long() + (2**31 if key32 else 0)
+            return sums[top].contiguous(), flat // n, flat % n
     # 32-bit keys: half the radix passes of a 64-bit (|value|, slot) key; stable keeps (i, j) order
     sel_sorted, order = torch.sort(sel, stable=True)
     take = min(k, total)
@@ -145,6 +155,8 @@ def _csr_topk(row_ptr, cols, vals, n: int, k: int, cosine: bool, sizes):
     values = torch.where(live, sums[top], torch.zeros((), dtype=torch.float32, device=device))
     rows = torch.where(live, flat // n, minus_one)
     cols_out = torch.where(live, flat % n, minus_one)
+    if not pad:  # more than k live pairs: the first k slots are all live
+        return values, rows, cols_out
     return pad_to_k(values, rows, cols_out, k)
 
 

@@ -1,0 +1,268 @@
+"""coactive_topk, the never-padding selection, against the float64 oracle: every route (C++,
+torch, Triton under the interpreter), ragged and empty rows, ties, zeros, k < P / = P / > P,
+gradients, and memory at n = 2²⁴."""
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from aosae.ops import coactive_topk as co
+from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
+from aosae.ops.gram_topk import gram_topk
+from oracle import oracle_topk, oracle_scores
+
+ROUTES = ("cpp", "torch")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_inputs(seed):
+    """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it)."""
+
+
+def ragged_rows(B, n, max_l0, *, dtype=torch.float64, pool=None, signed=False, integer=False, zeros=0.0,
+                shuffle=True):
+    """CSR rows of random lengths 0..max_l0 (distinct latents from the first `pool`), in a random
+    order within each row. Returns (offsets, indices, values, dense [B, n] float64)."""
+    pool = n if pool is None else pool
+    lengths = torch.randint(0, max_l0 + 1, (B,))
+    idx = [torch.randperm(pool)[: int(length)] for length in lengths]
+    if not shuffle:
+        idx = [i.sort().values for i in idx]
+    indices = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+    nnz = indices.numel()
+    values = torch.randint(1, 4, (nnz,)).double() if integer else torch.rand(nnz, dtype=torch.float64) + 0.05
+    if signed:
+        values = values * (torch.randint(0, 2, (nnz,)) * 2 - 1)
+    if zeros:
+        values[torch.rand(nnz) < zeros] = 0
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    values = values.to(dtype)
+    dense = torch.zeros(B, n, dtype=torch.float64)
+    rows = torch.repeat_interleave(torch.arange(B), lengths)
+    dense[rows, indices] = values.double()
+    return offsets, indices, values, dense
+
+
+def run(route, offsets, indices, values, n, k, cosine):
+    """The selection through one route (the op itself for "auto")."""
+    if route == "auto":
+        return coactive_topk(offsets, indices, values, n, k, similarity="cosine" if cosine else "dot")
+    if route == "cpp" and co._cpp() is None:
+        pytest.skip("aosae._C has no sparse_csr_coactive: rebuild with pip install --no-build-isolation -e .")
+    return co.select(co.canonical(offsets, indices, values), k, cosine, impl=route)
+
+
+def nonzero_pairs(dense, cosine):
+    return len(oracle_topk(dense, 10**12, cosine)[0])
+
+
+def check(pairs, dense, k, cosine, dtype):
+    """min(k, P) entries: k < P equals the oracle's top-k in order; k >= P is every pair,
+    grouped by row ascending, values exact."""
+    values, rows, cols = pairs
+    top, c = oracle_topk(dense, k, cosine)
+    every, _ = oracle_topk(dense, 10**12, cosine)
+    assert values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rows.dtype == cols.dtype == torch.int64
+    assert values.shape == rows.shape == cols.shape == (min(k, len(every)),)
+    tol = (1e-10 if dtype == torch.float64 else 2e-5) * max(float(c.abs().max()), 1e-30)
+    torch.testing.assert_close(values.double(), c[rows, cols], atol=tol, rtol=0)
+    assert bool((rows < cols).all()) and bool((values != 0).all())
+    got = list(zip(rows.tolist(), cols.tolist()))
+    assert len(set(got)) == len(got)
+    if k >= len(every):
+        assert set(got) == {(i, j) for _, i, j, _ in every}
+        assert bool((rows[1:] >= rows[:-1]).all()), "k >= P: grouped by row ascending"
+    else:
+        assert [(i, j) for _, i, j, _ in top] == got or dtype != torch.float64
+        torch.testing.assert_close(values.abs().double(), torch.tensor([t[0] for t in top], dtype=torch.float64),
+                                   atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES + ("auto",))
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("share", [0.1, 1.0, 10.0])  # k < P, k = P (share 1), k > P
+def test_matches_oracle_ragged(route, cosine, share):
+    offsets, indices, values, dense = ragged_rows(40, 50, 9, pool=30, signed=True, zeros=0.1)
+    p = nonzero_pairs(dense, cosine)
+    k = max(1, int(share * p))
+    check(run(route, offsets, indices, values, 50, k, cosine), dense, k, cosine, torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_inputs(route, dtype):
+    offsets, indices, values, dense = ragged_rows(30, 40, 8, dtype=dtype)
+    dense = torch.zeros_like(dense)
+    rows = torch.repeat_interleave(torch.arange(30), offsets[1:] - offsets[:-1])
+    dense[rows, indices] = values.double()  # the oracle sees the rounded inputs
+    p = nonzero_pairs(dense, False)
+    for k in (max(1, p // 3), p + 5):
+        check(run(route, offsets, indices, values, 40, k, False), dense, k, False, dtype)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_ties_are_ordered_by_row_and_col(route):
+    offsets, indices, values, dense = ragged_rows(60, 25, 6, integer=True)  # small integers: many exact ties
+    p = nonzero_pairs(dense, False)
+    k = max(1, p // 2)
+    values_, rows, cols = run(route, offsets, indices, values, 25, k, False)
+    want = oracle_topk(dense, k, False)[0]
+    assert list(zip(rows.tolist(), cols.tolist())) == [(i, j) for _, i, j, _ in want]
+
+
+@pytest.mark.parametrize("route", ROUTES + ("auto",))
+def test_empty_rows_and_no_pairs(route):
+    offsets = torch.tensor([0, 0, 1, 1, 2])  # rows of 0, 1, 0, 1 entries: no co-active pair
+    indices, values = torch.tensor([3, 5]), torch.tensor([1.0, 2.0])
+    out = run(route, offsets, indices, values, 8, 4, False)
+    assert [t.numel() for t in out] == [0, 0, 0] and out[0].dtype == torch.float32
+    empty = run(route, torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0), 8, 4, True)
+    assert [t.numel() for t in empty] == [0, 0, 0]
+
+
+def test_input_order_within_rows_does_not_matter():
+    offsets, indices, values, dense = ragged_rows(30, 40, 8, shuffle=False)
+    k = nonzero_pairs(dense, False) // 2
+    sorted_rows = coactive_topk(offsets, indices, values, 40, k)
+    perm = torch.cat([torch.randperm(int(b - a)) + a for a, b in zip(offsets[:-1], offsets[1:])])
+    shuffled = coactive_topk(offsets, indices[perm], values[perm], 40, k)
+    for x, y in zip(sorted_rows, shuffled):
+        assert torch.equal(x, y)
+
+
+def test_k_above_every_pair_lists_rows_in_kernel_order_deterministically():
+    offsets, indices, values, dense = ragged_rows(50, 60, 10, pool=35)
+    k = 60 * 59 // 2 + 1000  # more than n(n−1)/2: allowed, "every pair"
+    first = coactive_topk(offsets, indices, values, 60, k)
+    again = coactive_topk(offsets, indices, values, 60, k)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    check(first, dense, k, False, torch.float64)
+
+
+@pytest.mark.parametrize("route", ROUTES + ("auto",))
+@pytest.mark.parametrize("cosine", [False, True])
+def test_gradcheck(route, cosine):
+    offsets, indices, values, dense = ragged_rows(12, 16, 5, pool=10, signed=True)
+    p = nonzero_pairs(dense, cosine)
+    for k in (max(1, p // 2), p + 3):
+        def f(v):
+            if route == "auto":
+                return coactive_topk(offsets, indices, v, 16, k, similarity="cosine" if cosine else "dot").values
+            c = co.canonical(offsets, indices, v)
+            return _Select.apply(v, c, k, cosine, route)
+        if route == "cpp" and co._cpp() is None:
+            pytest.skip("aosae._C has no sparse_csr_coactive")
+        torch.autograd.gradcheck(f, (values.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+class _Select(torch.autograd.Function):
+    """One route's selection and support_grad as an autograd function (the op always picks auto)."""
+
+    @staticmethod
+    def forward(ctx, v, c, k, cosine, route):
+        c = c._replace(vals=v.detach() if c.perm is None else v.detach()[c.perm])
+        out = co.select(c, k, cosine, impl=route)
+        ctx.c, ctx.cosine, ctx.route, ctx.out = c, cosine, route, out
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        grad = co.support_grad(ctx.c, g, ctx.out[0], ctx.out[1], ctx.out[2], ctx.cosine, impl=ctx.route)
+        if ctx.c.perm is not None:
+            grad = torch.empty_like(grad).index_copy_(0, ctx.c.perm, grad)
+        return grad, None, None, None, None
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_gradient_matches_dense_gram_topk(cosine):
+    """The gradient w.r.t. the CSR values equals gram_topk's dense gradient at those entries,
+    zero-valued entries included."""
+    offsets, indices, values, dense = ragged_rows(40, 30, 7, pool=20, zeros=0.2)
+    values = values.float()
+    k = max(1, nonzero_pairs(dense, cosine) // 3)
+    sim = "cosine" if cosine else "dot"
+    v = values.clone().requires_grad_()
+    pairs = coactive_topk(offsets, indices, v, 30, k, similarity=sim)
+    weights = torch.randn(pairs.values.numel())
+    (pairs.values * weights).sum().backward()
+    a = dense.float().requires_grad_()
+    ref = gram_topk(a, k, similarity=sim, backend="reference")
+    (ref.values * weights).sum().backward()
+    rows = torch.repeat_interleave(torch.arange(40), offsets[1:] - offsets[:-1])
+    torch.testing.assert_close(v.grad, a.grad[rows, indices], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_dense_entry_matches_gram_topk_values_and_gradient(cosine):
+    _, _, _, dense = ragged_rows(30, 40, 8, pool=25)
+    a = dense.float()
+    sim = "cosine" if cosine else "dot"
+    p = nonzero_pairs(dense, cosine)
+    for k in (max(1, p // 2), p + 10):
+        x = a.clone().requires_grad_()
+        mine = coactive_topk_dense(x, k, similarity=sim)
+        mine.values.abs().sum().backward()
+        y = a.clone().requires_grad_()
+        ref = gram_topk(y, k, similarity=sim, backend="reference")
+        ref.values.abs().sum().backward()
+        s = mine.values.numel()
+        assert s == min(k, p)
+        assert set(zip(mine.rows.tolist(), mine.cols.tolist())) == set(zip(ref.rows[:s].tolist(), ref.cols[:s].tolist()))
+        torch.testing.assert_close(y.grad, x.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_named():
+    offsets, indices, values = torch.tensor([0, 2, 3]), torch.tensor([1, 1, 2]), torch.ones(3)
+    with pytest.raises(ValueError, match="repeats a latent"):
+        coactive_topk(offsets, indices, values, 4, 3)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        coactive_topk(offsets, torch.tensor([0, 1, 2]), values, 2, 3)
+    with pytest.raises(ValueError, match="offsets"):
+        coactive_topk(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 2]), values, 4, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        coactive_topk(offsets, torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 1.0]), 4, 3)
+    with pytest.raises(ValueError, match="k must"):
+        coactive_topk(offsets, torch.tensor([0, 1, 2]), values, 4, 0)
+    with pytest.raises(ValueError, match="1-D"):
+        coactive_topk(offsets, torch.tensor([[0, 1, 2]]), values[None], 4, 3)
+    with pytest.raises(TypeError, match="int64"):
+        coactive_topk(offsets, torch.tensor([0.0, 1.0, 2.0]), values, 4, 3)
+
+
+def test_fake_kernel_has_a_dynamic_size():
+    offsets, indices, values, _ = ragged_rows(10, 20, 5)
+    torch.library.opcheck(torch.ops.aosae.coactive_topk.default, (offsets, indices, values.float(), 20, 7, "dot"))
+
+
+def test_wide_latents_run_in_small_memory():
+    """n = 2²⁴ and the paper's k (≈ 7·10¹¹): a subprocess whose peak RSS stays within 300 MiB of
+    what importing torch and aosae costs. A k- or n-sized buffer would need ≥ 64 MiB per n-sized
+    array (and terabytes for k)."""
+    script = textwrap.dedent("""
+        import resource, torch
+        from aosae.ops.coactive_topk import coactive_topk
+        from aosae.ops.gram_topk import k_for_fraction
+        torch.set_num_threads(2)
+        n, B, L = 2 ** 24, 64, 32
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        idx = torch.randint(0, n // L, (B, L)) + torch.arange(L) * (n // L)  # distinct within a row
+        offsets = torch.arange(B + 1) * L
+        values = (torch.rand(B * L) + 0.1).requires_grad_()
+        pairs = coactive_topk(offsets, idx.flatten(), values, n, k_for_fraction(n, 0.005))
+        pairs.values.abs().sum().backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(pairs.values.numel(), (peak - base) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    count, extra_mib = out.stdout.split()
+    assert 0 < int(count) <= 64 * 32 * 31 // 2
+    assert float(extra_mib) < 300, f"peak RSS grew by {extra_mib} MiB at n = 2^24"
