@@ -88,7 +88,7 @@ def train_run(acts: torch.Tensor, cfg: TrainConfig, held: torch.Tensor, truth, r
     def on_step(tr):
         pairs = getattr(tr.ortho, "last_pairs", None)
         if pairs is not None:
-            shares.append(nonzero_share(pairs))
+            shares.append(nonzero_share(pairs, getattr(tr.ortho, "last_k", None)))  # non-zero pairs ÷ k
 
     trainer.run(on_step)
     log = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
