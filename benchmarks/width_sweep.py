@@ -14,11 +14,15 @@ Arms (TopK k = 64, fp32, AdamW lr 4e-4 without weight decay, the same batches fo
 Every arm runs in its own subprocess (one per arm and width). Before timing, a separate check
 process per arm compares it with a float64 dense reference on the same weights (aosae: loss and
 gradients, penalty included; sparsify: its reconstruction and gradients, its weights copied from
-aosae's SAE), so the timed process's peak RSS is the step's alone. Where every arm's memory fits
-the budget at once, the arms' processes stay alive together and take turns, one step each per
-round (order reversed every other round); otherwise (the large widths) they run one at a time in
-blocks ABC…CBA, each block with the same warm-up. Reported: per-round times (median, quartiles,
-min, max: never the best alone), peak RSS of each timed process, and ratios between arms.
+aosae's SAE), so the timed process's peak RSS (VmHWM: its state, optimiser and step) is the arm's
+own. Where every arm's memory fits --mem-budget-gib at once, the arms' processes stay alive
+together and take turns, one step each per round (order reversed every other round; ratios are
+per round); otherwise (the large widths) they run one at a time in blocks ABC…, …CBA, each block
+a fresh process with the same warm-up and fewer timed steps (--blocks-rounds; ratios of medians).
+Reported: every timed step (median, quartiles, min, max: never the best alone), peak RSS, the
+float64 check's gaps, the load average around each width (shared_machine when another process ran).
+Each worker runs under an RLIMIT_DATA cap (what the machine has free at its start, less a margin),
+so an arm that does not fit fails with "out of memory under its cap" instead of starting the OOM killer.
 
   python benchmarks/width_sweep.py                                    # the full sweep (~25 min, quiet machine)
   python benchmarks/width_sweep.py --widths 4096 16384 --rounds 2 --tag smoke
@@ -262,9 +266,14 @@ def build_arm(args, x):
     return aosae_step
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), MiB. Not ru_maxrss:
+    that survives execve, so a worker would inherit the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def worker(args) -> None:
@@ -288,6 +297,8 @@ def worker(args) -> None:
             reply(error=f"{type(e).__name__}: {e}"[:800])
         return
     x = load_data(args.data)
+    if args.arm == "sparsify-topk":
+        import_sparsify()  # its imports (transformers, accelerate) count in the baseline, not the step
     base = rss_mib()
     step = None
     for line in sys.stdin:
@@ -302,8 +313,7 @@ def worker(args) -> None:
                 l0 = step(xb)
                 reply(t=time.perf_counter() - t0, l0=l0)
             elif cmd[0] == "done":
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-                reply(peak_rss_mib=peak, baseline_rss_mib=base)
+                reply(peak_rss_mib=rss_mib("VmHWM"), baseline_rss_mib=base)
                 return
         except Exception as e:  # noqa: BLE001
             reply(error=f"{type(e).__name__}: {e}"[:800])
@@ -522,12 +532,14 @@ def sweep(args) -> list[dict]:
         batch, d_in = (args.big_batch, args.big_d_in) if big else (args.batch, 576)
         est = {name: estimate_gib(name, width, batch, d_in, args.k) for name in arms}
         mode = "interleaved" if sum(est.values()) <= args.mem_budget_gib else "blocks"
+        blocks = mode == "blocks"
         shape = {"width": width, "batch": batch, "d_in": d_in, "data": prepare_data(args, d_in), "est_gib": est,
-                 "warmup": args.big_warmup if big else args.warmup,
-                 "rounds": args.big_rounds if big else args.rounds, "blocks": args.blocks}
+                 "warmup": args.blocks_warmup if blocks else args.warmup,
+                 "rounds": args.blocks_rounds if blocks else args.rounds, "blocks": args.blocks}
         load_before = os.getloadavg()
         rows = {name: {"bench": "width_sweep", "arm": name, "d_sae": width, "batch": batch, "d_in": d_in,
-                       "mode": mode, "warmup": shape["warmup"], "rounds": shape["rounds"], "status": "ok",
+                       "mode": mode, "warmup": shape["warmup"], "rounds": shape["rounds"],
+                       "blocks": args.blocks if blocks else None, "status": "ok",
                        "times_s": [], "rounds_of": [], "l0": [], "mem_estimate_gib": est[name]} for name in arms}
         for name in arms:  # the float64 check of each arm, in its own process (keeps the timed peak RSS clean)
             p = Arm(name, shape, args, launch_cap(args), check=True)
@@ -546,6 +558,8 @@ def sweep(args) -> list[dict]:
         load_after = os.getloadavg()
         for name, row in rows.items():
             row.update(spread(row["times_s"]))
+            if row.get("peak_rss_mib"):
+                row["peak_above_baseline_mib"] = row["peak_rss_mib"] - row["baseline_rss_mib"]
             row["l0"] = statistics.mean(row["l0"]) if row["l0"] else None
             if name == "floor-encoder-gemm" and row["times_s"]:
                 row["gemm_gflops"] = 2 * batch * d_in * width / row["median_s"] / 1e9
@@ -630,8 +644,8 @@ def main() -> None:
     p.add_argument("--big-d-in", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--big-warmup", type=int, default=1, help="warm-up rounds from --big-width on")
-    p.add_argument("--big-rounds", type=int, default=4, help="timed rounds from --big-width on")
+    p.add_argument("--blocks-warmup", type=int, default=1, help="warm-up steps of each block (blocks mode)")
+    p.add_argument("--blocks-rounds", type=int, default=4, help="timed steps per arm in blocks mode (split between blocks)")
     p.add_argument("--blocks", type=int, default=2, help="blocks ABC…, CBA… in blocks mode (rounds split between them)")
     p.add_argument("--mem-budget-gib", type=float, default=12.0,
                    help="arms run interleaved (all alive at once) when their estimated memory sums below this")
