@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import tyro
 
@@ -17,9 +18,10 @@ from aosae.cli.info import info
 from aosae.cli.train import train
 
 COMMANDS = {"info": info, "train": train, "eval": eval_command, "export": export, "ablate": ablate}
-# What a user can cause (a bad path, option, dataset or model, a missing extra, a diverged run):
-# one line on stderr, exit 2. AOSAE_DEBUG=1 shows the traceback instead.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, ImportError, RuntimeError)
+# What a user can cause (a bad path, option, dataset or model, a damaged file, a missing extra, a
+# diverged run, a full disk): one line on stderr, exit 2. AOSAE_DEBUG=1 shows the traceback instead.
+# Damaged files raise aosae.files.BadFile (a ValueError) naming the file and what to do.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, RuntimeError)
 
 
 def exit_process(code: int) -> None:
@@ -42,10 +44,16 @@ def script() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in args if a in COMMANDS), "aosae")
+    debug = os.environ.get("AOSAE_DEBUG") == "1"
+    format_before = warnings.formatwarning
+    if not debug:  # a warning is one line too: what happened and what was done about it
+        warnings.formatwarning = lambda message, *_args, **_kw: f"aosae {command}: warning: {message}\n"
     try:
         return int(tyro.extras.subcommand_cli_from_dict(COMMANDS, prog="aosae", args=args) or 0)
     except USER_ERRORS as err:
-        if os.environ.get("AOSAE_DEBUG") == "1":
+        if debug:
             raise
         print(f"aosae {command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = format_before

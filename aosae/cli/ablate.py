@@ -9,7 +9,9 @@ intervals), DIR/README.md (tables and verdict) and PNG plots. See aosae.experime
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +19,10 @@ from typing import Annotated
 import torch
 import tyro
 
+from aosae.cli.checks import require_package
 from aosae.experiments.ablation import ARMS, Sweep, load_dataset, parse_arms, run_sweep
+from aosae.experiments.ablation.plots import missing as missing_plots
+from aosae.experiments.ablation.record import read_record
 
 SWEEPS = ("synthetic", "saelens", "synthetic_topk", "model")
 
@@ -90,7 +95,7 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
 
         if not runs_path.is_file():
             raise FileNotFoundError(f"{runs_path} does not exist: run `aosae ablate --out {out}` without --render-only first")
-        write_report(json.loads(runs_path.read_text()), out)
+        write_report(read_record(runs_path, render_only=True), out)
         print(f"wrote {out / 'README.md'}")
         return 0
     if min(args.threads, args.seeds, args.model_seeds, args.steps) < 1:
@@ -101,11 +106,21 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
         raise ValueError(f"unknown or no sweep(s) {bad}; choose from {', '.join(SWEEPS)}")
     arms = parse_arms(args.arms)
     lambdas, ks = _floats(args.lambdas, "lambdas"), tuple(int(k) for k in _floats(args.ks, "ks"))
+    if args.model_lambdas and "model" in sweeps:
+        _floats(args.model_lambdas, "model-lambdas")
+        parse_arms(args.model_arms)
+    # before any training: what the sweeps and the report need, and the record they add to
+    if "saelens" in sweeps:
+        require_package("sae_lens", "--sweeps saelens (SAELens's synthetic generator)",
+                        "pip install 'sae-lens>=6', or drop saelens from --sweeps")
+    if missing_plots() is not None:
+        warnings.warn(f"{missing_plots()}: the tables and JSON will be written, the PNG plots skipped "
+                      f"(install it later and run `aosae ablate --out {out} --render-only`)", stacklevel=2)
+    earlier = read_record(runs_path, render_only=False)["sweeps"] if runs_path.exists() else {}
     out.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     record = {"args": asdict(args), "arms": {a: asdict(ARMS[a]) for a in ARMS}, "sweeps": {}}
-    earlier = json.loads(runs_path.read_text()).get("sweeps", {}) if runs_path.is_file() else {}
     record["sweeps"] = {k: v for k, v in earlier.items() if k not in sweeps}  # sweeps this call does not redo
     try:
         for name in sweeps:
@@ -135,7 +150,9 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
                                       "swept": sweep.swept, "values": list(values),
                                       "base": base, "slack": args.slack, "ground_truth": truth is not None,
                                       "seconds": time.perf_counter() - t0, "runs": rows}
-            runs_path.write_text(json.dumps(record, indent=1))  # after every sweep: a crash keeps what ran
+            tmp = runs_path.with_name(runs_path.name + ".tmp")  # after every sweep, atomically: a crash keeps what ran
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, runs_path)
     finally:
         torch.set_num_threads(previous)
     from aosae.experiments.ablation.report import write_report

@@ -36,10 +36,12 @@ def eval(  # noqa: A001 - the subcommand's name
             ~1000 is a reasonable CPU budget; meaningful for >= 16k latents on >= 1B-parameter models).
         device: cpu or cuda[:i].
     """
+    from aosae.cli.checks import check_eval_run
     from aosae.eval import evaluate as E
 
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens must be >= 2, got {tokens}")
+    check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
     res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
                      context=context, absorption_words=absorption_words, device=device)
     print(E.format_table(res))

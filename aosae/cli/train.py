@@ -42,12 +42,22 @@ def train(
         progress: Show progress bars.
     """
     import time
+    from pathlib import Path
 
+    from aosae.cli.checks import check_log_backend, check_resume_run, drop_partial_line, partial_last_line
     from aosae.training import distributed as ddp
     from aosae.training.trainer import Trainer
 
     start = time.perf_counter()
-    trainer = Trainer.resume(resume, progress=progress) if resume else Trainer(cfg, progress=progress)
+    if resume:  # every file of the run is checked before the LM or the activations are touched
+        check_log_backend(check_resume_run(resume).log)
+        cut = partial_last_line(Path(resume) / "metrics.jsonl")
+        trainer = Trainer.resume(resume, progress=progress)
+        if cut is not None:  # the checkpoint loaded: now repair what the killed run left
+            drop_partial_line(Path(resume) / "metrics.jsonl", cut)
+    else:
+        check_log_backend(cfg.log)
+        trainer = Trainer(cfg, progress=progress)
     try:
         summary = trainer.run()
     finally:  # also on a diverged run: a process group left alive can abort the exit (SIGABRT)

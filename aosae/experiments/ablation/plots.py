@@ -12,6 +12,15 @@ PANELS = (("fvu", "FVU (1 − explained variance)"), ("mmcs", "MMCS"), ("mcc", "
           ("kl_div_score", "KL-div score"))
 
 
+def missing() -> str | None:
+    """None when matplotlib imports, else why not (the report then skips its PNGs)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        return f"matplotlib is not installed ({err}): pip install matplotlib"
+    return None
+
+
 def _pyplot():
     import matplotlib
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -89,9 +90,17 @@ def verdict_lines(verdicts: dict, ground_truth: bool, slack: float) -> list[str]
     return lines
 
 
-def write_report(record: dict, out: Path) -> dict:
-    """Analyse every sweep of `record` (as written to runs.json), write README.md, ablation.json and PNGs."""
+def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
+    """Analyse every sweep of `record` (as written to runs.json), write README.md, ablation.json and PNGs.
+
+    Without matplotlib (or with plots=False) the PNGs are skipped, with a warning in the first case;
+    the tables and ablation.json are written all the same."""
     out = Path(out)
+    why_not = P.missing() if plots else None
+    if why_not is not None:
+        warnings.warn(f"no plots in {out}: {why_not}; then `aosae ablate --out {out} --render-only` draws them",
+                      stacklevel=2)
+    plots = plots and why_not is None
     out.mkdir(parents=True, exist_ok=True)
     record.setdefault("machine", machine())
     args = record["args"]
@@ -113,9 +122,12 @@ def write_report(record: dict, out: Path) -> dict:
         verdicts = C.verdict(match, sweep["slack"], gt)
         analysis["sweeps"][name] = {"description": sweep["description"], "per_value": stats, "matched": match,
                                     "verdict": verdicts}
-        pareto = P.pareto(stats, out / f"pareto_{name}.png", f"{name}: arms against L0")
         middle = sweep["values"][len(sweep["values"]) // 2]
-        tau = P.tau_trajectories(runs, out / f"tau_{name}.png", f"{name}: τ, {sweep['swept']}={middle:g}, seed 0", middle)
+        figures = []
+        if plots:
+            figures = [P.pareto(stats, out / f"pareto_{name}.png", f"{name}: arms against L0"),
+                       P.tau_trajectories(runs, out / f"tau_{name}.png",
+                                          f"{name}: τ, {sweep['swept']}={middle:g}, seed 0", middle)]
         secs = sum(r["seconds"] for r in runs)
         opts = sweep.get("args", args)
         md += [f"## {name}", "", *(f"- {k}: {v}" for k, v in sweep["description"].items()),
@@ -127,7 +139,7 @@ def write_report(record: dict, out: Path) -> dict:
                *verdict_lines(verdicts, gt, sweep["slack"]), "",
                "### At matched L0: difference to no penalty", "", *delta_table(match), "",
                f"### Per {sweep['swept']}", "", *value_table(stats, sweep["swept"]), "",
-               f"![pareto]({pareto.name})", "", f"![tau]({tau.name})", ""]
+               *(line for fig in figures for line in (f"![{fig.stem.split('_')[0]}]({fig.name})", ""))]
     widths = [selection_at_width(n, 4096, 64) for n in WIDTHS]
     analysis["selection_at_width"] = widths
     md += ["## What the paper's selection holds at each width", "",
