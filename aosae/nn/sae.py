@@ -94,9 +94,12 @@ class SAEConfig:
             return value
 
         arch = get("architecture", str)
-        if arch is not None and arch not in ("standard", "topk", "aosae_standard", "aosae_topk"):
-            raise ValueError(f"architecture {arch!r} is not supported: aosae loads standard (ReLU) and topk SAEs")
         activation = get("activation_fn_str", str, "topk" if arch in ("topk", "aosae_topk") else "relu")
+        # aosae saves a BatchTopK SAE as SAELens's JumpReLU with activation_fn_str "batchtopk"
+        if arch is not None and arch not in ("standard", "topk", "aosae_standard", "aosae_topk") \
+                and (arch, activation) != ("jumprelu", "batchtopk"):
+            raise ValueError(f"architecture {arch!r} is not supported: aosae loads standard (ReLU) and topk SAEs "
+                             "(and the BatchTopK SAEs it saves)")
         if get("normalize_activations", str, "none") != "none":
             raise ValueError(f"normalize_activations={d['normalize_activations']!r}: aosae SAEs read raw activations; "
                              "load it with aosae.integrations.saelens.import_from_saelens (it says how to fold it)")
@@ -105,10 +108,10 @@ class SAEConfig:
                              "which folds b_dec into b_enc")
         kwargs = get("activation_fn_kwargs", dict, {})
         k = None
-        if activation == "topk":
+        if activation != "relu":  # the k of topk / batchtopk
             k = kwargs.get("k", d.get("k"))
             if isinstance(k, bool) or not isinstance(k, int):
-                raise ValueError(f"a topk SAE needs an int activation_fn_kwargs.k, got {k!r}")
+                raise ValueError(f"a {activation} SAE needs an int activation_fn_kwargs.k, got {k!r}")
         return cls(
             d_in=get("d_in", int, required=True),
             d_sae=get("d_sae", int, required=True),
@@ -271,4 +274,13 @@ class SparseAutoencoder(nn.Module):
             for name in WEIGHT_KEYS:
                 param = getattr(sae, name)
                 param.data = tensors[name].to(param.dtype)
+        if hasattr(sae, "load_extra_tensors_"):  # what some activations keep beside the weights (a threshold)
+            from aosae.files import BadFile
+            from aosae.nn.sae_files import FIX
+
+            path = Path(directory) / WEIGHTS_FILE
+            try:
+                sae.load_extra_tensors_(tensors, str(path))
+            except ValueError as err:
+                raise BadFile(path, str(err).removeprefix(f"{path}: ").removeprefix(f"{path} "), FIX) from err
         return sae.to(device)

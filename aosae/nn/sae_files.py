@@ -36,7 +36,7 @@ def read_sae_config(directory: str | os.PathLike, fix: str = FIX):
 
 
 def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[str, torch.Tensor]:
-    """The four weight tensors of directory/sae_weights.safetensors (on CPU), checked against cfg."""
+    """The tensors of directory/sae_weights.safetensors (on CPU); the four weights checked against cfg."""
     path = Path(directory) / WEIGHTS_FILE
     tensors = load_tensors(path, fix)
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
@@ -52,7 +52,7 @@ def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise BadFile(path, f"{name} holds {bad} NaN/Inf value(s) of {t.numel()} (a diverged run or a damaged file)", fix)
-    return {k: tensors[k] for k in WEIGHT_KEYS}
+    return tensors  # the four weights, and whatever else the file holds (a BatchTopK threshold)
 
 
 def check_sae_dir(directory: str | os.PathLike, fix: Optional[str] = None) -> Path:
