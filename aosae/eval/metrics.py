@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from aosae.ops.gram_topk import gram_topk, k_for_fraction, num_pairs
+from aosae.ops.sparse_coding import SparseLatents
 
 DENSE_THRESHOLD = 0.1  # a latent firing on more than 10% of tokens is "dense" (SAEBench convention)
 
@@ -101,21 +102,31 @@ class ReconstructionStats:
     fire_counts: Optional[torch.Tensor] = None
     sum_legacy_ev: float = 0.0
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor) -> None:
-        """x, x_hat: [..., d_in]; latents: [..., d_sae] (same leading shape)."""
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor | SparseLatents) -> None:
+        """x, x_hat: [..., d_in]; latents: [..., d_sae] (same leading shape), or the SparseLatents
+        of the flattened tokens (what the SAE's forward keeps; nothing dense is built then)."""
         _check_pair(x, x_hat)
-        a, b, f = _flat(x), _flat(x_hat), latents.reshape(-1, latents.shape[-1])
-        if f.shape[0] != a.shape[0]:
-            raise ValueError(f"latents have {f.shape[0]} tokens but x has {a.shape[0]}")
+        a, b = _flat(x), _flat(x_hat)
+        tokens = latents.batch if isinstance(latents, SparseLatents) else latents.reshape(-1, latents.shape[-1]).shape[0]
+        if tokens != a.shape[0]:
+            raise ValueError(f"latents have {tokens} tokens but x has {a.shape[0]}")
         self.n_tokens += a.shape[0]
         self.sum_x = a.sum(0) if self.sum_x is None else self.sum_x + a.sum(0)
         self.sum_x_sq += float(a.pow(2).sum())
         self.sum_resid_sq += float((a - b).pow(2).sum())
         self.sum_cos += cossim(a, b) * a.shape[0]
-        fired = f != 0
-        self.sum_l0 += float(fired.sum())
-        self.sum_l1 += float(f.double().abs().sum())
-        counts = fired.sum(0).double()
+        if isinstance(latents, SparseLatents):
+            values = latents.values.detach()
+            fired = values != 0
+            self.sum_l0 += float(fired.sum())
+            self.sum_l1 += float(values.double().abs().sum())
+            counts = torch.bincount(latents.indices[fired], minlength=latents.n_latents).double()
+        else:
+            f = latents.reshape(-1, latents.shape[-1])
+            fired = f != 0
+            self.sum_l0 += float(fired.sum())
+            self.sum_l1 += float(f.double().abs().sum())
+            counts = fired.sum(0).double()
         self.fire_counts = counts if self.fire_counts is None else self.fire_counts + counts
         self.sum_legacy_ev += explained_variance_legacy(a, b) * a.shape[0]
 
@@ -140,8 +151,14 @@ class ReconstructionStats:
         }
 
 
-def latent_density(latents: torch.Tensor) -> torch.Tensor:
-    """Fraction of tokens on which each latent is non-zero. latents [..., d_sae] -> [d_sae] float64."""
+def latent_density(latents: torch.Tensor | SparseLatents) -> torch.Tensor:
+    """Fraction of tokens on which each latent is non-zero. latents [..., d_sae] (or SparseLatents)
+    -> [d_sae] float64."""
+    if isinstance(latents, SparseLatents):
+        if latents.batch == 0:
+            raise ValueError("latent_density needs at least one token")
+        fired = latents.indices[latents.values.detach() != 0]
+        return torch.bincount(fired, minlength=latents.n_latents).double() / latents.batch
     f = latents.reshape(-1, latents.shape[-1])
     if f.shape[0] == 0:
         raise ValueError("latent_density needs at least one token")

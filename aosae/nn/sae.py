@@ -1,5 +1,10 @@
 """The sparse autoencoder: x̂ = W_decᵀ·act(W_encᵀ(x − b_dec) + b_enc) + b_dec.
 
+act: ReLU, TopK (the k largest per token) or BatchTopK (the B·k largest of the batch in
+training; a JumpReLU threshold kept by EMA at inference, as SAELens and dictionary_learning do).
+The forward pass encodes to sparse latents (aosae.ops.sparse_coding) and decodes from them, so a
+training step never builds the dense [B, d_sae] latents (a ReLU SAE does while they are dense).
+
 Layout (SAELens-compatible): W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in]
 (one unit-norm row per latent), b_dec [d_in]. A saved SAE is a directory with
 cfg.json + sae_weights.safetensors; loading never goes through pickle.
@@ -15,8 +20,19 @@ import torch
 from torch import nn
 
 from aosae.files import save_tensors, write_dir_atomically, write_json
+from aosae.ops.sparse_coding import SparseLatents, select, sparse_decode, sparse_encode
 
-ACTIVATIONS = ("relu", "topk")
+ACTIVATIONS = ("relu", "topk", "batchtopk")
+K_ACTIVATIONS = ("topk", "batchtopk")  # the activations that take top_k
+# BatchTopK's inference threshold: an EMA of the smallest kept activation of each training batch,
+# at SAELens's rate (BatchTopKTrainingSAEConfig.topk_threshold_lr = 0.01); unset (−1) until the
+# first training step (dictionary_learning's convention), and saved as SAELens's JumpReLU threshold.
+THRESHOLD_LR = 0.01
+# A ReLU SAE decodes sparsely once its latents are sparse enough, i.e. once the mean number of
+# non-zeros per token is at most this share of d_sae; above it the dense products are faster.
+# Measured in benchmarks/NOTES.md ("Sparse SAE step"): at d_sae 16384, d_in 576, B 2048 on 2
+# cores the sparse step wins below ≈ 6 % density; 5 % leaves a margin.
+RELU_SPARSE_DENSITY = 0.05
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -27,13 +43,15 @@ class SAEConfig:
     """Shape and provenance of an SAE.
 
     d_in: width of the hooked activations; d_sae: number of latents;
-    activation: "relu" or "topk" (keep the k largest pre-activations, ReLU'd).
+    activation: "relu", "topk" (keep the k largest pre-activations, ReLU'd) or "batchtopk"
+    (keep the top_k·B largest of a batch of B tokens in training, k per token on average; at
+    inference, the pre-activations above the SAE's threshold).
     The provenance fields are recorded in cfg.json for loaders such as SAELens.
     """
 
     d_in: int
     d_sae: int
-    activation: Literal["relu", "topk"] = "relu"
+    activation: Literal["relu", "topk", "batchtopk"] = "relu"
     top_k: Optional[int] = None
     model_name: Optional[str] = None
     hook_layer: Optional[int] = None
@@ -49,22 +67,28 @@ class SAEConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation == "topk":
+        if self.activation in K_ACTIVATIONS:
             if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.d_sae:
-                raise ValueError(f"activation='topk' needs an int top_k in [1, d_sae={self.d_sae}], got top_k={self.top_k!r}")
+                raise ValueError(f"activation={self.activation!r} needs an int top_k in [1, d_sae={self.d_sae}], "
+                                 f"got top_k={self.top_k!r}")
         elif self.top_k is not None:
-            raise ValueError(f"top_k is only used with activation='topk' (got top_k={self.top_k} with {self.activation!r})")
+            raise ValueError(f"top_k is only used with activation='topk' or 'batchtopk' "
+                             f"(got top_k={self.top_k} with {self.activation!r})")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch dtype such as 'float32', got {self.dtype!r}")
 
     def to_json_dict(self) -> dict:
-        """The SAELens-style cfg.json content."""
+        """The SAELens-style cfg.json content. A BatchTopK SAE is saved the way SAELens saves a
+        trained one (BatchTopKTrainingSAE.process_state_dict_for_saving_inference): as a JumpReLU
+        SAE whose threshold (one per latent, all equal) is the EMA threshold; activation_fn_str
+        "batchtopk" and activation_fn_kwargs.k tell aosae what it was trained as."""
+        architecture = {"topk": "topk", "batchtopk": "jumprelu"}.get(self.activation, "standard")
         return {
             "d_in": self.d_in,
             "d_sae": self.d_sae,
-            "architecture": "topk" if self.activation == "topk" else "standard",
+            "architecture": architecture,
             "activation_fn_str": self.activation,
-            "activation_fn_kwargs": {"k": self.top_k} if self.activation == "topk" else {},
+            "activation_fn_kwargs": {"k": self.top_k} if self.activation in K_ACTIVATIONS else {},
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
             "model_name": self.model_name,
@@ -126,21 +150,60 @@ class SAEConfig:
         )
 
 
-class SAEOutput(NamedTuple):
-    """x_hat [..., d_in]: reconstruction; latents [..., d_sae]: f (after the activation);
-    pre_acts [..., d_sae]: encoder pre-activations (before ReLU / TopK).
+class SAEOutput:
+    """What SparseAutoencoder.forward returns.
 
-    TopK SAEs also return the kept latents sparsely (None for ReLU): topk_indices
-    [..., top_k] int64 and topk_values [..., top_k] (ReLU'd, differentiable), with
-    latents[..., topk_indices] = topk_values. The penalty reads these
-    (TopKOrthoLoss.from_topk) instead of searching the dense latents again.
+    x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations.
+    sparse: the kept latents as SparseLatents over the flattened tokens (offsets, indices, values
+    differentiable, n_latents). latents [..., d_sae]: f, dense; built from `sparse` on first
+    access (a ReLU SAE in its dense phase has it from the start and builds `sparse` on access),
+    so a training step that reads only `sparse` never builds it.
+
+    TopK SAEs: topk_indices [..., top_k] int64 and topk_values [..., top_k] (ReLU'd,
+    differentiable), latents[..., topk_indices] = topk_values; None for the other activations.
     """
 
-    x_hat: torch.Tensor
-    latents: torch.Tensor
-    pre_acts: torch.Tensor
-    topk_indices: Optional[torch.Tensor] = None
-    topk_values: Optional[torch.Tensor] = None
+    __slots__ = ("x_hat", "pre_acts", "_sparse", "_latents", "_top_k", "_dense")
+
+    def __init__(self, x_hat, pre_acts, sparse: Optional[SparseLatents] = None, latents=None, top_k=None):
+        if sparse is None and latents is None:
+            raise ValueError("SAEOutput needs the sparse latents, the dense latents or both")
+        self.x_hat, self.pre_acts = x_hat, pre_acts
+        self._sparse, self._latents, self._top_k = sparse, latents, top_k
+        self._dense = sparse is None
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether the forward pass produced dense latents (a ReLU SAE in its dense phase)."""
+        return self._dense
+
+    @property
+    def sparse(self) -> SparseLatents:
+        if self._sparse is None:  # dense phase of a ReLU SAE: read the non-zeros of f
+            f = self._latents.reshape(-1, self._latents.shape[-1])
+            rows, cols = (f != 0).nonzero(as_tuple=True)
+            offsets = rows.new_zeros(f.shape[0] + 1)
+            offsets[1:] = torch.bincount(rows, minlength=f.shape[0]).cumsum(0)
+            self._sparse = SparseLatents(offsets, cols, f[rows, cols], f.shape[1])
+        return self._sparse
+
+    @property
+    def latents(self) -> torch.Tensor:
+        if self._latents is None:
+            self._latents = self._sparse.to_dense().reshape(self.pre_acts.shape)
+        return self._latents
+
+    @property
+    def topk_indices(self) -> Optional[torch.Tensor]:
+        if self._top_k is None:
+            return None
+        return self.sparse.indices.reshape(*self.pre_acts.shape[:-1], self._top_k)
+
+    @property
+    def topk_values(self) -> Optional[torch.Tensor]:
+        if self._top_k is None:
+            return None
+        return self.sparse.values.reshape(*self.pre_acts.shape[:-1], self._top_k)
 
 
 class SparseAutoencoder(nn.Module):
@@ -160,6 +223,8 @@ class SparseAutoencoder(nn.Module):
         self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        if cfg.activation == "batchtopk":  # the inference threshold, −1 until the first training step
+            self.register_buffer("threshold", torch.tensor(-1.0))
 
     @classmethod
     def from_dims(cls, d_in: int, d_sae: int, activation: str = "relu", top_k: Optional[int] = None, **kw):
@@ -178,18 +243,39 @@ class SparseAutoencoder(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{what} must be a tensor [..., {width}], got {shape}")
 
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, self.d_in, "x")
+        x = x.to(self.W_enc.dtype) if not torch.is_autocast_enabled() else x
+        return x.reshape(-1, self.d_in)
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> (x − b_dec) @ W_enc + b_enc, [..., d_sae]."""
         self._check_input(x, self.d_in, "x")
         x = x.to(self.W_enc.dtype) if not torch.is_autocast_enabled() else x
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """pre-activations [..., d_sae] -> latents f [..., d_sae] (ReLU, or ReLU of the top k)."""
+    def _rule(self, train: bool) -> tuple[str, dict]:
+        """The selection of sparse_encode for this SAE: (activation, its arguments). BatchTopK
+        uses the batch's top B·k in training (and at inference until its threshold is set) and
+        its threshold otherwise (JumpReLU, as the SAE SAELens loads from its files)."""
+        act = self.cfg.activation
+        if act == "batchtopk" and not train and float(self.threshold) >= 0:
+            return "jumprelu", {"threshold": self.threshold.to(self.W_enc.dtype)}
+        return act, {"k": self.cfg.top_k}
+
+    def activate(self, pre: torch.Tensor, *, train: bool = False) -> torch.Tensor:
+        """pre-activations [..., d_sae] -> latents f [..., d_sae] (dense; ReLU, TopK or BatchTopK)."""
         if self.cfg.activation == "relu":
             return torch.relu(pre)
-        idx, values = self.select_topk(pre)
-        return torch.zeros_like(pre).scatter(-1, idx, values)
+        if self.cfg.activation == "topk":
+            idx, values = self.select_topk(pre)
+            return torch.zeros_like(pre).scatter(-1, idx, values)
+        act, kw = self._rule(train)
+        flat = pre.reshape(-1, self.d_sae)
+        offsets, indices, _ = select(flat.detach(), act, **kw)
+        rows = torch.repeat_interleave(torch.arange(flat.shape[0], device=pre.device), offsets.diff())
+        mask = torch.zeros_like(flat, dtype=torch.bool).index_put_((rows, indices), torch.ones_like(rows, dtype=torch.bool))
+        return (flat * mask).reshape(pre.shape)
 
     def select_topk(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK SAEs: pre-activations [..., d_sae] -> (indices [..., top_k] int64, ReLU'd
@@ -200,22 +286,56 @@ class SparseAutoencoder(nn.Module):
         return idx, torch.relu(values)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] -> f [..., d_sae]."""
+        """x [..., d_in] -> f [..., d_sae] (dense; encode_sparse gives the kept entries only)."""
         return self.activate(self.pre_activations(x))
+
+    def encode_sparse(self, x: torch.Tensor, *, train: bool = False) -> SparseLatents:
+        """x [..., d_in] -> the kept latents of the flattened tokens, as SparseLatents (values
+        differentiable; their gradient reaches the encoder at the kept entries only)."""
+        act, kw = self._rule(train)
+        return sparse_encode(self._flat_input(x), self.W_enc, self.b_enc, self.b_dec, act, **kw)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [..., d_sae] -> x̂ [..., d_in] = f @ W_dec + b_dec."""
         self._check_input(f, self.d_sae, "f")
         return f @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        pre = self.pre_activations(x)
-        if self.cfg.activation == "relu":
+    def decode_sparse(self, latents: SparseLatents) -> torch.Tensor:
+        """SparseLatents of B tokens -> x̂ [B, d_in], reading W_dec's kept rows only."""
+        return sparse_decode(latents, self.W_dec, self.b_dec)
+
+    def forward(self, x: torch.Tensor, *, train: bool = False) -> SAEOutput:
+        """Encode to sparse latents and decode from them (a ReLU SAE whose latents are dense,
+        more than RELU_SPARSE_DENSITY·d_sae non-zeros per token, stays dense: the dense
+        products are then faster). train=True: BatchTopK selects the batch's top B·k (its
+        training rule) instead of applying its threshold; the other activations ignore it."""
+        flat = self._flat_input(x)
+        lead = x.shape[:-1]
+        act, kw = self._rule(train)
+        max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None
+        latents, pre = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw,
+                                     return_pre=True, max_nnz=max_nnz)
+        pre = pre.reshape(*lead, self.d_sae)
+        if latents is None:  # dense phase of a ReLU SAE
             f = torch.relu(pre)
-            return SAEOutput(self.decode(f), f, pre)
-        idx, values = self.select_topk(pre)
-        f = torch.zeros_like(pre).scatter(-1, idx, values)
-        return SAEOutput(self.decode(f), f, pre, idx, values)
+            return SAEOutput(self.decode(f), pre, latents=f)
+        x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
+        return SAEOutput(x_hat, pre, latents, top_k=self.cfg.top_k if act == "topk" else None)
+
+    @torch.no_grad()
+    def update_threshold_(self, latents: SparseLatents) -> None:
+        """BatchTopK: move the inference threshold towards the smallest kept activation of this
+        training batch (an EMA at rate THRESHOLD_LR, computed in float64; the first batch sets it)."""
+        if self.cfg.activation != "batchtopk":
+            raise ValueError(f"update_threshold_ is for BatchTopK SAEs, this one has activation={self.cfg.activation!r}")
+        positive = latents.values.detach()
+        positive = positive[positive > 0]
+        if positive.numel() == 0:
+            return
+        low = positive.min().double()
+        old = self.threshold.double()
+        new = low if float(old) < 0 else (1 - THRESHOLD_LR) * old + THRESHOLD_LR * low
+        self.threshold.copy_(new.to(self.threshold.dtype))
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -248,7 +368,27 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.copy_(center.to(self.b_dec.dtype))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).detach().contiguous().cpu() for name in WEIGHT_KEYS}
+        """The tensors of sae_weights.safetensors: the four weights, and for BatchTopK the
+        threshold as SAELens's JumpReLU stores it, one per latent ([d_sae], all equal)."""
+        tensors = {name: getattr(self, name).detach().contiguous().cpu() for name in WEIGHT_KEYS}
+        if self.cfg.activation == "batchtopk":
+            tensors["threshold"] = self.threshold.detach().to(self.b_enc.dtype).cpu().expand(self.d_sae).contiguous()
+        return tensors
+
+    @torch.no_grad()
+    def load_extra_tensors_(self, tensors: dict[str, torch.Tensor], where: str = "the weights file") -> None:
+        """Set what state_tensors adds beside the four weights (BatchTopK: the threshold, [d_sae]
+        all equal or a 0-d tensor); a ValueError naming `where` if it is missing or not one value."""
+        if self.cfg.activation != "batchtopk":
+            return
+        t = tensors.get("threshold")
+        if t is None:
+            raise ValueError(f"{where} has no 'threshold' tensor, which a BatchTopK (JumpReLU) SAE needs")
+        t = t.detach().reshape(-1).to(self.threshold.device)
+        if t.numel() not in (1, self.d_sae) or not bool(torch.isfinite(t).all()) or not bool((t == t[0]).all()):
+            raise ValueError(f"{where}: 'threshold' must be one finite value per latent, all equal (BatchTopK's "
+                             f"global threshold), got shape {tuple(t.shape)}; per-latent JumpReLU thresholds are not supported")
+        self.threshold.copy_(t[0].to(self.threshold.dtype))
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write directory/cfg.json and directory/sae_weights.safetensors atomically

@@ -217,9 +217,13 @@ class _SparseEncode(torch.autograd.Function):
     the kept entries only; pre's gradient (when a caller uses pre) is added densely."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold):
+    def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz):
         pre = torch.addmm(b_enc, x - b_dec, W_enc)
-        offsets, indices, values = select(pre, activation, k, threshold)
+        if max_nnz is not None and int((pre > 0).sum()) > max_nnz:  # too dense: the caller uses pre
+            offsets = indices = pre.new_zeros(0, dtype=torch.long)
+            values = pre.new_zeros(0)
+        else:
+            offsets, indices, values = select(pre, activation, k, threshold)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
         ctx.mark_non_differentiable(offsets, indices)
         ctx.set_materialize_grads(False)
@@ -254,7 +258,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_b_dec = -(W_enc @ grad_b_enc)
         if grad_w is not None:
             grad_w = grad_w.contiguous()
-        return (grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec, None, None, None)
+        return (grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec, None, None, None, None)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -311,6 +315,7 @@ def sparse_encode(
     threshold=None,
     *,
     return_pre: bool = False,
+    max_nnz: Optional[int] = None,
 ):
     """x [B, d_in] -> SparseLatents of act((x − b_dec) W_enc + b_enc), values differentiable w.r.t.
     W_enc, b_enc, b_dec (and x if it requires grad), the gradient following the kept entries.
@@ -319,12 +324,17 @@ def sparse_encode(
     "jumprelu" (entries above `threshold`). The dense pre-activations [B, n] are computed (an exact
     selection needs them) and returned too with return_pre=True: (SparseLatents, pre), pre
     differentiable (a dense gradient then, only if the caller uses it).
+
+    max_nnz (ReLU's dense phase): when more than max_nnz entries are positive nothing is selected
+    and the latents come back as None (use return_pre=True and the dense pre then).
     """
     _check_encode_args(x, W_enc, b_enc, b_dec, activation, k, threshold)
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.detach()
-    offsets, indices, values, pre = _SparseEncode.apply(x, W_enc, b_enc, b_dec, activation, k, threshold)
-    latents = SparseLatents(offsets, indices, values, W_enc.shape[1])
+    if max_nnz is not None and activation != "relu":
+        raise ValueError(f"max_nnz is for activation='relu' (its dense phase), got activation={activation!r}")
+    offsets, indices, values, pre = _SparseEncode.apply(x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz)
+    latents = SparseLatents(offsets, indices, values, W_enc.shape[1]) if offsets.numel() else None
     return (latents, pre) if return_pre else latents
 
 

@@ -92,9 +92,10 @@ class TrainConfig:
     tau_gain: float = 0.5
     """Budget rule: step of log τ per unit of log(budget / FVU) (each step clipped to ±0.05)."""
     activation: Literal[ACTIVATIONS] = "relu"
-    """Latent activation: relu, or topk (keep the top_k largest pre-activations)."""
+    """Latent activation: relu, topk (keep the top_k largest pre-activations of each token) or batchtopk (keep the
+    top_k·B largest of each batch of B tokens; at inference a threshold learnt in training, saved as SAELens's JumpReLU)."""
     top_k: Optional[int] = None
-    """Latents kept per token with activation topk."""
+    """Latents kept per token with activation topk (on average over the batch with batchtopk)."""
     seed: int = 0
     """Seed of the SAE's initialisation and the batch order."""
     device: str = "auto"
@@ -182,12 +183,12 @@ class TrainConfig:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation == "topk":
+        if self.activation in ("topk", "batchtopk"):
             positive_int("top_k")
             if self.d_sae is not None and self.top_k > self.d_sae:
                 raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_sae}")
         elif self.top_k is not None:
-            raise ValueError("k is only used with activation='topk'")
+            raise ValueError("top_k is only used with --activation topk or batchtopk")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.store_dtype not in STORE_DTYPES:

@@ -5,7 +5,8 @@ Per batch x [B, d_in] (already scaled, see TrainConfig.normalize_activations):
     L = ‖x − x̂‖²/B + λ · ‖f‖₁/B + τ · Σ_{(i,j) ∈ top-k} |C_ij|,   C = fᵀf / B
 
 then AdamW with the decoder gradient projected off each unit-norm decoder row and the rows
-renormalised after the step.
+renormalised after the step. Every term reads the SAE's sparse latents (SAEOutput.sparse): no
+dense [B, d_sae] latents are built on the step's path (a ReLU SAE's dense first steps aside).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from aosae.nn.loss import TopKOrthoLoss
 from aosae.nn.penalties import RedundancyPenalty
-from aosae.nn.sae import SparseAutoencoder
+from aosae.nn.sae import SAEOutput, SparseAutoencoder, SparseLatents
 from aosae.nn.tau import AdaptiveTau, BudgetTau
 
 
@@ -24,7 +25,23 @@ class StepLosses(NamedTuple):
     recon: torch.Tensor
     l1: torch.Tensor
     penalty: torch.Tensor
-    latents: torch.Tensor
+    output: SAEOutput
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The dense latents [B, d_sae] (built on access: the step itself reads the sparse form)."""
+        return self.output.latents
+
+    @property
+    def sparse(self) -> SparseLatents:
+        return self.output.sparse
+
+    def l0(self) -> torch.Tensor:
+        """Mean number of non-zero latents per token (a 0-d float tensor)."""
+        if self.output.is_dense:
+            return (self.output.latents > 0).sum(-1).float().mean()
+        latents = self.output.sparse
+        return (latents.values.detach() > 0).sum().float() / max(latents.batch, 1)
 
 
 class SAEObjective:
@@ -43,30 +60,58 @@ class SAEObjective:
         self.l1_coeff, self.ortho, self.tau = l1_coeff, ortho, tau
 
     def losses(self, x: torch.Tensor) -> StepLosses:
+        """The loss terms of batch x [B, d_in], read from the sparse latents: the decoder and the
+        encoder's backward follow the kept entries (TopK, BatchTopK, and ReLU once its latents
+        are sparse; see SparseAutoencoder.forward). A BatchTopK SAE's inference threshold moves
+        with each call (its EMA, as SAELens updates it in every training forward pass)."""
         cuda = x.device.type == "cuda"
+        sae = self.sae
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            out = self.sae(x)
+            out = sae(x, train=True)
+            batch = x.shape[0]
             recon = (x - out.x_hat.float()).pow(2).sum(-1).mean()
-            l1 = out.latents.float().abs().sum(-1).mean()
-            # On GPU the latents stay in autocast's bf16: the kernels read bf16 with tensor cores
-            # and accumulate in fp32 (an fp32 copy would double the bytes and lose the tensor cores)
-            latents = out.latents if cuda else out.latents.float()
-            if not bool(torch.isfinite(out.latents).all()):  # the op rejects NaN input: let the guard report it
-                penalty = torch.full((), float("nan"), device=x.device)
-            elif isinstance(self.ortho, RedundancyPenalty):  # variants that also read the decoder
-                penalty = self.ortho(latents, self.sae.W_dec)
-            elif isinstance(self.ortho, TopKOrthoLoss) and out.topk_indices is not None:
-                # TopK SAE: the kept (indices, values) go to the sparse op, never a dense [B, n] pass
-                values = out.topk_values if cuda else out.topk_values.float()
-                penalty = self.ortho.from_topk(out.topk_indices, values, self.sae.d_sae)
-            elif self.ortho is not None:
-                # ReLU: C = fᵀf / B per token; the gradient stays on f's non-zeros (all the ReLU
-                # passes on), so no dense [B, n] penalty gradient is built
-                penalty = self.ortho.on_support(latents)
+            if out.is_dense:  # a ReLU SAE's first steps: dense latents, dense products
+                dense = out.latents
+                l1 = dense.float().abs().sum(-1).mean()
+                finite = bool(torch.isfinite(dense).all())
             else:
-                penalty = torch.zeros((), device=x.device)
+                sparse = out.sparse
+                if sae.cfg.activation == "batchtopk":
+                    sae.update_threshold_(sparse)
+                l1 = sparse.values.float().abs().sum() / batch
+                finite = bool(torch.isfinite(sparse.values).all())
+            if not finite:  # the op rejects NaN input: let the guard report it
+                penalty = torch.full((), float("nan"), device=x.device)
+            else:
+                penalty = self._penalty(out, cuda)
         loss = recon + self.l1_coeff * l1 + self.tau.tau * penalty
-        return StepLosses(loss, recon, l1, penalty, out.latents)
+        return StepLosses(loss, recon, l1, penalty, out)
+
+    def _penalty(self, out: SAEOutput, cuda: bool) -> torch.Tensor:
+        """τ's term from the latents in the form the forward pass produced them. On GPU the
+        latents stay in autocast's bf16: the kernels read bf16 with tensor cores and accumulate in
+        fp32 (an fp32 copy would double the bytes and lose the tensor cores)."""
+        n = self.sae.d_sae
+        ortho = self.ortho
+        if ortho is None:
+            return torch.zeros((), device=out.x_hat.device)
+        if isinstance(ortho, RedundancyPenalty):  # variants that also read the decoder: dense latents
+            return ortho(out.latents if cuda else out.latents.float(), self.sae.W_dec)
+        if out.is_dense:
+            # ReLU's dense phase: C = fᵀf / B per token; the gradient stays on f's non-zeros (all
+            # the ReLU passes on), so no dense [B, n] penalty gradient is built
+            return ortho.on_support(out.latents if cuda else out.latents.float())
+        if out.topk_indices is not None:  # TopK: fixed-length rows, the sparse op on (indices, values)
+            values = out.topk_values if cuda else out.topk_values.float()
+            return ortho.from_topk(out.topk_indices.reshape(-1, self.sae.cfg.top_k),
+                                   values.reshape(-1, self.sae.cfg.top_k), n)
+        sparse = out.sparse  # BatchTopK, or ReLU once sparse: ragged rows
+        if not cuda:
+            sparse = sparse._replace(values=sparse.values.float())
+        if hasattr(ortho, "from_sparse"):
+            return ortho.from_sparse(sparse, n)
+        # FALLBACK until TopKOrthoLoss.from_sparse exists: densify the ragged rows (a [B, n] tensor)
+        return ortho.on_support(sparse.to_dense())
 
     def optimizer_step(self, loss: torch.Tensor, reduce_grads: Callable[[], None] = lambda: None) -> None:
         """Backward, gradient all-reduce (DDP), decoder-row projection, AdamW, schedule, renorm."""

@@ -122,7 +122,7 @@ class Trainer:
         self.scale = float(ddp.all_reduce_mean(scale, self.info)) if cfg.normalize_activations else 1.0
 
         d_sae = cfg.d_sae or d_in
-        if cfg.activation == "topk" and cfg.top_k > d_sae:
+        if cfg.activation in ("topk", "batchtopk") and cfg.top_k > d_sae:
             raise ValueError(f"top_k={cfg.top_k} exceeds d_sae={d_sae}")
         sae_cfg = SAEConfig(
             d_in=d_in, d_sae=d_sae, activation=cfg.activation, top_k=cfg.top_k, model_name=cfg.model or DEFAULT_MODEL,
@@ -236,7 +236,8 @@ class Trainer:
         cfg = self.cfg
         params = list(self.sae.parameters())
         x = self.buffer.batch(self.step).to(self.device) * self.scale
-        loss, recon, l1, penalty, f = self.objective.losses(x)
+        step = self.objective.losses(x)
+        loss, recon, l1, penalty = step.loss, step.recon, step.l1, step.penalty
         # every rank learns whether all are finite before any steps: all stop together or none does
         if not ddp.all_finite(bool(torch.isfinite(loss)), self.info):
             last = self.latest_checkpoint(self.run_dir)
@@ -248,9 +249,14 @@ class Trainer:
                 "Lower --lr, check the activations for NaN/Inf, or resume with --resume."
             )
         self.objective.optimizer_step(loss, reduce_grads=lambda: ddp.all_reduce_grads(params, self.info))
+        extra = {}
+        if cfg.activation == "batchtopk":  # one inference threshold for all ranks (each saw its own batch)
+            with torch.no_grad():
+                self.sae.threshold.copy_(ddp.all_reduce_mean(self.sae.threshold.detach().clone(), self.info))
+            extra["threshold"] = float(self.sae.threshold)
         stats = ddp.all_reduce_mean(
             torch.stack([loss.detach(), recon.detach(), l1.detach(), penalty.detach(),
-                         (f > 0).sum(-1).float().mean()]).float().cpu(), self.info).tolist()
+                         step.l0()]).float().cpu(), self.info).tolist()
         tau_used = self.tau.tau
         if not cfg.fixed_tau:
             self.tau.update(stats[1])
@@ -259,7 +265,7 @@ class Trainer:
         return {"step": self.step, "loss": stats[0], "recon": stats[1], "l1": stats[2], "penalty": stats[3],
                 "tau": tau_used, "next_tau": self.tau.tau, "tau_target": self.tau.target, "l0": stats[4],
                 "lr": self.sched.get_last_lr()[0], "tokens": self.step * cfg.batch_size * self.info.world_size,
-                "epoch": epoch}
+                "epoch": epoch, **extra}
 
     def _truncate_metrics(self, path: Path) -> None:
         """On resume, drop log lines past the checkpoint (a killed run may have logged them)."""
@@ -273,13 +279,14 @@ class Trainer:
     def evaluate(self) -> dict:
         """Held-out metrics on raw activations, under SAEBench's names (aosae.eval.metrics):
         the last EVAL_TOKENS tokens collected, never trained on. `aosae eval RUN` re-runs the
-        LM over the same text by default, so its numbers match these."""
+        LM over the same text by default, so its numbers match these. A BatchTopK SAE is measured
+        as it is used and saved: with its inference threshold (JumpReLU), not the batch's top B·k."""
         sae = folded_sae(self.sae, self.scale).to(self.device)
         stats = ReconstructionStats()
         for x in self.eval_acts.split(EVAL_CHUNK):
             x = x.to(self.device)
             out = sae(x)
-            stats.update(x, out.x_hat, out.latents)
+            stats.update(x, out.x_hat, out.sparse)  # the kept entries, never a dense [B, d_sae]
         res = stats.result()
         return {
             **res,
@@ -328,7 +335,7 @@ class Trainer:
         from aosae.eval.report import write_report
 
         sae = folded_sae(self.sae, self.scale).to(self.device)
-        density = latent_density(sae(self.eval_acts.to(self.device)).latents)
+        density = latent_density(sae(self.eval_acts.to(self.device)).sparse)
         try:
             write_report(self.run_dir, sae=sae, density=density)
         except ImportError as err:  # matplotlib is an optional dependency
