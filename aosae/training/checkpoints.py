@@ -46,6 +46,8 @@ def folded_sae(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
         out.W_dec.copy_(sae.W_dec)
         out.b_enc.copy_(sae.b_enc / scale)
         out.b_dec.copy_(sae.b_dec / scale)
+        if sae.cfg.activation == "batchtopk":  # a threshold on pre-activations, which the fold divides by scale
+            out.threshold.copy_(sae.threshold / scale if float(sae.threshold) >= 0 else sae.threshold)
     return out
 
 
@@ -153,6 +155,7 @@ def apply_checkpoint(trainer, ckpt: dict) -> None:
     with torch.no_grad():
         for name in WEIGHT_KEYS:
             getattr(trainer.sae, name).copy_(ckpt["weights"][name])
+    trainer.sae.load_extra_tensors_(ckpt["weights"], "train_weights.safetensors")  # BatchTopK's threshold
     trainer.opt.load_state_dict(ckpt["opt"]["optimizer"])
     trainer.sched.load_state_dict(ckpt["opt"]["scheduler"])
     trainer.tau.load_state_dict(state["tau"])
