@@ -52,7 +52,8 @@ class _ScaleColumns(torch.autograd.Function):
             grad = grad.coalesce()
             (rows, cols), vals = grad.indices(), grad.values()
             if ctx.needs_input_grad[0]:
-                grad_f = torch.sparse_coo_tensor(grad.indices(), vals * w[cols], f.shape, is_coalesced=True)
+                grad_f = torch.sparse_coo_tensor(grad.indices(), vals * w[cols], f.shape, is_coalesced=True,
+                                                 check_invariants=False)
             if ctx.needs_input_grad[1]:
                 grad_w = torch.zeros_like(w).index_add_(0, cols, vals * f[rows, cols])
         else:

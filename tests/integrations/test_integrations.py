@@ -338,28 +338,31 @@ def test_dictlearn_loss_adds_penalty_with_gradient(dictlearn, kind, monkeypatch)
         trainer, base_cls = dictlearn.AosaeTopKTrainer(k=6, threshold_start_step=100, **common), TopKTrainer
     else:
         trainer, base_cls = dictlearn.AosaeStandardTrainer(l1_penalty=0.04, sparsity_warmup_steps=1, **common), StandardTrainer
-    if kind == "topk":
-        def dense_path(*_):
-            raise AssertionError("TopK latents must reach the penalty as (indices, values), not dense")
+    def dense_path(*_):
+        raise AssertionError(f"{kind} latents must reach the penalty sparsely (TopK (indices, values), ReLU's support)")
 
-        monkeypatch.setattr(trainer.orthogonality_loss, "forward", dense_path)
+    monkeypatch.setattr(trainer.orthogonality_loss, "forward", dense_path)
     x = torch.randn(64, 16) * 2
     tau = trainer.adaptive_tau.tau
+
+    def unit(f):  # latents as coefficients of unit-norm decoder columns (the AutoEncoder starts at norm 0.1)
+        return f * trainer.ae.decoder.weight.norm(dim=0)
+
     base = base_cls.loss(trainer, x, step=1)
     total = trainer.loss(x, step=1)
     f = trainer.ae.encode(x)
-    torch.testing.assert_close(total - base, tau * _reference_penalty(f), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(total - base, tau * _reference_penalty(unit(f)), rtol=1e-4, atol=1e-6)
     grad = torch.autograd.grad(total - base, trainer.ae.encoder.weight)[0]
     assert grad.abs().sum() > 0, "the penalty's gradient does not reach the encoder"
     log = trainer.loss(x, step=1, logging=True)
-    assert log.losses["orthogonality_loss"] == pytest.approx(tau * _reference_penalty(log.f).item(), rel=1e-4)
+    assert log.losses["orthogonality_loss"] == pytest.approx(tau * _reference_penalty(unit(log.f)).item(), rel=1e-4)
     assert "decode" not in vars(trainer.ae) and "encode" not in vars(trainer.ae)  # observation hooks gone
     logged = trainer.get_logging_parameters()  # what trainSAE's logger reads
     assert logged["tau"] == tau
-    torch.testing.assert_close(logged["orthogonality_penalty"], _reference_penalty(log.f), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logged["orthogonality_penalty"], _reference_penalty(unit(log.f)), rtol=1e-4, atol=1e-8)
     k = trainer.orthogonality_loss.last_pairs.values.shape[0]
-    mean_abs = topk_ortho_loss(log.f, k, reduction="mean", backend="reference")[0]
-    torch.testing.assert_close(logged["orthogonality_mean_abs_c"], mean_abs, rtol=1e-4, atol=1e-7)
+    mean_abs = topk_ortho_loss(unit(log.f), k, reduction="mean", backend="reference")[0]
+    torch.testing.assert_close(logged["orthogonality_mean_abs_c"], mean_abs, rtol=1e-4, atol=1e-9)
 
 
 def test_dictlearn_trainsae_runs_and_penalty_changes_training(dictlearn, tmp_path):
