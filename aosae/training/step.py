@@ -20,6 +20,16 @@ from aosae.nn.sae import SAEOutput, SparseAutoencoder, SparseLatents
 from aosae.nn.tau import AdaptiveTau, BudgetTau
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The loss terms are summed in fp32 (fp64 for an fp64 SAE)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _cpu_float(t: torch.Tensor, cuda: bool) -> torch.Tensor:
+    """On CPU the penalty reads fp32 (or fp64) latents; on GPU it reads autocast's bf16 as is."""
+    return t if cuda or t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class StepLosses(NamedTuple):
     loss: torch.Tensor
     recon: torch.Tensor
@@ -69,16 +79,16 @@ class SAEObjective:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             out = sae(x, train=True)
             batch = x.shape[0]
-            recon = (x - out.x_hat.float()).pow(2).sum(-1).mean()
+            recon = (x - _wide(out.x_hat)).pow(2).sum(-1).mean()
             if out.is_dense:  # a ReLU SAE's first steps: dense latents, dense products
                 dense = out.latents
-                l1 = dense.float().abs().sum(-1).mean()
+                l1 = _wide(dense).abs().sum(-1).mean()
                 finite = bool(torch.isfinite(dense).all())
             else:
                 sparse = out.sparse
                 if sae.cfg.activation == "batchtopk":
                     sae.update_threshold_(sparse)
-                l1 = sparse.values.float().abs().sum() / batch
+                l1 = _wide(sparse.values).abs().sum() / batch
                 finite = bool(torch.isfinite(sparse.values).all())
             if not finite:  # the op rejects NaN input: let the guard report it
                 penalty = torch.full((), float("nan"), device=x.device)
@@ -96,18 +106,17 @@ class SAEObjective:
         if ortho is None:
             return torch.zeros((), device=out.x_hat.device)
         if isinstance(ortho, RedundancyPenalty):  # variants that also read the decoder: dense latents
-            return ortho(out.latents if cuda else out.latents.float(), self.sae.W_dec)
+            return ortho(_cpu_float(out.latents, cuda), self.sae.W_dec)
         if out.is_dense:
             # ReLU's dense phase: C = fᵀf / B per token; the gradient stays on f's non-zeros (all
             # the ReLU passes on), so no dense [B, n] penalty gradient is built
-            return ortho.on_support(out.latents if cuda else out.latents.float())
+            return ortho.on_support(_cpu_float(out.latents, cuda))
         if out.topk_indices is not None:  # TopK: fixed-length rows, the sparse op on (indices, values)
-            values = out.topk_values if cuda else out.topk_values.float()
+            values = _cpu_float(out.topk_values, cuda)
             return ortho.from_topk(out.topk_indices.reshape(-1, self.sae.cfg.top_k),
                                    values.reshape(-1, self.sae.cfg.top_k), n)
         sparse = out.sparse  # BatchTopK, or ReLU once sparse: ragged rows
-        if not cuda:
-            sparse = sparse._replace(values=sparse.values.float())
+        sparse = sparse._replace(values=_cpu_float(sparse.values, cuda))
         if hasattr(ortho, "from_sparse"):
             return ortho.from_sparse(sparse, n)
         # FALLBACK until TopKOrthoLoss.from_sparse exists: densify the ragged rows (a [B, n] tensor)

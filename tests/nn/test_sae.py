@@ -158,3 +158,123 @@ def test_training_step_sends_topk_latents_to_the_sparse_op(seed, monkeypatch):
     torch.testing.assert_close(losses.penalty, want, rtol=1e-5, atol=1e-7)
     objective.optimizer_step(losses.loss)
     assert sae.W_enc.grad is not None and bool(torch.isfinite(sae.W_enc.grad).all())
+
+
+# ----------------------------------------------------------------------------- the sparse step
+def _objective(sae, ortho):
+    from aosae.nn.tau import AdaptiveTau
+    from aosae.training.step import SAEObjective
+
+    opt = torch.optim.AdamW(sae.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return SAEObjective(sae, opt, sched, 0.04, ortho, AdaptiveTau(0.05))
+
+
+STEP_CASES = [  # (activation, top_k, b_enc shift): ReLU shifted down is past its dense phase
+    ("topk", 5, 0.0), ("batchtopk", 4, 0.0), ("relu", None, -2.0), ("relu", None, 0.0)]
+
+
+@pytest.mark.parametrize("activation, k, shift", STEP_CASES)
+def test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, activation, k, shift):
+    # float64: the sparse step (sparse encode/decode, penalty from the kept entries) against the
+    # dense reference step (dense latents, dense products, the dense penalty), every parameter
+    from aosae.nn.loss import TopKOrthoLoss
+    from aosae.ops import sparse_coding_reference as ref
+
+    sae = SparseAutoencoder.from_dims(16, 200, activation=activation, top_k=k, dtype="float64")
+    with torch.no_grad():
+        sae.b_enc.normal_(shift, 0.3)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(48, 16, dtype=torch.float64)
+    losses = _objective(sae, TopKOrthoLoss(0.01)).losses(x)
+    assert losses.output.is_dense == (activation == "relu" and shift == 0.0)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    got = torch.autograd.grad(losses.loss, params)
+
+    f, x_hat = ref.encode_decode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, activation, k)
+    recon = (x - x_hat).pow(2).sum(-1).mean()
+    l1 = f.abs().sum(-1).mean()
+    penalty = TopKOrthoLoss(0.01)(f)
+    want_loss = recon + 0.04 * l1 + 0.05 * penalty
+    want = torch.autograd.grad(want_loss, params)
+    for name, a, b in [("recon", losses.recon, recon), ("l1", losses.l1, l1), ("penalty", losses.penalty, penalty),
+                       ("loss", losses.loss, want_loss)]:
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(losses.l0(), (f != 0).sum(-1).double().mean().float())
+
+
+@pytest.mark.parametrize("activation, k, shift", STEP_CASES[:3])
+def test_sparse_step_never_builds_dense_latents(seed, activation, k, shift, monkeypatch):
+    from aosae.nn.loss import TopKOrthoLoss
+    from aosae.ops.sparse_coding import SparseLatents
+    from aosae.nn import sae as sae_module
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the step built dense [B, d_sae] latents")
+
+    sae = SparseAutoencoder.from_dims(16, 300, activation=activation, top_k=k)
+    with torch.no_grad():
+        sae.b_enc.fill_(shift)
+    objective = _objective(sae, TopKOrthoLoss(0.01))
+    monkeypatch.setattr(SparseLatents, "to_dense", no_dense)
+    monkeypatch.setattr(sae_module.SAEOutput, "latents", property(no_dense))
+    losses = objective.losses(torch.randn(64, 16))
+    objective.optimizer_step(losses.loss)
+    assert bool(torch.isfinite(sae.W_enc.grad).all()) and sae.W_enc.grad.abs().sum() > 0
+
+
+def test_batchtopk_threshold_training_inference_and_files(seed, tmp_path):
+    from aosae.ops import sparse_coding_reference as ref
+
+    sae = make(d_in=12, d_sae=40, activation="batchtopk", top_k=3, hook_name="blocks.0.hook_resid_post")
+    x = torch.randn(30, 12)
+    assert float(sae.threshold) == -1.0  # unset: inference falls back to the batch's top B·k
+    torch.testing.assert_close(sae.encode(x), ref.dense_latents(sae.pre_activations(x), "batchtopk", 3))
+    objective = _objective(sae, None)
+    lows = []
+    for _ in range(3):
+        batch = torch.randn(30, 12)
+        losses = objective.losses(batch)
+        lows.append(float(losses.sparse.values.detach().min()))
+        assert losses.sparse.values.numel() == 90 and not losses.output.is_dense
+    want = lows[0]
+    for low in lows[1:]:
+        want = 0.99 * want + 0.01 * low
+    assert abs(float(sae.threshold) - want) < 1e-6
+    # inference: JumpReLU at the threshold, as SAELens loads it
+    f = sae.encode(x)
+    torch.testing.assert_close(f, ref.dense_latents(sae.pre_activations(x), "jumprelu", threshold=sae.threshold))
+    out = sae(x)
+    torch.testing.assert_close(out.latents, f)
+    torch.testing.assert_close(out.x_hat, f @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    sae.save(tmp_path / "btk")
+    cfg = json.loads((tmp_path / "btk" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["activation_fn_str"] == "batchtopk"
+    assert cfg["activation_fn_kwargs"] == {"k": 3}
+    loaded = SparseAutoencoder.load(tmp_path / "btk")
+    assert loaded.cfg.activation == "batchtopk" and loaded.cfg.top_k == 3
+    assert torch.equal(loaded.threshold, sae.threshold)
+    torch.testing.assert_close(loaded(x).x_hat, out.x_hat)
+    sae_lens = pytest.importorskip("sae_lens")
+    sl = sae_lens.SAE.load_from_disk(str(tmp_path / "btk"))
+    assert sl.cfg.architecture() == "jumprelu"
+    with torch.no_grad():
+        torch.testing.assert_close(sl.encode(x), f, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sl(x), out.x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_output_reads_sparse_and_dense_forms_alike(seed):
+    sae = make(d_in=12, d_sae=50)  # ReLU at init: dense phase
+    x = torch.randn(3, 4, 12)
+    out = sae(x)
+    assert out.is_dense and out.latents.shape == (3, 4, 50)
+    sparse = out.sparse
+    torch.testing.assert_close(sparse.to_dense(), out.latents.reshape(12, 50))
+    assert out.is_dense  # reading the sparse form does not change what the forward produced
+    with torch.no_grad():
+        sae.b_enc.fill_(-3.0)
+    out = sae(x)
+    assert not out.is_dense
+    torch.testing.assert_close(out.latents, torch.relu(out.pre_acts))
