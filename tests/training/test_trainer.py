@@ -202,3 +202,30 @@ def test_store_that_cannot_fit_on_disk_is_refused(tmp_path):
     check_disk_space(tmp_path / "new" / "store", 1000, 64, "bfloat16")  # 128 kB: fine anywhere
     with pytest.raises(ValueError, match="lower --tokens.*--streaming"):
         check_disk_space(tmp_path, 10**13, 2304, "bfloat16")
+
+
+def test_batchtopk_trains_saves_loads_and_resumes_bitwise(tiny, tmp_path):
+    # --activation batchtopk through the sparse step: the run's SAE keeps the EMA threshold
+    # (folded to raw scale), saved as SAELens's JumpReLU, and a resume is exact, threshold too
+    kw = dict(activation="batchtopk", top_k=4, steps=8)
+    ref_dir, summary = T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "ref"), **kw), progress=False)
+    rows = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["threshold"] > 0 for r in rows) and all(r["l0"] == 4 for r in rows)  # B·k kept: 4 per token
+    sae = SparseAutoencoder.load(ref_dir)
+    assert sae.cfg.activation == "batchtopk" and sae.cfg.top_k == 4
+    scale = json.loads((ref_dir / "cfg.json").read_text())["aosae"]["activation_scale"]
+    assert math.isclose(float(sae.threshold), rows[-1]["threshold"] / scale, rel_tol=1e-6)
+    assert 0 < summary["l0"] < 64  # held out: the inference threshold (JumpReLU)
+
+    def kill(trainer):
+        if trainer.step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "killed"), **kw), progress=False, on_step=kill)
+    T.Trainer.resume(tmp_path / "killed", progress=False).run()
+    a, b = weights(ref_dir), weights(tmp_path / "killed")
+    assert set(a) == set(b) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (ref_dir / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
