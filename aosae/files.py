@@ -193,9 +193,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
     fsync_path(Path(path))
 
 
-def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> dict:
+def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu", *, verify: bool = True) -> dict:
     """Every tensor of a safetensors file, or BadFile: missing, empty, cut short, not safetensors,
-    or (when it records one) not matching its checksum."""
+    or (when it records one, and verify) not matching its checksum. verify=False lets a caller
+    name a missing or misshapen tensor first, then call verify_tensors."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -214,11 +215,22 @@ def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu") -> dict
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         problem = "is cut short" if "not fully covered" in first else "is not a readable safetensors file"
         raise BadFile(path, f"{problem} ({first})", fix) from err
+    if verify:
+        verify_tensors(path, fix, tensors, metadata)
+    return tensors
+
+
+def verify_tensors(path: str | os.PathLike, fix: str, tensors: dict, metadata: dict | None = None) -> None:
+    """BadFile if the file records a checksum (save_tensors) that `tensors`, read from it, do not match."""
+    if metadata is None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
     recorded = metadata.get(CHECKSUM_KEY)
     if recorded is not None and recorded != tensors_sha256(tensors):
         raise BadFile(path, "its tensors do not match the checksum recorded when it was saved (the file was "
                       "damaged or changed afterwards)", fix)
-    return tensors
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from aosae.files import BadFile, MissingFile, load_tensors, read_json
+from aosae.files import BadFile, MissingFile, load_tensors, read_json, verify_tensors
 from aosae.nn.sae import CFG_FILE, WEIGHT_KEYS, WEIGHTS_FILE
 
 FIX = ("restore both files from a copy (a run's checkpoints/step_<N>/ hold the SAE at step N), re-save the SAE "
@@ -38,7 +38,7 @@ def read_sae_config(directory: str | os.PathLike, fix: str = FIX):
 def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[str, torch.Tensor]:
     """The tensors of directory/sae_weights.safetensors (on CPU); the four weights checked against cfg."""
     path = Path(directory) / WEIGHTS_FILE
-    tensors = load_tensors(path, fix)
+    tensors = load_tensors(path, fix, verify=False)  # a missing or misshapen tensor is named before the checksum
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
     if missing:
         raise BadFile(path, f"has no tensor(s) {', '.join(missing)} (it holds: {', '.join(sorted(tensors)) or 'none'})", fix)
@@ -52,6 +52,7 @@ def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise BadFile(path, f"{name} holds {bad} NaN/Inf value(s) of {t.numel()} (a diverged run or a damaged file)", fix)
+    verify_tensors(path, fix, tensors)
     return tensors  # the four weights, and whatever else the file holds (a BatchTopK threshold)
 
 
