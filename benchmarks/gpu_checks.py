@@ -108,3 +108,25 @@ def ref_skip(cfg, n):
     if n > cfg.ref_max_n:
         return (f"reference materialises n×n fp32 twice ({8 * n * n / 2**30:.0f} GiB) and a topk over n² entries: "
                 f"not run above n = {cfg.ref_max_n}; results checked against float64 instead")
+
+
+# ---- the sparse SAE step's primitives (section 6) ------------------------------------------------
+
+def coding_latents(cfg, n, k, seed):
+    """TopK latents as a trained SAE has them, without a dense [B, n]: (indices [B, k] int64 distinct
+    per row, latent i drawn ∝ 1/(i + 50)^0.8 as topk_input, so a few latents fire on much of the
+    batch: ragged segments for the W gradients), values [B, k] fp32 in (0.05, 1.05)."""
+    g = torch.Generator(device=cfg.device).manual_seed(seed)
+    logw = -0.8 * torch.log(torch.arange(n, device=cfg.device, dtype=torch.float32) + 50)
+    idx = torch.cat([torch.topk(logw - torch.log(-torch.log(torch.rand(min(512, cfg.B - t), n, generator=g,
+                     device=cfg.device).clamp_min_(1e-12))), k, dim=1).indices for t in range(0, cfg.B, 512)])
+    return idx, torch.rand(cfg.B, k, generator=g, device=cfg.device) + 0.05
+
+
+def coding_check(got, want, bound) -> dict:
+    """A primitive's fp32 result against float64: |got − want| ≤ bound elementwise, bound = the
+    recursive-summation error (terms + 2)·2⁻²⁴·Σ|terms| of an fp32 accumulation of exact inputs."""
+    gap = (got.double() - want).abs()
+    worst = float((gap / bound.clamp_min(1e-300)).max()) if gap.numel() else 0.0
+    return dict(abs_err=float(gap.max()) if gap.numel() else 0.0, err_over_bound=worst,
+                fp32_out=got.dtype == torch.float32, ok=bool((gap <= bound).all()) and got.dtype == torch.float32)

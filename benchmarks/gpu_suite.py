@@ -10,7 +10,9 @@ float64 (sampled pairs, and a slab of rows where nothing beats the k-th |score| 
 2 sparse: backend="sparse" on dense ReLU-like and gram_topk_sparse on TopK [B, L0] inputs, bf16 and
 fp32, fwd and fwd+bwd; 3 train_step with / without the penalty; 4 triton warm (hint from ANOTHER batch) / cold vs
 torch.mm(aᵀ, a), its half (the floor) and the reference; 5 big_n: section 4 at n 65536 / 131072 (whose
-triton results are checked there). Timing: arms alternate order every round, same warm-up and rounds;
+triton results are checked there); 6 sparse_coding: the sparse SAE step's Triton primitives (decode, W
+gradient, value gradient) against float64, torch and their memory floor, then the TopK step built on
+aosae.ops.sparse_coding against sparsify's SparseCoder and the trainer's step (run after section 3). Timing: arms alternate order every round, same warm-up and rounds;
 median, min/max, IQR; peak_mib = max_memory_allocated above the level before the call. Rows reach the
 JSON as they complete; once --budget-s is spent no row starts and the skipped ones say why.
 """
@@ -33,7 +35,7 @@ START = time.monotonic()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gram_topk import REPO, import_aosae, peak_extra_mib, skip_reason as reason  # noqa: E402  (stdlib only at import time)
 
-from gpu_checks import DTYPES, call, checked, gaussian, ref_skip, topk_input  # noqa: E402
+from gpu_checks import DT, DTYPES, call, checked, coding_check, coding_latents, gaussian, ref_skip, topk_input  # noqa: E402
 from gpu_report import plot, summarize  # noqa: E402
 
 import torch  # noqa: E402  (does not import triton: TRITON_INTERPRET can still be set in main())
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", type=Path, default=None, help="default benchmarks/results (cuda), a temp dir (cpu)")
     p.add_argument("--budget-s", type=float, default=480.0, help="no row starts after this many seconds")
     p.add_argument("--max-row-s", type=float, default=60.0, help="a row's timed rounds are cut to fit this")
-    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=range(1, 6))
+    p.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], choices=range(1, 7))
     p.add_argument("--reps", type=int, default=None, help="timed rounds per row (after the warm-up)")
     return p.parse_args(argv)
 
@@ -58,14 +60,17 @@ def config(args) -> SimpleNamespace:
     if args.device == "cpu":  # tiny: runs every code path, the numbers mean nothing
         c = dict(B=32, check_n=[64, 128], sparse_n=[64, 128], l0=[4, 8], check_l0=8, d_sae=[128, 256], d_in=64,
                  tri_n=[64], big_n=[128], ref_max_n=64, gemm_max_n=64, warmup=1, reps=2, step_warmup=1,
-                 step_rounds=2, slab=16, sample=256, top_k=8, t_tri_n=64, t_sparse_n=128, t_d_sae=256)
+                 step_rounds=2, slab=16, sample=256, top_k=8, t_tri_n=64, t_sparse_n=128, t_d_sae=256,
+                 coding_n=[128], coding_dtypes=["fp32", "bf16"], coding_d_sae=[256])
     else:
         q = [] if args.quick else [131072]
         c = dict(B=4096, check_n=[4096, 16384, 65536] + q, sparse_n=[16384, 65536] + q,
                  l0=[64] if args.quick else [32, 64, 128], check_l0=64, d_sae=[16384, 65536], d_in=2304,
                  tri_n=[4096, 16384], big_n=[65536] + q, ref_max_n=16384, gemm_max_n=65536, warmup=2,
                  reps=4 if args.quick else 10, step_warmup=3, step_rounds=5 if args.quick else 10, slab=256,
-                 sample=4096, top_k=64, t_tri_n=16384, t_sparse_n=65536, t_d_sae=65536)
+                 sample=4096, top_k=64, t_tri_n=16384, t_sparse_n=65536, t_d_sae=65536,
+                 coding_n=[65536] if args.quick else [16384, 65536, 262144], coding_dtypes=["fp32", "bf16"],
+                 coding_d_sae=[16384, 65536])
     if args.reps:
         c.update(reps=args.reps, step_rounds=args.reps)
     return SimpleNamespace(**c, t_l0=c["top_k"], device=args.device, cuda=args.device == "cuda")
@@ -107,8 +112,8 @@ class Suite:
         row["t_s"] = round(time.monotonic() - START, 1)
         self.doc["rows"].append(row)
         self.save()
-        keys = [f"{k}={row[k]}" for k in ("backend", "phase", "activation", "n", "d_sae", "L0", "dtype", "similarity",
-                                          "input", "ok", "ratio_median", "skipped") if row.get(k) is not None]
+        keys = [f"{k}={row[k]}" for k in ("op", "backend", "phase", "activation", "n", "d_sae", "L0", "dtype", "similarity",
+                                          "input", "ok", "ratio_median", "x_floor", "skipped") if row.get(k) is not None]
         ms = f"{row['ms_median']:9.3f} ms [{row['ms_min']:.3f}, {row['ms_max']:.3f}] " if "ms_median" in row else ""
         print(f"[{row['t_s']:6.1f}s] {row['section']:11s} {ms}{' '.join(keys)}", flush=True)
 
@@ -276,6 +281,178 @@ def triton_rows(S, n, k, dtype):
     return out + [dict(backend="reference", skipped=why) if why else dict(backend="reference", **res["reference"])]
 
 
+def copy_gbps(S) -> float:
+    """Device-to-device copy bandwidth, (read + write bytes) ÷ time, median of 5: what a memory-bound
+    kernel can reach here (the floors of section 6 divide by it). Measured once per run."""
+    if "copy_gbps" not in S.doc["header"]:
+        src = torch.ones((1 << 28) if S.cfg.cuda else (1 << 22), device=S.cfg.device)  # 1 GiB / 16 MiB fp32
+        dst = torch.empty_like(src)
+        ms = [S.clock(lambda: dst.copy_(src)) for _ in range(7)][2:]
+        S.doc["header"]["copy_gbps"] = 2 * src.numel() * 4 / statistics.median(ms) / 1e6
+        del src, dst
+    return S.doc["header"]["copy_gbps"]
+
+
+def coding_rows(S, n, dtype):
+    """The three gathers of a TopK step at width n (aosae.ops.backends.sparse_coding_triton): decode
+    (segments = tokens, table W_dec [n, d]), W_dec's gradient (segments = latents, ragged: table
+    ∂L/∂x̂ [B, d]) and the values' gradient (gathered_dot). Each against float64 (error within the
+    fp32 summation bound), against what torch offers (embedding_bag; a gathered product), and against
+    its floor: bytes ÷ copy bandwidth, with every gathered row read from memory (floor_ms) or each
+    distinct row once (floor_unique_ms: the most an L2 can save)."""
+    import torch.nn.functional as F
+
+    from aosae.ops.backends import sparse_coding_triton as sct
+
+    cfg, dev = S.cfg, S.cfg.device
+    B, d, k = cfg.B, cfg.d_in, cfg.top_k
+    dt = getattr(torch, DT[dtype])
+    idx, vals = coding_latents(cfg, n, k, seed=n)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    W = torch.randn(n, d, generator=gen, device=dev).to(dt)  # W_dec
+    G = torch.randn(B, d, generator=gen, device=dev).to(dt)  # ∂L/∂x̂
+    flat, w = idx.reshape(-1), vals.reshape(-1)
+    nnz, esize = flat.numel(), W.element_size()
+    offsets = torch.arange(B + 1, device=dev) * k
+    rows = torch.arange(B, device=dev).repeat_interleave(k)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n)
+    lat_off = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    lat_off[1:] = counts.cumsum(0)
+    used, hottest = int((counts > 0).sum()), int(counts.max())
+    u = 2.0**-24
+
+    def bag(table, segs, gather, weights):  # torch's segment sum: embedding_bag over CSR offsets
+        return F.embedding_bag(gather, table, segs, mode="sum", per_sample_weights=weights.to(table.dtype),
+                               include_last_offset=True)
+
+    def dot64(a, b, ra, rb, absolute=False):  # float64 gathered dot, 65536 entries at a time
+        out = torch.empty(ra.numel(), dtype=torch.float64, device=dev)
+        for i in range(0, ra.numel(), 65536):
+            prod = a[ra[i:i + 65536]].double() * b[rb[i:i + 65536]].double()
+            out[i:i + 65536] = (prod.abs() if absolute else prod).sum(1)
+        return out
+
+    ops = {  # name: (triton, torch, float64 check, bytes gathered from the tables, other bytes, unique table bytes)
+        "decode": (lambda: sct.segment_gather_sum(offsets, flat, w, W),
+                   lambda: F.embedding_bag(idx, W, per_sample_weights=vals.to(dt), mode="sum"),
+                   lambda got: coding_check(got, bag(W.double(), offsets, flat, w.double()),
+                                            (k + 2) * u * bag(W.double().abs(), offsets, flat, w.double())),
+                   nnz * d * esize, B * d * 4 + nnz * 12, used * d * esize),
+        "W_dec grad": (lambda: sct.segment_gather_sum(lat_off, rows[order], w[order], G),
+                       lambda: bag(G, lat_off, rows[order], w[order]),
+                       lambda got: coding_check(got, bag(G.double(), lat_off, rows[order], w[order].double()),
+                                                (counts[:, None] + 2) * u * bag(G.double().abs(), lat_off, rows[order],
+                                                                                w[order].double())),
+                       nnz * d * esize, n * d * 4 + nnz * 12 + n * 8, B * d * esize),
+        "W_dec grad, longest first": (lambda: sct.segment_gather_sum(lat_off, rows[order], w[order], G, longest_first=True),
+                                      None, lambda got: dict(equal_to_default_order=(same := torch.equal(
+                                          got, sct.segment_gather_sum(lat_off, rows[order], w[order], G))), ok=same),
+                                      nnz * d * esize, n * d * 4 + nnz * 12 + n * 8, B * d * esize),
+        "value grad": (lambda: sct.gathered_dot(rows, flat, G, W),
+                       lambda: (G[rows].float() * W[flat].float()).sum(1),
+                       lambda got: coding_check(got, dot64(G, W, rows, flat), (d + 2) * u * dot64(G, W, rows, flat, True)),
+                       2 * nnz * d * esize, nnz * 20, (B + used) * d * esize),
+    }
+    bw, out = copy_gbps(S), []
+    checks = {name: attempt(lambda op=op: op[2](op[0]())) for name, op in ops.items()}
+    arms = {(name, "triton"): op[0] for name, op in ops.items() if checks[name][1] is None}
+    arms |= {(name, "torch"): op[1] for name, op in ops.items() if op[1] is not None}
+    res = S.time_arms(arms)
+    for (name, impl), r in res.items():
+        gathered, other, unique = ops[name][3:]
+        floor = (gathered + other) / bw / 1e6
+        row = dict(op=name, backend=impl, used_latents=used, hottest_latent=hottest, **r,
+                   gathered_gbps=gathered / r["ms_median"] / 1e6, floor_ms=floor,
+                   floor_unique_ms=(unique + other) / bw / 1e6, x_floor=r["ms_median"] / floor)
+        out.append(row | (checks[name][0] if impl == "triton" else {}))
+    return out + [dict(op=name, backend="triton", skipped=c[1]) for name, c in checks.items() if c[1]]
+
+
+def coding_step_rows(S, d_sae):
+    """One TopK training step (forward, backward, AdamW) three ways on the same batches: built on
+    aosae.ops.sparse_coding (sparse_encode + sparse_decode: nothing [B, n] beyond the pre-activations),
+    the trainer's SAEObjective without the penalty (whatever nn/sae.py runs), and sparsify's
+    SparseCoder (its Triton decoder on CUDA). Checked first: the sparse step's loss and gradients
+    against a dense fp32 TopK step on the same weights."""
+    try:
+        from aosae.ops import sparse_coding as sc
+    except ImportError as err:
+        return [dict(backend="aosae sparse", skipped=f"aosae.ops.sparse_coding is not in this tree ({err})")]
+    from aosae.nn.sae import SparseAutoencoder
+
+    cfg, dev, k = S.cfg, S.cfg.device, S.cfg.top_k
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(4 * cfg.B, cfg.d_in, generator=g, device=dev)
+    x = x / x.norm(dim=1).mean()  # scaled like `aosae train`
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=cfg.cuda)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        sae = SparseAutoencoder.from_dims(cfg.d_in, d_sae, activation="topk", top_k=k)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+
+    def sparse_loss(xb):
+        lat = sc.sparse_encode(xb, sae.W_enc, sae.b_enc, sae.b_dec, "topk", k)
+        return (xb - sc.sparse_decode(lat, sae.W_dec, sae.b_dec).float()).pow(2).sum(-1).mean()
+
+    xs = x[: min(512, cfg.B)]  # the check, fp32 without autocast: the dense TopK step on the same weights
+    got = torch.autograd.grad(sparse_loss(xs), params)
+    pre = (xs - sae.b_dec) @ sae.W_enc + sae.b_enc
+    top = pre.topk(k, dim=1)
+    f = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    dense = (xs - (f @ sae.W_dec + sae.b_dec)).pow(2).sum(-1).mean()
+    want = torch.autograd.grad(dense, params)
+    gaps = [float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30) for a, b in zip(got, want)]
+    del got, want, pre, f, top
+    check = dict(grad_rel_err=max(gaps), ok=max(gaps) <= 1e-3)
+
+    total = cfg.step_warmup + cfg.step_rounds + 2
+    order = torch.randint(0, x.shape[0], (total, cfg.B), generator=g, device=dev)
+    opt = torch.optim.AdamW(params, lr=4e-4)
+    arms, cursor, out = {}, {}, []
+
+    def make_step(name, loss_fn, optimizer):
+        cursor[name] = 0
+
+        def step():  # every arm sees the same sequence of batches
+            xb = x[order[cursor[name] % total]]
+            with autocast():
+                loss = loss_fn(xb)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            cursor[name] += 1
+        return step
+
+    arms["aosae sparse"] = make_step("aosae sparse", sparse_loss, opt)
+    trainer = make_objective(cfg, d_sae, "topk", x, penalty=False)
+
+    def trainer_step():
+        losses = trainer.losses(x[order[cursor["aosae trainer"] % total]])
+        trainer.optimizer_step(losses.loss)
+        cursor["aosae trainer"] += 1
+    cursor["aosae trainer"] = 0
+    arms["aosae trainer"] = trainer_step
+    try:
+        if not cfg.cuda:  # sparsify picks its Triton decoder whenever triton imports; CPU tensors fail there
+            os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        torch.manual_seed(0)
+        coder = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=dev)
+        arms["sparsify"] = make_step("sparsify", lambda xb: coder(xb).fvu, torch.optim.AdamW(coder.parameters(), lr=4e-4))
+    except Exception as err:  # not installed, or it fails here: the other arms still run
+        out.append(dict(backend="sparsify", skipped=reason(err)))
+    res = S.time_arms(arms, cfg.step_warmup, cfg.step_rounds)
+    for name, r in res.items():
+        row = dict(backend=name, **r, **(check if name == "aosae sparse" else {}))
+        for other in ("sparsify", "aosae trainer"):
+            if other in res and other != name:
+                row[f"x_{other.replace(' ', '_')}"] = r["ms_median"] / res[other]["ms_median"]
+        out.append(row)
+    return out
+
+
 def plan(S):
     """(section number, section, keys, fn) of every row, most important first; fn() -> partial rows."""
     cfg, kf = S.cfg, lambda n: aosae.k_for_fraction(n, 0.005)
@@ -294,6 +471,12 @@ def plan(S):
     for d_sae, act in itertools.product(cfg.d_sae, ("topk", "relu")):
         yield 3, "train_step", dict(d_sae=d_sae, activation=act, B=cfg.B, d_in=cfg.d_in, top_k=cfg.top_k,
                                     dtype="bf16-autocast"), partial(step_rows, S, d_sae, act)
+    for dtype, n in itertools.product(cfg.coding_dtypes, cfg.coding_n):  # before 4 and 5: never run on hardware yet
+        yield 6, "sparse_coding", dict(n=n, B=cfg.B, d_in=cfg.d_in, top_k=cfg.top_k, dtype=dtype), \
+            partial(coding_rows, S, n, dtype)
+    for d_sae in cfg.coding_d_sae:
+        yield 6, "sparse_step", dict(d_sae=d_sae, activation="topk", B=cfg.B, d_in=cfg.d_in, top_k=cfg.top_k,
+                                     dtype="bf16-autocast" if cfg.cuda else "fp32"), partial(coding_step_rows, S, d_sae)
     for section, number, dtypes, sizes in (("triton", 4, DTYPES, cfg.tri_n), ("big_n", 5, ("bf16",), cfg.big_n)):
         for dtype, n in itertools.product(dtypes, sizes):
             yield number, section, dict(n=n, B=cfg.B, k=kf(n), dtype=dtype, similarity="dot", input="gaussian"), \

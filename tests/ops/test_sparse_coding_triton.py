@@ -23,6 +23,7 @@ RTOL = 64 * 2.0**-24
 @pytest.fixture(autouse=True)
 def _interpret(monkeypatch, seed):  # seed: fresh inputs per run, printed on failure
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sc, "INTERPRETER_CONFIG", (4, 8, 1))  # segments and rows span several tiles
 
 
 def ragged(lengths, rows):

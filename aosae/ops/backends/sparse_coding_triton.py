@@ -32,7 +32,9 @@ FORCE_ENV = "AOSAE_SPARSE_TRITON"
 # compiles these for sm_90 (registers, no spills)
 SEGMENT_CONFIG = (32, 128, 4)
 DOT_CONFIG = (16, 128, 4)
-INTERPRETER_CONFIG = (4, 8, 1)  # tiny tiles: tests cover segments and rows spanning several
+# under the interpreter (~10 ms a program on a loaded 2-core machine): tiles small enough that dry runs
+# cover several of them, few enough programs to finish; the tests set (4, 8, 1)
+INTERPRETER_CONFIG = (16, 32, 1)
 
 
 def usable(t: torch.Tensor) -> bool:
