@@ -80,13 +80,7 @@ def rows_penalty(
     loss: TopKOrthoLoss, offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int
 ) -> torch.Tensor:
     """The penalty of ragged CSR rows (row t: indices[offsets[t]:offsets[t+1]], distinct latents)."""
-    if hasattr(loss, "from_sparse"):
-        return loss.from_sparse((offsets, indices, values), n_latents)
-    # TEMPORARY, until TopKOrthoLoss.from_sparse (issue 20's never-padding entry) lands: the
-    # same penalty and gradient through the dense path, at its dense [B, n_latents] cost.
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
-    dense = values.new_zeros(offsets.numel() - 1, n_latents).index_put((rows, indices), values)
-    return loss(dense)
+    return loss.from_sparse((offsets, indices, values), n_latents)
 
 
 def masked_penalty(
