@@ -166,10 +166,30 @@ def import_from_saelens(
     reads (including older cfg.json layouts) works. See from_saelens for what is converted.
     """
     if isinstance(source, (str, Path)):
-        directory = Path(source)
-        if not (directory / "cfg.json").is_file():
-            raise FileNotFoundError(f"{directory} is not a SAELens SAE directory (no cfg.json)")
-        source = SAE.load_from_disk(str(directory), device=str(device))
-    elif not isinstance(source, SAE):
+        return _import_directory(Path(source), device, fold_decoder_norm)
+    if not isinstance(source, SAE):
         raise TypeError(f"import_from_saelens expects a directory or a sae_lens SAE, got {type(source).__name__}")
     return from_saelens(source, fold_decoder_norm=fold_decoder_norm).to(device)
+
+
+def _import_directory(directory: Path, device, fold_decoder_norm: bool) -> Any:
+    """A SAELens SAE directory, its files checked first: every way they can be wrong is one
+    aosae.files.BadFile (a ValueError) naming the file, never an error from deep inside SAELens."""
+    from aosae.files import BadFile, MissingFile, load_tensors, read_json
+
+    fix = "write it again (sae_lens SAE.save_model, or `aosae export RUN --to saelens`) or download it again"
+    if not directory.is_dir():
+        raise MissingFile(directory, "is not a directory" if directory.exists() else "does not exist",
+                          "pass a directory written by SAELens (cfg.json + sae_weights.safetensors)")
+    read_json(directory / "cfg.json", fix)  # missing, empty, cut short, not JSON
+    tensors = load_tensors(directory / "sae_weights.safetensors", fix)  # missing, cut short, not safetensors
+    bad = [name for name, t in tensors.items() if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BadFile(directory / "sae_weights.safetensors", f"{', '.join(bad)} hold(s) NaN/Inf values", fix)
+    try:
+        sae = SAE.load_from_disk(str(directory), device=str(device))
+    except Exception as err:  # SAELens raises KeyError, TypeError, RuntimeError (shapes), ... for a bad cfg.json
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise BadFile(directory, f"SAELens cannot load it ({type(err).__name__}: {first}); its cfg.json and "
+                      "sae_weights.safetensors may disagree or lack a field", fix) from err
+    return from_saelens(sae, fold_decoder_norm=fold_decoder_norm).to(device)
