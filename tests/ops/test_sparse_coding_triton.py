@@ -83,6 +83,10 @@ def test_segment_gather_sum_index_dtypes_and_strided_table():
     terms = segment_ref(offsets, idx, w.abs(), table.abs())
     assert_close(sc.segment_gather_sum(offsets, idx, w, table), want, terms)
     assert_close(sc.segment_gather_sum(offsets.int(), idx.int(), w, table), want, terms)
+    # a transposed view (W_enc.t() for the encoder's input gradient) is gathered from a row-major copy
+    transposed = torch.randn(11, 9).t()
+    assert_close(sc.segment_gather_sum(offsets, idx, w, transposed), segment_ref(offsets, idx, w, transposed),
+                 segment_ref(offsets, idx, w.abs(), transposed.abs()))
 
 
 def test_segment_gather_sum_nothing_to_sum():
@@ -125,6 +129,8 @@ def test_gathered_dot_empty_and_strided():
     ra, rb = torch.tensor([0, 3, 3, 1, 2]), torch.tensor([2, 2, 0, 1, 0])
     want = (A.double()[ra] * B.double()[rb]).sum(1)
     assert_close(sc.gathered_dot(ra.int(), rb, A, B), want, (A.double()[ra] * B.double()[rb]).abs().sum(1))
+    Bt = B.t().contiguous().t()  # column-major: copied row-major first
+    assert_close(sc.gathered_dot(ra, rb, A, Bt), want, (A.double()[ra] * B.double()[rb]).abs().sum(1))
 
 
 def test_bad_input_says_what_to_do():
@@ -136,8 +142,8 @@ def test_bad_input_says_what_to_do():
         sc.segment_gather_sum(offsets, idx, w.double(), table)
     with pytest.raises(ValueError, match="same length"):
         sc.segment_gather_sum(offsets, idx, w[:-1], table)
-    with pytest.raises(ValueError, match="contiguous"):
-        sc.segment_gather_sum(offsets, idx, w, torch.randn(6, 4).t())
+    with pytest.raises(ValueError, match="2-D"):
+        sc.gathered_dot(idx, idx, table, torch.randn(4, 6, 1))
     with pytest.raises(ValueError, match="same width"):
         sc.gathered_dot(idx, idx, table, torch.randn(4, 5))
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):

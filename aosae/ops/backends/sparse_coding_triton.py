@@ -53,7 +53,9 @@ def segment_gather_sum(offsets: torch.Tensor, gather_idx: torch.Tensor, weights:
 
     offsets [S+1] integer CSR row pointers (offsets[0] = 0, non-decreasing, offsets[S] = nnz;
     empty segments allowed), gather_idx [nnz] integer rows of table (repeats allowed), weights
-    [nnz] float, table [R, d] float with unit column stride. longest_first: launch the longest
+    [nnz] float, table [R, d] float (rows are read in place when its columns are contiguous; a
+    transposed view such as W_enc.t() is copied first: a strided gather would read a 32-byte sector
+    per element, 8× the bytes of the copy at the widths trained). longest_first: launch the longest
     segments first (one argsort of S lengths), so that a latent firing on most of the batch does
     not finish last; worth it for ragged segments (W gradients), not for TopK tokens."""
     _check_index("offsets", offsets, table)
@@ -81,7 +83,7 @@ def _segment_gather_sum(offsets, gather_idx, weights, table, longest_first):
     order = None
     if longest_first:
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True, stable=True)
-    table = _interpretable(table)
+    table = _interpretable(_rows_contiguous(table))
     kern._segment_gather_sum_kernel[(S, _cdiv(d, block_d))](
         offsets, gather_idx, _interpretable(weights.contiguous()), table, offsets if order is None else order, out,
         d, table.stride(0), out.stride(0),
@@ -92,7 +94,8 @@ def _segment_gather_sum(offsets, gather_idx, weights, table, longest_first):
 
 def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """out[e] = <A[rows_a[e]], B[rows_b[e]]>, fp32 [nnz]. rows_a/rows_b [nnz] integer, A [Ra, d]
-    and B [Rb, d] float (any mix of float16/bfloat16/float32) with unit column stride."""
+    and B [Rb, d] float (any mix of float16/bfloat16/float32; a transposed view is copied first, as
+    in segment_gather_sum)."""
     _check_index("rows_a", rows_a, A)
     _check_index("rows_b", rows_b, A)
     _check_table("A", A)
@@ -118,7 +121,7 @@ def _gathered_dot(rows_a, rows_b, A, B):
     if d == 0:
         return out.zero_()
     block_e, block_d, warps = _config(DOT_CONFIG)
-    A, B = _interpretable(A), _interpretable(B)
+    A, B = _interpretable(_rows_contiguous(A)), _interpretable(_rows_contiguous(B))
     kern._gathered_dot_kernel[(_cdiv(nnz, block_e),)](
         rows_a.long().contiguous(), rows_b.long().contiguous(), A, B, out,
         nnz, d, A.stride(0), B.stride(0),
@@ -151,14 +154,15 @@ def _check_float(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but the table is on {like.device}: move it there")
 
 
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
 def _check_table(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {getattr(t, 'dtype', type(t))}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, d], got shape {tuple(t.shape)}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name} must have unit column stride (rows gathered whole), got strides {t.stride()}: "
-                         f"pass {name}.contiguous()")
 
 
 def _on_device(t: torch.Tensor):
