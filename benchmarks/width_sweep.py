@@ -140,19 +140,22 @@ class SparsifyStep:
         return out
 
 
-def latent_l0(latents) -> float:
-    """Mean non-zeros per row, dense [B, n] latents or a sparse form with CSR offsets."""
-    import torch
-
-    if hasattr(latents, "offsets"):
-        return float(latents.values.ne(0).sum()) / (latents.offsets.numel() - 1)
-    if latents.layout != torch.strided:
-        latents = latents.to_dense()
-    return float((latents != 0).sum(1).float().mean())
+def latent_l0(losses) -> float:
+    """Mean non-zero latents per token of a step's StepLosses (its own l0() where it has one)."""
+    if hasattr(losses, "l0"):
+        return float(losses.l0())
+    return float((losses.latents != 0).sum(1).float().mean())
 
 
-def reference_losses(params: dict, xs, activation: str, k: int, l1_coeff: float, tau: float, penalty: bool):
-    """float64 dense reference of SAEObjective.losses on rows xs: (loss, recon, penalty, x_hat)."""
+def reference_losses(params: dict, xs, activation: str, k: int, l1_coeff: float, tau: float, selection=None):
+    """float64 dense reference of SAEObjective.losses on rows xs: (loss, recon, penalty, x_hat, check).
+
+    selection: None (no penalty) or the (rows, cols) of the pairs the penalty selected. The
+    reference sums |C_ij|, C = fᵀf / B in float64, over exactly those pairs, and checks that they
+    are a top-k of the float64 scores up to fp32 rounding (check: the worst score left out above
+    the k-th selected, relative to the largest); so a near-tie at the k-th score, which fp32 and
+    fp64 may order differently, does not read as a wrong gradient.
+    """
     import torch
     from aosae.ops.gram_topk import k_for_fraction
 
@@ -168,15 +171,30 @@ def reference_losses(params: dict, xs, activation: str, k: int, l1_coeff: float,
     recon = (xs - x_hat).pow(2).sum(-1).mean()
     l1 = f.abs().sum(-1).mean()
     pen = torch.zeros((), dtype=pre.dtype)
-    if penalty:  # Σ of the k largest |C_ij|, i < j, C = fᵀf / B: non-zero only among the active latents
+    check = {}
+    if selection is not None:  # C is non-zero only among the latents active in the batch
         active = (f != 0).any(0).nonzero().squeeze(1)
         fa = f[:, active]
         c = fa.t() @ fa
-        iu = torch.triu_indices(len(active), len(active), 1)
-        scores = c[iu[0], iu[1]].abs()
-        kk = min(k_for_fraction(n, FRACTION), scores.numel())
-        pen = scores.topk(kk).values.sum() / rows
-    return recon + l1_coeff * l1 + tau * pen, recon, pen, x_hat
+        pos = torch.full((n,), -1, dtype=torch.long)
+        pos[active] = torch.arange(len(active))
+        sel_r, sel_c = pos[selection[0]], pos[selection[1]]
+        inside = (sel_r >= 0) & (sel_c >= 0)  # a pair outside the active latents has C = 0
+        scores = c[sel_r[inside], sel_c[inside]].abs()
+        pen = scores.sum() / rows
+        with torch.no_grad():
+            chosen = torch.zeros(len(active), len(active), dtype=torch.bool)
+            chosen[sel_r[inside], sel_c[inside]] = True
+            chosen[sel_c[inside], sel_r[inside]] = True
+            upper = torch.ones_like(chosen).triu(1)
+            left_out = c.abs()[upper & ~chosen]
+            kth = float(scores.min()) if scores.numel() else 0.0
+            top = float(c.abs()[upper].max()) if upper.any() else 1.0
+            nonzero = int((c.abs()[upper] > 0).sum())
+            check = {"selected": int(inside.sum()), "expected": min(k_for_fraction(n, FRACTION), nonzero),
+                     "co_active_pairs": nonzero,
+                     "left_out_above_kth": max(0.0, float(left_out.max()) - kth) / max(top, 1e-300) if left_out.numel() else 0.0}
+    return recon + l1_coeff * l1 + tau * pen, recon, pen, x_hat, check
 
 
 def rel_gap(got, want) -> float:
@@ -199,13 +217,13 @@ def run_check(args) -> dict:
     sae = make_aosae(args.d_in, args.width, activation, args.k, x, args.seed)
     params = {name: getattr(sae, name).detach().double().requires_grad_(True) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     xs64 = xs.double()
-    gaps = {}
+    gaps, check_info = {}, None
     if args.arm == "sparsify-topk":
         coder = make_sparsify(sae)
         total_variance = (xs - xs.mean(0)).pow(2).sum()
         out = coder(x=xs, y=xs, dead_mask=None, total_variance=total_variance)
         (out.fvu + 0.0 * out.auxk_loss + out.multi_topk_fvu / 8).backward()
-        loss_ref, recon_ref, _, x_hat_ref = reference_losses(params, xs64, "topk", args.k, 0.0, 0.0, False)
+        loss_ref, recon_ref, _, x_hat_ref, _ = reference_losses(params, xs64, "topk", args.k, 0.0, 0.0)
         loss_ref.backward()
         gaps["reconstruction"] = rel_gap(out.sae_out.detach(), x_hat_ref.detach())
         # sparsify's loss is Σ‖e‖²/total_variance, the reference's Σ‖e‖²/rows: rescale its gradients
@@ -219,9 +237,19 @@ def run_check(args) -> dict:
         obj = aosae_objective(sae, penalty)
         losses = obj.losses(xs)
         losses.loss.backward()
-        loss_ref, _, pen_ref, _ = reference_losses(
-            params, xs64, activation, args.k, L1_COEFF, obj.tau.tau, penalty)
+        selection = None
+        if penalty:  # the pairs the penalty selected (padding, if any, has row -1)
+            pairs = obj.ortho.last_pairs
+            keep = pairs.rows >= 0
+            selection = (pairs.rows[keep], pairs.cols[keep])
+        loss_ref, _, pen_ref, _, sel_check = reference_losses(
+            params, xs64, activation, args.k, L1_COEFF, obj.tau.tau, selection)
         loss_ref.backward()
+        if penalty:
+            gaps["selection_left_out_above_kth"] = sel_check.pop("left_out_above_kth")
+            if sel_check["selected"] != sel_check["expected"]:
+                gaps["selection_count"] = float("inf")
+            check_info = sel_check
         gaps["loss"] = abs(float(losses.loss.detach()) - float(loss_ref.detach())) / abs(float(loss_ref.detach()))
         if penalty:
             gaps["penalty"] = abs(float(losses.penalty.detach()) - float(pen_ref.detach())) / max(abs(float(pen_ref.detach())), 1e-30)
@@ -229,12 +257,14 @@ def run_check(args) -> dict:
             gaps[f"grad_{name}"] = rel_gap(getattr(sae, name).grad, params[name].grad)
     worst = max(gaps.values())
     if not worst <= args.check_tol:
-        raise AssertionError(f"{args.arm} at d_sae {args.width} disagrees with the float64 reference: {gaps}")
-    return {"max_rel_gap": worst, "gaps": gaps}
+        raise AssertionError(f"{args.arm} at d_sae {args.width} disagrees with the float64 reference: {gaps}"
+                             + (f" {check_info}" if check_info else ""))
+    return {"max_rel_gap": worst, "gaps": gaps, **({"penalty_pairs": check_info} if check_info else {})}
 
 
 def build_arm(args, x):
-    """The arm's state and a function running one timed step on a batch (returns an L0 or None)."""
+    """The arm's state and a function running one step on a batch; it returns a function that
+    measures the step's L0 afterwards (outside the timed region), or None."""
     import torch
 
     if args.arm == "floor-encoder-gemm":
@@ -253,7 +283,7 @@ def build_arm(args, x):
 
         def sparsify_step(xb):
             out = step(xb)
-            return float((out.latent_acts != 0).sum(1).float().mean())
+            return lambda: float((out.latent_acts != 0).sum(1).float().mean())
 
         return sparsify_step
     obj = aosae_objective(sae, args.arm.endswith("+penalty"))
@@ -261,7 +291,7 @@ def build_arm(args, x):
     def aosae_step(xb):
         losses = obj.losses(xb)
         obj.optimizer_step(losses.loss)
-        return latent_l0(losses.latents)
+        return lambda: latent_l0(losses)
 
     return aosae_step
 
@@ -310,8 +340,10 @@ def worker(args) -> None:
             elif cmd[0] == "step":
                 xb = batch_of(x, args.batch, args.seed, int(cmd[1]))
                 t0 = time.perf_counter()
-                l0 = step(xb)
-                reply(t=time.perf_counter() - t0, l0=l0)
+                measure = step(xb)
+                t = time.perf_counter() - t0
+                reply(t=t, l0=measure() if measure else None)
+                del measure  # it holds the step's outputs: free them before the next step
             elif cmd[0] == "done":
                 reply(peak_rss_mib=rss_mib("VmHWM"), baseline_rss_mib=base)
                 return
@@ -374,14 +406,16 @@ def available(args) -> list[str]:
     return arms
 
 
-def estimate_gib(name: str, width: int, batch: int, d_in: int, k: int) -> float:
-    """A generous guess of an arm's peak memory, used to choose the mode and each worker's cap."""
+def estimate_gib(name: str, width: int, batch: int, d_in: int, k: int) -> tuple[float, float]:
+    """A generous guess of an arm's memory, GiB: (held between steps, extra during a step).
+    Held: the process (~0.4 GiB) and 4 copies of the weights (weights, gradients, AdamW's two
+    moments); during a step: six [B, n] fp32 tensors (a dense TopK step's peak) and the co-active
+    pairs of the penalty (value, row, col; a few copies)."""
     if name == "floor-encoder-gemm":
-        return (d_in * width + batch * width) * 4 / 2**30 + 1.0
+        return 0.4 + d_in * width * 4 / 2**30, batch * width * 4 / 2**30
     params = (2 * width * d_in + width + d_in) * 4
-    dense = batch * width * 4  # one [B, n] fp32 tensor; today's dense TopK step holds ~6 at its peak
-    pairs = batch * k * k // 2 * 24 if name.endswith("+penalty") else 0  # co-active pairs: value, row, col
-    return (4 * params + 6 * dense + 4 * pairs) / 2**30 + 1.0
+    pairs = batch * k * k // 2 * 24 if name.endswith("+penalty") else 0
+    return 0.4 + 4 * params / 2**30, (6 * batch * width * 4 + 4 * pairs) / 2**30
 
 
 def launch_cap(args) -> float:
@@ -530,8 +564,11 @@ def sweep(args) -> list[dict]:
     for width in args.widths:
         big = width >= args.big_width
         batch, d_in = (args.big_batch, args.big_d_in) if big else (args.batch, 576)
-        est = {name: estimate_gib(name, width, batch, d_in, args.k) for name in arms}
-        mode = "interleaved" if sum(est.values()) <= args.mem_budget_gib else "blocks"
+        held_step = {name: estimate_gib(name, width, batch, d_in, args.k) for name in arms}
+        est = {name: sum(v) for name, v in held_step.items()}
+        # interleaved: every arm's state is held at once, one arm steps at a time
+        need = sum(h for h, _ in held_step.values()) + max(t for _, t in held_step.values())
+        mode = "interleaved" if need <= args.mem_budget_gib else "blocks"
         blocks = mode == "blocks"
         shape = {"width": width, "batch": batch, "d_in": d_in, "data": prepare_data(args, d_in), "est_gib": est,
                  "warmup": args.blocks_warmup if blocks else args.warmup,
@@ -647,8 +684,8 @@ def main() -> None:
     p.add_argument("--blocks-warmup", type=int, default=1, help="warm-up steps of each block (blocks mode)")
     p.add_argument("--blocks-rounds", type=int, default=4, help="timed steps per arm in blocks mode (split between blocks)")
     p.add_argument("--blocks", type=int, default=2, help="blocks ABC…, CBA… in blocks mode (rounds split between them)")
-    p.add_argument("--mem-budget-gib", type=float, default=12.0,
-                   help="arms run interleaved (all alive at once) when their estimated memory sums below this")
+    p.add_argument("--mem-budget-gib", type=float, default=14.0,
+                   help="arms run interleaved (all alive at once) when their estimated memory fits in this")
     p.add_argument("--worker-cap-gib", type=float, default=18.0, help="address-space data cap of one worker")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=30000)
