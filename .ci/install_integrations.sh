@@ -43,7 +43,7 @@ torch_before="$("$PY" -c 'import torch; print(torch.__version__)')"
 pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check -c "$constraints" "$@"; }
 
 if [[ "$WHAT" == saelens || "$WHAT" == all ]]; then
-    pip_install "sae-lens>=6.0,<7"
+    pip_install "sae-lens==6.54.12"  # the one tested version of the adapters' range >=6.54,<7
 fi
 
 if [[ "$WHAT" == dictlearn || "$WHAT" == all ]]; then

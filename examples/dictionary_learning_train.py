@@ -26,7 +26,7 @@ def toy_activations(d: int, batch: int, steps: int, seed: int = 0) -> Iterator[t
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
-    """Parse arguments, train a standard and a TopK SAE, return the save directory."""
+    """Parse arguments, train a standard, a TopK and a BatchTopK SAE, return the save directory."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, default=32, help="activation dimension")
     parser.add_argument("--dict-size", type=int, default=128)
@@ -40,7 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     from dictionary_learning.training import trainSAE
 
-    from aosae.integrations.dictionary_learning import AosaeStandardTrainer, AosaeTopKTrainer
+    # Every dictionary_learning trainer has its Aosae<Trainer> twin (AosaeJumpReluTrainer,
+    # AosaeMatryoshkaBatchTopKTrainer, AosaeGatedSAETrainer, ...): the trainer's own arguments + the penalty's.
+    from aosae.integrations.dictionary_learning import AosaeBatchTopKTrainer, AosaeStandardTrainer, AosaeTopKTrainer
 
     common = dict(
         steps=args.steps,
@@ -62,12 +64,13 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         trainer_configs=[
             dict(trainer=AosaeStandardTrainer, lr=1e-3, l1_penalty=0.04, sparsity_warmup_steps=args.steps // 10, **common),
             dict(trainer=AosaeTopKTrainer, k=args.k, threshold_start_step=args.steps // 2, **common),
+            dict(trainer=AosaeBatchTopKTrainer, k=args.k, threshold_start_step=args.steps // 2, **common),
         ],
         steps=args.steps,
         save_dir=args.out,
         device=args.device,
     )
-    print(f"saved {args.out}/trainer_0 (standard) and {args.out}/trainer_1 (topk)")
+    print(f"saved {args.out}/trainer_0 (standard), {args.out}/trainer_1 (topk), {args.out}/trainer_2 (batchtopk)")
     return args.out
 
 

@@ -2,12 +2,15 @@
 
     pip install 'aosae[saelens]'
     python examples/saelens_train.py --model gpt2 --hook blocks.6.hook_resid_post \
-        --dataset NeelNanda/pile-10k --architecture aosae_topk --tokens 2000000 --out runs/gpt2_l6
+        --dataset NeelNanda/pile-10k --architecture aosae_batchtopk --tokens 2000000 --out runs/gpt2_l6
 
-Without --model / --dataset it runs offline on a tiny random HookedTransformer and random
-tokens (a smoke test of the wiring; the numbers mean nothing). The trained SAE is saved
-by SAELens as a plain "standard"/"topk" SAE: load it with `sae_lens.SAE.load_from_disk(out)`
-or into aosae with `aosae.integrations.saelens.import_from_saelens(out)`.
+--architecture is any aosae_<arch> (every SAELens training architecture, with the penalty);
+--k sets k for the TopK family, --l1 the L1 coefficient of standard / gated, the rest at
+SAELens's defaults (matryoshka_batchtopk: widths d_sae/4, d_sae). Without --model / --dataset it
+runs offline on a tiny random HookedTransformer and random tokens (a smoke test of the wiring;
+the numbers mean nothing). The trained SAE is saved by SAELens as the plain architecture's
+inference SAE: load it with `sae_lens.SAE.load_from_disk(out)` (standard / topk also into aosae
+with `aosae.integrations.saelens.import_from_saelens(out)`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ from typing import Optional, Sequence
 def build_config(args: argparse.Namespace, d_in: int):
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 
-    import aosae.integrations.saelens as aos  # registers "aosae_standard" / "aosae_topk"
+    from sae_lens.registry import get_sae_training_class
+
+    import aosae.integrations.saelens  # noqa: F401  (registers every aosae_<arch>)
 
     # The defaults, spelled out: c·τ·Σ_{top-k pairs}|C_ij| with C = fᵀf / B (per token, like mse_loss).
     penalty = dict(
@@ -31,10 +36,16 @@ def build_config(args: argparse.Namespace, d_in: int):
         tau_max=0.1,
         tau_calibration_steps=args.tau_calibration_steps,
     )
-    if args.architecture == "aosae_topk":
-        sae_cfg = aos.AosaeTopKTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, k=args.k, **penalty)
-    else:
-        sae_cfg = aos.AosaeStandardTrainingSAEConfig(d_in=d_in, d_sae=args.d_sae, l1_coefficient=args.l1, **penalty)
+    architecture = args.architecture.removeprefix("aosae_")
+    own = {}  # the architecture's own settings this script exposes
+    if architecture in ("topk", "abstopk", "batchtopk", "matryoshka_batchtopk"):
+        own["k"] = args.k
+    if architecture in ("standard", "gated"):
+        own["l1_coefficient"] = args.l1
+    if architecture == "matryoshka_batchtopk":
+        own["matryoshka_widths"] = [args.d_sae // 4, args.d_sae]
+    _, cfg_cls = get_sae_training_class(args.architecture)
+    sae_cfg = cfg_cls(d_in=d_in, d_sae=args.d_sae, **own, **penalty)
     batch_tokens = args.batch_prompts * args.context_size
     return LanguageModelSAERunnerConfig(
         sae=sae_cfg,
@@ -64,10 +75,12 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--model", default=None, help="TransformerLens model name (default: tiny random model, offline)")
     parser.add_argument("--hook", default="blocks.0.hook_resid_post")
     parser.add_argument("--dataset", default=None, help="HF dataset path with a 'text' column (default: random tokens)")
-    parser.add_argument("--architecture", choices=["aosae_standard", "aosae_topk"], default="aosae_standard")
+    parser.add_argument("--architecture", default="aosae_standard",
+                        help="aosae_<arch> for any SAELens training architecture, e.g. aosae_topk, aosae_batchtopk, "
+                             "aosae_jumprelu, aosae_matryoshka_batchtopk, aosae_gated")
     parser.add_argument("--d-sae", type=int, default=256)
-    parser.add_argument("--k", type=int, default=16, help="active latents for aosae_topk")
-    parser.add_argument("--l1", type=float, default=0.04, help="L1 coefficient for aosae_standard")
+    parser.add_argument("--k", type=int, default=16, help="active latents (per token; BatchTopK: on average)")
+    parser.add_argument("--l1", type=float, default=0.04, help="L1 coefficient of aosae_standard / aosae_gated")
     parser.add_argument("--fraction", type=float, default=0.005, help="share of latent pairs penalised")
     parser.add_argument("--tau-calibration-steps", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=16 * 16 * 8, help="training tokens")
@@ -77,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="runs/saelens_aosae")
     args = parser.parse_args(argv)
+    if not args.architecture.startswith("aosae_"):
+        parser.error(f"--architecture must be aosae_<arch> (the architecture with the penalty), got {args.architecture!r}")
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     import torch

@@ -236,12 +236,21 @@ def test_saelens_runner_trains_offline_with_penalty(saelens, architecture, tmp_p
     torch.testing.assert_close(loaded(x), sae.eval()(x), rtol=1e-4, atol=1e-5)
 
 
-def test_saelens_example_script_runs(saelens, tmp_path):
+@pytest.mark.parametrize("architecture, saved_as", [("aosae_topk", "topk"), ("aosae_batchtopk", "jumprelu"),
+                                                    ("aosae_matryoshka_batchtopk", "jumprelu")])
+def test_saelens_example_script_runs(saelens, tmp_path, architecture, saved_as):
+    """The example through LanguageModelSAETrainingRunner; the runner saves the plain inference SAE
+    (BatchTopK ones as SAELens saves them: JumpReLU with the learned threshold)."""
+    import json
+
+    from sae_lens import SAE
+
     main = runpy.run_path(str(ROOT / "examples" / "saelens_train.py"))["main"]
-    sae = main(["--architecture", "aosae_topk", "--d-sae", "64", "--k", "4", "--tokens", "512", "--out",
+    sae = main(["--architecture", architecture, "--d-sae", "64", "--k", "4", "--tokens", "512", "--out",
                 str(tmp_path / "run")])
-    assert (tmp_path / "run" / "cfg.json").is_file()
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["architecture"] == saved_as
     assert "orthogonality" in sae.get_coefficients()
+    assert SAE.load_from_disk(str(tmp_path / "run")).cfg.architecture() == saved_as
 
 
 def _random_aosae(aosae_sae, activation: str, d_in: int = 24, d_sae: int = 80, dtype=torch.float32):
@@ -389,4 +398,4 @@ def test_dictlearn_trainsae_runs_and_penalty_changes_training(dictlearn, tmp_pat
 def test_dictlearn_example_script_runs(dictlearn, tmp_path):
     main = runpy.run_path(str(ROOT / "examples" / "dictionary_learning_train.py"))["main"]
     out = main(["--steps", "3", "--batch", "64", "--out", str(tmp_path / "dl")])
-    assert (Path(out) / "trainer_0" / "ae.pt").is_file() and (Path(out) / "trainer_1" / "ae.pt").is_file()
+    assert all((Path(out) / f"trainer_{i}" / "ae.pt").is_file() for i in range(3))
