@@ -12,9 +12,10 @@ fp32, fwd and fwd+bwd; 3 train_step with / without the penalty; 4 triton warm (h
 torch.mm(aᵀ, a), its half (the floor) and the reference; 5 big_n: section 4 at n 65536 / 131072 (whose
 triton results are checked there); 6 sparse_coding: the sparse SAE step's Triton primitives (decode, W
 gradient, value gradient) against float64, torch and their memory floor, then the TopK step built on
-aosae.ops.sparse_coding against sparsify's SparseCoder and the trainer's step (run after section 3). Timing: arms alternate order every round, same warm-up and rounds;
-median, min/max, IQR; peak_mib = max_memory_allocated above the level before the call. Rows reach the
-JSON as they complete; once --budget-s is spent no row starts and the skipped ones say why.
+aosae.ops.sparse_coding against sparsify's SparseCoder and the trainer's step (run after section 3).
+Timing: arms alternate order every round, same warm-up and rounds; median, min/max, IQR; peak_mib =
+max_memory_allocated above the level before the call. Rows reach the JSON as they complete; once
+--budget-s is spent no row starts and the skipped ones say why.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@
 Tables may be float32, bfloat16 or float16; weights any of the three. Everything is accumulated
 in fp32 and **returned in fp32** whatever the table's dtype (the caller casts: W gradients stay
 fp32 for the optimiser, a bf16 decode casts once). Deterministic: each output element is summed
-by one program in a fixed order. No host sync. Indices are not bounds-checked on CUDA (that
-would sync): out-of-range rows are the caller's bug, as with torch's own gathers.
+by one program in a fixed order. No host sync, so neither the rows nor the offsets are
+bounds-checked (that would sync): out-of-range rows, or offsets[-1] ≠ nnz, are the caller's bug,
+as with torch's own gathers.
 
 Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 when AOSAE_SPARSE_TRITON=1 asks for it
 (the convention of sparse_triton: dry runs and tests of the GPU path). Imports Triton only when
