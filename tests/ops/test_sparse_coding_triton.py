@@ -160,3 +160,38 @@ def test_usable_follows_the_sparse_triton_convention(monkeypatch):
     monkeypatch.setenv(sc.FORCE_ENV, "1")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not sc.usable(t)
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu"])
+def test_sparse_step_through_these_kernels_matches_float64(monkeypatch, activation):
+    """aosae.ops.sparse_coding's encode/decode autograd, dispatched here as on CUDA (fp32 tensors,
+    AOSAE_SPARSE_TRITON=1): loss gradients w.r.t. x (a transposed W_enc table), W_enc, b_enc,
+    b_dec and W_dec against the dense float64 step."""
+    from aosae.ops import sparse_coding
+
+    monkeypatch.setenv(sc.FORCE_ENV, "1")
+    calls = []
+    for name in ("segment_gather_sum", "gathered_dot"):
+        real = getattr(sc, name)
+        monkeypatch.setattr(sc, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    B, d, n, k = 6, 11, 24, 4
+    params = [torch.randn(B, d), torch.randn(d, n), torch.randn(n) * 0.5, torch.randn(d) * 0.1, torch.randn(n, d)]
+    x, W_enc, b_enc, b_dec, W_dec = [p.requires_grad_() for p in params]
+    latents = sparse_coding.sparse_encode(x, W_enc, b_enc, b_dec, activation, k)
+    loss = (sparse_coding.sparse_decode(latents, W_dec, b_dec) - x).pow(2).sum()
+    got = torch.autograd.grad(loss, [x, W_enc, b_enc, b_dec, W_dec])
+    assert set(calls) == {"segment_gather_sum", "gathered_dot"}
+
+    x, W_enc, b_enc, b_dec, W_dec = [p.detach().double().requires_grad_() for p in params]
+    pre = (x - b_dec) @ W_enc + b_enc
+    if activation == "topk":
+        top = pre.topk(k, dim=1)
+        f = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    elif activation == "batchtopk":
+        f = torch.where((pre >= pre.flatten().topk(B * k).values[-1]) & (pre > 0), pre, 0.0)
+    else:
+        f = pre.relu()
+    want = torch.autograd.grad(((f @ W_dec + b_dec) - x).pow(2).sum(), [x, W_enc, b_enc, b_dec, W_dec])
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert float((g.double() - w).abs().max()) <= 1e-5 * max(float(w.abs().max()), 1.0)
