@@ -399,3 +399,30 @@ def test_dictlearn_example_script_runs(dictlearn, tmp_path):
     main = runpy.run_path(str(ROOT / "examples" / "dictionary_learning_train.py"))["main"]
     out = main(["--steps", "3", "--batch", "64", "--out", str(tmp_path / "dl")])
     assert all((Path(out) / f"trainer_{i}" / "ae.pt").is_file() for i in range(3))
+
+
+# ----------------------------------------------------------------------------- supported versions
+
+
+@pytest.mark.parametrize("module, outside", [("sae_lens", "6.53.2"), ("sae_lens", "7.0.0"),
+                                             ("dictionary_learning", "0.2.0")])
+def test_adapter_refuses_a_version_outside_its_range(module, outside, monkeypatch):
+    """Importing an adapter with the library at a version outside its range raises, saying what to install."""
+    library = pytest.importorskip(module, reason=f"optional package {module!r} is not installed: "
+                                  "run `bash .ci/install_integrations.sh` to install it")
+    adapter = importlib.import_module(f"aosae.integrations.{'saelens' if module == 'sae_lens' else module}")
+    monkeypatch.setattr(library, "__version__", outside)
+    distribution = {"sae_lens": "sae-lens", "dictionary_learning": "dictionary-learning"}[module]
+    with pytest.raises(ImportError, match=rf"supports {distribution}>=.*'{outside}' is installed: pip install"):
+        importlib.reload(adapter)  # stops at the check, before anything is redefined
+
+
+def test_version_ranges_hold_the_installed_versions():
+    from aosae.integrations import SUPPORTED_VERSIONS, _release, check_version
+
+    assert _release("6.54.12") == (6, 54, 12) and _release("7.0.0rc1") == (7, 0, 0) and _release("dev") == ()
+    for module in SUPPORTED_VERSIONS:
+        if importlib.util.find_spec(module) is not None:
+            check_version(module, importlib.import_module(module).__version__)
+    with pytest.raises(ImportError, match="sae-lens>=6.54,<7"):
+        check_version("sae_lens", "6.0.0")

@@ -121,17 +121,28 @@ def test_saelens_every_registered_architecture_is_wrapped(saelens):
     assert {a for a, _ in SAELENS_CASES} == plain
 
 
-def test_saelens_batchtopk_rows_are_the_activation_output(saelens):
-    """The recorded ragged rows are exactly SAELens's BatchTopK output, row by row (different counts)."""
+@pytest.mark.parametrize("activation", ["TopK", "AbsTopK", "BatchTopK"])
+def test_saelens_recording_activations_match_the_library(saelens, activation):
+    """Each recording twin returns exactly SAELens's activation output, and what it records rebuilds
+    that output: TopK / AbsTopK rows of k, BatchTopK ragged rows (different counts per token)."""
+    from sae_lens.saes.abstopk_sae import AbsTopK
     from sae_lens.saes.batchtopk_sae import BatchTopK
+    from sae_lens.saes.topk_sae import TopK
 
     x = torch.randn(12, 30)
-    recording = saelens._recording(BatchTopK(3.0))
+    original = {"TopK": TopK(4), "AbsTopK": AbsTopK(4), "BatchTopK": BatchTopK(3.0)}[activation]
+    recording = saelens._recording(original)
+    assert type(recording) is not type(original) and isinstance(recording, type(original))
     out = recording(x)
-    torch.testing.assert_close(out, BatchTopK(3.0)(x), rtol=0, atol=0)
-    offsets, indices, values = recording.last_rows
-    counts = offsets.diff()
-    assert counts.sum() == (out != 0).sum() and len(set(counts.tolist())) > 1
+    torch.testing.assert_close(out, original(x), rtol=0, atol=0)
+    if activation == "BatchTopK":
+        offsets, indices, values = recording.last_rows
+        counts = offsets.diff()
+        assert counts.sum() == (out != 0).sum() and len(set(counts.tolist())) > 1
+    else:
+        indices, values = recording.last_topk
+        counts = torch.full((12,), 4)
+        indices, values = indices.reshape(-1), values.reshape(-1)
     rows = torch.repeat_interleave(torch.arange(12), counts)
     rebuilt = torch.zeros_like(out).index_put((rows, indices), values)
     torch.testing.assert_close(rebuilt, out, rtol=0, atol=0)
