@@ -454,6 +454,23 @@ def coding_step_rows(S, d_sae):
     return out
 
 
+def summarize_coding(doc):
+    """Section 6 in a few lines: each primitive against torch and its floor, the step against sparsify."""
+    rows = [r for r in doc["rows"] if r["section"] in ("sparse_coding", "sparse_step") and "skipped" not in r]
+    ms = {(r.get("op"), r["backend"], r.get("n"), r.get("dtype")): r["ms_median"] for r in rows}
+    for r in (r for r in rows if r["section"] == "sparse_coding" and r["backend"] == "triton"):
+        torch_ms = ms.get((r["op"], "torch", r["n"], r["dtype"]))
+        print(f"{r['op']:26s} n {r['n']:>7} {r['dtype']:4s} triton {r['ms_median']:8.3f} ms = {r['x_floor']:.2f}x floor"
+              f" ({r['floor_ms']:.3f} ms; unique rows {r['floor_unique_ms']:.3f})"
+              + (f", torch {torch_ms:.3f} ms" if torch_ms else "") + ("" if r.get("ok") else "  CHECK FAILED"))
+    for r in (r for r in rows if r["section"] == "sparse_step" and r["backend"] == "aosae sparse"):
+        ratio = r.get("x_sparsify")
+        verdict = "not measured" if ratio is None else ("met" if ratio <= 1.0 else "missed")
+        print(f"sparse TopK step d_sae {r['d_sae']}: {r['ms_median']:.2f} ms, ÷ sparsify "
+              f"{'-' if ratio is None else f'{ratio:.2f}x'} (goal ≤ 1.0x: {verdict}), ÷ trainer step "
+              f"{r.get('x_aosae_trainer', float('nan')):.2f}x{'' if r.get('ok') else '  CHECK FAILED'}")
+
+
 def plan(S):
     """(section number, section, keys, fn) of every row, most important first; fn() -> partial rows."""
     cfg, kf = S.cfg, lambda n: aosae.k_for_fraction(n, 0.005)
@@ -516,6 +533,7 @@ def main(argv=None) -> int:
     S.save(plot_now=True)
     print(f"wrote {S.path} and {S.path.with_suffix('.png')}")
     summarize(S.doc, cfg)
+    summarize_coding(S.doc)
     return 0
 
 
