@@ -153,3 +153,12 @@ def test_encode_rejects_bad_arguments():
         sc.sparse_encode(x, W_enc, b_enc, b_dec, "jumprelu")
     with pytest.raises(ValueError, match="shapes"):
         sc.sparse_encode(x[:, :5], W_enc, b_enc, b_dec, "relu")
+
+
+@pytest.mark.parametrize("total, count", [(10, 3), (5000, 1), (300_000, 4096), (300_000, 299_999), (7, 7)])
+def test_batch_top_is_exact(seed, total, count, monkeypatch):
+    flat = torch.randn(total)
+    got = sc._batch_top(flat, count).sort().values
+    assert torch.equal(got, flat.topk(count).indices.sort().values)
+    monkeypatch.setattr(sc, "SAMPLE", 4)  # a useless sample: the full top-k takes over, still exact
+    assert torch.equal(sc._batch_top(flat, count).sort().values, got)
