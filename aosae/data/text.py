@@ -87,6 +87,25 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _check_utf8(path: Path, block: int = 1 << 24) -> None:
+    """A text file must be UTF-8: pyarrow's JSON reader would otherwise read damaged bytes as U+FFFD."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: byte {done + max(err.start, 0)} is not UTF-8 (a damaged file, or another "
+                                 "encoding); re-save the file as UTF-8") from err
+            if not data:
+                return
+            done += len(data)
+
+
 class Texts:
     """Documents (str) of a dataset in a deterministic order (an iterator; see iter_texts).
 
@@ -146,6 +165,8 @@ class Texts:
                 raise ValueError(f"unsupported file type {path.suffix!r} for {dataset}; use one of {sorted(_BUILDERS)}")
             if path.stat().st_size == 0:
                 raise ValueError(f"{dataset}: the file is empty; pass a file with text")
+            if builder != "parquet":
+                _check_utf8(path)
             try:
                 return datasets.load_dataset(builder, data_files=str(path), split=self.split,
                                              streaming=bool(self.streaming))

@@ -47,7 +47,7 @@ def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[
         if not t.dtype.is_floating_point:
             raise BadFile(path, f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; SAE weights are floating point", fix)
         if tuple(t.shape) != want:
-            raise BadFile(path, f"{name} has shape {tuple(t.shape)} but {CFG_FILE} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) "
+            raise BadFile(path, f"{name} has shape {tuple(t.shape)} but {path.parent / CFG_FILE} (d_in={cfg.d_in}, d_sae={cfg.d_sae}) "
                           f"needs {want}: the two files belong to different SAEs", fix)
         bad = int((~torch.isfinite(t)).sum())
         if bad:

@@ -53,6 +53,6 @@ def parse_arms(text: str) -> tuple[str, ...]:
     bad = [a for a in names if a not in ARMS]
     if bad or not names:
         raise ValueError(f"unknown or no arm(s) {bad}; choose from {', '.join(ARMS)}")
-    if any(ARMS[a].budgeted for a in names) and "none" not in names:
-        names = ("none",) + names  # the budgets come from it
+    if "none" not in names:  # always: the budgets and every comparison of the report are against it
+        names = ("none",) + names
     return tuple(sorted(names, key=lambda a: a != "none"))

@@ -1,0 +1,505 @@
+"""Every command that reads files, against files damaged the ways disks, kills and editors damage them.
+
+Hypothesis draws a file a command reads and a damage (cut at a random offset, a flipped bit, a
+dropped key, a changed type or shape, NaN weights), applied to a copy of one tiny trained run built
+once for the module. A damaged file must end the command with exit code 2 and one
+`aosae <command>: error:` line that names the file, with no traceback, leaving every file the user
+had byte for byte as it was. Where the documented behaviour is to recover (a damaged newest
+checkpoint is skipped with a warning; a store killed mid-collection is collected again), the
+recovery is asserted instead. The Python loaders get the same damages.
+
+Bit flips in JSON files flip the top bit (the files are ASCII, so the result is never valid
+UTF-8): a low-bit flip can turn one valid setting into another, which no reader can tell apart.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from aosae.cli import main
+from aosae.files import BadFile, save_tensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiny_lm import corpus_text, make_tiny_lm  # noqa: E402
+
+FAST = settings(max_examples=20, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SLOW = settings(FAST, max_examples=2)  # examples that train (a recovery) or load the LM
+BAD_VALUES = ("12", None, True, 1.5, [], {})
+
+
+# ------------------------------------------------------------------ one tiny run, built once
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny LM, a jsonl corpus, a trained run (checkpoints step_0/3/6), its activation store and
+    an ablation record: the good files every example damages a copy of."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    model = make_tiny_lm(root / "model")
+    corpus = root / "corpus.jsonl"
+    text = corpus_text() * 2
+    corpus.write_text("".join(json.dumps({"text": text[i:i + 400]}) + "\n" for i in range(0, len(text), 400)))
+    train_args = ["--model", str(model), "--dataset", str(corpus), "--layer", "1", "--tokens", "2000",
+                  "--context", "32", "--d-sae", "48", "--steps", "6", "--batch-size", "128", "--buffer-tokens", "512",
+                  "--checkpoint-every", "3", "--backend", "reference", "--lr", "3e-3", "--no-progress"]
+    code, _, err, _ = run_cli(["train", *train_args, "--cache-dir", str(root / "cache"), "--out", str(root / "run")])
+    assert code == 0, err
+    (store,) = [p for p in (root / "cache").iterdir() if p.is_dir()]
+    return {"root": root, "model": model, "corpus": corpus, "run": root / "run", "cache": root / "cache",
+            "store": store, "train_args": train_args}
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    """A small `aosae ablate` record, made in an install without matplotlib (its import fails):
+    the missing package must be reported before the training, and every other output written."""
+    out = tmp_path_factory.mktemp("ablate") / "a"
+    with hidden("matplotlib"):
+        result = run_cli(["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper", "--seeds", "1",
+                          "--lambdas", "0.3", "--steps", "8", "--samples", "1500", "--d", "16", "--features", "32",
+                          "--d-sae", "32", "--batch-size", "64", "--threads", "1"])
+    return out, result
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str, list[str]]:
+    """(exit code, stdout, stderr, warnings) of `aosae ARGV` in this process. An exception that
+    escapes main() fails the test: that is the traceback a user would see."""
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, redirect_stdout(out), redirect_stderr(err):
+        warnings.simplefilter("always")
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue(), [str(w.message) for w in caught]
+
+
+@contextmanager
+def hidden(module: str):
+    """`import module` fails inside the block, as when the package is not installed."""
+    saved = sys.modules.get(module)
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        if saved is None:
+            del sys.modules[module]
+        else:
+            sys.modules[module] = saved
+
+
+def digest(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under the roots (or of the root itself when it is a file)."""
+    files = [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*"))) if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def assert_refused(code: int, err: str, named: Path, before: dict, after: dict) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("aosae "), err
+    assert str(named) in errors[0], f"{named} not named in: {errors[0]}"
+    assert before == after, "a failed command changed the user's files"
+
+
+# ------------------------------------------------------------------ damages
+def cut(path: Path, data: st.DataObject) -> None:
+    raw = path.read_bytes()
+    end = len(raw.rstrip()) if path.suffix in (".json", ".jsonl") else len(raw)
+    path.write_bytes(raw[: data.draw(st.integers(0, end - 1), label="cut at")])
+
+
+def flip(path: Path, data: st.DataObject) -> None:
+    raw = bytearray(path.read_bytes())
+    at = data.draw(st.integers(0, len(raw) - 1), label="flip at")
+    bit = 7 if path.suffix in (".json", ".jsonl") else data.draw(st.integers(0, 7), label="bit")
+    raw[at] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def edit_json(path: Path, keys, data: st.DataObject, *, drop: bool, values=BAD_VALUES) -> None:
+    """Drop the key at a drawn key path, or give it a drawn wrong value (`keys` may map each key
+    path to its own wrong values)."""
+    obj = json.loads(path.read_text())
+    key = data.draw(st.sampled_from(list(keys)), label="key")
+    *parents, last = key
+    node = obj
+    for k in parents:
+        node = node[k]
+    if drop:
+        del node[last]
+    else:
+        wrong = keys[key] if isinstance(keys, dict) else values
+        node[last] = data.draw(st.sampled_from([v for v in wrong if v != node[last]]), label="value")
+    path.write_text(json.dumps(obj))
+
+
+def damage_json(path: Path, data: st.DataObject, required: list[tuple], typed: list[tuple], ints=(),
+                values=BAD_VALUES) -> str:
+    kinds = ["cut", "flip"] + (["drop"] if required else []) + (["retype"] if typed else []) + (["reshape"] if ints else [])
+    kind = data.draw(st.sampled_from(kinds), label="damage")
+    if kind == "cut":
+        cut(path, data)
+    elif kind == "flip":
+        flip(path, data)
+    elif kind == "drop":
+        edit_json(path, required, data, drop=True)
+    elif kind == "retype":
+        edit_json(path, typed, data, drop=False, values=values)
+    else:  # another size: the files that go with it no longer fit
+        obj = json.loads(path.read_text())
+        key = data.draw(st.sampled_from(list(ints)), label="key")
+        obj[key] = obj[key] * 2 if data.draw(st.booleans()) else obj[key] + 1
+        path.write_text(json.dumps(obj))
+    return kind
+
+
+def damage_weights(path: Path, data: st.DataObject) -> str:
+    kind = data.draw(st.sampled_from(["cut", "flip", "drop", "reshape", "dtype", "nan"]), label="damage")
+    if kind in ("cut", "flip"):
+        (cut if kind == "cut" else flip)(path, data)
+        return kind
+    tensors = load_file(str(path))
+    name = data.draw(st.sampled_from(sorted(tensors)), label="tensor")
+    t = tensors[name]
+    if kind == "drop":
+        del tensors[name]
+    elif kind == "reshape":
+        tensors[name] = t.t().contiguous() if t.dim() == 2 and t.shape[0] != t.shape[1] else torch.cat([t, t[:1]])
+    elif kind == "dtype":
+        tensors[name] = t.to(torch.int32)
+    else:
+        flat = t.clone().reshape(-1)
+        flat[data.draw(st.integers(0, flat.numel() - 1))] = float("nan")
+        tensors[name] = flat.reshape(t.shape)
+    # a user's edit saves without aosae's checksum; NaN is saved with a fresh one: only the NaN check can catch it
+    (save_tensors(path, tensors) if kind == "nan" else save_file(tensors, str(path)))
+    return kind
+
+
+def copy_run(world, tmp: Path) -> Path:
+    run = tmp / "run"
+    shutil.copytree(world["run"], run)
+    return run
+
+
+CFG_KEYS = [("d_in",), ("d_sae",)]
+RESUME_KEYS = [(k,) for k in ("model", "layer", "dataset", "tokens", "context", "d_sae", "steps", "batch_size",
+                              "lr", "l1", "activation", "seed")]
+INT_SETTINGS = [(k,) for k in ("layer", "tokens", "context", "steps", "batch_size", "seed", "checkpoint_every",
+                               "lm_batch")]
+HELD_OUT = [("held_out", "first_token"), ("held_out", "tokens")]
+
+
+def damage_run_file(run: Path, name: str, data: st.DataObject, *, resume: bool = False) -> str:
+    path = run / name
+    if name == "sae_weights.safetensors":
+        return damage_weights(path, data)
+    if name == "cfg.json":
+        return damage_json(path, data, CFG_KEYS, CFG_KEYS, ints=("d_in", "d_sae"))
+    if name == "train_config.json":  # eval falls back to cfg.json for a missing key; a resume cannot
+        return damage_json(path, data, RESUME_KEYS if resume else [], INT_SETTINGS)
+    if name == "summary.json":
+        return damage_json(path, data, HELD_OUT, HELD_OUT)
+    raise AssertionError(name)
+
+
+def spared(world, path: Path) -> bool:
+    """Whether a damaged weights file still holds exactly the original tensors."""
+    try:
+        tensors = load_file(str(path))
+    except Exception:
+        return False
+    good = sae_tensors(world["run"])
+    return tensors.keys() == good.keys() and all(torch.equal(tensors[k], good[k]) for k in good)
+
+
+def sae_tensors(run: Path) -> dict:
+    return load_file(str(run / "sae_weights.safetensors"))
+
+
+# ------------------------------------------------------------------ eval and export
+@FAST
+@given(data=st.data())
+def test_eval_and_export_refuse_a_damaged_run(world, data):
+    command = data.draw(st.sampled_from(["eval", "export"]), label="command")
+    files = ["cfg.json", "sae_weights.safetensors"] + (["train_config.json", "summary.json"] if command == "eval" else [])
+    name = data.draw(st.sampled_from(files), label="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        kind = damage_run_file(run, name, data)
+        before = digest(run)
+        argv = ["eval", str(run)] if command == "eval" else ["export", str(run), "--to", "saelens",
+                                                             "--out", str(Path(tmp) / "exported")]
+        code, _, err, _ = run_cli(argv)
+        if code == 0:  # only a flip that spared every weight (in the checksum's key name) may pass
+            assert kind == "flip" and spared(world, run / name), err
+            return
+        assert_refused(code, err, run / name, before, digest(run))
+        assert not (Path(tmp) / "exported").exists() and not (run / "eval.json").exists()
+
+
+# ------------------------------------------------------------------ train --resume
+@FAST
+@given(data=st.data())
+def test_resume_refuses_a_damaged_train_config_or_log(world, data):
+    name = data.draw(st.sampled_from(["train_config.json", "metrics.jsonl"]), label="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        if name == "train_config.json":
+            damage_run_file(run, name, data, resume=True)
+        else:  # a damaged line that is not the last (a cut last line is what a kill leaves: recovered below)
+            lines = (run / name).read_bytes().split(b"\n")
+            i = data.draw(st.integers(0, len(lines) - 3), label="line")
+            at = data.draw(st.integers(0, len(lines[i]) - 1), label="byte")
+            lines[i] = lines[i][:at] + bytes([lines[i][at] ^ 0x80]) + lines[i][at + 1:]
+            (run / name).write_bytes(b"\n".join(lines))
+        before = digest(run, world["cache"])
+        code, _, err, _ = run_cli(["train", "--resume", str(run), "--no-progress"])
+        assert_refused(code, err, run / name, before, digest(run, world["cache"]))
+
+
+@SLOW
+@given(data=st.data())
+def test_resume_skips_a_damaged_newest_checkpoint(world, data):
+    """Documented recovery: the newest checkpoint is skipped with a warning naming it, the run
+    resumes from the one before, and (resume is exact) ends with the same weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        newest = run / "checkpoints" / "step_6"
+        name = data.draw(st.sampled_from(sorted(p.name for p in newest.iterdir())), label="file")
+        (cut if data.draw(st.booleans(), label="cut") else flip)(newest / name, data)
+        with hidden("matplotlib"):  # report.png is skipped with a note, every other output written
+            code, out, err, caught = run_cli(["train", "--resume", str(run), "--no-progress"])
+        assert "no report.png" in out and (run / "summary.json").is_file() and (run / "report.md").is_file()
+        assert code == 0, err
+        assert any("skipping checkpoint" in w and str(newest) in w for w in caught), caught
+        for key, value in sae_tensors(world["run"]).items():
+            assert torch.equal(sae_tensors(run)[key], value), key
+
+
+@SLOW
+@given(data=st.data())
+def test_resume_with_every_checkpoint_damaged_is_refused(world, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        for step in sorted((run / "checkpoints").iterdir()):
+            name = data.draw(st.sampled_from(sorted(p.name for p in step.iterdir())), label=f"{step.name} file")
+            (cut if data.draw(st.booleans()) else flip)(step / name, data)
+        before = digest(run, world["cache"])
+        code, _, err, _ = run_cli(["train", "--resume", str(run), "--no-progress"])
+        assert_refused(code, err, run / "checkpoints", before, digest(run, world["cache"]))
+
+
+def test_resume_drops_a_metrics_line_cut_by_a_kill(world, tmp_path):
+    run = copy_run(world, tmp_path)
+    (run / "checkpoints" / "step_6").rename(run / "checkpoints" / "gone")  # so that the resume trains again
+    log = run / "metrics.jsonl"
+    log.write_bytes(log.read_bytes()[:-7])  # killed while writing the last line
+    code, _, err, caught = run_cli(["train", "--resume", str(run), "--no-progress"])
+    assert code == 0, err
+    assert any("dropped its last line" in w for w in caught), caught
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+# ------------------------------------------------------------------ train: the dataset and the store
+@settings(FAST, max_examples=10)
+@given(data=st.data())
+def test_train_refuses_a_damaged_dataset(world, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fmt = data.draw(st.sampled_from(["jsonl", "parquet"]), label="format")
+        rows = [json.loads(line) for line in world["corpus"].read_text().splitlines()]
+        if fmt == "parquet":
+            import pandas as pd
+
+            dataset = tmp / "corpus.parquet"
+            pd.DataFrame(rows).to_parquet(dataset)
+            cut(dataset, data)  # a parquet file ends with its footer: any cut loses it
+        else:
+            dataset = tmp / "corpus.jsonl"
+            kind = data.draw(st.sampled_from(["cut", "flip", "drop", "retype"]), label="damage")
+            if kind == "drop":  # no row has its text any more
+                rows = [{"id": i} for i, _ in enumerate(rows)]
+            elif kind == "retype":
+                rows = [{"text": data.draw(st.sampled_from([12, 1.5, True, None, ["a"]]))} for _ in rows]
+            dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            if kind == "cut":  # inside a row, as a copy or a download cut short leaves it
+                raw = dataset.read_bytes()
+                starts = [i + 1 for i, b in enumerate(raw[:-1]) if b == ord("\n")]
+                row = data.draw(st.sampled_from([0, *starts]), label="row")
+                dataset.write_bytes(raw[: row + data.draw(st.integers(1, raw.index(b"}", row) - row), label="cut")])
+            elif kind == "flip":
+                flip(dataset, data)
+        args = [a if a != str(world["corpus"]) else str(dataset) for a in world["train_args"]]
+        before = digest(dataset)
+        code, _, err, _ = run_cli(["train", *args, "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
+        assert_refused(code, err, dataset, before, digest(dataset))
+
+
+@FAST
+@given(data=st.data())
+def test_train_refuses_a_damaged_activation_store(world, data):
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(world["cache"], tmp / "cache")
+        store = tmp / "cache" / world["store"].name
+        if data.draw(st.booleans(), label="meta.json"):
+            named = store / "meta.json"
+            keys = [(k,) for k in ("format", "complete", "dtype", "d", "shape", "shards")]
+            damage_json(named, data, keys, keys, ints=("d",), values=("12", None, 1.5, [], {}))
+        else:
+            named = store / "shard_00000.bin"
+            cut(named, data)
+        before = digest(tmp / "cache", world["corpus"])
+        code, _, err, _ = run_cli(["train", *world["train_args"], "--cache-dir", str(tmp / "cache"),
+                                   "--out", str(tmp / "run")])
+        assert_refused(code, err, named, before, digest(tmp / "cache", world["corpus"]))
+
+
+@SLOW
+@given(data=st.data())
+def test_a_store_killed_mid_collection_is_collected_again(world, data):
+    """Documented recovery: no meta.json (the collection never finished), a shard cut anywhere:
+    `aosae train` collects the store again, bitwise the same."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shutil.copytree(world["cache"], tmp / "cache")
+        store = tmp / "cache" / world["store"].name
+        (store / "meta.json").unlink()
+        cut(store / "shard_00000.bin", data)
+        with hidden("matplotlib"):
+            code, _, err, _ = run_cli(["train", *world["train_args"], "--steps", "1", "--cache-dir",
+                                       str(tmp / "cache"), "--out", str(tmp / "run")])
+        assert code == 0, err
+        assert sorted(digest(store).values()) == sorted(digest(world["store"]).values())
+
+
+# ------------------------------------------------------------------ ablate
+RECORD_KEYS = [("args",), ("arms",), ("sweeps",)] + [("sweeps", "synthetic", k) for k in
+                                                       ("runs", "values", "base", "description", "swept",
+                                                        "ground_truth", "slack")] \
+    + [("sweeps", "synthetic", "runs", 0, k) for k in ("arm", "l0", "seed", "value")]
+NOT_OBJECT, NOT_LIST = ("12", None, 1.5, True, []), ("12", None, 1.5, True, {})
+RECORD_TYPES = {("args",): NOT_OBJECT, ("arms",): NOT_OBJECT, ("sweeps",): NOT_OBJECT,
+                ("sweeps", "synthetic"): NOT_OBJECT, ("sweeps", "synthetic", "runs"): NOT_LIST,
+                ("sweeps", "synthetic", "values"): NOT_LIST, ("sweeps", "synthetic", "base"): NOT_OBJECT,
+                ("sweeps", "synthetic", "description"): NOT_OBJECT, ("sweeps", "synthetic", "swept"): (None, 1.5, [], "12"),
+                ("sweeps", "synthetic", "ground_truth"): ("12", None, 1.5, []),
+                ("sweeps", "synthetic", "slack"): ("12", None, [], {}),
+                ("sweeps", "synthetic", "runs", 0): NOT_OBJECT, ("sweeps", "synthetic", "runs", 0, "l0"): ("12", None, [])}
+
+
+@FAST
+@given(data=st.data())
+def test_ablate_refuses_a_damaged_record(ablation, data):
+    """--render-only reads runs.json; a new call reads it to keep the sweeps it does not redo:
+    both stop before any training, and runs.json stays as it was."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ablate"
+        shutil.copytree(ablation[0], out)
+        render = data.draw(st.booleans(), label="render-only")
+        kind = data.draw(st.sampled_from(["cut", "flip", "drop", "retype"]), label="damage")
+        if kind in ("cut", "flip"):
+            (cut if kind == "cut" else flip)(out / "runs.json", data)
+        else:
+            edit_json(out / "runs.json", RECORD_KEYS if kind == "drop" else RECORD_TYPES, data, drop=kind == "drop")
+        before = digest(out)
+        argv = ["ablate", "--out", str(out)] + (["--render-only"] if render else
+                                                ["--sweeps", "synthetic_topk", "--arms", "paper", "--seeds", "1",
+                                                 "--steps", "2", "--samples", "600"])
+        code, _, err, _ = run_cli(argv)
+        assert_refused(code, err, out / "runs.json", before, digest(out))
+
+
+# ------------------------------------------------------------------ the Python loaders
+@FAST
+@given(data=st.data())
+def test_sparse_autoencoder_load_names_the_damaged_file(world, data):
+    from aosae import SparseAutoencoder
+
+    name = data.draw(st.sampled_from(["cfg.json", "sae_weights.safetensors"]), label="file")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        kind = damage_run_file(run, name, data)
+        try:
+            SparseAutoencoder.load(run)
+        except BadFile as err:  # a cfg.json that no longer fits its weights names both files
+            assert err.path.parent == run and str(run / name) in str(err)
+        else:  # only a flip that spared every weight (in the checksum's key name) may load
+            assert kind == "flip" and spared(world, run / name)
+
+
+@settings(FAST, max_examples=12)
+@given(data=st.data())
+def test_import_from_saelens_names_the_damaged_file(world, data):
+    pytest.importorskip("sae_lens")
+    from aosae import SparseAutoencoder
+    from aosae.integrations.saelens import export_to_saelens, import_from_saelens
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = export_to_saelens(SparseAutoencoder.load(world["run"]), Path(tmp) / "sl")
+        name = data.draw(st.sampled_from(["cfg.json", "sae_weights.safetensors"]), label="file")
+        if name == "cfg.json":
+            damage_json(directory / name, data, [("d_in",), ("d_sae",)], [("d_in",), ("d_sae",)], ints=("d_in", "d_sae"))
+        else:
+            kind = damage_weights(directory / name, data)
+            assume(kind not in ("flip", "dtype"))  # SAELens files carry no checksum; an int tensor converts
+        with pytest.raises(ValueError) as caught:
+            import_from_saelens(directory)
+        assert str(directory) in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_store_open_names_a_damaged_meta_json(world, tmp_path):
+    from aosae.data.store import ActivationStore
+
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "shape": "12"}))
+    with pytest.raises(BadFile, match="'shape' must be list"):
+        ActivationStore.open(store)
+
+
+# ------------------------------------------------------------------ missing optional packages
+def test_export_without_sae_lens_writes_nothing(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sae_lens", None)  # `import sae_lens` now fails, as when not installed
+    code, _, err, _ = run_cli(["export", str(world["run"]), "--to", "saelens", "--out", str(tmp_path / "sl")])
+    assert code == 2 and "sae_lens" in err and "pip install" in err and not (tmp_path / "sl").exists()
+
+
+@pytest.mark.parametrize("backend,module", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_train_log_backend_missing_is_found_before_collecting(world, tmp_path, monkeypatch, backend, module):
+    monkeypatch.setitem(sys.modules, module, None)
+    code, _, err, _ = run_cli(["train", *world["train_args"], "--cache-dir", str(tmp_path / "cache"),
+                               "--out", str(tmp_path / "run"), "--log", backend])
+    assert code == 2 and f"--log {backend}" in err and "pip install" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no work started
+
+
+def test_ablate_saelens_sweep_without_sae_lens_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sae_lens", None)
+    code, _, err, _ = run_cli(["ablate", "--out", str(tmp_path / "a"), "--sweeps", "synthetic,saelens"])
+    assert code == 2 and "sae_lens" in err and not (tmp_path / "a").exists()
+
+
+def test_ablate_without_matplotlib_warns_first_and_writes_every_other_output(ablation):
+    out, (code, _, err, caught) = ablation
+    assert code == 0, err
+    first = next(w for w in caught if "matplotlib" in w)
+    assert "will be written" in first and "--render-only" in first  # said before the training, with the way out
+    assert (out / "runs.json").is_file() and (out / "ablation.json").is_file()
+    assert "### Verdict" in (out / "README.md").read_text() and not list(out.glob("*.png"))
