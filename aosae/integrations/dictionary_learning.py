@@ -223,13 +223,14 @@ class _OrthogonalityPenalty:
                 recon = (x - x_hat).detach().pow(2).sum(dim=-1).mean()
                 self.adaptive_tau.update(recon)
             return base + ortho_loss.to(base.dtype)
-        losses = dict(base.losses)
+        # The loss log: a LossLog namedtuple (.losses), or PAnnealTrainer's plain (x, x_hat, f, dict).
+        losses = dict(base.losses if hasattr(base, "losses") else base[-1])
         losses["orthogonality_penalty"] = penalty.item()
         losses["orthogonality_loss"] = ortho_loss.item()
         losses["tau"] = tau
         if "loss" in losses:
             losses["loss"] = losses["loss"] + ortho_loss.item()
-        return base._replace(losses=losses)
+        return base._replace(losses=losses) if hasattr(base, "losses") else (*base[:-1], losses)
 
     @property
     def config(self) -> dict[str, Any]:
