@@ -11,14 +11,15 @@ Arms (TopK k = 64, fp32, AdamW lr 4e-4 without weight decay, the same batches fo
   floor-encoder-gemm                    the encoder product x[B, d_in] @ W_enc[d_in, n] alone: the
                                         2·B·d_in·n FLOPs that an exact top-k needs, timed in the same run
 
-Every arm runs in its own subprocess (one per arm and width). Before timing, a separate check
-process per arm compares it with a float64 dense reference on the same weights (aosae: loss and
-gradients, penalty included; sparsify: its reconstruction and gradients, its weights copied from
-aosae's SAE), so the timed process's peak RSS (VmHWM: its state, optimiser and step) is the arm's
-own. Where every arm's memory fits --mem-budget-gib at once, the arms' processes stay alive
-together and take turns, one step each per round (order reversed every other round; ratios are
-per round); otherwise (the large widths) they run one at a time in blocks ABC…, …CBA, each block
-a fresh process with the same warm-up and fewer timed steps (--blocks-rounds; ratios of medians).
+Every arm runs in its own subprocess (one per arm and width). Before timing, each process
+compares its arm with a float64 dense reference on the same weights (aosae: loss and gradients,
+penalty included; sparsify: its reconstruction and gradients, its weights copied from aosae's
+SAE), then resets its peak RSS (VmHWM, /proc/self/clear_refs), so the peak reported is the
+training's alone (weights, optimiser, steps). Where every arm's memory fits --mem-budget-gib at
+once, the arms' processes stay alive together and take turns, one step each per round (order
+reversed every other round; ratios are per round); otherwise (the large widths) they run one at
+a time in blocks ABC…, …CBA, each block a fresh process with the same warm-up and fewer timed
+steps (--blocks-rounds; ratios of medians; the check runs in the first block).
 Reported: every timed step (median, quartiles, min, max: never the best alone), peak RSS, the
 float64 check's gaps, the load average around each width (shared_machine when another process ran).
 Each worker runs under an RLIMIT_DATA cap (what the machine has free at its start, less a margin),
@@ -36,6 +37,7 @@ benchmarks/results/width-<machine>[-tag].json (+ .png).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -320,12 +322,6 @@ def worker(args) -> None:
     def reply(**kw):
         proto.write(json.dumps(kw) + "\n")
 
-    if args.check:
-        try:
-            reply(check=run_check(args))
-        except Exception as e:  # noqa: BLE001  (reported to the parent, which records the arm as failed)
-            reply(error=f"{type(e).__name__}: {e}"[:800])
-        return
     x = load_data(args.data)
     if args.arm == "sparsify-topk":
         import_sparsify()  # its imports (transformers, accelerate) count in the baseline, not the step
@@ -334,7 +330,13 @@ def worker(args) -> None:
     for line in sys.stdin:
         cmd = line.split()
         try:
-            if cmd[0] == "init":
+            if cmd[0] == "check":
+                result = run_check(args)
+                gc.collect()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # VmHWM := VmRSS: the peak reported at "done" is the training's alone
+                reply(check=result)
+            elif cmd[0] == "init":
                 step = build_arm(args, x)
                 reply(ok=True, rss_after_init_mib=rss_mib())
             elif cmd[0] == "step":
@@ -357,11 +359,11 @@ def worker(args) -> None:
 class Arm:
     """A worker process of one arm at one width, spoken to over its stdin/stdout."""
 
-    def __init__(self, name: str, shape: dict, args, cap_gib: float, *, check: bool = False):
+    def __init__(self, name: str, shape: dict, args, cap_gib: float):
         cmd = [sys.executable, __file__, "--worker", name, "--width", str(shape["width"]), "--batch", str(shape["batch"]),
                "--d-in", str(shape["d_in"]), "--k", str(args.k), "--data", shape["data"], "--seed", str(args.seed),
                "--threads", str(args.threads), "--mem-cap-gib", f"{cap_gib:.2f}",
-               "--check-tol", str(args.check_tol)] + (["--check"] if check else [])
+               "--check-tol", str(args.check_tol)]
         self.name, self.cap_gib = name, cap_gib
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -438,14 +440,38 @@ def spread(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "min_s": min(times), "max_s": max(times)}
 
 
+def check_and_init(p: Arm, row: dict, check: bool = True) -> bool:
+    """The float64 check (first), then the arm's state; False (and the row says why) on failure."""
+    if check:
+        reply = p.ask("check")
+        if "error" in reply:
+            row["status"] = f"check failed: {reply['error']}"
+            return False
+        row["check"] = reply["check"]
+    reply = p.ask("init")
+    if "error" in reply:
+        row["status"] = f"failed at init: {reply['error']}"
+        return False
+    return True
+
+
+def run_checks(arms: list[str], shape: dict, args, rows: dict) -> None:
+    """--check-only: each arm's float64 check in its own process."""
+    for name in arms:
+        p = Arm(name, shape, args, launch_cap(args))
+        try:
+            reply = p.ask("check")
+        finally:
+            p.close()
+        rows[name]["check"] = reply.get("check", reply.get("error"))
+
+
 def run_interleaved(arms: list[str], shape: dict, args, rows: dict) -> None:
     """All arms alive together; round r runs one step of each, order reversed every other round."""
     procs = {name: Arm(name, shape, args, min(args.worker_cap_gib, 2 * shape["est_gib"][name] + 2.0)) for name in arms}
     try:
         for name, p in procs.items():
-            reply = p.ask("init")
-            if "error" in reply:
-                rows[name]["status"] = f"failed at init: {reply['error']}"
+            check_and_init(p, rows[name])
         live = [n for n in arms if rows[n]["status"] == "ok"]
         for r in range(shape["warmup"] + shape["rounds"]):
             for name in (live if r % 2 == 0 else live[::-1]):
@@ -477,9 +503,7 @@ def run_blocks(arms: list[str], shape: dict, args, rows: dict) -> None:
                 continue
             p = Arm(name, shape, args, launch_cap(args))
             try:
-                reply = p.ask("init")
-                if "error" in reply:
-                    rows[name]["status"] = f"failed at init: {reply['error']}"
+                if not check_and_init(p, rows[name], check=b == 0):
                     continue
                 first = shape["warmup"] + b * per_block  # the rounds' batches continue across blocks
                 for r in range(first - shape["warmup"], first + todo):
@@ -578,19 +602,13 @@ def sweep(args) -> list[dict]:
                        "mode": mode, "warmup": shape["warmup"], "rounds": shape["rounds"],
                        "blocks": args.blocks if blocks else None, "status": "ok",
                        "times_s": [], "rounds_of": [], "l0": [], "mem_estimate_gib": est[name]} for name in arms}
-        for name in arms:  # the float64 check of each arm, in its own process (keeps the timed peak RSS clean)
-            p = Arm(name, shape, args, launch_cap(args), check=True)
-            try:
-                reply = p.ask(None)
-            finally:
-                p.close()
-            if "error" in reply:
-                rows[name]["status"] = f"check failed: {reply['error']}"
-            else:
-                rows[name]["check"] = reply["check"]
-        live = [n for n in arms if rows[n]["status"] == "ok"]
+        if args.check_only:
+            run_checks(arms, shape, args, rows)
+            for name in arms:
+                print(f"d_sae {width:8d} {name:26s} {rows[name]['check']}", flush=True)
+            continue
         t0 = time.time()
-        (run_interleaved if mode == "interleaved" else run_blocks)(live, shape, args, rows)
+        (run_interleaved if mode == "interleaved" else run_blocks)(arms, shape, args, rows)
         wall = time.time() - t0
         load_after = os.getloadavg()
         for name, row in rows.items():
@@ -612,8 +630,9 @@ def sweep(args) -> list[dict]:
         for label, r in ratios.items():
             print(f"    {label:36s} {r['median_s']:.3f}" + (f" [{r['q1_s']:.3f}, {r['q3_s']:.3f}]" if r["per_round"] else ""))
         machine.write_rows(out, all_rows)
-    plot(all_rows, out.with_suffix(".png"))
-    print(f"wrote {out}")
+    if all_rows:
+        plot(all_rows, out.with_suffix(".png"))
+        print(f"wrote {out}")
     return all_rows
 
 
@@ -693,13 +712,13 @@ def main() -> None:
     p.add_argument("--check-tol", type=float, default=1e-4, help="largest relative gap to the float64 reference")
     p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"), help="where the activations file is kept")
     p.add_argument("--tag", default="")
+    p.add_argument("--check-only", action="store_true", help="run the float64 checks only (nothing is written)")
     # worker-only options
     p.add_argument("--worker", choices=ARMS, help=argparse.SUPPRESS)
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)
     p.add_argument("--d-in", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--mem-cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.arm = args.worker
