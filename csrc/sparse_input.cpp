@@ -1,4 +1,5 @@
-// (indices, values) [B, L] of a TopK SAE -> CSR of its non-zeros, in one pass (CPU).
+// (indices, values) [B, L] of a TopK SAE -> CSR of its non-zeros, in one pass (CPU); and CSR
+// rows in any latent order -> canonical rows with compact latent ids (coactive_topk).
 //
 // The same result as aosae/ops/gram_topk_sparse.py:to_csr (cols ascending per row, zero
 // values dropped, values in float32 / float64 for float64), with the input checks (range,
@@ -21,6 +22,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include "pair_select.h"
 
 namespace {
 
@@ -96,7 +99,105 @@ std::tuple<Tensor, Tensor, Tensor, bool> sparse_topk_to_csr(const Tensor& indice
   return out;
 }
 
+namespace {
+
+// CSR rows with any latent order -> compact ids (ranks among the distinct ids), ascending per
+// row. Status codes: 0 ok, 1 bad offsets, 2 index out of [0, n), 3 NaN/Inf value, 4 a row
+// repeats a latent (the caller's torch checks then produce the message).
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor& offsets, const Tensor& indices,
+                                                                   const Tensor& values, int64_t n) {
+  const int64_t B = offsets.size(0) - 1, nnz = indices.size(0);
+  const int64_t* rp = offsets.data_ptr<int64_t>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const scalar_t* val = values.data_ptr<scalar_t>();
+  auto fail = [&](int64_t status) { return std::make_tuple(Tensor(), Tensor(), Tensor(), Tensor(), status); };
+  if (rp[0] != 0 || rp[B] != nnz) return fail(1);
+  for (int64_t t = 0; t < B; ++t)
+    if (rp[t + 1] < rp[t]) return fail(1);
+  std::atomic<int64_t> status{0};
+  // The distinct ids, ascending: a radix sort of the nnz ids (no n-sized array).
+  std::vector<uint64_t> sorted(nnz);
+  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      if (idx[e] < 0 || idx[e] >= n) status = 2;
+      else if (!std::isfinite(static_cast<double>(val[e]))) status = 3;
+      sorted[e] = static_cast<uint64_t>(idx[e]);
+    }
+  });
+  if (status) return fail(status);
+  aosae::radix_sort(sorted);
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  const int64_t U = static_cast<int64_t>(sorted.size());
+  Tensor uniq = at::empty({U}, indices.options());
+  std::copy(sorted.begin(), sorted.end(), reinterpret_cast<uint64_t*>(uniq.data_ptr<int64_t>()));
+  // Compact ids in input order; rows that are not strictly ascending are sorted (with the
+  // permutation kept), a repeat inside a row is an error.
+  Tensor cols = at::empty({nnz}, indices.options());
+  int64_t* cp = cols.data_ptr<int64_t>();
+  std::atomic<bool> permuted{false};
+  std::vector<int64_t> perm(nnz);
+  at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<int64_t, int64_t>> row;
+    for (int64_t t = begin; t < end; ++t) {
+      bool ascending = true;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        cp[e] = std::lower_bound(sorted.begin(), sorted.end(), static_cast<uint64_t>(idx[e])) - sorted.begin();
+        perm[e] = e;
+        ascending = ascending && (e == rp[t] || cp[e] > cp[e - 1]);
+      }
+      if (ascending) continue;
+      permuted = true;
+      row.clear();
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) row.push_back({cp[e], e});
+      std::sort(row.begin(), row.end());
+      for (size_t q = 0; q < row.size(); ++q) {
+        if (q > 0 && row[q].first == row[q - 1].first) status = 4;
+        cp[rp[t] + q] = row[q].first;
+        perm[rp[t] + q] = row[q].second;
+      }
+    }
+  });
+  if (status) return fail(status);
+  if (!permuted) return std::make_tuple(cols, values, Tensor(), uniq, int64_t(0));
+  Tensor perm_t = at::empty({nnz}, indices.options());
+  std::copy(perm.begin(), perm.end(), perm_t.data_ptr<int64_t>());
+  Tensor vals = at::empty({nnz}, values.options());
+  scalar_t* vp = vals.data_ptr<scalar_t>();
+  at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) vp[e] = val[perm[e]];
+  });
+  return std::make_tuple(cols, vals, perm_t, uniq, int64_t(0));
+}
+
+}  // namespace
+
+// CSR rows (offsets [B+1] int64, indices [nnz] int64 distinct per row in any order, values [nnz]
+// floating, CPU) -> (cols [nnz] compact ids ascending per row, vals [nnz] in that order,
+// perm [nnz] (canonical entry e is input entry perm[e]; undefined when the order is unchanged),
+// uniq [U] the distinct ids ascending, status: 0 ok, else what is wrong, see canonical_impl).
+std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> sparse_canonical_csr(const Tensor& offsets, const Tensor& indices,
+                                                                         const Tensor& values, int64_t n) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong &&
+                  indices.dim() == 1 && indices.scalar_type() == at::kLong && values.dim() == 1 &&
+                  values.size(0) == indices.size(0),
+              "sparse_canonical_csr: offsets [B+1] int64, indices [nnz] int64, values [nnz]");
+  TORCH_CHECK(offsets.device().is_cpu() && indices.device().is_cpu() && values.device().is_cpu() &&
+                  at::isFloatingType(values.scalar_type()),
+              "sparse_canonical_csr: CPU tensors, floating values");
+  at::NoGradGuard no_grad;
+  const Tensor off = offsets.contiguous(), idx = indices.contiguous(), val = values.contiguous();
+  std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, val.scalar_type(), "sparse_canonical_csr", [&] {
+    out = canonical_impl<scalar_t>(off, idx, val, n);
+  });
+  return out;
+}
+
 void register_sparse_input(pybind11::module& m) {
+  m.def("sparse_canonical_csr", &sparse_canonical_csr, pybind11::arg("offsets"), pybind11::arg("indices"),
+        pybind11::arg("values"), pybind11::arg("n"), pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "CSR rows -> (compact cols ascending per row, vals, perm or None, distinct ids, status)");
   namespace py = pybind11;
   m.def("sparse_topk_to_csr", &sparse_topk_to_csr, py::arg("indices"), py::arg("values"), py::arg("n"),
         py::call_guard<py::gil_scoped_release>(),

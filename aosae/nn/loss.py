@@ -87,9 +87,10 @@ def topk_ortho_loss(
         op's raw fᵀf scores, whatever the scale).
     """
     check_scale_and_reduction(scale, reduction)
-    if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
-        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-        raise ValueError(f"acts must be a 2-D tensor [batch, n_latents], got {shape}")
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"acts must be a torch.Tensor [batch, n_latents], got {type(acts).__name__}")
+    if acts.dim() != 2:
+        raise ValueError(f"acts must be a 2-D tensor [batch, n_latents], got {tuple(acts.shape)}")
     if k is None:
         k = k_for_fraction(acts.shape[1], fraction)
     pairs = gram_topk(acts, k, similarity=similarity, backend=backend, threshold=threshold)
@@ -222,6 +223,8 @@ class TopKOrthoLoss(nn.Module):
             n_latents = getattr(latents, "n_latents", None)
         _check_n_latents(n_latents)
         try:
+            if isinstance(latents, torch.Tensor):
+                raise TypeError
             offsets, indices, values = tuple(latents)[:3]
         except (TypeError, ValueError):
             raise TypeError(

@@ -67,7 +67,7 @@ def coactive_topk(
     """
     _validate(offsets, indices, values, n_latents, k, similarity)
     out = torch.ops.aosae.coactive_topk(offsets.long(), indices.long(), values, n_latents, k, similarity)
-    return TopKPairs(*out)
+    return TopKPairs(*out[:3])
 
 
 def _validate(offsets, indices, values, n_latents, k, similarity) -> None:
@@ -128,9 +128,22 @@ class Canonical(NamedTuple):
     uniq: torch.Tensor  # [U] int64, the active latent ids ascending
 
 
-def canonical(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, check: bool = True) -> Canonical:
+def canonical(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, check: bool = True,
+              n: Optional[int] = None) -> Canonical:
     """Compacts the latent ids (a sort of nnz ids, no n-sized array) and sorts each row by id
-    where it is not sorted yet. check: raise on a latent repeated within a row."""
+    where it is not sorted yet. check: raise on a latent repeated within a row (and, with n,
+    on every other defect of the rows: offsets, range, NaN/Inf). One C++ pass on CPU."""
+    module, _ = _extension.load()
+    if values.device.type == "cpu" and module is not None and hasattr(module, "sparse_canonical_csr"):
+        cols, vals, perm, uniq, status = module.sparse_canonical_csr(offsets, indices, values, n or 2**62)
+        if status == 0:
+            return Canonical(offsets, cols, vals, perm, uniq)
+        if n is not None:
+            _check_data(offsets, indices, values, n)  # raises the message that says what is wrong
+    return _canonical_torch(offsets, indices, values, check)
+
+
+def _canonical_torch(offsets, indices, values, check: bool) -> Canonical:
     nnz = indices.numel()
     uniq, inv = torch.unique(indices, sorted=True, return_inverse=True)
     u = uniq.numel()
@@ -168,10 +181,11 @@ def _empty(like: torch.Tensor):
 
 
 def select(c: Canonical, k: int, cosine: bool, impl: str = "auto"):
-    """The selection on canonical rows, in the original latent ids: (values, rows, cols)."""
+    """The selection on canonical rows: (values, rows, cols) in the original latent ids, then
+    (rows, cols) in the compact ids (what support_grad takes)."""
     u = c.uniq.numel()
     if u < 2:
-        return _empty(c.vals)
+        return _empty(c.vals) + _empty(c.vals)[1:]
     impl = _route(c.vals) if impl == "auto" else impl
     if impl == "triton":
         values, rows, cols = sparse_triton.csr_topk(c.row_ptr, c.cols, c.vals, u, k, cosine, pad=False)
@@ -184,25 +198,24 @@ def select(c: Canonical, k: int, cosine: bool, impl: str = "auto"):
             order = torch.argsort(values.abs(), descending=True, stable=True)[:k]
             values, rows, cols = values[order], rows[order], cols[order]
     values = values.to(accumulation_dtype(c.vals.dtype))
-    return values.contiguous(), c.uniq[rows], c.uniq[cols]
+    return values.contiguous(), c.uniq[rows], c.uniq[cols], rows, cols
 
 
 def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, impl: str = "auto") -> torch.Tensor:
     """Gradient of the selected scores w.r.t. the canonical entries' values ([nnz], in the
-    accumulation dtype, canonical order). rows/cols: the selection in the original ids."""
+    accumulation dtype, canonical order). rows/cols: the selection in the compact ids."""
     acc = accumulation_dtype(c.vals.dtype)
     if rows.numel() == 0:
         return torch.zeros(c.cols.numel(), dtype=acc, device=c.vals.device)
     u = c.uniq.numel()
-    r, q = torch.searchsorted(c.uniq, rows), torch.searchsorted(c.uniq, cols)  # back to compact ids
     impl = _route(c.vals) if impl == "auto" else impl
     if impl == "triton":
-        grad = sparse_triton.support_grad(c.row_ptr, c.cols, c.vals, u, grad_out, out_values, r, q, cosine)
+        grad = sparse_triton.support_grad(c.row_ptr, c.cols, c.vals, u, grad_out, out_values, rows, cols, cosine)
     elif impl == "cpp":
         grad = _extension.require().gram_topk_support_backward_cpu(
-            grad_out.to(acc), c.row_ptr, c.cols, c.vals.to(acc).contiguous(), out_values.to(acc), r, q, u, cosine)
+            grad_out.to(acc), c.row_ptr, c.cols, c.vals.to(acc).contiguous(), out_values.to(acc), rows, cols, u, cosine)
     else:
-        grad = _support_grad_torch(c, grad_out.to(acc), out_values.to(acc), r, q, cosine)
+        grad = _support_grad_torch(c, grad_out.to(acc), out_values.to(acc), rows, cols, cosine)
     return grad.to(acc)
 
 
@@ -237,19 +250,27 @@ def _support_grad_torch(c: Canonical, g, out_values, r, q, cosine: bool) -> torc
     return grad
 
 
+# The op returns the selection twice: in the original ids (what callers get) and in the compact
+# ids of the canonical rows (what its backward needs: no search from ids back to ranks).
 @torch.library.custom_op("aosae::coactive_topk", mutates_args=())
 def _coactive_topk_op(
     offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_data(offsets, indices, values, n_latents)
-    return select(canonical(offsets, indices, values), k, similarity == "cosine")
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return select(_checked(offsets, indices, values, n_latents), k, similarity == "cosine")
+
+
+def _checked(offsets, indices, values, n: int) -> Canonical:
+    if values.device.type == "cpu" and _cpp() is not None:
+        return canonical(offsets, indices, values, n=n)  # checks on the way
+    _check_data(offsets, indices, values, n)
+    return canonical(offsets, indices, values)
 
 
 @_coactive_topk_op.register_fake
 def _(offsets, indices, values, n_latents, k, similarity):
     size = torch.library.get_ctx().new_dynamic_size()
-    return (values.new_empty((size,), dtype=accumulation_dtype(values.dtype)),
-            values.new_empty((size,), dtype=torch.int64), values.new_empty((size,), dtype=torch.int64))
+    ids = [values.new_empty((size,), dtype=torch.int64) for _ in range(4)]
+    return (values.new_empty((size,), dtype=accumulation_dtype(values.dtype)), *ids)
 
 
 @torch.library.custom_op("aosae::coactive_topk_backward", mutates_args=())
@@ -259,36 +280,36 @@ def _coactive_topk_backward_op(
     indices: torch.Tensor,
     values: torch.Tensor,
     out_values: torch.Tensor,
-    rows: torch.Tensor,
-    cols: torch.Tensor,
+    rows_compact: torch.Tensor,
+    cols_compact: torch.Tensor,
     similarity: str,
 ) -> torch.Tensor:
     c = canonical(offsets, indices, values, check=False)  # the forward checked the rows
-    grad = support_grad(c, grad_out, out_values, rows, cols, similarity == "cosine")
+    grad = support_grad(c, grad_out, out_values, rows_compact, cols_compact, similarity == "cosine")
     if c.perm is not None:
         grad = torch.empty_like(grad).index_copy_(0, c.perm, grad)
     return grad.to(values.dtype)
 
 
 @_coactive_topk_backward_op.register_fake
-def _(grad_out, offsets, indices, values, out_values, rows, cols, similarity):
+def _(grad_out, offsets, indices, values, out_values, rows_compact, cols_compact, similarity):
     return torch.empty_like(values)
 
 
 def _setup_context(ctx, inputs, output):
     offsets, indices, values, _, _, similarity = inputs
-    out_values, rows, cols = output
-    ctx.save_for_backward(offsets, indices, values, out_values, rows, cols)
+    out_values, rows, cols, rows_compact, cols_compact = output
+    ctx.save_for_backward(offsets, indices, values, out_values, rows_compact, cols_compact)
     ctx.similarity = similarity
-    ctx.mark_non_differentiable(rows, cols)
+    ctx.mark_non_differentiable(rows, cols, rows_compact, cols_compact)
 
 
-def _backward(ctx, grad_out, _grad_rows, _grad_cols):
+def _backward(ctx, grad_out, *_grad_ids):
     if grad_out is None:
         return None, None, None, None, None, None
-    offsets, indices, values, out_values, rows, cols = ctx.saved_tensors
-    grad = torch.ops.aosae.coactive_topk_backward(grad_out, offsets, indices, values, out_values, rows, cols,
-                                                  ctx.similarity)
+    offsets, indices, values, out_values, rows_compact, cols_compact = ctx.saved_tensors
+    grad = torch.ops.aosae.coactive_topk_backward(grad_out, offsets, indices, values, out_values, rows_compact,
+                                                  cols_compact, ctx.similarity)
     return None, None, grad, None, None, None
 
 
@@ -311,7 +332,7 @@ class _Dense(torch.autograd.Function):
     def forward(ctx, a, k, similarity):
         row_ptr, cols, vals = dense_to_csr(a)
         check_finite(vals)
-        out = select(canonical(row_ptr, cols, vals, check=False), k, similarity == "cosine")
+        out = select(canonical(row_ptr, cols, vals, check=False), k, similarity == "cosine")[:3]
         ctx.save_for_backward(a, *out)
         ctx.similarity = similarity
         ctx.mark_non_differentiable(out[1], out[2])

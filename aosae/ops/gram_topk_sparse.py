@@ -6,6 +6,12 @@ activations. `gram_topk_sparse` finds the k most correlated latent pairs of the 
 It is the custom op `aosae::gram_topk_sparse` (fake kernel + autograd), differentiable
 with respect to `values`.
 
+The output is padded to k slots (gram_topk's contract, for direct callers): k·20 bytes (fp32
+value, two int64 ids), which at the paper's fraction 0.005 (k ≈ 0.0025·n²) is 3.4 GB at
+n = 2¹⁸, 14 GB at 2¹⁹ and 55 GB at 2²⁰: past n ≈ 2¹⁹ it no longer fits in memory. The
+training path (TopKOrthoLoss.from_topk / from_sparse) uses aosae.ops.coactive_topk instead,
+which returns only the min(k, P) co-active pairs and never pads.
+
 Duplicate latent indices inside one row are an error (a TopK encoder never produces them;
 summing them silently would hide a bug upstream). Entries whose value is 0 are allowed
 (e.g. a TopK slot after ReLU) and contribute nothing to the forward, but still receive a

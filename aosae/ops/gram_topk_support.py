@@ -59,8 +59,8 @@ class _OnSupport(torch.autograd.Function):
         ctx.coactive = mode == "coactive"
         if ctx.coactive:  # min(k, P) pairs, latent ids compacted (aosae.ops.coactive_topk)
             canon = _coactive.canonical(row_ptr, cols, vals, check=False)
-            values, rows, cols_sel = _coactive.select(canon, k, cosine)
-            ctx.save_for_backward(row_ptr, cols, vals, canon.uniq, values, rows, cols_sel)
+            values, rows, cols_sel, rows_compact, cols_compact = _coactive.select(canon, k, cosine)
+            ctx.save_for_backward(row_ptr, cols, canon.cols, vals, canon.uniq, values, rows_compact, cols_compact)
             ctx.mark_non_differentiable(rows, cols_sel)
             return values, rows, cols_sel
         if mode == "sparse":
@@ -75,9 +75,9 @@ class _OnSupport(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
         if ctx.coactive:
-            row_ptr, cols, vals, uniq, values, rows, cols_sel = ctx.saved_tensors
-            canon = _coactive.Canonical(row_ptr, torch.searchsorted(uniq, cols), vals, None, uniq)
-            grad = _coactive.support_grad(canon, grad_values, values, rows, cols_sel, ctx.cosine)
+            row_ptr, cols, cols_compact, vals, uniq, values, rows_sel, cols_sel = ctx.saved_tensors
+            canon = _coactive.Canonical(row_ptr, cols_compact, vals, None, uniq)
+            grad = _coactive.support_grad(canon, grad_values, values, rows_sel, cols_sel, ctx.cosine)
             grad = _coo(grad, row_ptr, cols, ctx.shape, ctx.dtype)
         else:
             csr, pairs = ctx.saved_tensors[:3], ctx.saved_tensors[3:]

@@ -137,3 +137,98 @@ def test_adaptive_tau_errors():
         aosae.AdaptiveTau(target=-1.0)
     with pytest.raises(ValueError, match="non-finite"):
         aosae.AdaptiveTau(target=1.0).update(float("nan"))
+
+
+def _ragged(B, n, max_l0, pool=None):
+    """CSR rows of 0..max_l0 distinct latents (BatchTopK-like), values > 0; and the dense f."""
+    pool = pool or n
+    lengths = torch.randint(0, max_l0 + 1, (B,))
+    indices = torch.cat([torch.randperm(pool)[: int(length)] for length in lengths])
+    values = torch.rand(indices.numel()) + 0.05
+    offsets = torch.zeros(B + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    dense = torch.zeros(B, n)
+    dense[torch.repeat_interleave(torch.arange(B), lengths), indices] = values
+    return offsets, indices, values, dense
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_from_sparse_ragged_rows_equal_the_dense_penalty(seed, similarity, reduction):
+    """BatchTopK rows (different lengths, some empty): value and gradient of the dense penalty,
+    with a selection of min(k, P) pairs instead of k slots."""
+    offsets, indices, values, dense = _ragged(48, 64, 9, pool=40)
+    for k in (15, 2000):  # k below and above the co-active pairs (at most 780 among 40 latents)
+        loss = aosae.TopKOrthoLoss(k=k, similarity=similarity, reduction=reduction)
+        v = values.clone().requires_grad_()
+        got = loss.from_sparse((offsets, indices, v), 64)
+        got.backward()
+        ref_loss = aosae.TopKOrthoLoss(k=k, similarity=similarity, reduction=reduction, backend="reference")
+        f = dense.clone().requires_grad_()
+        want = ref_loss(f)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        rows = torch.repeat_interleave(torch.arange(48), offsets[1:] - offsets[:-1])
+        torch.testing.assert_close(v.grad, f.grad[rows, indices], rtol=1e-4, atol=1e-6)
+        p = int((ref_loss.last_pairs.rows >= 0).sum())
+        assert loss.last_pairs.values.numel() == min(k, p)
+        assert loss.last_k == ref_loss.last_k == k
+        assert loss.last_nonzero_share == pytest.approx(ref_loss.last_nonzero_share) == pytest.approx(min(k, p) / k)
+        torch.testing.assert_close(loss.last_mean_abs, ref_loss.last_mean_abs, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(loss._kth, ref_loss._kth, rtol=1e-5, atol=1e-8)  # 0 when P < k
+
+
+def test_from_sparse_reads_n_latents_from_the_carrier(seed):
+    from typing import NamedTuple
+
+    class Latents(NamedTuple):
+        offsets: torch.Tensor
+        indices: torch.Tensor
+        values: torch.Tensor
+        n_latents: int
+
+    offsets, indices, values, dense = _ragged(20, 30, 6)
+    loss = aosae.TopKOrthoLoss(k=10)
+    torch.testing.assert_close(loss.from_sparse(Latents(offsets, indices, values, 30)), loss.from_sparse(
+        (offsets, indices, values), 30))
+    with pytest.raises(TypeError, match="n_latents"):
+        loss.from_sparse((offsets, indices, values))
+    with pytest.raises(TypeError, match="offsets, indices, values"):
+        loss.from_sparse(values, 30)
+
+
+def test_from_topk_at_two_to_the_twenty_never_pads(seed):
+    """The paper's k at n = 2²⁰ is 2.7·10⁹ slots; the selection holds the co-active pairs only."""
+    n, B, L = 2**20, 16, 8
+    indices = torch.randint(0, n // L, (B, L)) + torch.arange(L) * (n // L)
+    values = (torch.rand(B, L) + 0.1).requires_grad_()
+    loss = aosae.TopKOrthoLoss()
+    penalty = loss.from_topk(indices, values, n)
+    penalty.backward()
+    assert loss.last_k == aosae.k_for_fraction(n, 0.005)
+    assert 0 < loss.last_pairs.values.numel() <= B * L * (L - 1) // 2
+    assert float(loss._kth) == 0.0 and loss.last_nonzero_share < 1e-6
+    assert values.grad is not None and bool(torch.isfinite(values.grad).all())
+
+
+@pytest.mark.parametrize("method", ["forward", "on_support"])
+def test_dense_entries_on_the_sparse_path_never_pad(seed, method):
+    """forward (backend sparse) and on_support select through coactive_topk: min(k, P) pairs,
+    the same penalty and gradient as the reference backend's padded selection."""
+    f = torch.relu(torch.randn(32, 80) - 1.8)  # a ReLU SAE after its dense phase: few co-active pairs
+    k = aosae.k_for_fraction(80, 0.2)
+    loss = aosae.TopKOrthoLoss(k=k, backend="sparse")
+    x = f.clone().requires_grad_()
+    got = getattr(loss, method)(x)
+    (got * 3).backward()
+    ref = aosae.TopKOrthoLoss(k=k, backend="reference")
+    y = f.clone().requires_grad_()
+    want = ref(y)
+    (want * 3).backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    grad = x.grad.to_dense() if x.grad.is_sparse else x.grad
+    mask = f != 0 if method == "on_support" else torch.ones_like(f, dtype=torch.bool)
+    torch.testing.assert_close(grad[mask], y.grad[mask], rtol=1e-4, atol=1e-6)
+    p = int((ref.last_pairs.rows >= 0).sum())
+    assert p < k and loss.last_pairs.values.numel() == p
+    assert loss.last_nonzero_share == pytest.approx(p / k)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aosae.nn.loss import TopKOrthoLoss
-from aosae.nn.penalties import PENALTIES, RedundancyPenalty, count_coactive_pairs, selection_at_width
+from aosae.nn.penalties import PENALTIES, RedundancyPenalty, count_coactive_pairs, nonzero_share, selection_at_width
 from oracle import oracle_scores, oracle_topk
 
 
@@ -99,3 +99,31 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="W_dec must be"):
         RedundancyPenalty()(torch.rand(4, 6), torch.rand(5, 3))
     assert oracle_scores(torch.eye(2), False).shape == (2, 2)
+
+
+@pytest.mark.parametrize("kind", ["coactivation", "coact_x_decoder", "decoder_on_coactive"])
+@pytest.mark.parametrize("pair_rule", ["all", "coactive"])
+def test_sparse_route_never_pads_and_matches_the_reference(seed, kind, pair_rule):
+    """backend="sparse" selects through coactive_topk (min(k, P) pairs): the same penalty, the same
+    gradients (latents and decoder) and the same non-zero share (pairs ÷ k) as the padded reference."""
+    latents = torch.relu(torch.randn(40, 60) - 1.5)
+    W = torch.randn(60, 8)
+    out = {}
+    for backend in ("sparse", "reference"):
+        pen = RedundancyPenalty(kind, fraction=0.3 if pair_rule == "all" else 0.5, pair_rule=pair_rule,
+                                backend=backend)
+        f, w = latents.clone().requires_grad_(), W.clone().requires_grad_()
+        value = pen(f, w)
+        value.backward()
+        out[backend] = (value, f.grad, w.grad, pen)
+    (v, gf, gw, pen), (rv, rgf, rgw, ref) = out["sparse"], out["reference"]
+    torch.testing.assert_close(v, rv, rtol=1e-5, atol=1e-7)
+    for got, want in ((gf, rgf), (gw, rgw)):
+        if want is None:
+            assert got is None or not bool(got.any())
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    p = int((ref.last_pairs.rows >= 0).sum())
+    assert pen.last_pairs.values.numel() == min(pen.last_k, p) and pen.last_k == ref.last_k
+    assert pen.last_nonzero_share == pytest.approx(ref.last_nonzero_share)
+    assert nonzero_share(pen.last_pairs, pen.last_k) == pytest.approx(p / pen.last_k)

@@ -3,7 +3,8 @@ torch, Triton under the interpreter), ragged and empty rows, ties, zeros, k < P 
 gradients, and memory at n = 2²⁴."""
 from __future__ import annotations
 
-import resource
+import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import torch
 from aosae.ops import coactive_topk as co
 from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
 from aosae.ops.gram_topk import gram_topk
-from oracle import oracle_topk, oracle_scores
+from oracle import oracle_topk
 
 ROUTES = ("cpp", "torch")
 
@@ -55,7 +56,7 @@ def run(route, offsets, indices, values, n, k, cosine):
         return coactive_topk(offsets, indices, values, n, k, similarity="cosine" if cosine else "dot")
     if route == "cpp" and co._cpp() is None:
         pytest.skip("aosae._C has no sparse_csr_coactive: rebuild with pip install --no-build-isolation -e .")
-    return co.select(co.canonical(offsets, indices, values), k, cosine, impl=route)
+    return co.select(co.canonical(offsets, indices, values), k, cosine, impl=route)[:3]
 
 
 def nonzero_pairs(dense, cosine):
@@ -175,7 +176,7 @@ class _Select(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        grad = co.support_grad(ctx.c, g, ctx.out[0], ctx.out[1], ctx.out[2], ctx.cosine, impl=ctx.route)
+        grad = co.support_grad(ctx.c, g, ctx.out[0], ctx.out[3], ctx.out[4], ctx.cosine, impl=ctx.route)
         if ctx.c.perm is not None:
             grad = torch.empty_like(grad).index_copy_(0, ctx.c.perm, grad)
         return grad, None, None, None, None
@@ -266,3 +267,53 @@ def test_wide_latents_run_in_small_memory():
     count, extra_mib = out.stdout.split()
     assert 0 < int(count) <= 64 * 32 * 31 // 2
     assert float(extra_mib) < 300, f"peak RSS grew by {extra_mib} MiB at n = 2^24"
+
+
+TRITON = importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not TRITON, reason="needs triton and TRITON_INTERPRET=1 (the GPU route on CPU)")
+
+
+@needs_triton
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("share", [0.3, 1.0, 5.0])
+def test_triton_route_matches_oracle(cosine, share):
+    """The GPU route (Triton, run by the interpreter): rows longer than a tile (16 here)."""
+    offsets, indices, values, dense = ragged_rows(16, 40, 22, pool=30, dtype=torch.float32, signed=True, zeros=0.1)
+    k = max(1, int(share * nonzero_pairs(dense, cosine)))
+    check(run("triton", offsets, indices, values, 40, k, cosine), dense, k, cosine, torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("cosine", [False, True])
+def test_triton_route_gradient_matches_torch_route(cosine):
+    offsets, indices, values, dense = ragged_rows(12, 30, 20, pool=24, dtype=torch.float32, zeros=0.1)
+    c = co.canonical(offsets, indices, values)
+    for k in (max(1, nonzero_pairs(dense, cosine) // 2), 10**6):
+        out = co.select(c, k, cosine, impl="triton")
+        g = torch.randn(out[0].numel())
+        got = co.support_grad(c, g, out[0], out[3], out[4], cosine, impl="triton")
+        want = co.support_grad(c, g, out[0], out[3], out[4], cosine, impl="torch")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_triton
+def test_op_takes_the_triton_route_when_asked(monkeypatch):
+    """AOSAE_SPARSE_TRITON=1 sends the op's CPU tensors down the GPU route, forward and backward."""
+    from aosae.ops.backends import sparse_triton
+
+    calls = []
+    for name in ("csr_topk", "support_grad"):
+        monkeypatch.setattr(sparse_triton, name, lambda *a, _f=getattr(sparse_triton, name), _n=name, **kw:
+                            calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setenv(sparse_triton.FORCE_ENV, "1")
+    offsets, indices, values, dense = ragged_rows(10, 30, 8, dtype=torch.float32)
+    k = max(1, nonzero_pairs(dense, False) // 2)
+    v = values.clone().requires_grad_()
+    pairs = coactive_topk(offsets, indices, v, 30, k)
+    pairs.values.abs().sum().backward()
+    assert calls == ["csr_topk", "support_grad"]
+    check(tuple(t.detach() for t in pairs), dense, k, False, torch.float32)
+    monkeypatch.setenv(sparse_triton.FORCE_ENV, "0")
+    w = values.clone().requires_grad_()
+    coactive_topk(offsets, indices, w, 30, k).values.abs().sum().backward()
+    torch.testing.assert_close(v.grad, w.grad, rtol=1e-5, atol=1e-5)
