@@ -76,10 +76,15 @@ def gram_topk(
         descending, ties by (row, col) ascending. When fewer than k pairs have a non-zero
         score the remaining slots hold value 0 and index -1. Deterministic for a given
         input and device. Differentiable with respect to `a` through `values`.
+
+    The padded output costs k·20 bytes: at the paper's fraction 0.005 of n(n−1)/2 pairs,
+    3.4 GB at n = 2¹⁸ and 55 GB at n = 2²⁰, so past n ≈ 2¹⁹ it stops fitting in memory. The
+    training path (TopKOrthoLoss, RedundancyPenalty) selects through
+    aosae.ops.coactive_topk, which returns only the min(k, P) co-active pairs.
     """
     validate(a, k, similarity, backend)
-    if threshold is not None and not isinstance(threshold, torch.Tensor):
-        threshold = torch.tensor(float(threshold))
+    if threshold is not None:
+        threshold = check_threshold(threshold, a)
     values, rows, cols = torch.ops.aosae.gram_topk(a, k, similarity, backend, threshold)
     return TopKPairs(values, rows, cols)
 
@@ -108,6 +113,21 @@ def validate(a: torch.Tensor, k: int, similarity: str, backend: str) -> None:
     validate_k_and_similarity(k, n, similarity)
     if backend != "auto":
         backends.resolve(backend, a)  # raises if unknown, or if it cannot run on `a`
+
+
+def check_threshold(threshold, a: torch.Tensor) -> torch.Tensor:
+    """The warm-start hint as a one-element tensor on a's device or the CPU, or TypeError/ValueError."""
+    if not isinstance(threshold, torch.Tensor):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a number or a 0-d tensor (e.g. the previous step's k-th score), "
+                            f"got {type(threshold).__name__}")
+        return torch.tensor(float(threshold))
+    if threshold.numel() != 1:
+        raise ValueError(f"threshold must be one score (a 0-d tensor, e.g. the previous step's k-th |C_ij|), "
+                         f"got shape {tuple(threshold.shape)}")
+    if threshold.device != a.device and threshold.device.type != "cpu":
+        raise ValueError(f"threshold is on {threshold.device} but a is on {a.device}; use threshold.to(a.device)")
+    return threshold
 
 
 def validate_k_and_similarity(k: int, n: int, similarity: str) -> None:
