@@ -15,6 +15,10 @@ def eval(  # noqa: A001 - the subcommand's name
     batch_size: int = 8,
     context: Optional[int] = None,
     absorption_words: int = 0,
+    probing: bool = False,
+    scr: bool = False,
+    probing_tasks: str = "offline",
+    probing_seeds: tuple[int, ...] = (42, 43, 44),
     device: str = "cpu",
 ) -> int:
     """Evaluate a trained SAE: L0, MSE, cosine, explained variance, dead/dense latents, KL and
@@ -34,6 +38,16 @@ def eval(  # noqa: A001 - the subcommand's name
         context: Sequence length (default: the training context).
         absorption_words: Run first-letter absorption on this many vocabulary words (0 = skip;
             ~1000 is a reasonable CPU budget; meaningful for >= 16k latents on >= 1B-parameter models).
+        probing: Add SAEBench's sparse probing (one-vs-rest logistic-regression probes on the LM's and
+            the SAE's mean-pooled activations, all dimensions and top-k latents, k = 1 2 5 10 20 50).
+        scr: Add SAEBench's SCR (spurious correlation removal) and TPP (targeted probe perturbation):
+            zero-ablate the latents with the largest effect on a probe, N = 2 5 10 20 50 100 500.
+        probing_tasks: Task set for --probing / --scr: `offline` (Python standard library snippets,
+            no network; its numbers are not comparable with published SAEBench numbers), `saebench`
+            (SAEBench's 8 datasets from the Hugging Face hub), or comma-separated SAEBench dataset
+            ids, each optionally =DIR (a local copy: train.* and test.* files with the hub's columns).
+        probing_seeds: Seeds for --probing / --scr (each redraws the negatives and retrains every
+            probe); reported: the mean and a 95% interval over seeds.
         device: cpu or cuda[:i].
     """
     from aosae.cli.checks import check_eval_run
@@ -43,7 +57,8 @@ def eval(  # noqa: A001 - the subcommand's name
         raise ValueError(f"--tokens must be >= 2, got {tokens}")
     check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
     res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
-                     context=context, absorption_words=absorption_words, device=device)
+                     context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,
+                     probing_tasks=probing_tasks, probing_seeds=tuple(probing_seeds))
     print(E.format_table(res))
     if "absorption_caveat" in res:
         print(res["absorption_caveat"])

@@ -158,6 +158,12 @@ TABLE = (
                             "ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation")),
     ("geometry", ("decoder_cos_max", "decoder_cos_mean", "decoder_cos_max_mean", "topk_abs_c_mean", "all_abs_c_mean")),
     ("absorption", ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features")),
+    ("sparse probing (SAEBench; mean over seeds ± 95% interval)", ("llm_test_accuracy", "sae_test_accuracy",
+                                                                   "sae_llm_accuracy_ratio",
+                                                                   *(f"llm_top_{k}_test_accuracy" for k in (1, 2, 5, 10, 20, 50)),
+                                                                   *(f"sae_top_{k}_test_accuracy" for k in (1, 2, 5, 10, 20, 50)))),
+    ("SCR (SAEBench)", tuple(f"scr_metric_threshold_{n}" for n in (2, 5, 10, 20, 50, 100, 500))),
+    ("TPP (SAEBench)", tuple(f"tpp_threshold_{n}_total_metric" for n in (2, 5, 10, 20, 50, 100, 500))),
 )
 
 
@@ -171,7 +177,11 @@ def format_table(res: dict) -> str:
         lines.append(f"{group}")
         for k in present:
             v = res[k]
-            lines.append(f"  {k:<32} {v:.5g}" if isinstance(v, float) else f"  {k:<32} {v}")
+            ci = res.get(f"{k}_ci95")
+            text = f"{v:.5g}" if isinstance(v, float) else f"{v}"
+            lines.append(f"  {k:<32} {text}" + (f" ± {ci:.2g}" if isinstance(ci, float) else ""))
+    if "probing_task_note" in res:
+        lines.append(f"probing/SCR/TPP: {res['probing_task_note']} (seeds {res.get('probing_seeds')})")
     return "\n".join(lines)
 
 
@@ -216,9 +226,16 @@ def run_eval(
     device: str = "cpu",
     log: Callable[[str], None] = print,
     text: str = "held-out",
+    probing: bool = False,
+    scr: bool = False,
+    probing_tasks: str = "offline",
+    probing_seeds: tuple[int, ...] = (42, 43, 44),
 ) -> dict:
     """The `aosae eval` logic: load RUN_DIR's SAE, the model and text it was trained on
     (overridable), compute every metric, write RUN_DIR/eval.json, return the dict.
+
+    probing / scr add SAEBench's sparse probing / SCR and TPP on the task set `probing_tasks`
+    (eval/probing.py), over `probing_seeds`; their details go to RUN_DIR/probing.json.
 
     text="held-out" runs the LM over the tokens the trainer held out for summary.json (so
     the reconstruction numbers agree with it); "after-training" over the text that follows
@@ -256,8 +273,27 @@ def run_eval(
         per_letter = ab.pop("absorption_per_letter")
         res.update(ab)
         (run_dir / "absorption_per_letter.json").write_text(json.dumps(per_letter, indent=1))
+    if probing or scr:
+        extra, seconds = timed(probing_eval, sae, lm, tokenizer, int(layer), model_name=model_name, probing=probing,
+                               scr=scr, tasks=probing_tasks, seeds=probing_seeds, device=device, log=log)
+        metrics, details = extra
+        res.update(metrics, probing_seconds=round(seconds, 1))
+        (run_dir / "probing.json").write_text(json.dumps(details, indent=1, default=float))
     write_eval(run_dir, res)
     return res
+
+
+def probing_eval(sae, lm, tokenizer, layer: int, *, model_name: Optional[str], probing: bool = True, scr: bool = True,
+                 tasks: str = "offline", seeds=(42, 43, 44), context: int = 128, device: str = "cpu",
+                 log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """Sparse probing and/or SCR+TPP of `sae` (SAEBench's definitions, eval/probing.py):
+    (flat metrics for eval.json, details per dataset, class and seed)."""
+    from aosae.data.language_models import resolve_model_name
+    from aosae.eval.probing import prepare_suite
+
+    suite = prepare_suite(lm, tokenizer, layer, model_name=resolve_model_name(model_name), tasks=tasks,
+                          context=context, seeds=seeds, device=device, log=log)
+    return suite.evaluate(sae, probing=probing, scr=scr)
 
 
 def eval_text(run_dir: Path, tcfg: dict, dataset: Optional[str], n_tokens: Optional[int], text: str,
