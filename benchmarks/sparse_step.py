@@ -105,13 +105,13 @@ def steps(B, n, d, k, reps):
     return res
 
 
-def relu_switch(B, n, d, reps):
+def relu_switch(B, n, d, reps, shifts=(-0.02, -0.05, -0.08, -0.1, -0.12, -0.15)):
     """Forward + backward of a ReLU SAE, dense against sparse, at several densities (set by b_enc)."""
     from aosae.nn import sae as sae_module
 
     x = torch.randn(B, d) / d ** 0.5
     res = {}
-    for shift in (-0.02, -0.05, -0.08, -0.1, -0.12, -0.15):
+    for shift in shifts:
         sae = make_sae("relu", n, d, None, shift)
         with torch.no_grad():
             density = float((sae.pre_activations(x) > 0).double().mean())
@@ -133,6 +133,8 @@ def main():
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--part", default="primitives,topk,relu")
+    p.add_argument("--relu-shifts", default="-0.02,-0.05,-0.08,-0.1,-0.12,-0.15",
+                   help="b_enc values of the ReLU arms (with x of unit norm: -0.0685 ≈ 5%% density at d_in 576)")
     p.add_argument("--out", default="benchmarks/results/sparse_step.json")
     a = p.parse_args()
     torch.manual_seed(0)
@@ -145,7 +147,8 @@ def main():
     if "topk" in parts:
         result["step_s"] = steps(a.batch, a.d_sae, a.d_in, a.k, a.reps)
     if "relu" in parts:
-        result["relu_fwd_bwd_s"] = relu_switch(a.batch, a.d_sae, a.d_in, a.reps)
+        shifts = tuple(float(v) for v in a.relu_shifts.split(","))
+        result["relu_fwd_bwd_s"] = relu_switch(a.batch, a.d_sae, a.d_in, a.reps, shifts)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -203,14 +203,16 @@ def _batch_top(flat: torch.Tensor, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshold=None):
+def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshold=None, *,
+           positive: Optional[torch.Tensor] = None):
     """Pre-activations [B, n] -> (offsets [B+1], indices [nnz], values [nnz]) of the kept latents.
 
     "topk": the k largest per row (ReLU'd: a kept slot may hold 0), fixed offsets = arange·k.
     "batchtopk": the B·k largest of the whole batch that are > 0 (ragged rows, SAELens's
     BatchTopK). "relu": every entry > 0. "jumprelu": every entry > max(threshold, 0) (threshold
     a float, a 0-d tensor or one per latent): BatchTopK's inference form.
-    Rows of the ragged kinds list their latents in ascending order.
+    Rows of the ragged kinds list their latents in ascending order. positive: pre > 0, when the
+    caller has it already.
     """
     b, n = pre.shape
     if activation == "topk":
@@ -223,9 +225,9 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
         flat = flat[pre.reshape(-1)[flat] > 0].sort().values  # row-major: rows, then latents ascending
         rows, indices = flat // n, flat % n
     elif activation in ("relu", "jumprelu"):
-        mask = pre > 0
+        mask = pre > 0 if positive is None else positive
         if activation == "jumprelu":
-            mask &= pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device)
+            mask = mask & (pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device))
         rows, indices = mask.nonzero(as_tuple=True)
         flat = rows * n + indices
     else:
@@ -243,11 +245,12 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz):
         pre = torch.addmm(b_enc, x - b_dec, W_enc)
-        if max_nnz is not None and int((pre > 0).sum()) > max_nnz:  # too dense: the caller uses pre
+        positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
+        if positive is not None and int(positive.sum()) > max_nnz:  # too dense: the caller uses pre
             offsets = indices = pre.new_zeros(0, dtype=torch.long)
             values = pre.new_zeros(0)
         else:
-            offsets, indices, values = select(pre, activation, k, threshold)
+            offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
         ctx.mark_non_differentiable(offsets, indices)
         ctx.set_materialize_grads(False)
