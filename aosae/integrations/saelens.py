@@ -1,24 +1,37 @@
-"""SAELens integration: train with the selective orthogonality penalty, convert formats.
+"""SAELens integration: train any SAELens architecture with the selective orthogonality penalty,
+convert formats.
 
-Importing this module registers two training architectures with SAELens's registry:
+Importing this module registers "aosae_<arch>" for every training architecture the installed
+SAELens registers (ARCHITECTURES; SAELens 6.54: standard, gated, topk, abstopk, jumprelu,
+batchtopk, matryoshka_batchtopk, matching_pursuit), all through one wrapper, `add_orthogonality`:
 
-    "aosae_standard"  SAELens's standard (ReLU + L1) training SAE  + τ·orthogonality penalty
-    "aosae_topk"      SAELens's TopK training SAE (with its AuxK)   + τ·orthogonality penalty
+    config  Aosae<Arch>TrainingSAEConfig = the architecture's own training config (every field and
+            default as there) + OrthogonalityFields (the penalty's settings)
+    SAE     Aosae<Arch>TrainingSAE = the architecture's training SAE + _OrthogonalityPenalty, which
+            adds the penalty through SAELens's auxiliary-loss hook (`calculate_aux_loss`)
 
-Use them like any SAELens architecture (LanguageModelSAETrainingRunner or SAETrainer):
+registered with `register_sae_training_class` (SAELens's route for custom SAEs). Use them like any
+SAELens architecture (LanguageModelSAETrainingRunner or SAETrainer):
 
     import aosae.integrations.saelens as aos
-    cfg = LanguageModelSAERunnerConfig(sae=aos.AosaeStandardTrainingSAEConfig(d_in=..., d_sae=...), ...)
+    cfg = LanguageModelSAERunnerConfig(sae=aos.AosaeBatchTopKTrainingSAEConfig(d_in=..., d_sae=..., k=64), ...)
     LanguageModelSAETrainingRunner(cfg).run()
 
-The penalty enters through SAELens's auxiliary-loss hook (`calculate_aux_loss`) as the loss
-"orthogonality_loss" = c · τ · Σ_{top-k pairs} |C_ij| with C = fᵀf / B (per token, on the
-scale of SAELens's per-token mse_loss; `ortho_scale="batch_sum"` is the paper's literal fᵀf).
-c is the "orthogonality" training coefficient (warmed up over `orthogonality_warm_up_steps`),
-τ adapts every step with `aosae.AdaptiveTau` from the step's MSE. f is taken as coefficients of
-unit-norm decoder rows (f_i·‖W_dec_i‖, as SAELens's L1 weighs it). TopK latents reach the
-penalty as (indices, values) straight from the TopK activation (`TopKOrthoLoss.from_topk`),
-never as a dense [B, d_sae] matrix.
+The penalty is the loss "orthogonality_loss" = c · τ · Σ_{top-k pairs} |C_ij| with C = gᵀg / B (per
+token, on the scale of SAELens's per-token mse_loss; `ortho_scale="batch_sum"` is the paper's
+literal gᵀg). c is the "orthogonality" training coefficient (warmed up over
+`orthogonality_warm_up_steps`), τ adapts every step with `aosae.AdaptiveTau` from the step's MSE.
+g = f·‖W_dec_i‖, the latents as coefficients of unit-norm decoder rows (as SAELens's L1 weighs
+them; with rescale_acts_by_decoder_norm, f already is).
+
+Each architecture hands the penalty what it already holds (LATENT_FORMS; the forms and why each
+gradient is exact: aosae.integrations.latents): TopK / AbsTopK their activation's (indices, values),
+BatchTopK / Matryoshka BatchTopK the batch-wide selection as ragged rows (a different count per
+token; TopKOrthoLoss.from_sparse, never padded), standard / gated / matching pursuit the support
+of their latents (TopKOrthoLoss.on_support), JumpReLU its support plus the zeros inside the
+threshold STE's window (the STE gives θ a gradient from them). An architecture without an entry
+gets the dense path. Matching pursuit fits: its latents are a differentiable function of the
+tied decoder, scattered from the selected atoms only.
 
 Logged by SAELens's own logger (TrainStepOutput.losses → "losses/…", .metrics → "metrics/…"):
 losses/orthogonality_loss, metrics/orthogonality_penalty (Σ|C_ij|), metrics/tau (τ of the
@@ -27,7 +40,10 @@ step) and metrics/orthogonality_mean_abs_c (the selected pairs' mean |C_ij|).
 Checkpoints: SAETrainer.save_checkpoint calls the SAE's `save_model`, which here also writes
 τ's state (aosae_tau.json); resuming (`resume_from_checkpoint`) calls
 `load_weights_from_checkpoint`, which reads it back, so τ continues where it was. Finished
-SAEs are saved as plain SAELens "standard" / "topk" SAEs (readable without aosae).
+SAEs are saved as the plain architecture's inference SAE (readable without aosae; BatchTopK
+ones as SAELens saves them, JumpReLU).
+
+Supported SAELens: >= 6.54, < 7 (checked at import; CI pins 6.54.12).
 
 Format conversion (aosae.integrations.saelens_export, re-exported here): `to_saelens` /
 `export_to_saelens` and `from_saelens` / `import_from_saelens`.
