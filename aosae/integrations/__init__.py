@@ -3,13 +3,17 @@
 Each submodule needs its codebase installed and is imported explicitly (nothing here
 imports SAELens or dictionary_learning, so `import aosae` stays light):
 
-    aosae.integrations.saelens              SAELens training-SAE classes registered as
-                                            "aosae_standard" / "aosae_topk", and format
-                                            conversion aosae <-> SAELens on-disk format
-                                            (`pip install 'aosae[saelens]'`)
-    aosae.integrations.dictionary_learning  trainer subclasses for dictionary_learning's
-                                            trainSAE (`pip install 'aosae[dictlearn]'`,
-                                            see .ci/install_integrations.sh for a safe recipe)
+    aosae.integrations.saelens              "aosae_<arch>" for every SAELens training architecture
+                                            (one wrapper: add_orthogonality), and format conversion
+                                            aosae <-> SAELens on-disk format (`pip install 'aosae[saelens]'`)
+    aosae.integrations.dictionary_learning  Aosae<Trainer> for every dictionary_learning trainer, for
+                                            its trainSAE (`pip install 'aosae[dictlearn]'`, see
+                                            .ci/install_integrations.sh for a safe recipe)
+    aosae.integrations.latents              how both hand an architecture's latents to the penalty
+                                            (TopK rows, ragged BatchTopK rows, the support, JumpReLU's
+                                            STE window, dense), library-free
+
+Each adapter checks the library's version at import (SUPPORTED_VERSIONS, check_version).
 
 Any other training loop needs no integration at all: add
 `tau * TopKOrthoLoss()(latents)` to its loss (examples/plain_pytorch.py).
