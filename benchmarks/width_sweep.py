@@ -689,6 +689,42 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(path: str) -> str:
+    """A markdown table of a results file (the README's and NOTES's numbers)."""
+    rows = json.loads(Path(path).read_text())
+    by = {}
+    for r in rows:
+        by.setdefault(r["d_sae"], {})[r["arm"]] = r
+
+    def cell(r, unit=1.0):
+        if not r or not r.get("median_s"):
+            return "–" if not r else r["status"].split(":")[0]
+        return f"{r['median_s'] * unit:.3g} [{r['q1_s'] * unit:.3g}, {r['q3_s'] * unit:.3g}]"
+
+    def ratio(w, label):
+        v = next(iter(by[w].values()))["ratios"].get(label)
+        if not v:
+            return "–"
+        return f"{v['median_s']:.2f}×" + (f" [{v['q1_s']:.2f}, {v['q3_s']:.2f}]" if v["per_round"] else " (medians)")
+
+    def mib(r):
+        return f"{r['peak_rss_mib'] / 1024:.1f}" if r and r.get("peak_rss_mib") else "–"
+
+    lines = ["| d_sae | B, d_in | aosae TopK s | sparsify s | aosae ÷ sparsify | TopK + penalty ÷ TopK | BatchTopK s "
+             "| BatchTopK + penalty ÷ BatchTopK | floor s (GFLOP/s) | peak GiB aosae / sparsify / +penalty |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for w in sorted(by):
+        a = by[w]
+        any_row = next(iter(a.values()))
+        floor = a.get("floor-encoder-gemm")
+        floor_cell = f"{floor['median_s']:.3g} ({floor['gemm_gflops']:.0f})" if floor and floor.get("median_s") else "–"
+        lines.append(f"| {w} | {any_row['batch']}, {any_row['d_in']} | {cell(a.get('aosae-topk'))} | {cell(a.get('sparsify-topk'))} "
+                     f"| {ratio(w, 'aosae-topk / sparsify-topk')} | {ratio(w, 'topk: with / without penalty')} "
+                     f"| {cell(a.get('aosae-batchtopk'))} | {ratio(w, 'batchtopk: with / without penalty')} | {floor_cell} "
+                     f"| {mib(a.get('aosae-topk'))} / {mib(a.get('sparsify-topk'))} / {mib(a.get('aosae-topk+penalty'))} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--widths", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
@@ -719,7 +755,11 @@ def main() -> None:
     p.add_argument("--d-in", type=int, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--mem-cap-gib", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
     args = p.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     if args.worker:
         args.arm = args.worker
         worker(args)
