@@ -19,7 +19,7 @@ from aosae.ops.gram_topk import gram_topk
 from aosae.ops.gram_topk_sparse import gram_topk_sparse
 
 # a message says what is expected or what to do, not only what went wrong
-ADVICE = re.compile(r"must|expects|needs|use |convert|reshape|check|choose|pass |one of|sum the", re.I)
+ADVICE = re.compile(r"must|expects|needs?|use |convert|reshape|check|choose|pass |one of|sum the", re.I)
 
 
 def good_dense(n=6, m=5):

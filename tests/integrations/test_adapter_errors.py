@@ -1,0 +1,73 @@
+"""The adapters given wrong settings or bad activations: one clear ValueError/TypeError each,
+raised by aosae's own checks (tests/ops/test_public_api_errors.py covers the op and the loss).
+
+Here (and not in tests/ops) because importing dictionary_learning patches torch for the rest of
+the process: conftest.py runs tests/integrations last."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+ADVICE = re.compile(r"must|expects|needs?|use |convert|reshape|check|choose|pass |one of", re.I)
+
+
+def check(raises, match, call) -> None:
+    with pytest.raises(raises) as caught:
+        call()
+    message = str(caught.value)
+    assert re.search(match, message), message
+    assert ADVICE.search(message), f"no advice in: {message}"
+
+
+def nan_batch(d_in: int = 16) -> torch.Tensor:
+    x = torch.randn(32, d_in)
+    x[3, 2] = float("nan")
+    return x
+
+
+def saelens_cases(saelens):
+    standard = lambda **kw: saelens.AosaeStandardTrainingSAE(  # noqa: E731
+        saelens.AosaeStandardTrainingSAEConfig(d_in=16, d_sae=64, l1_coefficient=1e-3, **kw))
+    topk = saelens.AosaeTopKTrainingSAE(saelens.AosaeTopKTrainingSAEConfig(d_in=16, d_sae=64, k=4))
+
+    def penalty(sae, acts):
+        return lambda: sae.orthogonality_penalty(acts, acts)
+
+    return {
+        "similarity": (ValueError, "similarity", lambda: standard(ortho_similarity="pearson")),
+        "fraction": (ValueError, "fraction", lambda: standard(ortho_fraction=2.0)),
+        "negative coefficient": (ValueError, "orthogonality_coefficient", lambda: standard(orthogonality_coefficient=-1.0)),
+        "tau bounds": (ValueError, "min <= init <= max", lambda: standard(tau_init=0.5)),
+        "NaN latents (standard)": (ValueError, "NaN", penalty(standard(), torch.relu(nan_batch(64)))),
+        "NaN input (topk)": (ValueError, "NaN", lambda: topk.orthogonality_penalty(*topk.encode_with_hidden_pre(nan_batch()))),
+    }
+
+
+def dictlearn_cases(dictlearn):
+    common = dict(steps=10, activation_dim=16, dict_size=64, layer=0, lm_name="toy", device="cpu", seed=0, warmup_steps=1)
+    standard = lambda **kw: dictlearn.AosaeStandardTrainer(l1_penalty=0.04, sparsity_warmup_steps=1, **common, **kw)  # noqa: E731
+    topk = lambda **kw: dictlearn.AosaeTopKTrainer(k=4, threshold_start_step=100, **common, **kw)  # noqa: E731
+    return {
+        "negative coefficient": (ValueError, "orthogonality_coefficient", lambda: standard(orthogonality_coefficient=-1)),
+        "fraction": (ValueError, "fraction", lambda: standard(ortho_fraction=0.0)),
+        "similarity": (ValueError, "similarity", lambda: topk(ortho_similarity="pearson")),
+        "NaN batch (standard)": (ValueError, "NaN", lambda: standard().loss(nan_batch(), step=1)),
+        "NaN batch (topk)": (ValueError, "NaN", lambda: topk().loss(nan_batch(), step=1)),
+    }
+
+
+SAELENS_CASES = ["similarity", "fraction", "negative coefficient", "tau bounds", "NaN latents (standard)",
+                 "NaN input (topk)"]
+DICTLEARN_CASES = ["negative coefficient", "fraction", "similarity", "NaN batch (standard)", "NaN batch (topk)"]
+
+
+@pytest.mark.parametrize("case", SAELENS_CASES)
+def test_saelens_adapter_rejects(saelens, case):
+    check(*saelens_cases(saelens)[case])
+
+
+@pytest.mark.parametrize("case", DICTLEARN_CASES)
+def test_dictionary_learning_adapter_rejects(dictlearn, case):
+    check(*dictlearn_cases(dictlearn)[case])
