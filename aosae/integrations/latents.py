@@ -76,13 +76,6 @@ def csr_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return offsets
 
 
-def rows_penalty(
-    loss: TopKOrthoLoss, offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int
-) -> torch.Tensor:
-    """The penalty of ragged CSR rows (row t: indices[offsets[t]:offsets[t+1]], distinct latents)."""
-    return loss.from_sparse((offsets, indices, values), n_latents)
-
-
 def masked_penalty(
     loss: TopKOrthoLoss, f: torch.Tensor, mask: torch.Tensor, weights: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -92,7 +85,7 @@ def masked_penalty(
     values = f[rows, cols]
     if weights is not None:
         values = values * weights.to(f.dtype)[cols]
-    return rows_penalty(loss, csr_offsets(rows, f.shape[0]), cols, values, f.shape[1])
+    return loss.from_sparse((csr_offsets(rows, f.shape[0]), cols, values), f.shape[1])
 
 
 def jumprelu_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -119,23 +112,27 @@ def penalty(
     weights: ‖W_dec_i‖ [n] or None; topk: (indices, values) [B, k]; rows: (offsets, indices,
     values) CSR; window: JumpReLU's STE window [B, n] (bool).
     """
-    if form == "topk":
-        indices, values = topk
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    needed = {"topk": ("topk", topk), "rows": ("rows", rows), "window": ("window", window)}.get(form)
+    if needed is not None and needed[1] is None:
+        raise ValueError(f"the {form!r} form needs {needed[0]}= (see aosae.integrations.latents.penalty)")
+    if form in ("topk", "rows"):
+        *head, values = topk if form == "topk" else rows
         if weights is not None:
-            values = values * weights.to(values.dtype)[indices]
-        return loss.from_topk(indices, values, n_latents)
-    if form == "rows":
-        offsets, indices, values = rows
-        if weights is not None:
-            values = values * weights.to(values.dtype)[indices]
-        return rows_penalty(loss, offsets, indices, values, n_latents)
+            values = values * weights.to(values.dtype)[head[-1]]
+        if form == "topk":
+            return loss.from_topk(head[0], values, n_latents)
+        return loss.from_sparse((head[0], head[1], values), n_latents)
+    if latents is None:
+        raise ValueError(f"the {form!r} form needs latents= (the dense latents [B, n])")
     f = latents.to_dense() if latents.is_sparse else latents
-    if f.dim() != 2:  # (a 2-D f is used as is: a reshape node would refuse on_support's sparse gradient)
+    flat = f.dim() == 2  # a 2-D f is used as is: a reshape node would refuse on_support's sparse gradient
+    if not flat:
         f = f.reshape(-1, f.shape[-1])
-    if form == "support":
+    if form == "support" and flat:
         return loss.on_support(scale_columns(f, weights))
-    if form == "window":
-        return masked_penalty(loss, f, (f != 0) | window.reshape(f.shape), weights)
-    if form == "dense":
-        return loss(scale_columns(f, weights))
-    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form in ("support", "window"):
+        mask = f != 0 if form == "support" else (f != 0) | window.reshape(f.shape)
+        return masked_penalty(loss, f, mask, weights)
+    return loss(scale_columns(f, weights))
