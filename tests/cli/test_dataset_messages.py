@@ -1,0 +1,103 @@
+"""What `--dataset` says about a local dataset: the column it reads (a warning when it is not
+'text'), the columns it found when none fits, and how much text there was when it runs out.
+Every local format: txt, json, jsonl, parquet, csv and a directory written by save_to_disk."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+
+from aosae.data.text import DatasetColumnWarning, iter_texts, shortfall, token_windows
+
+DOCS = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota"]
+
+
+def write(tmp_path, fmt: str, columns: dict) -> str:
+    """A dataset of len(DOCS) rows with the given columns, in format `fmt`; its path."""
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(len(DOCS))]
+    if fmt == "txt":
+        path = tmp_path / "d.txt"
+        path.write_text("\n".join(DOCS) + "\n")
+    elif fmt in ("json", "jsonl"):
+        path = tmp_path / f"d.{fmt}"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        import pandas as pd
+
+        path = tmp_path / "d.csv"
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif fmt == "parquet":
+        import pandas as pd
+
+        path = tmp_path / "d.parquet"
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+FORMATS = ["json", "jsonl", "csv", "parquet", "saved"]
+
+
+@pytest.mark.parametrize("fmt", ["txt", *FORMATS])
+def test_text_column_is_read_without_a_warning(tmp_path, fmt):
+    path = write(tmp_path, fmt, {"text": DOCS, "id": [1, 2, 3]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetColumnWarning)
+        assert list(iter_texts(path)) == DOCS
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_another_string_column_is_read_with_a_warning_naming_it(tmp_path, fmt):
+    path = write(tmp_path, fmt, {"body": DOCS, "n": [1, 2, 3]})
+    with pytest.warns(DatasetColumnWarning) as caught:
+        texts = iter_texts(path)
+        assert list(texts) == DOCS
+    message = str(caught[0].message)
+    assert path in message and "'body'" in message and "'n'" in message  # the column read, and every column found
+    assert "column 'body'" in texts.describe()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("columns,why", [({"a": [1, 2, 3]}, "no string column"),
+                                         ({"title": DOCS, "body": DOCS}, "several string columns")])
+def test_no_usable_column_names_the_columns_found(tmp_path, fmt, columns, why):
+    path = write(tmp_path, fmt, columns)
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(path))
+    message = str(caught.value)
+    assert path in message and why in message and "rename the text column to 'text'" in message
+    assert all(f"'{c}'" in message for c in columns)
+
+
+class WordTokenizer:
+    """One token per word: enough to count windows."""
+
+    bos_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + len(w) for w in text.split()]}
+
+
+@pytest.mark.parametrize("fmt", ["txt", *FORMATS])
+def test_too_little_text_for_one_window_says_how_much_there_was(tmp_path, fmt):
+    path = write(tmp_path, fmt, {"text": DOCS})
+    with pytest.raises(ValueError) as caught:
+        next(token_windows(iter_texts(path), WordTokenizer(), context=128))
+    message = str(caught.value)
+    # 9 words in 3 documents, against a window of BOS + 127 tokens
+    assert path in message and "3 non-empty documents" in message and "holds 9 tokens" in message
+    assert "128-token window" in message and "--context" in message
+
+
+def test_running_out_before_tokens_says_how_far_it_got(tmp_path):
+    texts = iter_texts(write(tmp_path, "jsonl", {"text": DOCS}))
+    windows = list(token_windows(texts, WordTokenizer(), context=4))
+    assert len(windows) == 4  # 9 words + 3 EOS = 12 tokens: 4 windows of BOS + 3
+    message = shortfall(texts, have=len(windows) * 3, n_tokens=100)  # BOS positions are not kept
+    assert "3 non-empty documents" in message and "ran out after 12 activation tokens" in message
+    assert "--tokens asks for 100" in message and "at most 12" in message
