@@ -9,6 +9,7 @@ intervals), DIR/README.md (tables and verdict) and PNG plots. See aosae.experime
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -19,7 +20,7 @@ from typing import Annotated
 import torch
 import tyro
 
-from aosae.cli.checks import require_package
+from aosae.cli.checks import check_output_dir, require_package
 from aosae.experiments.ablation import ARMS, Sweep, load_dataset, parse_arms, run_sweep
 from aosae.experiments.ablation.plots import missing as missing_plots
 from aosae.experiments.ablation.record import read_record
@@ -98,16 +99,28 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
         write_report(read_record(runs_path, render_only=True), out)
         print(f"wrote {out / 'README.md'}")
         return 0
-    if min(args.threads, args.seeds, args.model_seeds, args.steps) < 1:
-        raise ValueError("--threads, --seeds, --model-seeds and --steps must be >= 1")
+    # every option checked before any work (a bad one would otherwise stop a later sweep, after the first trained)
+    for name in ("threads", "seeds", "model_seeds", "steps", "model_steps", "batch_size", "d_sae", "d", "features",
+                 "samples", "model_tokens", "lm_tokens"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}")
+    if not (math.isfinite(args.lr) and args.lr > 0) or not (math.isfinite(args.slack) and args.slack >= 0):
+        raise ValueError(f"--lr must be > 0 and --slack >= 0, got --lr {args.lr} --slack {args.slack}")
+    check_output_dir(out)
     sweeps = tuple(s.strip() for s in args.sweeps.split(",") if s.strip())
     bad = [s for s in sweeps if s not in SWEEPS]
     if bad or not sweeps:
         raise ValueError(f"unknown or no sweep(s) {bad}; choose from {', '.join(SWEEPS)}")
     arms = parse_arms(args.arms)
     lambdas, ks = _floats(args.lambdas, "lambdas"), tuple(int(k) for k in _floats(args.ks, "ks"))
-    if args.model_lambdas and "model" in sweeps:
-        _floats(args.model_lambdas, "model-lambdas")
+    if min(lambdas) < 0 or min(ks) < 1 or any(k != float(v) for k, v in zip(ks, _floats(args.ks, "ks"))):
+        raise ValueError(f"--lambdas must be >= 0 and --ks ints >= 1, got --lambdas {args.lambdas} --ks {args.ks}")
+    if "synthetic_topk" in sweeps and max(ks) > args.d_sae:
+        raise ValueError(f"--ks {args.ks} exceeds --d-sae {args.d_sae}: a TopK SAE keeps at most d_sae latents")
+    if "model" in sweeps:
+        if min(_floats(args.model_lambdas, "model-lambdas")) < 0:
+            raise ValueError(f"--model-lambdas must be >= 0, got {args.model_lambdas}")
         parse_arms(args.model_arms)
     # before any training: what the sweeps and the report need, and the record they add to
     if "saelens" in sweeps:

@@ -171,3 +171,24 @@ def check_log_backend(kind) -> None:
     if kind is not None and kind in LOG_PACKAGES:
         require_package(LOG_PACKAGES[kind], f"--log {kind}", f"pip install 'aosae[{kind}]', or drop --log "
                                                              "(metrics.jsonl is always written)")
+
+
+def check_device(device: str) -> None:
+    """--device: a torch device string this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device!r} is not a device: use cpu or cuda[:i]") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} but CUDA is not available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_output_dir(path, option: str = "--out") -> None:
+    """An output directory that is not an existing file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; pass a directory (it is created if missing)")

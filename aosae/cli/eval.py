@@ -50,11 +50,16 @@ def eval(  # noqa: A001 - the subcommand's name
             probe); reported: the mean and a 95% interval over seeds.
         device: cpu or cuda[:i].
     """
-    from aosae.cli.checks import check_eval_run
+    from aosae.cli.checks import check_device, check_eval_run
     from aosae.eval import evaluate as E
 
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens must be >= 2, got {tokens}")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--context", context, 2),
+                               ("--absorption-words", absorption_words, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    check_device(device)
     check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
     res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
                      context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,

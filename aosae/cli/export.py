@@ -20,12 +20,13 @@ def export(
         to: Target format.
         out: Output directory (default: RUN_DIR/saelens).
     """
-    from aosae.cli.checks import require_package
+    from aosae.cli.checks import check_output_dir, require_package
     from aosae.nn.sae import SparseAutoencoder
 
     require_package("sae_lens", "--to saelens", "pip install 'aosae[saelens]'  (or: pip install sae-lens)")
-    sae = SparseAutoencoder.load(run_dir)  # every file checked: a damaged one is named, nothing is written
     target = Path(out) if out else Path(run_dir) / to
+    check_output_dir(target)
+    sae = SparseAutoencoder.load(run_dir)  # every file checked: a damaged one is named, nothing is written
     from aosae.integrations.saelens import export_to_saelens
 
     export_to_saelens(sae, target)
