@@ -135,8 +135,8 @@ def ablate_pooled(lm_pooled: torch.Tensor, sae_pooled: torch.Tensor, W_dec: torc
     (see `pad_to` in SaeSide), with f_zero [d_sae] = SAE.encode(0)."""
     f = sae_pooled[:, latents]
     if padded is not None:
-        f = f + padded.unsqueeze(1) * f_zero[latents].unsqueeze(0)
-    return lm_pooled - f @ W_dec[latents].float()
+        f = f + padded.unsqueeze(1).to(f.dtype) * f_zero[latents].to(f.dtype).unsqueeze(0)
+    return lm_pooled - f @ W_dec[latents].to(f.dtype)
 
 
 @dataclass

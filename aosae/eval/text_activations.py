@@ -48,21 +48,23 @@ class TextActivations:
         return torch.repeat_interleave(torch.arange(self.n_texts), self.offsets.diff())
 
     def pooled(self) -> torch.Tensor:
-        """[n_texts, d] float32: each text's mean activation over its kept tokens."""
-        return segment_mean(self.rows.float(), self.offsets)
+        """[n_texts, d] float32 (float64 for float64 rows): each text's mean activation over its kept tokens."""
+        return segment_mean(self.rows if self.rows.dtype == torch.float64 else self.rows.float(), self.offsets)
 
     @torch.no_grad()
     def sae_pooled(self, sae, chunk_tokens: int = 8192) -> torch.Tensor:
-        """[n_texts, d_sae] float32: the SAE's latents, per token, then averaged per text."""
-        device = next(sae.parameters()).device if hasattr(sae, "parameters") else torch.device("cpu")
+        """[n_texts, d_sae] float32 (float64 for a float64 SAE): the SAE's latents, per token, then
+        averaged per text."""
+        device, dtype = sae.W_dec.device, sae.W_dec.dtype
+        dtype = dtype if dtype == torch.float64 else torch.float32  # bf16/fp16 SAEs: pool in float32
         ids = self.text_ids()
         out = None
         for s in range(0, self.rows.shape[0], chunk_tokens):
-            f = sae.encode(self.rows[s : s + chunk_tokens].to(device, torch.float32)).float().cpu()
+            f = sae.encode(self.rows[s : s + chunk_tokens].to(device, sae.W_dec.dtype)).to(dtype).cpu()
             if out is None:
-                out = torch.zeros(self.n_texts, f.shape[1])
+                out = torch.zeros(self.n_texts, f.shape[1], dtype=dtype)
             out.index_add_(0, ids[s : s + chunk_tokens], f)
-        return out / self.offsets.diff().unsqueeze(1).float()
+        return out / self.offsets.diff().unsqueeze(1).to(dtype)
 
 
 def segment_mean(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

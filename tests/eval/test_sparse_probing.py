@@ -99,7 +99,7 @@ def test_same_seed_same_numbers_and_llm_half_reusable(seed):
 
 def test_tokenised_texts_drop_bos_eos_pad_and_match_unpadded_forward(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from tests.tiny_lm import make_tiny_lm
+    from tiny_lm import make_tiny_lm
     from aosae.data.language_models import residual_at
 
     path = make_tiny_lm(tmp_path / "lm")
