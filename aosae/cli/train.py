@@ -57,6 +57,10 @@ def train(
             drop_partial_line(Path(resume) / "metrics.jsonl", cut)
     else:
         check_log_backend(cfg.log)
+        if cfg.tau_budget_run is not None:  # read before the activations are collected
+            from aosae.nn.tau import budget_from_run
+
+            budget_from_run(cfg.tau_budget_run, cfg.tau_slack, 1.0)
         trainer = Trainer(cfg, progress=progress)
     try:
         summary = trainer.run()

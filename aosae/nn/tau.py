@@ -211,14 +211,20 @@ def budget_from_run(run_dir: str | Path, slack: float, variance: float, smoothin
     (1 + slack) × its reconstruction loss, smoothed as BudgetTau smooths its own, divided
     by `variance` — "at every step, FVU at most slack above the reference run's".
     Reads the reference's metrics.jsonl (one JSON row per step with a `recon` field)."""
-    import json
+    from aosae.files import BadFile, read_jsonl
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: give --tau-budget-run the directory of a finished run")
     if not slack >= 0:
         raise ValueError(f"slack must be >= 0, got {slack}")
-    recons = [json.loads(line)["recon"] for line in path.read_text().splitlines() if line.strip()]
+    fix = "give --tau-budget-run the directory of a finished run (one JSON row per step with its 'recon')"
+    recons = []
+    for number, row in enumerate(read_jsonl(path, fix), 1):
+        recon = row.get("recon")
+        if isinstance(recon, bool) or not isinstance(recon, (int, float)) or not math.isfinite(recon) or recon < 0:
+            raise BadFile(path, f"row {number} has no finite 'recon' >= 0 (got {recon!r})", fix)
+        recons.append(recon)
     if not recons:
         raise ValueError(f"{path} is empty: the reference run logged no step")
     out, ema = [], None

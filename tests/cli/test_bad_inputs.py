@@ -315,6 +315,34 @@ def test_resume_drops_a_metrics_line_cut_by_a_kill(world, tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
 
 
+@FAST
+@given(data=st.data())
+def test_train_refuses_a_damaged_budget_reference_run(world, data):
+    """--tau-budget-run RUN reads RUN/metrics.jsonl: checked before any activation is collected."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        log = run / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        kind = data.draw(st.sampled_from(["cut", "flip", "drop", "retype"]), label="damage")
+        i = data.draw(st.integers(0, len(rows) - 1), label="row")
+        if kind == "drop":
+            del rows[i]["recon"]
+        elif kind == "retype":
+            rows[i]["recon"] = data.draw(st.sampled_from(["0.1", None, True, [], float("nan"), -1.0]))
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if kind == "cut":  # inside a row
+            raw = log.read_bytes()
+            log.write_bytes(raw[: data.draw(st.integers(0, len(raw.rstrip()) - 2), label="cut at")])
+            assume(log.read_bytes().rsplit(b"\n", 1)[-1] != b"")  # not at a row boundary: a shorter, whole log
+        elif kind == "flip":
+            flip(log, data)
+        before = digest(run, world["cache"])
+        code, _, err, _ = run_cli(["train", *world["train_args"], "--cache-dir", str(Path(tmp) / "cache"),
+                                   "--out", str(Path(tmp) / "new"), "--tau-rule", "budget", "--tau-budget-run", str(run)])
+        assert_refused(code, err, log, before, digest(run, world["cache"]))
+        assert not (Path(tmp) / "cache").exists()  # refused before collecting
+
+
 # ------------------------------------------------------------------ train: the dataset and the store
 @settings(FAST, max_examples=10)
 @given(data=st.data())
