@@ -64,8 +64,13 @@ def check_sae_dir(directory: str | os.PathLike, fix: Optional[str] = None) -> Pa
         raise MissingFile(directory, "does not exist", hint)
     if not directory.is_dir():
         raise BadFile(directory, f"is a file, not an SAE directory (with {CFG_FILE} and {WEIGHTS_FILE})", hint)
+    steps = sorted((p for p in (directory / "checkpoints").glob("step_*") if (p / WEIGHTS_FILE).is_file()),
+                   key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
     for name in (CFG_FILE, WEIGHTS_FILE):
         if not (directory / name).exists():
+            if steps:  # a training run that has not finished (or was killed): its checkpoints hold SAEs
+                raise MissingFile(directory / name, "does not exist: the run has not finished", f"complete it with "
+                                  f"`aosae train --resume {directory}`, or use a checkpoint's SAE ({steps[-1]})")
             raise MissingFile(directory / name, "does not exist, so this is not a saved SAE", hint if name == CFG_FILE
                               and not (directory / WEIGHTS_FILE).exists() else FIX)
     return directory
