@@ -139,6 +139,9 @@ class SAEConfig:
             k = kwargs.get("k", d.get("k"))
             if isinstance(k, bool) or not isinstance(k, int):
                 raise ValueError(f"a {activation} SAE needs an int activation_fn_kwargs.k, got {k!r}")
+        dtype = get("dtype", str, "float32").removeprefix("torch.")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise ValueError(f"'dtype' must name a floating torch dtype such as 'float32', got {dtype!r}")
         return cls(
             d_in=get("d_in", int, required=True),
             d_sae=get("d_sae", int, required=True),
@@ -148,7 +151,7 @@ class SAEConfig:
             hook_layer=get("hook_layer", int),
             hook_name=get("hook_name", str),
             context_size=get("context_size", int),
-            dtype=get("dtype", str, "float32").removeprefix("torch."),
+            dtype=dtype,
             extra=dict(get("aosae", dict, {})),
         )
 
@@ -417,13 +420,12 @@ class SparseAutoencoder(nn.Module):
             for name in WEIGHT_KEYS:
                 param = getattr(sae, name)
                 param.data = tensors[name].to(param.dtype)
-        if hasattr(sae, "load_extra_tensors_"):  # what some activations keep beside the weights (a threshold)
+        path = Path(directory) / WEIGHTS_FILE
+        try:  # what some activations keep beside the weights (BatchTopK's threshold)
+            sae.load_extra_tensors_(tensors, str(path))
+        except ValueError as err:
             from aosae.files import BadFile
             from aosae.nn.sae_files import FIX
 
-            path = Path(directory) / WEIGHTS_FILE
-            try:
-                sae.load_extra_tensors_(tensors, str(path))
-            except ValueError as err:
-                raise BadFile(path, str(err).removeprefix(f"{path}: ").removeprefix(f"{path} "), FIX) from err
+            raise BadFile(path, str(err).removeprefix(f"{path}: ").removeprefix(f"{path} "), FIX) from err
         return sae.to(device)
