@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import types
 import warnings
 from dataclasses import fields
 from pathlib import Path
@@ -34,17 +35,10 @@ def require_package(module: str, needed_for: str, install: str) -> None:
         raise ImportError(f"{needed_for} needs the optional package {module!r}, which is not installed: {install}")
 
 
-def has_package(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package that fails to import
-        return False
-
-
 def _fits(value, hint) -> bool:
     """Whether a JSON value fits a TrainConfig field's annotation (ints are floats, bools are not numbers)."""
     origin = get_origin(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         return any(_fits(value, a) for a in get_args(hint))
     if origin is Literal:
         return value in get_args(hint)
@@ -63,7 +57,7 @@ def _fits(value, hint) -> bool:
 
 def _describe(hint) -> str:
     origin = get_origin(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in get_args(hint))
     if origin is Literal:
         return "one of " + ", ".join(map(repr, get_args(hint)))
