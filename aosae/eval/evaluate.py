@@ -180,6 +180,9 @@ def format_table(res: dict) -> str:
             ci = res.get(f"{k}_ci95")
             text = f"{v:.5g}" if isinstance(v, float) else f"{v}"
             lines.append(f"  {k:<32} {text}" + (f" ± {ci:.2g}" if isinstance(ci, float) else ""))
+    if "sae_llm_accuracy_ratio" in res:
+        lines.append("sae_llm_accuracy_ratio = sae_test_accuracy / llm_test_accuracy; the paper's \"93.99% of the "
+                     "model's accuracy (baseline 95.19%)\" reads as sae_test_accuracy = 0.9399 vs llm_test_accuracy = 0.9519")
     if "probing_task_note" in res:
         lines.append(f"probing/SCR/TPP: {res['probing_task_note']} (seeds {res.get('probing_seeds')})")
     return "\n".join(lines)

@@ -193,3 +193,18 @@ def test_local_files_in_saebench_schema(tmp_path):
         T.load_task_set("fancyzhx/ag_news")  # no local copy and no hub here (tests run offline)
     with pytest.raises(ValueError, match="unknown SAEBench dataset"):
         T.load_task_set(f"my/dataset={news}")
+
+
+def test_eval_command_offers_the_probing_options(capsys):
+    from aosae.cli import main
+    from aosae.eval.evaluate import format_table
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--probing", "--scr", "--probing-tasks", "--probing-seeds"):
+        assert option in text
+    table = format_table({"llm_test_accuracy": 0.9, "llm_test_accuracy_ci95": 0.01, "sae_test_accuracy": 0.8,
+                          "sae_llm_accuracy_ratio": 0.8 / 0.9, "probing_task_note": T.OFFLINE_NOTE,
+                          "probing_seeds": [42], "scr_metric_threshold_2": 0.05})
+    assert "0.9 ± 0.01" in table and "not comparable" in table and "scr_metric_threshold_2" in table
