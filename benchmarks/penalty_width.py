@@ -61,17 +61,20 @@ def child(n: int, batch: int, l0: int, arm: str, reps: int) -> dict:
     t0 = time.perf_counter()
     value, peak = peak_cpu_memory_mib(step)
     cold = time.perf_counter() - t0
-    warm = []
+    warm, cpu = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         warm.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     pairs = loss.last_pairs.values.numel() if arm == "coactive" else None
     pair_ns = sparse_backend.cpp_costs()["pair"] if sparse_backend.cpp_module() is not None else None
     bound = batch * l0 * (l0 - 1) // 2
     return {
         "arm": arm, "n": n, "batch": batch, "l0": l0, "k": k, "selected": pairs, "coactive_bound": bound,
         "penalty": value, "cold_s": cold, "warm_median_s": statistics.median(warm), "warm_s": warm,
+        # CPU seconds of the process (all threads): less sensitive than wall time to a busy machine
+        "warm_cpu_median_s": statistics.median(cpu),
         "peak_rss_above_inputs_mib": peak,
         # the C++ kernel's own model of its forward: ns per co-active pair (csrc/dense_rows.h)
         "floor_forward_s": None if pair_ns is None else pair_ns * bound * 1e-9,
@@ -106,7 +109,8 @@ def main() -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
             row.update(machine=machine_name(), versions=versions(), date=today(), note=args.note)
             print({key: row.get(key) for key in ("arm", "n", "selected", "cold_s", "warm_median_s",
-                                                 "peak_rss_above_inputs_mib", "error")}, flush=True)
+                                                 "warm_cpu_median_s", "peak_rss_above_inputs_mib", "error")},
+                  flush=True)
             rows.append(row)
     write_rows(RESULTS / f"penalty-width-{slug(machine_name())}.json", rows)
 

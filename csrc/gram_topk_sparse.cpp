@@ -201,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   // Reduce each bucket with a dense accumulator: one pass sums, a second (branch-free) one
   // compacts the distinct non-zero (j, C_ij) in place in first-seen order and counts them
   // in the thread's |C| histogram.
-  std::vector<int64_t> distinct(n, 0);
+  std::vector<int64_t> distinct(n, 0), kept(n, 0);  // kept: distinct + the block row's non-zeros
   const int threads = num_threads();
   std::vector<std::vector<uint32_t>> hists(threads);
 #pragma omp parallel num_threads(threads)
@@ -237,12 +237,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         hist[aosae::magnitude_bin(v)] += keep;
       }
       distinct[i] = w - b;
+      kept[i] = w - b;
       if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
         for (int64_t p = pi + 1; p < width; ++p) {
           acc_t v = block_row[p];
           if (cosine) v = v * scale * inv_norm[block_latent[p]];
           block_row[p] = v;
           hist[aosae::magnitude_bin(v)] += v != acc_t(0);
+          kept[i] += v != acc_t(0);
         }
       }
     }
@@ -257,6 +259,40 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   for (const int64_t h : hist_total) nonzero_pairs += h;
   // Unpadded, k covering every non-zero pair: keep them all, in bucket order (no ordering work).
   const bool keep_all = nonzero_pairs <= k;
+  if (!pad && keep_all) {
+    // Every pair, written straight from the buckets (no candidates, no sort): bucket i's pairs
+    // from start[i] on, in bucket order, then its block row's; i ascending.
+    std::vector<int64_t> start(n + 1, 0);
+    for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + kept[i];
+    auto values = torch::empty({start[n]}, vals_t.options());
+    auto rows = torch::empty({start[n]}, torch::kInt64);
+    auto cols = torch::empty({start[n]}, torch::kInt64);
+    acc_t* ov = values.data_ptr<acc_t>();
+    int64_t* orow = rows.data_ptr<int64_t>();
+    int64_t* ocol = cols.data_ptr<int64_t>();
+    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        int64_t o = start[i];
+        const int64_t b = bucket_start[i];
+        for (int64_t u = 0; u < distinct[i]; ++u, ++o) {
+          ov[o] = pv[b + u];
+          orow[o] = i;
+          ocol[o] = pj[b + u];
+        }
+        const int64_t pi = position[i];
+        for (int64_t p = pi + 1; pi >= 0 && p < width; ++p) {
+          const acc_t v = block[pi * width + p];
+          if (v == acc_t(0)) continue;
+          ov[o] = v;
+          orow[o] = i;
+          ocol[o++] = block_latent[p];
+        }
+      }
+    });
+    aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
+    aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
+    return {values, rows, cols};
+  }
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
   std::vector<std::vector<Candidate<acc_t>>> sure(threads), border(threads);
@@ -298,10 +334,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         if (std::abs(c.value) >= kth) cand.push_back(c);
   }
   // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
-  // Unpadded with every pair kept: the static schedule above gave each thread a contiguous
-  // range of i, so `cand` is already grouped by i ascending (within i: first co-activation,
-  // then the block's partners); that order is deterministic and needs no sort.
-  if (pad || !keep_all) aosae::sort_candidates(cand, n, static_cast<size_t>(k));
+  aosae::sort_candidates(cand, n, static_cast<size_t>(k));
 
   // Padded (gram_topk's contract): k slots, empty ones (0, -1, -1). Unpadded: min(k, pairs).
   const int64_t slots = pad ? k : static_cast<int64_t>(cand.size());
