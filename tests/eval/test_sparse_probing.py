@@ -208,3 +208,28 @@ def test_eval_command_offers_the_probing_options(capsys):
                           "sae_llm_accuracy_ratio": 0.8 / 0.9, "probing_task_note": T.OFFLINE_NOTE,
                           "probing_seeds": [42], "scr_metric_threshold_2": 0.05})
     assert "0.9 ± 0.01" in table and "not comparable" in table and "scr_metric_threshold_2" in table
+
+
+def test_local_single_split_files_github_code_europarl_amazon(tmp_path):
+    pd = pytest.importorskip("pandas")
+    langs = T.SAEBENCH_PROBING["codeparrot/github-code"]
+    code = tmp_path / "code.jsonl"
+    pd.DataFrame([{"code": "#" * 150 + f"{lang} body {i} " + "x" * 600, "language": lang}
+                  for i in range(8) for lang in langs]).to_json(code, orient="records", lines=True)
+    euro = tmp_path / "europarl.jsonl"
+    pd.DataFrame([{"translation": {a: f"{a} sentence {i}", b: f"{b} sentence {i}"}}
+                  for i in range(8) for a, b in (("en", "fr"), ("de", "es"), ("nl", "en"))]).to_json(
+        euro, orient="records", lines=True)
+    amazon = tmp_path / "amazon"
+    amazon.mkdir()
+    for split in ("train", "test"):
+        pd.DataFrame([{"text": f"{split} review {r} {i}", "rating": r, "category": 1}
+                      for r in (1.0, 5.0) for i in range(6)]).to_parquet(amazon / f"{split}.parquet")
+    ts = T.load_task_set(f"codeparrot/github-code={code},Helsinki-NLP/europarl={euro},"
+                         f"canrager/amazon_reviews_mcauley_1and5_sentiment={amazon}", train_size=8, test_size=4)
+    gh, ep, am = ts.probing
+    assert list(gh.train) == langs and all(len(v) == 4 for v in gh.train.values())
+    assert not set(gh.train["C"]) & set(gh.test["C"])
+    assert all(ts.texts[i].startswith("Python body") for i in gh.train["Python"])  # 150 header characters skipped
+    assert all(ts.texts[i].startswith("de ") for i in ep.train["de"]) and len(ep.test["nl"]) == 2
+    assert list(am.train) == ["1.0", "5.0"] and all(ts.texts[i].startswith("train review 5.0") for i in am.train["5.0"])
