@@ -50,7 +50,7 @@ def eval(  # noqa: A001 - the subcommand's name
             probe); reported: the mean and a 95% interval over seeds.
         device: cpu or cuda[:i].
     """
-    from aosae.cli.checks import check_device, check_eval_run
+    from aosae.cli.checks import check_device, check_eval_run, require_package
     from aosae.eval import evaluate as E
 
     if tokens is not None and tokens < 2:
@@ -60,6 +60,12 @@ def eval(  # noqa: A001 - the subcommand's name
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     check_device(device)
+    if probing or scr:  # their packages are found now, not after the core metrics have run
+        if len(probing_seeds) > 1:
+            require_package("scipy", "--probing/--scr over several seeds (their 95% intervals)",
+                            "pip install scipy (or aosae[eval]), or pass one --probing-seeds")
+        if probing:
+            require_package("sklearn", "--probing (SAEBench's top-k probes)", "pip install scikit-learn (or aosae[eval])")
     check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
     res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
                      context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,

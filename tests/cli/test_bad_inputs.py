@@ -518,6 +518,14 @@ def test_train_log_backend_missing_is_found_before_collecting(world, tmp_path, m
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no work started
 
 
+@pytest.mark.parametrize("option,module", [("--probing", "sklearn"), ("--scr", "scipy")])
+def test_eval_probing_without_its_package_is_refused_before_the_lm_runs(world, monkeypatch, option, module):
+    monkeypatch.setitem(sys.modules, module, None)
+    before = digest(world["run"])
+    code, _, err, _ = run_cli(["eval", str(world["run"]), option])
+    assert code == 2 and repr(module) in err and "pip install" in err and digest(world["run"]) == before
+
+
 def test_ablate_saelens_sweep_without_sae_lens_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_lens", None)
     code, _, err, _ = run_cli(["ablate", "--out", str(tmp_path / "a"), "--sweeps", "synthetic,saelens"])
