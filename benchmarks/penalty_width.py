@@ -1,6 +1,7 @@
 """The penalty on TopK latents across widths: forward + backward time and peak memory.
 
     python benchmarks/penalty_width.py [--widths 65536 262144 1048576] [--batch 2048] [--l0 64]
+                                      [--threads N --tag NAME]
 
 TopKOrthoLoss(fraction=0.005).from_topk on (indices, values) [B, L] (the trainer's TopK path),
 one fresh subprocess per width and arm so that each peak RSS is its own. Arms:
@@ -90,8 +91,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--padded-max", type=int, default=262144, help="widest n for the padded arm")
     parser.add_argument("--note", default="the machine was shared with other work during the run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the results file (e.g. 1-thread)")
     parser.add_argument("--child", nargs=2, metavar=("N", "ARM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(int(args.child[0]), args.batch, args.l0, args.child[1], args.reps)))
         return
@@ -101,7 +106,7 @@ def main() -> None:
             if arm == "padded" and n > args.padded_max:
                 continue
             cmd = [sys.executable, __file__, "--child", str(n), arm, "--batch", str(args.batch), "--l0",
-                   str(args.l0), "--reps", str(args.reps)]
+                   str(args.l0), "--reps", str(args.reps), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 row = {"arm": arm, "n": n, "error": out.stderr.strip().splitlines()[-1:]}
@@ -112,7 +117,8 @@ def main() -> None:
                                                  "warm_cpu_median_s", "peak_rss_above_inputs_mib", "error")},
                   flush=True)
             rows.append(row)
-    write_rows(RESULTS / f"penalty-width-{slug(machine_name())}.json", rows)
+    tag = f"-{slug(args.tag)}" if args.tag else ""
+    write_rows(RESULTS / f"penalty-width-{slug(machine_name())}{tag}.json", rows)
 
 
 if __name__ == "__main__":
