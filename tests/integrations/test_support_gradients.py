@@ -211,3 +211,59 @@ def test_dictlearn_other_dictionary_class_gets_the_dense_path(dictlearn):
     trainer = dictlearn.AosaeStandardTrainer(steps=10, activation_dim=8, dict_size=16, layer=0, lm_name="toy",
                                              device="cpu", warmup_steps=1, sparsity_warmup_steps=1, dict_class=Custom)
     assert trainer.latent_form == "support" and trainer._latent_form() == "dense"
+
+
+# ----------------------------------------------------------------------------- architectures the tables do not list
+
+
+def test_saelens_wrapper_takes_an_architecture_registered_later(saelens, monkeypatch):
+    """add_orthogonality wraps any registered SAELens training architecture; one without a
+    LATENT_FORMS entry gets the dense path (exact for any activation), and unknown names raise."""
+    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.standard_sae import StandardSAEConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+
+    class SoftplusSAE(StandardTrainingSAE):  # an activation whose gradient is not zero off any support
+        def get_activation_fn(self):
+            return torch.nn.Softplus()
+
+    class SoftplusConfig(StandardTrainingSAEConfig):
+        @classmethod
+        def architecture(cls) -> str:
+            return "softplus_test"
+
+        def get_inference_config_class(self) -> type:  # no inference class of its own
+            return StandardSAEConfig
+
+    monkeypatch.setitem(SAE_TRAINING_CLASS_REGISTRY, "softplus_test", (SoftplusSAE, SoftplusConfig))
+    try:
+        sae_cls, cfg_cls = saelens.add_orthogonality("softplus_test")
+        assert saelens.add_orthogonality("softplus_test") == (sae_cls, cfg_cls)  # idempotent
+        sae = sae_cls(cfg_cls(d_in=8, d_sae=24, l1_coefficient=1e-3))
+        assert sae.latent_form == "dense" and sae.cfg.architecture() == "aosae_softplus_test"
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=torch.randn(16, 8), coefficients={"l1": 1e-3, saelens.ORTHOGONALITY: 1.0},
+            dead_neuron_mask=None, n_training_steps=0, is_logging_step=False))
+        assert out.losses["orthogonality_loss"] > 0
+    finally:
+        SAE_TRAINING_CLASS_REGISTRY.pop("aosae_softplus_test", None)
+        SAE_CLASS_REGISTRY.pop("aosae_softplus_test", None)
+        for name in ("AosaeSoftplusSAETrainingSAE", "AosaeSoftplusSAETrainingSAEConfig"):
+            assert vars(saelens).pop(name, None) is not None, name
+    with pytest.raises(ValueError, match="no training architecture 'no_such_arch'"):
+        saelens.add_orthogonality("no_such_arch")
+
+
+def test_dictlearn_wrapper_takes_another_trainer(dictlearn):
+    """add_orthogonality on a trainer the table does not list: the dense path."""
+    from dictionary_learning.trainers.standard import StandardTrainer
+
+    class MyTrainer(StandardTrainer):
+        pass
+
+    cls = dictlearn.add_orthogonality(MyTrainer)
+    trainer = cls(steps=10, activation_dim=8, dict_size=24, layer=0, lm_name="toy", device="cpu", warmup_steps=1,
+                  sparsity_warmup_steps=1)
+    assert type(trainer).__name__ == "AosaeMyTrainer" and trainer._latent_form() == "dense"
+    loss = trainer.loss(torch.randn(16, 8), step=1)
+    assert torch.isfinite(loss) and trainer.orthogonality_penalty > 0
