@@ -111,7 +111,7 @@ TAU_STATE_FILENAME = "aosae_tau.json"
 
 @dataclass(kw_only=True)
 class OrthogonalityFields:
-    """Settings of the penalty, shared by both aosae training configs (SAELens CLI flags).
+    """Settings of the penalty, shared by every aosae_<arch> training config (SAELens CLI flags).
 
     Attributes:
         orthogonality_coefficient: fixed factor c in c·τ·penalty (SAELens coefficient "orthogonality").
