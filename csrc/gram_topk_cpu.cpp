@@ -250,6 +250,7 @@ std::vector<at::Tensor> gram_topk_cpu(const at::Tensor& a, int64_t k, bool cosin
 void register_sparse(pybind11::module& m);    // csrc/gram_topk_sparse.cpp
 void register_backward(pybind11::module& m);  // csrc/gram_topk_backward.cpp
 void register_sparse_input(pybind11::module& m);  // csrc/sparse_input.cpp
+void register_sparse_coding(pybind11::module& m);  // csrc/sparse_coding.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aosae C++ CPU kernels";
@@ -259,4 +260,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_sparse(m);
   register_backward(m);
   register_sparse_input(m);
+  register_sparse_coding(m);
 }

@@ -29,6 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from aosae.ops import extension
+
 ENCODE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -73,7 +75,17 @@ def token_of_entry(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
 
 
 def group_by(keys: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries grouped by key: (order [nnz]: entry ids sorted by key (stable), offsets [n_groups+1])."""
+    """Entries grouped by key: (order [nnz]: entry ids sorted by key (stable), offsets [n_groups+1]).
+
+    On CPU a counting sort in aosae._C (csrc/sparse_coding.cpp): torch's parallel argsort is
+    10–250× slower on a loaded 2-core machine (benchmarks/NOTES.md). Elsewhere torch.argsort."""
+    if keys.device.type == "cpu" and keys.dtype == torch.int64:
+        module, _ = extension.load()
+        if module is not None and hasattr(module, "group_by_key"):
+            order, offsets, ok = module.group_by_key(keys, n_groups)
+            if not ok:
+                raise ValueError(f"keys must lie in [0, {n_groups}), got values in [{int(keys.min())}, {int(keys.max())}]")
+            return order, offsets
     order = torch.argsort(keys, stable=True)
     offsets = keys.new_zeros(n_groups + 1)
     offsets[1:] = torch.bincount(keys, minlength=n_groups).cumsum(0)

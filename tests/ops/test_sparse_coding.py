@@ -162,3 +162,21 @@ def test_batch_top_is_exact(seed, total, count, monkeypatch):
     assert torch.equal(got, flat.topk(count).indices.sort().values)
     monkeypatch.setattr(sc, "SAMPLE", 4)  # a useless sample: the full top-k takes over, still exact
     assert torch.equal(sc._batch_top(flat, count).sort().values, got)
+
+
+def test_group_by_is_a_stable_grouping(seed):
+    keys = torch.randint(0, 13, (500,))
+    order, offsets = sc.group_by(keys, 13)
+    assert torch.equal(order, torch.argsort(keys, stable=True))
+    assert torch.equal(offsets[1:], torch.bincount(keys, minlength=13).cumsum(0)) and offsets[0] == 0
+    order, offsets = sc.group_by(keys[:0], 4)
+    assert order.numel() == 0 and torch.equal(offsets, torch.zeros(5, dtype=torch.long))
+
+
+def test_group_by_rejects_keys_out_of_range():
+    from aosae.ops import extension
+
+    if not hasattr(extension.load()[0], "group_by_key"):
+        pytest.skip("aosae._C without group_by_key: torch.argsort groups (no range check of its own)")
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        sc.group_by(torch.tensor([0, 4, 1]), 4)
