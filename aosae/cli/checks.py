@@ -125,6 +125,9 @@ def check_resume_run(run_dir: str | os.PathLike) -> TrainConfig:
                           "pass the --out directory of an earlier `aosae train`")
     cfg = read_train_config(path, "restore it from a backup (a resume needs the run's own settings), or start a new "
                                   "run with a different --out", required=RESUME_KEYS)
+    if (run_dir / "checkpoints").exists() and not (run_dir / "checkpoints").is_dir():
+        raise BadFile(run_dir / "checkpoints", "is a file, not the run's checkpoint directory",
+                      "move it aside (the run then starts over from its settings)")
     return cfg
 
 

@@ -52,6 +52,7 @@ def eval(  # noqa: A001 - the subcommand's name
     """
     from aosae.cli.checks import check_device, check_eval_run, require_package
     from aosae.eval import evaluate as E
+    from aosae.files import BadFile
 
     if tokens is not None and tokens < 2:
         raise ValueError(f"--tokens must be >= 2, got {tokens}")
@@ -67,9 +68,15 @@ def eval(  # noqa: A001 - the subcommand's name
         if probing:
             require_package("sklearn", "--probing (SAEBench's top-k probes)", "pip install scikit-learn (or aosae[eval])")
     check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
-    res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
-                     context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,
-                     probing_tasks=probing_tasks, probing_seeds=tuple(probing_seeds))
+    try:
+        res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
+                         context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,
+                         probing_tasks=probing_tasks, probing_seeds=tuple(probing_seeds))
+    except ValueError as err:  # a model, layer or dataset the run's files named: say where it came from
+        if isinstance(err, BadFile) or str(run_dir) in str(err):
+            raise
+        raise ValueError(f"{err} (the model, layer and dataset come from {run_dir}/train_config.json and cfg.json "
+                         "unless --model, --dataset or --context is given)") from err
     print(E.format_table(res))
     if "absorption_caveat" in res:
         print(res["absorption_caveat"])

@@ -45,6 +45,7 @@ def train(
     from pathlib import Path
 
     from aosae.cli.checks import check_log_backend, check_resume_run, drop_partial_line, partial_last_line
+    from aosae.files import BadFile
     from aosae.training import distributed as ddp
     from aosae.training.trainer import Trainer
 
@@ -52,7 +53,12 @@ def train(
     if resume:  # every file of the run is checked before the LM or the activations are touched
         check_log_backend(check_resume_run(resume).log)
         cut = partial_last_line(Path(resume) / "metrics.jsonl")
-        trainer = Trainer.resume(resume, progress=progress)
+        try:
+            trainer = Trainer.resume(resume, progress=progress)
+        except ValueError as err:  # a setting the run's own file gave: say where it came from
+            if isinstance(err, BadFile) or str(resume) in str(err):
+                raise
+            raise ValueError(f"{err} (resuming with the settings in {Path(resume) / 'train_config.json'})") from err
         if cut is not None:  # the checkpoint loaded: now repair what the killed run left
             drop_partial_line(Path(resume) / "metrics.jsonl", cut)
     else:
