@@ -105,6 +105,10 @@ def load_model(name_or_path: Optional[str] = None, device: str | torch.device = 
             f"cannot load model {name_or_path!r}{hint}: give a Hugging Face causal-LM id, a local model directory, "
             f"or omit --model for the offline default {DEFAULT_MODEL!r}. Cause: {str(err).splitlines()[0]}"
         ) from err
+    except Exception as err:  # a damaged local model file (safetensors raises its own error type)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"cannot load model {name_or_path!r}: its files are damaged or incomplete "
+                         f"({type(err).__name__}: {first}); download or save the model again") from err
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
