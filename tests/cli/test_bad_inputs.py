@@ -539,3 +539,22 @@ def test_ablate_without_matplotlib_warns_first_and_writes_every_other_output(abl
     assert "will be written" in first and "--render-only" in first  # said before the training, with the way out
     assert (out / "runs.json").is_file() and (out / "ablation.json").is_file()
     assert "### Verdict" in (out / "README.md").read_text() and not list(out.glob("*.png"))
+
+
+def test_the_console_command_prints_one_line_and_exits_2(world, tmp_path):
+    """The same through a real process: `python -m aosae`, its exit code and its whole stderr."""
+    import os
+    import subprocess
+
+    run = copy_run(world, tmp_path)
+    weights = run / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("AOSAE_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "aosae", "export", str(run), "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"aosae export: error: {weights}: is cut short") and done.stderr.count("\n") == 1
+    debug = subprocess.run([sys.executable, "-m", "aosae", "export", str(run), "--out", str(tmp_path / "x")],
+                           capture_output=True, text=True, env={**env, "AOSAE_DEBUG": "1"}, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "BadFile" in debug.stderr
