@@ -346,7 +346,7 @@ def test_train_refuses_a_damaged_budget_reference_run(world, data):
 # ------------------------------------------------------------------ train: the dataset and the store
 @settings(FAST, max_examples=10)
 @given(data=st.data())
-def test_train_refuses_a_damaged_dataset(world, data):
+def test_train_and_eval_refuse_a_damaged_dataset(world, data):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fmt = data.draw(st.sampled_from(["jsonl", "parquet"]), label="format")
@@ -372,19 +372,34 @@ def test_train_refuses_a_damaged_dataset(world, data):
                 dataset.write_bytes(raw[: row + data.draw(st.integers(1, raw.index(b"}", row) - row), label="cut")])
             elif kind == "flip":
                 flip(dataset, data)
-        args = [a if a != str(world["corpus"]) else str(dataset) for a in world["train_args"]]
-        before = digest(dataset)
-        code, _, err, _ = run_cli(["train", *args, "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")])
-        assert_refused(code, err, dataset, before, digest(dataset))
+        if data.draw(st.booleans(), label="eval"):  # `aosae eval` reads the text the run was trained on
+            run = copy_run(world, tmp)
+            settings = json.loads((run / "train_config.json").read_text())
+            (run / "train_config.json").write_text(json.dumps({**settings, "dataset": str(dataset)}, indent=2))
+            mine = [dataset, run]
+            argv = ["eval", str(run)]
+        else:
+            mine = [dataset]
+            argv = ["train", *[a if a != str(world["corpus"]) else str(dataset) for a in world["train_args"]],
+                    "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")]
+        before = digest(*mine)
+        code, _, err, _ = run_cli(argv)
+        assert_refused(code, err, dataset, before, digest(*mine))
 
 
 @FAST
 @given(data=st.data())
 def test_train_refuses_a_damaged_activation_store(world, data):
+    """`aosae train` and `aosae train --resume` (whose run reads the same store) both refuse it."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shutil.copytree(world["cache"], tmp / "cache")
         store = tmp / "cache" / world["store"].name
+        resume = data.draw(st.booleans(), label="--resume")
+        if resume:  # a copy of the run whose settings point at the copied store
+            run = copy_run(world, tmp)
+            settings = json.loads((run / "train_config.json").read_text())
+            (run / "train_config.json").write_text(json.dumps({**settings, "cache_dir": str(tmp / "cache")}, indent=2))
         if data.draw(st.booleans(), label="meta.json"):
             named = store / "meta.json"
             keys = [(k,) for k in ("format", "complete", "dtype", "d", "shape", "shards")]
@@ -392,10 +407,12 @@ def test_train_refuses_a_damaged_activation_store(world, data):
         else:
             named = store / "shard_00000.bin"
             cut(named, data)
-        before = digest(tmp / "cache", world["corpus"])
-        code, _, err, _ = run_cli(["train", *world["train_args"], "--cache-dir", str(tmp / "cache"),
-                                   "--out", str(tmp / "run")])
-        assert_refused(code, err, named, before, digest(tmp / "cache", world["corpus"]))
+        mine = [tmp / "cache", world["corpus"]] + ([tmp / "run"] if resume else [])
+        before = digest(*mine)
+        argv = ["train", "--resume", str(tmp / "run"), "--no-progress"] if resume else \
+            ["train", *world["train_args"], "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "run")]
+        code, _, err, _ = run_cli(argv)
+        assert_refused(code, err, named, before, digest(*mine))
 
 
 @SLOW
