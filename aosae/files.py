@@ -1,6 +1,9 @@
-"""Crash-safe writes: a file or directory is either the old complete one or the new one.
+"""Files, written crash-safe and read checked.
 
-Used for saved SAEs, checkpoints and caches, so an interrupted run loses nothing it had.
+Writes: a file or directory is either the old complete one or the new one (saved SAEs,
+checkpoints, caches), so an interrupted run loses nothing it had; tensor files carry a checksum.
+Reads: every way a file can be wrong (missing, empty, cut short, not the format, wrong types,
+a checksum that no longer matches) is one BadFile naming the file and what to do.
 """
 from __future__ import annotations
 
