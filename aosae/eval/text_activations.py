@@ -114,23 +114,31 @@ def collect(model, tokenizer, texts: Sequence[str], layer: int, context: int = 1
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else token_lists[0][0]
     start = writer.windows_done if writer is not None else 0
     parts = []
-    for s in range(start, len(token_lists), lm_batch):
-        batch = token_lists[s : s + lm_batch]
-        width = max(len(ids) for ids in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, row in enumerate(batch):  # right padding: causal attention keeps real positions unchanged
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        hidden = residual_at(model, ids.to(device), mask.to(device), layer).cpu()
-        keep = mask.bool() & ~torch.isin(ids, drop)
-        acts = hidden[keep]
+    group = lm_batch * 32
+    for g in range(start, len(token_lists), group):
+        # within a group of texts, batch them by length (less padding), then put the rows back in text order
+        members = list(range(g, min(g + group, len(token_lists))))
+        members.sort(key=lambda i: len(token_lists[i]))
+        rows_of = {}
+        for s in range(0, len(members), lm_batch):
+            batch_ids = members[s : s + lm_batch]
+            width = max(len(token_lists[i]) for i in batch_ids)
+            ids = torch.full((len(batch_ids), width), pad, dtype=torch.long)
+            mask = torch.zeros(len(batch_ids), width, dtype=torch.long)
+            for r, i in enumerate(batch_ids):  # right padding: causal attention keeps real positions unchanged
+                ids[r, : len(token_lists[i])] = torch.tensor(token_lists[i])
+                mask[r, : len(token_lists[i])] = 1
+            hidden = residual_at(model, ids.to(device), mask.to(device), layer).cpu()
+            keep = mask.bool() & ~torch.isin(ids, drop)
+            for r, i in enumerate(batch_ids):
+                rows_of[i] = hidden[r][keep[r]]
+        acts = torch.cat([rows_of[i] for i in sorted(rows_of)])
         if writer is not None:
-            writer.append(acts, len(batch))
+            writer.append(acts, len(rows_of))
         else:
             parts.append(acts.float())
-        if log is not None and (s // lm_batch) % 20 == 0:
-            log(f"  probing activations: {min(s + lm_batch, len(token_lists))}/{len(token_lists)} texts")
+        if log is not None:
+            log(f"  probing activations: {g + len(rows_of)}/{len(token_lists)} texts")
     if writer is not None:
         return None
     offsets = torch.tensor([0] + counts).cumsum(0)
