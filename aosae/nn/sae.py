@@ -226,7 +226,9 @@ class SparseAutoencoder(nn.Module):
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float32)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
-        self.W_enc = nn.Parameter(w_dec.t().contiguous().to(dtype))
+        # W_enc [d_in, d_sae] is stored column-major (the transpose of a [d_sae, d_in] buffer): the
+        # sparse backward builds its gradient latent by latent, i.e. in that layout (no transpose)
+        self.W_enc = nn.Parameter(w_dec.to(dtype).clone().t())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         if cfg.activation == "batchtopk":  # the inference threshold, −1 until the first training step

@@ -180,3 +180,16 @@ def test_group_by_rejects_keys_out_of_range():
         pytest.skip("aosae._C without group_by_key: torch.argsort groups (no range check of its own)")
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         sc.group_by(torch.tensor([0, 4, 1]), 4)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_encoder_gradient_comes_in_the_parameters_layout(seed, column_major):
+    W_enc, b_enc, b_dec, _ = _sae()
+    if column_major:
+        W_enc = W_enc.detach().t().contiguous().t().requires_grad_()
+    x = torch.randn(9, 7, dtype=torch.float64)
+    lat = sc.sparse_encode(x, W_enc, b_enc, b_dec, "topk", 3)
+    (g,) = torch.autograd.grad(lat.values.sum(), W_enc)
+    assert g.stride() == W_enc.stride()
+    f, _ = ref.encode_decode(x, W_enc, b_enc, b_dec, torch.zeros(29, 7, dtype=torch.float64), "topk", 3)
+    torch.testing.assert_close(g, torch.autograd.grad(f.sum(), W_enc)[0])
