@@ -383,10 +383,12 @@ def _per_class(df, text_col: str, label_col: str, classes, n: int, seed: int) ->
 
 
 def _from_stream(rows, label, text, classes, n_total, keep=lambda s: True, edit=lambda s: s) -> dict:
+    """Texts per class from a stream until every class has n_total (classes filled early keep
+    growing meanwhile, as in SAEBench, so a seed shuffles the same lists)."""
     got = {c: [] for c in classes}
     for row in rows:
         c = label(row)
-        if c in got and len(got[c]) < n_total and keep(text(row)):
+        if c in got and keep(text(row)):
             got[c].append(edit(text(row)))
         if all(len(v) >= n_total for v in got.values()):
             break
