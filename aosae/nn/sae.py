@@ -419,9 +419,8 @@ class SparseAutoencoder(nn.Module):
         cfg, tensors = read_sae_files(directory)
         sae = cls(cfg)
         with torch.no_grad():
-            for name in WEIGHT_KEYS:
-                param = getattr(sae, name)
-                param.data = tensors[name].to(param.dtype)
+            for name in WEIGHT_KEYS:  # copy_ keeps each parameter's layout (W_enc is column-major) and dtype
+                getattr(sae, name).copy_(tensors[name])
         path = Path(directory) / WEIGHTS_FILE
         try:  # what some activations keep beside the weights (BatchTopK's threshold)
             sae.load_extra_tensors_(tensors, str(path))
