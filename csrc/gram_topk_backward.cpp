@@ -281,6 +281,111 @@ Tensor support_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, c
   return out;
 }
 
+// The backward of coactive_topk on its canonical rows (cols ascending within each row, ids
+// compacted to [0, n)): the gradient at every entry, following the rows' own pairs, with no
+// transposed adjacency (whose random writes over all pairs cost more than the rest):
+//   1. latent by latent (the selection grouped by its smaller id i; coactive_topk lists it that
+//      way when it keeps every pair, else a counting sort): spread i's partners j > i into a
+//      dense row W, then for each entry (t, s) of latent i write W[col of each later entry q of
+//      row t] into the row pair's own slot (t, s, q): every slot is written once;
+//   2. row by row: grad[s] += G_sq x_q, grad[q] += G_sq x_s over the row's slots, + the cosine
+//      diagonal d_i x_s. Each entry summed in a fixed order: deterministic, no atomics.
+// Work O(selected + Σ_t L_t²), memory O(Σ_t L_t² + nnz + threads·n).
+template <typename acc_t>
+Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
+                              const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
+                              int64_t n, bool cosine) {
+  const int64_t m = row_ptr.size(0) - 1, nnz = cols_a.size(0), sel = rows.size(0);
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t* ca = cols_a.data_ptr<int64_t>();
+  const acc_t* x = vals.data_ptr<acc_t>();
+  const acc_t* g = grad_values.data_ptr<acc_t>();
+  const acc_t* v = values.data_ptr<acc_t>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "coactive backward: row_ptr must run from 0 to nnz");
+  bool grouped = true;
+  for (int64_t p = 0; p < sel; ++p) {
+    TORCH_CHECK(r[p] >= 0 && r[p] < c[p] && c[p] < n, "coactive backward: pair (", r[p], ", ", c[p],
+                ") is not i < j in [0, ", n, ")");
+    grouped = grouped && (p == 0 || r[p - 1] <= r[p]);
+  }
+  std::vector<acc_t> inv, diag;
+  if (cosine) {
+    inv.assign(n, acc_t(0));
+    for (int64_t e = 0; e < nnz; ++e) inv[ca[e]] += x[e] * x[e];
+    for (auto& q : inv) q = q > 0 ? acc_t(1) / std::sqrt(q) : acc_t(0);
+    diag.assign(n, acc_t(0));
+    for (int64_t p = 0; p < sel; ++p) {
+      diag[r[p]] -= g[p] * v[p];
+      diag[c[p]] -= g[p] * v[p];
+    }
+    for (int64_t i = 0; i < n; ++i) diag[i] *= inv[i] * inv[i];
+  }
+  // The selection grouped by i: ptr over latents, and the order (identity when already grouped).
+  std::vector<int64_t> ptr(n + 1, 0), order;
+  for (int64_t p = 0; p < sel; ++p) ++ptr[r[p] + 1];
+  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
+  if (!grouped) {
+    order.resize(sel);
+    std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+    for (int64_t p = 0; p < sel; ++p) order[fill[r[p]]++] = p;
+  }
+  // Each latent's entries (row order), each entry's row, each row's first pair slot.
+  std::vector<int64_t> occ_ptr(n + 1, 0), occ(nnz), row_of(nnz), slot0(m + 1, 0);
+  for (int64_t e = 0; e < nnz; ++e) ++occ_ptr[ca[e] + 1];
+  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  {
+    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t L = rp[t + 1] - rp[t];
+      slot0[t + 1] = slot0[t] + L * (L - 1) / 2;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        occ[fill[ca[e]]++] = e;
+        row_of[e] = t;
+      }
+    }
+  }
+  std::vector<acc_t> slots(slot0[m]);
+  acc_t* G = slots.data();
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+  {
+    std::vector<acc_t> row_w(n, acc_t(0));
+    acc_t* W = row_w.data();
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) {
+        const int64_t p = grouped ? q : order[q];
+        W[c[p]] = cosine ? g[p] * inv[i] * inv[c[p]] : g[p];
+      }
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t e = occ[u], t = row_of[e], s0 = e - rp[t], L = rp[t + 1] - rp[t];
+        acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
+        for (int64_t q = e + 1; q < rp[t + 1]; ++q) *out++ = W[ca[q]];  // later entries: ids > i
+      }
+      for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) W[c[grouped ? q : order[q]]] = acc_t(0);
+    }
+  }
+  Tensor out = at::empty({nnz}, vals.options());
+  acc_t* o = out.data_ptr<acc_t>();
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = rp[t], e_end = rp[t + 1];
+      for (int64_t e = b; e < e_end; ++e) o[e] = cosine ? diag[ca[e]] * x[e] : acc_t(0);
+      const acc_t* w = G + slot0[t];
+      for (int64_t e = b; e < e_end; ++e) {
+        acc_t own = acc_t(0);
+        for (int64_t q = e + 1; q < e_end; ++q, ++w) {
+          own += *w * x[q];
+          o[q] += *w * x[e];
+        }
+        o[e] += own;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // grad_values [k], a [m, n] (any float dtype, CPU), values/rows/cols [k] -> grad_a [m, n] in a's dtype.
@@ -340,7 +445,34 @@ Tensor gram_topk_support_backward_cpu(const Tensor& grad_values, const Tensor& r
   return support_backward_impl<float>(grad_values, rp, ca, va, values, rows, cols, n, cosine);
 }
 
+// coactive_topk's backward: grad_values [s], canonical CSR (row_ptr [m+1] int64, cols [nnz] int64
+// ascending within each row, in [0, n), vals [nnz] float32/float64), the selection values/rows/cols
+// [s] (compact ids, rows < cols) -> the gradient at every entry, [nnz] in vals' dtype.
+Tensor coactive_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
+                             const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
+                             int64_t n, bool cosine) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong &&
+                  cols_a.scalar_type() == at::kLong && vals.dim() == 1 && vals.sizes() == cols_a.sizes(),
+              "coactive_backward_cpu: expects CSR row_ptr [m+1] int64, cols [nnz] int64, vals [nnz]");
+  TORCH_CHECK(vals.scalar_type() == at::kFloat || vals.scalar_type() == at::kDouble,
+              "coactive_backward_cpu: vals must be float32 or float64");
+  TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "coactive_backward_cpu: n must be in [1, 2^31)");
+  check_pairs(grad_values, values, rows, cols);
+  at::NoGradGuard no_grad;
+  const auto acc = vals.scalar_type();
+  const Tensor rp = row_ptr.contiguous(), ca = cols_a.contiguous(), va = vals.contiguous();
+  const Tensor gv = grad_values.to(acc).contiguous(), ov = values.to(acc).contiguous();
+  const Tensor r = rows.contiguous(), c = cols.contiguous();
+  if (acc == at::kDouble) return coactive_backward_impl<double>(gv, rp, ca, va, ov, r, c, n, cosine);
+  return coactive_backward_impl<float>(gv, rp, ca, va, ov, r, c, n, cosine);
+}
+
 void register_backward(pybind11::module& m) {
+  m.def("coactive_backward_cpu", &coactive_backward_cpu, pybind11::arg("grad_values"), pybind11::arg("row_ptr"),
+        pybind11::arg("cols_a"), pybind11::arg("vals"), pybind11::arg("values"), pybind11::arg("rows"),
+        pybind11::arg("cols"), pybind11::arg("n"), pybind11::arg("cosine"),
+        pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "coactive_topk's backward on canonical CSR rows: the gradient at every entry, [nnz]");
   namespace py = pybind11;
   m.def("gram_topk_backward_cpu", &gram_topk_backward_cpu, py::arg("grad_values"), py::arg("a"), py::arg("values"),
         py::arg("rows"), py::arg("cols"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),

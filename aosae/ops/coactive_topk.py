@@ -213,8 +213,11 @@ def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, i
     if impl == "triton":
         grad = sparse_triton.support_grad(c.row_ptr, c.cols, c.vals, u, grad_out, out_values, rows, cols, cosine)
     elif impl == "cpp":
-        grad = _extension.require().gram_topk_support_backward_cpu(
-            grad_out.to(acc), c.row_ptr, c.cols, c.vals.to(acc).contiguous(), out_values.to(acc), rows, cols, u, cosine)
+        module = _extension.require()
+        # coactive_backward_cpu: the rows' own pairs, no transposed adjacency (csrc/gram_topk_backward.cpp)
+        kernel = getattr(module, "coactive_backward_cpu", module.gram_topk_support_backward_cpu)
+        grad = kernel(grad_out.to(acc), c.row_ptr, c.cols, c.vals.to(acc).contiguous(), out_values.to(acc), rows, cols,
+                      u, cosine)
     else:
         grad = _support_grad_torch(c, grad_out.to(acc), out_values.to(acc), rows, cols, cosine)
     return grad.to(acc)
