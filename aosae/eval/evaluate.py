@@ -231,7 +231,7 @@ def run_eval(
     text: str = "held-out",
     probing: bool = False,
     scr: bool = False,
-    probing_tasks: str = "offline",
+    probing_tasks="offline",
     probing_seeds: tuple[int, ...] = (42, 43, 44),
 ) -> dict:
     """The `aosae eval` logic: load RUN_DIR's SAE, the model and text it was trained on
@@ -259,6 +259,10 @@ def run_eval(
         raise ValueError(f"{run_dir}: neither cfg.json (hook_layer) nor train_config.json (layer) names the hooked layer")
     ctx = int(context or tcfg.get("context_size") or sae.cfg.context_size or 128)
     dataset = dataset if dataset is not None else tcfg.get("dataset")
+    if probing or scr:  # a bad task set fails before the minutes of the core eval
+        from aosae.eval.tasks import load_task_set
+
+        probing_tasks = load_task_set(probing_tasks, log=log)
     lm, tokenizer = load_model(model_name, device, torch.float32)
     lm.eval()
     skip, n_tokens, text = eval_text(run_dir, tcfg, dataset, n_tokens, text, log)
@@ -287,7 +291,7 @@ def run_eval(
 
 
 def probing_eval(sae, lm, tokenizer, layer: int, *, model_name: Optional[str], probing: bool = True, scr: bool = True,
-                 tasks: str = "offline", seeds=(42, 43, 44), context: int = 128, device: str = "cpu",
+                 tasks="offline", seeds=(42, 43, 44), context: int = 128, device: str = "cpu",
                  log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Sparse probing and/or SCR+TPP of `sae` (SAEBench's definitions, eval/probing.py):
     (flat metrics for eval.json, details per dataset, class and seed)."""

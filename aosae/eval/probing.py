@@ -196,12 +196,12 @@ PROBING_SUMMARY = ("llm_test_accuracy", "sae_test_accuracy", "sae_llm_accuracy_r
                    *(f"llm_top_{k}_test_accuracy" for k in P.K_VALUES), *(f"sae_top_{k}_test_accuracy" for k in P.K_VALUES))
 
 
-def prepare_suite(model, tokenizer, layer: int, *, model_name: str, tasks: str = "offline", context: int = 128,
+def prepare_suite(model, tokenizer, layer: int, *, model_name: str, tasks: str | TaskSet = "offline", context: int = 128,
                   seeds: Sequence[int] = DEFAULT_SEEDS, lm_batch: int = 16, device: str = "cpu",
                   cache_dir=None, log: Optional[Callable[[str], None]] = None) -> ProbingSuite:
     """A ProbingSuite for `model` at block `layer` on the task set named by `tasks` (see
-    tasks.load_task_set), its activations from the cache or collected into it."""
-    task_set = load_task_set(tasks, log=log)
+    tasks.load_task_set) or given as a TaskSet, its activations from the cache or collected into it."""
+    task_set = tasks if isinstance(tasks, TaskSet) else load_task_set(tasks, log=log)
     if log is not None:
         log(f"probing: {task_set.note}")
     acts, _ = cached_activations(model, tokenizer, task_set.texts, layer, model_name=model_name,
