@@ -259,7 +259,7 @@ def run_eval(
         raise ValueError(f"{run_dir}: neither cfg.json (hook_layer) nor train_config.json (layer) names the hooked layer")
     ctx = int(context or tcfg.get("context_size") or sae.cfg.context_size or 128)
     dataset = dataset if dataset is not None else tcfg.get("dataset")
-    if probing or scr:  # a bad task set fails before the minutes of the core eval
+    if (probing or scr) and isinstance(probing_tasks, str):  # a bad task set fails before the core eval's minutes
         from aosae.eval.tasks import load_task_set
 
         probing_tasks = load_task_set(probing_tasks, log=log)

@@ -122,9 +122,12 @@ class ProbingSuite:
     def evaluate(self, sae, probing: bool = True, scr: bool = True) -> tuple[dict, dict]:
         """(flat metrics, details) of `sae` (encode, W_dec [d_sae, d_in]); scr=True runs SCR and TPP."""
         d_sae = int(sae.W_dec.shape[0])
-        too_many = [n for n in self.thresholds if n > d_sae]
-        if scr and too_many:
-            raise ValueError(f"SCR/TPP thresholds {too_many} exceed the SAE's {d_sae} latents")
+        thresholds = tuple(n for n in self.thresholds if n <= d_sae)
+        if scr and not thresholds:
+            raise ValueError(f"every SCR/TPP threshold {self.thresholds} exceeds the SAE's {d_sae} latents")
+        if scr and len(thresholds) < len(self.thresholds):
+            self._say(f"  SCR/TPP: thresholds above the SAE's {d_sae} latents left out: "
+                      f"{[n for n in self.thresholds if n > d_sae]}")
         self._say(f"  encoding {self.acts.rows.shape[0]} tokens of {self.acts.n_texts} texts with the SAE")
         sae_pooled = self.acts.sae_pooled(sae)
         res = {"probing_task_set": self.tasks.name, "probing_task_note": self.tasks.note,
@@ -139,7 +142,7 @@ class ProbingSuite:
             padded = (self.context - kept).clamp(min=0) / kept
             f_zero = sae.encode(torch.zeros(1, int(sae.W_dec.shape[1]), device=sae.W_dec.device)).float().cpu()[0]
             W_dec = sae.W_dec.detach().float().cpu()
-            m, d = self._scr_tpp(sae_pooled, padded, f_zero, W_dec)
+            m, d = self._scr_tpp(sae_pooled, padded, f_zero, W_dec, thresholds)
             res.update(m)
             details["scr_tpp"] = d
         return res, details
@@ -162,18 +165,18 @@ class ProbingSuite:
             details[seed] = datasets
         return summarise(per_seed), details
 
-    def _scr_tpp(self, sae_pooled, padded, f_zero, W_dec):
+    def _scr_tpp(self, sae_pooled, padded, f_zero, W_dec, thresholds):
         def side(task):
             return S.SaeSide(train=_select(sae_pooled, task.train), test=_select(sae_pooled, task.test), W_dec=W_dec,
                              padded=_select(padded, task.test), f_zero=f_zero)
 
         scr_seeds, tpp_seeds, details = [], [], {}
         for seed in self.seeds:
-            pairs = {t.name: S.scr_for_pair(lm, _select(self.lm_pooled, t.test), side(t), self.thresholds)
+            pairs = {t.name: S.scr_for_pair(lm, _select(self.lm_pooled, t.test), side(t), thresholds)
                      for t, lm in zip(self.tasks.scr, self.scr_lm(seed))} if self.tasks.scr else {}
             tpp = {}
             for t, lm in zip(self._tpp_tasks(), self.tpp_lm(seed)):
-                mean, per_class = S.tpp_for_dataset(lm, _select(self.lm_pooled, t.test), side(t), self.thresholds)
+                mean, per_class = S.tpp_for_dataset(lm, _select(self.lm_pooled, t.test), side(t), thresholds)
                 tpp[t.name] = {"mean": mean, "per_class": per_class}
             if pairs:
                 scr_seeds.append(S.average(list(pairs.values())))

@@ -188,13 +188,9 @@ def test_planted_spurious_attribute_is_removed(seed):
     assert abs(per_class["target"]["tpp_threshold_1_unintended_diff_only"]) < 0.1
 
 
-def _tiny_suite(tmp_path, seeds):
-    transformers = pytest.importorskip("transformers")
-    from tiny_lm import corpus_text, make_tiny_lm
+def _tiny_task_set():
+    from tiny_lm import corpus_text
 
-    path = make_tiny_lm(tmp_path / "lm")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
     lines = [ln.strip() for ln in corpus_text().splitlines() if len(ln.strip()) > 20]
     code = [ln for ln in lines if "(" in ln][:64]
     prose = [ln for ln in lines if "(" not in ln][:64]
@@ -211,7 +207,18 @@ def _tiny_suite(tmp_path, seeds):
     te = T.spurious_groups(quadrant_test, ("x", "y"), ("c", "p"), 4, 0)
     ts.scr.append(T.ScrTask("xy", ("x", "y"), ("c", "p"), {k: ts.add(v) for k, v in tr.items()},
                             {k: ts.add(v) for k, v in te.items()}))
+    return ts
+
+
+def _tiny_suite(tmp_path, seeds):
+    transformers = pytest.importorskip("transformers")
+    from tiny_lm import make_tiny_lm
     from aosae.eval.text_activations import cached_activations
+
+    path = make_tiny_lm(tmp_path / "lm")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ts = _tiny_task_set()
 
     acts, _ = cached_activations(model, tok, ts.texts, 1, model_name=str(path), texts_digest=ts.digest(), context=16,
                                  cache_dir=tmp_path / "cache")
@@ -232,7 +239,7 @@ def test_suite_end_to_end_on_a_tiny_lm(tmp_path, seed):
     # the LM side is computed once per seed: a second SAE reuses it, and the same SAE gives the same numbers
     again, _ = suite.evaluate(sae, probing=True, scr=True)
     assert again == res
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ValueError, match="exceeds"):
         PR.ProbingSuite(suite.tasks, suite.acts, 16, (1,), thresholds=(500,)).evaluate(sae)
 
 
@@ -241,3 +248,26 @@ def test_t_interval():
     assert PR.t_interval([1.0, 3.0]) == pytest.approx(12.7062 * math.sqrt(2) / math.sqrt(2), rel=1e-4)
     out = PR.summarise([{"a": 1.0, "b": 2.0}, {"a": 3.0}])
     assert out["a"] == 2.0 and out["b"] == 2.0 and out["b_ci95"] == 0.0
+
+
+def test_run_eval_writes_probing_results(tmp_path, monkeypatch, seed):
+    """`aosae eval RUN --probing --scr`'s logic on a saved SAE of a tiny LM: eval.json and probing.json."""
+    import json
+
+    pytest.importorskip("transformers")
+    from tiny_lm import make_tiny_lm
+    from aosae.eval.evaluate import run_eval
+
+    monkeypatch.setenv("AOSAE_CACHE", str(tmp_path / "cache"))
+    path = make_tiny_lm(tmp_path / "lm")
+    run = tmp_path / "run"
+    _sae(32, 48, torch.Generator().manual_seed(seed)).save(run)
+    (run / "train_config.json").write_text(json.dumps({"model": str(path), "layer": 1, "context_size": 16}))
+    res = run_eval(run, n_tokens=30, probing=True, scr=True, probing_tasks=_tiny_task_set(), probing_seeds=(3,),
+                   log=lambda m: None)
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["probing_task_set"] == "tiny" and saved["probing_seeds"] == [3]
+    assert saved["sae_test_accuracy"] == res["sae_test_accuracy"] and "scr_dir1_threshold_20" in saved
+    assert "tpp_threshold_500_total_metric" not in saved  # 48 latents: thresholds above d_sae are left out
+    details = json.loads((run / "probing.json").read_text())
+    assert set(details["sparse_probing"]) == {"3"}
