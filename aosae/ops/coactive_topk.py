@@ -202,13 +202,15 @@ def select(c: Canonical, k: int, cosine: bool, impl: str = "auto"):
     return values.contiguous(), c.uniq.index_select(0, rows), c.uniq.index_select(0, cols), rows, cols
 
 
-def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, impl: str = "auto") -> torch.Tensor:
+def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, impl: str = "auto",
+                 n: Optional[int] = None) -> torch.Tensor:
     """Gradient of the selected scores w.r.t. the canonical entries' values ([nnz], in the
-    accumulation dtype, canonical order). rows/cols: the selection in the compact ids."""
+    accumulation dtype, canonical order). rows/cols: the selection in the compact ids.
+    n: any bound above the compact ids (default the number of distinct ids, len(c.uniq))."""
     acc = accumulation_dtype(c.vals.dtype)
     if rows.numel() == 0:
         return torch.zeros(c.cols.numel(), dtype=acc, device=c.vals.device)
-    u = c.uniq.numel()
+    u = c.uniq.numel() if n is None else n
     impl = _route(c.vals) if impl == "auto" else impl
     if impl == "triton":
         grad = sparse_triton.support_grad(c.row_ptr, c.cols, c.vals, u, grad_out, out_values, rows, cols, cosine)
@@ -226,7 +228,7 @@ def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, i
 def _support_grad_torch(c: Canonical, g, out_values, r, q, cosine: bool) -> torch.Tensor:
     """grad[e] = Σ_{e' in e's row} G[c_e, c_e'] · y_e' (+ the cosine terms), G looked up by a
     binary search of the selected keys. Memory O(Σ_t L0_t²)."""
-    u, x = c.uniq.numel(), c.vals.to(g.dtype)
+    u, x = int(c.cols.max()) + 1, c.vals.to(g.dtype)
     cols, row_ptr, nnz = c.cols, c.row_ptr, c.cols.numel()
     keys, order = torch.sort(torch.cat([r * u + q, q * u + r]))
     gk = torch.cat([g, g])[order]
@@ -254,13 +256,16 @@ def _support_grad_torch(c: Canonical, g, out_values, r, q, cosine: bool) -> torc
     return grad
 
 
-# The op returns the selection twice: in the original ids (what callers get) and in the compact
-# ids of the canonical rows (what its backward needs: no search from ids back to ranks).
+# The op returns the selection twice, in the original ids (what callers get) and in the compact
+# ids (what its backward needs: no search from ids back to ranks), and the canonical rows' compact
+# cols and permutation (empty: the input order), so that the backward does not rebuild them.
 @torch.library.custom_op("aosae::coactive_topk", mutates_args=())
 def _coactive_topk_op(
     offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return select(_checked(offsets, indices, values, n_latents), k, similarity == "cosine")
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = _checked(offsets, indices, values, n_latents)
+    perm = c.perm if c.perm is not None else indices.new_empty(0)
+    return (*select(c, k, similarity == "cosine"), c.cols, perm)
 
 
 def _checked(offsets, indices, values, n: int) -> Canonical:
@@ -272,48 +277,54 @@ def _checked(offsets, indices, values, n: int) -> Canonical:
 
 @_coactive_topk_op.register_fake
 def _(offsets, indices, values, n_latents, k, similarity):
-    size = torch.library.get_ctx().new_dynamic_size()
+    ctx = torch.library.get_ctx()
+    size = ctx.new_dynamic_size()
     ids = [values.new_empty((size,), dtype=torch.int64) for _ in range(4)]
-    return (values.new_empty((size,), dtype=accumulation_dtype(values.dtype)), *ids)
+    canon_cols = indices.new_empty(indices.shape)
+    perm = indices.new_empty((ctx.new_dynamic_size(),))  # 0 or nnz
+    return (values.new_empty((size,), dtype=accumulation_dtype(values.dtype)), *ids, canon_cols, perm)
 
 
 @torch.library.custom_op("aosae::coactive_topk_backward", mutates_args=())
 def _coactive_topk_backward_op(
     grad_out: torch.Tensor,
     offsets: torch.Tensor,
-    indices: torch.Tensor,
     values: torch.Tensor,
+    canon_cols: torch.Tensor,
+    canon_perm: torch.Tensor,
     out_values: torch.Tensor,
     rows_compact: torch.Tensor,
     cols_compact: torch.Tensor,
     similarity: str,
 ) -> torch.Tensor:
-    c = canonical(offsets, indices, values, check=False)  # the forward checked the rows
-    grad = support_grad(c, grad_out, out_values, rows_compact, cols_compact, similarity == "cosine")
-    if c.perm is not None:
-        grad = torch.empty_like(grad).index_copy_(0, c.perm, grad)
+    permuted = canon_perm.numel() > 0
+    vals = values.index_select(0, canon_perm) if permuted else values
+    c = Canonical(offsets, canon_cols, vals, canon_perm if permuted else None, canon_cols.new_empty(0))
+    # the compact ids are ranks among at most nnz distinct ids: nnz bounds them
+    grad = support_grad(c, grad_out, out_values, rows_compact, cols_compact, similarity == "cosine",
+                        n=max(2, canon_cols.numel()))
+    if permuted:
+        grad = torch.empty_like(grad).index_copy_(0, canon_perm, grad)
     return grad.to(values.dtype)
 
 
 @_coactive_topk_backward_op.register_fake
-def _(grad_out, offsets, indices, values, out_values, rows_compact, cols_compact, similarity):
+def _(grad_out, offsets, values, canon_cols, canon_perm, out_values, rows_compact, cols_compact, similarity):
     return torch.empty_like(values)
 
 
 def _setup_context(ctx, inputs, output):
-    offsets, indices, values, _, _, similarity = inputs
-    out_values, rows, cols, rows_compact, cols_compact = output
-    ctx.save_for_backward(offsets, indices, values, out_values, rows_compact, cols_compact)
+    offsets, _, values, _, _, similarity = inputs
+    out_values, rows, cols, rows_compact, cols_compact, canon_cols, canon_perm = output
+    ctx.save_for_backward(offsets, values, canon_cols, canon_perm, out_values, rows_compact, cols_compact)
     ctx.similarity = similarity
-    ctx.mark_non_differentiable(rows, cols, rows_compact, cols_compact)
+    ctx.mark_non_differentiable(rows, cols, rows_compact, cols_compact, canon_cols, canon_perm)
 
 
 def _backward(ctx, grad_out, *_grad_ids):
     if grad_out is None:
         return None, None, None, None, None, None
-    offsets, indices, values, out_values, rows_compact, cols_compact = ctx.saved_tensors
-    grad = torch.ops.aosae.coactive_topk_backward(grad_out, offsets, indices, values, out_values, rows_compact,
-                                                  cols_compact, ctx.similarity)
+    grad = torch.ops.aosae.coactive_topk_backward(grad_out, *ctx.saved_tensors, ctx.similarity)
     return None, None, grad, None, None, None
 
 
