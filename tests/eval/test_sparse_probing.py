@@ -74,7 +74,7 @@ def test_probes_find_a_planted_class_signal(seed):
             x[:, i] += 3.0
             out[c] = x
         return out
-    train, test = make(60), make(30)
+    train, test = make(400), make(50)  # several probe batches per epoch: SAEBench stops after 10 epochs without gain
     means, per_class = P.dataset_probing(train, test, train, test, k_values=(1, 2), seed=seed)
     assert means["llm_test_accuracy"] > 0.97 and means["sae_top_1_test_accuracy"] > 0.97
     assert set(per_class["llm_top_2_test_accuracy"]) == set(classes)
