@@ -365,9 +365,11 @@ class _Dense(torch.autograd.Function):
 def coactive_topk_dense(a: torch.Tensor, k: int, *, similarity: str = "dot") -> TopKPairs:
     """coactive_topk of a dense [B, n] (its non-zeros), with gram_topk's gradient w.r.t. every
     entry of a (zeros included), so it is a drop-in for gram_topk(a, k) that never pads."""
-    if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"coactive_topk_dense expects a floating 2-D tensor [B, n], got "
-                         f"{tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__}")
+    if not isinstance(a, torch.Tensor) or a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"coactive_topk_dense expects a floating tensor [B, n], got "
+                        f"{a.dtype if isinstance(a, torch.Tensor) else type(a).__name__}; convert with a.float()")
+    if a.dim() != 2:
+        raise ValueError(f"coactive_topk_dense expects a 2-D tensor [B, n], got shape {tuple(a.shape)}")
     if a.shape[1] < 2:
         raise ValueError(f"coactive_topk_dense needs n >= 2 columns, got shape {tuple(a.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
