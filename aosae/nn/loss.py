@@ -223,6 +223,8 @@ class TopKOrthoLoss(nn.Module):
             n_latents = getattr(latents, "n_latents", None)
         _check_n_latents(n_latents)
         try:
+            if isinstance(latents, torch.Tensor):
+                raise TypeError
             offsets, indices, values = tuple(latents)[:3]
         except (TypeError, ValueError):
             raise TypeError(
