@@ -159,10 +159,12 @@ class TopKOrthoLoss(nn.Module):
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
         """The penalty of dense latents acts [batch, n_latents]; where `backend` resolves to the
         sparse path, through coactive_topk (never padded) with gram_topk's gradient."""
-        if isinstance(acts, torch.Tensor) and acts.dim() == 2 and acts.shape[1] >= 2 and acts.shape[0] >= 1 \
-                and backends.resolve(self.backend, acts) == "sparse":
-            pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity)
-            return self._penalty(pairs, acts.shape[0], self._k(acts.shape[1]))
+        backend = self.backend
+        if isinstance(acts, torch.Tensor) and acts.dim() == 2 and acts.shape[1] >= 2 and acts.shape[0] >= 1:
+            backend = backends.resolve(self.backend, acts)  # once: gram_topk below need not decide again
+            if backend == "sparse":
+                pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity)
+                return self._penalty(pairs, acts.shape[0], self._k(acts.shape[1]))
         hint = self._kth if self.warm_start else None
         penalty, pairs = topk_ortho_loss(
             acts,
@@ -171,7 +173,7 @@ class TopKOrthoLoss(nn.Module):
             similarity=self.similarity,
             reduction=self.reduction,
             scale=self.scale,
-            backend=self.backend,
+            backend=backend,
             threshold=hint,
         )
         self._record(pairs, acts.shape[0], self._k(acts.shape[1]))

@@ -137,11 +137,12 @@ class RedundancyPenalty(nn.Module):
             f = latents.float() / math.sqrt(latents.shape[0])  # C = fᵀf / B: per token
             if self.kind == "decoder_on_coactive":
                 f = f.detach()  # the selection only; the gradient goes to the decoder
-            if backends.resolve(self.backend, f) == "sparse":  # never padded; the gradient is gram_topk's
+            backend = backends.resolve(self.backend, f)  # once: gram_topk below need not decide again
+            if backend == "sparse":  # never padded; the gradient is gram_topk's
                 pairs = coactive_topk_dense(f, k, similarity=self.similarity)
             else:
                 hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
-                pairs = gram_topk(f, k, similarity=self.similarity, backend=self.backend, threshold=hint)
+                pairs = gram_topk(f, k, similarity=self.similarity, backend=backend, threshold=hint)
             if self.kind == "coactivation":
                 penalty = pairs.values.abs().sum()
             elif self.kind == "coact_x_decoder":
