@@ -278,3 +278,19 @@ def test_output_reads_sparse_and_dense_forms_alike(seed):
     out = sae(x)
     assert not out.is_dense
     torch.testing.assert_close(out.latents, torch.relu(out.pre_acts))
+
+
+@pytest.mark.parametrize("activation, k", [("topk", 4), ("relu", None)])
+def test_metrics_read_the_sparse_form_like_the_dense(seed, activation, k):
+    from aosae.eval.metrics import ReconstructionStats, latent_density
+
+    sae = make(d_in=12, d_sae=40, activation=activation, top_k=k)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3)
+    x = torch.randn(50, 12)
+    out = sae(x)
+    dense, sparse = ReconstructionStats(), ReconstructionStats()
+    dense.update(x, out.x_hat, out.latents)
+    sparse.update(x, out.x_hat, out.sparse)
+    assert sparse.result() == pytest.approx(dense.result(), rel=1e-9)
+    assert torch.equal(latent_density(out.sparse), latent_density(out.latents))
