@@ -288,7 +288,8 @@ def test_metrics_read_the_sparse_form_like_the_dense(seed, activation, k):
     with torch.no_grad():
         sae.b_enc.fill_(-0.3)
     x = torch.randn(50, 12)
-    out = sae(x)
+    with torch.no_grad():
+        out = sae(x)
     dense, sparse = ReconstructionStats(), ReconstructionStats()
     dense.update(x, out.x_hat, out.latents)
     sparse.update(x, out.x_hat, out.sparse)
