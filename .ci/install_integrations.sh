@@ -55,7 +55,7 @@ fi
 
 if [[ "$WHAT" == saebench || "$WHAT" == all ]]; then
     # sae_bench's modules import sae_lens and transformer_lens at module level: sae-lens brings both.
-    pip_install "sae-lens>=6.28,<7"
+    pip_install "sae-lens==6.54.12"  # the adapters' tested version (sae-bench itself accepts >=6.28,<7)
     pip_install --no-deps "sae-bench==0.6.0"
     pip_install "scikit-learn>=1.5.2" einops beartype jaxtyping pandas "datasets>=2.18" tabulate "pydantic>=2.9" tqdm
 fi
