@@ -11,7 +11,9 @@ for step in range(30):
     x = torch.randn(256, d)
     f = torch.relu(enc(x))  # latents [batch, n]
     recon = (dec(f) - x).pow(2).sum(-1).mean()
-    loss = recon + 0.04 * f.abs().sum(-1).mean() + tau.tau * ortho(f)  # the one added term
+    # the one added term; f comes out of a ReLU, so only the penalty's gradient at f's non-zeros
+    # reaches the encoder: on_support keeps it there (exact, no dense [batch, n] gradient)
+    loss = recon + 0.04 * f.abs().sum(-1).mean() + tau.tau * ortho.on_support(f)
     opt.zero_grad(), loss.backward(), opt.step()
     dec.weight.data /= dec.weight.norm(dim=0, keepdim=True)  # unit-norm decoder column per latent
     tau.update(recon.detach())

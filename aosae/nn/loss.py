@@ -160,7 +160,9 @@ class TopKOrthoLoss(nn.Module):
         """The penalty of dense latents acts [batch, n_latents]; where `backend` resolves to the
         sparse path, through coactive_topk (never padded) with gram_topk's gradient."""
         backend = self.backend
-        if isinstance(acts, torch.Tensor) and acts.dim() == 2 and acts.shape[1] >= 2 and acts.shape[0] >= 1:
+        # (under torch.compile the op decides inside: resolving here would break the graph)
+        if not torch.compiler.is_compiling() and isinstance(acts, torch.Tensor) and acts.dim() == 2 \
+                and acts.shape[1] >= 2 and acts.shape[0] >= 1:
             backend = backends.resolve(self.backend, acts)  # once: gram_topk below need not decide again
             if backend == "sparse":
                 pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity)
