@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from aosae.eval import evaluate as E
+from saes import identity_sae
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,24 +20,11 @@ def _tiny_model(d=16, layers=2, vocab=97):
     return model
 
 
-def _identity_sae(d):
-    """ReLU SAE with x̂ = relu(x) − relu(−x) = x: W_enc = [I, −I], W_dec = [I; −I]."""
-    from aosae.nn.sae import SparseAutoencoder
-
-    sae = SparseAutoencoder.from_dims(d, 2 * d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_identity_sae_scores_one(seed, layer):
     model = _tiny_model()
-    sae = _identity_sae(16)
+    sae = identity_sae(16)
     toks = torch.randint(0, 97, (6, 12))
     res = E.evaluate_sae(sae, model, E.token_batches_from_ids(toks, 4), hook_layer=layer)
     assert res["kl_div_with_ablation"] > 1e-3

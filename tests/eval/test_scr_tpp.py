@@ -10,6 +10,7 @@ from aosae.eval import scr_tpp as S
 from aosae.eval import tasks as T
 from aosae.eval.text_activations import TextActivations
 from aosae.nn.sae import SparseAutoencoder
+from saes import identity_sae
 
 pytest.importorskip("sklearn", reason="the probing suite needs scikit-learn (aosae[eval])")
 
@@ -120,17 +121,6 @@ def test_tpp_score_formula():
     assert mean["tpp_threshold_2_total_metric"] == pytest.approx((0.25 + 0.0 + 0.15) / 3)
 
 
-def _identity_sae(d):
-    """x̂ = relu(x) − relu(−x) = x: one latent per signed axis, so each concept has its own latents."""
-    sae = SparseAutoencoder.from_dims(d, 2 * d)
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae.eval()
-
 
 def _one_token_texts(x):
     return TextActivations(x, torch.arange(x.shape[0] + 1))
@@ -168,7 +158,7 @@ def test_planted_spurious_attribute_is_removed(seed):
     clean = S.test_accuracies(probes, S.SCR_CLASSES, groups, scr=True)
     assert clean["target"] > 0.95 and clean["biased probe on target data"] < 0.7, clean
     lm = S.LMProbes(probes, clean, S.SCR_CLASSES, True, PR.P.rng_state())
-    sae = _identity_sae(d)
+    sae = identity_sae(d)
     with torch.no_grad():
         pooled = {k: _one_token_texts(v).sae_pooled(sae) for k, v in groups.items()}
         side = S.SaeSide(train=pooled, test=pooled, W_dec=sae.W_dec)

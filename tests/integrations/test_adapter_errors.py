@@ -5,20 +5,13 @@ Here (and not in tests/ops) because importing dictionary_learning patches torch 
 the process: conftest.py runs tests/integrations last."""
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
-
-ADVICE = re.compile(r"must|expects|needs?|use |convert|reshape|check|choose|pass |one of", re.I)
-
+from error_checks import check as check_error
 
 def check(raises, match, call) -> None:
-    with pytest.raises(raises) as caught:
-        call()
-    message = str(caught.value)
-    assert re.search(match, message), message
-    assert ADVICE.search(message), f"no advice in: {message}"
+    check_error(raises, match, call, one_line=False)
 
 
 def nan_batch(d_in: int = 16) -> torch.Tensor:
