@@ -268,7 +268,8 @@ class _SparseEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz):
         pre = torch.addmm(b_enc, x - b_dec, W_enc)
         positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
-        if positive is not None and int(positive.sum()) > max_nnz:  # too dense: the caller uses pre
+        # count_nonzero: bool.sum() would first cast the mask to an int64 [B, n] (8 bytes an entry)
+        if positive is not None and int(torch.count_nonzero(positive)) > max_nnz:  # too dense: use pre
             offsets = indices = pre.new_zeros(0, dtype=torch.long)
             values = pre.new_zeros(0)
         else:

@@ -193,3 +193,22 @@ def test_encoder_gradient_comes_in_the_parameters_layout(seed, column_major):
     assert g.stride() == W_enc.stride()
     f, _ = ref.encode_decode(x, W_enc, b_enc, b_dec, torch.zeros(29, 7, dtype=torch.float64), "topk", 3)
     torch.testing.assert_close(g, torch.autograd.grad(f.sum(), W_enc)[0])
+
+
+def test_relu_dense_phase_counts_without_an_int64_mask():
+    """The ReLU count against max_nnz allocates no int64 [B, n] copy of the mask: the forward
+    allocates pre (4 bytes an entry in fp32) and the mask (1 byte), not 8 bytes more an entry."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b, d, n = 64, 8, 2048
+    x, W_enc = torch.randn(b, d), torch.randn(d, n)
+    b_enc, b_dec = torch.zeros(n), torch.zeros(d)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lat, pre = sc.sparse_encode(x, W_enc, b_enc, b_dec, "relu", return_pre=True, max_nnz=10)
+    assert lat is None  # ≈ half of the entries are positive: the dense phase
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    assert allocated < 8 * b * n, f"{allocated} bytes allocated for a [{b}, {n}] forward"
+    # the count itself is unchanged: the same latents where the limit is not reached
+    lat = sc.sparse_encode(x, W_enc, b_enc, b_dec, "relu", max_nnz=int((pre > 0).sum()))
+    assert lat is not None and lat.values.numel() == int((pre > 0).sum())
+    assert sc.sparse_encode(x, W_enc, b_enc, b_dec, "relu", max_nnz=int((pre > 0).sum()) - 1) is None
