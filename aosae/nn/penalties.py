@@ -20,8 +20,10 @@ least once in the batch. With B tokens and L0 active latents there are at most B
 co-active pairs, which at large widths is below the paper's 0.5% of all pairs: the rule
 "all" then selects every co-active pair. Where `backend` resolves to the sparse path (the
 training path at real widths) the co-activation kinds select through coactive_topk, which
-never pads: min(k, P) pairs, nothing sized by k. `last_nonzero_share` reports non-zero pairs
-÷ k, for either rule and either path.
+never pads: min(k, P) pairs, nothing sized by k. `RedundancyPenalty.from_sparse` takes the
+latents as CSR rows (the sparse SAE step's form) and selects on them directly: no [B, n]
+tensor at all, and the rule "coactive" counts its pairs from the rows. `last_nonzero_share`
+reports non-zero pairs ÷ k, for either rule and either path.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import torch
 from torch import nn
 
 from aosae.ops import backends
-from aosae.ops.coactive_topk import coactive_topk_dense
+from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
 from aosae.ops.gram_topk import SIMILARITIES, gram_topk, k_for_fraction, num_pairs
+from aosae.ops.sparse_coding import token_of_entry
 
 PENALTIES = ("coactivation", "coact_x_decoder", "decoder_on_coactive", "decoder")
 PAIR_RULES = ("all", "coactive")
@@ -67,6 +70,40 @@ def count_coactive_pairs(latents: torch.Tensor, chunk: int = 1024) -> int:
     return total
 
 
+def count_coactive_pairs_csr(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n: int,
+                             max_codes: int = MAX_PAIR_CODES) -> int:
+    """count_coactive_pairs of latents given as CSR rows (offsets [B+1], indices [nnz] distinct
+    within a row, values [nnz]; entries holding 0 do not count): the codes i·n + j of each row's
+    pairs, Σ_t L_t² of them built for at most max_codes at a time (a longer row alone), then
+    deduplicated. Memory O(B·L²), no [B, n] tensor."""
+    keep = values.detach() != 0
+    counts = torch.zeros(offsets.numel() - 1, dtype=torch.long, device=indices.device)
+    if counts.numel():
+        counts.index_add_(0, token_of_entry(offsets, indices.numel())[keep], torch.ones_like(indices[keep]))
+    ids, starts = indices[keep].long(), torch.cumsum(counts, 0) - counts
+    ends = torch.cumsum(counts * counts, 0)  # the pair codes up to each row's end
+    codes, row, b = [], 0, counts.numel()
+    while row < b:
+        done = int(ends[row - 1]) if row else 0
+        last = max(row + 1, int(torch.searchsorted(ends, done + max_codes, right=True)))
+        codes.append(_row_pair_codes(counts[row:last], starts[row:last], ids, n).unique())
+        row = last
+    return int(torch.cat(codes).unique().numel()) if codes else 0
+
+
+def _row_pair_codes(counts: torch.Tensor, starts: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """i·n + j of every pair i < j of latents sharing a row; row r holds ids[starts[r]:starts[r]+counts[r]]."""
+    arange = lambda m: torch.arange(m, device=ids.device)  # noqa: E731
+    def spans(lengths, begins):  # begins[r] + 0, 1, ..., lengths[r] − 1 for every r, concatenated
+        first = torch.cumsum(lengths, 0) - lengths
+        owner = torch.repeat_interleave(arange(lengths.numel()), lengths)
+        return begins[owner] + arange(owner.numel()) - first[owner], owner
+    entry, row = spans(counts, starts)  # every entry of these rows
+    partner, of = spans(counts[row], starts[row])  # every entry of the same row, once per entry
+    i, j = ids[entry[of]], ids[partner]
+    return (i * n + j)[i < j]
+
+
 def count_pairs_of_ids(ids: torch.Tensor, n: int) -> int:
     """Distinct pairs i < j that share a row of ids [B, L] (entries >= n are padding): the
     codes i·n + j of every row's pairs, deduplicated."""
@@ -78,14 +115,21 @@ def count_pairs_of_ids(ids: torch.Tensor, n: int) -> int:
 def _pair_cosines(W_dec: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """|cos(d_i, d_j)| of the given pairs (0 for empty slots, row −1), differentiable in W_dec."""
     valid = rows >= 0
-    u = W_dec.float() / W_dec.float().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    w = _acc(W_dec)
+    u = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
     i, j = rows.clamp_min(0), cols.clamp_min(0)
     return (u[i] * u[j]).sum(-1).abs() * valid
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """The penalty is computed in fp32, or in fp64 for fp64 input (the float64 oracle tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class RedundancyPenalty(nn.Module):
     """One of PENALTIES as a module: forward(latents [B, n], W_dec [n, d_in]) -> 0-d penalty,
-    per token (C = fᵀf / B), summed over the selected pairs.
+    per token (C = fᵀf / B), summed over the selected pairs; from_sparse(CSR rows, W_dec) is the
+    same penalty of latents given sparsely (the sparse SAE step).
 
     Args:
         kind: one of PENALTIES (see the module docstring).
@@ -117,11 +161,13 @@ class RedundancyPenalty(nn.Module):
         self.last_nonzero_share = float("nan")
 
     def pairs_k(self, latents: torch.Tensor) -> int:
-        n = latents.shape[1]
+        return self._pairs_k(latents.shape[1], lambda: count_coactive_pairs(latents))
+
+    def _pairs_k(self, n: int, coactive) -> int:
+        """k of the pair rule at width n; coactive() counts the co-active pairs (rule "coactive")."""
         if self.pair_rule == "all":
             return k_for_fraction(n, self.fraction)
-        coactive = count_coactive_pairs(latents)
-        return max(1, min(num_pairs(n), math.ceil(round(self.fraction * coactive, 9))))
+        return max(1, min(num_pairs(n), math.ceil(round(self.fraction * coactive(), 9))))
 
     def forward(self, latents: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
         if latents.dim() != 2 or latents.shape[1] < 2:
@@ -129,26 +175,66 @@ class RedundancyPenalty(nn.Module):
         if W_dec.dim() != 2 or W_dec.shape[0] != latents.shape[1]:
             raise ValueError(f"W_dec must be [n_latents={latents.shape[1]}, d_in], got shape {tuple(W_dec.shape)}")
         if self.kind == "decoder":
-            k = k_for_fraction(W_dec.shape[0], self.fraction)
-            pairs = gram_topk(W_dec.float().t(), k, similarity="cosine", backend=self.backend)
-            penalty = pairs.values.abs().sum()
+            return self._decoder_penalty(W_dec)
+        k = self.pairs_k(latents)
+        f = _acc(latents) / math.sqrt(latents.shape[0])  # C = fᵀf / B: per token
+        if self.kind == "decoder_on_coactive":
+            f = f.detach()  # the selection only; the gradient goes to the decoder
+        backend = backends.resolve(self.backend, f)  # once: gram_topk below need not decide again
+        if backend == "sparse":  # never padded; the gradient is gram_topk's
+            pairs = coactive_topk_dense(f, k, similarity=self.similarity)
         else:
-            k = self.pairs_k(latents)
-            f = latents.float() / math.sqrt(latents.shape[0])  # C = fᵀf / B: per token
-            if self.kind == "decoder_on_coactive":
-                f = f.detach()  # the selection only; the gradient goes to the decoder
-            backend = backends.resolve(self.backend, f)  # once: gram_topk below need not decide again
-            if backend == "sparse":  # never padded; the gradient is gram_topk's
-                pairs = coactive_topk_dense(f, k, similarity=self.similarity)
-            else:
-                hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
-                pairs = gram_topk(f, k, similarity=self.similarity, backend=backend, threshold=hint)
-            if self.kind == "coactivation":
-                penalty = pairs.values.abs().sum()
-            elif self.kind == "coact_x_decoder":
-                penalty = (pairs.values.abs() * _pair_cosines(W_dec, pairs.rows, pairs.cols)).sum()
-            else:
-                penalty = _pair_cosines(W_dec, pairs.rows, pairs.cols).sum()
+            hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
+            pairs = gram_topk(f, k, similarity=self.similarity, backend=backend, threshold=hint)
+        return self._pairs_penalty(pairs, k, W_dec)
+
+    def from_sparse(self, latents, W_dec: torch.Tensor) -> torch.Tensor:
+        """forward(f, W_dec) of latents given as CSR rows, e.g. aosae.ops.sparse_coding.SparseLatents:
+        (offsets [B+1] int64, indices [nnz] distinct within a row, values [nnz] differentiable[,
+        n_latents]); rows may differ in length or be empty. The same value and gradients (w.r.t.
+        the values and W_dec) as forward on the densified f, selected through coactive_topk on
+        the rows: no [B, n] tensor, nothing sized by k, and the rule "coactive" counts its pairs
+        from the rows."""
+        try:
+            if isinstance(latents, torch.Tensor):
+                raise TypeError
+            offsets, indices, values = tuple(latents)[:3]
+        except (TypeError, ValueError):
+            raise TypeError("from_sparse expects (offsets, indices, values), e.g. a SparseLatents, got "
+                            f"{type(latents).__name__}; dense latents [B, n] go to forward") from None
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError("from_sparse: offsets must be a 1-D tensor [B+1] of CSR row pointers")
+        n = getattr(latents, "n_latents", None)
+        if W_dec.dim() != 2 or W_dec.shape[0] < 2 or (n is not None and W_dec.shape[0] != n):
+            raise ValueError(f"W_dec must be [n_latents{'' if n is None else f'={n}'} >= 2, d_in], "
+                             f"got shape {tuple(W_dec.shape)}")
+        n = W_dec.shape[0]
+        if self.kind == "decoder":
+            return self._decoder_penalty(W_dec)
+        k = self._pairs_k(n, lambda: count_coactive_pairs_csr(offsets, indices, values, n))
+        f = _acc(values) / math.sqrt(offsets.numel() - 1)  # C = fᵀf / B: per token
+        if self.kind == "decoder_on_coactive":
+            f = f.detach()  # the selection only; the gradient goes to the decoder
+        pairs = coactive_topk(offsets, indices, f, n, k, similarity=self.similarity)
+        return self._pairs_penalty(pairs, k, W_dec)
+
+    def _decoder_penalty(self, W_dec: torch.Tensor) -> torch.Tensor:
+        k = k_for_fraction(W_dec.shape[0], self.fraction)
+        pairs = gram_topk(_acc(W_dec).t(), k, similarity="cosine", backend=self.backend)
+        return self._record(pairs, k, pairs.values.abs().sum())
+
+    def _pairs_penalty(self, pairs, k: int, W_dec: torch.Tensor) -> torch.Tensor:
+        """The kind's penalty of a co-activation selection (scores per token)."""
+        if self.kind == "coactivation":
+            penalty = pairs.values.abs().sum()
+        elif self.kind == "coact_x_decoder":
+            penalty = (pairs.values.abs() * _pair_cosines(W_dec, pairs.rows, pairs.cols)).sum()
+        else:
+            penalty = _pair_cosines(W_dec, pairs.rows, pairs.cols).sum()
+        return self._record(pairs, k, penalty)
+
+    def _record(self, pairs, k: int, penalty: torch.Tensor) -> torch.Tensor:
+        """Keeps the selection for logging and its k-th score as the next call's hint."""
         self.last_pairs = type(pairs)(*(t.detach() for t in pairs))
         # the k-th score, the next call's hint: 0 when fewer than k pairs were selected
         self._kth = pairs.values[k - 1].detach().abs() if pairs.values.numel() >= k else pairs.values.new_zeros(())

@@ -105,22 +105,20 @@ class SAEObjective:
         ortho = self.ortho
         if ortho is None:
             return torch.zeros((), device=out.x_hat.device)
-        if isinstance(ortho, RedundancyPenalty):  # variants that also read the decoder: dense latents
-            return ortho(_cpu_float(out.latents, cuda), self.sae.W_dec)
         if out.is_dense:
             # ReLU's dense phase: C = fᵀf / B per token; the gradient stays on f's non-zeros (all
             # the ReLU passes on), so no dense [B, n] penalty gradient is built
-            return ortho.on_support(_cpu_float(out.latents, cuda))
+            dense = _cpu_float(out.latents, cuda)
+            return ortho(dense, self.sae.W_dec) if isinstance(ortho, RedundancyPenalty) else ortho.on_support(dense)
+        if isinstance(ortho, RedundancyPenalty):  # the variants that also read the decoder: CSR rows
+            sparse = out.sparse
+            return ortho.from_sparse(sparse._replace(values=_cpu_float(sparse.values, cuda)), self.sae.W_dec)
         if out.topk_indices is not None:  # TopK: fixed-length rows, the sparse op on (indices, values)
             values = _cpu_float(out.topk_values, cuda)
             return ortho.from_topk(out.topk_indices.reshape(-1, self.sae.cfg.top_k),
                                    values.reshape(-1, self.sae.cfg.top_k), n)
         sparse = out.sparse  # BatchTopK, or ReLU once sparse: ragged rows
-        sparse = sparse._replace(values=_cpu_float(sparse.values, cuda))
-        if hasattr(ortho, "from_sparse"):
-            return ortho.from_sparse(sparse, n)
-        # FALLBACK until TopKOrthoLoss.from_sparse exists: densify the ragged rows (a [B, n] tensor)
-        return ortho.on_support(sparse.to_dense())
+        return ortho.from_sparse(sparse._replace(values=_cpu_float(sparse.values, cuda)), n)
 
     def optimizer_step(self, loss: torch.Tensor, reduce_grads: Callable[[], None] = lambda: None) -> None:
         """Backward, gradient all-reduce (DDP), decoder-row projection, AdamW, schedule, renorm."""

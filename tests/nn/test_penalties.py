@@ -8,6 +8,7 @@ import torch
 
 from aosae.nn.loss import TopKOrthoLoss
 from aosae.nn.penalties import PENALTIES, RedundancyPenalty, count_coactive_pairs, nonzero_share, selection_at_width
+from aosae.ops.sparse_coding import SparseLatents
 from oracle import oracle_scores, oracle_topk
 
 
@@ -127,3 +128,70 @@ def test_sparse_route_never_pads_and_matches_the_reference(seed, kind, pair_rule
     assert pen.last_pairs.values.numel() == min(pen.last_k, p) and pen.last_k == ref.last_k
     assert pen.last_nonzero_share == pytest.approx(ref.last_nonzero_share)
     assert nonzero_share(pen.last_pairs, pen.last_k) == pytest.approx(p / pen.last_k)
+
+
+def _csr_latents(b=36, n=50, dtype=torch.float64):
+    """Ragged CSR rows (some empty, one kept entry holding 0 as TopK keeps) and their dense form."""
+    counts = torch.randint(0, 9, (b,))
+    counts[:2] = 0
+    offsets = torch.zeros(b + 1, dtype=torch.long)
+    offsets[1:] = counts.cumsum(0)
+    indices = torch.cat([torch.randperm(n)[: int(c)] for c in counts])
+    values = torch.rand(indices.numel(), dtype=dtype) + 0.1
+    values[0] = 0.0
+    rows = torch.repeat_interleave(torch.arange(b), counts)
+    return offsets, indices, values, rows
+
+
+@pytest.mark.parametrize("kind, pair_rule", [(kind, rule) for kind in PENALTIES for rule in ("all", "coactive")
+                                             if not (kind == "decoder" and rule == "coactive")])
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_from_sparse_equals_the_dense_route(seed, kind, pair_rule, similarity):
+    """float64: from_sparse on CSR rows against forward on the densified latents: the same penalty,
+    the same gradients (values; decoder), the same k and non-zero share."""
+    n = 50
+    offsets, indices, values, rows = _csr_latents(n=n)
+    W = torch.randn(n, 7, dtype=torch.float64)
+    fraction = 0.02 if pair_rule == "all" else 0.4
+    sparse_pen = RedundancyPenalty(kind, fraction, similarity=similarity, pair_rule=pair_rule)
+    dense_pen = RedundancyPenalty(kind, fraction, similarity=similarity, pair_rule=pair_rule, backend="reference")
+    v, w = values.clone().requires_grad_(), W.clone().requires_grad_()
+    got = sparse_pen.from_sparse(SparseLatents(offsets, indices, v, n), w)
+    vd, wd = values.clone().requires_grad_(), W.clone().requires_grad_()
+    dense = torch.zeros(offsets.numel() - 1, n, dtype=torch.float64).index_put((rows, indices), vd)
+    want = dense_pen(dense, wd)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    grads = torch.autograd.grad(got, [v, w], allow_unused=True)
+    want_grads = torch.autograd.grad(want, [vd, wd], allow_unused=True)
+    for name, g, gw in zip(["values", "W_dec"], grads, want_grads):
+        if gw is None or not bool(gw.any()):
+            assert g is None or not bool(g.any()), name
+        else:
+            torch.testing.assert_close(g, gw, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m}")
+    assert sparse_pen.last_k == dense_pen.last_k
+    assert sparse_pen.last_nonzero_share == pytest.approx(dense_pen.last_nonzero_share)
+    if kind != "decoder":  # never padded: min(k, P) pairs
+        assert sparse_pen.last_pairs.values.numel() == int((dense_pen.last_pairs.rows >= 0).sum())
+
+
+@pytest.mark.parametrize("max_codes", [1, 13, 1 << 24])
+def test_count_coactive_pairs_csr_equals_the_dense_count(seed, max_codes):
+    # a small max_codes cuts the rows into many chunks (a row longer than it goes alone)
+    from aosae.nn.penalties import count_coactive_pairs_csr
+
+    offsets, indices, values, rows = _csr_latents(n=30)
+    dense = torch.zeros(offsets.numel() - 1, 30, dtype=torch.float64).index_put((rows, indices), values)
+    assert count_coactive_pairs_csr(offsets, indices, values, 30, max_codes=max_codes) == count_coactive_pairs(dense)
+    assert count_coactive_pairs_csr(torch.zeros(1, dtype=torch.long), indices[:0], values[:0], 30) == 0
+
+
+def test_from_sparse_rejects_bad_input():
+    from error_checks import check
+
+    offsets, indices, values, _ = _csr_latents(n=20)
+    pen, W = RedundancyPenalty(), torch.randn(20, 4)
+    check(TypeError, "offsets, indices, values", lambda: pen.from_sparse(torch.rand(4, 20), W))
+    check(ValueError, "offsets", lambda: pen.from_sparse((offsets[None], indices, values), W))
+    check(ValueError, r"W_dec must be \[n_latents=20", lambda: pen.from_sparse(
+        SparseLatents(offsets, indices, values, 20), torch.randn(21, 4)))

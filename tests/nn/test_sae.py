@@ -225,6 +225,58 @@ def test_sparse_step_never_builds_dense_latents(seed, activation, k, shift, monk
     assert bool(torch.isfinite(sae.W_enc.grad).all()) and sae.W_enc.grad.abs().sum() > 0
 
 
+REDUNDANCY_CASES = [("coactivation", "coactive"), ("coact_x_decoder", "all"), ("decoder_on_coactive", "coactive"),
+                    ("decoder", "all")]
+
+
+@pytest.mark.parametrize("activation, k, shift", STEP_CASES)
+@pytest.mark.parametrize("kind, pair_rule", REDUNDANCY_CASES)
+def test_sparse_step_with_a_redundancy_penalty_matches_the_dense_step(seed, activation, k, shift, kind, pair_rule):
+    # float64: RedundancyPenalty read from the sparse latents (from_sparse) against the dense
+    # reference step (dense latents, the penalty's dense route), every parameter
+    from aosae.nn.penalties import RedundancyPenalty
+    from aosae.ops import sparse_coding_reference as ref
+
+    sae = SparseAutoencoder.from_dims(16, 120, activation=activation, top_k=k, dtype="float64")
+    with torch.no_grad():
+        sae.b_enc.normal_(shift, 0.3)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    fraction = 0.01 if pair_rule == "all" else 0.3
+    losses = _objective(sae, RedundancyPenalty(kind, fraction, pair_rule=pair_rule)).losses(x)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    got = torch.autograd.grad(losses.loss, params)
+
+    f, x_hat = ref.encode_decode(x, sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec, activation, k)
+    penalty = RedundancyPenalty(kind, fraction, pair_rule=pair_rule, backend="reference")(f, sae.W_dec)
+    want_loss = (x - x_hat).pow(2).sum(-1).mean() + 0.04 * f.abs().sum(-1).mean() + 0.05 * penalty
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(losses.penalty, penalty.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses.loss, want_loss.detach(), rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("activation, k, shift", STEP_CASES[:3])
+def test_sparse_step_with_a_redundancy_penalty_never_builds_dense_latents(seed, activation, k, shift, monkeypatch):
+    from aosae.nn import sae as sae_module
+    from aosae.nn.penalties import RedundancyPenalty
+    from aosae.ops.sparse_coding import SparseLatents
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the step built dense [B, d_sae] latents")
+
+    sae = SparseAutoencoder.from_dims(16, 300, activation=activation, top_k=k)
+    with torch.no_grad():
+        sae.b_enc.fill_(shift)
+    objective = _objective(sae, RedundancyPenalty("coact_x_decoder", 0.3, pair_rule="coactive"))
+    monkeypatch.setattr(SparseLatents, "to_dense", no_dense)
+    monkeypatch.setattr(sae_module.SAEOutput, "latents", property(no_dense))
+    losses = objective.losses(torch.randn(64, 16))
+    assert float(losses.penalty.detach()) > 0
+    objective.optimizer_step(losses.loss)
+    assert bool(torch.isfinite(sae.W_enc.grad).all()) and sae.W_enc.grad.abs().sum() > 0
+
+
 def test_batchtopk_threshold_training_inference_and_files(seed, tmp_path):
     from aosae.ops import sparse_coding_reference as ref
 
