@@ -229,3 +229,28 @@ def test_batchtopk_trains_saves_loads_and_resumes_bitwise(tiny, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert (ref_dir / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("penalty, pair_rule", [("coactivation", "all"), ("coact_x_decoder", "coactive")])
+def test_topk_run_resumes_bitwise(tiny, tmp_path, penalty, pair_rule):
+    # --activation topk through the sparse step, with the paper's penalty (TopKOrthoLoss.from_topk)
+    # and a RedundancyPenalty (from_sparse on the CSR rows): a killed run resumes exactly
+    kw = dict(activation="topk", top_k=4, steps=6, penalty=penalty, pair_rule=pair_rule)
+    ref_dir, _ = T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "ref"), **kw), progress=False)
+    rows = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["l0"] <= 4 for r in rows) and all(r["penalty"] > 0 for r in rows)
+
+    def kill(trainer):
+        if trainer.step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "killed"), **kw), progress=False, on_step=kill)
+    resumed = T.Trainer.resume(tmp_path / "killed", progress=False)
+    assert resumed.step == 4
+    resumed.run()
+    a, b = weights(ref_dir), weights(tmp_path / "killed")
+    assert set(a) == set(b) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (ref_dir / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
