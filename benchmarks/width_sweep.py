@@ -699,7 +699,7 @@ def table(path: str) -> str:
     def cell(r, unit=1.0):
         if not r or not r.get("median_s"):
             return "–" if not r else r["status"].split(":")[0]
-        return f"{r['median_s'] * unit:.3g} [{r['q1_s'] * unit:.3g}, {r['q3_s'] * unit:.3g}]"
+        return f"{r['median_s'] * unit:.2f} [{r['q1_s'] * unit:.2f}, {r['q3_s'] * unit:.2f}]"
 
     def ratio(w, label):
         v = next(iter(by[w].values()))["ratios"].get(label)
