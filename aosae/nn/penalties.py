@@ -88,7 +88,9 @@ def count_coactive_pairs_csr(offsets: torch.Tensor, indices: torch.Tensor, value
         last = max(row + 1, int(torch.searchsorted(ends, done + max_codes, right=True)))
         codes.append(_row_pair_codes(counts[row:last], starts[row:last], ids, n).unique())
         row = last
-    return int(torch.cat(codes).unique().numel()) if codes else 0
+    if len(codes) < 2:  # one chunk: its codes are already distinct
+        return int(codes[0].numel()) if codes else 0
+    return int(torch.cat(codes).unique().numel())
 
 
 def _row_pair_codes(counts: torch.Tensor, starts: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
