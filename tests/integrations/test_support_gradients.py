@@ -35,8 +35,40 @@ SAELENS_CASES = [
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed(monkeypatch):
     torch.manual_seed(0)
+    # these tiny batches have dense JumpReLU windows: keep them on the window's route, which is
+    # what is tested here (test_dense_window_takes_the_dense_route checks the switch)
+    from aosae.integrations import latents
+
+    monkeypatch.setattr(latents, "WINDOW_DENSE_SHARE", 1.0)
+
+
+def test_dense_window_takes_the_dense_route(monkeypatch):
+    """Above WINDOW_DENSE_SHARE, JumpReLU's window goes through TopKOrthoLoss.forward (the dense
+    kernels, exact for any activation), with the window route's value and gradient."""
+    from aosae.integrations import latents
+    from aosae.nn.loss import TopKOrthoLoss
+
+    pre = torch.randn(TOKENS, D_SAE, dtype=torch.float64)
+    threshold = torch.full((D_SAE,), 0.2, dtype=torch.float64)
+    window = latents.jumprelu_window(pre, threshold, 0.5)
+    results = {}
+    for share in (1.0, 0.05):
+        monkeypatch.setattr(latents, "WINDOW_DENSE_SHARE", share)
+        calls = []
+        loss = TopKOrthoLoss(fraction=0.05)
+        forward = loss.forward
+        monkeypatch.setattr(loss, "forward", lambda f: calls.append(1) or forward(f))
+        f = (pre * (pre > threshold)).requires_grad_(True)
+        value = latents.penalty(loss, "window", D_SAE, latents=f, window=window)
+        (grad,) = torch.autograd.grad(value, f)
+        results[share] = (value.detach(), grad.to_dense(), bool(calls))
+    assert float(window.double().mean()) > 0.05, "the test needs a dense window"
+    assert not results[1.0][2] and results[0.05][2]
+    torch.testing.assert_close(results[0.05][0], results[1.0][0], rtol=1e-12, atol=0)
+    mask = (pre > threshold) | window  # the window route's gradient lives on the mask; dense is exact
+    torch.testing.assert_close(results[0.05][1] * mask, results[1.0][1], rtol=1e-10, atol=1e-12)
 
 
 def _randomise(module: torch.nn.Module, threshold_name: str = "threshold") -> None:
