@@ -27,9 +27,7 @@ from aosae.ops import extension as _extension
 from aosae.ops.backends import sparse as sparse_backend
 from aosae.ops.backends import sparse_triton
 from aosae.ops.conventions import accumulation_dtype
-from aosae.ops.gram_topk import FLOAT_DTYPES, SIMILARITIES, TopKPairs, check_finite
-
-INDEX_DTYPES = (torch.int32, torch.int64)
+from aosae.ops.gram_topk import FLOAT_DTYPES, INDEX_DTYPES, SIMILARITIES, TopKPairs, check_finite
 
 
 def coactive_topk(
@@ -91,6 +89,11 @@ def _validate(offsets, indices, values, n_latents, k, similarity) -> None:
                          "must be on the same device")
     if isinstance(n_latents, bool) or not isinstance(n_latents, int) or n_latents < 2:
         raise ValueError(f"n_latents must be an int >= 2, got {n_latents!r}")
+    _check_k_and_similarity(k, similarity)
+
+
+def _check_k_and_similarity(k, similarity) -> None:
+    # any k >= 1: the selection holds min(k, P) pairs, so k above n(n−1)/2 is no error here
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if similarity not in SIMILARITIES:
@@ -372,8 +375,5 @@ def coactive_topk_dense(a: torch.Tensor, k: int, *, similarity: str = "dot") -> 
         raise ValueError(f"coactive_topk_dense expects a 2-D tensor [B, n], got shape {tuple(a.shape)}")
     if a.shape[1] < 2:
         raise ValueError(f"coactive_topk_dense needs n >= 2 columns, got shape {tuple(a.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    _check_k_and_similarity(k, similarity)
     return TopKPairs(*_Dense.apply(a, k, similarity))

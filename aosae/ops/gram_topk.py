@@ -18,6 +18,7 @@ from aosae.ops.conventions import empty_pairs
 
 SIMILARITIES = ("dot", "cosine")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)  # latent ids and row pointers of sparse inputs
 
 
 class TopKPairs(NamedTuple):

@@ -24,10 +24,8 @@ import torch
 from aosae.ops.backends import sparse as sparse_backend
 from aosae.ops.backends import sparse_triton
 from aosae.ops.backward import gram_topk_sparse_backward
-from aosae.ops.gram_topk import FLOAT_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
+from aosae.ops.gram_topk import FLOAT_DTYPES, INDEX_DTYPES, TopKPairs, check_finite, validate_k_and_similarity
 from aosae.ops.conventions import accumulation_dtype, empty_pairs
-
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def gram_topk_sparse(

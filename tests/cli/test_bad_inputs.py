@@ -491,7 +491,7 @@ def test_sparse_autoencoder_load_names_the_damaged_file(world, data):
 @settings(FAST, max_examples=12)
 @given(data=st.data())
 def test_import_from_saelens_names_the_damaged_file(world, data):
-    pytest.importorskip("sae_lens")
+    pytest.importorskip("sae_lens", reason="sae-lens is not installed: bash .ci/install_integrations.sh saelens")
     from aosae import SparseAutoencoder
     from aosae.integrations.saelens import export_to_saelens, import_from_saelens
 

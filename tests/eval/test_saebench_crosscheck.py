@@ -9,7 +9,8 @@ sp_train = pytest.importorskip("sae_bench.evals.sparse_probing.probe_training",
                                reason="sae-bench is not installed: bash .ci/install_integrations.sh saebench")
 scr_main = pytest.importorskip("sae_bench.evals.scr_and_tpp.main",
                                reason="sae-bench is not installed: bash .ci/install_integrations.sh saebench")
-collection = pytest.importorskip("sae_bench.sae_bench_utils.activation_collection")
+collection = pytest.importorskip("sae_bench.sae_bench_utils.activation_collection",
+                                 reason="sae-bench is not installed: bash .ci/install_integrations.sh saebench")
 
 from aosae.eval import scr_tpp as S  # noqa: E402
 from aosae.eval import sparse_probing as P  # noqa: E402

@@ -164,7 +164,7 @@ def test_split_module_separates_docstrings():
 
 
 def test_local_files_in_saebench_schema(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pd = pytest.importorskip("pandas", reason="the hub-schema readers need pandas (aosae[train] installs it with datasets)")
     rows = lambda n, prof, off: [{"hard_text": f"bio {prof} {g} {i + off}", "profession": prof, "gender": g}  # noqa: E731
                                  for prof in prof for g in (0, 1) for i in range(n)]
     d = tmp_path / "bios"
@@ -211,7 +211,7 @@ def test_eval_command_offers_the_probing_options(capsys):
 
 
 def test_local_single_split_files_github_code_europarl_amazon(tmp_path):
-    pd = pytest.importorskip("pandas")
+    pd = pytest.importorskip("pandas", reason="the hub-schema readers need pandas (aosae[train] installs it with datasets)")
     langs = T.SAEBENCH_PROBING["codeparrot/github-code"]
     code = tmp_path / "code.jsonl"
     pd.DataFrame([{"code": "#" * 150 + f"{lang} body {i} " + "x" * 600, "language": lang}
