@@ -6,6 +6,7 @@ import torch
 
 from aosae.eval import sparse_probing as P
 from aosae.eval import tasks as T
+from aosae.eval.saebench_tasks import SAEBENCH_PROBING
 from aosae.eval.text_activations import TextActivations, cached_activations, collect, segment_mean
 
 pytest.importorskip("sklearn", reason="sparse probing needs scikit-learn (aosae[eval])")
@@ -212,7 +213,7 @@ def test_eval_command_offers_the_probing_options(capsys):
 
 def test_local_single_split_files_github_code_europarl_amazon(tmp_path):
     pd = pytest.importorskip("pandas", reason="the hub-schema readers need pandas (aosae[train] installs it with datasets)")
-    langs = T.SAEBENCH_PROBING["codeparrot/github-code"]
+    langs = SAEBENCH_PROBING["codeparrot/github-code"]
     code = tmp_path / "code.jsonl"
     pd.DataFrame([{"code": "#" * 150 + f"{lang} body {i} " + "x" * 600, "language": lang}
                   for i in range(8) for lang in langs]).to_json(code, orient="records", lines=True)
