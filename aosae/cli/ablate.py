@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import torch
 import tyro
@@ -71,6 +71,15 @@ class AblateArgs:
     """Model sweep: tokens of the KL/CE-loss scores (the LM runs three times over them per run)."""
     model_lambdas: str = "0.02,0.04,0.08"
     """Model sweep: λ values."""
+    model_d_sae: Optional[int] = None
+    """Model sweep: latents (default: the model's width, 576 on SmolLM2-135M)."""
+    model_probing: bool = True
+    """Model sweep: SAEBench's sparse probing and SCR/TPP of every run (about a minute per run on 2 cores
+    after a one-time LM pass over the task texts, cached on disk)."""
+    probing_tasks: str = "offline"
+    """Model sweep: the task set of --model-probing (`offline`, `saebench` or a local folder; see `aosae eval --help`)."""
+    probing_seeds: str = "42,43"
+    """Model sweep: probe seeds of --model-probing (each redraws the negatives and retrains every probe)."""
     threads: int = 1
     """torch CPU threads (the SAEs are small: extra threads only contend on a shared machine)."""
     render_only: bool = False
@@ -122,6 +131,18 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
         if min(_floats(args.model_lambdas, "model-lambdas")) < 0:
             raise ValueError(f"--model-lambdas must be >= 0, got {args.model_lambdas}")
         parse_arms(args.model_arms)
+        if args.model_d_sae is not None and (isinstance(args.model_d_sae, bool) or args.model_d_sae < 1):
+            raise ValueError(f"--model-d-sae must be an int >= 1, got {args.model_d_sae!r}")
+        if args.model_probing:
+            probing_seeds = tuple(int(v) for v in _floats(args.probing_seeds, "probing-seeds"))
+            require_package("sklearn", "--model-probing (SAEBench's top-k probes)",
+                            "pip install scikit-learn (or aosae[eval]), or pass --no-model-probing")
+            if len(probing_seeds) > 1:
+                require_package("scipy", "--model-probing over several seeds (their 95% intervals)",
+                                "pip install scipy (or aosae[eval]), or pass one --probing-seeds")
+            from aosae.eval.tasks import load_task_set
+
+            load_task_set(args.probing_tasks)  # a bad task set fails now, not after the first sweeps trained
     # before any training: what the sweeps and the report need, and the record they add to
     if "saelens" in sweeps:
         require_package("sae_lens", "--sweeps saelens (SAELens's synthetic generator)",
@@ -139,12 +160,16 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
         for name in sweeps:
             kind = {"synthetic_topk": "synthetic"}.get(name, name)
             t0 = time.perf_counter()
-            train, held, truth, desc, scorer = load_dataset(kind, samples=args.samples, d=args.d, features=args.features,
-                                                           tokens=args.model_tokens, lm_tokens=args.lm_tokens)
+            train, held, truth, desc, scorer = load_dataset(
+                kind, samples=args.samples, d=args.d, features=args.features, tokens=args.model_tokens,
+                lm_tokens=args.lm_tokens, probing=args.model_probing, probing_tasks=args.probing_tasks,
+                probing_seeds=tuple(int(v) for v in _floats(args.probing_seeds, "probing-seeds")))
             base = dict(steps=args.steps if kind != "model" else args.model_steps, batch_size=args.batch_size, tokens=train.shape[0], lr=args.lr,
                         checkpoint_every=10**9, device="cpu")
             if kind != "model":
                 base["d_sae"] = args.d_sae
+            elif args.model_d_sae is not None:
+                base["d_sae"] = args.model_d_sae
             values = lambdas if kind != "model" else _floats(args.model_lambdas, "model-lambdas")
             sweep_arms = arms if kind != "model" else parse_arms(args.model_arms)
             seeds = args.seeds if kind != "model" else args.model_seeds

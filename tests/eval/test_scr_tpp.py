@@ -11,6 +11,7 @@ from aosae.eval import tasks as T
 from aosae.eval.text_activations import TextActivations
 from aosae.nn.sae import SparseAutoencoder
 from saes import identity_sae
+from tiny_lm import tiny_task_set
 
 pytest.importorskip("sklearn", reason="the probing suite needs scikit-learn (aosae[eval])")
 
@@ -178,28 +179,6 @@ def test_planted_spurious_attribute_is_removed(seed):
     assert abs(per_class["target"]["tpp_threshold_1_unintended_diff_only"]) < 0.1
 
 
-def _tiny_task_set():
-    from tiny_lm import corpus_text
-
-    lines = [ln.strip() for ln in corpus_text().splitlines() if len(ln.strip()) > 20]
-    code = [ln for ln in lines if "(" in ln][:64]
-    prose = [ln for ln in lines if "(" not in ln][:64]
-    ts = T.TaskSet(name="tiny", note="tiny test set")
-    ts.probing.append(T.ProbingTask("code_or_not", {"code": ts.add(code[:24]), "prose": ts.add(prose[:24]),
-                                                    "mixed": ts.add(code[24:36] + prose[24:36])},
-                                    {"code": ts.add(code[40:52]), "prose": ts.add(prose[40:52]),
-                                     "mixed": ts.add(code[52:58] + prose[52:58])}))
-    ts.tpp = ["code_or_not"]
-    quadrant_train = {(a, b): (code if b == "c" else prose)[i * 8:(i + 1) * 8 + 8]
-                      for i, (a, b) in enumerate((a, b) for a in ("x", "y") for b in ("c", "p"))}
-    quadrant_test = {k: v[::-1] for k, v in quadrant_train.items()}
-    tr = T.spurious_groups(quadrant_train, ("x", "y"), ("c", "p"), 4, 0)
-    te = T.spurious_groups(quadrant_test, ("x", "y"), ("c", "p"), 4, 0)
-    ts.scr.append(T.ScrTask("xy", ("x", "y"), ("c", "p"), {k: ts.add(v) for k, v in tr.items()},
-                            {k: ts.add(v) for k, v in te.items()}))
-    return ts
-
-
 def _tiny_suite(tmp_path, seeds):
     transformers = pytest.importorskip("transformers")
     from tiny_lm import make_tiny_lm
@@ -208,7 +187,7 @@ def _tiny_suite(tmp_path, seeds):
     path = make_tiny_lm(tmp_path / "lm")
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    ts = _tiny_task_set()
+    ts = tiny_task_set()
 
     acts, _ = cached_activations(model, tok, ts.texts, 1, model_name=str(path), texts_digest=ts.digest(), context=16,
                                  cache_dir=tmp_path / "cache")
@@ -253,7 +232,7 @@ def test_run_eval_writes_probing_results(tmp_path, monkeypatch, seed):
     run = tmp_path / "run"
     _sae(32, 48, torch.Generator().manual_seed(seed)).save(run)
     (run / "train_config.json").write_text(json.dumps({"model": str(path), "layer": 1, "context_size": 16}))
-    res = run_eval(run, n_tokens=30, probing=True, scr=True, probing_tasks=_tiny_task_set(), probing_seeds=(3,),
+    res = run_eval(run, n_tokens=30, probing=True, scr=True, probing_tasks=tiny_task_set(), probing_seeds=(3,),
                    log=lambda m: None)
     saved = json.loads((run / "eval.json").read_text())
     assert saved["probing_task_set"] == "tiny" and saved["probing_seeds"] == [3]

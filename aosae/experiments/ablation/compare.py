@@ -16,7 +16,14 @@ from typing import Optional
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 METRICS = ("fvu", "mmcs", "mcc", "frac_recovered", "absorption_rate", "duplicate_pairs", "dead_fraction",
            "explained_variance", "cossim", "final_tau", "nonzero_share", "selected_abs_c_mean", "kl_div_score",
-           "ce_loss_score")
+           "ce_loss_score", "sae_test_accuracy", "sae_llm_accuracy_ratio", "sae_top_1_test_accuracy",
+           "sae_top_2_test_accuracy", "sae_top_5_test_accuracy", "sae_top_10_test_accuracy",
+           "sae_top_20_test_accuracy", "sae_top_50_test_accuracy", "scr_metric_threshold_2",
+           "scr_metric_threshold_5", "scr_metric_threshold_10", "scr_metric_threshold_20",
+           "scr_metric_threshold_50", "tpp_threshold_2_total_metric", "tpp_threshold_20_total_metric")
+# the paper's two central claims, read at matched L0 when the runs measured them (higher is better)
+CLAIMS = (("sae_top_1_test_accuracy", "sparse probing top-1"), ("sae_top_5_test_accuracy", "sparse probing top-5"),
+          ("scr_metric_threshold_2", "SCR@2"), ("scr_metric_threshold_20", "SCR@20"))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -108,7 +115,8 @@ def matched(runs: list[dict], topk: bool, metrics=METRICS) -> dict:
 def verdict(match: dict, slack: float, ground_truth: bool) -> dict:
     """Per arm: at how many matched L0s it beats the penalty-free arm (95% intervals of the paired
     differences excluding 0) on recovery (MMCS) and on absorption, how often its FVU is worse by
-    more than `slack` × the penalty-free FVU, and whether it wins on both without losing reconstruction."""
+    more than `slack` × the penalty-free FVU, and whether it wins on both without losing reconstruction;
+    where the runs measured them, at how many it is better / worse on sparse probing and SCR (CLAIMS)."""
     out = {}
     targets = match["targets"]
     for arm, res in match.items():
@@ -122,6 +130,11 @@ def verdict(match: dict, slack: float, ground_truth: bool) -> dict:
             row["fvu_worse"] += fvu_bad
             dup = res.get("duplicate_pairs", [None] * len(targets))[i]
             row["duplicates_fewer"] += dup is not None and dup[0] + dup[1] < 0
+            for metric, _ in CLAIMS:
+                if metric in res:
+                    d = res[metric][i]
+                    row[f"{metric}_better"] = row.get(f"{metric}_better", 0) + (d is not None and d[0] - d[1] > 0)
+                    row[f"{metric}_worse"] = row.get(f"{metric}_worse", 0) + (d is not None and d[0] + d[1] < 0)
             if not ground_truth:
                 continue
             mm, ab = res["mmcs"][i], res["absorption_rate"][i]

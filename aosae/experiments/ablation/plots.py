@@ -9,7 +9,9 @@ from aosae.experiments.ablation.arms import ARMS
 PANELS = (("fvu", "FVU (1 − explained variance)"), ("mmcs", "MMCS"), ("mcc", "MCC"),
           ("frac_recovered", "recovered (cos > 0.9)"), ("absorption_rate", "absorption rate"),
           ("duplicate_pairs", "duplicate pairs (|cos| > 0.9)"), ("ce_loss_score", "CE-loss score"),
-          ("kl_div_score", "KL-div score"))
+          ("kl_div_score", "KL-div score"), ("sae_top_1_test_accuracy", "sparse probing top-1 accuracy"),
+          ("sae_top_5_test_accuracy", "sparse probing top-5 accuracy"), ("scr_metric_threshold_2", "SCR (2 latents)"),
+          ("scr_metric_threshold_20", "SCR (20 latents)"))
 
 
 def missing() -> str | None:

@@ -19,6 +19,9 @@ TABLE = (("l0", "L0", "{:.1f}"), ("fvu", "FVU", "{:.3f}"), ("mmcs", "MMCS", "{:.
          ("frac_recovered", "recovered", "{:.2f}"), ("absorption_rate", "absorption", "{:.3f}"),
          ("duplicate_pairs", "dup pairs", "{:.1f}"), ("dead_fraction", "dead", "{:.2f}"),
          ("kl_div_score", "KL score", "{:.3f}"), ("ce_loss_score", "CE score", "{:.3f}"),
+         ("sae_test_accuracy", "probe acc", "{:.3f}"), ("sae_top_1_test_accuracy", "top-1 acc", "{:.3f}"),
+         ("sae_top_5_test_accuracy", "top-5 acc", "{:.3f}"), ("scr_metric_threshold_2", "SCR@2", "{:.3f}"),
+         ("scr_metric_threshold_20", "SCR@20", "{:.3f}"), ("tpp_threshold_20_total_metric", "TPP@20", "{:.3f}"),
          ("final_tau", "final τ", "{:.3g}"), ("nonzero_share", "non-zero share", "{:.2f}"))
 WIDTHS = (16384, 65536, 262144)
 # the options that shape each kind of sweep (the rest belong to the other kinds)
@@ -26,10 +29,13 @@ _COMMON = ("steps", "batch_size", "lr", "slack", "threads")
 SWEEP_OPTIONS = {"l1": _COMMON + ("seeds", "lambdas", "d_sae", "d", "features", "samples"),
                  "top_k": _COMMON + ("seeds", "ks", "d_sae", "d", "features", "samples"),
                  "model": ("batch_size", "lr", "slack", "threads", "model_steps", "model_seeds", "model_lambdas",
-                           "model_tokens", "lm_tokens")}
+                           "model_tokens", "lm_tokens", "model_d_sae", "model_probing", "probing_tasks", "probing_seeds")}
 DELTAS = (("fvu", "ΔFVU", "{:+.4f}"), ("mmcs", "ΔMMCS", "{:+.3f}"), ("mcc", "ΔMCC", "{:+.3f}"),
           ("frac_recovered", "Δrecovered", "{:+.3f}"), ("absorption_rate", "Δabsorption", "{:+.3f}"),
-          ("duplicate_pairs", "Δdup pairs", "{:+.1f}"), ("ce_loss_score", "ΔCE score", "{:+.4f}"))
+          ("duplicate_pairs", "Δdup pairs", "{:+.1f}"), ("ce_loss_score", "ΔCE score", "{:+.4f}"),
+          ("sae_top_1_test_accuracy", "Δtop-1 acc", "{:+.3f}"), ("sae_top_5_test_accuracy", "Δtop-5 acc", "{:+.3f}"),
+          ("scr_metric_threshold_2", "ΔSCR@2", "{:+.3f}"), ("scr_metric_threshold_20", "ΔSCR@20", "{:+.3f}"),
+          ("tpp_threshold_20_total_metric", "ΔTPP@20", "{:+.3f}"))
 
 
 def machine() -> dict:
@@ -86,7 +92,9 @@ def verdict_lines(verdicts: dict, ground_truth: bool, slack: float) -> list[str]
                          f"**{v['wins']}/{n}**")
         else:
             lines.append(f"- **{arm}**: FVU worse by more than {slack:.0%} at {v['fvu_worse']}/{n} matched L0s, "
-                         f"fewer duplicate pairs at {v['duplicates_fewer']}/{n}")
+                         f"fewer duplicate pairs at {v['duplicates_fewer']}/{n}"
+                         + "".join(f"; {label} better at {v[m + '_better']}/{n} (worse at {v[m + '_worse']})"
+                                   for m, label in C.CLAIMS if m + "_better" in v))
     return lines
 
 
