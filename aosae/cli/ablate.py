@@ -22,6 +22,7 @@ import tyro
 
 from aosae.cli.checks import check_output_dir, require_package
 from aosae.experiments.ablation import ARMS, Sweep, load_dataset, parse_arms, run_sweep
+from aosae.experiments.ablation.datasets import model_held_out
 from aosae.experiments.ablation.plots import missing as missing_plots
 from aosae.experiments.ablation.record import read_record
 
@@ -125,6 +126,13 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
     lambdas, ks = _floats(args.lambdas, "lambdas"), tuple(int(k) for k in _floats(args.ks, "ks"))
     if min(lambdas) < 0 or min(ks) < 1 or any(k != float(v) for k, v in zip(ks, _floats(args.ks, "ks"))):
         raise ValueError(f"--lambdas must be >= 0 and --ks ints >= 1, got --lambdas {args.lambdas} --ks {args.ks}")
+    if any(s != "model" for s in sweeps) and args.batch_size > args.samples:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than --samples {args.samples} (the synthetic "
+                         "sweeps' training tokens): lower --batch-size or raise --samples")
+    if "model" in sweeps and args.batch_size > args.model_tokens - model_held_out(args.model_tokens):
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the model sweep's training tokens "
+                         f"({args.model_tokens - model_held_out(args.model_tokens)} of --model-tokens {args.model_tokens} "
+                         "after the held-out part): lower --batch-size or raise --model-tokens")
     if "synthetic_topk" in sweeps and max(ks) > args.d_sae:
         raise ValueError(f"--ks {args.ks} exceeds --d-sae {args.d_sae}: a TopK SAE keeps at most d_sae latents")
     if "model" in sweeps:

@@ -160,3 +160,29 @@ def test_verdict_counts_the_papers_claims_at_matched_l0():
     assert verdict["a"]["scr_metric_threshold_2_worse"] == n and verdict["a"]["scr_metric_threshold_2_better"] == 0
     assert verdict["b"]["scr_metric_threshold_2_better"] == verdict["b"]["scr_metric_threshold_2_worse"] == 0
     assert "sae_top_5_test_accuracy_better" not in verdict["a"]  # not measured, not counted
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--sweeps", "synthetic", "--samples", "300", "--batch-size", "512"], "lower --batch-size or raise --samples"),
+    (["--sweeps", "model", "--model-tokens", "1200"], "raise --model-tokens"),
+    (["--sweeps", "model", "--model-d-sae", "0"], "--model-d-sae must be an int >= 1"),
+    (["--sweeps", "model", "--probing-tasks", "nonsense"], "unknown SAEBench dataset"),
+])
+def test_ablate_options_are_checked_before_any_work(tmp_path, capsys, argv, says):
+    out = tmp_path / "abl"
+    assert cli_main(["ablate", "--out", str(out), *argv]) != 0
+    assert says in capsys.readouterr().err and not out.exists()
+
+
+def test_render_only_refuses_an_unknown_arm_before_touching_a_file(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert cli_main(["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper", "--seeds", "1",
+                     "--lambdas", "0.3", "--steps", "5", "--samples", "1000", "--d", "16", "--features", "32",
+                     "--d-sae", "32", "--batch-size", "128"]) == 0
+    record = json.loads((out / "runs.json").read_text())
+    record["sweeps"]["synthetic"]["runs"][-1]["arm"] = "paper_v2"
+    (out / "runs.json").write_text(json.dumps(record))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert cli_main(["ablate", "--out", str(out), "--render-only"]) != 0
+    assert "arm 'paper_v2', which is not one of" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -46,7 +46,7 @@ def load(kind: str, *, samples: int = 40_000, held: int = 8_000, d: int = 64, fe
         tcfg = TrainConfig(model=model, tokens=tokens, batch_size=min(2048, tokens),
                            **({} if layer is None else {"layer": int(layer)}))
         acts, _ = get_activations(tcfg, DistInfo(), "cpu", progress=False)
-        n_held = max(1000, acts.shape[0] // 6)
+        n_held = model_held_out(acts.shape[0])
         scorer, suite = lm_scorer(tcfg, lm_tokens, probing, probing_tasks, probing_seeds)
         desc = {"data": f"{tcfg.model or 'SmolLM2-135M'} layer {tcfg.layer} residual stream, {acts.shape[0]} tokens; "
                         f"KL/CE scores on {lm_tokens} tokens of the text after them"}
@@ -60,6 +60,11 @@ def load(kind: str, *, samples: int = 40_000, held: int = 8_000, d: int = 64, fe
     true_l0 = float((truth.activations > 0).sum(1).double().mean())
     return train.x, truth.x, truth, {"data": desc, "train / held-out tokens": f"{samples} / {held}",
                                      "true L0 (held-out)": round(true_l0, 2)}, None
+
+
+def model_held_out(tokens: int) -> int:
+    """Tokens of the model sweep's held-out set (its last ones) out of `tokens` collected."""
+    return max(1000, tokens // 6)
 
 
 LM_SCORES = ("kl_div_score", "ce_loss_score", "kl_div_with_sae", "ce_loss_with_sae", "ce_loss_without_sae")

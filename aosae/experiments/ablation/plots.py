@@ -88,7 +88,8 @@ def tau_trajectories(runs: list[dict], path: Path, title: str, value, seed: int 
     ax.set_xlabel("step")
     ax.set_ylabel("τ")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a sweep of the penalty-free arm alone has no τ to label
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from aosae.experiments.ablation.arms import ARMS
 from aosae.files import BadFile, read_json, require
 
 
@@ -32,6 +33,9 @@ def read_record(path: Path, *, render_only: bool) -> dict:
         for i, run in enumerate(sweep["runs"]):
             if not isinstance(run, dict) or not isinstance(run.get("arm"), str):
                 raise BadFile(path, f"{where}: run {i} is not an object with an 'arm'", fix)
+            if run["arm"] not in ARMS:  # the plots look its kind up; caught here, before a PNG is rewritten
+                raise BadFile(path, f"{where}: run {i} has arm {run['arm']!r}, which is not one of "
+                                    f"{', '.join(ARMS)}", fix)
     try:  # everything the report reads, rendered where nothing of the user's is touched
         from aosae.experiments.ablation.report import write_report
 
