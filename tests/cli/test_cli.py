@@ -60,3 +60,32 @@ def test_dataset_without_text_column_says_so(tmp_path):
 def test_run_dirs_of_earlier_versions_still_load():
     cfg = TrainConfig.from_dict({"tau0": 0.1, "activation": "topk", "k": 8})
     assert cfg.tau_init == 0.1 and cfg.top_k == 8
+
+
+# what the user typed -> what the one line must name (the option, what was given, what is allowed)
+BAD_COMMAND_LINES = {
+    "int option given a word": (["train", "--d-sae", "abc"], ["--d-sae", "'abc'", "an int"]),
+    "float option given a word": (["train", "--lr", "fast"], ["--lr", "'fast'", "a number"]),
+    "choice not allowed": (["export", "RUN", "--to", "foo"], ["--to", "'foo'", "saelens"]),
+    "literal option": (["train", "--similarity", "cos"], ["--similarity", "'cos'", "dot", "cosine"]),
+    "unknown option": (["train", "--stepz", "3"], ["--stepz", "did you mean --steps"]),
+    "unknown option, nothing close": (["eval", "RUN", "--frobnicate"], ["--frobnicate", "aosae eval --help"]),
+    "option without its value": (["train", "--steps"], ["--steps", "needs a value"]),
+    "missing positional": (["eval"], ["RUN_DIR", "aosae eval --help"]),
+    "unknown command": (["trian"], ["'trian'", "train"]),
+    "no command": ([], ["one of info, train"]),
+    "tuple option given a word": (["eval", "RUN", "--probing-seeds", "a"], ["--probing-seeds", "'a'", "int"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_COMMAND_LINES))
+def test_a_bad_command_line_is_one_error_line(case, capsys):
+    argv, named = BAD_COMMAND_LINES[case]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    command = argv[0] if argv and argv[0] in ("info", "train", "eval", "export", "ablate") else None
+    prefix = f"aosae {command}: error: " if command else "aosae: error: "
+    assert captured.err.startswith(prefix) and captured.err.count("\n") == 1, captured.err
+    assert "╭" not in captured.err and "Traceback" not in captured.err and captured.out == ""
+    for text in named:
+        assert text in captured.err, (text, captured.err)
