@@ -98,18 +98,28 @@ def check_summary(run_dir: Path, fix: str) -> None:
         require(held, "world_size", int, path, fix, optional=True)
 
 
-def check_eval_run(run_dir: str | os.PathLike) -> None:
-    """What `aosae eval` reads besides the SAE files (checked by SparseAutoencoder.load)."""
+def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None:
+    """What `aosae eval` reads besides the SAE files (checked by SparseAutoencoder.load), and the
+    model, layer and context it will run (--model and --context override the run's)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MissingFile(run_dir, "does not exist" if not run_dir.exists() else "is a file, not a run directory",
                           "pass a run directory written by `aosae train` (or a saved SAE directory)")
     fix = ("restore it from a backup, or delete it and pass --model, --dataset and --context "
            "(aosae eval then evaluates on text after the training tokens)")
+    settings = None
     if (run_dir / "train_config.json").exists():
-        read_train_config(run_dir / "train_config.json", fix)
+        settings = read_train_config(run_dir / "train_config.json", fix)
     check_summary(run_dir, "restore it from a backup, or delete it (aosae eval then evaluates on text after the "
                            "training tokens)")
+    from aosae.nn.sae_files import check_sae_dir, read_sae_config
+
+    sae_cfg = read_sae_config(check_sae_dir(run_dir))  # cheap (JSON); the weights are checked as they load
+    layer = sae_cfg.hook_layer if sae_cfg.hook_layer is not None else getattr(settings, "layer", None)
+    if layer is not None:  # as aosae.eval.evaluate.run_eval picks them
+        check_lm_settings(model or getattr(settings, "model", None) or sae_cfg.model_name, int(layer),
+                          int(context or sae_cfg.context_size or 128),
+                          layer_fix=f"the SAE in {run_dir} reads layer {layer}: pass a --model that has it")
 
 
 def check_resume_run(run_dir: str | os.PathLike) -> TrainConfig:
@@ -137,7 +147,7 @@ def partial_last_line(path: Path) -> int | None:
     once the resume is under way). Any other bad line is a BadFile; None when the log is whole."""
     if not path.exists() or path.stat().st_size == 0:
         return None
-    fix = "delete that line, or the whole file (it is only the log; training resumes without it)"
+    fix = "repair or delete that line, or restore the file from a backup (a resume needs the rows of every step done)"
     data = read_bytes(path, fix)
     lines = data.split(b"\n")
     partial = lines[-1] != b""  # the file does not end with a newline
@@ -189,3 +199,93 @@ def check_output_dir(path, option: str = "--out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file; pass a directory (it is created if missing)")
+
+
+def local_model_config(model):
+    """The transformers config of `model` when it can be read without a download or a conversion
+    (a local directory, the hub cache, the dequantised offline default); None otherwise, and the
+    model's loader reports whatever is wrong with it."""
+    from aosae.data import language_models as lm
+
+    try:
+        if model is None or model.lower() in {a.lower() for a in lm.DEFAULT_ALIASES}:
+            folder = lm.cache_root() / "models" / lm._smollm2_gguf().stem  # no conversion just to check
+            if not (folder / "config.json").is_file():
+                return None
+            model = str(folder)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure here is the loader's to report, with its own message
+        return None
+
+
+def check_lm_settings(model, layer: int, context: int, source=None, *, layer_fix=None, context_fix=None) -> None:
+    """The layer and context against the model's config, before any work: a context longer than
+    the model's positions would fail deep inside its forward pass, after minutes of loading.
+    `source`: the file the settings came from (a resumed run's train_config.json), named with
+    the advice to set it back; else the advice is the option to pass (or layer_fix/context_fix)."""
+    config = local_model_config(model)
+    if config is None:
+        return
+    what = f"the model {model}" if model else "the default model"
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > 0 and not 0 <= layer < layers:
+        problem = f"layer must be an int in [0, {layers - 1}] for {what} ({layers} decoder layers), got {layer}"
+        if source is not None:
+            raise BadFile(source, problem, "set 'layer' back to the layer the run was started with")
+        raise ValueError(f"{problem}: {layer_fix or f'pass --layer {layers - 1} or less'}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0 and context > positions:
+        problem = f"context {context} is longer than {what} allows ({positions} positions, its max_position_embeddings)"
+        if source is not None:
+            raise BadFile(source, problem, f"set 'context' back to the value the run was started with (at most {positions})")
+        raise ValueError(f"{problem}: {context_fix or f'pass --context {positions} or less'}")
+
+
+def check_new_run_dir(out) -> None:
+    """`aosae train --out DIR`: DIR must not hold another run (training into it would rewrite its
+    settings, checkpoints and weights) nor be a file."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    held = [name for name in ("train_config.json", "checkpoints", "sae_weights.safetensors") if (out / name).exists()]
+    if held:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): continue it with "
+                         f"`aosae train --resume {out}`, or pass a new --out (nothing was changed)")
+
+
+EXPORT_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def check_export_dir(target, sae_cfg) -> None:
+    """`aosae export --out DIR`: DIR must be new, empty, or an earlier SAELens export of the same SAE
+    (only cfg.json + sae_weights.safetensors, the same shapes and hook); anything else would be
+    overwritten: a run directory, another SAE, the user's files."""
+    target = Path(target)
+    if not target.is_dir():
+        return
+    held = sorted(p.name for p in target.iterdir())
+    if not held:
+        return
+    earlier = None
+    if set(held) <= set(EXPORT_FILES) and (target / "cfg.json").is_file():
+        try:
+            earlier = json.loads((target / "cfg.json").read_text())
+        except (OSError, ValueError):
+            earlier = None
+    if isinstance(earlier, dict) and "architecture" in earlier:  # SAELens writes it; aosae's own cfg.json does not
+        meta = earlier.get("metadata") if isinstance(earlier.get("metadata"), dict) else {}
+        same = (earlier.get("d_in"), earlier.get("d_sae"), meta.get("model_name"), meta.get("hook_name")) == \
+            (sae_cfg.d_in, sae_cfg.d_sae, sae_cfg.model_name, sae_cfg.hook_name)
+        if same:
+            return
+        why = (f"an export of another SAE (d_in={earlier.get('d_in')}, d_sae={earlier.get('d_sae')}, "
+               f"{meta.get('model_name')} {meta.get('hook_name')})")
+    else:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        why = f"not empty (it holds {shown})"
+    raise ValueError(f"--out {target} is {why}: exporting there would overwrite it; pass a new or empty "
+                     "directory (an earlier export of this same SAE is replaced)")

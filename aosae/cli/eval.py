@@ -67,7 +67,7 @@ def eval(  # noqa: A001 - the subcommand's name
                             "pip install scipy (or aosae[eval]), or pass one --probing-seeds")
         if probing:
             require_package("sklearn", "--probing (SAEBench's top-k probes)", "pip install scikit-learn (or aosae[eval])")
-    check_eval_run(run_dir)  # train_config.json and summary.json; the SAE files are checked as they load
+    check_eval_run(run_dir, model, context)  # its JSON files, and the layer and context against the model
     try:
         res = E.run_eval(run_dir, text=text, model=model, dataset=dataset, n_tokens=tokens, batch_size=batch_size,
                          context=context, absorption_words=absorption_words, device=device, probing=probing, scr=scr,

@@ -38,23 +38,40 @@ def train(
     `torchrun --nproc_per_node N -m aosae train ...` it runs data-parallel.
 
     Args:
-        resume: A run directory: continue it from its latest checkpoint (its own settings are used).
+        resume: A run directory: continue it from its latest checkpoint with its own settings
+            (train_config.json). Only --steps may be given with it: it trains the run on to that many
+            steps in all (e.g. --steps 2000 continues a finished 400-step run); it cannot be fewer than
+            the steps done. Any other option is refused (the run's settings cannot change mid-run).
         progress: Show progress bars.
     """
     import time
     from pathlib import Path
 
-    from aosae.cli.checks import check_log_backend, check_resume_run, drop_partial_line, partial_last_line
+    from aosae.cli.checks import (check_lm_settings, check_log_backend, check_new_run_dir, check_resume_run,
+                                  drop_partial_line, partial_last_line)
     from aosae.files import BadFile
     from aosae.training import distributed as ddp
     from aosae.training.trainer import Trainer
 
     start = time.perf_counter()
     if resume:  # every file of the run is checked before the LM or the activations are touched
-        check_log_backend(check_resume_run(resume).log)
+        from dataclasses import fields
+
+        from aosae.cli import given_options
+
+        run_cfg = check_resume_run(resume)
+        changed = [name for name in given_options([f.name for f in fields(TrainConfig)]) if name != "steps"]
+        if changed:
+            options = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise ValueError(f"{options} cannot be given with --resume: the run keeps its own settings "
+                             f"({Path(resume) / 'train_config.json'}); drop {options} (only --steps may be given, "
+                             "to train the run further), or start a new run with a different --out")
+        steps = cfg.steps if given_options(["steps"]) else None
+        check_log_backend(run_cfg.log)
+        check_lm_settings(run_cfg.model, run_cfg.layer, run_cfg.context, source=Path(resume) / "train_config.json")
         cut = partial_last_line(Path(resume) / "metrics.jsonl")
         try:
-            trainer = Trainer.resume(resume, progress=progress)
+            trainer = Trainer.resume(resume, progress=progress, steps=steps)
         except ValueError as err:  # a setting the run's own file gave: say where it came from
             if isinstance(err, BadFile) or str(resume) in str(err):
                 raise
@@ -63,6 +80,8 @@ def train(
             drop_partial_line(Path(resume) / "metrics.jsonl", cut)
     else:
         check_log_backend(cfg.log)
+        check_new_run_dir(cfg.out)
+        check_lm_settings(cfg.model, cfg.layer, cfg.context)
         if cfg.tau_budget_run is not None:  # read before the activations are collected
             from aosae.nn.tau import budget_from_run
 

@@ -38,7 +38,7 @@ from aosae.data.mixing import MixingBuffer, TensorSource
 from aosae.data.sources import ActivationSpec, held_out_count, open_store, training_rows
 from aosae.data.text import DEFAULT_DATASET
 from aosae.eval.metrics import ReconstructionStats
-from aosae.files import write_json
+from aosae.files import write_json, write_json_atomically
 from aosae.nn.loss import TopKOrthoLoss
 from aosae.nn.sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder
 from aosae.nn.tau import AdaptiveTau
@@ -87,6 +87,7 @@ class Trainer:
         *,
         progress: bool = True,
         activations: Optional[torch.Tensor] = None,
+        write_config: bool = True,
     ):
         self.cfg = cfg
         self.progress = progress
@@ -98,10 +99,40 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        if self.info.is_main:  # before collecting: a run killed during collection can be --resume'd
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "train_config.json", cfg.to_dict())
+        # train_config.json before collecting, so that a run killed during collection can be --resume'd;
+        # a start that fails (a bad model, layer or dataset) puts back what the directory held
+        undo = self._write_train_config() if self.info.is_main and write_config else None
+        try:
+            self._build(cfg, activations, progress)
+        except Exception:
+            if undo is not None:
+                undo()
+            raise
 
+    def _write_train_config(self) -> Callable[[], None]:
+        """Write run_dir/train_config.json atomically; returns what undoes it (the previous file, or none)."""
+        path = self.run_dir / "train_config.json"
+        created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        previous = path.read_bytes() if path.is_file() else None
+        write_json_atomically(path, self.cfg.to_dict())
+
+        def undo() -> None:
+            if previous is None:
+                path.unlink(missing_ok=True)
+                if created:
+                    try:
+                        self.run_dir.rmdir()  # only when nothing else was written there
+                    except OSError:
+                        pass
+            else:
+                tmp = path.with_name(path.name + ".restore")
+                tmp.write_bytes(previous)
+                os.replace(tmp, path)
+
+        return undo
+
+    def _build(self, cfg: TrainConfig, activations: Optional[torch.Tensor], progress: bool) -> None:
         if activations is None:
             spec = ActivationSpec.from_config(cfg, self.info.rank, self.info.world_size)
             train_rows, self.eval_acts, first, self.data_meta = training_rows(
@@ -181,16 +212,32 @@ class Trainer:
 
         A damaged newest checkpoint is skipped with a CheckpointWarning naming it; if every
         checkpoint is damaged, NoUsableCheckpoint. A run killed before its first checkpoint
-        starts over (its activation store, complete or not, is reused)."""
+        starts over (its activation store, complete or not, is reused). `steps`: train to this
+        many steps in all instead of the run's own (at least the steps done; the warm-up stays
+        the run's). Nothing in the run directory is written until run().
+
+        Refused (BadFile naming the file, nothing changed) when train_config.json no longer fits
+        the checkpoints' SAE (edited after the run started), or when metrics.jsonl lacks the steps
+        the checkpoint has done (the report would silently lose them)."""
+        from aosae.files import BadFile, MissingFile
+
         run_dir = Path(run_dir)
         cfg_path = run_dir / "train_config.json"
         if not cfg_path.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no train_config.json)")
+            raise MissingFile(cfg_path, "does not exist, so this is not a run directory",
+                              "pass the --out directory of an earlier `aosae train`")
         d = json.loads(cfg_path.read_text())
-        if steps is not None:
-            d["steps"] = steps
-        trainer = cls(TrainConfig.from_dict(d), run_dir, progress=progress)
+        cfg = TrainConfig.from_dict(d)
+        check_config_fits_checkpoints(run_dir, cfg)
+        if steps is not None and steps != cfg.steps:
+            # the warm-up (and AdaptiveTau's calibration) is a function of the steps: keep the run's own
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "steps": steps, "warmup_steps": cfg.warmup})
+        trainer = cls(cfg, run_dir, progress=progress, write_config=False)
         ckpts.load_latest_good(trainer)
+        if trainer.step > cfg.steps:
+            raise ValueError(f"--steps {cfg.steps} is fewer than the {trainer.step} steps {run_dir} has done: pass "
+                             f"--steps {trainer.step} or more to train it further, or leave --steps out to finish it")
+        check_log_covers(run_dir / "metrics.jsonl", trainer.step)
         return trainer
 
     # ----------------------------------------------------------------- the loop
@@ -200,7 +247,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "train_config.json", cfg.to_dict())
+            write_json_atomically(self.run_dir / "train_config.json", cfg.to_dict())  # a resume's --steps too
             self._truncate_metrics(metrics_path)
             if self.step == 0 and self.latest_checkpoint(self.run_dir) is None:
                 self.write_checkpoint()  # step 0: the NaN guard always has a good state to fall back to
@@ -340,6 +387,64 @@ class Trainer:
             write_report(self.run_dir, sae=sae, density=density)
         except ImportError as err:  # matplotlib is an optional dependency
             print(f"no report.png: {err} (pip install matplotlib)")
+
+
+# SAE settings that train_config.json and a checkpoint's cfg.json both record: an edit of one is
+# found before the checkpoint is blamed for not loading
+SHAPE_FIELDS = (("d_sae", "d_sae"), ("activation", "activation"), ("top_k", "top_k"), ("model", "model_name"),
+                ("layer", "hook_layer"), ("context", "context_size"))
+
+
+def check_config_fits_checkpoints(run_dir: Path, cfg: TrainConfig) -> None:
+    """BadFile naming train_config.json when a setting that shapes the SAE differs from the SAE
+    every readable checkpoint holds (train_config.json was edited after the run started)."""
+    from aosae.files import BadFile
+
+    for d in ckpts.list_checkpoints(run_dir):
+        try:
+            saved = SAEConfig.from_json_dict(json.loads((d / "cfg.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # a damaged checkpoint: the loader skips it with a warning
+        for mine, theirs in SHAPE_FIELDS:
+            want, have = getattr(cfg, mine), getattr(saved, theirs)
+            if mine == "d_sae" and want is None:
+                want = saved.d_in  # d_sae None means d_in
+            if mine == "model" and want is None:
+                want = DEFAULT_MODEL
+            if mine == "top_k" and cfg.activation == "relu":
+                continue
+            if want != have:
+                raise BadFile(run_dir / "train_config.json",
+                              f"{mine!r} is {want!r} but the run's checkpoints hold an SAE with {mine}={have!r} "
+                              f"({d / 'cfg.json'}): the file was edited after the run started",
+                              f"set {mine!r} back to {have!r} to resume, or start a new run with a different --out")
+        return
+
+
+def check_log_covers(path: Path, step: int) -> None:
+    """A resume from step N needs metrics.jsonl's rows 1..N: else the report and summary silently
+    lose them. BadFile (MissingFile) naming the log, before anything is written."""
+    from aosae.files import BadFile, MissingFile
+
+    if step == 0:
+        return
+    fix = (f"restore it from a backup, or start the run again with a new --out (the activation store is reused); "
+           f"the run itself is untouched")
+    if not path.is_file():
+        raise MissingFile(path, f"does not exist, but the run resumes at step {step}: the log of steps 1-{step} is lost",
+                          fix)
+    steps = set()
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill (the CLI drops it) or a blank one
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            steps.add(row["step"])
+    missing = [s for s in range(1, step + 1) if s not in steps]
+    if missing:
+        what = "is empty" if not steps else f"lacks {len(missing)} of the steps 1-{step} (first missing: {missing[0]})"
+        raise BadFile(path, f"{what}, but the run resumes at step {step} (its checkpoint)", fix)
 
 
 def train(cfg: TrainConfig, run_dir=None, *, progress: bool = True, on_step=None) -> tuple[Path, dict]:
