@@ -18,17 +18,20 @@ def export(
     Args:
         run_dir: Run directory written by `aosae train` (or any saved aosae SAE directory).
         to: Target format.
-        out: Output directory (default: RUN_DIR/saelens).
+        out: Output directory (default: RUN_DIR/saelens). It must be new, empty, or an earlier
+            export of the same SAE (which is replaced); anything else is refused, never overwritten.
     """
-    from aosae.cli.checks import check_output_dir, require_package
+    from aosae.cli.checks import check_export_dir, check_output_dir, require_package
+    from aosae.files import write_dir_atomically
     from aosae.nn.sae import SparseAutoencoder
 
     require_package("sae_lens", "--to saelens", "pip install 'aosae[saelens]'  (or: pip install sae-lens)")
     target = Path(out) if out else Path(run_dir) / to
     check_output_dir(target)
     sae = SparseAutoencoder.load(run_dir)  # every file checked: a damaged one is named, nothing is written
+    check_export_dir(target, sae.cfg)
     from aosae.integrations.saelens import export_to_saelens
 
-    export_to_saelens(sae, target)
+    write_dir_atomically(target, lambda tmp: export_to_saelens(sae, tmp))  # an earlier export stays until this one is whole
     print(f"wrote {target} (load it with sae_lens.SAE.load_from_disk({str(target)!r}))")
     return 0
