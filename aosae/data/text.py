@@ -71,6 +71,27 @@ def find_text_column(columns: Iterable[str], features=None, name: str = "the dat
     )
 
 
+def _looks_like_data(name: str) -> bool:
+    """A CSV column name that is really a first row of data: a number, a sentence, or empty."""
+    name = str(name).strip()
+    if not name or name.startswith("Unnamed:"):
+        return True
+    try:
+        float(name)
+        return True
+    except ValueError:
+        return len(name.split()) >= 3 or len(name) > 40
+
+
+def _check_csv_header(dataset: str, columns: list) -> None:
+    """A CSV file without a header row: its first row of text became the column names."""
+    if any(_looks_like_data(c) for c in columns):
+        shown = ", ".join(repr(str(c))[:50] for c in columns[:4])
+        raise ValueError(f"dataset {dataset} has no header row: its first line became the column names ({shown}); "
+                         "add a first line naming the columns, with the text column named 'text' (for one column of "
+                         "text, the line `text`), or use a .txt file with one document per line")
+
+
 def _saved_to_disk(path: Path) -> bool:
     """A directory written by datasets' save_to_disk (read with load_from_disk, not load_dataset)."""
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
@@ -116,6 +137,8 @@ class Texts:
         self.dataset, self.split, self.streaming = dataset, split, streaming
         self.column: Optional[str] = None
         self.documents = 0
+        self.skipped = 0  # rows whose column held something other than a string
+        self.skipped_example: Optional[str] = None
         self._rows: Optional[Iterator[str]] = None
 
     @property
@@ -124,7 +147,9 @@ class Texts:
 
     def describe(self) -> str:
         column = f", column {self.column!r}" if self.column not in (None, "text") else ""
-        return f"{self.name} ({self.documents} non-empty documents{column})"
+        skipped = "" if not self.skipped else (f", {self.skipped} rows skipped whose {self.column!r} is not a string "
+                                               f"(e.g. {self.skipped_example})")
+        return f"{self.name} ({self.documents} non-empty documents{column}{skipped})"
 
     def __iter__(self) -> "Texts":
         return self
@@ -152,8 +177,27 @@ class Texts:
             if first is None:
                 raise ValueError(f"{self.name} has no rows; pass a dataset with text")
             columns = list(first)
+        if Path(self.dataset).suffix.lower() == ".csv" and "text" not in columns:
+            _check_csv_header(self.dataset, columns)
         self.column = find_text_column(columns, features, self.name)
-        return (row[self.column] for row in ds if isinstance(row[self.column], str) and row[self.column])
+        dtype = getattr(features.get(self.column), "dtype", None) if features is not None else None
+        if dtype is not None and dtype not in ("string", "large_string"):  # e.g. a numeric 'text' column
+            raise ValueError(f"{self.name}: its {self.column!r} column holds {dtype} values, not text (columns: "
+                             f"{_column_types(columns, features)}); pass a dataset whose 'text' column holds "
+                             "strings (rename the column with the text to 'text')")
+        return self._strings(ds)
+
+    def _strings(self, ds) -> Iterator[str]:
+        """The column's non-empty strings; other values are counted (and named by describe())."""
+        for row in ds:
+            value = row[self.column]
+            if isinstance(value, str):
+                if value:
+                    yield value
+            elif value is not None:
+                self.skipped += 1
+                if self.skipped_example is None:
+                    self.skipped_example = f"{type(value).__name__} {value!r}"[:60]
 
     def _load(self):
         import datasets

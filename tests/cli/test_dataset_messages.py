@@ -101,3 +101,36 @@ def test_running_out_before_tokens_says_how_far_it_got(tmp_path):
     message = shortfall(texts, have=len(windows) * 3, n_tokens=100)  # BOS positions are not kept
     assert "3 non-empty documents" in message and "ran out after 12 activation tokens" in message
     assert "--tokens asks for 100" in message and "at most 12" in message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("values,dtype", [([1, 2, 3], "int64"), ([0.5, 1.5, 2.5], "float64")])
+def test_a_numeric_text_column_names_its_type_and_the_columns(tmp_path, fmt, values, dtype):
+    path = write(tmp_path, fmt, {"text": values, "body": DOCS})
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(path))
+    message = str(caught.value)
+    assert path in message and f"'text' column holds {dtype} values" in message
+    assert f"'text' ({dtype})" in message and "'body'" in message and "rename the column with the text to 'text'" in message
+
+
+@pytest.mark.parametrize("first_line", ["The quick brown fox jumps", "12.5", "a long first document, with a comma"])
+def test_a_csv_without_a_header_row_says_so(tmp_path, first_line):
+    path = tmp_path / "rows.csv"
+    path.write_text(first_line + "\nover the lazy dog again\nmore text here and here\n")
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(str(path)))
+    message = str(caught.value)
+    assert str(path) in message and "has no header row" in message and "the line `text`" in message
+
+
+def test_rows_whose_text_is_not_a_string_are_counted(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"text": DOCS[i] if i < 3 else [i]}) + "\n" for i in range(5)))
+    texts = iter_texts(str(path))
+    try:
+        docs = list(texts)
+    except ValueError as err:  # the reader refuses the mixed column: it must name it
+        assert str(path) in str(err)
+        return
+    assert docs == DOCS and "2 rows skipped whose 'text' is not a string" in texts.describe()
