@@ -29,6 +29,18 @@ def write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def write_json_atomically(path: Path, obj) -> None:
+    """write_json through a temp file and a rename: a crash leaves the old file or the new one, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write_json(tmp, obj)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_dir_atomically(directory: str | os.PathLike, write) -> Path:
     """Fill a fresh temp directory beside `directory` with write(tmp), then swap it in:
     a crash or a full disk leaves the previous `directory` untouched and no leftovers."""
@@ -210,6 +222,7 @@ def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu", *, veri
     if header > len(data) - 8:
         raise BadFile(path, f"is cut short or not a safetensors file (its header claims {header} bytes, the file "
                       f"has {len(data) - 8} after the size)", fix)
+    check_tensor_lengths(path, data, header, fix)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
@@ -221,6 +234,25 @@ def load_tensors(path: str | os.PathLike, fix: str, device: str = "cpu", *, veri
     if verify:
         verify_tensors(path, fix, tensors, metadata)
     return tensors
+
+
+def check_tensor_lengths(path: Path, data: bytes, header: int, fix: str) -> None:
+    """The file's length against what its header describes: fewer bytes is a file cut short, more
+    is bytes appended after the last tensor (a copy or a download gone wrong). A header that is not
+    JSON is left to safetensors' own reader."""
+    try:
+        entries = json.loads(data[8:8 + header].decode("utf-8"))
+        ends = [int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return
+    want, have = max(ends, default=0), len(data) - 8 - header
+    if have < want:
+        raise BadFile(path, f"is cut short: its header describes {want} bytes of tensors, the file holds {have} "
+                      f"({len(data)} bytes in all, {want - have} missing)", fix)
+    if have > want:
+        raise BadFile(path, f"has {have - want} unexpected trailing bytes after its last tensor (the header describes "
+                      f"{8 + header + want} bytes, the file has {len(data)}): bytes were appended or two files joined",
+                      fix)
 
 
 def verify_tensors(path: str | os.PathLike, fix: str, tensors: dict, metadata: dict | None = None) -> None:

@@ -181,15 +181,30 @@ def _import_directory(directory: Path, device, fold_decoder_norm: bool) -> Any:
     if not directory.is_dir():
         raise MissingFile(directory, "is not a directory" if directory.exists() else "does not exist",
                           "pass a directory written by SAELens (cfg.json + sae_weights.safetensors)")
-    read_json(directory / "cfg.json", fix)  # missing, empty, cut short, not JSON
-    tensors = load_tensors(directory / "sae_weights.safetensors", fix)  # missing, cut short, not safetensors
+    cfg = read_json(directory / "cfg.json", fix)  # missing, empty, cut short, not JSON
+    if cfg.get("architecture") in _TOPK and cfg.get("k") is None and "activation_fn_kwargs" not in cfg:
+        # SAELens would fill in its default k (100): a TopK SAE must say how many latents it keeps
+        raise BadFile(directory / "cfg.json", "describes a topk SAE but has no 'k' (the latents kept per token)",
+                      'add "k": <the k it was trained with> to it, or write it again with SAELens')
+    weights_path = directory / "sae_weights.safetensors"
+    tensors = load_tensors(weights_path, fix)  # missing, cut short, trailing bytes, not safetensors
+    ints = [f"{name} ({str(t.dtype).removeprefix('torch.')})" for name, t in tensors.items()
+            if not t.dtype.is_floating_point]
+    if ints:  # SAELens would convert them silently: weights that were rounded to integers are not an SAE
+        raise BadFile(weights_path, f"{', '.join(ints)} must be floating point (SAE weights)",
+                      "save the weights as float32 (or float16/bfloat16) again; " + fix)
     bad = [name for name, t in tensors.items() if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())]
     if bad:
-        raise BadFile(directory / "sae_weights.safetensors", f"{', '.join(bad)} hold(s) NaN/Inf values", fix)
+        raise BadFile(weights_path, f"{', '.join(bad)} hold(s) NaN/Inf values", fix)
     try:
         sae = SAE.load_from_disk(str(directory), device=str(device))
     except Exception as err:  # SAELens raises KeyError, TypeError, RuntimeError (shapes), ... for a bad cfg.json
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise BadFile(directory, f"SAELens cannot load it ({type(err).__name__}: {first}); its cfg.json and "
                       "sae_weights.safetensors may disagree or lack a field", fix) from err
-    return from_saelens(sae, fold_decoder_norm=fold_decoder_norm).to(device)
+    try:
+        converted = from_saelens(sae, fold_decoder_norm=fold_decoder_norm)
+    except (ValueError, TypeError) as err:  # settings aosae cannot take, or that do not fit together
+        raise BadFile(directory / "cfg.json", f"describes an SAE aosae cannot import: {err}",
+                      "check its settings against the weights (see aosae.integrations.saelens.from_saelens)") from err
+    return converted.to(device)
