@@ -102,6 +102,20 @@ def jumprelu_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float
     return (u > -0.5) & (u < 0.5)
 
 
+def _check_latents(latents, n_latents: int) -> None:
+    """The adapters' latents: a tensor [..., n_latents] (the SAE's d_sae) on a real device."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor [batch, d_sae={n_latents}], got {type(latents).__name__}")
+    if latents.dim() < 1 or latents.shape[-1] != n_latents:
+        raise ValueError(f"latents must have the SAE's width d_sae={n_latents} in their last dimension, got shape "
+                         f"{tuple(latents.shape)}: pass the latents this SAE's encode() returned")
+    if latents.device.type == "meta":
+        raise ValueError("latents is a meta tensor (a shape without values): the penalty needs the values; pass "
+                         "the latents on cpu or cuda")
+
+
 def penalty(
     loss: TopKOrthoLoss,
     form: str,
@@ -121,6 +135,7 @@ def penalty(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    _check_latents(latents, n_latents)
     needed = {"topk": ("topk", topk), "rows": ("rows", rows), "window": ("window", window)}.get(form)
     if needed is not None and needed[1] is None:
         raise ValueError(f"the {form!r} form needs {needed[0]}= (see aosae.integrations.latents.penalty)")

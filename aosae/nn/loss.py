@@ -131,6 +131,9 @@ class TopKOrthoLoss(nn.Module):
         warm_start: bool = True,
     ):
         super().__init__()
+        if k is None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))):
+            raise TypeError(f"fraction must be a number in (0, 1] (the share of latent pairs penalised, e.g. 0.005), "
+                            f"got {fraction!r} ({type(fraction).__name__})")
         if k is None:
             k_for_fraction(2, fraction)  # validates fraction now rather than at first call
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -159,6 +162,7 @@ class TopKOrthoLoss(nn.Module):
     def forward(self, acts: torch.Tensor) -> torch.Tensor:
         """The penalty of dense latents acts [batch, n_latents]; where `backend` resolves to the
         sparse path, through coactive_topk (never padded) with gram_topk's gradient."""
+        _check_acts(acts, "forward")
         backend = self.backend
         # (under torch.compile the op decides inside: resolving here would break the graph)
         if not torch.compiler.is_compiling() and isinstance(acts, torch.Tensor) and acts.dim() == 2 \
@@ -186,6 +190,7 @@ class TopKOrthoLoss(nn.Module):
         non-zeros of acts (a sparse tensor), which is all a ReLU upstream passes on, so no dense
         [B, n_latents] gradient is built (aosae.ops.gram_topk_support). Falls back to forward()
         where that path cannot run (half precision on CPU, no aosae._C, CUDA without Triton)."""
+        _check_acts(acts, "on_support")
         if not gram_topk_support.available(acts):
             return self(acts)
         k = self._k(acts.shape[1])
@@ -268,6 +273,23 @@ class TopKOrthoLoss(nn.Module):
             f"{size}, similarity={self.similarity!r}, reduction={self.reduction!r}, scale={self.scale!r}, "
             f"backend={self.backend!r}"
         )
+
+
+def _check_acts(acts, method: str) -> None:
+    """TopKOrthoLoss.forward / on_support's latents: a dense 2-D tensor on a real device (the
+    dtype, NaN/Inf and sizes are checked by the op)."""
+    if not isinstance(acts, torch.Tensor):
+        raise TypeError(f"{method} expects acts as a torch.Tensor [batch, n_latents], got {type(acts).__name__}: "
+                        "convert with torch.as_tensor")
+    if acts.layout != torch.strided:
+        raise TypeError(f"{method} expects dense acts [batch, n_latents], got a {str(acts.layout).removeprefix('torch.')} "
+                        "tensor: use acts.to_dense(), or from_topk / from_sparse for sparse latents")
+    if acts.dim() != 2:
+        raise ValueError(f"{method} expects acts as a 2-D tensor [batch, n_latents], got shape {tuple(acts.shape)}: "
+                         "reshape to (-1, n_latents)")
+    if acts.device.type == "meta":
+        raise ValueError(f"{method} got acts on the meta device (a shape without values): the penalty needs the "
+                         "values; pass acts on cpu or cuda")
 
 
 def _check_n_latents(n_latents) -> None:

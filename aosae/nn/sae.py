@@ -247,9 +247,15 @@ class SparseAutoencoder(nn.Module):
         return self.cfg.d_sae
 
     def _check_input(self, x: torch.Tensor, width: int, what: str) -> None:
+        if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+            raise TypeError(f"{what} must be a dense tensor [..., {width}], got a "
+                            f"{str(x.layout).removeprefix('torch.')} tensor: convert it with {what}.to_dense()")
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != width:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{what} must be a tensor [..., {width}], got {shape}")
+        if x.device != self.W_enc.device:  # a meta tensor (no values) too
+            raise ValueError(f"{what} is on {x.device} but the SAE's weights are on {self.W_enc.device}: pass {what} on the "
+                             f"SAE's device ({what}.to(sae.W_enc.device)), or move the SAE (sae.to(device))")
 
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, self.d_in, "x")
@@ -416,6 +422,7 @@ class SparseAutoencoder(nn.Module):
         raises aosae.files.BadFile (a ValueError) naming it and what to do."""
         from aosae.nn.sae_files import read_sae_files
 
+        _check_device(device)  # before the files are read
         cfg, tensors = read_sae_files(directory)
         sae = cls(cfg)
         with torch.no_grad():
@@ -430,3 +437,16 @@ class SparseAutoencoder(nn.Module):
 
             raise BadFile(path, str(err).removeprefix(f"{path}: ").removeprefix(f"{path} "), FIX) from err
         return sae.to(device)
+
+
+def _check_device(device) -> None:
+    """SparseAutoencoder.load's device: one torch knows and this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from err
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} but CUDA is not available here: pass device='cpu'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} but this machine has {torch.cuda.device_count()} GPU(s): use an index below "
+                         f"{torch.cuda.device_count()}")

@@ -35,7 +35,34 @@ def saelens_cases(saelens):
         "tau bounds": (ValueError, "min <= init <= max", lambda: standard(tau_init=0.5)),
         "NaN latents (standard)": (ValueError, "NaN", penalty(standard(), torch.relu(nan_batch(64)))),
         "NaN input (topk)": (ValueError, "NaN", lambda: topk.orthogonality_penalty(*topk.encode_with_hidden_pre(nan_batch()))),
+        # latents of another width than d_sae=64: named, never a broadcast error (or a silent wrong penalty)
+        "narrow latents (standard)": (ValueError, r"d_sae=64.*\(32, 63\)", penalty(standard(), torch.rand(32, 63))),
+        "wide latents (standard)": (ValueError, r"d_sae=64.*\(32, 65\)", penalty(standard(), torch.rand(32, 65))),
+        "narrow latents (topk)": (ValueError, r"d_sae=64.*\(32, 63\)", penalty(topk, torch.rand(32, 63))),
+        "meta latents": (ValueError, "meta tensor", penalty(standard(), torch.rand(32, 64, device="meta"))),
+        "latents not a tensor": (TypeError, "torch.Tensor", penalty(standard(), [[0.0] * 64])),
     }
+
+
+def latent_penalty_cases():
+    """aosae.integrations.latents.penalty, the one path both adapters hand their latents to."""
+    from aosae.integrations.latents import penalty
+    from aosae.nn.loss import TopKOrthoLoss
+
+    loss = TopKOrthoLoss()
+    return {
+        "narrow latents": (ValueError, r"d_sae=64.*\(32, 48\)", lambda: penalty(loss, "support", 64, latents=torch.rand(32, 48))),
+        "3-D latents of the wrong width": (ValueError, r"d_sae=64.*\(2, 16, 32\)",
+                                           lambda: penalty(loss, "dense", 64, latents=torch.rand(2, 16, 32))),
+        "sparse latents of the wrong width": (ValueError, "d_sae=64",
+                                              lambda: penalty(loss, "support", 64, latents=torch.rand(8, 32).to_sparse())),
+        "unknown form": (ValueError, "form must be one of", lambda: penalty(loss, "csr", 64, latents=torch.rand(8, 64))),
+    }
+
+
+@pytest.mark.parametrize("case", list(latent_penalty_cases()))
+def test_latent_penalty_rejects(case):
+    check(*latent_penalty_cases()[case])
 
 
 def dictlearn_cases(dictlearn):
@@ -52,7 +79,8 @@ def dictlearn_cases(dictlearn):
 
 
 SAELENS_CASES = ["similarity", "fraction", "negative coefficient", "tau bounds", "NaN latents (standard)",
-                 "NaN input (topk)"]
+                 "NaN input (topk)", "narrow latents (standard)", "wide latents (standard)", "narrow latents (topk)",
+                 "meta latents", "latents not a tensor"]
 DICTLEARN_CASES = ["negative coefficient", "fraction", "similarity", "NaN batch (standard)", "NaN batch (topk)"]
 
 

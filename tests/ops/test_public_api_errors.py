@@ -117,9 +117,48 @@ TOPK_ORTHO_LOSS = {
     "from_topk: n_latents float": (TypeError, "n_latents", loss_call("from_topk", IDX, VAL, 4.0)),
     "from_sparse: not CSR": (TypeError, "offsets, indices, values", loss_call("from_sparse", 5, 4)),
     "from_sparse: offsets 2-D": (ValueError, "offsets", loss_call("from_sparse", (IDX, IDX, VAL), 4)),
+    "fraction a string": (TypeError, "fraction must be a number.*'0.1'", lambda: TopKOrthoLoss("0.1")),
+    "fraction None": (TypeError, "fraction must be a number", lambda: TopKOrthoLoss(None)),
+    "forward: meta tensor": (ValueError, "meta device", loss_call("forward", torch.rand(4, 6, device="meta"))),
+    "forward: sparse COO": (TypeError, "dense acts.*to_dense", loss_call("forward", torch.rand(4, 6).to_sparse())),
+    "on_support: 1-D": (ValueError, r"2-D.*got shape \(8,\)", loss_call("on_support", torch.rand(8))),
+    "on_support: a list": (TypeError, "torch.Tensor.*got list", loss_call("on_support", [[1.0, 2.0], [0.0, 1.0]])),
+    "on_support: meta tensor": (ValueError, "on_support.*meta device", loss_call("on_support", torch.rand(4, 6, device="meta"))),
+    "on_support: int dtype": (TypeError, "floating", loss_call("on_support", torch.ones(4, 6, dtype=torch.int32))),
 }
 
 
 @pytest.mark.parametrize("case", list(TOPK_ORTHO_LOSS))
 def test_topk_ortho_loss_rejects(case):
     check(*TOPK_ORTHO_LOSS[case])
+
+
+def sae_call(method: str, *args):
+    from aosae.nn.sae import SAEConfig, SparseAutoencoder
+
+    return lambda: getattr(SparseAutoencoder(SAEConfig(d_in=8, d_sae=16)), method)(*args)
+
+
+def load_on(device):
+    from aosae.nn.sae import SparseAutoencoder
+
+    return lambda: SparseAutoencoder.load("/no/such/sae", device=device)  # the device is checked before the files
+
+
+SPARSE_AUTOENCODER = {
+    "forward: meta tensor": (ValueError, "x is on meta.*weights are on cpu", sae_call("forward", torch.rand(4, 8, device="meta"))),
+    "forward: sparse COO": (TypeError, "x must be a dense tensor.*to_dense", sae_call("forward", torch.rand(4, 8).to_sparse())),
+    "forward: wrong width": (ValueError, r"\[\.\.\., 8\], got \(4, 7\)", sae_call("forward", torch.rand(4, 7))),
+    "forward: not a tensor": (ValueError, "got list", sae_call("forward", [[0.0] * 8])),
+    "encode: meta tensor": (ValueError, "x is on meta", sae_call("encode", torch.rand(4, 8, device="meta"))),
+    "decode: sparse COO": (TypeError, "f must be a dense tensor", sae_call("decode", torch.rand(4, 16).to_sparse())),
+    "load: unknown device": (ValueError, "device must be a torch device.*'nope'", load_on("nope")),
+    "load: device not a string": (ValueError, "device must be a torch device", load_on(3.5)),
+}
+if not torch.cuda.is_available():
+    SPARSE_AUTOENCODER["load: cuda on a CPU-only machine"] = (ValueError, "CUDA is not available.*pass device=.cpu.", load_on("cuda"))
+
+
+@pytest.mark.parametrize("case", list(SPARSE_AUTOENCODER))
+def test_sparse_autoencoder_rejects(case):
+    check(*SPARSE_AUTOENCODER[case])
