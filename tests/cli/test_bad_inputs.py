@@ -502,10 +502,33 @@ def test_import_from_saelens_names_the_damaged_file(world, data):
             damage_json(directory / name, data, [("d_in",), ("d_sae",)], [("d_in",), ("d_sae",)], ints=("d_in", "d_sae"))
         else:
             kind = damage_weights(directory / name, data)
-            assume(kind not in ("flip", "dtype"))  # SAELens files carry no checksum; an int tensor converts
+            assume(kind != "flip")  # SAELens files carry no checksum
         with pytest.raises(ValueError) as caught:
             import_from_saelens(directory)
         assert str(directory) in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_import_from_saelens_names_a_topk_cfg_without_k_and_integer_weights(tmp_path):
+    pytest.importorskip("sae_lens", reason="sae-lens is not installed: bash .ci/install_integrations.sh saelens")
+    from aosae import SparseAutoencoder
+    from aosae.integrations.saelens import export_to_saelens, import_from_saelens
+
+    directory = export_to_saelens(SparseAutoencoder.from_dims(8, 16, "topk", top_k=2), tmp_path / "sl")
+    cfg = json.loads((directory / "cfg.json").read_text())
+    (directory / "cfg.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "k"}))
+    with pytest.raises(BadFile, match="topk SAE but has no 'k'") as caught:
+        import_from_saelens(directory)
+    assert caught.value.path == directory / "cfg.json"
+    (directory / "cfg.json").write_text(json.dumps({**cfg, "k": 40}))  # more than d_sae: SAELens loads it
+    with pytest.raises(BadFile, match="top_k=40") as caught:
+        import_from_saelens(directory)
+    assert str(directory / "cfg.json") in str(caught.value)
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    weights = directory / "sae_weights.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in load_file(str(weights)).items()}, str(weights))
+    with pytest.raises(BadFile, match="must be floating point") as caught:
+        import_from_saelens(directory)
+    assert caught.value.path == weights
 
 
 def test_store_open_names_a_damaged_meta_json(world, tmp_path):
@@ -575,3 +598,171 @@ def test_the_console_command_prints_one_line_and_exits_2(world, tmp_path):
     debug = subprocess.run([sys.executable, "-m", "aosae", "export", str(run), "--out", str(tmp_path / "x")],
                            capture_output=True, text=True, env={**env, "AOSAE_DEBUG": "1"}, timeout=120)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "BadFile" in debug.stderr
+
+
+# ------------------------------------------------------------------ settings that do not fit the model or the run
+def refused(argv, named, *roots):
+    """Run `aosae ARGV`; assert one error line naming `named` (a path or any text) and nothing under roots changed."""
+    before = digest(*roots)
+    code, _, err, _ = run_cli(argv)
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("aosae "), err
+    assert str(named) in errors[0], f"{named} not named in: {errors[0]}"
+    assert digest(*roots) == before, "a failed command changed the user's files"
+    return errors[0]
+
+
+@settings(FAST, max_examples=6)
+@given(context=st.integers(129, 4096))
+def test_a_context_longer_than_the_model_allows_is_refused_up_front(world, context):
+    """The tiny LM has 128 positions: train, eval --context and a resumed run whose train_config.json
+    says more all stop before any LM forward, naming the limit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        line = refused(["train", *world["train_args"], "--context", str(context), "--cache-dir", str(tmp / "cache"),
+                        "--out", str(tmp / "new")], f"context {context}", world["run"])
+        assert "128 positions" in line and "--context 128 or less" in line
+        assert not (tmp / "cache").exists() and not (tmp / "new").exists()
+        line = refused(["eval", str(world["run"]), "--context", str(context)], f"context {context}", world["run"])
+        assert "--context 128 or less" in line
+        run = copy_run(world, tmp)
+        settings_ = json.loads((run / "train_config.json").read_text())
+        (run / "train_config.json").write_text(json.dumps({**settings_, "context": context}))
+        line = refused(["train", "--resume", str(run), "--no-progress"], run / "train_config.json", run, world["cache"])
+        assert "at most 128" in line
+
+
+BAD_START = {  # an option that fails only once the model, its layers or the dataset are read
+    "model": ["--model", "no-such-org/no-such-model-xyz"],
+    "layer": ["--layer", "7"],
+    "dataset": ["--dataset", "/no/such/rows.jsonl"],
+    "good settings": [],
+}
+
+
+@settings(FAST, max_examples=8)
+@given(data=st.data())
+def test_train_into_an_existing_run_is_refused_and_the_run_kept(world, data):
+    bad = data.draw(st.sampled_from(list(BAD_START)), label="option")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        line = refused(["train", *world["train_args"], *BAD_START[bad], "--cache-dir", str(world["cache"]),
+                        "--out", str(run)], run, run, world["cache"])
+        assert f"--resume {run}" in line
+
+
+@pytest.mark.parametrize("bad", ["model", "layer", "dataset"])
+def test_a_failed_start_leaves_no_train_config(world, tmp_path, bad):
+    """`aosae train` (and Trainer) write train_config.json only once the run has started: a new --out
+    that fails is not left behind as a half-made run; an existing one (Python API) gets its file back."""
+    argv = ["train", *world["train_args"], *BAD_START[bad], "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "new")]
+    code, _, err, _ = run_cli(argv)
+    assert code == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "new").exists()
+    from aosae.training.config import TrainConfig
+    from aosae.training.trainer import Trainer
+
+    run = copy_run(world, tmp_path)
+    (run / "train_config.json").write_text(json.dumps({**json.loads((run / "train_config.json").read_text()), "tau0": 0.05}))
+    before = digest(run)
+    options = dict(zip(BAD_START[bad][0::2], BAD_START[bad][1::2]))
+    cfg = TrainConfig(model=options.get("--model", str(world["model"])), dataset=options.get("--dataset", str(world["corpus"])),
+                      layer=int(options.get("--layer", 1)), tokens=2000, context=32, d_sae=48, steps=6, batch_size=128,
+                      buffer_tokens=512, cache_dir=str(tmp_path / "cache2"))
+    with pytest.raises(ValueError):
+        Trainer(cfg, run, progress=False)
+    assert digest(run) == before
+
+
+def test_a_failed_resume_does_not_rewrite_train_config(world, tmp_path):
+    """A run dir of an earlier version (renamed keys, compact JSON) whose checkpoints are all damaged."""
+    run = copy_run(world, tmp_path)
+    settings_ = json.loads((run / "train_config.json").read_text())
+    settings_["tau0"] = settings_.pop("tau_init")
+    (run / "train_config.json").write_text(json.dumps(settings_))
+    for step in (run / "checkpoints").iterdir():
+        (step / "optimizer.pt").write_bytes(b"damaged")
+    refused(["train", "--resume", str(run), "--no-progress"], run / "checkpoints", run)
+
+
+@pytest.mark.parametrize("log", ["empty", "missing", "short"])
+def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
+    run = copy_run(world, tmp_path)
+    path = run / "metrics.jsonl"
+    if log == "empty":
+        path.write_bytes(b"")
+    elif log == "missing":
+        path.unlink()
+    else:  # rows 1-3 of the 6 the checkpoint has done
+        path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:3]))
+    line = refused(["train", "--resume", str(run), "--no-progress"], path, run, world["cache"])
+    assert "step 6" in line and "restore it from a backup" in line
+
+
+@settings(FAST, max_examples=8)
+@given(data=st.data())
+def test_resume_names_an_edited_train_config_not_the_checkpoints(world, data):
+    key, value = data.draw(st.sampled_from([("d_sae", 96), ("d_sae", 32), ("d_sae", None), ("activation", "topk"),
+                                            ("layer", 0), ("context", 64), ("model", "another-model")]), label="edit")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        settings_ = json.loads((run / "train_config.json").read_text())
+        settings_[key] = value
+        if key == "activation":
+            settings_["top_k"] = 4
+        (run / "train_config.json").write_text(json.dumps(settings_, indent=2))
+        line = refused(["train", "--resume", str(run), "--no-progress"], run / "train_config.json", run, world["cache"])
+        assert f"'{key}'" in line and "edited" in line and "checkpoint" in line
+
+
+def test_resume_steps_extends_the_run_and_refuses_fewer(world, tmp_path):
+    run = copy_run(world, tmp_path)
+    line = refused(["train", "--resume", str(run), "--steps", "4", "--no-progress"], "--steps 4", run)
+    assert "6 steps" in line and "--steps 6 or more" in line
+    line = refused(["train", "--resume", str(run), "--lr", "0.1", "--d-sae", "8", "--no-progress"], "--d-sae, --lr", run)
+    assert "only --steps" in line
+    with hidden("matplotlib"):
+        code, out, err, _ = run_cli(["train", "--resume", str(run), "--steps", "9", "--no-progress"])
+    assert code == 0, err
+    rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 10))
+    saved = json.loads((run / "train_config.json").read_text())
+    assert saved["steps"] == 9 and saved["warmup_steps"] == 1  # the 6-step run's warm-up (10% of 6, at least 1) is kept
+    assert json.loads((run / "summary.json").read_text())["steps"] == 9
+
+
+# ------------------------------------------------------------------ export --out
+def test_export_refuses_an_out_that_holds_other_files(world, tmp_path):
+    run = copy_run(world, tmp_path)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    for out in (run, run / "checkpoints", other):
+        line = refused(["export", str(run), "--out", str(out)], out, run, other)
+        assert "not empty" in line and "new or empty directory" in line
+    first = tmp_path / "sl"
+    assert run_cli(["export", str(run), "--out", str(first)])[0] == 0
+    assert run_cli(["export", str(run), "--out", str(first)])[0] == 0  # an earlier export of the same SAE: replaced
+    cfg = json.loads((first / "cfg.json").read_text())
+    (first / "cfg.json").write_text(json.dumps({**cfg, "d_sae": 96}))  # now the export of another SAE
+    assert "another SAE" in refused(["export", str(run), "--out", str(first)], first, first, run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(["export", str(run), "--out", str(empty)])[0] == 0 and (empty / "cfg.json").is_file()
+
+
+# ------------------------------------------------------------------ safetensors files with bytes appended
+@settings(FAST, max_examples=10)
+@given(extra=st.binary(min_size=1, max_size=64))
+def test_trailing_bytes_are_named_as_such(world, extra):
+    from aosae import SparseAutoencoder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_run(world, Path(tmp))
+        weights = run / "sae_weights.safetensors"
+        weights.write_bytes(weights.read_bytes() + extra)
+        with pytest.raises(BadFile, match=f"has {len(extra)} unexpected trailing bytes"):
+            SparseAutoencoder.load(run)
+        assert "trailing bytes" in refused(["eval", str(run)], weights, run)
