@@ -1,0 +1,116 @@
+"""Does fusing the encoder product with a per-row running top-k pay on CPU? (issue 20)
+
+The TopK step's forward computes pre = (x − b_dec) W_enc + b_enc, [B, n], then keeps the k largest
+per row. A fused form tiles the product over latent columns and keeps a running top-k per row, so
+[B, n] is never written: its gain is bounded by the [B, n] write (first touch of a fresh buffer) and
+the top-k pass over it. Both arms here use MKL's GEMM for the product (`addmm`); the tiled arm writes
+one [B, T] tile at a time into a reused buffer and merges each tile's top-k into the running one.
+Each timed result is checked against the unfused arm first (same values; same indices up to ties).
+
+    python benchmarks/encoder_topk_fusion.py [--widths 65536,262144] [--tiles 4096,16384]
+        [--batch 2048] [--d-in 576] [--k 64] [--rounds 5] [--out benchmarks/results/encoder_topk_fusion.json]
+
+Arms alternate within each round; every arm gets the same warm-up and rounds; the median and the
+spread (min–max) across rounds are reported. Peak memory is the arithmetic of what each arm
+allocates on top of x and W_enc (the [B, n] pre-activations against one [B, T] tile).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def unfused(x, W_enc, b_enc, k):
+    pre = torch.addmm(b_enc, x, W_enc)
+    return pre.topk(k, dim=1, sorted=False)
+
+
+def tiled(x, W_enc, b_enc, k, tile, buf):
+    """Running per-row top-k over column tiles of the product; buf is a reused [B, tile] buffer."""
+    n = W_enc.shape[1]
+    best_v = best_i = None
+    for s in range(0, n, tile):
+        e = min(n, s + tile)
+        part = torch.addmm(b_enc[s:e], x, W_enc[:, s:e], out=buf[:, : e - s])
+        v, i = part.topk(min(k, e - s), dim=1, sorted=False)
+        i += s
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            v, j = torch.cat([best_v, v], 1).topk(k, dim=1, sorted=False)
+            best_v, best_i = v, torch.cat([best_i, i], 1).gather(1, j)
+    return best_v, best_i
+
+
+def same(a, b) -> bool:
+    """Equal top-k sets row by row: sorted values equal; indices equal where values are unique."""
+    va, ia = a[0].sort(1, descending=True), None
+    vb = b[0].sort(1, descending=True)
+    if not torch.equal(va.values, vb.values):
+        return False
+    ia, ib = a[1].gather(1, va.indices), b[1].gather(1, vb.indices)
+    tied = (va.values[:, 1:] == va.values[:, :-1])
+    return bool(((ia == ib) | torch.nn.functional.pad(tied, (1, 0)) | torch.nn.functional.pad(tied, (0, 1))).all())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--widths", default="65536,262144")
+    p.add_argument("--tiles", default="4096,16384")
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--d-in", type=int, default=576)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/results/encoder_topk_fusion.json")
+    a = p.parse_args()
+    from aosae.machine import cpu_name
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, a.d_in, generator=g)
+    rows = []
+    for n in (int(v) for v in a.widths.split(",")):
+        W_enc = torch.randn(n, a.d_in, generator=g).t() / a.d_in ** 0.5  # column-major, as the SAE stores it
+        b_enc = 0.01 * torch.randn(n, generator=g)
+        tiles = [int(t) for t in a.tiles.split(",") if int(t) < n]
+        bufs = {t: torch.empty(a.batch, t) for t in tiles}
+        arms = {"unfused": lambda: unfused(x, W_enc, b_enc, a.k),
+                **{f"tiled_{t}": (lambda t=t: tiled(x, W_enc, b_enc, a.k, t, bufs[t])) for t in tiles}}
+        reference = arms["unfused"]()
+        for name, fn in arms.items():  # the check doubles as the warm-up, the same for every arm
+            if not same(fn(), reference):
+                raise SystemExit(f"{name} disagrees with the unfused top-k at n={n}")
+        times = {name: [] for name in arms}
+        for _ in range(a.rounds):
+            for name, fn in arms.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        product = 2 * a.batch * a.d_in * n
+        base = statistics.median(times["unfused"])
+        for name, ts in times.items():
+            tile = n if name == "unfused" else int(name.split("_")[1])
+            rows.append({"n": n, "arm": name, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                         "ratio_to_unfused": statistics.median(ts) / base, "gflops": product / statistics.median(ts) / 1e9,
+                         "extra_bytes": a.batch * tile * 4})
+            print(f"n={n:>7} {name:<12} {statistics.median(ts):7.3f} s [{min(ts):.3f}–{max(ts):.3f}] "
+                  f"×{statistics.median(ts) / base:.2f}  {product / statistics.median(ts) / 1e9:5.1f} GFLOP/s  "
+                  f"[B, tile] {a.batch * tile * 4 / 2**20:.0f} MiB")
+    out = {"benchmark": "encoder_topk_fusion", "machine": f"{cpu_name()}", "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+           "load_average_1min_at_end": os.getloadavg()[0],
+           "batch": a.batch, "d_in": a.d_in, "k": a.k, "rounds": a.rounds, "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
