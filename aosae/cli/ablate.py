@@ -186,19 +186,28 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
                 values = ks
             sweep = Sweep(name, base, values, seeds=tuple(range(seeds)), slack=args.slack)
             print(f"{name}: {desc['data']}; {len(sweep_arms)} arms × {len(values)} {sweep.swept} × {seeds} seeds")
-            rows = run_sweep(sweep, train, held, truth, sweep_arms, scorer=scorer)
             old = earlier.get(name)
-            if old is not None and (old["base"], old["values"]) == (base, list(values)):
-                # the same sweep settings: keep the earlier call's arms that this one did not train
-                rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
-                sweep_arms = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
-            record["sweeps"][name] = {"args": asdict(args), "arms": list(sweep_arms), "description": desc,
-                                      "swept": sweep.swept, "values": list(values),
-                                      "base": base, "slack": args.slack, "ground_truth": truth is not None,
-                                      "seconds": time.perf_counter() - t0, "runs": rows}
-            tmp = runs_path.with_name(runs_path.name + ".tmp")  # after every sweep, atomically: a crash keeps what ran
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, runs_path)
+            same_settings = old is not None and (old["base"], old["values"]) == (base, list(values))
+
+            def save(rows, complete: bool, name=name, sweep=sweep, sweep_arms=sweep_arms, old=old, same=same_settings,
+                     desc=desc, truth=truth, base=base, values=values, t0=t0):
+                arms_run = sweep_arms
+                if same:  # the same sweep settings: keep the earlier call's arms that this one did not train
+                    rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
+                    arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
+                record["sweeps"][name] = {"args": asdict(args), "arms": list(arms_run), "description": desc,
+                                          "swept": sweep.swept, "values": list(values), "base": base, "slack": args.slack,
+                                          "ground_truth": truth is not None, "seconds": time.perf_counter() - t0,
+                                          "complete": complete, "runs": list(rows)}
+                if not complete and old is not None:
+                    return  # an earlier record of this sweep stays on disk until this one is complete
+                tmp = runs_path.with_name(runs_path.name + ".tmp")  # atomically: a crash keeps what ran
+                tmp.write_text(json.dumps(record, indent=1))
+                os.replace(tmp, runs_path)
+
+            rows = run_sweep(sweep, train, held, truth, sweep_arms, scorer=scorer,
+                             on_run=lambda rows: save(rows, complete=False))
+            save(rows, complete=True)
     finally:
         torch.set_num_threads(previous)
     from aosae.experiments.ablation.report import write_report

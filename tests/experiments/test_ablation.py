@@ -186,3 +186,28 @@ def test_render_only_refuses_an_unknown_arm_before_touching_a_file(tmp_path, cap
     assert cli_main(["ablate", "--out", str(out), "--render-only"]) != 0
     assert "arm 'paper_v2', which is not one of" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_sweep_stopped_midway_keeps_its_runs(tmp_path, monkeypatch, capsys):
+    """runs.json is rewritten after every run: a call stopped in its third run keeps the first two,
+    marked incomplete, and --render-only turns them into tables."""
+    from aosae.experiments.ablation import runner
+
+    real, calls = runner.train_run, []
+
+    def stop_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_run", stop_at_third)
+    out = tmp_path / "abl"
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper", "--seeds", "2",
+                  "--lambdas", "0.3", "--steps", "5", "--samples", "1000", "--d", "16", "--features", "32",
+                  "--d-sae", "32", "--batch-size", "128"])
+    sweep = json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]
+    assert sweep["complete"] is False and [(r["arm"], r["seed"]) for r in sweep["runs"]] == [("none", 0), ("paper", 0)]
+    assert cli_main(["ablate", "--out", str(out), "--render-only"]) == 0
+    assert "**incomplete**" in (out / "README.md").read_text()

@@ -142,7 +142,9 @@ def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
                "- arms: " + ", ".join(a for a in record["arms"] if any(r["arm"] == a for r in runs)),
                "- options: " + ", ".join(f"{k}={v}" for k, v in opts.items() if k in SWEEP_OPTIONS[sweep["swept"] if name != "model" else "model"]),
                f"- swept {sweep['swept']} ∈ {sweep['values']}, {len({r['seed'] for r in runs})} seeds, "
-               f"{len(runs)} runs, {secs / 60:.1f} min of training", "",
+               f"{len(runs)} runs, {secs / 60:.1f} min of training",
+               *(["- **incomplete**: the call stopped before every (arm, value, seed) ran; the tables read what "
+                  "did (rerun the same command to complete it)"] if sweep.get("complete") is False else []), "",
                "### Verdict (paired by seed, 95% intervals, at the penalty-free arm's L0s)", "",
                *verdict_lines(verdicts, gt, sweep["slack"]), "",
                "### At matched L0: difference to no penalty", "", *delta_table(match), "",

@@ -113,9 +113,11 @@ def train_run(acts: torch.Tensor, cfg: TrainConfig, held: torch.Tensor, truth, r
 
 
 def run_sweep(sweep: Sweep, acts: torch.Tensor, held: torch.Tensor, truth, arms: tuple, workdir: Optional[Path] = None,
-              log: Callable[[str], None] = print, scorer: Optional[Callable] = None) -> list[dict]:
+              log: Callable[[str], None] = print, scorer: Optional[Callable] = None,
+              on_run: Optional[Callable[[list], None]] = None) -> list[dict]:
     """Every (value, seed, arm); the 'none' arm of each (value, seed) runs first and sets the budget.
-    Returns one row per run: {"arm", "value", "seed", "budget_fvu", **metrics}."""
+    Returns one row per run: {"arm", "value", "seed", "budget_fvu", **metrics}; on_run(rows so far)
+    after each run (the CLI saves them, so that a long sweep stopped early keeps what ran)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="aosae-ablate-") as tmp:
         root = Path(workdir or tmp)
@@ -132,6 +134,8 @@ def run_sweep(sweep: Sweep, acts: torch.Tensor, held: torch.Tensor, truth, arms:
                     rows.append({"arm": name, "value": value, "seed": seed, **res, "budget_fvu_end":
                                  None if reference_fvu is None or not ARMS[name].budgeted
                                  else reference_fvu * (1 + sweep.slack)})
+                    if on_run is not None:
+                        on_run(rows)
                     log(f"  {sweep.name} {name:<20} {sweep.swept}={value} seed={seed}: L0 {res['l0']:.1f} "
                         f"FVU {res['fvu']:.3f} " + (f"MMCS {res['mmcs']:.3f} absorption {res['absorption_rate']:.3f} "
                                                     if truth is not None else "")
