@@ -87,7 +87,7 @@ def _check_csv_header(dataset: str, columns: list) -> None:
     """A CSV file without a header row: its first row of text became the column names."""
     if any(_looks_like_data(c) for c in columns):
         shown = ", ".join(repr(str(c))[:50] for c in columns[:4])
-        raise ValueError(f"dataset {dataset} has no header row: its first line became the column names ({shown}); "
+        raise ValueError(f"dataset {dataset} seems to have no header row: its first line became the column names ({shown}); "
                          "add a first line naming the columns, with the text column named 'text' (for one column of "
                          "text, the line `text`), or use a .txt file with one document per line")
 

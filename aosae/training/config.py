@@ -43,7 +43,7 @@ class TrainConfig:
     d_sae: Optional[int] = None
     """Number of latents; None: d_in."""
     steps: int = 400
-    """Optimiser steps."""
+    """Optimiser steps (with --resume: the total to train the run on to, at least the steps it has done)."""
     batch_size: int = 2048
     """Tokens per optimiser step."""
     lr: float = 9e-4

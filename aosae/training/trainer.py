@@ -389,35 +389,30 @@ class Trainer:
             print(f"no report.png: {err} (pip install matplotlib)")
 
 
-# SAE settings that train_config.json and a checkpoint's cfg.json both record: an edit of one is
-# found before the checkpoint is blamed for not loading
-SHAPE_FIELDS = (("d_sae", "d_sae"), ("activation", "activation"), ("top_k", "top_k"), ("model", "model_name"),
-                ("layer", "hook_layer"), ("context", "context_size"))
-
-
 def check_config_fits_checkpoints(run_dir: Path, cfg: TrainConfig) -> None:
-    """BadFile naming train_config.json when a setting that shapes the SAE differs from the SAE
-    every readable checkpoint holds (train_config.json was edited after the run started)."""
+    """BadFile naming train_config.json when a setting that shapes the SAE (d_sae, activation, top_k)
+    or its data (model, layer, context, dataset, tokens) differs from what the checkpoints' cfg.json
+    records: train_config.json was edited after the run started. Found here, before the checkpoints
+    are blamed for not loading (or a resume silently continues on other activations)."""
     from aosae.files import BadFile
 
-    for d in ckpts.list_checkpoints(run_dir):
+    for d in ckpts.list_checkpoints(run_dir):  # the newest readable one
         try:
             saved = SAEConfig.from_json_dict(json.loads((d / "cfg.json").read_text()))
         except (OSError, ValueError, TypeError):
             continue  # a damaged checkpoint: the loader skips it with a warning
-        for mine, theirs in SHAPE_FIELDS:
-            want, have = getattr(cfg, mine), getattr(saved, theirs)
-            if mine == "d_sae" and want is None:
-                want = saved.d_in  # d_sae None means d_in
-            if mine == "model" and want is None:
-                want = DEFAULT_MODEL
-            if mine == "top_k" and cfg.activation == "relu":
-                continue
-            if want != have:
+        extra = saved.extra or {}
+        pairs = [("d_sae", cfg.d_sae or saved.d_in, saved.d_sae), ("activation", cfg.activation, saved.activation),
+                 ("top_k", cfg.top_k, saved.top_k), ("model", cfg.model or DEFAULT_MODEL, saved.model_name),
+                 ("layer", cfg.layer, saved.hook_layer), ("context", cfg.context, saved.context_size)]
+        pairs += [(key, getattr(cfg, key) or default, extra[key])
+                    for key, default in (("dataset", DEFAULT_DATASET), ("tokens", None)) if key in extra]
+        for key, want, have in pairs:
+            if have is not None and want != have and not (key == "top_k" and cfg.activation == "relu"):
                 raise BadFile(run_dir / "train_config.json",
-                              f"{mine!r} is {want!r} but the run's checkpoints hold an SAE with {mine}={have!r} "
+                              f"{key!r} is {want!r} but the run's checkpoints were trained with {key}={have!r} "
                               f"({d / 'cfg.json'}): the file was edited after the run started",
-                              f"set {mine!r} back to {have!r} to resume, or start a new run with a different --out")
+                              f"set {key!r} back to {have!r} to resume, or start a new run with a different --out")
         return
 
 

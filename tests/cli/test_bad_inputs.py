@@ -701,11 +701,12 @@ def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
     assert "step 6" in line and "restore it from a backup" in line
 
 
-@settings(FAST, max_examples=8)
+@settings(FAST, max_examples=12)
 @given(data=st.data())
 def test_resume_names_an_edited_train_config_not_the_checkpoints(world, data):
     key, value = data.draw(st.sampled_from([("d_sae", 96), ("d_sae", 32), ("d_sae", None), ("activation", "topk"),
-                                            ("layer", 0), ("context", 64), ("model", "another-model")]), label="edit")
+                                            ("layer", 0), ("context", 64), ("model", "another-model"), ("tokens", 4000),
+                                            ("dataset", "other.jsonl")]), label="edit")
     with tempfile.TemporaryDirectory() as tmp:
         run = copy_run(world, Path(tmp))
         settings_ = json.loads((run / "train_config.json").read_text())
