@@ -72,24 +72,19 @@ def _expected(metavar: str) -> str:
 
 
 def _known_flags(command: str) -> list[str]:
-    """Every --option of a command (for 'did you mean')."""
+    """Every --option of a command (for 'did you mean'): its parameters, and the fields of a
+    dataclass parameter (`aosae train`'s TrainConfig)."""
     import dataclasses
-    import inspect
+    import typing
 
-    flags = []
-    for param in inspect.signature(COMMANDS[command]).parameters.values():
-        hint = param.annotation
-        names = [param.name]
-        for candidate in getattr(hint, "__metadata__", ()) and (getattr(hint, "__origin__", None),):
-            if dataclasses.is_dataclass(candidate):
-                names = [f.name for f in dataclasses.fields(candidate)]
-        if isinstance(hint, str) and "TrainConfig" in hint:  # postponed annotations: the train config's fields
-            from aosae.training.config import TrainConfig
-
-            names = [f.name for f in dataclasses.fields(TrainConfig)]
-        for name in names:
-            flags += ["--" + name.replace("_", "-"), "--no-" + name.replace("_", "-")]
-    return flags
+    try:
+        hints = typing.get_type_hints(COMMANDS[command])
+    except Exception:  # noqa: BLE001 - a hint that does not resolve: no suggestions, the message stands
+        return []
+    names = []
+    for name, hint in hints.items():
+        names += [f.name for f in dataclasses.fields(hint)] if dataclasses.is_dataclass(hint) else [name]
+    return [flag for n in names for flag in ("--" + n.replace("_", "-"), "--no-" + n.replace("_", "-"))]
 
 
 def _usage_message(event, command: str, args: list[str]) -> str:
