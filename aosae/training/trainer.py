@@ -219,7 +219,7 @@ class Trainer:
         Refused (BadFile naming the file, nothing changed) when train_config.json no longer fits
         the checkpoints' SAE (edited after the run started), or when metrics.jsonl lacks the steps
         the checkpoint has done (the report would silently lose them)."""
-        from aosae.files import BadFile, MissingFile
+        from aosae.files import MissingFile
 
         run_dir = Path(run_dir)
         cfg_path = run_dir / "train_config.json"
@@ -233,11 +233,15 @@ class Trainer:
             # the warm-up (and AdaptiveTau's calibration) is a function of the steps: keep the run's own
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "steps": steps, "warmup_steps": cfg.warmup})
         trainer = cls(cfg, run_dir, progress=progress, write_config=False)
-        ckpts.load_latest_good(trainer)
-        if trainer.step > cfg.steps:
-            raise ValueError(f"--steps {cfg.steps} is fewer than the {trainer.step} steps {run_dir} has done: pass "
-                             f"--steps {trainer.step} or more to train it further, or leave --steps out to finish it")
-        check_log_covers(run_dir / "metrics.jsonl", trainer.step)
+        try:
+            ckpts.load_latest_good(trainer)
+            if trainer.step > cfg.steps:
+                raise ValueError(f"--steps {cfg.steps} is fewer than the {trainer.step} steps {run_dir} has done: pass "
+                                 f"--steps {trainer.step} or more to train it further, or leave --steps out to finish it")
+            check_log_covers(run_dir / "metrics.jsonl", trainer.step)
+        except BaseException:
+            trainer.buffer.close()  # its prefetch thread: run() would have closed it
+            raise
         return trainer
 
     # ----------------------------------------------------------------- the loop
