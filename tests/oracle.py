@@ -78,3 +78,11 @@ def assert_identical(p, q):
     """Bitwise equality of two TopKPairs (determinism, exact-arithmetic inputs)."""
     for x, y in zip(p, q):
         assert torch.equal(x.cpu(), y.cpu())
+
+
+def separated(a: torch.Tensor, k: int, cosine: bool = False, gap: float = 1e-4) -> bool:
+    """True when the k + 1 largest non-zero |scores| of dense latents `a` differ pairwise by more
+    than `gap`: a finite difference (eps 1e-6) then cannot reorder the top-k or swap its boundary,
+    which a gradcheck through the selection needs (its rows would swap)."""
+    top = [entry[0] for entry in oracle_topk(a.double(), k + 1, cosine)[0]]
+    return all(x - y > gap for x, y in zip(top, top[1:]))
