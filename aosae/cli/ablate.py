@@ -188,6 +188,10 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
             print(f"{name}: {desc['data']}; {len(sweep_arms)} arms × {len(values)} {sweep.swept} × {seeds} seeds")
             old = earlier.get(name)
             same_settings = old is not None and (old["base"], old["values"]) == (base, list(values))
+            if old is not None and not same_settings:
+                warnings.warn(f"{runs_path} holds a {name} sweep run with other settings ({len(old['runs'])} runs): it "
+                              "stays there until this call's sweep completes, then this one replaces it; stop now and "
+                              "pass another --out to keep both", stacklevel=2)
 
             def save(rows, complete: bool, name=name, sweep=sweep, sweep_arms=sweep_arms, old=old, same=same_settings,
                      desc=desc, truth=truth, base=base, values=values, t0=t0):

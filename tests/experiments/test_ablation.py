@@ -211,3 +211,13 @@ def test_a_sweep_stopped_midway_keeps_its_runs(tmp_path, monkeypatch, capsys):
     assert sweep["complete"] is False and [(r["arm"], r["seed"]) for r in sweep["runs"]] == [("none", 0), ("paper", 0)]
     assert cli_main(["ablate", "--out", str(out), "--render-only"]) == 0
     assert "**incomplete**" in (out / "README.md").read_text()
+
+
+def test_a_sweep_redone_with_other_settings_warns_before_it_replaces_the_record(tmp_path):
+    out = tmp_path / "abl"
+    argv = ["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper", "--seeds", "1", "--lambdas", "0.3",
+            "--samples", "1000", "--d", "16", "--features", "32", "--d-sae", "32", "--batch-size", "128"]
+    assert cli_main([*argv, "--steps", "5"]) == 0
+    with pytest.warns(UserWarning, match="holds a synthetic sweep run with other settings"):
+        assert cli_main([*argv, "--steps", "6"]) == 0
+    assert json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["base"]["steps"] == 6
