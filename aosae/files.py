@@ -59,25 +59,48 @@ def write_dir_atomically(directory: str | os.PathLike, write) -> Path:
 def atomic_replace_dir(tmp: Path, target: Path) -> None:
     """Move a fully-written directory `tmp` to `target`, replacing an old one.
 
-    os.replace cannot replace a non-empty directory, so the old one is first renamed
-    aside; at every instant either the old or the new complete directory exists
-    under a known name (`target` or `target.old`)."""
-    old = target.with_name(target.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    os.replace cannot replace a non-empty directory, so the old one is first renamed aside
+    to a fresh hidden name (never a fixed one like `target.old`: that could be the user's own
+    directory, which must not be deleted); at every instant either the old or the new complete
+    directory exists. Callers must only use this on a `target` that holds nothing but what
+    they wrote (a checkpoint, an export): everything in the old one is deleted."""
+    old = None
     if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old", dir=target.parent))
+        os.rmdir(old)  # only the unique name is wanted: os.replace needs it absent
         os.replace(target, old)
     os.replace(tmp, target)
-    if old.exists():
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    try:  # make the renames durable
-        fd = os.open(target.parent, os.O_RDONLY)
+    fsync_dir(target.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def replace_file_atomically(path: str | os.PathLike, write) -> Path:
+    """write(tmp) into a temp file beside `path`, fsync'd, then os.replace it over `path`:
+    a crash leaves the old file or the new one, whole, and nothing else in the directory is touched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
 
 
 # ------------------------------------------------------------------ reading files the user hands us

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 from torch import nn
 
-from aosae.files import save_tensors, write_dir_atomically, write_json
+from aosae.files import replace_file_atomically, save_tensors, write_dir_atomically, write_json
 from aosae.ops.sparse_coding import SparseLatents, select, sparse_decode, sparse_encode
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
@@ -405,9 +405,23 @@ class SparseAutoencoder(nn.Module):
         self.threshold.copy_(t[0].to(self.threshold.dtype))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write directory/cfg.json and directory/sae_weights.safetensors atomically
-        (a temp directory next to it, fsync'd, then renamed over); returns the path."""
-        return write_dir_atomically(directory, self.write_files)
+        """Write directory/cfg.json and directory/sae_weights.safetensors; returns the path.
+
+        A new directory is filled in a temp directory and renamed into place. In an existing
+        directory (a run directory, say) only these two files are replaced, each atomically
+        (temp file + rename): every other file there (checkpoints, metrics, the user's own) is
+        left alone. A path that is an existing file is refused (ValueError), never moved aside."""
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} is a file, not a directory: SparseAutoencoder.save writes a directory "
+                             "(cfg.json + sae_weights.safetensors); pass a directory path (it is created if missing)")
+        if not directory.exists():
+            return write_dir_atomically(directory, self.write_files)
+        # weights first: a crash between the two renames leaves the old cfg.json, which load checks
+        # against the weights' shapes, rather than a cfg.json that describes weights not yet written
+        replace_file_atomically(directory / WEIGHTS_FILE, lambda tmp: save_tensors(tmp, self.state_tensors()))
+        replace_file_atomically(directory / CFG_FILE, lambda tmp: write_json(tmp, self.cfg.to_json_dict()))
+        return directory
 
     def write_files(self, directory: Path) -> None:
         """Write cfg.json + weights into an existing directory, fsync'ing both (not atomic by itself)."""

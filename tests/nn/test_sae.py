@@ -111,6 +111,41 @@ def test_save_load_roundtrip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
 
 
+def test_save_into_existing_directory_keeps_other_files(tmp_path):
+    """save() into a run directory replaces only cfg.json + weights: checkpoints, metrics, the
+    user's own files and a sibling named like a backup (DIR.old) all survive (review #21)."""
+    run = tmp_path / "run"
+    make().save(run)
+    (run / "checkpoints" / "step_3").mkdir(parents=True)
+    (run / "checkpoints" / "step_3" / "state.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "notes.txt").write_text("mine")
+    (tmp_path / "run.old").mkdir()
+    (tmp_path / "run.old" / "backup.txt").write_text("also mine")
+    sae = make()
+    with torch.no_grad():
+        sae.b_enc.fill_(0.25)
+    sae.save(run)
+    assert (run / "checkpoints" / "step_3" / "state.json").read_text() == "{}"
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n' and (run / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "run.old" / "backup.txt").read_text() == "also mine"
+    assert sorted(p.name for p in run.iterdir()) == ["cfg.json", "checkpoints", "metrics.jsonl", "notes.txt",
+                                                     "sae_weights.safetensors"]  # no temp files left
+    assert torch.equal(SparseAutoencoder.load(run).b_enc, sae.b_enc)
+    make().save(tmp_path / "fresh")  # a new directory: also next to run.old, which stays
+    assert (tmp_path / "run.old" / "backup.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "run", "run.old"]
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    target = tmp_path / "x.jsonl"
+    target.write_text('{"text": "user data"}\n')
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        make().save(target)
+    assert target.read_text() == '{"text": "user data"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jsonl"]
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [
