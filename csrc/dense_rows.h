@@ -19,7 +19,26 @@
 #include <numeric>
 #include <vector>
 
+#include <sys/mman.h>
+
 namespace aosae {
+
+// A zero-filled float tensor for the large u × u blocks, on transparent huge pages where the
+// kernel allows them (madvise mode): a fresh 320 MiB block costs ≈ 80 k first-touch page
+// faults on 4 KiB pages (0.14–0.22 s measured at u 8960, more than the GEMM that fills it),
+// ≈ 160 on 2 MiB pages. Anonymous mappings are zero already; munmap on release.
+inline torch::Tensor zeros_on_huge_pages(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
+  const auto options = at::TensorOptions().dtype(dtype);
+  if (bytes < (int64_t(8) << 20)) return at::zeros({rows, cols}, options);
+  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return at::zeros({rows, cols}, options);
+#ifdef MADV_HUGEPAGE
+  madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+#endif
+  const size_t length = static_cast<size_t>(bytes);
+  return torch::from_blob(p, {rows, cols}, [length](void* q) { munmap(q, length); }, options);
+}
 
 // Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
 // scatter / reduce path, a multiply-add of the GEMM, an entry of the u × u block (written by
@@ -32,8 +51,17 @@ struct DenseRowCost {
 
 // Rows below this L0 never move: their pairs are cheap and they would widen U.
 constexpr int64_t kMinDenseRowL0 = 128;
-// Largest block: u² accumulators (8192² float32 = 256 MiB).
-constexpr int64_t kMaxDenseLatents = 8192;
+// Largest block: u² accumulators, at most 1 GiB (16384² float32; 11585² float64). BatchTopK
+// at initialisation puts the batch's B·k entries on a few dozen tokens (d_sae 262144, B 2048,
+// k 64: 28 rows, u = 12381, 5·10⁸ row pairs): their pairs fill most of U × U, so the block's
+// 4 B per pair is below what the caller's output of those pairs takes anyway (20–36 B).
+constexpr int64_t kMaxDenseLatents = 16384;
+constexpr int64_t kMaxDenseBlockBytes = int64_t(1) << 30;
+
+template <typename acc_t>
+constexpr int64_t max_dense_latents() {
+  return sizeof(acc_t) <= 4 ? kMaxDenseLatents : 11585;  // floor(sqrt(kMaxDenseBlockBytes / 8))
+}
 
 template <typename acc_t>
 struct DenseRows {
@@ -44,9 +72,11 @@ struct DenseRows {
   int64_t size() const { return static_cast<int64_t>(latents.size()); }
 };
 
+// with_block = false: the plan only (moved rows, U), for callers that build their own product
+// over the moved rows (coactive_topk's backward).
 template <typename acc_t>
 DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
-                                 const DenseRowCost& cost = DenseRowCost()) {
+                                 const DenseRowCost& cost = DenseRowCost(), bool with_block = true) {
   DenseRows<acc_t> out;
   out.moved.assign(m, 0);
   out.position.assign(n, -1);
@@ -70,7 +100,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
       u += !in_u[cp[e]];
       in_u[cp[e]] = 1;
     }
-    if (u > kMaxDenseLatents) break;
+    if (u > max_dense_latents<acc_t>()) break;
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
     moved_pairs += L * (L - 1) / 2;
     const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u;
@@ -91,6 +121,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     out.position[i] = static_cast<int32_t>(out.latents.size());
     out.latents.push_back(i);
   }
+  if (!with_block) return out;
   // A_H [best, u] (moved rows, their latents), then the block A_Hᵀ A_H.
   const int64_t width = out.size();
   const auto dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
@@ -100,7 +131,8 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     const int64_t t = order[h];
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
   }
-  out.block = at::mm(dense.t(), dense).contiguous();
+  out.block = zeros_on_huge_pages(width, width, dtype);
+  at::mm_out(out.block, dense.t(), dense);
   return out;
 }
 

@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "dense_rows.h"
+
 namespace {
 
 using torch::Tensor;
@@ -290,7 +292,11 @@ Tensor support_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, c
 //      row t] into the row pair's own slot (t, s, q): every slot is written once;
 //   2. row by row: grad[s] += G_sq x_q, grad[q] += G_sq x_s over the row's slots, + the cosine
 //      diagonal d_i x_s. Each entry summed in a fixed order: deterministic, no atomics.
-// Work O(selected + Σ_t L_t²), memory O(Σ_t L_t² + nnz + threads·n).
+// The densest rows (csrc/dense_rows.h's plan, the forward's: BatchTopK's outlier tokens hold
+// most of Σ_t L_t²) skip the slots: their gradient is one product A_H · G_U over the latents U
+// they touch, G_U [u, u] the selected pairs' gradients inside U × U (symmetric), A_H [h, u]
+// those rows.
+// Work O(selected + Σ_{other rows} L_t² + h·u²), memory O(Σ_{other rows} L_t² + u² + nnz + threads·n).
 template <typename acc_t>
 Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
                               const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
@@ -310,6 +316,9 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
                 ") is not i < j in [0, ", n, ")");
     grouped = grouped && (p == 0 || r[p - 1] <= r[p]);
   }
+  for (int64_t t = 0; t < m; ++t) TORCH_CHECK(rp[t] <= rp[t + 1], "coactive backward: row_ptr must not decrease");
+  for (int64_t e = 0; e < nnz; ++e)
+    TORCH_CHECK(ca[e] >= 0 && ca[e] < n, "coactive backward: column ", ca[e], " outside [0, ", n, ")");
   std::vector<acc_t> inv, diag;
   if (cosine) {
     inv.assign(n, acc_t(0));
@@ -322,25 +331,36 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
     }
     for (int64_t i = 0; i < n; ++i) diag[i] *= inv[i] * inv[i];
   }
-  // The selection grouped by i: ptr over latents, and the order (identity when already grouped).
-  std::vector<int64_t> ptr(n + 1, 0), order;
-  for (int64_t p = 0; p < sel; ++p) ++ptr[r[p] + 1];
-  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
-  if (!grouped) {
-    order.resize(sel);
-    std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
-    for (int64_t p = 0; p < sel; ++p) order[fill[r[p]]++] = p;
-  }
-  // Each latent's entries (row order), each entry's row, each row's first pair slot.
-  std::vector<int64_t> occ_ptr(n + 1, 0), occ(nnz), row_of(nnz), slot0(m + 1, 0);
-  for (int64_t e = 0; e < nnz; ++e) ++occ_ptr[ca[e] + 1];
+  auto pair_grad = [&](int64_t p) { return cosine ? g[p] * inv[r[p]] * inv[c[p]] : g[p]; };
+  // The outlier rows that the product handles (none for TopK-like rows).
+  const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
+  const uint8_t* moved = dense.moved.data();
+  const int64_t width = dense.size();
+  // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
+  std::vector<int64_t> occ_ptr(n + 1, 0), row_of(nnz), slot0(m + 1, 0);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t e = rp[t]; e < rp[t + 1] && !moved[t]; ++e) ++occ_ptr[ca[e] + 1];
   for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  // The selection grouped by i: ptr over latents, and the order (identity when already grouped);
+  // only the pairs whose i has an entry in a slot row (the others go through the product).
+  auto in_slots = [&](int64_t i) { return occ_ptr[i + 1] > occ_ptr[i]; };
+  std::vector<int64_t> ptr(n + 1, 0), order;
+  for (int64_t p = 0; p < sel; ++p) ptr[r[p] + 1] += in_slots(r[p]);
+  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
+  grouped = grouped && ptr[n] == sel;
+  if (!grouped) {
+    order.resize(ptr[n]);
+    std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+    for (int64_t p = 0; p < sel; ++p)
+      if (in_slots(r[p])) order[fill[r[p]]++] = p;
+  }
+  std::vector<int64_t> occ(occ_ptr[n]);
   {
     std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
     for (int64_t t = 0; t < m; ++t) {
-      const int64_t L = rp[t + 1] - rp[t];
+      const int64_t L = moved[t] ? 0 : rp[t + 1] - rp[t];
       slot0[t + 1] = slot0[t] + L * (L - 1) / 2;
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      for (int64_t e = rp[t]; e < rp[t] + L; ++e) {
         occ[fill[ca[e]]++] = e;
         row_of[e] = t;
       }
@@ -348,22 +368,25 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
   }
   std::vector<acc_t> slots(slot0[m]);
   acc_t* G = slots.data();
+  if (slot0[m] > 0) {
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
-  {
-    std::vector<acc_t> row_w(n, acc_t(0));
-    acc_t* W = row_w.data();
+    {
+      std::vector<acc_t> row_w(n, acc_t(0));
+      acc_t* W = row_w.data();
 #pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) {
-        const int64_t p = grouped ? q : order[q];
-        W[c[p]] = cosine ? g[p] * inv[i] * inv[c[p]] : g[p];
+      for (int64_t i = 0; i < n; ++i) {
+        if (occ_ptr[i] == occ_ptr[i + 1]) continue;  // no entry of i in a slot row
+        for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) {
+          const int64_t p = grouped ? q : order[q];
+          W[c[p]] = pair_grad(p);
+        }
+        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+          const int64_t e = occ[u], t = row_of[e], s0 = e - rp[t], L = rp[t + 1] - rp[t];
+          acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
+          for (int64_t q = e + 1; q < rp[t + 1]; ++q) *out++ = W[ca[q]];  // later entries: ids > i
+        }
+        for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) W[c[grouped ? q : order[q]]] = acc_t(0);
       }
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t e = occ[u], t = row_of[e], s0 = e - rp[t], L = rp[t + 1] - rp[t];
-        acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
-        for (int64_t q = e + 1; q < rp[t + 1]; ++q) *out++ = W[ca[q]];  // later entries: ids > i
-      }
-      for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) W[c[grouped ? q : order[q]]] = acc_t(0);
     }
   }
   Tensor out = at::empty({nnz}, vals.options());
@@ -372,6 +395,7 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = rp[t], e_end = rp[t + 1];
       for (int64_t e = b; e < e_end; ++e) o[e] = cosine ? diag[ca[e]] * x[e] : acc_t(0);
+      if (moved[t]) continue;  // the product below
       const acc_t* w = G + slot0[t];
       for (int64_t e = b; e < e_end; ++e) {
         acc_t own = acc_t(0);
@@ -383,6 +407,44 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
       }
     }
   });
+  if (width > 0) {
+    const int32_t* position = dense.position.data();
+    const auto opts = vals.options();
+    // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
+    Tensor sym = aosae::zeros_on_huge_pages(width, width, vals.scalar_type());
+    acc_t* up = sym.data_ptr<acc_t>();
+    at::parallel_for(0, sel, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int32_t pi = position[r[p]], pj = position[c[p]];
+        if (pi >= 0 && pj >= 0) up[int64_t(pi) * width + pj] = pair_grad(p);
+      }
+    });
+    // mirror the upper triangle into the lower one, tile by tile (one GEMM then reads G_U;
+    // a second GEMM against the transposed view cost 1.6× this pass)
+    constexpr int64_t kTile = 64;
+    const int64_t tiles = (width + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bi = begin; bi < end; ++bi)
+        for (int64_t bj = bi; bj < tiles; ++bj)
+          for (int64_t i = bi * kTile; i < std::min(width, (bi + 1) * kTile); ++i)
+            for (int64_t j = std::max(i + 1, bj * kTile); j < std::min(width, (bj + 1) * kTile); ++j)
+              up[j * width + i] = up[i * width + j];
+    });
+    std::vector<int64_t> moved_rows;
+    for (int64_t t = 0; t < m; ++t)
+      if (moved[t]) moved_rows.push_back(t);
+    const int64_t h = static_cast<int64_t>(moved_rows.size());
+    Tensor a_h = at::zeros({h, width}, opts);
+    acc_t* ah = a_h.data_ptr<acc_t>();
+    for (int64_t q = 0; q < h; ++q)
+      for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) ah[q * width + position[ca[e]]] = x[e];
+    const Tensor prod = at::mm(a_h, sym).contiguous();
+    const acc_t* pr = prod.data_ptr<acc_t>();
+    at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q)
+        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += pr[q * width + position[ca[e]]];
+    });
+  }
   return out;
 }
 

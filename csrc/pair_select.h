@@ -95,7 +95,10 @@ struct Scratch {
   }
 };
 
-// LSD radix sort of 64-bit keys on 11-bit digits, skipping digits that every key shares.
+// LSD radix sort of 64-bit keys on 8-bit digits, skipping digits that every key shares.
+// 8-bit digits: each scatter pass writes to 256 streams, which stay in cache and TLB; with
+// 11-bit digits (2048 streams) a pass over 10⁷ keys missed on nearly every write and the
+// sort took 2.5× longer although it has 6 passes instead of 8 (BatchTopK's block, 10.7 M pairs).
 inline void radix_sort(std::vector<uint64_t>& keys) {
   const size_t count = keys.size();
   if (count < 2) return;
@@ -106,21 +109,39 @@ inline void radix_sort(std::vector<uint64_t>& keys) {
   }
   const uint64_t varying = any ^ all;
   std::vector<uint64_t> other(count);
-  std::vector<size_t> hist(1 << 11);
-  for (int shift = 0; shift < 64; shift += 11) {
-    const uint64_t digit_mask = uint64_t(0x7ff) << shift;
+  size_t hist[256];
+  for (int shift = 0; shift < 64; shift += 8) {
+    const uint64_t digit_mask = uint64_t(0xff) << shift;
     if (!(varying & digit_mask)) continue;
-    std::fill(hist.begin(), hist.end(), 0);
-    for (const uint64_t x : keys) ++hist[(x >> shift) & 0x7ff];
+    std::fill(hist, hist + 256, 0);
+    for (const uint64_t x : keys) ++hist[(x >> shift) & 0xff];
     size_t run = 0;
     for (auto& h : hist) {
       const size_t c = h;
       h = run;
       run += c;
     }
-    for (const uint64_t x : keys) other[hist[(x >> shift) & 0x7ff]++] = x;
+    for (const uint64_t x : keys) other[hist[(x >> shift) & 0xff]++] = x;
     keys.swap(other);
   }
+}
+
+// One float pair as a 64-bit key that sorts ascending in the contract's order (|value| desc,
+// then key asc) and carries the score exactly: [inverted |value| bits:31][key:key_bits][sign:1].
+// Needs key_bits + 32 <= 64.
+inline uint64_t sort_key(float value, int64_t key, int key_bits) {
+  const float mag = std::abs(value);
+  uint32_t bits;
+  std::memcpy(&bits, &mag, sizeof(bits));
+  return (uint64_t(0x7fffffffu - bits) << (key_bits + 1)) | (uint64_t(key) << 1) | uint64_t(value < 0);
+}
+
+inline float decode_sort_key(uint64_t x, int key_bits, int64_t* key) {
+  const uint32_t bits = 0x7fffffffu - static_cast<uint32_t>(x >> (key_bits + 1));
+  float mag;
+  std::memcpy(&mag, &bits, sizeof(mag));
+  *key = static_cast<int64_t>((x >> 1) & ((uint64_t(1) << key_bits) - 1));
+  return (x & 1) ? -mag : mag;
 }
 
 // Orders candidates by |value| desc, then key asc (keys are distinct), and keeps the first

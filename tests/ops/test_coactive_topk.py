@@ -331,3 +331,89 @@ def test_op_takes_the_triton_route_when_asked(monkeypatch):
     w = values.clone().requires_grad_()
     coactive_topk(offsets, indices, w, 30, k).values.abs().sum().backward()
     torch.testing.assert_close(v.grad, w.grad, rtol=1e-5, atol=1e-5)
+
+
+def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, long_l0=150, pool=200):
+    """BatchTopK-like rows: many short rows (0..6 latents) and a few very long ones (long_l0 of
+    `pool` latents) at random positions, which the C++ kernel sums with its GEMM block, forward
+    and backward. Six long rows: a latent seen in one row only would have cosine ±1 with its
+    row's other such latents, exact ties that rounding orders at random. Returns (offsets, indices, values, dense [B, n] float64, n)."""
+    n = pool + 20
+    offsets, indices, values, _ = ragged_rows(48, n, 6, pool=pool, dtype=torch.float64)
+    rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+    for _ in range(long_rows):
+        rows.insert(int(torch.randint(0, len(rows) + 1, ())), torch.randperm(pool)[:long_l0])
+    lengths = torch.tensor([r.numel() for r in rows])
+    indices = torch.cat(rows)
+    nnz = indices.numel()
+    values = torch.randint(1, 4, (nnz,)).double() if integer else torch.rand(nnz, dtype=torch.float64) + 0.05
+    if signed:
+        values = values * (torch.randint(0, 2, (nnz,)) * 2 - 1)
+    if zeros:
+        values[torch.rand(nnz) < zeros] = 0
+    values = values.to(dtype)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    dense = torch.zeros(lengths.numel(), n, dtype=torch.float64)
+    dense[torch.repeat_interleave(torch.arange(lengths.numel()), lengths), indices] = values.double()
+    return offsets, indices, values, dense, n
+
+
+def assert_block_taken(offsets, indices, values):
+    """The rows go through the GEMM block (else these tests would test the pair path again)."""
+    module = co._cpp()
+    if module is None:
+        pytest.skip("aosae._C has no sparse_csr_coactive: rebuild with pip install --no-build-isolation -e .")
+    c = co.canonical(offsets, indices, values)
+    assert module.sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), c.uniq.numel()).numel() >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("share", [0.05, 1.0, 10.0])
+def test_outlier_rows_match_oracle(dtype, cosine, share):
+    offsets, indices, values, dense, n = outlier_rows(dtype, zeros=0.05)
+    assert_block_taken(offsets, indices, values)
+    k = max(1, int(share * nonzero_pairs(dense, cosine)))
+    for route in ("cpp", "auto"):
+        check(run(route, offsets, indices, values, n, k, cosine), dense, k, cosine, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outlier_rows_ties_are_ordered_by_row_and_col(dtype):
+    """Small integers: the GEMM block's sums are exact, so ties are exact and (i, j) orders them."""
+    offsets, indices, values, dense, n = outlier_rows(dtype, integer=True)
+    assert_block_taken(offsets, indices, values)
+    k = max(1, nonzero_pairs(dense, False) // 3)
+    got_values, rows, cols = run("cpp", offsets, indices, values, n, k, False)
+    want = oracle_topk(dense, k, False)[0]
+    assert list(zip(rows.tolist(), cols.tolist())) == [(i, j) for _, i, j, _ in want]
+    assert got_values.abs().tolist() == [v for v, _, _, _ in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("share", [0.3, 10.0])
+def test_outlier_rows_gradient_matches_dense_gram_topk(dtype, cosine, share):
+    """The backward's product over the long rows (and the slots of the short ones) against
+    gram_topk's dense reference gradient, zero-valued entries included."""
+    offsets, indices, values, dense, n = outlier_rows(dtype, zeros=0.05)
+    assert_block_taken(offsets, indices, values)
+    sim = "cosine" if cosine else "dot"
+    k = max(1, int(share * nonzero_pairs(dense, cosine)))
+    v = values.clone().requires_grad_()
+    pairs = coactive_topk(offsets, indices, v, n, k, similarity=sim)
+    weights = torch.randn(pairs.values.numel(), dtype=pairs.values.dtype)
+    (pairs.values * weights).sum().backward()
+    a = dense.to(dtype).requires_grad_()
+    ref = gram_topk(a, min(k, n * (n - 1) // 2), similarity=sim, backend="reference")
+    s = pairs.values.numel()
+    assert set(zip(pairs.rows.tolist(), pairs.cols.tolist())) == set(zip(ref.rows[:s].tolist(), ref.cols[:s].tolist()))
+    # the reference's weights follow the same pairs in its own order
+    where = {pair: w for pair, w in zip(zip(pairs.rows.tolist(), pairs.cols.tolist()), weights.tolist())}
+    ref_weights = torch.tensor([where.get(pair, 0.0) for pair in zip(ref.rows.tolist(), ref.cols.tolist())],
+                               dtype=ref.values.dtype)
+    (ref.values * ref_weights).sum().backward()
+    rows = torch.repeat_interleave(torch.arange(dense.shape[0]), offsets[1:] - offsets[:-1])
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v.grad, a.grad[rows, indices], **tol)
