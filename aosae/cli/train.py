@@ -79,6 +79,10 @@ def train(
         if cut is not None:  # the checkpoint loaded: now repair what the killed run left
             drop_partial_line(Path(resume) / "metrics.jsonl", cut)
     else:
+        if cfg.warmup_steps is not None and cfg.warmup_steps > cfg.steps:  # refused: lr would never reach --lr
+            raise ValueError(f"--warmup-steps {cfg.warmup_steps} is more than --steps {cfg.steps}: the learning rate "
+                             f"would never reach --lr; pass --warmup-steps {cfg.steps} or less (or leave it out: "
+                             "10% of the steps)")
         check_log_backend(cfg.log)
         check_new_run_dir(cfg.out)
         check_lm_settings(cfg.model, cfg.layer, cfg.context)

@@ -9,6 +9,7 @@ AdaptiveTau calibrates L_target as the mean recon loss over the warm-up steps.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
@@ -24,6 +25,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 STORE_DTYPES = tuple(STORE_TORCH_DTYPES)  # defined with the store
 # Field names of earlier versions, so that their run directories still resume.
 RENAMED = {"tau0": "tau_init", "k": "top_k"}
+
+
+def option(name: str) -> str:
+    """The command-line option of a TrainConfig field (the name a user typed, or sees in --help)."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -133,30 +139,36 @@ class TrainConfig:
             if v is None and allow_none:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+                raise ValueError(f"{option(name)} must be a positive int, got {v!r}")
 
         for name in ("tokens", "context", "steps", "batch_size", "checkpoint_every", "lm_batch", "buffer_tokens",
                      "keep_checkpoints"):
             positive_int(name)
         positive_int("d_sae", allow_none=True)
+        if self.d_sae is not None and self.d_sae < 2:  # the penalty needs a pair of latents; caught before collecting
+            raise ValueError(f"--d-sae must be at least 2 (an SAE needs at least two latents), got {self.d_sae}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an int in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device {self.device!r} is not a device aosae trains on: use auto, cpu, cuda or cuda:N")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
         if self.context < 2:
             raise ValueError(f"context must be >= 2, got {self.context}")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            raise ValueError(f"warmup_steps must be a non-negative int or None, got {self.warmup_steps!r}")
+            raise ValueError(f"--warmup-steps must be a non-negative int or None, got {self.warmup_steps!r}")
         for name in ("lr", "tau_init", "tau_min", "tau_max"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+                raise ValueError(f"{option(name)} must be a positive finite number, got {v!r}")
         if not (isinstance(self.l1, (int, float)) and math.isfinite(self.l1) and self.l1 >= 0):
-            raise ValueError(f"l1 must be a non-negative finite number, got {self.l1!r}")
+            raise ValueError(f"--l1 must be a non-negative finite number, got {self.l1!r}")
         if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         if not self.tau_min <= self.tau_init <= self.tau_max:
-            raise ValueError(f"need tau_min <= tau_init <= tau_max, got {self.tau_min} <= {self.tau_init} <= {self.tau_max}")
+            raise ValueError(f"need --tau-min <= --tau-init <= --tau-max, got {self.tau_min} <= {self.tau_init} <= {self.tau_max}")
         if self.tau_target is not None and not (math.isfinite(self.tau_target) and self.tau_target > 0):
-            raise ValueError(f"tau_target must be a positive finite loss or None, got {self.tau_target}")
+            raise ValueError(f"--tau-target must be a positive finite loss or None, got {self.tau_target}")
         if self.penalty not in PENALTIES:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.ortho_scale not in SCALES:
@@ -174,11 +186,11 @@ class TrainConfig:
             raise ValueError("--tau-rule budget needs exactly one of --tau-budget (an FVU, e.g. 1.05 × a --no-ortho "
                              "run's 1 − explained variance) and --tau-budget-run (that run's directory)")
         if self.tau_budget is not None and not (isinstance(self.tau_budget, (int, float)) and 0 < self.tau_budget < 1):
-            raise ValueError(f"tau_budget must be an FVU in (0, 1), got {self.tau_budget!r}")
+            raise ValueError(f"--tau-budget must be an FVU in (0, 1), got {self.tau_budget!r}")
         if not (isinstance(self.tau_slack, (int, float)) and math.isfinite(self.tau_slack) and self.tau_slack >= 0):
-            raise ValueError(f"tau_slack must be a non-negative number, got {self.tau_slack!r}")
+            raise ValueError(f"--tau-slack must be a non-negative number, got {self.tau_slack!r}")
         if not (isinstance(self.tau_gain, (int, float)) and math.isfinite(self.tau_gain) and self.tau_gain > 0):
-            raise ValueError(f"tau_gain must be a positive finite number, got {self.tau_gain!r}")
+            raise ValueError(f"--tau-gain must be a positive finite number, got {self.tau_gain!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
         if self.activation not in ACTIVATIONS:
@@ -186,7 +198,7 @@ class TrainConfig:
         if self.activation in ("topk", "batchtopk"):
             positive_int("top_k")
             if self.d_sae is not None and self.top_k > self.d_sae:
-                raise ValueError(f"top_k={self.top_k} exceeds d_sae={self.d_sae}")
+                raise ValueError(f"--top-k {self.top_k} exceeds --d-sae {self.d_sae}: keep at most d_sae latents per token")
         elif self.top_k is not None:
             raise ValueError("top_k is only used with --activation topk or batchtopk")
         if self.dtype not in DTYPES:
@@ -196,10 +208,11 @@ class TrainConfig:
         if self.log is not None and self.log not in LOG_BACKENDS:
             raise ValueError(f"log must be one of {LOG_BACKENDS} or None, got {self.log!r}")
         if self.buffer_tokens < self.batch_size:
-            raise ValueError(f"buffer_tokens ({self.buffer_tokens}) must be at least batch_size ({self.batch_size})")
+            raise ValueError(f"--buffer-tokens ({self.buffer_tokens}) must be at least --batch-size ({self.batch_size}): "
+                             "the shuffling buffer holds whole batches")
         if self.batch_size > self.tokens:
             raise ValueError(
-                f"batch_size ({self.batch_size}) is larger than the activation buffer (tokens={self.tokens}); "
+                f"--batch-size ({self.batch_size}) is larger than the activation buffer (--tokens {self.tokens}); "
                 "lower --batch-size or raise --tokens"
             )
 

@@ -108,6 +108,7 @@ class Trainer:
             if undo is not None:
                 undo()
             raise
+        self._undo_start = undo  # run() still undoes the start if the first step fails
 
     def _write_train_config(self) -> Callable[[], None]:
         """Write run_dir/train_config.json atomically; returns what undoes it (the previous file, or none)."""
@@ -153,6 +154,9 @@ class Trainer:
         self.scale = float(ddp.all_reduce_mean(scale, self.info)) if cfg.normalize_activations else 1.0
 
         d_sae = cfg.d_sae or d_in
+        if d_sae < 2:
+            raise ValueError(f"d_sae would be {d_sae} (d_in of layer {cfg.layer}): an SAE needs at least two latents; "
+                             "pass --d-sae 2 or more")
         if cfg.activation in ("topk", "batchtopk") and cfg.top_k > d_sae:
             raise ValueError(f"top_k={cfg.top_k} exceeds d_sae={d_sae}")
         sae_cfg = SAEConfig(
@@ -235,9 +239,13 @@ class Trainer:
         trainer = cls(cfg, run_dir, progress=progress, write_config=False)
         try:
             ckpts.load_latest_good(trainer)
-            if trainer.step > cfg.steps:
+            if trainer.step > cfg.steps and steps is not None:
                 raise ValueError(f"--steps {cfg.steps} is fewer than the {trainer.step} steps {run_dir} has done: pass "
                                  f"--steps {trainer.step} or more to train it further, or leave --steps out to finish it")
+            if trainer.step > cfg.steps:  # the user gave no --steps: the run's own file says fewer (edited?)
+                raise ValueError(f"{cfg_path}'s steps ({cfg.steps}) is fewer than the {trainer.step} steps {run_dir} has "
+                                 f"done (edited?): pass --steps {trainer.step} or more to train it further, or put "
+                                 "back the steps it had")
             check_log_covers(run_dir / "metrics.jsonl", trainer.step)
         except BaseException:
             trainer.buffer.close()  # its prefetch thread: run() would have closed it
@@ -249,12 +257,37 @@ class Trainer:
         """Train until cfg.steps; returns the summary dict (also written to summary.json by rank 0)."""
         cfg, main = self.cfg, self.info.is_main
         metrics_path = self.run_dir / "metrics.jsonl"
+        fresh = main and self.step == 0 and self.latest_checkpoint(self.run_dir) is None \
+            and getattr(self, "_undo_start", None) is not None
+        made = {"metrics": not metrics_path.exists(), "checkpoints": not (self.run_dir / "checkpoints").exists()}
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomically(self.run_dir / "train_config.json", cfg.to_dict())  # a resume's --steps too
             self._truncate_metrics(metrics_path)
             if self.step == 0 and self.latest_checkpoint(self.run_dir) is None:
                 self.write_checkpoint()  # step 0: the NaN guard always has a good state to fall back to
+        try:
+            return self._run(on_step, metrics_path, main)
+        except Exception as err:
+            if fresh and self.step == 0 and not isinstance(err, TrainingDiverged):  # its message names step_0
+                # a start that fails before its first step must not block a retry
+                self._undo_failed_start(metrics_path, made)
+            raise
+
+    def _undo_failed_start(self, metrics_path: Path, made: dict) -> None:
+        """Remove what this start created (step_0, the log, train_config.json, the directory), nothing else."""
+        shutil.rmtree(self.checkpoint_dir(0), ignore_errors=True)
+        if made["checkpoints"]:
+            try:
+                (self.run_dir / "checkpoints").rmdir()  # only if nothing else is there
+            except OSError:
+                pass
+        if made["metrics"]:
+            metrics_path.unlink(missing_ok=True)
+        self._undo_start()
+
+    def _run(self, on_step, metrics_path: Path, main: bool) -> dict:
+        cfg = self.cfg
         logger = make_logger(cfg.log if main else None, self.run_dir, cfg.to_dict())
         bar = None
         if self.progress and main:

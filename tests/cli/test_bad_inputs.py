@@ -734,6 +734,23 @@ def test_resume_steps_extends_the_run_and_refuses_fewer(world, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 9
 
 
+@pytest.mark.parametrize("option", [["--d-sae", "1"], ["--device", "gpu"], ["--device", "meta"], ["--seed", "-1"],
+                                    ["--buffer-tokens", "10"], ["--warmup-steps", "100"]])
+def test_train_refuses_a_bad_setting_before_collecting(world, tmp_path, option):
+    """Caught before the LM runs, naming the option as typed; nothing is created (no cache, no --out)."""
+    refused(["train", *world["train_args"], *option, "--cache-dir", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "new")], option[0])
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
+
+
+def test_resume_names_train_config_steps_not_an_option_never_given(world, tmp_path):
+    run = copy_run(world, tmp_path)
+    settings_ = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**settings_, "steps": 3}))
+    line = refused(["train", "--resume", str(run), "--no-progress"], run / "train_config.json", run, world["cache"])
+    assert "steps (3)" in line and "--steps 3" not in line and "--steps 6 or more" in line
+
+
 # ------------------------------------------------------------------ export --out
 def test_export_refuses_an_out_that_holds_other_files(world, tmp_path):
     run = copy_run(world, tmp_path)

@@ -138,13 +138,13 @@ def test_bad_inputs(tiny, tmp_path):
     bad.write_text("".join(json.dumps({"id": i, "score": 0.5}) + "\n" for i in range(10)))
     with pytest.raises(ValueError, match="no 'text' column"):
         T.Trainer(tiny_cfg(tiny, tmp_path, dataset=str(bad), cache_dir=str(tmp_path / "c")))
-    with pytest.raises(ValueError, match="d_sae"):
+    with pytest.raises(ValueError, match="--d-sae"):
         tiny_cfg(tiny, tmp_path, d_sae=0)
     with pytest.raises(ValueError, match="larger than the activation buffer"):
         tiny_cfg(tiny, tmp_path, batch_size=4000)
     with pytest.raises(ValueError, match="larger than the activation buffer"):  # the held-out slice shrinks it
         T.Trainer(tiny_cfg(tiny, tmp_path, batch_size=2900), progress=False)
-    with pytest.raises(ValueError, match="tau_min <= tau_init"):
+    with pytest.raises(ValueError, match="tau-min <= --tau-init"):
         tiny_cfg(tiny, tmp_path, tau_init=0.5)
     assert cli_main(["train", "--model", "no-such-org/nope-xyz", "--cache-dir", str(tmp_path / "c"),
                      "--no-progress"]) == 2
@@ -254,3 +254,38 @@ def test_topk_run_resumes_bitwise(tiny, tmp_path, penalty, pair_rule):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert (ref_dir / "metrics.jsonl").read_text() == (tmp_path / "killed" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(d_sae=1), "--d-sae must be at least 2"),  # caught before collecting (the penalty needs a pair)
+    (dict(activation="topk", top_k=65), "--top-k 65 exceeds --d-sae 64"),
+    (dict(device="gpu"), "--device 'gpu' .*auto, cpu, cuda or cuda:N"),
+    (dict(device="meta"), "--device 'meta'"),
+    (dict(seed=-1), "--seed must be an int"),
+    (dict(buffer_tokens=10), r"--buffer-tokens \(10\) must be at least --batch-size"),
+])
+def test_config_names_the_option(tiny, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_cfg(tiny, tmp_path, **kw)
+
+
+def test_a_start_failing_in_its_first_step_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    """A failure before step 1 (after train_config.json, step_0 and metrics.jsonl were written) removes
+    exactly what the start made, so a retry with the same --out is not refused; other files stay."""
+    def broken(self):
+        raise RuntimeError("boom in the first step")
+
+    trainer = T.Trainer(tiny_cfg(tiny, tmp_path), progress=False)
+    monkeypatch.setattr(T.Trainer, "_train_step", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    trainer = T.Trainer(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "mine")), progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    run_dir, _ = T.train(tiny_cfg(tiny, tmp_path, steps=2), progress=False)  # the retry is not blocked
+    assert (run_dir / "summary.json").is_file()
