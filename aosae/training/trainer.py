@@ -422,8 +422,11 @@ class Trainer:
         density = latent_density(sae(self.eval_acts.to(self.device)).sparse)
         try:
             write_report(self.run_dir, sae=sae, density=density)
-        except ImportError as err:  # matplotlib is an optional dependency
-            print(f"no report.png: {err} (pip install matplotlib)")
+        except ImportError as err:  # matplotlib is an optional dependency: every other output is written
+            import warnings
+
+            warnings.warn(f"no report.png: {err} (pip install matplotlib); summary.json and the weights are written",
+                          stacklevel=2)
 
 
 def check_config_fits_checkpoints(run_dir: Path, cfg: TrainConfig) -> None:
