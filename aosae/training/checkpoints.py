@@ -13,6 +13,7 @@ used. If checkpoints exist but none is usable: NoUsableCheckpoint, a one-line er
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import warnings
@@ -108,8 +109,7 @@ def write_checkpoint(trainer) -> Path:
         save_file(rng_tensors, str(d / "rng.safetensors"))
         epoch, group, index = trainer.buffer.position(trainer.step)
         kth = trainer.ortho._kth if trainer.ortho is not None else None
-        files = ("cfg.json", "sae_weights.safetensors", "train_weights.safetensors", "optimizer.pt", "rng.safetensors")
-        write_json(d / "state.json", {"sha256": {name: file_sha256(d / name) for name in files},  # checked on resume
+        write_json(d / "state.json", {"sha256": {name: file_sha256(d / name) for name in CHECKPOINT_FILES},  # checked on resume
             "step": trainer.step, "scale": trainer.scale, "tau": trainer.tau.state_dict(), "rng": rng_plain,
             "data_position": {"epoch": epoch, "group": group, "batch_in_group": index},
             "ortho_kth": None if kth is None else float(kth),
@@ -126,14 +126,36 @@ def prune_checkpoints(run_dir: Path, keep: int, final_step: int) -> list[Path]:
     return others[keep:]
 
 
+CHECKPOINT_FILES = ("cfg.json", "sae_weights.safetensors", "train_weights.safetensors", "optimizer.pt", "rng.safetensors")
+
+
+def check_state(d: Path, state) -> None:
+    """state.json's own values, before any is applied: an edited or damaged one would otherwise resume
+    at the wrong step (misaligned with metrics.jsonl and the batches) or with a broken activation scale."""
+    where = d / "state.json"
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} holds a JSON {type(state).__name__}, not an object")
+    for key in ("step", "scale", "tau", "rng", "ortho_kth", "sha256"):
+        if key not in state:
+            raise ValueError(f"{where} has no {key!r}")
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or f"step_{step}" != d.name:
+        raise ValueError(f"{where} says step {step!r}, but its directory is {d.name} (edited or damaged)")
+    scale = state["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{where} has activation scale {scale!r}: it must be a positive finite number")
+    digests = state["sha256"]
+    missing = [name for name in CHECKPOINT_FILES if not isinstance(digests, dict) or name not in digests]
+    if missing:  # without them a damaged optimizer.pt or rng file would load silently
+        raise ValueError(f"{where} records no checksum for {', '.join(missing)}, so they cannot be verified")
+
+
 def read_checkpoint(d: Path, sae: SparseAutoencoder, device) -> dict:
     """Everything in checkpoint `d`, read and checked before any of it is applied (ValueError if not)."""
     try:
         state = json.loads((d / "state.json").read_text())
-        for key in ("step", "scale", "tau", "rng", "ortho_kth"):
-            if key not in state:
-                raise ValueError(f"state.json has no {key!r}")
-        check_file_digests(d, state.get("sha256", {}), "it is skipped")  # a flipped byte in optimizer.pt loads silently otherwise
+        check_state(d, state)
+        check_file_digests(d, state["sha256"], "it is skipped")  # a flipped byte in optimizer.pt loads silently otherwise
         weights = load_file(str(d / "train_weights.safetensors"))
         for name in WEIGHT_KEYS:
             want = tuple(getattr(sae, name).shape)

@@ -687,6 +687,23 @@ def test_a_failed_resume_does_not_rewrite_train_config(world, tmp_path):
     refused(["train", "--resume", str(run), "--no-progress"], run / "checkpoints", run)
 
 
+@pytest.mark.parametrize("key, value, said", [("step", 7, "says step 7"), ("step", "6", "says step '6'"),
+                                              ("scale", float("nan"), "scale nan"), ("scale", -2.0, "scale -2.0"),
+                                              ("scale", 0, "scale 0"), ("sha256", {}, "records no checksum")])
+def test_resume_checks_each_checkpoints_state_json(world, tmp_path, key, value, said):
+    """An edited state.json (a step its directory does not have, a broken activation scale, checksums
+    dropped) makes its checkpoint unusable; with every checkpoint so, the resume is refused naming the
+    file and the run, train_config.json included, is left exactly as it was."""
+    run = copy_run(world, tmp_path)
+    for checkpoint in (run / "checkpoints").iterdir():
+        state = json.loads((checkpoint / "state.json").read_text())
+        state[key] = value
+        (checkpoint / "state.json").write_text(json.dumps(state))
+    line = refused(["train", "--resume", str(run), "--no-progress"], run / "checkpoints" / "step_6" / "state.json",
+                   run, world["cache"])
+    assert said in line and "no usable checkpoint" in line, line
+
+
 @pytest.mark.parametrize("log", ["empty", "missing", "short"])
 def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
     run = copy_run(world, tmp_path)
