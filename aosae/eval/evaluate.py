@@ -270,6 +270,13 @@ def run_eval(
         f"dataset {dataset or 'embedded default'} | {text} text: {n_tokens} tokens after {skip}, context {ctx}")
     ids = eval_token_ids(tokenizer, dataset, n_tokens, ctx, skip_tokens=skip, partial_first=text == "held-out")
     (res, seconds) = timed(evaluate_sae, sae, lm, token_batches_from_ids(ids, batch_size), int(layer))
+    if ids.shape[0] < max(1, -(-n_tokens // (ctx - 1))):  # the text ran out: say so rather than report fewer silently
+        import warnings
+
+        warnings.warn(f"evaluated {res.get('n_tokens', ids.shape[0] * (ctx - 1))} tokens, not the {n_tokens} asked "
+                      f"for: dataset {dataset or 'embedded default'} has only {ids.shape[0]} windows of {ctx} tokens "
+                      f"after its first {skip} tokens, the run's training text (pass fewer --tokens, or a --dataset with more text)",
+                      stacklevel=2)
     res.update(model=model_name or "embedded default", dataset=dataset or "embedded default",
                hook_layer=int(layer), context_size=ctx, d_sae=sae.cfg.d_sae, d_in=sae.cfg.d_in,
                eval_seconds=round(seconds, 1), text=text, skipped_tokens=skip)

@@ -768,6 +768,15 @@ def test_resume_names_train_config_steps_not_an_option_never_given(world, tmp_pa
     assert "steps (3)" in line and "--steps 3" not in line and "--steps 6 or more" in line
 
 
+def test_eval_warns_when_the_text_runs_out_before_tokens(world, tmp_path):
+    run = copy_run(world, tmp_path)
+    code, _, err, caught = run_cli(["eval", str(run), "--tokens", "10000000"])
+    assert code == 0, err
+    evaluated = json.loads((run / "eval.json").read_text())["n_tokens"]
+    assert evaluated < 10_000_000
+    assert any(f"evaluated {evaluated} tokens, not the 10000000 asked for" in w and "--tokens" in w for w in caught), caught
+
+
 # ------------------------------------------------------------------ export --out
 def test_export_refuses_an_out_that_holds_other_files(world, tmp_path):
     run = copy_run(world, tmp_path)
