@@ -64,7 +64,11 @@ def coactive_topk(
         ascending. Deterministic for a given input and device. Differentiable w.r.t. values.
     """
     _validate(offsets, indices, values, n_latents, k, similarity)
-    out = torch.ops.aosae.coactive_topk(offsets.long(), indices.long(), values, n_latents, k, similarity)
+    args = (offsets.long(), indices.long(), values, n_latents, k, similarity)
+    if torch.compiler.is_compiling():
+        out = torch.ops.aosae.coactive_topk(*args)
+    else:  # eager: the same functions without the custom op, whose dispatch imports torch._dynamo (≈ 2 s) on first use
+        out = _Eager.apply(*args)
     return TopKPairs(*out[:3])
 
 
@@ -262,13 +266,17 @@ def _support_grad_torch(c: Canonical, g, out_values, r, q, cosine: bool) -> torc
 # The op returns the selection twice, in the original ids (what callers get) and in the compact
 # ids (what its backward needs: no search from ids back to ranks), and the canonical rows' compact
 # cols and permutation (empty: the input order), so that the backward does not rebuild them.
+def _forward(offsets, indices, values, n_latents: int, k: int, similarity: str):
+    c = _checked(offsets, indices, values, n_latents)
+    perm = c.perm if c.perm is not None else indices.new_empty(0)
+    return (*select(c, k, similarity == "cosine"), c.cols, perm)
+
+
 @torch.library.custom_op("aosae::coactive_topk", mutates_args=())
 def _coactive_topk_op(
     offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = _checked(offsets, indices, values, n_latents)
-    perm = c.perm if c.perm is not None else indices.new_empty(0)
-    return (*select(c, k, similarity == "cosine"), c.cols, perm)
+    return _forward(offsets, indices, values, n_latents, k, similarity)
 
 
 def _checked(offsets, indices, values, n: int) -> Canonical:
@@ -300,6 +308,12 @@ def _coactive_topk_backward_op(
     cols_compact: torch.Tensor,
     similarity: str,
 ) -> torch.Tensor:
+    return _backward_values(grad_out, offsets, values, canon_cols, canon_perm, out_values, rows_compact,
+                            cols_compact, similarity)
+
+
+def _backward_values(grad_out, offsets, values, canon_cols, canon_perm, out_values, rows_compact, cols_compact,
+                     similarity: str) -> torch.Tensor:
     permuted = canon_perm.numel() > 0
     vals = values.index_select(0, canon_perm) if permuted else values
     c = Canonical(offsets, canon_cols, vals, canon_perm if permuted else None, canon_cols.new_empty(0))
@@ -335,6 +349,24 @@ def _backward(ctx, grad_out, *_grad_ids):
 
 
 _coactive_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op's forward, context and backward as a plain autograd.Function (eager mode)."""
+
+    @staticmethod
+    def forward(ctx, offsets, indices, values, n_latents, k, similarity):
+        with torch.no_grad():
+            output = _forward(offsets, indices, values, n_latents, k, similarity)
+        _setup_context(ctx, (offsets, indices, values, n_latents, k, similarity), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_ids):
+        if grad_out is None:
+            return None, None, None, None, None, None
+        grad = _backward_values(grad_out, *ctx.saved_tensors, ctx.similarity)
+        return None, None, grad, None, None, None
 
 
 def dense_to_csr(a: torch.Tensor):
