@@ -61,6 +61,8 @@ def eval(  # noqa: A001 - the subcommand's name
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     check_device(device)
+    if (probing or scr) and not probing_seeds:
+        raise ValueError("--probing-seeds needs at least one seed (e.g. --probing-seeds 42 43 44, the default)")
     if probing or scr:  # their packages are found now, not after the core metrics have run
         if len(probing_seeds) > 1:
             require_package("scipy", "--probing/--scr over several seeds (their 95% intervals)",

@@ -133,6 +133,9 @@ class SAEConfig:
         if d.get("apply_b_dec_to_input") is False:
             raise ValueError("apply_b_dec_to_input=false: load it with aosae.integrations.saelens.import_from_saelens, "
                              "which folds b_dec into b_enc")
+        if activation not in ACTIVATIONS:  # before asking for the k only topk and batchtopk take
+            raise ValueError(f"activation_fn_str {activation!r} is not supported: aosae SAEs use "
+                             f"{', '.join(ACTIVATIONS)}")
         kwargs = get("activation_fn_kwargs", dict, {})
         k = None
         if activation != "relu":  # the k of topk / batchtopk

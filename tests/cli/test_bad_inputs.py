@@ -768,6 +768,12 @@ def test_resume_names_train_config_steps_not_an_option_never_given(world, tmp_pa
     assert "steps (3)" in line and "--steps 3" not in line and "--steps 6 or more" in line
 
 
+@pytest.mark.parametrize("option", ["--probing", "--scr"])
+def test_eval_probing_seeds_without_a_value_names_the_option(world, option):
+    line = refused(["eval", str(world["run"]), option, "--probing-seeds"], "--probing-seeds", world["run"])
+    assert "at least one seed" in line
+
+
 def test_eval_warns_when_the_text_runs_out_before_tokens(world, tmp_path):
     run = copy_run(world, tmp_path)
     code, _, err, caught = run_cli(["eval", str(run), "--tokens", "10000000"])

@@ -162,6 +162,14 @@ def test_bad_config(kw, match):
         SAEConfig(**kw)
 
 
+def test_load_names_an_unsupported_activation(tmp_path):
+    make().save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps({**cfg, "activation_fn_str": "gelu"}))
+    with pytest.raises(ValueError, match="activation_fn_str 'gelu' is not supported: aosae SAEs use relu, topk, batchtopk"):
+        SparseAutoencoder.load(tmp_path / "sae")
+
+
 def test_bad_input_shape_and_missing_dir(tmp_path):
     sae = make()
     with pytest.raises(ValueError, match="d_in|12"):
