@@ -315,6 +315,9 @@ class SparseAutoencoder(nn.Module):
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [..., d_sae] -> x̂ [..., d_in] = f @ W_dec + b_dec."""
         self._check_input(f, self.d_sae, "f")
+        if not f.is_floating_point():
+            raise TypeError(f"f must be a floating-point tensor (latent activations), got {f.dtype}: pass "
+                            f"f.to(sae.W_dec.dtype)")
         return f @ self.W_dec + self.b_dec
 
     def decode_sparse(self, latents: SparseLatents) -> torch.Tensor:
@@ -327,6 +330,11 @@ class SparseAutoencoder(nn.Module):
         products are then faster). train=True: BatchTopK selects the batch's top B·k (its
         training rule) instead of applying its threshold; the other activations ignore it."""
         flat = self._flat_input(x)
+        # NaN/Inf would be dropped by the selection and x_hat silently be b_dec. Checked at inference only:
+        # a scan and a sync per call; in training (train=True) the step's non-finite-loss guard reports it
+        if not train and not bool(torch.isfinite(flat).all()):
+            raise ValueError("x holds NaN or Inf values: the SAE cannot encode them (x_hat would silently be b_dec); "
+                             "check the activations (torch.isfinite(x).all())")
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None

@@ -131,10 +131,15 @@ def check_threshold(threshold, a: torch.Tensor) -> torch.Tensor:
     return threshold
 
 
+MAX_LATENTS = 2**31
+
+
 def validate_k_and_similarity(k: int, n: int, similarity: str) -> None:
     """k must be an int in [1, n(n-1)/2]; similarity one of SIMILARITIES."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if n >= MAX_LATENTS:  # the kernels index latents with 32-bit ints (and pair ids i·n + j must fit int64)
+        raise ValueError(f"n = {n} latents is too many: n must be below 2**31 (the kernels index latents with 32-bit ints)")
     if not 1 <= k <= num_pairs(n):
         raise ValueError(f"k must be in [1, n(n-1)/2] = [1, {num_pairs(n)}] for n = {n}, got k = {k}")
     if similarity not in SIMILARITIES:

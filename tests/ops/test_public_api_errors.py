@@ -78,6 +78,7 @@ GRAM_TOPK_SPARSE = {
     "NaN value": (ValueError, "NaN", sparse_args(values=nan_at(torch.rand(3, 2)))),
     "Inf value": (ValueError, "NaN/Inf", sparse_args(values=nan_at(torch.rand(3, 2), float("-inf")))),
     "k too large": (ValueError, "k must be in", sparse_args(k=11)),
+    "n_latents beyond int32": (ValueError, "n = 1000000000000 latents is too many", sparse_args(n_latents=10**12)),
     "k float": (TypeError, "k must be an int", sparse_args(k=1.5)),
     "similarity": (ValueError, "similarity", dict(sparse_args(), similarity="l2")),
 }
@@ -152,6 +153,10 @@ SPARSE_AUTOENCODER = {
     "forward: not a tensor": (ValueError, "got list", sae_call("forward", [[0.0] * 8])),
     "encode: meta tensor": (ValueError, "x is on meta", sae_call("encode", torch.rand(4, 8, device="meta"))),
     "decode: sparse COO": (TypeError, "f must be a dense tensor", sae_call("decode", torch.rand(4, 16).to_sparse())),
+    "decode: int latents": (TypeError, "f must be a floating-point tensor.*int64", sae_call("decode", torch.ones(4, 16, dtype=torch.long))),
+    "forward: NaN": (ValueError, "x holds NaN or Inf", sae_call("forward", torch.rand(4, 8).index_fill_(0, torch.tensor([1]), float("nan")))),
+    "forward: Inf": (ValueError, "x holds NaN or Inf", sae_call("forward", torch.rand(4, 8).index_fill_(1, torch.tensor([3]), float("inf")))),
+    "save: onto a file": (ValueError, "is a file, not a directory", sae_call("save", __file__)),
     "load: unknown device": (ValueError, "device must be a torch device.*'nope'", load_on("nope")),
     "load: device not a string": (ValueError, "device must be a torch device", load_on(3.5)),
 }
