@@ -184,6 +184,23 @@ class _OrthogonalityPenalty:
             return "dense"  # another dictionary: its activation's backward is unknown
         return self.latent_form
 
+    def _check_batch(self, x: Any) -> None:
+        """A batch of activations [B, activation_dim] on the dictionary's device, named before torch fails deep inside."""
+        width = getattr(self.ae, "activation_dim", None)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}.loss needs a torch.Tensor of activations [B, {width}], got "
+                            f"{type(x).__name__}")
+        if x.dim() != 2 or (isinstance(width, int) and x.shape[-1] != width):
+            raise ValueError(f"{type(self).__name__}.loss needs activations [B, activation_dim={width}], got shape "
+                             f"{tuple(x.shape)}: reshape to [tokens, {width}] or check the layer's width")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}.loss needs floating-point activations, got {x.dtype}: convert "
+                            "with x.float()")
+        device = next(self.ae.parameters()).device
+        if x.device != device:
+            raise ValueError(f"{type(self).__name__}.loss got activations on {x.device} but the dictionary is on "
+                             f"{device}: pass x.to({str(device)!r})")
+
     def _window(self, x: torch.Tensor) -> torch.Tensor:
         """JumpReLU's STE window, from the pre-activations as JumpReluTrainer.loss computes them."""
         ae = self.ae
@@ -192,6 +209,7 @@ class _OrthogonalityPenalty:
         return jumprelu_window(pre, ae.threshold, self.bandwidth)
 
     def loss(self, x: torch.Tensor, step: int | None = None, logging: bool = False, **kwargs: Any) -> Any:
+        self._check_batch(x)
         with _observe(self.ae, "decode") as decodes, _observe(self.ae, "encode") as encodes:
             base = super().loss(x, step=step, logging=logging, **kwargs)  # type: ignore[misc]
         if decodes:
@@ -271,6 +289,9 @@ def add_orthogonality(trainer: type) -> type:
     """`trainer` (a dictionary_learning SAETrainer subclass) with the penalty: a subclass named
     Aosae<Trainer> whose extra keyword arguments are ORTHO_DEFAULTS' (module docstring).
     Trainers not in LATENT_FORMS hand the penalty dense latents (exact for any activation)."""
+    if not isinstance(trainer, type):
+        raise TypeError(f"add_orthogonality needs a dictionary_learning trainer class (e.g. StandardTrainer), got "
+                        f"{type(trainer).__name__} {trainer!r}")
     form = LATENT_FORMS.get(trainer, "dense")
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -93,6 +93,9 @@ def from_saelens(sae: SAE, *, fold_decoder_norm: bool = False) -> Any:
     """
     from aosae.nn.sae import SAEConfig, SparseAutoencoder
 
+    if not callable(getattr(getattr(sae, "cfg", None), "architecture", None)):
+        raise TypeError(f"from_saelens needs a SAELens SAE (sae_lens.SAE or a training SAE), got {type(sae).__name__}; "
+                        "for a directory use import_from_saelens(path)")
     cfg = sae.cfg
     arch = cfg.architecture()
     if arch not in _STANDARD + _TOPK:

@@ -75,13 +75,26 @@ def dictlearn_cases(dictlearn):
         "similarity": (ValueError, "similarity", lambda: topk(ortho_similarity="pearson")),
         "NaN batch (standard)": (ValueError, "NaN", lambda: standard().loss(nan_batch(), step=1)),
         "NaN batch (topk)": (ValueError, "NaN", lambda: topk().loss(nan_batch(), step=1)),
+        "batch of the wrong width": (ValueError, r"activation_dim=16.*\(8, 15\)", lambda: standard().loss(torch.rand(8, 15), step=1)),
+        "3-D batch (topk)": (ValueError, r"activation_dim=16.*\(2, 8, 16\)", lambda: topk().loss(torch.rand(2, 8, 16), step=1)),
+        "integer batch": (TypeError, "floating-point.*int64", lambda: standard().loss(torch.ones(8, 16, dtype=torch.long), step=1)),
+        "meta batch": (ValueError, "on meta but the dictionary is on cpu", lambda: topk().loss(torch.rand(8, 16, device="meta"), step=1)),
+        "add_orthogonality of an instance": (TypeError, "trainer class", lambda: dictlearn.add_orthogonality(5)),
     }
 
 
 SAELENS_CASES = ["similarity", "fraction", "negative coefficient", "tau bounds", "NaN latents (standard)",
                  "NaN input (topk)", "narrow latents (standard)", "wide latents (standard)", "narrow latents (topk)",
                  "meta latents", "latents not a tensor"]
-DICTLEARN_CASES = ["negative coefficient", "fraction", "similarity", "NaN batch (standard)", "NaN batch (topk)"]
+DICTLEARN_CASES = ["negative coefficient", "fraction", "similarity", "NaN batch (standard)", "NaN batch (topk)",
+                   "batch of the wrong width", "3-D batch (topk)", "integer batch", "meta batch",
+                   "add_orthogonality of an instance"]
+
+
+def test_from_saelens_names_a_non_sae(saelens):
+    from aosae.integrations.saelens import from_saelens
+
+    check(TypeError, "needs a SAELens SAE.*got Linear.*import_from_saelens", lambda: from_saelens(torch.nn.Linear(2, 2)))
 
 
 @pytest.mark.parametrize("case", SAELENS_CASES)
