@@ -52,7 +52,14 @@ def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise BadFile(path, f"{name} holds {bad} NaN/Inf value(s) of {t.numel()} (a diverged run or a damaged file)", fix)
-    verify_tensors(path, fix, tensors)
+    verify_tensors(path, fix, tensors)  # on the bytes as stored, before any conversion
+    odd = {name: str(tensors[name].dtype).removeprefix("torch.") for name in WEIGHT_KEYS
+           if tensors[name].dtype != getattr(torch, cfg.dtype)}
+    if odd:  # loaded anyway (the SAE is exact up to rounding): said, so that a mix-up is not silent
+        import warnings
+
+        warnings.warn(f"{path}: {', '.join(f'{k} is {v}' for k, v in odd.items())} but {path.parent / CFG_FILE} says "
+                      f"dtype {cfg.dtype}: converted to {cfg.dtype} (re-save the SAE to make them agree)", stacklevel=3)
     return tensors  # the four weights, and whatever else the file holds (a BatchTopK threshold)
 
 

@@ -170,6 +170,19 @@ def test_load_names_an_unsupported_activation(tmp_path):
         SparseAutoencoder.load(tmp_path / "sae")
 
 
+def test_load_converts_weights_of_another_dtype_than_cfg_with_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sae = make()
+    sae.save(tmp_path / "sae")
+    path = tmp_path / "sae" / "sae_weights.safetensors"
+    save_file({k: v.half() if k == "W_enc" else v for k, v in load_file(str(path)).items()}, str(path))
+    with pytest.warns(UserWarning, match="W_enc is float16 but .*cfg.json says dtype float32: converted to float32"):
+        loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.W_enc.dtype == torch.float32
+    torch.testing.assert_close(loaded.W_enc, sae.W_enc.half().float())
+
+
 def test_bad_input_shape_and_missing_dir(tmp_path):
     sae = make()
     with pytest.raises(ValueError, match="d_in|12"):
