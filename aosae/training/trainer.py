@@ -425,7 +425,7 @@ class Trainer:
         except ImportError as err:  # matplotlib is an optional dependency: every other output is written
             import warnings
 
-            warnings.warn(f"no report.png: {err} (pip install matplotlib); summary.json and the weights are written",
+            warnings.warn(f"no report.png: {err} (pip install matplotlib); report.md, summary.json and the weights are written",
                           stacklevel=2)
 
 
