@@ -124,6 +124,7 @@ def verdict(match: dict, slack: float, ground_truth: bool) -> dict:
             continue
         row = {"targets": len(targets), "mmcs_better": 0, "mmcs_worse": 0, "absorption_better": 0,
                "absorption_worse": 0, "fvu_worse": 0, "duplicates_fewer": 0, "wins": 0}
+        row["matched"] = sum(d is not None for d in res["fvu"])  # the targets its curve reaches
         for i in range(len(targets)):
             d_fvu, base_fvu = res["fvu"][i], match["none"]["fvu_abs"][i]
             fvu_bad = d_fvu is not None and base_fvu is not None and d_fvu[0] - d_fvu[1] > slack * base_fvu[0]

@@ -38,6 +38,22 @@ DELTAS = (("fvu", "ΔFVU", "{:+.4f}"), ("mmcs", "ΔMMCS", "{:+.3f}"), ("mcc", "�
           ("tpp_threshold_20_total_metric", "ΔTPP@20", "{:+.3f}"))
 
 
+def regenerate_command(args: dict, sweeps) -> str:
+    """`aosae ablate ...` with the recorded call's options that differ from today's defaults."""
+    from dataclasses import asdict
+
+    from aosae.cli.ablate import AblateArgs
+
+    defaults = asdict(AblateArgs())
+    parts = ["aosae ablate", f"--out {args.get('out', defaults['out'])}", "--sweeps " + ",".join(sweeps)]
+    for key, value in args.items():
+        if key in ("out", "sweeps", "render_only") or key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"--no-{key.replace('_', '-')}" if value is False else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def machine() -> dict:
     from aosae.machine import cpu_name
 
@@ -91,7 +107,9 @@ def verdict_lines(verdicts: dict, ground_truth: bool, slack: float) -> list[str]
                          f"{v['duplicates_fewer']}/{n}; beats no penalty on both without losing reconstruction at "
                          f"**{v['wins']}/{n}**")
         else:
-            lines.append(f"- **{arm}**: FVU worse by more than {slack:.0%} at {v['fvu_worse']}/{n} matched L0s, "
+            n = v.get("matched", n)
+            lines.append(f"- **{arm}**: FVU worse by more than {slack:.0%} at {v['fvu_worse']}/{n} matched L0s"
+                         + (f" (its curve reaches {n} of the {v['targets']} target L0s)" if n < v["targets"] else "") + ", "
                          f"fewer duplicate pairs at {v['duplicates_fewer']}/{n}"
                          + "".join(f"; {label} better at {v[m + '_better']}/{n} (worse at {v[m + '_worse']})"
                                    for m, label in C.CLAIMS if m + "_better" in v))
@@ -118,8 +136,8 @@ def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
           "arms differ only in the penalty and the τ rule. Budgeted arms keep the training FVU at every step "
           f"within {args['slack']:.0%} of the penalty-free run with the same λ (or k) and seed (`--tau-rule budget "
           "--tau-budget-run`). Means over seeds ± the 95% Student-t half-width.", "",
-          "Regenerate: `aosae ablate --out benchmarks/results/ablation --sweeps " + ",".join(record["sweeps"]) +
-          "` (each sweep below lists the options it ran with).", "",
+          f"Regenerate: `{regenerate_command(args, record['sweeps'])}` (the last call's options that differ from the "
+          "defaults; each sweep below lists the options it ran with).", "",
           f"Machine: {record['machine']['machine']}, torch {record['machine']['torch']}, {record['machine']['date']}.", "",
           "## Arms", "", *(f"- `{a}`: {d['description']}" + (" (budgeted)" if d["budgeted"] else "")
                            for a, d in record["arms"].items()), ""]
@@ -157,7 +175,7 @@ def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
            "distinct co-active pairs, a smaller share), k = 0.5% of all n(n−1)/2 pairs. Slots beyond the "
            "co-active pairs are empty (zero score), so the penalty then covers *every* co-active pair; "
            "`--pair-rule coactive` takes `--fraction` of the co-active pairs instead, non-zero by construction. "
-           "The trained runs above report their measured non-zero share (n = 128 there: always 1).", "",
+           "The trained runs above report their measured non-zero share (`non-zero share` in the tables).", "",
            "| n | k (0.5% of pairs) | co-active pairs | bound B·L0(L0−1)/2 | non-zero share of the k |",
            "|---|---|---|---|---|",
            *(f"| {w['n']} | {w['k']:,} | {w['coactive_pairs']:,} | {w['bound']:,} | {w['nonzero_share']:.2f} |"
