@@ -38,14 +38,20 @@ DELTAS = (("fvu", "ΔFVU", "{:+.4f}"), ("mmcs", "ΔMMCS", "{:+.3f}"), ("mcc", "�
           ("tpp_threshold_20_total_metric", "ΔTPP@20", "{:+.3f}"))
 
 
-def regenerate_command(args: dict, sweeps) -> str:
-    """`aosae ablate ...` with the recorded call's options that differ from today's defaults."""
+def regenerate_command(name: str, sweep: dict, out: str) -> str:
+    """`aosae ablate ...` that reruns one recorded sweep into `out`: the options of the call that
+    ran it which differ from today's defaults, its arms being every arm the record holds for it."""
     from dataclasses import asdict
 
     from aosae.cli.ablate import AblateArgs
 
     defaults = asdict(AblateArgs())
-    parts = ["aosae ablate", f"--out {args.get('out', defaults['out'])}", "--sweeps " + ",".join(sweeps)]
+    args = dict(sweep.get("args", {}))
+    arms_key = "model_arms" if name == "model" else "arms"
+    arms = {"none", *sweep.get("arms", [])}
+    args[arms_key] = defaults[arms_key] if arms == {"none", *defaults[arms_key].split(",")} else \
+        ",".join(a for a in sweep["arms"] if a != "none")
+    parts = ["aosae ablate", f"--out {out}", f"--sweeps {name}"]
     for key, value in args.items():
         if key in ("out", "sweeps", "render_only") or key not in defaults or value == defaults[key]:
             continue
@@ -136,8 +142,8 @@ def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
           "arms differ only in the penalty and the τ rule. Budgeted arms keep the training FVU at every step "
           f"within {args['slack']:.0%} of the penalty-free run with the same λ (or k) and seed (`--tau-rule budget "
           "--tau-budget-run`). Means over seeds ± the 95% Student-t half-width.", "",
-          f"Regenerate: `{regenerate_command(args, record['sweeps'])}` (the last call's options that differ from the "
-          "defaults; each sweep below lists the options it ran with).", "",
+          "Regenerate: each sweep's section below gives the command that runs it (its options that differ from "
+          "the defaults).", "",
           f"Machine: {record['machine']['machine']}, torch {record['machine']['torch']}, {record['machine']['date']}.", "",
           "## Arms", "", *(f"- `{a}`: {d['description']}" + (" (budgeted)" if d["budgeted"] else "")
                            for a, d in record["arms"].items()), ""]
@@ -158,6 +164,7 @@ def write_report(record: dict, out: Path, *, plots: bool = True) -> dict:
         opts = sweep.get("args", args)
         md += [f"## {name}", "", *(f"- {k}: {v}" for k, v in sweep["description"].items()),
                "- arms: " + ", ".join(a for a in record["arms"] if any(r["arm"] == a for r in runs)),
+               f"- regenerate: `{regenerate_command(name, sweep, args.get('out', str(out)))}`",
                "- options: " + ", ".join(f"{k}={v}" for k, v in opts.items() if k in SWEEP_OPTIONS[sweep["swept"] if name != "model" else "model"]),
                f"- swept {sweep['swept']} ∈ {sweep['values']}, {len({r['seed'] for r in runs})} seeds, "
                f"{len(runs)} runs, {secs / 60:.1f} min of training",
