@@ -25,6 +25,17 @@ def _fresh_inputs(seed):
     """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it)."""
 
 
+def random_values(nnz, *, integer=False, signed=False, zeros=0.0):
+    """nnz float64 activations: in [0.05, 1.05) (or the integers 1..3 for exact ties), random signs
+    if signed, a `zeros` share set to 0."""
+    values = torch.randint(1, 4, (nnz,)).double() if integer else torch.rand(nnz, dtype=torch.float64) + 0.05
+    if signed:
+        values = values * (torch.randint(0, 2, (nnz,)) * 2 - 1)
+    if zeros:
+        values[torch.rand(nnz) < zeros] = 0
+    return values
+
+
 def ragged_rows(B, n, max_l0, *, dtype=torch.float64, pool=None, signed=False, integer=False, zeros=0.0,
                 shuffle=True):
     """CSR rows of random lengths 0..max_l0 (distinct latents from the first `pool`), in a random
@@ -35,12 +46,7 @@ def ragged_rows(B, n, max_l0, *, dtype=torch.float64, pool=None, signed=False, i
     if not shuffle:
         idx = [i.sort().values for i in idx]
     indices = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
-    nnz = indices.numel()
-    values = torch.randint(1, 4, (nnz,)).double() if integer else torch.rand(nnz, dtype=torch.float64) + 0.05
-    if signed:
-        values = values * (torch.randint(0, 2, (nnz,)) * 2 - 1)
-    if zeros:
-        values[torch.rand(nnz) < zeros] = 0
+    values = random_values(indices.numel(), integer=integer, signed=signed, zeros=zeros)
     offsets = torch.zeros(B + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)
     values = values.to(dtype)
@@ -345,12 +351,7 @@ def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, l
         rows.insert(int(torch.randint(0, len(rows) + 1, ())), torch.randperm(pool)[:long_l0])
     lengths = torch.tensor([r.numel() for r in rows])
     indices = torch.cat(rows)
-    nnz = indices.numel()
-    values = torch.randint(1, 4, (nnz,)).double() if integer else torch.rand(nnz, dtype=torch.float64) + 0.05
-    if signed:
-        values = values * (torch.randint(0, 2, (nnz,)) * 2 - 1)
-    if zeros:
-        values[torch.rand(nnz) < zeros] = 0
+    values = random_values(indices.numel(), integer=integer, signed=signed, zeros=zeros)
     values = values.to(dtype)
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)
