@@ -39,24 +39,18 @@ DELTAS = (("fvu", "ΔFVU", "{:+.4f}"), ("mmcs", "ΔMMCS", "{:+.3f}"), ("mcc", "�
 
 
 def regenerate_command(name: str, sweep: dict, out: str) -> str:
-    """`aosae ablate ...` that reruns one recorded sweep into `out`: the options of the call that
-    ran it which differ from today's defaults, its arms being every arm the record holds for it."""
-    from dataclasses import asdict
-
-    from aosae.cli.ablate import AblateArgs
-
-    defaults = asdict(AblateArgs())
-    args = dict(sweep.get("args", {}))
-    arms_key = "model_arms" if name == "model" else "arms"
-    arms = {"none", *sweep.get("arms", [])}
-    args[arms_key] = defaults[arms_key] if arms == {"none", *defaults[arms_key].split(",")} else \
-        ",".join(a for a in sweep["arms"] if a != "none")
-    parts = ["aosae ablate", f"--out {out}", f"--sweeps {name}"]
-    for key, value in args.items():
-        if key in ("out", "sweeps", "render_only") or key not in defaults or value == defaults[key]:
+    """`aosae ablate ...` that reruns one recorded sweep into `out`: every option that shapes it
+    (SWEEP_OPTIONS) as the call that ran it had it, and every arm the record holds for it."""
+    args = sweep.get("args", {})
+    options = SWEEP_OPTIONS["model" if name == "model" else sweep["swept"]]
+    arms = ",".join(a for a in sweep.get("arms", []) if a != "none") or "none"
+    parts = ["aosae ablate", f"--out {out}", f"--sweeps {name}", f"--{'model-arms' if name == 'model' else 'arms'} {arms}"]
+    for key in options:
+        if key not in args or args[key] is None:
             continue
         flag = "--" + key.replace("_", "-")
-        parts.append(flag if value is True else f"--no-{key.replace('_', '-')}" if value is False else f"{flag} {value}")
+        value = args[key]
+        parts.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
     return " ".join(parts)
 
 
