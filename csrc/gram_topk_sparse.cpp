@@ -295,6 +295,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   }
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
+  // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i·n + j)
+  auto pairs_of = [&](int64_t i, auto&& offer) {
+    const int64_t b = bucket_start[i];
+    for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i * n + pj[b + u]);
+    const int64_t pi = position[i];
+    for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
+      if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i * n + block_latent[p]);
+  };
   if constexpr (std::is_same<acc_t, float>::value) {
     int key_bits = 1;
     while (key_bits < 63 && (uint64_t(1) << key_bits) < uint64_t(n) * uint64_t(n)) ++key_bits;
@@ -316,13 +324,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
           else if (bin == bar) edge.push_back({v, key});
         };
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t b = bucket_start[i];
-          for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i * n + pj[b + u]);
-          const int64_t pi = position[i];
-          for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
-            if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i * n + block_latent[p]);
-        }
+        for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
       }
       aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
       aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
@@ -381,13 +383,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       else if (bin == bar) edge.push_back({v, key});
     };
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = bucket_start[i];
-      for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i * n + pj[b + u]);
-      const int64_t pi = position[i];
-      for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
-        if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i * n + block_latent[p]);
-    }
+    for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
   }
   aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
   aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
