@@ -5,6 +5,10 @@ ground truth, SAELens's synthetic generator and optionally cached model activati
 writes DIR/runs.json (every run; the sweeps of earlier calls into DIR that this call does not
 redo are kept, and so are the other arms of a sweep redone with the same settings), DIR/ablation.json (L0-matched comparison with confidence
 intervals), DIR/README.md (tables and verdict) and PNG plots. See aosae.experiments.ablation.
+
+A sweep DIR/runs.json already holds with the same settings but other values (λ or k) is extended, not
+retrained: its recorded (value, seed) groups with every requested arm are reused, only the missing
+groups train, and the record keeps the union of the values (--no-reuse retrains instead).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from aosae.cli.checks import check_output_dir, require_package
 from aosae.experiments.ablation import ARMS, Sweep, load_dataset, parse_arms, run_sweep
 from aosae.experiments.ablation.datasets import model_held_out
 from aosae.experiments.ablation.plots import missing as missing_plots
-from aosae.experiments.ablation.record import read_record
+from aosae.experiments.ablation.record import complete_groups, read_record, settings_differ
 
 SWEEPS = ("synthetic", "saelens", "synthetic_topk", "model")
 
@@ -83,6 +87,9 @@ class AblateArgs:
     """Model sweep: probe seeds of --model-probing (each redraws the negatives and retrains every probe)."""
     threads: int = 1
     """torch CPU threads (the SAEs are small: extra threads only contend on a shared machine)."""
+    reuse: bool = True
+    """Extend a sweep --out/runs.json holds with the same settings (every option but the value list): its
+    recorded (value, seed) groups are reused, only the missing ones train. --no-reuse retrains them."""
     render_only: bool = False
     """Re-render the tables and plots from --out/runs.json without training."""
 
@@ -187,29 +194,54 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
             sweep = Sweep(name, base, values, seeds=tuple(range(seeds)), slack=args.slack)
             print(f"{name}: {desc['data']}; {len(sweep_arms)} arms × {len(values)} {sweep.swept} × {seeds} seeds")
             old = earlier.get(name)
+            sweep_args, reuse = asdict(args), {}
+            differ = None if old is None else settings_differ(old, {
+                "name": name, "base": base, "slack": args.slack, "swept": sweep.swept, "description": desc, "args": sweep_args})
+            extend = old is not None and args.reuse and not differ
+            if extend:  # the union of the values; every recorded group with each arm of this call is reused
+                values = tuple(values) + tuple(v for v in old["values"] if v not in values)
+                sweep = Sweep(name, base, values, seeds=sweep.seeds, slack=args.slack)
+                reuse = {key: runs for key, runs in complete_groups(old, sweep_arms).items()
+                         if key[0] in values and key[1] in sweep.seeds}
+                value_option = "model_lambdas" if kind == "model" else "ks" if sweep.swept == "top_k" else "lambdas"
+                sweep_args[value_option] = ",".join(str(v) for v in sorted(values))  # the record's command reruns it all
+                print(f"{name}: extending the sweep recorded in {runs_path}: reusing {len(reuse)} of "
+                      f"{len(values) * len(sweep.seeds)} ({sweep.swept}, seed) groups "
+                      f"({', '.join(f'{v}/{s}' for v, s in reuse) or 'none'}), training the other "
+                      f"{len(values) * len(sweep.seeds) - len(reuse)}"
+                      + (" (nothing to train; --no-reuse retrains them)" if len(reuse) == len(values) * len(sweep.seeds) else ""))
             same_settings = old is not None and (old["base"], old["values"]) == (base, list(values))
-            if old is not None and not same_settings:
-                warnings.warn(f"{runs_path} holds a {name} sweep run with other settings ({len(old['runs'])} runs): it "
+            if old is not None and not extend and not same_settings:
+                why = f"other settings ({', '.join(differ)})" if differ else "--no-reuse and other values"
+                warnings.warn(f"{runs_path} holds a {name} sweep run with {why} ({len(old['runs'])} runs): it "
                               "stays there until this call's sweep completes, then this one replaces it; stop now and "
                               "pass another --out to keep both", stacklevel=2)
 
             def save(rows, complete: bool, name=name, sweep=sweep, sweep_arms=sweep_arms, old=old, same=same_settings,
-                     desc=desc, truth=truth, base=base, values=values, t0=t0):
-                arms_run = sweep_arms
-                if same:  # the same sweep settings: keep the earlier call's arms that this one did not train
+                     desc=desc, truth=truth, base=base, values=values, t0=t0, extend=extend, sweep_args=sweep_args):
+                arms_run, seconds = sweep_arms, time.perf_counter() - t0
+                if extend:  # every recorded run stays unless this call retrained it (so a partial save loses nothing)
+                    arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
+                    merged = {(r["value"], r["seed"], r["arm"]): r for r in old["runs"]}
+                    merged.update({(r["value"], r["seed"], r["arm"]): r for r in rows})
+                    order = sorted(values)
+                    rows = sorted(merged.values(), key=lambda r: (order.index(r["value"]), r["seed"],
+                                                                  arms_run.index(r["arm"]) if r["arm"] in arms_run else len(arms_run)))
+                    values, seconds = order, seconds + old.get("seconds", 0.0)
+                elif same:  # the same sweep settings: keep the earlier call's arms that this one did not train
                     rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
                     arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
-                record["sweeps"][name] = {"args": asdict(args), "arms": list(arms_run), "description": desc,
+                record["sweeps"][name] = {"args": sweep_args, "arms": list(arms_run), "description": desc,
                                           "swept": sweep.swept, "values": list(values), "base": base, "slack": args.slack,
-                                          "ground_truth": truth is not None, "seconds": time.perf_counter() - t0,
+                                          "ground_truth": truth is not None, "seconds": seconds,
                                           "complete": complete, "runs": list(rows)}
-                if not complete and old is not None:
+                if not complete and old is not None and not extend:
                     return  # an earlier record of this sweep stays on disk until this one is complete
                 tmp = runs_path.with_name(runs_path.name + ".tmp")  # atomically: a crash keeps what ran
                 tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, runs_path)
 
-            rows = run_sweep(sweep, train, held, truth, sweep_arms, scorer=scorer,
+            rows = run_sweep(sweep, train, held, truth, sweep_arms, scorer=scorer, reuse=reuse,
                              on_run=lambda rows: save(rows, complete=False))
             save(rows, complete=True)
     finally:

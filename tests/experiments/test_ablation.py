@@ -221,3 +221,56 @@ def test_a_sweep_redone_with_other_settings_warns_before_it_replaces_the_record(
     with pytest.warns(UserWarning, match="holds a synthetic sweep run with other settings"):
         assert cli_main([*argv, "--steps", "6"]) == 0
     assert json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["base"]["steps"] == 6
+
+
+def test_a_sweep_with_the_same_settings_is_extended_not_retrained(tmp_path, monkeypatch, capsys):
+    """Another λ list on a recorded sweep trains only the (λ, seed) groups the record lacks; a call
+    stopped midway keeps every recorded run; a group missing an arm is retrained whole."""
+    from aosae.experiments.ablation import runner
+
+    real, calls, stop_at = runner.train_run, [], [None]
+
+    def counted(acts, cfg, *args, **kwargs):
+        calls.append((cfg.l1, cfg.seed, cfg.penalty))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(acts, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_run", counted)
+    out = tmp_path / "abl"
+    argv = ["ablate", "--out", str(out), "--sweeps", "synthetic", "--arms", "paper_budget", "--seeds", "1", "--steps", "5",
+            "--samples", "1000", "--d", "16", "--features", "32", "--d-sae", "32", "--batch-size", "128"]
+    assert cli_main([*argv, "--lambdas", "0.3"]) == 0
+    first = json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["runs"]
+    assert [(r["arm"], r["value"]) for r in first] == [("none", 0.3), ("paper_budget", 0.3)]
+
+    calls.clear()
+    stop_at[0] = 2  # stopped in the new group's second run: the recorded runs and its first stay on disk
+    with pytest.raises(KeyboardInterrupt):
+        cli_main([*argv, "--lambdas", "0.5"])
+    sweep = json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]
+    assert sweep["complete"] is False and sweep["runs"][:2] == first
+    assert [(r["arm"], r["value"]) for r in sweep["runs"][2:]] == [("none", 0.5)]
+
+    calls.clear()
+    stop_at[0] = None
+    capsys.readouterr()
+    assert cli_main([*argv, "--lambdas", "0.3,0.5"]) == 0
+    assert [c[:2] for c in calls] == [(0.5, 0), (0.5, 0)]  # λ 0.5 lacked paper_budget: its group reran whole
+    assert "reusing 1 of 2 (l1, seed) groups (0.3/0)" in capsys.readouterr().out
+    sweep = json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]
+    assert sweep["complete"] is True and sweep["values"] == [0.3, 0.5] and sweep["args"]["lambdas"] == "0.3,0.5"
+    assert sweep["runs"][:2] == first and [(r["arm"], r["value"]) for r in sweep["runs"][2:]] == [
+        ("none", 0.5), ("paper_budget", 0.5)]
+    # the budget of the new group follows its own penalty-free run
+    assert sweep["runs"][3]["budget_fvu_end"] == pytest.approx(1.05 * sweep["runs"][2]["train_fvu_end"])
+    md = (out / "README.md").read_text()
+    assert "| 0.3 |" in md and "| 0.5 |" in md and "--lambdas 0.3,0.5" in md and "--no-reuse" in md
+
+    calls.clear()
+    assert cli_main([*argv, "--lambdas", "0.5"]) == 0  # everything recorded: nothing trains, the record stays whole
+    assert calls == [] and "nothing to train" in capsys.readouterr().out
+    assert json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["runs"] == sweep["runs"]
+    with pytest.warns(UserWarning, match="--no-reuse and other values"):  # retrains; the record becomes this call's
+        assert cli_main([*argv, "--lambdas", "0.5", "--no-reuse"]) == 0
+    assert len(calls) == 2 and json.loads((out / "runs.json").read_text())["sweeps"]["synthetic"]["values"] == [0.5]

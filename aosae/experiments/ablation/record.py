@@ -45,3 +45,34 @@ def read_record(path: Path, *, render_only: bool) -> dict:
         detail = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
         raise BadFile(path, f"cannot be turned into tables ({detail})", fix) from err
     return record
+
+
+# per kind of sweep, the options that may differ between a recorded sweep and a call that extends it:
+# its value list (the point of extending) and the torch thread count (shapes speed, not results)
+_FREE = {"l1": ("lambdas", "threads"), "top_k": ("ks", "threads"), "model": ("model_lambdas", "threads")}
+
+
+def settings_differ(old: dict, new: dict) -> list[str]:
+    """What keeps a recorded sweep `old` from being extended by a call's sweep `new` (both shaped like
+    a record's sweep): the names of the settings that differ, besides the value list. Compared: the
+    trainer settings every run shares (base), the budget slack, the swept field, the data (description
+    'data') and every option that shapes the sweep (report.SWEEP_OPTIONS, seeds and probing set-up among them)."""
+    from aosae.experiments.ablation.report import SWEEP_OPTIONS
+
+    kind = "model" if new["name"] == "model" else new["swept"]
+    differ = [key for key in ("base", "slack", "swept") if old.get(key) != new[key]]
+    if old.get("description", {}).get("data") != new["description"].get("data"):
+        differ.append("data")
+    old_args = old.get("args", {})
+    differ += [f"--{key.replace('_', '-')}" for key in SWEEP_OPTIONS[kind]
+               if key not in _FREE[kind] and (key not in old_args or old_args[key] != new["args"][key])]
+    return differ
+
+
+def complete_groups(old: dict, arms: tuple) -> dict:
+    """{(value, seed): [its recorded runs]} for every group of `old` whose runs cover each of `arms`:
+    groups are reused whole, since a group's 'none' run set the budget of its budgeted arms."""
+    groups: dict = {}
+    for run in old["runs"]:
+        groups.setdefault((run.get("value"), run.get("seed")), []).append(run)
+    return {key: runs for key, runs in groups.items() if set(arms) <= {r["arm"] for r in runs}}

@@ -44,7 +44,9 @@ def regenerate_command(name: str, sweep: dict, out: str) -> str:
     args = sweep.get("args", {})
     options = SWEEP_OPTIONS["model" if name == "model" else sweep["swept"]]
     arms = ",".join(a for a in sweep.get("arms", []) if a != "none") or "none"
-    parts = ["aosae ablate", f"--out {out}", f"--sweeps {name}", f"--{'model-arms' if name == 'model' else 'arms'} {arms}"]
+    # --no-reuse: into a folder that holds this record (the committed one) the call retrains instead of reusing it
+    parts = ["aosae ablate", f"--out {out}", f"--sweeps {name}", f"--{'model-arms' if name == 'model' else 'arms'} {arms}",
+             "--no-reuse"]
     for key in options:
         if key not in args or args[key] is None:
             continue

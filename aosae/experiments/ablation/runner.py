@@ -114,15 +114,21 @@ def train_run(acts: torch.Tensor, cfg: TrainConfig, held: torch.Tensor, truth, r
 
 def run_sweep(sweep: Sweep, acts: torch.Tensor, held: torch.Tensor, truth, arms: tuple, workdir: Optional[Path] = None,
               log: Callable[[str], None] = print, scorer: Optional[Callable] = None,
-              on_run: Optional[Callable[[list], None]] = None) -> list[dict]:
+              on_run: Optional[Callable[[list], None]] = None, reuse: Optional[dict] = None) -> list[dict]:
     """Every (value, seed, arm); the 'none' arm of each (value, seed) runs first and sets the budget.
     Returns one row per run: {"arm", "value", "seed", "budget_fvu", **metrics}; on_run(rows so far)
-    after each run (the CLI saves them, so that a long sweep stopped early keeps what ran)."""
-    rows = []
+    after each run (the CLI saves them, so that a long sweep stopped early keeps what ran).
+    reuse: {(value, seed): recorded rows} of groups taken over as they are instead of trained."""
+    rows, reuse = [], reuse or {}
     with tempfile.TemporaryDirectory(prefix="aosae-ablate-") as tmp:
         root = Path(workdir or tmp)
         for value in sweep.values:
             for seed in sweep.seeds:
+                if (value, seed) in reuse:
+                    rows += reuse[value, seed]
+                    log(f"  {sweep.name} {sweep.swept}={value} seed={seed}: reused the recorded runs of "
+                        + ", ".join(r["arm"] for r in reuse[value, seed]))
+                    continue
                 reference = reference_fvu = None
                 for name in arms:
                     over = arm_overrides(ARMS[name], reference, sweep.slack)
