@@ -13,6 +13,8 @@ progress.json (the LM restarts at the first window of the first unfinished shard
 `ActivationStore.open` refuses it. Nothing is ever concatenated in RAM: readers copy the rows
 they ask for out of the maps and then drop those pages from the process (MADV_DONTNEED), so the
 resident set stays flat however large the store is (the kernel's page cache still helps).
+Every value is checked to be finite when the store is opened (all of it up to 1 GiB) and whenever
+rows are read: a damaged shard is a BadFile naming it and the row, never a NaN loss later.
 
 Storage dtype (default bfloat16): bf16 keeps float32's exponent range, so no activation can
 overflow (fp16 overflows past 65504, which models with massive activations reach), at half the
@@ -43,6 +45,7 @@ FORMAT = "aosae-activation-store-v1"
 _RAW = {2: np.int16, 4: np.int32}  # rows are moved as raw bits of their width
 _TORCH_RAW = {2: torch.int16, 4: torch.int32}
 SHARD_BYTES = 1 << 27  # 128 MiB per shard: a kill during collection loses at most one shard of LM work
+FULL_CHECK_BYTES = 1 << 30  # stores up to 1 GiB have every value checked when opened (see check_values)
 
 
 def store_key(**fields) -> str:
@@ -172,8 +175,12 @@ class StoreWriter:
         if acts.dim() != 2 or acts.shape[1] != self.d:
             raise ValueError(f"expected activations [n, {self.d}], got {tuple(acts.shape)}")
         out = acts.to(self.torch_dtype).contiguous()
-        if self.torch_dtype == torch.float16 and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(acts).all()):
-            raise ValueError("activations overflow float16 (|x| > 65504): use --store-dtype bfloat16 or float32")
+        if not bool(torch.isfinite(out).all()):  # a store of NaN/Inf would only be refused when read
+            if bool(torch.isfinite(acts).all()):
+                raise ValueError("activations overflow float16 (|x| > 65504): use --store-dtype bfloat16 or float32")
+            raise ValueError(f"the model's activations hold NaN/Inf (layer {self.meta.get('layer')} of "
+                             f"{self.meta.get('model')}, collecting {self.directory}): use --dtype float32 "
+                             "(a half-precision LM can overflow), or check the model's weights")
         if self._file is None:
             self._file = open(self._shard_path(len(self.shards)), "wb")
         self._file.write(out.view(_TORCH_RAW[out.element_size()]).numpy().data)  # the tensor's own buffer: no extra copy
@@ -245,7 +252,26 @@ class ActivationStore:
                 found = "is missing" if size < 0 else f"has {size} bytes"
                 raise BadFile(path, f"the activation store is damaged: {path.name} {found}, its meta.json says "
                               f"{rows * meta['d'] * itemsize}", f"delete {directory} and the next `aosae train` collects it again")
-        return cls(directory, meta)
+        store = cls(directory, meta)
+        store.check_values()
+        return store
+
+    def check_values(self, full_bytes: Optional[int] = None, chunk_rows: int = 1 << 14) -> None:
+        """BadFile naming the shard and row if a value is NaN/Inf (flipped bytes; a shard of another
+        dtype reads as garbage with NaN/Inf all over it). A store of at most `full_bytes` is read whole
+        (about a second per GiB); a larger one has the head and tail rows of each shard read here, and
+        every row is checked again whenever it is read (`read`), so no NaN reaches training either way."""
+        total = self.n_tokens * self.d * self.dtype.itemsize
+        if total <= (FULL_CHECK_BYTES if full_bytes is None else full_bytes):
+            spans = [(a, min(a + chunk_rows, self.n_tokens)) for a in range(0, self.n_tokens, chunk_rows)]
+        else:
+            spans = [span for a, b in zip(self.starts, self.starts[1:])
+                     for span in ((a, min(b, a + 256)), (max(a, b - 256), b))]
+        try:
+            for a, b in spans:
+                self.read(a, b)
+        finally:
+            self.close()
 
     def _map(self, i: int) -> tuple[mmap.mmap, np.ndarray]:
         if i not in self._maps:
@@ -269,10 +295,25 @@ class ActivationStore:
             a, b = pos - self.starts[i], min(stop, self.starts[i + 1]) - self.starts[i]
             mm, rows = self._map(i)
             raw[pos - start : pos - start + b - a] = rows[a:b]
+            self._check_finite(out[pos - start : pos - start + b - a], i, a)
             lo = (a * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, lo, b * row_bytes - lo)  # keep RSS flat: the page cache still has them
             pos += b - a
         return out
+
+    def _check_finite(self, rows: torch.Tensor, shard: int, first: int) -> None:
+        """BadFile naming the shard when rows read from it hold NaN/Inf: flipped bytes, a shard of
+        another dtype, or a store edited by hand. Checked on every read (one pass over rows already in
+        memory), so a damaged store stops the run before it trains on, or scales by, a NaN."""
+        bad = ~torch.isfinite(rows)
+        if not bool(bad.any()):
+            return
+        r, c = (int(v) for v in bad.nonzero()[0])
+        path = self.directory / f"shard_{shard:05d}.bin"
+        raise BadFile(path, f"the activation store is damaged: row {first + r} of {path.name} holds "
+                      f"{float(rows[r, c])} at column {c} (activations must be finite; damaged bytes, or a "
+                      f"shard not written as {self.meta['dtype']})",
+                      f"delete {self.directory} and the next `aosae train` collects it again")
 
     def close(self) -> None:
         self._maps.clear()

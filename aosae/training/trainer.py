@@ -149,6 +149,11 @@ class Trainer:
         d_in = train_rows.d
         first_rows = self.buffer.first_rows(SCALE_TOKENS)
         norm = torch.cat([c.float().norm(dim=1) for c in first_rows.split(8192)]).mean().item()
+        if cfg.normalize_activations and not (np.isfinite(norm) and norm > 0):  # the scale would be NaN/Inf
+            source = self.data_meta.get("source") or f"the activations of layer {cfg.layer}"
+            raise ValueError(f"the mean activation norm of the first {first_rows.shape[0]} training rows is {norm} "
+                             f"({source}): activations must be finite and not all zero; check the model and the "
+                             "dataset (or delete the activation store to collect it again)")
         # one scale for all ranks so their weights stay identical
         scale = torch.tensor([1.0 / norm], dtype=torch.float64)
         self.scale = float(ddp.all_reduce_mean(scale, self.info)) if cfg.normalize_activations else 1.0
@@ -259,6 +264,7 @@ class Trainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         fresh = main and self.step == 0 and self.latest_checkpoint(self.run_dir) is None \
             and getattr(self, "_undo_start", None) is not None
+        self._fresh = fresh  # a divergence at the very first step then keeps nothing (see _train_step)
         made = {"metrics": not metrics_path.exists(), "checkpoints": not (self.run_dir / "checkpoints").exists()}
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,8 +275,8 @@ class Trainer:
         try:
             return self._run(on_step, metrics_path, main)
         except Exception as err:
-            if fresh and self.step == 0 and not isinstance(err, TrainingDiverged):  # its message names step_0
-                # a start that fails before its first step must not block a retry
+            if fresh and self.step == 0:
+                # a start that fails before its first step must not block a retry (step_0 is only the init)
                 self._undo_failed_start(metrics_path, made)
             raise
 
@@ -327,10 +333,14 @@ class Trainer:
             last = self.latest_checkpoint(self.run_dir)
             where = "" if not self.info.enabled else f" on rank {self.info.rank}" if not torch.isfinite(loss) \
                 else f" on another rank (rank {self.info.rank} was finite)"
+            what = (f"The last good checkpoint is {last}. Lower --lr, check the activations for NaN/Inf, or "
+                    "resume with --resume.")
+            if self.step == 0 and getattr(self, "_fresh", False):  # run() removes the start: nothing to resume
+                what = (f"Nothing was kept in {self.run_dir} (it diverged at its first step): lower --lr or check "
+                        "the activations for NaN/Inf, then run the same command again.")
             raise TrainingDiverged(
                 f"loss is {loss.item()}{where} at step {self.step} (recon={recon.item()}, l1={l1.item()}, "
-                f"penalty={penalty.item()}); stopped. The last good checkpoint is {last}. "
-                "Lower --lr, check the activations for NaN/Inf, or resume with --resume."
+                f"penalty={penalty.item()}); stopped. {what}"
             )
         self.objective.optimizer_step(loss, reduce_grads=lambda: ddp.all_reduce_grads(params, self.info))
         extra = {}

@@ -388,6 +388,24 @@ def test_train_and_eval_refuse_a_damaged_dataset(world, data):
         assert_refused(code, err, dataset, before, digest(*mine))
 
 
+def damage_shard(path: Path, data: st.DataObject) -> str:
+    """A raw bf16 shard cut short, with one value made NaN/Inf anywhere (even in rows a short run
+    never trains on), or holding float32 bytes of the same length (a shard of another dtype)."""
+    kind = data.draw(st.sampled_from(["cut", "nonfinite", "dtype"]), label="shard damage")
+    if kind == "cut":
+        cut(path, data)
+    elif kind == "nonfinite":
+        values = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.bfloat16)
+        values[data.draw(st.integers(0, values.numel() - 1), label="value")] = \
+            data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]), label="to")
+        path.write_bytes(values.view(torch.uint8).numpy().tobytes())
+    else:  # float32 rows in the same bytes: their low halves read as bf16 of random exponent, 1/256 NaN/Inf
+        values = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.bfloat16)[: path.stat().st_size // 4].float()
+        noise = torch.rand(values.shape, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+        path.write_bytes((values * (1 + 2**-8 * noise)).view(torch.uint8).numpy().tobytes())  # full float32 mantissas
+    return kind
+
+
 @FAST
 @given(data=st.data())
 def test_train_refuses_a_damaged_activation_store(world, data):
@@ -407,7 +425,7 @@ def test_train_refuses_a_damaged_activation_store(world, data):
             damage_json(named, data, keys, keys, ints=("d",), values=("12", None, 1.5, [], {}))
         else:
             named = store / "shard_00000.bin"
-            cut(named, data)
+            damage_shard(named, data)
         mine = [tmp / "cache", world["corpus"]] + ([tmp / "run"] if resume else [])
         before = digest(*mine)
         argv = ["train", "--resume", str(tmp / "run"), "--no-progress"] if resume else \

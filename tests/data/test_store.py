@@ -9,6 +9,7 @@ import torch
 from aosae.data import store as S
 from aosae.data.activations import StreamSource, collect_activations, collect_to_store
 from aosae.data.text import iter_texts
+from aosae.files import BadFile
 from tiny_lm import corpus_text, make_tiny_lm
 
 
@@ -77,6 +78,49 @@ def test_float16_overflow_is_an_error(tmp_path):
     writer = S.StoreWriter(tmp_path / "s", 3, "float16", {})
     with pytest.raises(ValueError, match="overflow float16.*bfloat16"):
         writer.append(torch.tensor([[1.0, 7e4, 0.0]]), 1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations_are_refused_when_written_opened_and_read(tmp_path, small_shards, dtype, bad):
+    writer = S.StoreWriter(tmp_path / "w", 3, dtype, {"model": "m", "layer": 2})
+    with pytest.raises(ValueError, match="activations hold NaN/Inf .*layer 2 of m.*--dtype float32"):
+        writer.append(torch.tensor([[1.0, bad, 0.0]]), 1)
+    acts = torch.randn(2500, 4)
+    writer = S.StoreWriter(tmp_path / "s", 4, dtype, {})
+    for part in acts.split(500):
+        writer.append(part, 5)
+    store = writer.finish()
+    # a value damaged on disk in the second shard (rows 1500-2499): open names the shard and its row
+    shard, row = tmp_path / "s" / "shard_00001.bin", 2000 - 1500
+    values = torch.frombuffer(bytearray(shard.read_bytes()), dtype=S.STORE_DTYPES[dtype])
+    values[row * 4 + 2] = bad
+    shard.write_bytes(values.view(torch.uint8).numpy().tobytes())
+    with pytest.raises(BadFile, match=f"row {row} of shard_00001.bin holds {bad} at column 2") as caught:
+        S.ActivationStore.open(tmp_path / "s")
+    assert caught.value.path == shard and "delete" in str(caught.value)
+    with pytest.raises(BadFile, match="shard_00001.bin"):  # and a read that reaches it (a store too large to scan)
+        store.read(1900, 2100)
+    assert torch.equal(store.read(0, 1900), acts[:1900].to(S.STORE_DTYPES[dtype]))  # the rows before it are fine
+
+
+def test_a_large_store_is_checked_at_each_shards_ends_when_opened(tmp_path, small_shards, monkeypatch):
+    writer = S.StoreWriter(tmp_path / "s", 4, "float32", {})
+    for part in torch.randn(2500, 4).split(500):
+        writer.append(part, 5)
+    store = writer.finish()
+    monkeypatch.setattr(S, "FULL_CHECK_BYTES", 0)
+    shard = tmp_path / "s" / "shard_00001.bin"
+    values = torch.frombuffer(bytearray(shard.read_bytes()), dtype=torch.float32)
+    values[2] = float("nan")  # row 0 of the shard: read at open; a row in the middle is found when read
+    shard.write_bytes(values.view(torch.uint8).numpy().tobytes())
+    with pytest.raises(S.BadFile, match="row 0 of shard_00001.bin"):
+        S.ActivationStore.open(tmp_path / "s")
+    values[2], values[2 + 4 * 500] = 0.0, float("nan")  # row 500: not read by open, refused by a read
+    shard.write_bytes(values.view(torch.uint8).numpy().tobytes())
+    S.ActivationStore.open(tmp_path / "s")
+    with pytest.raises(S.BadFile, match="row 500 of shard_00001.bin"):
+        store.read(0, 2500)
 
 
 def test_killed_collection_resumes_to_the_same_store(tiny, tmp_path, small_shards):

@@ -105,6 +105,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, monkeypat
     assert all(torch.isfinite(p).all() for p in sae.parameters())
 
 
+def test_nan_loss_at_the_first_step_keeps_nothing_so_the_same_out_can_be_retried(tiny, tmp_path, monkeypatch):
+    real = T.MixingBuffer.batch
+    monkeypatch.setattr(T.MixingBuffer, "batch", lambda self, step: real(self, step) * float("inf"))
+    with pytest.raises(T.TrainingDiverged, match="step 0.*Nothing was kept.*run the same command again"):
+        T.train(tiny_cfg(tiny, tmp_path), progress=False)
+    assert not (tmp_path / "run").exists()  # no step_0 (only the init), no log, no train_config.json
+    monkeypatch.setattr(T.MixingBuffer, "batch", real)
+    assert T.train(tiny_cfg(tiny, tmp_path, steps=2), progress=False)[1]["steps"] == 2
+
+
 def test_disk_full_while_checkpointing_keeps_previous(tiny, tmp_path, monkeypatch):
     real = T.ckpts.save_file
     calls = {"n": 0}
