@@ -221,7 +221,8 @@ class Trainer:
 
         A damaged newest checkpoint is skipped with a CheckpointWarning naming it; if every
         checkpoint is damaged, NoUsableCheckpoint. A run killed before its first checkpoint
-        starts over (its activation store, complete or not, is reused). `steps`: train to this
+        starts over (its activation store, complete or not, is reused); one that has trained but
+        lost its checkpoints is refused (check_checkpoints_kept). `steps`: train to this
         many steps in all instead of the run's own (at least the steps done; the warm-up stays
         the run's). Nothing in the run directory is written until run().
 
@@ -238,6 +239,7 @@ class Trainer:
         d = json.loads(cfg_path.read_text())
         cfg = TrainConfig.from_dict(d)
         check_config_fits_checkpoints(run_dir, cfg)
+        check_checkpoints_kept(run_dir)
         if steps is not None and steps != cfg.steps:
             # the warm-up (and AdaptiveTau's calibration) is a function of the steps: keep the run's own
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "steps": steps, "warmup_steps": cfg.warmup})
@@ -464,6 +466,35 @@ def check_config_fits_checkpoints(run_dir: Path, cfg: TrainConfig) -> None:
                               f"({d / 'cfg.json'}): the file was edited after the run started",
                               f"set {key!r} back to {have!r} to resume, or start a new run with a different --out")
         return
+
+
+def check_checkpoints_kept(run_dir: Path) -> None:
+    """A run with no checkpoint starts over on resume, which is right only for a run killed before its
+    first one (step_0 is written before any step). If the run has trained (metrics.jsonl has steps, or
+    its final files exist), its checkpoints were deleted: refused (MissingFile naming them), not a
+    silent restart from step 0 that would overwrite its log and weights."""
+    from aosae.files import MissingFile
+
+    if ckpts.list_checkpoints(run_dir):
+        return
+    log = run_dir / "metrics.jsonl"
+    steps = 0
+    if log.is_file():
+        for line in log.read_bytes().split(b"\n"):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                steps = max(steps, row["step"])
+    finals = [name for name in ("summary.json", "sae_weights.safetensors") if (run_dir / name).exists()]
+    if steps or finals:
+        done = f"metrics.jsonl logs {steps} steps" if steps else f"it has {' and '.join(finals)}"
+        where = run_dir / "checkpoints"
+        raise MissingFile(where, f"{'holds no checkpoint' if where.is_dir() else 'does not exist'}, but the run has "
+                          f"trained ({done}): resuming would silently start it again from step 0",
+                          "restore the checkpoints from a backup, or start afresh with `aosae train` and a new --out "
+                          "(the activation store is reused)")
 
 
 def check_log_covers(path: Path, step: int) -> None:

@@ -723,6 +723,30 @@ def test_resume_checks_each_checkpoints_state_json(world, tmp_path, key, value, 
     assert said in line and "no usable checkpoint" in line, line
 
 
+@pytest.mark.parametrize("lost", ["checkpoints", "checkpoints/*", "checkpoints and metrics.jsonl"])
+def test_resume_refuses_a_run_whose_checkpoints_were_deleted(world, tmp_path, lost):
+    """`rm -r RUN/checkpoints` (or its contents): a resume would silently train from step 0 again."""
+    run = copy_run(world, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    if lost == "checkpoints/*":
+        (run / "checkpoints").mkdir()
+    elif lost != "checkpoints":
+        (run / "metrics.jsonl").unlink()  # still a trained run: its summary.json and weights say so
+    line = refused(["train", "--resume", str(run), "--no-progress"], run / "checkpoints", run, world["cache"])
+    assert "start it again from step 0" in line and "restore the checkpoints" in line and "new --out" in line
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it(world, tmp_path):
+    """Documented: only train_config.json was written (killed while collecting): the resume trains it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(world["run"] / "train_config.json", run / "train_config.json")
+    with hidden("matplotlib"):
+        code, _, err, _ = run_cli(["train", "--resume", str(run), "--no-progress"])
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
 @pytest.mark.parametrize("log", ["empty", "missing", "short"])
 def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
     run = copy_run(world, tmp_path)
