@@ -94,6 +94,10 @@ def load_model(name_or_path: Optional[str] = None, device: str | torch.device = 
     # Without a reachable hub, transformers retries for ~50 s before failing: look only in the local cache.
     offline = hub_offline()
     unreachable = not offline and not Path(path).exists() and not hub_reachable()
+    from transformers.utils import logging as tf_logging
+
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()  # its 'Loading weights' bar: aosae's own progress (or --no-progress) rules
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline or unreachable)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=offline or unreachable)
@@ -109,6 +113,9 @@ def load_model(name_or_path: Optional[str] = None, device: str | torch.device = 
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"cannot load model {name_or_path!r}: its files are damaged or incomplete "
                          f"({type(err).__name__}: {first}); download or save the model again") from err
+    finally:
+        if bars:
+            tf_logging.enable_progress_bar()
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sysconfig
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -97,6 +98,16 @@ def _saved_to_disk(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _saved_without_rows(path: Path) -> bool:
+    """A save_to_disk directory whose state.json lists no data files (an empty dataset: load_from_disk fails)."""
+    import json
+
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _first_line(err: BaseException) -> str:
     """The first line of the innermost cause (datasets wraps pyarrow's precise message in a vague one)."""
     for _ in range(10):
@@ -127,6 +138,129 @@ def _check_utf8(path: Path, block: int = 1 << 24) -> None:
             done += len(data)
 
 
+@contextmanager
+def _quiet_datasets():
+    """The `datasets` library's own log lines and progress bars ('Generating train split', 'Failed to
+    read file ...') off while aosae reads a dataset: what goes wrong is aosae's one line."""
+    try:
+        from datasets import utils as ds_utils
+        from datasets.utils import logging as ds_logging
+
+        verbosity, bars_off = ds_logging.get_verbosity(), ds_utils.are_progress_bars_disabled()
+    except (ImportError, AttributeError):
+        yield
+        return
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 10)  # its 'Failed to read file' lines are errors: above those
+    ds_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if not bars_off:
+            ds_utils.enable_progress_bars()
+
+
+def _no_rows(path: Path, builder: str) -> Optional[str]:
+    """What an empty data file holds instead of rows (a header line only, blank lines, an empty JSON
+    array, a parquet file of 0 rows); None if it has rows or cannot be read (the loader says why)."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            return None if meta.num_rows else f"a parquet file of 0 rows (columns: {', '.join(map(repr, meta.schema.names))})"
+        with open(path, encoding="utf-8") as f:
+            lines = []
+            for line in f:
+                if line.strip():
+                    lines.append(line.strip())
+                    if len(lines) > 1:
+                        return None
+    except Exception:  # noqa: BLE001 - unreadable: load_dataset reports it in its own words
+        return None
+    if not lines:
+        return "only blank lines"
+    if builder == "csv":
+        return f"a header line only ({lines[0][:80]!r})"
+    if builder == "json" and lines[0].replace(" ", "") in ("[]", "{}"):
+        return f"an empty JSON {'array' if lines[0].startswith('[') else 'object'}"
+    return None
+
+
+SPLIT_WORDS = {"test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
+
+
+def _file_columns(path: Path, builder: str) -> Optional[dict]:
+    """{column: type} of a data file, read cheaply (a parquet schema, a CSV header, the first 100 JSON
+    rows); None if it cannot be read that way (the loader then says what is wrong with it)."""
+    import itertools
+
+    try:
+        if builder == "text":
+            return {"text": "string"}
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            return {name: str(schema.field(name).type).replace("large_", "") for name in schema.names}
+        if builder == "csv":
+            import csv
+
+            with open(path, encoding="utf-8", newline="") as f:
+                return {name: "string" for name in next(csv.reader(f), [])}
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1).strip() or f.read(64).lstrip()[:1]
+            f.seek(0)
+            rows = json.load(f) if head == "[" else [json.loads(line) for line in itertools.islice(
+                (line for line in f if line.strip()), 100)]
+        columns: dict = {}
+        for row in rows[:100] if isinstance(rows, list) else []:
+            for key, value in row.items() if isinstance(row, dict) else ():
+                if value is not None and columns.get(key) in (None, "null"):
+                    columns[key] = {str: "string", bool: "bool", int: "number", float: "number"}.get(type(value), type(value).__name__)
+                columns.setdefault(key, "null")
+        return columns
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_directory_files(directory: Path, split: str) -> None:
+    """A local dataset directory's data files (those load_dataset reads for `split`: the most common
+    format) must share their columns: else `datasets` fails mid-read with 'Couldn't cast' naming no file,
+    or, when few tokens are asked for, silently reads only the first file. ValueError naming each
+    file's columns."""
+    import re
+    from collections import Counter
+
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file() and p.suffix.lower() in _BUILDERS
+             and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)]
+    if not files:
+        found = sorted(p.name for p in directory.iterdir())[:5]
+        raise ValueError(f"dataset {directory} is a directory without data files (no {'/'.join(sorted(_BUILDERS))} file; "
+                         f"it holds {', '.join(map(repr, found)) or 'nothing'}): pass a data file, or a directory of them")
+    builder = Counter(_BUILDERS[p.suffix.lower()] for p in files).most_common(1)[0][0]
+    files = [p for p in files if _BUILDERS[p.suffix.lower()] == builder]
+    words = {p: set(re.split(r"[^a-z0-9]+", str(p.relative_to(directory)).lower())) for p in files}
+    if any(w & (SPLIT_WORDS | {"train", "training"}) for w in words.values()):  # named splits: only this one's files
+        wanted = {"train", "training"} if split == "train" else {split}
+        files = [p for p in files if words[p] & wanted]
+    groups: dict = {}
+    for p in files:
+        columns = _file_columns(p, builder)
+        if columns is not None:
+            groups.setdefault(tuple(sorted(columns.items())), []).append(p)
+    if len(groups) < 2:
+        return
+    parts = []
+    for columns, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(paths) - 1} more file(s)" if len(paths) > 1 else ""
+        parts.append(f"{paths[0]}{more}: {', '.join(f'{c!r} ({t})' for c, t in columns) or 'no columns'}")
+    raise ValueError(f"dataset {directory}: its {builder} files do not all have the same columns ({'; '.join(parts)}); "
+                     "give every file the same columns, with the text in 'text' (or pass one file as --dataset)")
+
+
 class Texts:
     """Documents (str) of a dataset in a deterministic order (an iterator; see iter_texts).
 
@@ -155,14 +289,16 @@ class Texts:
         return self
 
     def __next__(self) -> str:
-        if self._rows is None:
-            self._rows = self._open()
-        try:
-            text = next(self._rows)
-        except StopIteration:
-            raise
-        except Exception as err:  # datasets/pyarrow read errors of a damaged file, raised while iterating
-            raise ValueError(f"{self.dataset}: cannot be read ({_first_line(err)}); check or replace the file") from err
+        with _quiet_datasets():
+            if self._rows is None:
+                self._rows = self._open()
+            try:
+                text = next(self._rows)
+            except StopIteration:
+                raise
+            except Exception as err:  # datasets/pyarrow read errors of a damaged file, raised while iterating
+                raise ValueError(f"{self.dataset}: cannot be read ({_first_line(err)}); check or replace the "
+                                 "file") from err
         self.documents += 1
         return text
 
@@ -211,6 +347,9 @@ class Texts:
                 raise ValueError(f"{dataset}: the file is empty; pass a file with text")
             if builder != "parquet":
                 _check_utf8(path)
+            empty = _no_rows(path, builder)
+            if empty is not None:
+                raise ValueError(f"{dataset} has no rows: it holds {empty}; pass a file with rows of text")
             try:
                 return datasets.load_dataset(builder, data_files=str(path), split=self.split,
                                              streaming=bool(self.streaming))
@@ -221,12 +360,18 @@ class Texts:
             try:
                 ds = datasets.load_from_disk(str(path))
             except Exception as err:
-                raise ValueError(f"{dataset}: cannot be read as a dataset saved with save_to_disk ({_first_line(err)})") from err
+                if _saved_without_rows(path):
+                    raise ValueError(f"{dataset} has no rows: it is a dataset saved with save_to_disk with no data "
+                                     "files; pass a dataset with rows of text") from err
+                raise ValueError(f"{dataset}: cannot be read as a dataset saved with save_to_disk ({_first_line(err)}); "
+                                 "save it again, or pass its data as a .jsonl/.parquet file") from err
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
                     raise ValueError(f"{dataset} has no {self.split!r} split (splits: {', '.join(ds)})")
                 ds = ds[self.split]
             return ds
+        if path.is_dir():
+            _check_directory_files(path, self.split)
         if not path.exists() and (hub_offline("DATASETS") or not hub_reachable()):
             raise ValueError(f"dataset {dataset!r} is neither a local file or directory nor reachable: the Hugging "
                              "Face hub is offline here; pass a local .txt/.json/.jsonl/.parquet/.csv file")

@@ -406,6 +406,47 @@ def damage_shard(path: Path, data: st.DataObject) -> str:
     return kind
 
 
+def empty_or_mixed_dataset(tmp: Path, kind: str) -> Path:
+    import pandas as pd
+
+    if kind == "header-only csv":
+        (tmp / "d.csv").write_text("text\n")
+        return tmp / "d.csv"
+    if kind == "blank jsonl":
+        (tmp / "d.jsonl").write_text("\n \n")
+        return tmp / "d.jsonl"
+    if kind == "empty parquet":
+        pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp / "d.parquet")
+        return tmp / "d.parquet"
+    directory = tmp / "many"
+    directory.mkdir()
+    good = [{"text": line} for line in corpus_text().splitlines() if line.strip()]
+    odd = [{"body": r["text"], "id": i} for i, r in enumerate(good)]
+    if kind == "mixed jsonl directory":
+        for name, rows in (("a", good), ("b", odd)):
+            (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pd.DataFrame(good).to_parquet(directory / "a.parquet")
+        pd.DataFrame(odd).to_parquet(directory / "b.parquet")
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["header-only csv", "blank jsonl", "empty parquet", "mixed jsonl directory",
+                                  "mixed parquet directory"])
+def test_train_names_a_dataset_without_rows_or_with_mixed_files_in_one_line(world, tmp_path, capfd, kind):
+    """The whole of stderr, at the file-descriptor level: the `datasets` library's own log lines and
+    progress bars are silenced on aosae's path."""
+    dataset = empty_or_mixed_dataset(tmp_path, kind)
+    before = digest(dataset)
+    argv = [a if a != str(world["corpus"]) else str(dataset) for a in world["train_args"]]
+    code = main(["train", *argv, "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith("aosae train: error: ") and err.count("\n") == 1, err
+    said = "same columns" if "directory" in kind else "has no rows"
+    assert said in err and str(dataset / "b.jsonl" if "jsonl dir" in kind else dataset) in err, err
+    assert digest(dataset) == before and not (tmp_path / "run").exists()
+
+
 @FAST
 @given(data=st.data())
 def test_train_refuses_a_damaged_activation_store(world, data):

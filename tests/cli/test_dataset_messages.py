@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,61 @@ def test_rows_whose_text_is_not_a_string_are_counted(tmp_path):
         assert str(path) in str(err)
         return
     assert docs == DOCS and "2 rows skipped whose 'text' is not a string" in texts.describe()
+
+
+EMPTY = {  # a file with no rows, as each format writes it
+    "csv": (lambda p: p.write_text("text\n"), "a header line only ('text')"),
+    "jsonl": (lambda p: p.write_text("\n  \n\n"), "only blank lines"),
+    "json": (lambda p: p.write_text("[]\n"), "an empty JSON array"),
+    "parquet": (lambda p: __import__("pandas").DataFrame({"text": []}).astype(str).to_parquet(p),
+                "a parquet file of 0 rows (columns: 'text')"),
+}
+
+
+@pytest.mark.parametrize("fmt", [*EMPTY, "saved"])
+def test_a_dataset_without_rows_says_no_rows(tmp_path, fmt):
+    if fmt == "saved":
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": []}).save_to_disk(str(path))
+        said = "no data files"
+    else:
+        path = tmp_path / f"d.{fmt}"
+        EMPTY[fmt][0](path)
+        said = EMPTY[fmt][1]
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(str(path)))
+    message = str(caught.value)
+    assert f"{path} has no rows" in message and said in message and "cannot be read" not in message
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+@pytest.mark.parametrize("odd", [{"body": DOCS, "id": [1, 2, 3]}, {"text": DOCS, "id": [1, 2, 3]}, {"text": [1, 2, 3]}])
+def test_a_directory_whose_files_have_other_columns_names_them(tmp_path, fmt, odd):
+    """Each file's columns, not 'Couldn't cast' naming none (nor, with few tokens, only the first file read)."""
+    if fmt == "csv" and odd == {"text": [1, 2, 3]}:
+        pytest.skip("a CSV header has no types")
+    directory = tmp_path / "many"
+    directory.mkdir()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        first = write(tmp_path / name, fmt, {"text": DOCS} if name == "a" else odd)
+        Path(first).rename(directory / f"{name}{Path(first).suffix}")
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(str(directory)))
+    message = str(caught.value)
+    assert str(directory / f"a.{fmt}") in message and str(directory / f"b.{fmt}") in message
+    assert all(f"'{column}'" in message for column in odd) and "same columns" in message
+
+
+def test_a_directory_without_data_files_says_so(tmp_path):
+    (tmp_path / "notes.md").write_text("hi")
+    with pytest.raises(ValueError, match="directory without data files.*'notes.md'.*pass a data file"):
+        next(iter_texts(str(tmp_path)))
+
+
+def test_a_directory_of_matching_files_reads_them_all(tmp_path):
+    for name, docs in (("a", DOCS[:2]), ("b", DOCS[2:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d, "id": 1}) + "\n" for d in docs))
+    assert sorted(iter_texts(str(tmp_path))) == sorted(DOCS)
