@@ -54,7 +54,7 @@ def penalty_from_pairs(
     padded (k slots, empty ones −1) or not (coactive_topk's min(k, P)): "mean" is over the
     selected non-zero pairs either way.
     """
-    penalty = pairs.values.abs().sum()
+    penalty = pairs.values.abs().sum()  # (not vector_norm(·, 1): on CPU it sums float32 naively, 0.7 % off at 10⁷ pairs)
     if reduction == "mean":
         penalty = penalty / (pairs.rows >= 0).sum().clamp_min(1)
     if scale == "per_token" and similarity == "dot":  # cosines of fᵀf / B equal those of fᵀf
@@ -145,9 +145,9 @@ class TopKOrthoLoss(nn.Module):
         self.reduction, self.scale = reduction, scale
         self.backend, self.warm_start = backend, warm_start
         self.last_pairs: Optional[TopKPairs] = None
-        self.last_mean_abs: Optional[torch.Tensor] = None
         self.last_k = 0
-        self._kth: Optional[torch.Tensor] = None
+        self._kth_value: Optional[torch.Tensor] = None  # set by a checkpoint, else read off last_pairs
+        self._last: Optional[tuple] = None  # (penalty, unpadded) of the last call, for last_mean_abs
 
     @property
     def last_nonzero_share(self) -> float:
@@ -155,6 +155,35 @@ class TopKOrthoLoss(nn.Module):
         if self.last_pairs is None:
             return float("nan")
         return int((self.last_pairs.rows >= 0).sum()) / max(1, self.last_k)
+
+    @property
+    def _kth(self) -> Optional[torch.Tensor]:
+        """The last selection's k-th score (raw units; 0 when fewer than k pairs were selected): the
+        next call's warm-start hint, saved in checkpoints. Computed when asked for: the training
+        path's selection is unordered, and its k-th score is the smallest |value| of the k."""
+        if self._kth_value is None and self.last_pairs is not None:
+            values, k = self.last_pairs.values, self.last_k
+            if values.numel() < k:  # an unpadded selection shorter than k: its k-th score is an empty slot's 0
+                self._kth_value = values.new_zeros(())
+            else:
+                self._kth_value = values[:k].abs().min()
+        return self._kth_value
+
+    @_kth.setter
+    def _kth(self, value: Optional[torch.Tensor]) -> None:
+        self._kth_value = value
+
+    @property
+    def last_mean_abs(self) -> Optional[torch.Tensor]:
+        """The last selection's mean |C_ij| at this loss's scale (detached, 0-d; None before any
+        call), from the penalty's own sum: no pass over the selection when it is unpadded."""
+        if self._last is None:
+            return None
+        penalty, unpadded = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
+        if self.reduction == "mean":
+            return penalty
+        count = self.last_pairs.values.numel() if unpadded else int((self.last_pairs.rows >= 0).sum())
+        return penalty / max(count, 1)
 
     def _k(self, n_latents: int) -> int:
         return self.k if self.k is not None else k_for_fraction(n_latents, self.fraction)
@@ -168,8 +197,8 @@ class TopKOrthoLoss(nn.Module):
         if not torch.compiler.is_compiling() and isinstance(acts, torch.Tensor) and acts.dim() == 2 \
                 and acts.shape[1] >= 2 and acts.shape[0] >= 1:
             backend = backends.resolve(self.backend, acts)  # once: gram_topk below need not decide again
-            if backend == "sparse":
-                pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity)
+            if backend == "sparse":  # the set is all a sum needs: unordered (no sort of k keys)
+                pairs = coactive_topk_dense(acts, self._k(acts.shape[1]), similarity=self.similarity, ordered=False)
                 return self._penalty(pairs, acts.shape[0], self._k(acts.shape[1]))
         hint = self._kth if self.warm_start else None
         penalty, pairs = topk_ortho_loss(
@@ -182,7 +211,7 @@ class TopKOrthoLoss(nn.Module):
             backend=backend,
             threshold=hint,
         )
-        self._record(pairs, acts.shape[0], self._k(acts.shape[1]))
+        self._record(pairs, self._k(acts.shape[1]), penalty, unpadded=False)
         return penalty
 
     def on_support(self, acts: torch.Tensor) -> torch.Tensor:
@@ -246,26 +275,24 @@ class TopKOrthoLoss(nn.Module):
 
     def _sparse_penalty(self, offsets, indices, values, n_latents: int, batch: int) -> torch.Tensor:
         k = self._k(n_latents)
-        pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity)
+        # the set is all a sum needs: unordered (no sort of k keys)
+        pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity, ordered=False)
         return self._penalty(pairs, batch, k)
 
     def _penalty(self, pairs: TopKPairs, batch: int, k: int) -> torch.Tensor:
-        """The penalty of a selection, after recording it for logging and the next hint."""
-        self._record(pairs, batch, k)
-        return penalty_from_pairs(pairs, batch, scale=self.scale, reduction=self.reduction, similarity=self.similarity)
+        """The penalty of an unpadded selection, recorded for logging and the next hint."""
+        penalty = penalty_from_pairs(pairs, batch, scale=self.scale, reduction=self.reduction,
+                                     similarity=self.similarity)
+        self._record(pairs, k, penalty, unpadded=True)
+        return penalty
 
-    def _record(self, pairs: TopKPairs, batch: int, k: int) -> None:
-        """Keep the selection for logging and its k-th score (in the op's raw units; 0 when fewer
-        than k pairs were selected) as the next hint."""
+    def _record(self, pairs: TopKPairs, k: int, penalty: torch.Tensor, unpadded: bool) -> None:
+        """Keep the selection for logging; its k-th score (the next hint, `_kth`) and mean |C_ij|
+        (`last_mean_abs`) are derived from it and from the penalty only when asked for."""
         self.last_pairs = TopKPairs(*(t.detach() for t in pairs))
         self.last_k = k
-        if pairs.values.numel() >= k:
-            self._kth = pairs.values[k - 1].detach().abs()
-        else:  # an unpadded selection shorter than k: its k-th score is an empty slot's 0
-            self._kth = pairs.values.new_zeros(())
-        self.last_mean_abs = penalty_from_pairs(
-            self.last_pairs, batch, scale=self.scale, reduction="mean", similarity=self.similarity
-        )
+        self._kth_value = None
+        self._last = (penalty.detach(), unpadded)
 
     def extra_repr(self) -> str:
         size = f"k={self.k}" if self.k is not None else f"fraction={self.fraction}"

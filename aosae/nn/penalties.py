@@ -157,10 +157,28 @@ class RedundancyPenalty(nn.Module):
         k_for_fraction(2, fraction)  # validates fraction now
         self.kind, self.fraction, self.similarity = kind, fraction, similarity
         self.pair_rule, self.backend = pair_rule, backend
-        self._kth: Optional[torch.Tensor] = None  # warm-start hint, saved in checkpoints by the trainer
+        self._kth_value: Optional[torch.Tensor] = None  # set by a checkpoint, else read off last_pairs
         self.last_pairs = None
         self.last_k = 0
-        self.last_nonzero_share = float("nan")
+
+    @property
+    def _kth(self) -> Optional[torch.Tensor]:
+        """The last selection's k-th score (0 when fewer than k pairs were selected): the warm-start
+        hint, saved in checkpoints by the trainer. Computed when asked for: the co-activation
+        selection is unordered on the sparse path, its k-th score the smallest |value| of the k."""
+        if self._kth_value is None and self.last_pairs is not None:
+            values, k = self.last_pairs.values, self.last_k
+            self._kth_value = values[:k].abs().min() if values.numel() >= k else values.new_zeros(())
+        return self._kth_value
+
+    @_kth.setter
+    def _kth(self, value: Optional[torch.Tensor]) -> None:
+        self._kth_value = value
+
+    @property
+    def last_nonzero_share(self) -> float:
+        """Non-zero pairs ÷ k of the last selection (NaN before any)."""
+        return float("nan") if self.last_pairs is None else nonzero_share(self.last_pairs, self.last_k)
 
     def pairs_k(self, latents: torch.Tensor) -> int:
         return self._pairs_k(latents.shape[1], lambda: count_coactive_pairs(latents))
@@ -183,8 +201,8 @@ class RedundancyPenalty(nn.Module):
         if self.kind == "decoder_on_coactive":
             f = f.detach()  # the selection only; the gradient goes to the decoder
         backend = backends.resolve(self.backend, f)  # once: gram_topk below need not decide again
-        if backend == "sparse":  # never padded; the gradient is gram_topk's
-            pairs = coactive_topk_dense(f, k, similarity=self.similarity)
+        if backend == "sparse":  # never padded, unordered (a sum needs the set); the gradient is gram_topk's
+            pairs = coactive_topk_dense(f, k, similarity=self.similarity, ordered=False)
         else:
             hint = self._kth if self.pair_rule == "all" else None  # k moves under "coactive"
             pairs = gram_topk(f, k, similarity=self.similarity, backend=backend, threshold=hint)
@@ -217,7 +235,7 @@ class RedundancyPenalty(nn.Module):
         f = _acc(values) / math.sqrt(offsets.numel() - 1)  # C = fᵀf / B: per token
         if self.kind == "decoder_on_coactive":
             f = f.detach()  # the selection only; the gradient goes to the decoder
-        pairs = coactive_topk(offsets, indices, f, n, k, similarity=self.similarity)
+        pairs = coactive_topk(offsets, indices, f, n, k, similarity=self.similarity, ordered=False)
         return self._pairs_penalty(pairs, k, W_dec)
 
     def _decoder_penalty(self, W_dec: torch.Tensor) -> torch.Tensor:
@@ -236,12 +254,11 @@ class RedundancyPenalty(nn.Module):
         return self._record(pairs, k, penalty)
 
     def _record(self, pairs, k: int, penalty: torch.Tensor) -> torch.Tensor:
-        """Keeps the selection for logging and its k-th score as the next call's hint."""
+        """Keeps the selection for logging; its k-th score (the next call's hint) and non-zero
+        share are read off it when asked for."""
         self.last_pairs = type(pairs)(*(t.detach() for t in pairs))
-        # the k-th score, the next call's hint: 0 when fewer than k pairs were selected
-        self._kth = pairs.values[k - 1].detach().abs() if pairs.values.numel() >= k else pairs.values.new_zeros(())
+        self._kth_value = None
         self.last_k = k
-        self.last_nonzero_share = nonzero_share(pairs, k)
         return penalty
 
     def extra_repr(self) -> str:

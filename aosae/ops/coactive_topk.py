@@ -7,7 +7,8 @@ returns the P pairs (or the best k of them) and nothing else:
 
     CSR rows (offsets, indices, values) -> compact the latent ids to the U active ones
     -> co-active pairs, summed over rows (C++ on CPU, Triton on CUDA, torch elsewhere)
-    -> the best k by |C_ij| when k < P; all P, unsorted by score, when k >= P.
+    -> the best k by |C_ij| when k < P (sorted, or just the set with ordered=False); all P,
+       unsorted by score, when k >= P.
 
 Compacting the ids (a sort of the nnz indices) keeps every per-latent array O(U) with U ≤ nnz,
 so the memory is O(B·L² + nnz) whatever n (2²⁴ and up) and k. The ids keep their order, so
@@ -38,6 +39,7 @@ def coactive_topk(
     k: int,
     *,
     similarity: str = "dot",
+    ordered: bool = True,
 ) -> TopKPairs:
     """The min(k, P) best latent pairs (i < j) of f [B, n_latents] given as CSR rows, P = the
     co-active pairs (both non-zero in some row) whose score is non-zero. Never padded.
@@ -53,6 +55,10 @@ def coactive_topk(
         n_latents: n >= 2. Only the ids that occur cost memory: n = 2²⁴ is fine.
         k: >= 1, any size (k larger than n(n−1)/2 or than P just means "every pair").
         similarity: "dot" (C = fᵀf) or "cosine" (C_ij / (‖f_i‖‖f_j‖), norms over these entries).
+        ordered: False when only the set matters (a loss summing over it): for k < P the same
+            k pairs (ties at the k-th |value| settled by (row, col) asc, as when sorted) without
+            ordering them by score; the C++ kernel then lays them out as for k >= P and skips
+            the sort of k keys.
 
     Returns:
         TopKPairs(values [s] float32 (float64 for float64 input), rows [s] int64, cols [s]
@@ -61,10 +67,14 @@ def coactive_topk(
         every pair, without sorting by score, grouped by row (the smaller latent) ascending;
         within a row the C++ kernel lists partners in order of first co-activation (row order;
         outlier rows summed by its GEMM block last), the torch and Triton paths by col
-        ascending. Deterministic for a given input and device. Differentiable w.r.t. values.
+        ascending. k < P with ordered=False: the sorted output's set; C++ and torch group it
+        by row as for k >= P, Triton keeps the sorted order. Deterministic for a given input
+        and device. Differentiable w.r.t. values.
     """
     _validate(offsets, indices, values, n_latents, k, similarity)
-    args = (offsets.long(), indices.long(), values, n_latents, k, similarity)
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be a bool, got {ordered!r}")
+    args = (offsets.long(), indices.long(), values, n_latents, k, similarity, ordered)
     if torch.compiler.is_compiling():
         out = torch.ops.aosae.coactive_topk(*args)
     else:  # eager: the same functions without the custom op, whose dispatch imports torch._dynamo (≈ 2 s) on first use
@@ -187,9 +197,10 @@ def _empty(like: torch.Tensor):
     return (like.new_zeros(0, dtype=acc), like.new_zeros(0, dtype=torch.int64), like.new_zeros(0, dtype=torch.int64))
 
 
-def select(c: Canonical, k: int, cosine: bool, impl: str = "auto"):
+def select(c: Canonical, k: int, cosine: bool, impl: str = "auto", ordered: bool = True):
     """The selection on canonical rows: (values, rows, cols) in the original latent ids, then
-    (rows, cols) in the compact ids (what support_grad takes)."""
+    (rows, cols) in the compact ids (what support_grad takes). ordered=False: for k < P the
+    same set, not sorted by score (C++ and torch: grouped by row as for k >= P)."""
     u = c.uniq.numel()
     if u < 2:
         return _empty(c.vals) + _empty(c.vals)[1:]
@@ -197,12 +208,14 @@ def select(c: Canonical, k: int, cosine: bool, impl: str = "auto"):
     if impl == "triton":
         values, rows, cols = sparse_triton.csr_topk(c.row_ptr, c.cols, c.vals, u, k, cosine, pad=False)
     elif impl == "cpp":
-        values, rows, cols = _cpp().sparse_csr_coactive(c.row_ptr, c.cols, c.vals, u, k, cosine)
+        values, rows, cols = _cpp().sparse_csr_coactive(c.row_ptr, c.cols, c.vals, u, k, cosine, ordered)
     else:
         vals = c.vals.to(accumulation_dtype(c.vals.dtype))
         values, rows, cols = sparse_backend.csr_pairs_torch(c.row_ptr, c.cols, vals, u, cosine)
         if values.numel() > k:  # (row, col) order now: a stable sort by |value| keeps it for ties
             order = torch.argsort(values.abs(), descending=True, stable=True)[:k]
+            if not ordered:  # back to (row, col) order, the C++ kernel's layout
+                order = order.sort().values
             values, rows, cols = values[order], rows[order], cols[order]
     values = values.to(accumulation_dtype(c.vals.dtype))
     # index_select: ~5x faster than advanced indexing on CPU for millions of ids
@@ -266,17 +279,18 @@ def _support_grad_torch(c: Canonical, g, out_values, r, q, cosine: bool) -> torc
 # The op returns the selection twice, in the original ids (what callers get) and in the compact
 # ids (what its backward needs: no search from ids back to ranks), and the canonical rows' compact
 # cols and permutation (empty: the input order), so that the backward does not rebuild them.
-def _forward(offsets, indices, values, n_latents: int, k: int, similarity: str):
+def _forward(offsets, indices, values, n_latents: int, k: int, similarity: str, ordered: bool = True):
     c = _checked(offsets, indices, values, n_latents)
     perm = c.perm if c.perm is not None else indices.new_empty(0)
-    return (*select(c, k, similarity == "cosine"), c.cols, perm)
+    return (*select(c, k, similarity == "cosine", ordered=ordered), c.cols, perm)
 
 
 @torch.library.custom_op("aosae::coactive_topk", mutates_args=())
 def _coactive_topk_op(
-    offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str
+    offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, similarity: str,
+    ordered: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(offsets, indices, values, n_latents, k, similarity)
+    return _forward(offsets, indices, values, n_latents, k, similarity, ordered)
 
 
 def _checked(offsets, indices, values, n: int) -> Canonical:
@@ -287,7 +301,7 @@ def _checked(offsets, indices, values, n: int) -> Canonical:
 
 
 @_coactive_topk_op.register_fake
-def _(offsets, indices, values, n_latents, k, similarity):
+def _(offsets, indices, values, n_latents, k, similarity, ordered=True):
     ctx = torch.library.get_ctx()
     size = ctx.new_dynamic_size()
     ids = [values.new_empty((size,), dtype=torch.int64) for _ in range(4)]
@@ -331,7 +345,7 @@ def _(grad_out, offsets, values, canon_cols, canon_perm, out_values, rows_compac
 
 
 def _setup_context(ctx, inputs, output):
-    offsets, _, values, _, _, similarity = inputs
+    offsets, _, values, _, _, similarity = inputs[:6]
     out_values, rows, cols, rows_compact, cols_compact, canon_cols, canon_perm = output
     ctx.save_for_backward(offsets, values, canon_cols, canon_perm, out_values, rows_compact, cols_compact)
     ctx.similarity = similarity
@@ -343,9 +357,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, *_grad_ids):
     if grad_out is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad = torch.ops.aosae.coactive_topk_backward(grad_out, *ctx.saved_tensors, ctx.similarity)
-    return None, None, grad, None, None, None
+    return None, None, grad, None, None, None, None
 
 
 _coactive_topk_op.register_autograd(_backward, setup_context=_setup_context)
@@ -355,18 +369,18 @@ class _Eager(torch.autograd.Function):
     """The op's forward, context and backward as a plain autograd.Function (eager mode)."""
 
     @staticmethod
-    def forward(ctx, offsets, indices, values, n_latents, k, similarity):
+    def forward(ctx, offsets, indices, values, n_latents, k, similarity, ordered):
         with torch.no_grad():
-            output = _forward(offsets, indices, values, n_latents, k, similarity)
-        _setup_context(ctx, (offsets, indices, values, n_latents, k, similarity), output)
+            output = _forward(offsets, indices, values, n_latents, k, similarity, ordered)
+        _setup_context(ctx, (offsets, indices, values, n_latents, k, similarity, ordered), output)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, *_grad_ids):
         if grad_out is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         grad = _backward_values(grad_out, *ctx.saved_tensors, ctx.similarity)
-        return None, None, grad, None, None, None
+        return None, None, grad, None, None, None, None
 
 
 def dense_to_csr(a: torch.Tensor):
@@ -382,10 +396,10 @@ class _Dense(torch.autograd.Function):
     """The selection on a's non-zeros; gram_topk's backward (the gradient at every entry of a)."""
 
     @staticmethod
-    def forward(ctx, a, k, similarity):
+    def forward(ctx, a, k, similarity, ordered):
         row_ptr, cols, vals = dense_to_csr(a)
         check_finite(vals)
-        out = select(canonical(row_ptr, cols, vals, check=False), k, similarity == "cosine")[:3]
+        out = select(canonical(row_ptr, cols, vals, check=False), k, similarity == "cosine", ordered=ordered)[:3]
         ctx.save_for_backward(a, *out)
         ctx.similarity = similarity
         ctx.mark_non_differentiable(out[1], out[2])
@@ -395,14 +409,15 @@ class _Dense(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_rows, _grad_cols):
         a, values, rows, cols = ctx.saved_tensors
         if rows.numel() == 0:
-            return torch.zeros_like(a), None, None
+            return torch.zeros_like(a), None, None, None
         grad = torch.ops.aosae.gram_topk_backward(grad_values, a, values, rows, cols, ctx.similarity)
-        return grad, None, None
+        return grad, None, None, None
 
 
-def coactive_topk_dense(a: torch.Tensor, k: int, *, similarity: str = "dot") -> TopKPairs:
+def coactive_topk_dense(a: torch.Tensor, k: int, *, similarity: str = "dot", ordered: bool = True) -> TopKPairs:
     """coactive_topk of a dense [B, n] (its non-zeros), with gram_topk's gradient w.r.t. every
-    entry of a (zeros included), so it is a drop-in for gram_topk(a, k) that never pads."""
+    entry of a (zeros included), so it is a drop-in for gram_topk(a, k) that never pads.
+    ordered: as in coactive_topk."""
     if not isinstance(a, torch.Tensor) or a.dtype not in FLOAT_DTYPES:
         raise TypeError(f"coactive_topk_dense expects a floating tensor [B, n], got "
                         f"{a.dtype if isinstance(a, torch.Tensor) else type(a).__name__}; convert with a.float()")
@@ -411,4 +426,6 @@ def coactive_topk_dense(a: torch.Tensor, k: int, *, similarity: str = "dot") -> 
     if a.shape[1] < 2:
         raise ValueError(f"coactive_topk_dense needs n >= 2 columns, got shape {tuple(a.shape)}")
     _check_k_and_similarity(k, similarity)
-    return TopKPairs(*_Dense.apply(a, k, similarity))
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be a bool, got {ordered!r}")
+    return TopKPairs(*_Dense.apply(a, k, similarity, ordered))

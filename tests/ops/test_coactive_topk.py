@@ -418,3 +418,44 @@ def test_outlier_rows_gradient_matches_dense_gram_topk(dtype, cosine, share):
     rows = torch.repeat_interleave(torch.arange(dense.shape[0]), offsets[1:] - offsets[:-1])
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(v.grad, a.grad[rows, indices], **tol)
+
+
+def _pair_set(pairs):
+    return set(zip(pairs[1].tolist(), pairs[2].tolist()))
+
+
+@pytest.mark.parametrize("route", ROUTES + ("auto",))
+@pytest.mark.parametrize("integer", [False, True])  # integers: many exact ties at the k-th score
+@pytest.mark.parametrize("long_rows", [0, 6])  # 6: the C++ kernel's GEMM block holds some pairs
+def test_unordered_is_the_sorted_selections_set(route, integer, long_rows):
+    """ordered=False keeps the sorted call's k pairs (ties at the k-th |value| settled by (row,
+    col) as there), each with its value, laid out grouped by row; k >= P is unchanged."""
+    dtype = torch.float64 if integer else torch.float32
+    offsets, indices, values, dense, n = outlier_rows(dtype, integer=integer, zeros=0.05, long_rows=long_rows)
+    p = nonzero_pairs(dense, False)
+    for k in (1, max(1, p // 7), max(1, p // 2), p - 1, p, p + 3):
+        if route == "auto":
+            sorted_ = coactive_topk(offsets, indices, values, n, k)
+            unordered = coactive_topk(offsets, indices, values, n, k, ordered=False)
+        else:
+            sorted_ = run(route, offsets, indices, values, n, k, False)
+            unordered = co.select(co.canonical(offsets, indices, values), k, False, impl=route, ordered=False)[:3]
+        assert unordered[0].numel() == min(k, p)
+        assert _pair_set(unordered) == _pair_set(sorted_)
+        value_of = dict(zip(zip(sorted_[1].tolist(), sorted_[2].tolist()), sorted_[0].tolist()))
+        assert [value_of[pair] for pair in zip(unordered[1].tolist(), unordered[2].tolist())] == unordered[0].tolist()
+        if route != "auto":
+            assert bool((unordered[1][1:] >= unordered[1][:-1]).all()), "grouped by row ascending"
+
+
+def test_unordered_gradient_equals_sorted():
+    offsets, indices, values, dense, n = outlier_rows(torch.float64, zeros=0.05)
+    k = max(1, nonzero_pairs(dense, False) // 3)
+    grads = []
+    for ordered in (True, False):
+        v = values.clone().requires_grad_()
+        coactive_topk(offsets, indices, v, n, k, ordered=ordered).values.abs().sum().backward()
+        grads.append(v.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="ordered must be a bool"):
+        coactive_topk(offsets, indices, values, n, k, ordered="no")
