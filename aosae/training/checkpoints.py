@@ -22,9 +22,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from aosae.files import check_file_digests, file_sha256, fsync_path, write_dir_atomically, write_json
+from aosae.files import (BadFile, check_file_digests, file_sha256, fsync_path, load_tensors, read_json,
+                         write_dir_atomically, write_json)
 from aosae.nn.sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder
 
 
@@ -129,46 +130,59 @@ def prune_checkpoints(run_dir: Path, keep: int, final_step: int) -> list[Path]:
 CHECKPOINT_FILES = ("cfg.json", "sae_weights.safetensors", "train_weights.safetensors", "optimizer.pt", "rng.safetensors")
 
 
+class Unreadable(ValueError):
+    """One file of a checkpoint cannot be used: str = "<file name> <what is wrong with it>", in our words."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")
+
+
 def check_state(d: Path, state) -> None:
     """state.json's own values, before any is applied: an edited or damaged one would otherwise resume
     at the wrong step (misaligned with metrics.jsonl and the batches) or with a broken activation scale."""
-    where = d / "state.json"
-    if not isinstance(state, dict):
-        raise ValueError(f"{where} holds a JSON {type(state).__name__}, not an object")
     for key in ("step", "scale", "tau", "rng", "ortho_kth", "sha256"):
         if key not in state:
-            raise ValueError(f"{where} has no {key!r}")
+            raise Unreadable("state.json", f"has no {key!r}")
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or f"step_{step}" != d.name:
-        raise ValueError(f"{where} says step {step!r}, but its directory is {d.name} (edited or damaged)")
+        raise Unreadable("state.json", f"says step {step!r}, but its directory is {d.name} (edited or damaged)")
     scale = state["scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{where} has activation scale {scale!r}: it must be a positive finite number")
+        raise Unreadable("state.json", f"has activation scale {scale!r}: it must be a positive finite number")
     digests = state["sha256"]
     missing = [name for name in CHECKPOINT_FILES if not isinstance(digests, dict) or name not in digests]
     if missing:  # without them a damaged optimizer.pt or rng file would load silently
-        raise ValueError(f"{where} records no checksum for {', '.join(missing)}, so they cannot be verified")
+        raise Unreadable("state.json", f"records no checksum for {', '.join(missing)}, so they cannot be verified")
 
 
 def read_checkpoint(d: Path, sae: SparseAutoencoder, device) -> dict:
-    """Everything in checkpoint `d`, read and checked before any of it is applied (ValueError if not)."""
+    """Everything in checkpoint `d`, read and checked before any of it is applied; Unreadable (a
+    ValueError naming the file and what is wrong, in a few words) if not."""
     try:
-        state = json.loads((d / "state.json").read_text())
+        state = read_json(d / "state.json", "")
         check_state(d, state)
-        check_file_digests(d, state["sha256"], "it is skipped")  # a flipped byte in optimizer.pt loads silently otherwise
-        weights = load_file(str(d / "train_weights.safetensors"))
-        for name in WEIGHT_KEYS:
-            want = tuple(getattr(sae, name).shape)
-            if name not in weights or tuple(weights[name].shape) != want:
-                raise ValueError(f"train_weights.safetensors: {name} missing or not of shape {want}")
-            if not bool(torch.isfinite(weights[name]).all()):
-                raise ValueError(f"train_weights.safetensors: {name} is not finite")
+        check_file_digests(d, state["sha256"], "")  # a flipped byte in optimizer.pt loads silently otherwise
+    except BadFile as err:  # our own words: cut short, not JSON, checksum mismatch, missing
+        raise Unreadable(err.path.name, err.problem) from err
+    try:  # the checksums matched: what follows fails only for a checkpoint written by another version
+        weights, rng = load_tensors(d / "train_weights.safetensors", ""), load_tensors(d / "rng.safetensors", "")
+    except BadFile as err:
+        raise Unreadable(err.path.name, err.problem) from err
+    name = "train_weights.safetensors"
+    for key in WEIGHT_KEYS:
+        want = tuple(getattr(sae, key).shape)
+        if key not in weights or tuple(weights[key].shape) != want:
+            raise Unreadable(name, f"has no {key} of shape {want} (a checkpoint of another SAE?)")
+        if not bool(torch.isfinite(weights[key]).all()):
+            raise Unreadable(name, f"holds NaN/Inf in {key}")
+    try:
         opt = torch.load(d / "optimizer.pt", weights_only=True, map_location=device)
-        if "optimizer" not in opt or "scheduler" not in opt:
-            raise ValueError("optimizer.pt lacks the optimizer or scheduler state")
-        rng = load_file(str(d / "rng.safetensors"))
-    except Exception as err:  # any failure to read means "not usable"; the caller names it
-        raise ValueError(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    except Exception as err:  # torch raises its own types (zip reader, unpickler): keep their detail short
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:60]
+        raise Unreadable("optimizer.pt", f"is not an optimizer state saved by torch (damaged?; {detail})") from err
+    if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
+        raise Unreadable("optimizer.pt", "lacks the optimizer or scheduler state")
     return {"state": state, "weights": weights, "opt": opt, "rng": rng}
 
 
@@ -194,9 +208,9 @@ def load_latest_good(trainer) -> Optional[Path]:
     for d in list_checkpoints(trainer.run_dir):
         try:
             ckpt = read_checkpoint(d, trainer.sae, trainer.device)
-        except ValueError as err:
-            tried.append(f"{d.name} ({err})")
-            warnings.warn(f"skipping checkpoint {d}: it cannot be read ({err}); trying the previous one",
+        except Unreadable as err:
+            tried.append(f"{d / err.name} {err.problem}")
+            warnings.warn(f"skipping checkpoint {d}: its {err.name} {err.problem}; trying the one before",
                           CheckpointWarning, stacklevel=2)
             continue
         apply_checkpoint(trainer, ckpt)

@@ -292,6 +292,59 @@ def test_resume_skips_a_damaged_newest_checkpoint(world, data):
             assert torch.equal(sae_tensors(run)[key], value), key
 
 
+def _garbage_with_its_checksum(step: Path, name: str) -> None:
+    """Not the format, with state.json's checksum updated to match (a checkpoint of another version)."""
+    from aosae.files import file_sha256
+
+    (step / name).write_bytes(b"PK\x03\x04 not a checkpoint file")
+    state = json.loads((step / "state.json").read_text())
+    state["sha256"][name] = file_sha256(step / name)
+    (step / "state.json").write_text(json.dumps(state))
+
+
+CHECKPOINT_DAMAGES = {  # damage to checkpoints/step_6, the words its warning must use
+    "state.json cut": (lambda s: (s / "state.json").write_bytes((s / "state.json").read_bytes()[:40]),
+                       "its state.json is not valid JSON"),
+    "state.json missing": (lambda s: (s / "state.json").unlink(), "its state.json does not exist"),
+    "state.json a list": (lambda s: (s / "state.json").write_text("[]"), "its state.json holds a JSON array"),
+    "optimizer.pt flipped": (lambda s: flip_byte(s / "optimizer.pt", 100),
+                             "its optimizer.pt does not match the checksum recorded"),
+    "weights missing": (lambda s: (s / "train_weights.safetensors").unlink(),
+                        "its train_weights.safetensors does not exist"),
+    "optimizer.pt garbage": (lambda s: _garbage_with_its_checksum(s, "optimizer.pt"),
+                             "its optimizer.pt is not an optimizer state saved by torch"),
+    "rng garbage": (lambda s: _garbage_with_its_checksum(s, "rng.safetensors"),
+                    "its rng.safetensors is cut short or not a safetensors file"),
+}
+
+
+def flip_byte(path: Path, at: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGES))
+def test_a_skipped_checkpoint_is_named_in_our_words(world, tmp_path, damage):
+    """The warning says which file of which checkpoint is wrong and how, in one short line: no
+    exception class names or library messages (SafetensorError, JSONDecodeError, unpickling)."""
+    from aosae.training.checkpoints import CheckpointWarning
+    from aosae.training.trainer import Trainer
+
+    run = copy_run(world, tmp_path)
+    newest = run / "checkpoints" / "step_6"
+    how, said = CHECKPOINT_DAMAGES[damage]
+    how(newest)
+    with pytest.warns(CheckpointWarning) as caught:
+        trainer = Trainer.resume(run, progress=False)
+    trainer.buffer.close()
+    assert trainer.step == 3
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
+    assert message.startswith(f"skipping checkpoint {newest}: {said}") and "trying the one before" in message
+    assert "\n" not in message and len(message) < len(str(newest)) + 200, message
+    assert not any(word in message for word in ("Error:", "Exception", "Traceback", "pickle")), message
+
+
 @SLOW
 @given(data=st.data())
 def test_resume_with_every_checkpoint_damaged_is_refused(world, data):
