@@ -174,11 +174,11 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
     # wants the pattern as CSR over A's rows, so entries are visited grouped by rows_a
     rows_a, rows_b = rows_a.long(), rows_b.long()
     grouped = bool((rows_a[1:] >= rows_a[:-1]).all())
-    order = None if grouped else torch.argsort(rows_a, stable=True)
-    if order is not None:
-        rows_a, rows_b = rows_a[order], rows_b[order]
-    crow = torch.zeros(A.shape[0] + 1, dtype=torch.long, device=A.device)
-    crow[1:] = torch.bincount(rows_a, minlength=A.shape[0]).cumsum(0)
+    order, crow = group_by(rows_a, A.shape[0])  # counting sort on CPU (argsort: see group_by)
+    if grouped:
+        order = None
+    else:
+        rows_a, rows_b = rows_a.index_select(0, order), rows_b.index_select(0, order)
     a, b = A.to(out_dtype), B.to(out_dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": this use is covered by tests
         warnings.simplefilter("ignore", UserWarning)

@@ -195,3 +195,30 @@ def test_from_sparse_rejects_bad_input():
     check(ValueError, "offsets", lambda: pen.from_sparse((offsets[None], indices, values), W))
     check(ValueError, r"W_dec must be \[n_latents=20", lambda: pen.from_sparse(
         SparseLatents(offsets, indices, values, 20), torch.randn(21, 4)))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_pair_cosines_value_and_gradient_equal_the_gathered_formula(seed, padded):
+    """float64: _pair_cosines (SDDMM forward, grouped segment-sum backward) against the direct
+    |<d_i, d_j>| / (‖d_i‖‖d_j‖) on gathered rows, value and W_dec gradient, with empty slots (−1)."""
+    from aosae.nn.penalties import _pair_cosines
+
+    n, d, pairs = 30, 7, 120
+    codes = torch.randperm(n * (n - 1) // 2)[:pairs]  # distinct pairs i < j
+    iu = torch.triu_indices(n, n, 1)
+    rows, cols = iu[0][codes], iu[1][codes]
+    if padded:
+        rows = torch.cat([rows, torch.full((9,), -1)])
+        cols = torch.cat([cols, torch.full((9,), -1)])
+    W = torch.randn(n, d, dtype=torch.float64)
+    W[3] = 0.0  # a zero row: cosine 0 (the clamp), gradient as the formula's
+    weights = torch.randn(rows.numel(), dtype=torch.float64)
+    w1, w2 = W.clone().requires_grad_(), W.clone().requires_grad_()
+    got = _pair_cosines(w1, rows, cols)
+    u = w2 / w2.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    valid = rows >= 0
+    want = (u[rows.clamp_min(0)] * u[cols.clamp_min(0)]).sum(-1).abs() * valid
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-12)
