@@ -126,11 +126,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
     }
   });
   if (status) return fail(status);
-  aosae::radix_sort(sorted);
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  // n within a small multiple of nnz (every SAE width at B·L = 131 k up to 2²¹): ranks from an
+  // n-sized table, O(n + nnz), instead of a binary search per entry (15 ms for 131 k TopK ids
+  // at n 16384). Wider (n = 2²⁴ with a few thousand entries): the sorted ids, nothing n-sized.
+  std::vector<int32_t> rank_of;
+  const bool table = n <= 16 * std::max<int64_t>(nnz, 4096);
+  if (table) {
+    rank_of.assign(n, 0);
+    for (int64_t e = 0; e < nnz; ++e) rank_of[idx[e]] = 1;
+    sorted.clear();
+    for (int64_t j = 0; j < n; ++j)
+      if (rank_of[j]) {
+        rank_of[j] = static_cast<int32_t>(sorted.size());
+        sorted.push_back(static_cast<uint64_t>(j));
+      }
+  } else {
+    aosae::radix_sort(sorted);
+    sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  }
   const int64_t U = static_cast<int64_t>(sorted.size());
   Tensor uniq = at::empty({U}, indices.options());
   std::copy(sorted.begin(), sorted.end(), reinterpret_cast<uint64_t*>(uniq.data_ptr<int64_t>()));
+  auto compact = [&](int64_t id) -> int64_t {
+    if (table) return rank_of[id];
+    return std::lower_bound(sorted.begin(), sorted.end(), static_cast<uint64_t>(id)) - sorted.begin();
+  };
   // Compact ids in input order; rows that are not strictly ascending are sorted (with the
   // permutation kept), a repeat inside a row is an error.
   Tensor cols = at::empty({nnz}, indices.options());
@@ -142,7 +162,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
     for (int64_t t = begin; t < end; ++t) {
       bool ascending = true;
       for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-        cp[e] = std::lower_bound(sorted.begin(), sorted.end(), static_cast<uint64_t>(idx[e])) - sorted.begin();
+        cp[e] = compact(idx[e]);
         perm[e] = e;
         ascending = ascending && (e == rp[t] || cp[e] > cp[e - 1]);
       }

@@ -147,7 +147,8 @@ class Canonical(NamedTuple):
 
 def canonical(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, check: bool = True,
               n: Optional[int] = None) -> Canonical:
-    """Compacts the latent ids (a sort of nnz ids, no n-sized array) and sorts each row by id
+    """Compacts the latent ids (C++: a rank table when n <= 16·max(nnz, 4096), else a sort of the
+    nnz ids with nothing n-sized; torch: a sort) and sorts each row by id
     where it is not sorted yet. check: raise on a latent repeated within a row (and, with n,
     on every other defect of the rows: offsets, range, NaN/Inf). One C++ pass on CPU."""
     module, _ = _extension.load()

@@ -459,3 +459,18 @@ def test_unordered_gradient_equals_sorted():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="ordered must be a bool"):
         coactive_topk(offsets, indices, values, n, k, ordered="no")
+
+
+@pytest.mark.parametrize("spread", [1, 2**20])  # ids within 16·nnz (the C++ rank table) or far wider (its radix sort)
+def test_canonical_equals_the_torch_version(spread):
+    if co._cpp() is None:
+        pytest.skip("aosae._C is not built")
+    offsets, indices, values, _ = ragged_rows(50, 300, 12, signed=True)
+    indices = indices * spread + spread // 3
+    n = 300 * spread
+    got = co.canonical(offsets, indices, values, n=n)
+    want = co._canonical_torch(offsets, indices, values, check=True)
+    assert torch.equal(got.uniq, want.uniq) and torch.equal(got.cols, want.cols) and torch.equal(got.vals, want.vals)
+    assert (got.perm is None) == (want.perm is None)
+    if got.perm is not None:
+        assert torch.equal(got.perm, want.perm)
