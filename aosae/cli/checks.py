@@ -89,13 +89,40 @@ def check_summary(run_dir: Path, fix: str) -> None:
     path = run_dir / "summary.json"
     if not path.exists():
         return
-    held = require(read_json(path, fix), "held_out", dict, path, fix, optional=True)
+    summary = read_json(path, fix)
+    held = require(summary, "held_out", dict, path, fix, optional=True)
     if held is not None:
         for key in ("first_token", "tokens"):
             value = require(held, key, int, path, fix)
             if value < (0 if key == "first_token" else 1):
                 raise BadFile(path, f"held_out.{key} must be {'>= 0' if key == 'first_token' else '>= 1'}, got {value}", fix)
         require(held, "world_size", int, path, fix, optional=True)
+    check_summary_weights(run_dir, summary, path, fix)
+
+
+def check_summary_weights(run_dir: Path, summary: dict, path: Path, fix: str) -> None:
+    """summary.json's weights_sha256 against the checksum sae_weights.safetensors records (the same
+    digest of the same tensors): like every other checksum aosae writes, a mismatch is refused: the
+    weights were replaced after training, or the summary is another run's, and its numbers and
+    held-out text are not this SAE's. Summaries of older versions (no 'weights_file': a digest of the
+    training-scale weights) and weights files without a checksum are not compared."""
+    from aosae.files import CHECKSUM_KEY
+
+    if summary.get("weights_file") is None:
+        return
+    name = require(summary, "weights_file", str, path, fix)
+    recorded = require(summary, "weights_sha256", str, path, fix)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(run_dir / name), framework="pt") as f:
+            in_file = (f.metadata() or {}).get(CHECKSUM_KEY)
+    except Exception:  # noqa: BLE001 - a missing or damaged weights file: its loader names it
+        return
+    if in_file is not None and in_file != recorded:
+        raise BadFile(path, f"its weights_sha256 ({recorded[:12]}...) is not the checksum of {run_dir / name} "
+                      f"({in_file[:12]}...): the weights were replaced after training, or the summary is another "
+                      "run's", fix)
 
 
 def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None:
@@ -171,6 +198,44 @@ def drop_partial_line(path: Path, keep: int) -> None:
     with open(path, "r+b") as f:
         f.truncate(keep)
     warnings.warn(f"{path}: dropped its last line, cut short by an interrupted run", RecoveryWarning, stacklevel=2)
+
+
+def check_probing_tasks(spec: str) -> None:
+    """`aosae eval --probing-tasks`: offline, saebench, or comma-separated SAEBench dataset ids, each
+    optionally =DIR (an existing directory); refused before the LM runs, naming the entry."""
+    import difflib
+
+    if spec == "offline":
+        return
+    from aosae.eval.saebench_tasks import SAEBENCH_PROBING
+
+    given = spec
+    if spec == "saebench":
+        spec = ",".join(SAEBENCH_PROBING)
+    allowed = "offline, saebench, or comma-separated SAEBench dataset ids (" + ", ".join(SAEBENCH_PROBING) + ")"
+    entries = [e.strip() for e in spec.split(",")]
+    if not all(entries):
+        raise ValueError(f"--probing-tasks {spec!r} has an empty entry: use {allowed}")
+    for entry in entries:
+        name, eq, local = (part.strip() for part in entry.partition("="))
+        if name not in SAEBENCH_PROBING:
+            close = difflib.get_close_matches(name, [*SAEBENCH_PROBING, "offline", "saebench"], n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--probing-tasks: {name!r} is not a task set or a SAEBench dataset id{hint}; use {allowed}")
+        if eq and not local:
+            raise ValueError(f"--probing-tasks: {entry!r} needs a directory after '=' (a local copy with train.* and "
+                             f"test.* files), or drop '=' to read {name} from the hub")
+        if eq and not Path(local).is_dir():
+            raise ValueError(f"--probing-tasks: {entry!r}: {local} is not a directory; pass a local copy of {name} "
+                             "(train.* and test.* files with the hub's columns), or drop '=…' to read it from the hub")
+    hub = [e.partition("=")[0].strip() for e in entries if "=" not in e]
+    if hub:  # found now, not after the core metrics have run
+        from aosae.machine import hub_offline, hub_reachable
+
+        if hub_offline("DATASETS") or not hub_reachable():
+            raise ValueError(f"--probing-tasks {given} needs the Hugging Face hub "
+                             f"for {', '.join(hub[:3])}{' ...' if len(hub) > 3 else ''}, which is not reachable here: "
+                             "pass local copies as ID=DIR, or use --probing-tasks offline")
 
 
 def check_log_backend(kind) -> None:

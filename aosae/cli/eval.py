@@ -50,7 +50,7 @@ def eval(  # noqa: A001 - the subcommand's name
             probe); reported: the mean and a 95% interval over seeds.
         device: cpu or cuda[:i].
     """
-    from aosae.cli.checks import check_device, check_eval_run, require_package
+    from aosae.cli.checks import check_device, check_eval_run, check_probing_tasks, require_package
     from aosae.eval import evaluate as E
     from aosae.files import BadFile
 
@@ -61,6 +61,15 @@ def eval(  # noqa: A001 - the subcommand's name
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     check_device(device)
+    if not (probing or scr):
+        from aosae.cli import given_options
+
+        idle = ["--" + name.replace("_", "-") for name in given_options(["probing_tasks", "probing_seeds"])]
+        if idle:  # refused rather than ignored: the user expects probing numbers that would never come
+            raise ValueError(f"{' and '.join(idle)} {'has' if len(idle) == 1 else 'have'} no effect without --probing "
+                             f"or --scr: add --probing and/or --scr, or drop {' and '.join(idle)}")
+    else:
+        check_probing_tasks(probing_tasks)  # a typo in a dataset id is found before the core metrics run
     if (probing or scr) and not probing_seeds:
         raise ValueError("--probing-seeds needs at least one seed (e.g. --probing-seeds 42 43 44, the default)")
     if probing or scr:  # their packages are found now, not after the core metrics have run

@@ -79,7 +79,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from sae_lens.saes.topk_sae import TopK  # noqa: E402
 
 from aosae.files import write_json  # noqa: E402
-from aosae.integrations.latents import csr_offsets, jumprelu_window  # noqa: E402
+from aosae.integrations.latents import check_backend_name, csr_offsets, jumprelu_window  # noqa: E402
 from aosae.integrations.latents import penalty as latent_penalty  # noqa: E402
 from aosae.integrations.saelens_export import (  # noqa: E402
     export_to_saelens,
@@ -175,6 +175,7 @@ class OrthogonalityFields:
 
     def validate_orthogonality(self) -> None:
         """Raise ValueError now (at config time) rather than at the first training step."""
+        check_backend_name(self.ortho_backend, "ortho_backend")
         if not (self.orthogonality_coefficient >= 0):
             raise ValueError(f"orthogonality_coefficient must be >= 0, got {self.orthogonality_coefficient}")
         if self.orthogonality_warm_up_steps < 0:
@@ -270,6 +271,22 @@ LATENT_FORMS: dict[str, str] = {
 DEFAULT_FORM = "dense"  # an architecture not listed: the dense path, exact for any activation
 
 
+def _check_penalty_input(feature_acts: Any, hidden_pre: Any, d_sae: int) -> int:
+    """orthogonality_penalty's inputs: latents [..., d_sae] with a batch dimension, and pre-activations
+    of the same shape (a 1-D vector or another batch's rows would be penalised as something else).
+    Returns the number of tokens; a type or width error is left to latent_penalty, which names it."""
+    if not isinstance(feature_acts, torch.Tensor):
+        return -1
+    shape = tuple(feature_acts.shape)
+    if feature_acts.dim() < 2:
+        raise ValueError(f"orthogonality_penalty needs feature_acts [batch, d_sae={d_sae}] (or [..., d_sae]), got "
+                         f"shape {shape}: add the batch dimension (feature_acts[None]) for a single token")
+    if isinstance(hidden_pre, torch.Tensor) and tuple(hidden_pre.shape) != shape:
+        raise ValueError(f"orthogonality_penalty needs hidden_pre of feature_acts' shape {shape}, got "
+                         f"{tuple(hidden_pre.shape)}: pass the pre-activations of the same batch (encode_with_hidden_pre)")
+    return int(torch.Size(shape[:-1]).numel())
+
+
 class _OrthogonalityPenalty:
     """Mixin placed before a SAELens TrainingSAE: adds c·τ·penalty to its auxiliary losses."""
 
@@ -313,6 +330,11 @@ class _OrthogonalityPenalty:
         rows = getattr(activation, "last_rows", None)
         if activation is not None:  # used once: never pair a later step's latents with them
             activation.last_topk = activation.last_rows = None
+        tokens = _check_penalty_input(feature_acts, hidden_pre, self.cfg.d_sae)
+        if topk is not None and topk[0].shape[0] != tokens:  # recorded for another batch: not these latents
+            topk = None
+        if rows is not None and rows[0].numel() - 1 != tokens:
+            rows = None
         form = self.latent_form
         if (form == "topk" and topk is None) or (form == "rows" and rows is None):
             form = "support"  # the activation was replaced or bypassed: its dense output is exact too

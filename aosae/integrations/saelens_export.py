@@ -202,7 +202,12 @@ def _import_directory(directory: Path, device, fold_decoder_norm: bool) -> Any:
     try:
         sae = SAE.load_from_disk(str(directory), device=str(device))
     except Exception as err:  # SAELens raises KeyError, TypeError, RuntimeError (shapes), ... for a bad cfg.json
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        keys = [line for line in lines if line.startswith(("Unexpected key", "Missing key", "size mismatch"))]
+        if first.startswith("Error(s) in loading state_dict") and keys:  # torch's first line names no tensor
+            first = "; ".join(keys)[:300]
+            raise BadFile(weights_path, f"does not fit the SAE its cfg.json describes ({first})", fix) from err
         raise BadFile(directory, f"SAELens cannot load it ({type(err).__name__}: {first}); its cfg.json and "
                       "sae_weights.safetensors may disagree or lack a field", fix) from err
     try:

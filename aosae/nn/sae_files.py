@@ -1,7 +1,7 @@
 """Reading a saved SAE directory (cfg.json + sae_weights.safetensors), checked end to end.
 
 Every way the files can be wrong (missing, empty, cut short, not JSON / not safetensors, keys
-missing, wrong types, shapes that disagree with cfg.json, non-float dtypes, NaN/Inf weights, a
+missing or unexpected, wrong types, shapes that disagree with cfg.json, non-float dtypes, NaN/Inf weights, a
 checksum that no longer matches) is one aosae.files.BadFile naming the file and what to do.
 """
 from __future__ import annotations
@@ -42,6 +42,12 @@ def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[
     missing = [k for k in WEIGHT_KEYS if k not in tensors]
     if missing:
         raise BadFile(path, f"has no tensor(s) {', '.join(missing)} (it holds: {', '.join(sorted(tensors)) or 'none'})", fix)
+    known = set(WEIGHT_KEYS) | ({"threshold"} if cfg.activation == "batchtopk" else set())
+    extra = sorted(set(tensors) - known)
+    if extra:  # another architecture's file (a JumpReLU's threshold, a gated SAE's r_mag): loading it would drop them
+        raise BadFile(path, f"holds tensor(s) {', '.join(map(repr, extra))} that a {cfg.activation} SAE does not have "
+                      f"(expected only {', '.join(sorted(known))}): the file is of another SAE architecture, or its "
+                      f"{CFG_FILE} names the wrong activation", fix)
     for name, want in expected_shapes(cfg).items():
         t = tensors[name]
         if not t.dtype.is_floating_point:

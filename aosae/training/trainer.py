@@ -20,7 +20,6 @@ checkpoints.py), summary.json, report.md + report.png.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,9 +37,9 @@ from aosae.data.mixing import MixingBuffer, TensorSource
 from aosae.data.sources import ActivationSpec, held_out_count, open_store, training_rows
 from aosae.data.text import DEFAULT_DATASET
 from aosae.eval.metrics import ReconstructionStats
-from aosae.files import write_json, write_json_atomically
+from aosae.files import tensors_sha256, write_json, write_json_atomically
 from aosae.nn.loss import TopKOrthoLoss
-from aosae.nn.sae import WEIGHT_KEYS, SAEConfig, SparseAutoencoder
+from aosae.nn.sae import SAEConfig, SparseAutoencoder
 from aosae.nn.tau import AdaptiveTau
 from aosae.training import checkpoints as ckpts
 from aosae.training import distributed as ddp
@@ -395,10 +394,10 @@ class Trainer:
         }
 
     def weights_digest(self) -> str:
-        h = hashlib.sha256()
-        for name in WEIGHT_KEYS:
-            h.update(getattr(self.sae, name).detach().cpu().numpy().tobytes())
-        return h.hexdigest()
+        """sha256 of the final SAE's tensors as sae_weights.safetensors holds them (folded to raw scale):
+        the checksum that file records in its metadata (aosae.files.tensors_sha256), so `aosae eval`
+        can tell a summary.json of other weights; the same on every rank."""
+        return tensors_sha256(folded_sae(self.sae, self.scale).state_tensors())
 
     def finish(self) -> dict:
         summary = self.evaluate()
@@ -411,7 +410,7 @@ class Trainer:
             summary["rank_weight_digests"] = digests
             if len(set(digests)) != 1:
                 raise RuntimeError(f"ranks ended with different weights: {digests}")
-        summary["weights_sha256"] = digest
+        summary["weights_sha256"], summary["weights_file"] = digest, "sae_weights.safetensors"
         if self.info.is_main:
             # the run dir itself cannot be swapped atomically (it holds everything), so each file is
             tmp = Path(tempfile.mkdtemp(prefix=".final.tmp", dir=self.run_dir))

@@ -168,14 +168,16 @@ def damage_json(path: Path, data: st.DataObject, required: list[tuple], typed: l
 
 
 def damage_weights(path: Path, data: st.DataObject) -> str:
-    kind = data.draw(st.sampled_from(["cut", "flip", "drop", "reshape", "dtype", "nan"]), label="damage")
+    kind = data.draw(st.sampled_from(["cut", "flip", "drop", "reshape", "dtype", "nan", "extra"]), label="damage")
     if kind in ("cut", "flip"):
         (cut if kind == "cut" else flip)(path, data)
         return kind
     tensors = load_file(str(path))
     name = data.draw(st.sampled_from(sorted(tensors)), label="tensor")
     t = tensors[name]
-    if kind == "drop":
+    if kind == "extra":  # a tensor of another architecture (a JumpReLU threshold, a gated SAE's r_mag)
+        tensors[data.draw(st.sampled_from(["threshold", "r_mag", "W_enc_extra"]), label="extra")] = t.clone()
+    elif kind == "drop":
         del tensors[name]
     elif kind == "reshape":
         tensors[name] = t.t().contiguous() if t.dim() == 2 and t.shape[0] != t.shape[1] else torch.cat([t, t[:1]])
@@ -185,8 +187,9 @@ def damage_weights(path: Path, data: st.DataObject) -> str:
         flat = t.clone().reshape(-1)
         flat[data.draw(st.integers(0, flat.numel() - 1))] = float("nan")
         tensors[name] = flat.reshape(t.shape)
-    # a user's edit saves without aosae's checksum; NaN is saved with a fresh one: only the NaN check can catch it
-    (save_tensors(path, tensors) if kind == "nan" else save_file(tensors, str(path)))
+    # a user's edit saves without aosae's checksum; NaN and extras are saved with a fresh one: only their own check
+    # can catch them
+    (save_tensors(path, tensors) if kind in ("nan", "extra") else save_file(tensors, str(path)))
     return kind
 
 
@@ -202,6 +205,7 @@ RESUME_KEYS = [(k,) for k in ("model", "layer", "dataset", "tokens", "context", 
 INT_SETTINGS = [(k,) for k in ("layer", "tokens", "context", "steps", "batch_size", "seed", "checkpoint_every",
                                "lm_batch")]
 HELD_OUT = [("held_out", "first_token"), ("held_out", "tokens")]
+SUMMARY_KEYS = HELD_OUT + [("weights_sha256",)]  # the checksum of sae_weights.safetensors' tensors
 
 
 def damage_run_file(run: Path, name: str, data: st.DataObject, *, resume: bool = False) -> str:
@@ -213,7 +217,7 @@ def damage_run_file(run: Path, name: str, data: st.DataObject, *, resume: bool =
     if name == "train_config.json":  # eval falls back to cfg.json for a missing key; a resume cannot
         return damage_json(path, data, RESUME_KEYS if resume else [], INT_SETTINGS)
     if name == "summary.json":
-        return damage_json(path, data, HELD_OUT, HELD_OUT)
+        return damage_json(path, data, SUMMARY_KEYS, SUMMARY_KEYS)
     raise AssertionError(name)
 
 
@@ -909,6 +913,20 @@ def test_resume_names_train_config_steps_not_an_option_never_given(world, tmp_pa
 def test_eval_probing_seeds_without_a_value_names_the_option(world, option):
     line = refused(["eval", str(world["run"]), option, "--probing-seeds"], "--probing-seeds", world["run"])
     assert "at least one seed" in line
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--probing-tasks", "saebench"], "--probing-tasks has no effect without --probing or --scr"),
+    (["--probing-seeds", "1", "2"], "--probing-seeds has no effect without --probing or --scr"),
+    (["--probing", "--probing-tasks", "ofline"], "'ofline' is not a task set or a SAEBench dataset id (did you mean 'offline'?)"),
+    (["--scr", "--probing-tasks", "fancyzhx/ag_news,nope/nope"], "'nope/nope' is not a task set"),
+    (["--probing", "--probing-tasks", "fancyzhx/ag_news,"], "has an empty entry"),
+    (["--probing", "--probing-tasks", "fancyzhx/ag_news=/no/such/dir"], "/no/such/dir is not a directory"),
+    (["--probing", "--probing-tasks", "saebench"], "needs the Hugging Face hub"),  # the tests run offline
+])
+def test_eval_refuses_probing_options_that_cannot_work_before_the_lm_runs(world, argv, said):
+    line = refused(["eval", str(world["run"]), *argv], said, world["run"])
+    assert not (world["run"] / "eval.json").exists() and ("use " in line or "add --probing" in line or "pass " in line)
 
 
 def test_eval_warns_when_the_text_runs_out_before_tokens(world, tmp_path):

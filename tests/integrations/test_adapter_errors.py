@@ -41,6 +41,12 @@ def saelens_cases(saelens):
         "narrow latents (topk)": (ValueError, r"d_sae=64.*\(32, 63\)", penalty(topk, torch.rand(32, 63))),
         "meta latents": (ValueError, "meta tensor", penalty(standard(), torch.rand(32, 64, device="meta"))),
         "latents not a tensor": (TypeError, "torch.Tensor", penalty(standard(), [[0.0] * 64])),
+        "1-D latents": (ValueError, r"feature_acts \[batch, d_sae=64\].*\(64,\).*feature_acts\[None\]",
+                        penalty(standard(), torch.rand(64))),
+        "pre-activations of another batch": (ValueError, r"hidden_pre of feature_acts' shape \(32, 64\), got \(16, 64\)",
+                                             lambda: standard().orthogonality_penalty(torch.rand(32, 64), torch.rand(16, 64))),
+        "bad backend": (ValueError, "ortho_backend 'bogus' is not a gram_topk backend: choose one of auto",
+                        lambda: standard(ortho_backend="bogus")),
     }
 
 
@@ -80,15 +86,17 @@ def dictlearn_cases(dictlearn):
         "integer batch": (TypeError, "floating-point.*int64", lambda: standard().loss(torch.ones(8, 16, dtype=torch.long), step=1)),
         "meta batch": (ValueError, "on meta but the dictionary is on cpu", lambda: topk().loss(torch.rand(8, 16, device="meta"), step=1)),
         "add_orthogonality of an instance": (TypeError, "trainer class", lambda: dictlearn.add_orthogonality(5)),
+        "bad backend": (ValueError, "ortho_backend 'tritn' is not a gram_topk backend: choose one of auto",
+                        lambda: topk(ortho_backend="tritn")),
     }
 
 
 SAELENS_CASES = ["similarity", "fraction", "negative coefficient", "tau bounds", "NaN latents (standard)",
                  "NaN input (topk)", "narrow latents (standard)", "wide latents (standard)", "narrow latents (topk)",
-                 "meta latents", "latents not a tensor"]
+                 "meta latents", "latents not a tensor", "1-D latents", "pre-activations of another batch", "bad backend"]
 DICTLEARN_CASES = ["negative coefficient", "fraction", "similarity", "NaN batch (standard)", "NaN batch (topk)",
                    "batch of the wrong width", "3-D batch (topk)", "integer batch", "meta batch",
-                   "add_orthogonality of an instance"]
+                   "add_orthogonality of an instance", "bad backend"]
 
 
 def test_from_saelens_names_a_non_sae(saelens):
