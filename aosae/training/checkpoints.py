@@ -156,15 +156,48 @@ def check_state(d: Path, state) -> None:
         raise Unreadable("state.json", f"records no checksum for {', '.join(missing)}, so they cannot be verified")
 
 
-def read_checkpoint(d: Path, sae: SparseAutoencoder, device) -> dict:
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_state_values(state: dict, tau) -> None:
+    """state.json's τ, RNG and top-k threshold, tried on scratch copies: an edited or damaged value would
+    otherwise fail half-way through applying the checkpoint (a KeyError, a TypeError at the next step)."""
+    import copy
+
+    try:
+        probe = copy.deepcopy(tau)
+        probe.load_state_dict(state["tau"])
+        values = [x for k, v in probe.state_dict().items() if k != "rule" for x in (v if isinstance(v, list) else [v])]
+        ok = all(x is None or _finite(x) for x in values) and _finite(probe.tau)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        detail = (f"it has no {err.args[0]!r}" if isinstance(err, KeyError) and err.args else
+                  str(err).splitlines()[0][:80] if isinstance(err, ValueError) and str(err) else "a value of the wrong type")
+        raise Unreadable("state.json", f"has a 'tau' state that cannot be restored ({detail})") from err
+    if not ok:
+        raise Unreadable("state.json", "has a 'tau' state with a value that is not a finite number")
+    try:
+        n, p = state["rng"]["numpy"], state["rng"]["python"]
+        np.random.RandomState().set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+        random.Random().setstate((p[0], tuple(p[1]), p[2]))
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as err:
+        raise Unreadable("state.json", "has an 'rng' state that cannot be restored (edited or damaged)") from err
+    if state["ortho_kth"] is not None and not _finite(state["ortho_kth"]):
+        raise Unreadable("state.json", f"has 'ortho_kth' {state['ortho_kth']!r}: it must be a finite number or null")
+
+
+def read_checkpoint(d: Path, sae: SparseAutoencoder, device, tau=None) -> dict:
     """Everything in checkpoint `d`, read and checked before any of it is applied; Unreadable (a
-    ValueError naming the file and what is wrong, in a few words) if not."""
+    ValueError naming the file and what is wrong, in a few words) if not. `tau`: the run's τ rule,
+    whose state is tried on a copy."""
     try:
         state = read_json(d / "state.json", "")
         check_state(d, state)
         check_file_digests(d, state["sha256"], "")  # a flipped byte in optimizer.pt loads silently otherwise
     except BadFile as err:  # our own words: cut short, not JSON, checksum mismatch, missing
         raise Unreadable(err.path.name, err.problem) from err
+    if tau is not None:
+        check_state_values(state, tau)
     try:  # the checksums matched: what follows fails only for a checkpoint written by another version
         weights, rng = load_tensors(d / "train_weights.safetensors", ""), load_tensors(d / "rng.safetensors", "")
     except BadFile as err:
@@ -183,6 +216,12 @@ def read_checkpoint(d: Path, sae: SparseAutoencoder, device) -> dict:
         raise Unreadable("optimizer.pt", f"is not an optimizer state saved by torch (damaged?; {detail})") from err
     if not isinstance(opt, dict) or "optimizer" not in opt or "scheduler" not in opt:
         raise Unreadable("optimizer.pt", "lacks the optimizer or scheduler state")
+    if not isinstance(rng.get("torch_cpu"), torch.Tensor) or rng["torch_cpu"].dtype != torch.uint8:
+        raise Unreadable("rng.safetensors", "has no torch_cpu generator state (uint8)")
+    try:
+        torch.Generator().set_state(rng["torch_cpu"])
+    except (RuntimeError, TypeError) as err:
+        raise Unreadable("rng.safetensors", "holds a torch_cpu generator state that cannot be restored") from err
     return {"state": state, "weights": weights, "opt": opt, "rng": rng}
 
 
@@ -207,7 +246,7 @@ def load_latest_good(trainer) -> Optional[Path]:
     tried = []
     for d in list_checkpoints(trainer.run_dir):
         try:
-            ckpt = read_checkpoint(d, trainer.sae, trainer.device)
+            ckpt = read_checkpoint(d, trainer.sae, trainer.device, trainer.tau)
         except Unreadable as err:
             tried.append(f"{d / err.name} {err.problem}")
             warnings.warn(f"skipping checkpoint {d}: its {err.name} {err.problem}; trying the one before",

@@ -806,7 +806,15 @@ def test_a_failed_resume_does_not_rewrite_train_config(world, tmp_path):
 
 @pytest.mark.parametrize("key, value, said", [("step", 7, "says step 7"), ("step", "6", "says step '6'"),
                                               ("scale", float("nan"), "scale nan"), ("scale", -2.0, "scale -2.0"),
-                                              ("scale", 0, "scale 0"), ("sha256", {}, "records no checksum")])
+                                              ("scale", 0, "scale 0"), ("sha256", {}, "records no checksum"),
+                                              ("tau", "x", "'tau' state that cannot be restored (a value of the wrong"),
+                                              ("tau", {}, "'tau' state that cannot be restored (it has no 'tau')"),
+                                              ("rng", {}, "'rng' state that cannot be restored"),
+                                              ("rng", {"numpy": [1], "python": []}, "'rng' state that cannot be"),
+                                              ("ortho_kth", "x", "'ortho_kth' 'x': it must be a finite number"),
+                                              ("tau", {"tau": 0.05, "target": "x", "init": 0.05, "min": 0.01, "max": 0.2,
+                                                       "calibration_steps": 1, "calib_sum": 0.0, "calib_count": 0},
+                                               "'tau' state with a value that is not a finite number")])
 def test_resume_checks_each_checkpoints_state_json(world, tmp_path, key, value, said):
     """An edited state.json (a step its directory does not have, a broken activation scale, checksums
     dropped) makes its checkpoint unusable; with every checkpoint so, the resume is refused naming the
