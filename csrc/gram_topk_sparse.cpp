@@ -296,13 +296,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   }
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
-  // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i·n + j)
+  // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i, j)
+  // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
   auto pairs_of = [&](int64_t i, auto&& offer) {
     const int64_t b = bucket_start[i];
-    for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i * n + pj[b + u]);
+    for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i, static_cast<int64_t>(pj[b + u]));
     const int64_t pi = position[i];
     for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
-      if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i * n + block_latent[p]);
+      if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i, block_latent[p]);
   };
   if (!pad && !ordered) {
     // The top-k set without ordering it by score (a loss sums over it): every pair in a bin
@@ -325,10 +326,10 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       for (int64_t p = begin; p < end; ++p) {
         int64_t count = 0;
         auto& mine = edge[p];
-        auto offer = [&](acc_t v, int64_t key) {
+        auto offer = [&](acc_t v, int64_t i, int64_t j) {
           const int64_t bin = aosae::magnitude_bin(v);
           count += bin > bar;
-          if (bin == bar) mine.push_back({v, key});
+          if (bin == bar) mine.push_back({v, i * n + j});
         };
         for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
         sure_count[p] = count;
@@ -373,12 +374,12 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t o = out_begin[p];
-        auto offer = [&](acc_t v, int64_t key) {
+        auto offer = [&](acc_t v, int64_t i, int64_t j) {
           const int64_t bin = aosae::magnitude_bin(v);
-          if (bin > bar || (bin == bar && in_edge(v, key))) {
+          if (bin > bar || (bin == bar && in_edge(v, i * n + j))) {
             ov[o] = v;
-            orow[o] = key / n;
-            ocol[o++] = key % n;
+            orow[o] = i;
+            ocol[o++] = j;
           }
         };
         for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
@@ -403,10 +404,10 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         auto& edge = edge_pairs[thread_id()];
         mine.reserve(kth_bin.above);
         if (bar >= 0) edge.reserve(hist_total[bar]);
-        auto offer = [&](float v, int64_t key) {
+        auto offer = [&](float v, int64_t i, int64_t j) {
           const int64_t bin = aosae::magnitude_bin(v);
-          if (bin > bar) mine.push_back(aosae::sort_key(v, key, key_bits));
-          else if (bin == bar) edge.push_back({v, key});
+          if (bin > bar) mine.push_back(aosae::sort_key(v, i * n + j, key_bits));
+          else if (bin == bar) edge.push_back({v, i * n + j});
         };
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
@@ -462,10 +463,10 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     // capacity only (untouched pages cost nothing): no regrowth while pushing
     mine.reserve(kth_bin.above);
     if (bar >= 0) edge.reserve(hist_total[bar]);
-    auto offer = [&](acc_t v, int64_t key) {  // above the k-th bin: kept; in it: settled later
+    auto offer = [&](acc_t v, int64_t i, int64_t j) {  // above the k-th bin: kept; in it: settled later
       const int64_t bin = aosae::magnitude_bin(v);
-      if (bin > bar) mine.push_back({v, key});
-      else if (bin == bar) edge.push_back({v, key});
+      if (bin > bar) mine.push_back({v, i * n + j});
+      else if (bin == bar) edge.push_back({v, i * n + j});
     };
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
