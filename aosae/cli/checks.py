@@ -290,6 +290,9 @@ def check_lm_settings(model, layer: int, context: int, source=None, *, layer_fix
     the model's positions would fail deep inside its forward pass, after minutes of loading.
     `source`: the file the settings came from (a resumed run's train_config.json), named with
     the advice to set it back; else the advice is the option to pass (or layer_fix/context_fix)."""
+    from aosae.data.language_models import check_model_dir
+
+    check_model_dir(model)  # before anything is created or loaded
     config = local_model_config(model)
     if config is None:
         return
@@ -308,14 +311,29 @@ def check_lm_settings(model, layer: int, context: int, source=None, *, layer_fix
         raise ValueError(f"{problem}: {context_fix or f'pass --context {positions} or less'}")
 
 
+def check_writable_dir(path, option: str) -> None:
+    """A directory aosae will create or write into: not a file, nor under one, nor read-only."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; pass a directory (it is created if missing)")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{option} {path} cannot be created: {probe} is a file, not a directory; pass another path")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path} cannot be written: {probe} is not writable by this user; pass another path")
+
+
 def check_new_run_dir(out) -> None:
     """`aosae train --out DIR`: DIR must not hold another run (training into it would rewrite its
     settings, checkpoints and weights) nor be a file."""
     if out is None:
         return
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a directory (it is created if missing)")
+    check_writable_dir(out, "--out")
     held = [name for name in ("train_config.json", "checkpoints", "sae_weights.safetensors") if (out / name).exists()]
     if held:
         raise ValueError(f"--out {out} already holds a run ({', '.join(held)}): continue it with "

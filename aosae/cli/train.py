@@ -48,7 +48,7 @@ def train(
     from pathlib import Path
 
     from aosae.cli.checks import (check_lm_settings, check_log_backend, check_new_run_dir, check_resume_run,
-                                  drop_partial_line, partial_last_line)
+                                  check_writable_dir, drop_partial_line, partial_last_line)
     from aosae.files import BadFile
     from aosae.training import distributed as ddp
     from aosae.training.trainer import Trainer
@@ -85,6 +85,7 @@ def train(
                              "10% of the steps)")
         check_log_backend(cfg.log)
         check_new_run_dir(cfg.out)
+        check_writable_dir(cfg.cache_dir, "--cache-dir")
         check_lm_settings(cfg.model, cfg.layer, cfg.context)
         if cfg.tau_budget_run is not None:  # read before the activations are collected
             from aosae.nn.tau import budget_from_run

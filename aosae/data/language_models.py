@@ -78,6 +78,16 @@ def resolve_model_name(name: Optional[str]) -> str:
     return name
 
 
+def check_model_dir(path) -> None:
+    """A local model directory must hold config.json (else transformers blames the tokenizer)."""
+    if path is None or not Path(path).is_dir() or (Path(path) / "config.json").is_file():
+        return
+    found = sorted(p.name for p in Path(path).iterdir())
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise ValueError(f"model directory {path} has no config.json (it holds {shown or 'nothing'}): pass a directory "
+                     "written by save_pretrained (config.json, weights, tokenizer files) or a Hugging Face model id")
+
+
 def load_model(name_or_path: Optional[str] = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -91,6 +101,7 @@ def load_model(name_or_path: Optional[str] = None, device: str | torch.device = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_name(name_or_path)
+    check_model_dir(path)
     # Without a reachable hub, transformers retries for ~50 s before failing: look only in the local cache.
     offline = hub_offline()
     unreachable = not offline and not Path(path).exists() and not hub_reachable()

@@ -152,9 +152,9 @@ class TrainConfig:
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device {self.device!r} is not a device aosae trains on: use auto, cpu, cuda or cuda:N")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"layer must be a non-negative int, got {self.layer!r}")
-        if self.context < 2:
-            raise ValueError(f"context must be >= 2, got {self.context}")
+            raise ValueError(f"--layer must be a non-negative int, got {self.layer!r}")
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 2:
+            raise ValueError(f"--context must be an int >= 2 (BOS + at least one token), got {self.context!r}; pass --context 2 or more")
         if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise ValueError(f"--warmup-steps must be a non-negative int or None, got {self.warmup_steps!r}")
         for name in ("lr", "tau_init", "tau_min", "tau_max"):

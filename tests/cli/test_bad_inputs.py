@@ -909,6 +909,23 @@ def test_train_refuses_a_bad_setting_before_collecting(world, tmp_path, option):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("option, said", [
+    ("--cache-dir", "--cache-dir {file} is a file; pass a directory"),
+    ("--out", "--out {file}/run cannot be created: {file} is a file"),
+    ("--context", "--context must be an int >= 2"),
+    ("--model", "model directory {dir} has no config.json (it holds notes.txt)"),
+])
+def test_train_refuses_paths_that_cannot_work_before_collecting(world, tmp_path, option, said):
+    (tmp_path / "notes.txt").write_text("mine")
+    value = {"--cache-dir": tmp_path / "notes.txt", "--out": tmp_path / "notes.txt" / "run", "--context": "1",
+             "--model": tmp_path}[option]
+    argv = [*world["train_args"], "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "new")]
+    given = argv.index(option) + 1
+    argv[given] = str(value)
+    line = refused(["train", *argv], said.format(file=tmp_path / "notes.txt", dir=tmp_path), tmp_path / "notes.txt")
+    assert "pass " in line and not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
+
+
 def test_resume_names_train_config_steps_not_an_option_never_given(world, tmp_path):
     run = copy_run(world, tmp_path)
     settings_ = json.loads((run / "train_config.json").read_text())
