@@ -84,7 +84,7 @@ def read_train_config(path: str | os.PathLike, fix: str, *, required: tuple = ()
         raise BadFile(path, f"holds settings that do not go together: {err}", fix) from err
 
 
-def check_summary(run_dir: Path, fix: str) -> None:
+def check_summary(run_dir: Path, fix: str, tokens: int | None = None) -> None:
     """RUN_DIR/summary.json, when present: an object whose 'held_out' (if any) says where the held-out text is."""
     path = run_dir / "summary.json"
     if not path.exists():
@@ -96,7 +96,11 @@ def check_summary(run_dir: Path, fix: str) -> None:
             value = require(held, key, int, path, fix)
             if value < (0 if key == "first_token" else 1):
                 raise BadFile(path, f"held_out.{key} must be {'>= 0' if key == 'first_token' else '>= 1'}, got {value}", fix)
-        require(held, "world_size", int, path, fix, optional=True)
+        world = require(held, "world_size", int, path, fix, optional=True) or 1
+        if tokens is not None and held["first_token"] + held["tokens"] > tokens // max(world, 1):
+            raise BadFile(path, f"held_out says tokens [{held['first_token']}, {held['first_token'] + held['tokens']}) "
+                          f"were held out, but the run collected {tokens // max(world, 1)} per rank "
+                          f"({run_dir / 'train_config.json'}: tokens {tokens}, {world} rank(s))", fix)
     check_summary_weights(run_dir, summary, path, fix)
 
 
@@ -138,7 +142,7 @@ def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None
     if (run_dir / "train_config.json").exists():
         settings = read_train_config(run_dir / "train_config.json", fix)
     check_summary(run_dir, "restore it from a backup, or delete it (aosae eval then evaluates on text after the "
-                           "training tokens)")
+                           "training tokens)", getattr(settings, "tokens", None))
     from aosae.nn.sae_files import check_sae_dir, read_sae_config
 
     sae_cfg = read_sae_config(check_sae_dir(run_dir))  # cheap (JSON); the weights are checked as they load

@@ -508,18 +508,25 @@ def check_log_covers(path: Path, step: int) -> None:
     if not path.is_file():
         raise MissingFile(path, f"does not exist, but the run resumes at step {step}: the log of steps 1-{step} is lost",
                           fix)
-    steps = set()
+    order = []
     for line in path.read_bytes().split(b"\n"):
         try:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut by a kill (the CLI drops it) or a blank one
         if isinstance(row, dict) and isinstance(row.get("step"), int):
-            steps.add(row["step"])
+            order.append(row["step"])
+    steps = set(order)
     missing = [s for s in range(1, step + 1) if s not in steps]
     if missing:
         what = "is empty" if not steps else f"lacks {len(missing)} of the steps 1-{step} (first missing: {missing[0]})"
         raise BadFile(path, f"{what}, but the run resumes at step {step} (its checkpoint)", fix)
+    kept = [s for s in order if s <= step]  # later rows are a killed run's, dropped by the resume
+    if len(kept) != step or kept != sorted(kept):  # aosae logs each step once, in order: edited or two logs joined
+        twice = next((s for i, s in enumerate(kept) if s in kept[:i]), None)
+        what = f"logs step {twice} more than once" if twice is not None else "has its steps out of order"
+        raise BadFile(path, f"{what} (edited, or two logs joined?): the report would count those steps wrongly",
+                      "keep one line per step, in order (or restore the file from a backup); the run itself is untouched")
 
 
 def train(cfg: TrainConfig, run_dir=None, *, progress: bool = True, on_step=None) -> tuple[Path, dict]:

@@ -853,18 +853,36 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it(world, tmp
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
-@pytest.mark.parametrize("log", ["empty", "missing", "short"])
+@pytest.mark.parametrize("log", ["empty", "missing", "short", "a step twice", "out of order"])
 def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
     run = copy_run(world, tmp_path)
     path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
     if log == "empty":
         path.write_bytes(b"")
     elif log == "missing":
         path.unlink()
-    else:  # rows 1-3 of the 6 the checkpoint has done
-        path.write_text("".join(line + "\n" for line in path.read_text().splitlines()[:3]))
-    line = refused(["train", "--resume", str(run), "--no-progress"], path, run, world["cache"])
-    assert "step 6" in line and "restore it from a backup" in line
+    elif log == "short":  # rows 1-3 of the 6 the checkpoint has done
+        path.write_text("".join(line + "\n" for line in lines[:3]))
+    elif log == "a step twice":  # two logs joined, or a line pasted again
+        path.write_text("".join(line + "\n" for line in lines[:4] + lines[3:]))
+    else:
+        path.write_text("".join(line + "\n" for line in lines[:2] + lines[3:4] + lines[2:3] + lines[4:]))
+    line = refused(["train", "--resume", str(run), "--steps", "8", "--no-progress"], path, run, world["cache"])
+    said = {"a step twice": "logs step 4 more than once", "out of order": "has its steps out of order"}.get(log, "step 6")
+    assert said in line and ("restore it from a backup" in line or "one line per step" in line)
+
+
+@pytest.mark.parametrize("first, tokens", [(10**9, 200), (1900, 200), (0, 2001)])
+def test_eval_refuses_a_held_out_range_outside_the_run(world, tmp_path, first, tokens):
+    """summary.json's held_out must lie in the tokens the run collected (train_config.json's tokens),
+    else eval would read other text and blame the dataset."""
+    run = copy_run(world, tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["held_out"].update(first_token=first, tokens=tokens)
+    (run / "summary.json").write_text(json.dumps(summary))
+    line = refused(["eval", str(run)], run / "summary.json", run)
+    assert "the run collected 2000 per rank" in line and "delete it" in line
 
 
 @settings(FAST, max_examples=12)
