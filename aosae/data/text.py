@@ -180,11 +180,41 @@ def _no_rows(path: Path, builder: str) -> Optional[str]:
         return None
     if not lines:
         return "only blank lines"
+    if builder == "json" and lines[0][:1] not in "{[":  # a bare number, string, true or null: no rows at all
+        import json
+
+        try:
+            value = json.loads("\n".join(lines)) if len(lines) == 1 else None
+        except ValueError:
+            value = None
+        if value is not None or lines[0] == "null":
+            kind = {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(value), "null")
+            return f"a single JSON {kind} ({lines[0][:40]}), not rows (one {{\"text\": ...}} object per line, or an array of them)"
     if builder == "csv":
         return f"a header line only ({lines[0][:80]!r})"
     if builder == "json" and lines[0].replace(" ", "") in ("[]", "{}"):
         return f"an empty JSON {'array' if lines[0].startswith('[') else 'object'}"
     return None
+
+
+def _check_json_lines(path: Path, lines: int = 20) -> None:
+    """A JSON-lines file whose first lines are not objects (bare numbers, strings, arrays of values):
+    named by line, not pyarrow's 'Trailing data at position N'. A JSON array file is left to the reader."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16)
+    rows = [(n, line.strip()) for n, line in enumerate(head.splitlines(), 1) if line.strip()][:lines]
+    if len(rows) < 2 or rows[0][1].startswith("["):
+        return
+    for number, line in rows[:-1]:  # the last may be cut by the 64 KiB read
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue  # an object spread over lines (pretty-printed), or a damaged line: the reader says which
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: line {number} is not a JSON object ({line[:40]}); each line of a .jsonl/.json "
+                             "file must be one object such as {\"text\": \"...\"}")
 
 
 SPLIT_WORDS = {"test", "testing", "eval", "evaluation", "validation", "valid", "val", "dev"}
@@ -350,6 +380,8 @@ class Texts:
             empty = _no_rows(path, builder)
             if empty is not None:
                 raise ValueError(f"{dataset} has no rows: it holds {empty}; pass a file with rows of text")
+            if builder == "json":
+                _check_json_lines(path)
             try:
                 return datasets.load_dataset(builder, data_files=str(path), split=self.split,
                                              streaming=bool(self.streaming))

@@ -193,3 +193,27 @@ def test_a_directory_of_matching_files_reads_them_all(tmp_path):
     for name, docs in (("a", DOCS[:2]), ("b", DOCS[2:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d, "id": 1}) + "\n" for d in docs))
     assert sorted(iter_texts(str(tmp_path))) == sorted(DOCS)
+
+
+@pytest.mark.parametrize("content, said", [
+    ("42\n", "a single JSON number (42), not rows"),
+    ('"some text"\n', "a single JSON string"),
+    ("null\n", "a single JSON null"),
+    ('42\n43\n', "line 1 is not a JSON object (42)"),
+    ('{"text": "a b"}\n"c d"\n{"text": "e"}\n', "line 2 is not a JSON object (\"c d\")"),
+    ('{"text": "a b"}\n[1, 2]\n{"text": "e"}\n', "line 2 is not a JSON object ([1, 2])"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_that_is_not_rows_of_objects_is_named_by_line(tmp_path, content, said, suffix):
+    path = tmp_path / f"d{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError) as caught:
+        next(iter_texts(str(path)))
+    message = str(caught.value)
+    assert str(path) in message and said in message and "cannot be read" not in message
+
+
+def test_pretty_printed_json_objects_still_read(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('{\n  "text": "alpha beta",\n  "id": 1\n}\n')
+    assert list(iter_texts(str(path))) == ["alpha beta"]
