@@ -106,7 +106,32 @@ def read_meta(directory: Path) -> dict:
         raise BadFile(path, f"'shape' must be [rows, d={d}], got {shape!r}", fix)
     if not counts(shards) or sum(shards) != shape[0]:
         raise BadFile(path, f"'shards' must be row counts adding up to shape[0]={shape[0]}, got {shards!r}", fix)
+    check_meta_matches_key(Path(directory), meta, path, fix)
     return meta
+
+
+KEY_FIELDS = ("model", "layer", "dataset", "tokens", "context", "rank", "world", "lm_dtype", "store_dtype")
+
+
+def check_meta_matches_key(directory: Path, meta: dict, path: Path, fix: str) -> None:
+    """A store collected by aosae sits in a directory named by the hash of its settings (store_key):
+    meta.json's settings must hash to that name, its dtype be its store_dtype and its rows its tokens.
+    Else meta.json was edited (a dtype or width that reads the shards as other numbers) or the store
+    was copied under another store's name (training would read another model's or layer's activations).
+    Stores written elsewhere (other names, other fields) are not checked."""
+    name = directory.name
+    if not all(k in meta for k in KEY_FIELDS) or len(name) != 20 or any(c not in "0123456789abcdef" for c in name):
+        return
+    if meta["dtype"] != meta["store_dtype"]:
+        raise BadFile(path, f"'dtype' is {meta['dtype']!r} but 'store_dtype' is {meta['store_dtype']!r}: the shards "
+                      "would be read as other numbers (edited?)", fix)
+    if meta["tokens"] != meta["shape"][0]:
+        raise BadFile(path, f"'shape' {meta['shape']} holds {meta['shape'][0]} rows but the store collected "
+                      f"'tokens' {meta['tokens']} (edited?)", fix)
+    if store_key(**{k: meta[k] for k in KEY_FIELDS}) != name:
+        shown = ", ".join(f"{k}={meta[k]!r}" for k in ("model", "layer", "dataset", "tokens", "context"))
+        raise BadFile(path, f"its settings ({shown}, ...) do not hash to the store's directory name {name}: meta.json "
+                      "was edited, or the store was copied under another store's name", fix)
 
 
 class StoreIncomplete(ValueError):

@@ -532,6 +532,28 @@ def test_train_refuses_a_damaged_activation_store(world, data):
         assert_refused(code, err, named, before, digest(*mine))
 
 
+@pytest.mark.parametrize("key, value, said", [
+    ("dtype", "float16", "'dtype' is 'float16' but 'store_dtype' is 'bfloat16'"),
+    ("dtype", "float32", "'dtype' is 'float32' but 'store_dtype'"),  # caught before the shard's length is
+    ("layer", 0, "do not hash to the store's directory name"),
+    ("model", "another/model", "do not hash to the store's directory name"),
+    ("d", 16, "holds 4000 rows but the store collected 'tokens' 2000"),
+])
+def test_train_refuses_a_store_whose_meta_json_was_edited_to_other_valid_settings(world, tmp_path, key, value, said):
+    """Settings that are each valid but not this store's: a dtype or width that would read the shards
+    as other numbers, a layer or model whose activations these are not."""
+    shutil.copytree(world["cache"], tmp_path / "cache")
+    store = tmp_path / "cache" / world["store"].name
+    meta = json.loads((store / "meta.json").read_text())
+    meta[key] = value
+    if key == "d":  # the same bytes as twice the rows of half the width
+        meta.update(shape=[meta["shape"][0] * 2, value], shards=[meta["shards"][0] * 2])
+    (store / "meta.json").write_text(json.dumps(meta))
+    line = refused(["train", *world["train_args"], "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")],
+                   store / "meta.json", tmp_path / "cache")
+    assert said in line and f"delete {store}" in line and not (tmp_path / "run").exists()
+
+
 @SLOW
 @given(data=st.data())
 def test_a_store_killed_mid_collection_is_collected_again(world, data):
