@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
@@ -38,6 +39,42 @@ inline torch::Tensor zeros_on_huge_pages(int64_t rows, int64_t cols, at::ScalarT
 #endif
   const size_t length = static_cast<size_t>(bytes);
   return torch::from_blob(p, {rows, cols}, [length](void* q) { munmap(q, length); }, options);
+}
+
+// An uninitialised 1-D tensor of `count` elements for large outputs (the selection's values and
+// ids: 10.7 M pairs, 214 MB at BatchTopK d_sae 65536), on huge pages where allowed: torch's
+// allocator maps fresh 4 KiB pages for every large tensor, and their first-touch faults cost
+// about as much as writing the pairs (pass 2 of the unordered selection: ≈ 0.4 s under load).
+inline torch::Tensor empty_on_huge_pages(int64_t count, at::ScalarType dtype) {
+  return zeros_on_huge_pages(1, count, dtype).view({count});
+}
+
+// The forward's u × u block, kept between calls: mm_out writes all of it, and a training step
+// asks for the same size every step, so a reused buffer skips 320 MiB of first-touch faults at
+// u 8960 (≈ 0.1–0.2 s). One buffer (the largest given back, at most kMaxDenseBlockBytes): a
+// caller takes it (a concurrent caller then maps its own) and gives it back when done.
+inline std::mutex& block_cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+inline torch::Tensor& block_cache() {
+  static torch::Tensor t;
+  return t;
+}
+inline torch::Tensor take_cached_block(int64_t elements, at::ScalarType dtype) {
+  std::lock_guard<std::mutex> lock(block_cache_mutex());
+  torch::Tensor& cached = block_cache();
+  if (!cached.defined() || cached.scalar_type() != dtype || cached.numel() < elements) return torch::Tensor();
+  torch::Tensor t = std::move(cached);
+  cached = torch::Tensor();
+  return t;
+}
+inline void give_back_block(torch::Tensor t) {
+  const int64_t bytes = t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+  if (bytes < (int64_t(8) << 20) || bytes > (int64_t(1) << 30)) return;  // small ones are cheap to remake
+  std::lock_guard<std::mutex> lock(block_cache_mutex());
+  torch::Tensor& cached = block_cache();
+  if (!cached.defined() || cached.numel() * cached.element_size() < t.numel() * t.element_size()) cached = std::move(t);
 }
 
 // Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
@@ -69,7 +106,14 @@ struct DenseRows {
   std::vector<int32_t> position;  // [n]: index of a latent in U, or -1
   std::vector<int64_t> latents;   // U, ascending (so position order is latent order)
   torch::Tensor block;                   // [u, u] acc_t: Σ over moved rows of a_ti·a_tj
+  torch::Tensor buffer;                  // the flat buffer under block, given back to the cache
   int64_t size() const { return static_cast<int64_t>(latents.size()); }
+  DenseRows() = default;
+  DenseRows(DenseRows&&) = default;
+  DenseRows& operator=(DenseRows&&) = default;
+  DenseRows(const DenseRows&) = delete;
+  DenseRows& operator=(const DenseRows&) = delete;
+  ~DenseRows() { give_back_block(std::move(buffer)); }
 };
 
 // with_block = false: the plan only (moved rows, U), for callers that build their own product
@@ -131,7 +175,9 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     const int64_t t = order[h];
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
   }
-  out.block = zeros_on_huge_pages(width, width, dtype);
+  out.buffer = take_cached_block(width * width, dtype);  // any contents: mm_out overwrites
+  if (!out.buffer.defined()) out.buffer = zeros_on_huge_pages(1, width * width, dtype).view({width * width});
+  out.block = out.buffer.narrow(0, 0, width * width).view({width, width});
   at::mm_out(out.block, dense.t(), dense);
   return out;
 }

@@ -265,9 +265,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     // from start[i] on, in bucket order, then its block row's; i ascending.
     std::vector<int64_t> start(n + 1, 0);
     for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + kept[i];
-    auto values = torch::empty({start[n]}, vals_t.options());
-    auto rows = torch::empty({start[n]}, torch::kInt64);
-    auto cols = torch::empty({start[n]}, torch::kInt64);
+    auto values = aosae::empty_on_huge_pages(start[n], vals_t.scalar_type());
+    auto rows = aosae::empty_on_huge_pages(start[n], torch::kInt64);
+    auto cols = aosae::empty_on_huge_pages(start[n], torch::kInt64);
     acc_t* ov = values.data_ptr<acc_t>();
     int64_t* orow = rows.data_ptr<int64_t>();
     int64_t* ocol = cols.data_ptr<int64_t>();
@@ -365,9 +365,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     }
     std::vector<std::vector<Candidate<acc_t>>>().swap(edge);
     TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
-    auto values = torch::empty({k}, vals_t.options());
-    auto rows = torch::empty({k}, torch::kInt64);
-    auto cols = torch::empty({k}, torch::kInt64);
+    auto values = aosae::empty_on_huge_pages(k, vals_t.scalar_type());
+    auto rows = aosae::empty_on_huge_pages(k, torch::kInt64);
+    auto cols = aosae::empty_on_huge_pages(k, torch::kInt64);
     acc_t* ov = values.data_ptr<acc_t>();
     int64_t* orow = rows.data_ptr<int64_t>();
     int64_t* ocol = cols.data_ptr<int64_t>();
