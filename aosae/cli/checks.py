@@ -146,6 +146,15 @@ def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None
     from aosae.nn.sae_files import check_sae_dir, read_sae_config
 
     sae_cfg = read_sae_config(check_sae_dir(run_dir))  # cheap (JSON); the weights are checked as they load
+    if settings is not None:  # the run's two records of one SAE: an edit of either would evaluate something else
+        from aosae.training.trainer import config_mismatches
+
+        shaping = ("d_sae", "activation", "top_k", "layer", "context")  # paths (model, dataset) may have moved
+        for key, want, have in (m for m in config_mismatches(settings, sae_cfg) if m[0] in shaping):
+            raise BadFile(run_dir / "cfg.json", f"says {key}={have!r} but the run's {run_dir / 'train_config.json'} "
+                          f"says {want!r}: one of the two was edited, or they belong to different runs",
+                          "restore the edited file from a backup (a run's checkpoints/step_<N>/cfg.json holds the "
+                          "SAE's own), or evaluate a directory holding only the SAE (cfg.json + weights)")
     layer = sae_cfg.hook_layer if sae_cfg.hook_layer is not None else getattr(settings, "layer", None)
     if layer is not None:  # as aosae.eval.evaluate.run_eval picks them
         check_lm_settings(model or getattr(settings, "model", None) or sae_cfg.model_name, int(layer),

@@ -30,9 +30,44 @@ def read_sae_config(directory: str | os.PathLike, fix: str = FIX):
     path = Path(directory) / CFG_FILE
     d = read_json(path, fix)
     try:
-        return SAEConfig.from_json_dict(d)
+        cfg = SAEConfig.from_json_dict(d)
     except (ValueError, TypeError) as err:
         raise BadFile(path, f"is not a usable SAE config: {err}", fix) from err
+    check_sae_config_values(cfg, path, fix)
+    return cfg
+
+
+def _number(value, least: float, above: bool = False) -> bool:
+    import math
+
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and (value > least if above else value >= least))
+
+
+# what aosae records beside the SAE (cfg.json's "aosae" object): the run's settings and its activation scale
+EXTRA_CHECKS = {
+    "activation_scale": (lambda v: _number(v, 0, above=True), "a positive number"),
+    "l1": (lambda v: _number(v, 0), "a number >= 0"),
+    "fraction": (lambda v: _number(v, 0, above=True) and v <= 1, "a number in (0, 1]"),
+    "tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive int"),
+    "dataset": (lambda v: isinstance(v, str), "a string"),
+    "similarity": (lambda v: isinstance(v, str), "a string"),
+    "ortho": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_sae_config_values(cfg, path: Path, fix: str) -> None:
+    """The provenance fields of cfg.json (hook layer, context, aosae's own record), which the SAE
+    itself does not use but `aosae eval` and the SAELens export do."""
+    layer, context = cfg.hook_layer, cfg.context_size
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        raise BadFile(path, f"'hook_layer' must be an int >= 0, got {layer!r}", fix)
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 2):
+        raise BadFile(path, f"'context_size' must be an int >= 2 (BOS + at least one token), got {context!r}", fix)
+    for key, value in (cfg.extra or {}).items():
+        check, what = EXTRA_CHECKS.get(key, (None, None))
+        if check is not None and not check(value):
+            raise BadFile(path, f"'aosae.{key}' must be {what}, got {value!r}", fix)
 
 
 def read_sae_weights(directory: str | os.PathLike, cfg, fix: str = FIX) -> dict[str, torch.Tensor]:

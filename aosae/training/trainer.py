@@ -452,19 +452,25 @@ def check_config_fits_checkpoints(run_dir: Path, cfg: TrainConfig) -> None:
             saved = SAEConfig.from_json_dict(json.loads((d / "cfg.json").read_text()))
         except (OSError, ValueError, TypeError):
             continue  # a damaged checkpoint: the loader skips it with a warning
-        extra = saved.extra or {}
-        pairs = [("d_sae", cfg.d_sae or saved.d_in, saved.d_sae), ("activation", cfg.activation, saved.activation),
-                 ("top_k", cfg.top_k, saved.top_k), ("model", cfg.model or DEFAULT_MODEL, saved.model_name),
-                 ("layer", cfg.layer, saved.hook_layer), ("context", cfg.context, saved.context_size)]
-        pairs += [(key, getattr(cfg, key) or default, extra[key])
-                    for key, default in (("dataset", DEFAULT_DATASET), ("tokens", None)) if key in extra]
-        for key, want, have in pairs:
-            if have is not None and want != have and not (key == "top_k" and cfg.activation == "relu"):
-                raise BadFile(run_dir / "train_config.json",
-                              f"{key!r} is {want!r} but the run's checkpoints were trained with {key}={have!r} "
-                              f"({d / 'cfg.json'}): the file was edited after the run started",
-                              f"set {key!r} back to {have!r} to resume, or start a new run with a different --out")
+        for key, want, have in config_mismatches(cfg, saved):
+            raise BadFile(run_dir / "train_config.json",
+                          f"{key!r} is {want!r} but the run's checkpoints were trained with {key}={have!r} "
+                          f"({d / 'cfg.json'}): the file was edited after the run started",
+                          f"set {key!r} back to {have!r} to resume, or start a new run with a different --out")
         return
+
+
+def config_mismatches(cfg: TrainConfig, saved: SAEConfig) -> list[tuple[str, object, object]]:
+    """(setting, train_config.json's value, the SAE's cfg.json value) for each setting that shapes the
+    SAE or its data and differs: the two files of one run must agree."""
+    extra = saved.extra or {}
+    pairs = [("d_sae", cfg.d_sae or saved.d_in, saved.d_sae), ("activation", cfg.activation, saved.activation),
+             ("top_k", cfg.top_k, saved.top_k), ("model", cfg.model or DEFAULT_MODEL, saved.model_name),
+             ("layer", cfg.layer, saved.hook_layer), ("context", cfg.context, saved.context_size)]
+    pairs += [(key, getattr(cfg, key) or default, extra[key])
+              for key, default in (("dataset", DEFAULT_DATASET), ("tokens", None)) if key in extra]
+    return [(key, want, have) for key, want, have in pairs
+            if have is not None and want != have and not (key == "top_k" and cfg.activation == "relu")]
 
 
 def check_checkpoints_kept(run_dir: Path) -> None:

@@ -895,6 +895,31 @@ def test_resume_refuses_a_log_that_lost_the_steps_done(world, tmp_path, log):
     assert said in line and ("restore it from a backup" in line or "one line per step" in line)
 
 
+@pytest.mark.parametrize("file, key, value, said", [
+    ("cfg.json", "activation_fn_str", "topk", "says activation='topk' but the run's"),
+    ("cfg.json", "hook_layer", 0, "says layer=0 but the run's"),
+    ("cfg.json", "context_size", 64, "says context=64"),
+    ("train_config.json", "layer", 0, "says layer=1 but the run's"),
+    ("train_config.json", "d_sae", 96, "says d_sae=48"),
+    ("cfg.json", "context_size", -5, "'context_size' must be an int >= 2"),
+    ("cfg.json", "hook_layer", -1, "'hook_layer' must be an int >= 0"),
+    ("cfg.json", ("aosae", "activation_scale"), "x", "'aosae.activation_scale' must be a positive number"),
+    ("cfg.json", ("aosae", "tokens"), 0, "'aosae.tokens' must be a positive int"),
+])
+def test_eval_refuses_a_cfg_json_that_is_valid_alone_but_not_this_runs(world, tmp_path, file, key, value, said):
+    """Edits that keep cfg.json a loadable SAE config (and its weights fitting): it must still agree with
+    the run's train_config.json, and aosae's own provenance fields must have their types."""
+    run = copy_run(world, tmp_path)
+    obj = json.loads((run / file).read_text())
+    node, last = (obj[key[0]], key[1]) if isinstance(key, tuple) else (obj, key)
+    node[last] = value
+    if value == "topk":
+        obj["activation_fn_kwargs"] = {"k": 4}
+    (run / file).write_text(json.dumps(obj))
+    line = refused(["eval", str(run)], run / "cfg.json", run)
+    assert said in line and ("restore" in line), line
+
+
 @pytest.mark.parametrize("first, tokens", [(10**9, 200), (1900, 200), (0, 2001)])
 def test_eval_refuses_a_held_out_range_outside_the_run(world, tmp_path, first, tokens):
     """summary.json's held_out must lie in the tokens the run collected (train_config.json's tokens),
