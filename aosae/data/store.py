@@ -265,6 +265,12 @@ class ActivationStore:
         """Open a complete store; StoreIncomplete if its collection did not finish, ValueError if damaged."""
         directory = Path(directory)
         meta_path = directory / "meta.json"
+        if directory.exists() and not directory.is_dir():
+            raise BadFile(directory, "is a file, not an activation store directory",
+                          "pass the store's directory (it holds meta.json and shard_*.bin), or move the file aside")
+        if not directory.exists():  # StoreIncomplete all the same: open_store collects it
+            raise StoreIncomplete(f"{directory} does not exist: no activation store there yet; `aosae train` collects "
+                                  "it (pass the directory of a collected store to open one)")
         if not meta_path.is_file():
             raise StoreIncomplete(f"{directory} is not a complete activation store (no meta.json: its collection "
                                   "was interrupted); `aosae train` resumes it, or delete the directory")

@@ -74,6 +74,14 @@ def test_incomplete_store_is_resumed_and_damaged_one_refused(tmp_path, small_sha
         S.ActivationStore.open(d)
 
 
+def test_open_names_a_missing_directory_or_a_file(tmp_path):
+    with pytest.raises(S.StoreIncomplete, match="does not exist: no activation store there yet"):
+        S.ActivationStore.open(tmp_path / "none")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BadFile, match="is a file, not an activation store directory"):
+        S.ActivationStore.open(tmp_path / "f")
+
+
 def test_float16_overflow_is_an_error(tmp_path):
     writer = S.StoreWriter(tmp_path / "s", 3, "float16", {})
     with pytest.raises(ValueError, match="overflow float16.*bfloat16"):
