@@ -275,7 +275,13 @@ def _check_directory_files(directory: Path, split: str) -> None:
     words = {p: set(re.split(r"[^a-z0-9]+", str(p.relative_to(directory)).lower())) for p in files}
     if any(w & (SPLIT_WORDS | {"train", "training"}) for w in words.values()):  # named splits: only this one's files
         wanted = {"train", "training"} if split == "train" else {split}
+        named = files
         files = [p for p in files if words[p] & wanted]
+        if not files:
+            shown = ", ".join(str(p.relative_to(directory)) for p in named[:5])
+            raise ValueError(f"dataset {directory} has no file for the {split!r} split: its files are named for other "
+                             f"splits ({shown}); name the file with the training text {split}{named[0].suffix}, or "
+                             "pass that file itself as --dataset")
     groups: dict = {}
     for p in files:
         columns = _file_columns(p, builder)
@@ -399,7 +405,9 @@ class Texts:
                                  "save it again, or pass its data as a .jsonl/.parquet file") from err
             if isinstance(ds, datasets.DatasetDict):
                 if self.split not in ds:
-                    raise ValueError(f"{dataset} has no {self.split!r} split (splits: {', '.join(ds)})")
+                    raise ValueError(f"{dataset} has no {self.split!r} split (splits: {', '.join(ds)}); save the "
+                                     f"training text as the {self.split!r} split (or save that split alone with "
+                                     "save_to_disk)")
                 ds = ds[self.split]
             return ds
         if path.is_dir():

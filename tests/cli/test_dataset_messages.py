@@ -217,3 +217,15 @@ def test_pretty_printed_json_objects_still_read(tmp_path):
     path = tmp_path / "d.json"
     path.write_text('{\n  "text": "alpha beta",\n  "id": 1\n}\n')
     assert list(iter_texts(str(path))) == ["alpha beta"]
+
+
+def test_a_dataset_without_a_train_split_says_how_to_give_one(tmp_path):
+    import datasets
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "test.jsonl").write_text(json.dumps({"text": DOCS[0]}) + "\n")
+    with pytest.raises(ValueError, match="has no file for the 'train' split.*test.jsonl.*train.jsonl"):
+        next(iter_texts(str(tmp_path / "dir")))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": DOCS})}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"has no 'train' split \(splits: test\); save the training text"):
+        next(iter_texts(str(tmp_path / "saved")))
