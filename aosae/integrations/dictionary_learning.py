@@ -82,9 +82,10 @@ from dictionary_learning.trainers.p_anneal import PAnnealTrainer  # noqa: E402
 from dictionary_learning.trainers.standard import StandardTrainer, StandardTrainerAprilUpdate  # noqa: E402
 from dictionary_learning.trainers.top_k import TopKTrainer  # noqa: E402
 
-from aosae.integrations.latents import check_backend_name, jumprelu_window  # noqa: E402
+from aosae.integrations.latents import jumprelu_window  # noqa: E402
 from aosae.integrations.latents import penalty as latent_penalty  # noqa: E402
 from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
+from aosae.ops import backends  # noqa: E402
 from aosae.nn.tau import AdaptiveTau  # noqa: E402
 
 __all__ = ["LATENT_FORMS", "ORTHO_DEFAULTS", "TRAINERS", "add_orthogonality"]  # + every Aosae<Trainer> (end of module)
@@ -150,7 +151,7 @@ class _OrthogonalityPenalty:
         coefficient = settings["orthogonality_coefficient"]
         if not (isinstance(coefficient, (int, float)) and coefficient >= 0):
             raise ValueError(f"orthogonality_coefficient must be a number >= 0, got {coefficient!r}")
-        check_backend_name(settings["ortho_backend"], "ortho_backend")
+        backends.check_name(settings["ortho_backend"], "ortho_backend")
         return settings
 
     def _init_orthogonality(self, settings: dict[str, Any]) -> None:

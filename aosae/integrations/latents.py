@@ -36,13 +36,6 @@ from aosae.nn.loss import TopKOrthoLoss
 FORMS = ("topk", "rows", "support", "window", "dense")
 
 
-def check_backend_name(name, option: str = "ortho_backend") -> None:
-    """An adapter's backend setting, refused when the adapter is built (TopKOrthoLoss itself only
-    resolves its backend at the first call, when the latents' device is known)."""
-    from aosae.ops.backends import NAMES
-
-    if not isinstance(name, str) or name not in ("auto", *NAMES):
-        raise ValueError(f"{option} {name!r} is not a gram_topk backend: choose one of {', '.join(('auto', *NAMES))}")
 # Above this share of [B, n] entries in JumpReLU's non-zeros + window (early training, where the
 # threshold starts near 0 and about half the latents fire), the window's co-active pairs
 # (O(B·L²)) cost far more than the dense kernels (SAELens JumpReLU, d_sae 2048, B 512, half the

@@ -79,7 +79,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from sae_lens.saes.topk_sae import TopK  # noqa: E402
 
 from aosae.files import write_json  # noqa: E402
-from aosae.integrations.latents import check_backend_name, csr_offsets, jumprelu_window  # noqa: E402
+from aosae.integrations.latents import csr_offsets, jumprelu_window  # noqa: E402
 from aosae.integrations.latents import penalty as latent_penalty  # noqa: E402
 from aosae.integrations.saelens_export import (  # noqa: E402
     export_to_saelens,
@@ -88,6 +88,7 @@ from aosae.integrations.saelens_export import (  # noqa: E402
     to_saelens,
 )
 from aosae.nn.loss import TopKOrthoLoss  # noqa: E402
+from aosae.ops import backends  # noqa: E402
 from aosae.nn.tau import AdaptiveTau  # noqa: E402
 
 __all__ = [
@@ -175,7 +176,7 @@ class OrthogonalityFields:
 
     def validate_orthogonality(self) -> None:
         """Raise ValueError now (at config time) rather than at the first training step."""
-        check_backend_name(self.ortho_backend, "ortho_backend")
+        backends.check_name(self.ortho_backend, "ortho_backend")
         if not (self.orthogonality_coefficient >= 0):
             raise ValueError(f"orthogonality_coefficient must be >= 0, got {self.orthogonality_coefficient}")
         if self.orthogonality_warm_up_steps < 0:

@@ -139,6 +139,7 @@ class TopKOrthoLoss(nn.Module):
         elif isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         check_scale_and_reduction(scale, reduction)
+        backends.check_name(backend)
         if similarity not in ("dot", "cosine"):
             raise ValueError(f"similarity must be 'dot' or 'cosine', got {similarity!r}")
         self.fraction, self.k, self.similarity = fraction, k, similarity

@@ -183,6 +183,7 @@ class RedundancyPenalty(nn.Module):
             raise ValueError("penalty 'decoder' selects pairs on the decoder, not by co-activation: "
                              "use pair_rule 'all' with it")
         k_for_fraction(2, fraction)  # validates fraction now
+        backends.check_name(backend)
         self.kind, self.fraction, self.similarity = kind, fraction, similarity
         self.pair_rule, self.backend = pair_rule, backend
         self._kth_value: Optional[torch.Tensor] = None  # set by a checkpoint, else read off last_pairs

@@ -302,15 +302,27 @@ class SparseAutoencoder(nn.Module):
         values, idx = pre.topk(self.cfg.top_k, dim=-1)
         return idx, torch.relu(values)
 
+    @staticmethod
+    def _check_finite(flat: torch.Tensor) -> None:
+        # NaN/Inf would be dropped by a selection (x_hat silently b_dec) or leak into the latents. Checked
+        # at inference only: a scan and a sync per call; in training the step's non-finite-loss guard reports it
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("x holds NaN or Inf values: the SAE cannot encode them (x_hat would silently be b_dec); "
+                             "check the activations (torch.isfinite(x).all())")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_in] -> f [..., d_sae] (dense; encode_sparse gives the kept entries only)."""
+        self._check_finite(self._flat_input(x))
         return self.activate(self.pre_activations(x))
 
     def encode_sparse(self, x: torch.Tensor, *, train: bool = False) -> SparseLatents:
         """x [..., d_in] -> the kept latents of the flattened tokens, as SparseLatents (values
         differentiable; their gradient reaches the encoder at the kept entries only)."""
+        flat = self._flat_input(x)
+        if not train:
+            self._check_finite(flat)
         act, kw = self._rule(train)
-        return sparse_encode(self._flat_input(x), self.W_enc, self.b_enc, self.b_dec, act, **kw)
+        return sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f [..., d_sae] -> x̂ [..., d_in] = f @ W_dec + b_dec."""
@@ -330,11 +342,8 @@ class SparseAutoencoder(nn.Module):
         products are then faster). train=True: BatchTopK selects the batch's top B·k (its
         training rule) instead of applying its threshold; the other activations ignore it."""
         flat = self._flat_input(x)
-        # NaN/Inf would be dropped by the selection and x_hat silently be b_dec. Checked at inference only:
-        # a scan and a sync per call; in training (train=True) the step's non-finite-loss guard reports it
-        if not train and not bool(torch.isfinite(flat).all()):
-            raise ValueError("x holds NaN or Inf values: the SAE cannot encode them (x_hat would silently be b_dec); "
-                             "check the activations (torch.isfinite(x).all())")
+        if not train:
+            self._check_finite(flat)
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None

@@ -97,6 +97,8 @@ def test_bad_arguments():
         RedundancyPenalty("nope")
     with pytest.raises(ValueError, match="pair_rule"):
         RedundancyPenalty("decoder", pair_rule="coactive")
+    with pytest.raises(ValueError, match="backend 'gpu' is not a gram_topk backend"):
+        RedundancyPenalty(backend="gpu")  # when built, not at the first call
     with pytest.raises(ValueError, match="W_dec must be"):
         RedundancyPenalty()(torch.rand(4, 6), torch.rand(5, 3))
     assert oracle_scores(torch.eye(2), False).shape == (2, 2)

@@ -21,6 +21,12 @@ NAMES = ("reference", "cpu", "sparse", "triton")
 ENV_VAR = "AOSAE_BACKEND"
 
 
+def check_name(name, option: str = "backend") -> None:
+    """A backend setting, refused where it is given (a module's constructor), not at its first call."""
+    if not isinstance(name, str) or name not in ("auto", *NAMES):
+        raise ValueError(f"{option} {name!r} is not a gram_topk backend: choose one of {', '.join(('auto',) + NAMES)}")
+
+
 def get(name: str):
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(('auto',) + NAMES)}")
