@@ -7,6 +7,7 @@ a local dataset directory, or a hub name (streamed).
 """
 from __future__ import annotations
 
+import itertools
 import random
 import sysconfig
 import warnings
@@ -91,6 +92,27 @@ def _check_csv_header(dataset: str, columns: list) -> None:
         raise ValueError(f"dataset {dataset} seems to have no header row: its first line became the column names ({shown}); "
                          "add a first line naming the columns, with the text column named 'text' (for one column of "
                          "text, the line `text`), or use a .txt file with one document per line")
+
+
+def _check_csv_rows(path: Path, rows: int = 100) -> None:
+    """A CSV row with more fields than its header (a trailing comma, an unquoted comma in the text):
+    pandas reads the extra leading fields as row labels and shifts every column, so 'text' silently
+    holds another field. ValueError naming the line, before any row is read."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            for record in itertools.islice(reader, rows):
+                if len(record) > len(header):
+                    raise ValueError(
+                        f"{path}: line {reader.line_num} has {len(record)} fields but the header line names "
+                        f"{len(header)} ({', '.join(map(repr, header[:6]))}): its columns would be read shifted, with "
+                        "the wrong field as 'text'; quote fields that hold commas (\"...\"), drop trailing commas, "
+                        "or name every column in the header")
+    except (OSError, csv.Error):  # unreadable: load_dataset reports it in its own words
+        return
 
 
 def _saved_to_disk(path: Path) -> bool:
@@ -282,6 +304,9 @@ def _check_directory_files(directory: Path, split: str) -> None:
             raise ValueError(f"dataset {directory} has no file for the {split!r} split: its files are named for other "
                              f"splits ({shown}); name the file with the training text {split}{named[0].suffix}, or "
                              "pass that file itself as --dataset")
+    if builder == "csv":
+        for p in files:
+            _check_csv_rows(p)
     groups: dict = {}
     for p in files:
         columns = _file_columns(p, builder)
@@ -388,6 +413,8 @@ class Texts:
                 raise ValueError(f"{dataset} has no rows: it holds {empty}; pass a file with rows of text")
             if builder == "json":
                 _check_json_lines(path)
+            if builder == "csv":
+                _check_csv_rows(path)
             try:
                 return datasets.load_dataset(builder, data_files=str(path), split=self.split,
                                              streaming=bool(self.streaming))

@@ -229,3 +229,23 @@ def test_a_dataset_without_a_train_split_says_how_to_give_one(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": DOCS})}).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match=r"has no 'train' split \(splits: test\); save the training text"):
         next(iter_texts(str(tmp_path / "saved")))
+
+
+@pytest.mark.parametrize("body", ["alpha beta,1,\ndelta epsilon,2,\n",  # a trailing comma on every row
+                                  "alpha beta,1,extra\ndelta epsilon,2,extra\n",  # more fields than the header names
+                                  "alpha, beta,1\ndelta, epsilon,2\n"])  # an unquoted comma inside the text
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_a_csv_row_wider_than_its_header_is_refused_not_read_shifted(tmp_path, body, where):
+    """pandas reads the extra leading fields as row labels and shifts the columns: 'text' would hold
+    '1' or 'extra' for every row, trained on without a word."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,id\n" + body)
+    with pytest.raises(ValueError, match=r"d\.csv: line 2 has 3 fields but the header line names 2 \('text', 'id'\)"
+                                         r".*quote fields that hold commas"):
+        list(iter_texts(str(path if where == "file" else tmp_path)))
+
+
+def test_a_quoted_comma_in_a_csv_still_reads(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,id\n"alpha, beta",1\n"delta\nepsilon",2\n')
+    assert list(iter_texts(str(path))) == ["alpha, beta", "delta\nepsilon"]
