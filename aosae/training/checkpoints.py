@@ -244,6 +244,10 @@ def apply_checkpoint(trainer, ckpt: dict) -> None:
 def load_latest_good(trainer) -> Optional[Path]:
     """Load the newest usable checkpoint into `trainer`; None if the run has none at all."""
     tried = []
+    for p in sorted((Path(trainer.run_dir) / "checkpoints").glob("step_*")):
+        if p.name[len("step_"):].isdigit() and not p.is_dir():  # else passed over without a word
+            warnings.warn(f"skipping checkpoint {p}: it is a file, not a checkpoint directory; trying the ones "
+                          "that are directories", CheckpointWarning, stacklevel=2)
     for d in list_checkpoints(trainer.run_dir):
         try:
             ckpt = read_checkpoint(d, trainer.sae, trainer.device, trainer.tau)

@@ -349,6 +349,22 @@ def test_a_skipped_checkpoint_is_named_in_our_words(world, tmp_path, damage):
     assert not any(word in message for word in ("Error:", "Exception", "Traceback", "pickle")), message
 
 
+def test_a_checkpoint_replaced_by_a_file_is_skipped_with_a_warning(world, tmp_path):
+    """checkpoints/step_6 a file (a copy gone wrong): named in a warning, not passed over in silence while
+    the run goes back to step 3."""
+    from aosae.training.checkpoints import CheckpointWarning
+    from aosae.training.trainer import Trainer
+
+    run = copy_run(world, tmp_path)
+    newest = run / "checkpoints" / "step_6"
+    shutil.rmtree(newest)
+    newest.write_text("not a checkpoint")
+    with pytest.warns(CheckpointWarning, match=f"skipping checkpoint {newest}: it is a file, not a checkpoint directory"):
+        trainer = Trainer.resume(run, progress=False)
+    trainer.buffer.close()
+    assert trainer.step == 3
+
+
 @SLOW
 @given(data=st.data())
 def test_resume_with_every_checkpoint_damaged_is_refused(world, data):
