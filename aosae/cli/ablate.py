@@ -221,13 +221,16 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
                      desc=desc, truth=truth, base=base, values=values, t0=t0, extend=extend, sweep_args=sweep_args):
                 arms_run, seconds = sweep_arms, time.perf_counter() - t0
                 if extend:  # every recorded run stays unless this call retrained it (so a partial save loses nothing)
-                    arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
+                    recorded = old["arms"] if isinstance(old.get("arms"), list) else [r["arm"] for r in old["runs"]]
+                    arms_run = tuple(dict.fromkeys([*recorded, *sweep_arms]))
                     merged = {(r["value"], r["seed"], r["arm"]): r for r in old["runs"]}
                     merged.update({(r["value"], r["seed"], r["arm"]): r for r in rows})
                     order = sorted(values)
                     rows = sorted(merged.values(), key=lambda r: (order.index(r["value"]), r["seed"],
                                                                   arms_run.index(r["arm"]) if r["arm"] in arms_run else len(arms_run)))
-                    values, seconds = order, seconds + old.get("seconds", 0.0)
+                    earlier_seconds = old.get("seconds")  # not checked by read_record: the report does not read it
+                    values = order
+                    seconds += earlier_seconds if isinstance(earlier_seconds, (int, float)) else 0.0
                 elif same:  # the same sweep settings: keep the earlier call's arms that this one did not train
                     rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
                     arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
