@@ -160,6 +160,16 @@ def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None
         check_lm_settings(model or getattr(settings, "model", None) or sae_cfg.model_name, int(layer),
                           int(context or sae_cfg.context_size or 128),
                           layer_fix=f"the SAE in {run_dir} reads layer {layer}: pass a --model that has it")
+    used = model or getattr(settings, "model", None) or sae_cfg.model_name
+    width = getattr(local_model_config(used), "hidden_size", None)
+    if isinstance(width, int) and width > 0 and width != sae_cfg.d_in:  # else a shape error after the LM has run
+        problem = (f"the model {used} gives {width}-wide activations but the SAE in {run_dir} reads {sae_cfg.d_in} "
+                   f"(d_in in {run_dir / 'cfg.json'})")
+        if model:
+            raise ValueError(f"--model {problem}: pass the model the SAE was trained on ({sae_cfg.model_name}), or "
+                             "leave --model out")
+        raise ValueError(f"{problem}: the model at that path is not the one the run was trained on; pass that "
+                         "one with --model")
 
 
 def check_resume_run(run_dir: str | os.PathLike) -> TrainConfig:

@@ -936,6 +936,21 @@ def test_eval_refuses_a_cfg_json_that_is_valid_alone_but_not_this_runs(world, tm
     assert said in line and ("restore" in line), line
 
 
+def test_eval_refuses_a_model_of_another_width_before_it_runs(world, tmp_path):
+    """--model of another hidden size (or the run's model path now holding one): named with both widths
+    before the LM runs, not a tensor-shape error from inside the SAE after it has."""
+    wide = make_tiny_lm(tmp_path / "wide", n_embd=64)
+    line = refused(["eval", str(world["run"]), "--model", str(wide)], f"--model the model {wide} gives 64-wide",
+                   world["run"])
+    assert "reads 32" in line and str(world["run"] / "cfg.json") in line and "leave --model out" in line
+    run = copy_run(world, tmp_path)
+    for name, key in (("train_config.json", "model"), ("cfg.json", "model_name")):
+        obj = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**obj, key: str(wide)}))
+    line = refused(["eval", str(run)], f"the model {wide} gives 64-wide activations", run)
+    assert "not the one the run was trained on" in line and not (run / "eval.json").exists()
+
+
 @pytest.mark.parametrize("first, tokens", [(10**9, 200), (1900, 200), (0, 2001)])
 def test_eval_refuses_a_held_out_range_outside_the_run(world, tmp_path, first, tokens):
     """summary.json's held_out must lie in the tokens the run collected (train_config.json's tokens),
