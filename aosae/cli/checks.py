@@ -315,7 +315,13 @@ def check_lm_settings(model, layer: int, context: int, source=None, *, layer_fix
     the advice to set it back; else the advice is the option to pass (or layer_fix/context_fix)."""
     from aosae.data.language_models import check_model_dir
 
-    check_model_dir(model)  # before anything is created or loaded
+    try:
+        check_model_dir(model)  # before anything is created or loaded
+    except ValueError as err:
+        if source is None:
+            raise
+        raise BadFile(source, f"names {err}".split(": pass ")[0],  # a resume cannot take --model
+                      "set its 'model' to the model's new place, or restore the model there") from err
     config = local_model_config(model)
     if config is None:
         return

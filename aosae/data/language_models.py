@@ -79,7 +79,14 @@ def resolve_model_name(name: Optional[str]) -> str:
 
 
 def check_model_dir(path) -> None:
-    """A local model directory must hold config.json (else transformers blames the tokenizer)."""
+    """A local model directory must hold config.json (else transformers blames the tokenizer), and a
+    path that cannot be a hub id (absolute, ./ or ~, more than one '/') must exist (else transformers
+    says 'Repo id must be in the form ...')."""
+    if path is not None and not Path(path).expanduser().exists():
+        text = str(path)
+        if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+            raise ValueError(f"model directory {path} does not exist: pass a directory written by save_pretrained "
+                             "(moved? pass its new place with --model) or a Hugging Face model id (org/name)")
     if path is None or not Path(path).is_dir() or (Path(path) / "config.json").is_file():
         return
     found = sorted(p.name for p in Path(path).iterdir())

@@ -936,6 +936,24 @@ def test_eval_refuses_a_cfg_json_that_is_valid_alone_but_not_this_runs(world, tm
     assert said in line and ("restore" in line), line
 
 
+def test_a_model_directory_that_moved_is_named_not_taken_for_a_hub_id(world, tmp_path):
+    """A path that cannot be a hub id and does not exist (the model was moved): 'does not exist', not
+    transformers' 'Repo id must be in the form ...'; a resume names train_config.json, which it cannot
+    override with --model."""
+    gone = tmp_path / "moved" / "model"
+    line = refused(["train", *world["train_args"], "--model", str(gone), "--cache-dir", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "new")], f"model directory {gone} does not exist")
+    assert "Repo id" not in line and not (tmp_path / "new").exists() and not (tmp_path / "cache").exists()
+    run = copy_run(world, tmp_path)
+    for name, key in (("train_config.json", "model"), ("cfg.json", "model_name")):
+        obj = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**obj, key: str(gone)}))
+    line = refused(["eval", str(run)], f"model directory {gone} does not exist", run)
+    assert "--model" in line and "Repo id" not in line
+    line = refused(["train", "--resume", str(run), "--no-progress"], run / "train_config.json", run, world["cache"])
+    assert f"names model directory {gone} does not exist" in line and "set its 'model'" in line
+
+
 def test_eval_refuses_a_model_of_another_width_before_it_runs(world, tmp_path):
     """--model of another hidden size (or the run's model path now holding one): named with both widths
     before the LM runs, not a tensor-shape error from inside the SAE after it has."""
