@@ -261,6 +261,19 @@ def check_probing_tasks(spec: str) -> None:
                              "pass local copies as ID=DIR, or use --probing-tasks offline")
 
 
+def check_lm_packages(command: str, dataset, given: bool = True) -> None:
+    """The `train` extra's packages a command running the LM needs (transformers; datasets for a
+    dataset other than the built-in one), found before anything is created or loaded. `given`:
+    the dataset is the --dataset option (else the run's own, which the user cannot leave out)."""
+    from aosae.data.text import DEFAULT_DATASET
+
+    require_package("transformers", f"aosae {command}", "pip install 'aosae[train]'")
+    if dataset is not None and dataset != DEFAULT_DATASET:
+        require_package("datasets", f"--dataset {dataset}" if given else f"the run's dataset {dataset}",
+                        "pip install 'aosae[train]'" + (", or leave --dataset out (the built-in standard-library "
+                                                        "corpus)" if given else ""))
+
+
 def check_log_backend(kind) -> None:
     """--log wandb / tensorboard: the package is there before any activation is collected."""
     if kind is not None and kind in LOG_PACKAGES:

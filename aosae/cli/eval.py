@@ -50,7 +50,7 @@ def eval(  # noqa: A001 - the subcommand's name
             probe); reported: the mean and a 95% interval over seeds.
         device: cpu or cuda[:i].
     """
-    from aosae.cli.checks import check_device, check_eval_run, check_probing_tasks, require_package
+    from aosae.cli.checks import check_device, check_eval_run, check_lm_packages, check_probing_tasks, require_package
     from aosae.eval import evaluate as E
     from aosae.files import BadFile
 
@@ -61,6 +61,7 @@ def eval(  # noqa: A001 - the subcommand's name
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
     check_device(device)
+    check_lm_packages("eval", dataset or _recorded_dataset(run_dir), given=dataset is not None)  # the text eval reads
     if not (probing or scr):
         from aosae.cli import given_options
 
@@ -93,3 +94,15 @@ def eval(  # noqa: A001 - the subcommand's name
         print(res["absorption_caveat"])
     print(f"wrote {run_dir}/eval.json")
     return 0
+
+
+def _recorded_dataset(run_dir):
+    """train_config.json's dataset, if it can be read (check_eval_run names whatever is wrong with it)."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads((Path(run_dir) / "train_config.json").read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

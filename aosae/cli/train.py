@@ -47,8 +47,8 @@ def train(
     import time
     from pathlib import Path
 
-    from aosae.cli.checks import (check_lm_settings, check_log_backend, check_new_run_dir, check_resume_run,
-                                  check_writable_dir, drop_partial_line, partial_last_line)
+    from aosae.cli.checks import (check_lm_packages, check_lm_settings, check_log_backend, check_new_run_dir,
+                                  check_resume_run, check_writable_dir, drop_partial_line, partial_last_line)
     from aosae.files import BadFile
     from aosae.training import distributed as ddp
     from aosae.training.trainer import Trainer
@@ -68,6 +68,7 @@ def train(
                              "to train the run further), or start a new run with a different --out")
         steps = cfg.steps if given_options(["steps"]) else None
         check_log_backend(run_cfg.log)
+        check_lm_packages("train", run_cfg.dataset, given=False)
         check_lm_settings(run_cfg.model, run_cfg.layer, run_cfg.context, source=Path(resume) / "train_config.json")
         cut = partial_last_line(Path(resume) / "metrics.jsonl")
         try:
@@ -84,6 +85,7 @@ def train(
                              f"would never reach --lr; pass --warmup-steps {cfg.steps} or less (or leave it out: "
                              "10% of the steps)")
         check_log_backend(cfg.log)
+        check_lm_packages("train", cfg.dataset)
         check_new_run_dir(cfg.out)
         check_writable_dir(cfg.cache_dir, "--cache-dir")
         check_lm_settings(cfg.model, cfg.layer, cfg.context)

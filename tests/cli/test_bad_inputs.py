@@ -713,6 +713,20 @@ def test_train_log_backend_missing_is_found_before_collecting(world, tmp_path, m
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # no work started
 
 
+@pytest.mark.parametrize("module", ["transformers", "datasets"])
+@pytest.mark.parametrize("command", ["train", "train --resume", "eval"])
+def test_the_train_extra_missing_is_found_before_anything_is_made(world, tmp_path, monkeypatch, module, command):
+    """Not 'No module named ...' with no way out: the package, the extra that has it, nothing created."""
+    monkeypatch.setitem(sys.modules, module, None)
+    argv = {"train": ["train", *world["train_args"], "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "new")],
+            "train --resume": ["train", "--resume", str(world["run"]), "--no-progress"],
+            "eval": ["eval", str(world["run"])]}[command]
+    line = refused(argv, f"needs the optional package {module!r}, which is not installed: pip install 'aosae[train]'",
+                   world["run"], world["cache"])
+    assert ("leave --dataset out" in line) == (command == "train" and module == "datasets"), line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("option,module", [("--probing", "sklearn"), ("--scr", "scipy")])
 def test_eval_probing_without_its_package_is_refused_before_the_lm_runs(world, monkeypatch, option, module):
     monkeypatch.setitem(sys.modules, module, None)
