@@ -102,7 +102,9 @@ def read_meta(directory: Path) -> dict:
     d = require(meta, "d", int, path, fix)
     shape, shards = require(meta, "shape", list, path, fix), require(meta, "shards", list, path, fix)
     counts = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
-    if len(shape) != 2 or not counts(shape) or shape[1] != d or d < 1:
+    if d < 1:
+        raise BadFile(path, f"'d' must be a positive int (the activation width), got {d}", fix)
+    if len(shape) != 2 or not counts(shape) or shape[1] != d:
         raise BadFile(path, f"'shape' must be [rows, d={d}], got {shape!r}", fix)
     if not counts(shards) or sum(shards) != shape[0]:
         raise BadFile(path, f"'shards' must be row counts adding up to shape[0]={shape[0]}, got {shards!r}", fix)
@@ -271,6 +273,12 @@ class ActivationStore:
         if not directory.exists():  # StoreIncomplete all the same: open_store collects it
             raise StoreIncomplete(f"{directory} does not exist: no activation store there yet; `aosae train` collects "
                                   "it (pass the directory of a collected store to open one)")
+        found = sorted(p.name for p in directory.iterdir())
+        if found and not any(name.startswith(("meta.json", "progress.json", "shard_", "texts.json")) for name in found):
+            # files, none of a store's (an empty directory is a collection killed at its start): never "delete it"
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            raise BadFile(directory, f"is not an activation store: it has no meta.json and no shard_*.bin (it holds "
+                          f"{shown})", "pass a store's directory (one under --cache-dir, named by a hash)")
         if not meta_path.is_file():
             raise StoreIncomplete(f"{directory} is not a complete activation store (no meta.json: its collection "
                                   "was interrupted); `aosae train` resumes it, or delete the directory")

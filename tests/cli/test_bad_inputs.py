@@ -697,6 +697,26 @@ def test_store_open_names_a_damaged_meta_json(world, tmp_path):
         ActivationStore.open(store)
 
 
+def test_store_open_of_a_directory_that_is_no_store_never_says_delete_it(world, tmp_path):
+    """A run directory (or any folder of other files) passed as a store: 'not an activation store', not
+    'its collection was interrupted ... delete the directory'; an empty one is a collection killed at
+    its start (resumed), and a bad width names 'd'."""
+    from aosae.data.store import ActivationStore, StoreIncomplete
+
+    with pytest.raises(BadFile, match="is not an activation store: it has no meta.json and no shard_.*cfg.json") as caught:
+        ActivationStore.open(world["run"])
+    assert "delete" not in str(caught.value) and caught.value.path == world["run"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreIncomplete):
+        ActivationStore.open(tmp_path / "empty")
+    store = tmp_path / "store"
+    shutil.copytree(world["store"], store)
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "d": 0, "shape": [meta["shape"][0], 0]}))
+    with pytest.raises(BadFile, match="'d' must be a positive int"):
+        ActivationStore.open(store)
+
+
 # ------------------------------------------------------------------ missing optional packages
 def test_export_without_sae_lens_writes_nothing(world, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "sae_lens", None)  # `import sae_lens` now fails, as when not installed
