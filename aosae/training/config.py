@@ -196,6 +196,9 @@ class TrainConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.activation in ("topk", "batchtopk"):
+            if self.top_k is None:
+                raise ValueError(f"--activation {self.activation} needs --top-k K, the latents kept per token (e.g. "
+                                 "--top-k 32)")
             positive_int("top_k")
             if self.d_sae is not None and self.top_k > self.d_sae:
                 raise ValueError(f"--top-k {self.top_k} exceeds --d-sae {self.d_sae}: keep at most d_sae latents per token")

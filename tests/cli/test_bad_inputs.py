@@ -1057,6 +1057,13 @@ def test_train_refuses_a_bad_setting_before_collecting(world, tmp_path, option):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_train_topk_without_top_k_says_to_add_it(world, tmp_path, activation):
+    line = refused(["train", *world["train_args"], "--activation", activation, "--cache-dir", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "new")], f"--activation {activation} needs --top-k K")
+    assert "None" not in line and not (tmp_path / "cache").exists() and not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("option, said", [
     ("--cache-dir", "--cache-dir {file} is a file; pass a directory"),
     ("--out", "--out {file}/run cannot be created: {file} is a file"),
