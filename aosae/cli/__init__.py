@@ -47,7 +47,9 @@ def given_options(names) -> list[str]:
 
 
 def _values_after(flag: str, args: list[str]) -> str:
-    """What the command line gave an option (for a message): `--flag v` or `--flag=v`."""
+    """What the command line gave an option (for a message): `--flag v` or `--flag=v`; the last one
+    when it is repeated (the parser keeps the last, so that is the value it refused)."""
+    given = ""
     for i, token in enumerate(args):
         if token == flag:
             values = []
@@ -55,10 +57,10 @@ def _values_after(flag: str, args: list[str]) -> str:
                 if value.startswith("--"):
                     break
                 values.append(value)
-            return " ".join(values)
-        if token.startswith(flag + "="):
-            return token[len(flag) + 1:]
-    return ""
+            given = " ".join(values)
+        elif token.startswith(flag + "="):
+            given = token[len(flag) + 1:]
+    return given
 
 
 def _expected(metavar: str) -> str:

@@ -101,6 +101,9 @@ def _validate(offsets, indices, values, n_latents, k, similarity) -> None:
     if not offsets.device == indices.device == values.device:
         raise ValueError(f"offsets ({offsets.device}), indices ({indices.device}) and values ({values.device}) "
                          "must be on the same device")
+    if values.device.type == "meta":  # a shape without values: the selection reads them
+        raise ValueError("offsets, indices and values are on the meta device (shapes without values): the penalty "
+                         "needs the values; pass them on cpu or cuda")
     if isinstance(n_latents, bool) or not isinstance(n_latents, int) or n_latents < 2:
         raise ValueError(f"n_latents must be an int >= 2, got {n_latents!r}")
     _check_k_and_similarity(k, similarity)

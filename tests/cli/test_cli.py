@@ -66,6 +66,7 @@ def test_run_dirs_of_earlier_versions_still_load():
 BAD_COMMAND_LINES = {
     "int option given a word": (["train", "--d-sae", "abc"], ["--d-sae", "'abc'", "an int"]),
     "float option given a word": (["train", "--lr", "fast"], ["--lr", "'fast'", "a number"]),
+    "repeated option, the last refused": (["train", "--tokens", "2000", "--tokens", "1e3"], ["--tokens", "'1e3'", "an int"]),
     "choice not allowed": (["export", "RUN", "--to", "foo"], ["--to", "'foo'", "saelens"]),
     "literal option": (["train", "--similarity", "cos"], ["--similarity", "'cos'", "dot", "cosine"]),
     "unknown option": (["train", "--stepz", "3"], ["--stepz", "did you mean --steps"]),

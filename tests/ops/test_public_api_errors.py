@@ -115,6 +115,8 @@ TOPK_ORTHO_LOSS = {
     "from_topk: shapes differ": (ValueError, "same shape", loss_call("from_topk", IDX, torch.rand(2, 3), 4)),
     "from_topk: index out of range": (ValueError, r"\[0, n_latents\)", loss_call("from_topk", IDX, VAL, 3)),
     "from_topk: mixed devices": (ValueError, "device", loss_call("from_topk", IDX, VAL.to("meta"), 4)),
+    "from_topk: both on meta": (ValueError, "meta device.*pass them on cpu or cuda",
+                                loss_call("from_topk", IDX.to("meta"), VAL.to("meta"), 4)),
     "from_topk: NaN": (ValueError, "NaN", loss_call("from_topk", IDX, nan_at(VAL), 4)),
     "from_topk: float indices": (TypeError, "int", loss_call("from_topk", IDX.float(), VAL, 4)),
     "from_topk: n_latents float": (TypeError, "n_latents", loss_call("from_topk", IDX, VAL, 4.0)),
