@@ -47,15 +47,15 @@ def oracle_grad(a, rows, cols, weights, cosine):
     return x.grad
 
 
-def assert_grad_close(got, want, dtype, a, rows, weights, cosine):
-    """Relative to the gradient's natural size Σ|w|·max|a| (dot) or Σ|w| / min selected
-    column norm (cosine): an entry that is exactly 0 in float64 (e.g. a cosine gradient
-    with one row) is only 0 up to the rounding of the terms that cancel there."""
+def assert_grad_close(got, want, dtype, a, rows, cols, weights, cosine):
+    """Relative to the gradient's natural size Σ|w|·max|a| (dot) or Σ|w| / min norm of the
+    selected pairs' columns, both sides (cosine): an entry that is exactly 0 in float64 (e.g. a
+    cosine gradient with one row) is only 0 up to the rounding of the terms that cancel there."""
     x = a.double()
     valid = rows >= 0
     size = float(weights[valid].double().abs().sum())
     if cosine and bool(valid.any()):
-        norms = x.norm(dim=0)[rows[valid]]
+        norms = x.norm(dim=0)[torch.cat([rows[valid], cols[valid]])]
         size /= float(norms[norms > 0].min()) if bool((norms > 0).any()) else 1.0
     elif not cosine:
         size *= float(x.abs().max())
@@ -75,7 +75,7 @@ def test_dense_op_backward_matches_oracle(path, dtype, cosine, kind, m, n, k):
     got = bw.gram_topk_backward(w, a, *pairs, cosine, path=path)
     assert got.dtype == dtype and got.shape == a.shape
     want = oracle_grad(a, pairs.rows, pairs.cols, w, cosine)
-    assert_grad_close(got, want, dtype, a, pairs.rows, w, cosine)
+    assert_grad_close(got, want, dtype, a, pairs.rows, pairs.cols, w, cosine)
 
 
 @needs_ext
@@ -158,7 +158,7 @@ def test_sparse_op_backward_matches_oracle(impl, dtype, cosine, B, n, L, k):
     assert got.dtype == dtype and got.shape == val.shape
     dense = torch.zeros(B, n, dtype=torch.float64).scatter_(1, idx, val.double())
     want = oracle_grad(dense, pairs.rows, pairs.cols, w, cosine).gather(1, idx)
-    assert_grad_close(got, want, dtype, dense, pairs.rows, w, cosine)
+    assert_grad_close(got, want, dtype, dense, pairs.rows, pairs.cols, w, cosine)
 
 
 @needs_ext
