@@ -164,12 +164,14 @@ def test_a_dataset_without_rows_says_no_rows(tmp_path, fmt):
     assert f"{path} has no rows" in message and said in message and "cannot be read" not in message
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
-@pytest.mark.parametrize("odd", [{"body": DOCS, "id": [1, 2, 3]}, {"text": DOCS, "id": [1, 2, 3]}, {"text": [1, 2, 3]}])
+ODD_COLUMNS = [{"body": DOCS, "id": [1, 2, 3]}, {"text": DOCS, "id": [1, 2, 3]}, {"text": [1, 2, 3]}]
+
+
+# an int 'text' column is a type difference, which a CSV header cannot carry: not a CSV case
+@pytest.mark.parametrize("fmt,odd", [(fmt, odd) for fmt in ("jsonl", "csv", "parquet") for odd in ODD_COLUMNS
+                                     if not (fmt == "csv" and odd == {"text": [1, 2, 3]})])
 def test_a_directory_whose_files_have_other_columns_names_them(tmp_path, fmt, odd):
     """Each file's columns, not 'Couldn't cast' naming none (nor, with few tokens, only the first file read)."""
-    if fmt == "csv" and odd == {"text": [1, 2, 3]}:
-        pytest.skip("a CSV header has no types")
     directory = tmp_path / "many"
     directory.mkdir()
     for name in ("a", "b"):
