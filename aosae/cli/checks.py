@@ -147,7 +147,7 @@ def check_eval_run(run_dir: str | os.PathLike, model=None, context=None) -> None
 
     sae_cfg = read_sae_config(check_sae_dir(run_dir))  # cheap (JSON); the weights are checked as they load
     if settings is not None:  # the run's two records of one SAE: an edit of either would evaluate something else
-        from aosae.training.trainer import config_mismatches
+        from aosae.training.resume_checks import config_mismatches
 
         shaping = ("d_sae", "activation", "top_k", "layer", "context")  # paths (model, dataset) may have moved
         for key, want, have in (m for m in config_mismatches(settings, sae_cfg) if m[0] in shaping):
