@@ -27,7 +27,7 @@ from torch import nn
 
 from aosae.ops import backends, gram_topk_support
 from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
-from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction
+from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction, kth_score
 
 REDUCTIONS = ("sum", "mean")
 SCALES = ("per_token", "batch_sum")
@@ -163,11 +163,7 @@ class TopKOrthoLoss(nn.Module):
         next call's warm-start hint, saved in checkpoints. Computed when asked for: the training
         path's selection is unordered, and its k-th score is the smallest |value| of the k."""
         if self._kth_value is None and self.last_pairs is not None:
-            values, k = self.last_pairs.values, self.last_k
-            if values.numel() < k:  # an unpadded selection shorter than k: its k-th score is an empty slot's 0
-                self._kth_value = values.new_zeros(())
-            else:
-                self._kth_value = values[:k].abs().min()
+            self._kth_value = kth_score(self.last_pairs.values, self.last_k)
         return self._kth_value
 
     @_kth.setter

@@ -35,7 +35,7 @@ from torch import nn
 
 from aosae.ops import backends
 from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
-from aosae.ops.gram_topk import SIMILARITIES, gram_topk, k_for_fraction, num_pairs
+from aosae.ops.gram_topk import SIMILARITIES, gram_topk, k_for_fraction, kth_score, num_pairs
 from aosae.ops.sparse_coding import gathered_dot, group_by, segment_gather_sum, token_of_entry
 
 PENALTIES = ("coactivation", "coact_x_decoder", "decoder_on_coactive", "decoder")
@@ -196,8 +196,7 @@ class RedundancyPenalty(nn.Module):
         hint, saved in checkpoints by the trainer. Computed when asked for: the co-activation
         selection is unordered on the sparse path, its k-th score the smallest |value| of the k."""
         if self._kth_value is None and self.last_pairs is not None:
-            values, k = self.last_pairs.values, self.last_k
-            self._kth_value = values[:k].abs().min() if values.numel() >= k else values.new_zeros(())
+            self._kth_value = kth_score(self.last_pairs.values, self.last_k)
         return self._kth_value
 
     @_kth.setter

@@ -306,7 +306,7 @@ class SparseAutoencoder(nn.Module):
     def _check_finite(flat: torch.Tensor) -> None:
         # NaN/Inf would be dropped by a selection (x_hat silently b_dec) or leak into the latents. Checked
         # at inference only: a scan and a sync per call; in training the step's non-finite-loss guard reports it
-        if not bool(torch.isfinite(flat).all()):
+        if not bool(torch.isfinite(torch.linalg.vector_norm(flat, float("inf")))):  # one pass, no [B, d] temporary
             raise ValueError("x holds NaN or Inf values: the SAE cannot encode them (x_hat would silently be b_dec); "
                              "check the activations (torch.isfinite(x).all())")
 

@@ -156,6 +156,13 @@ def check_finite(a: torch.Tensor) -> None:
         )
 
 
+def kth_score(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th score of a top-k selection (0-d): the smallest |value| of its first k, in any order
+    (the unordered selection's set has the same k-th); 0 when it holds fewer than k pairs (the
+    empty slots' score)."""
+    return values[:k].abs().min() if values.numel() >= k else values.new_zeros(())
+
+
 @torch.library.custom_op("aosae::gram_topk", mutates_args=())
 def _gram_topk_op(
     a: torch.Tensor, k: int, similarity: str, backend: str, threshold: Optional[torch.Tensor]

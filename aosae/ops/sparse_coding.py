@@ -86,10 +86,14 @@ def group_by(keys: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Ten
             if not ok:
                 raise ValueError(f"keys must lie in [0, {n_groups}), got values in [{int(keys.min())}, {int(keys.max())}]")
             return order, offsets
-    order = torch.argsort(keys, stable=True)
-    offsets = keys.new_zeros(n_groups + 1)
+    return torch.argsort(keys, stable=True), offsets_of(keys, n_groups)
+
+
+def offsets_of(keys: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """CSR offsets [n_groups+1] of entries grouped by key (int64 keys in [0, n_groups))."""
+    offsets = keys.new_zeros(n_groups + 1, dtype=torch.long)
     offsets[1:] = torch.bincount(keys, minlength=n_groups).cumsum(0)
-    return order, offsets
+    return offsets
 
 
 # ----------------------------------------------------------------------------- the two primitives
@@ -174,10 +178,10 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
     # wants the pattern as CSR over A's rows, so entries are visited grouped by rows_a
     rows_a, rows_b = rows_a.long(), rows_b.long()
     grouped = bool((rows_a[1:] >= rows_a[:-1]).all())
-    order, crow = group_by(rows_a, A.shape[0])  # counting sort on CPU (argsort: see group_by)
-    if grouped:
-        order = None
+    if grouped:  # e.g. the unordered selection's pairs, which come out grouped by their first latent
+        order, crow = None, offsets_of(rows_a, A.shape[0])
     else:
+        order, crow = group_by(rows_a, A.shape[0])  # counting sort on CPU (argsort: see group_by)
         rows_a, rows_b = rows_a.index_select(0, order), rows_b.index_select(0, order)
     a, b = A.to(out_dtype), B.to(out_dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": this use is covered by tests
@@ -244,9 +248,7 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
         flat = rows * n + indices
     else:
         raise ValueError(f"activation must be one of {ENCODE_ACTIVATIONS}, got {activation!r}")
-    offsets = pre.new_zeros(b + 1, dtype=torch.long)
-    offsets[1:] = torch.bincount(rows, minlength=b).cumsum(0)
-    return offsets, indices, pre.reshape(-1)[flat]
+    return offsets_of(rows, b), indices, pre.reshape(-1)[flat]
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -394,15 +394,13 @@ class Trainer:
             "steps": self.step,
         }
 
-    def weights_digest(self) -> str:
-        """sha256 of the final SAE's tensors as sae_weights.safetensors holds them (folded to raw scale):
-        the checksum that file records in its metadata (aosae.files.tensors_sha256), so `aosae eval`
-        can tell a summary.json of other weights; the same on every rank."""
-        return tensors_sha256(folded_sae(self.sae, self.scale).state_tensors())
-
     def finish(self) -> dict:
         summary = self.evaluate()
-        digest = self.weights_digest()
+        # the final SAE at raw scale, folded once: its sha256 is the checksum sae_weights.safetensors
+        # records (aosae.files.tensors_sha256), so `aosae eval` can tell a summary.json of other weights;
+        # the same on every rank
+        final = folded_sae(self.sae, self.scale)
+        digest = tensors_sha256(final.state_tensors())
         if self.info.enabled:
             import torch.distributed as dist
 
@@ -415,7 +413,7 @@ class Trainer:
         if self.info.is_main:
             # the run dir itself cannot be swapped atomically (it holds everything), so each file is
             tmp = Path(tempfile.mkdtemp(prefix=".final.tmp", dir=self.run_dir))
-            folded_sae(self.sae, self.scale).write_files(tmp)
+            final.write_files(tmp)
             for name in ("sae_weights.safetensors", "cfg.json"):
                 os.replace(tmp / name, self.run_dir / name)
             shutil.rmtree(tmp, ignore_errors=True)
