@@ -27,6 +27,12 @@ so an arm that does not fit fails with "out of memory under its cap" instead of 
 
   python benchmarks/width_sweep.py                                    # the full sweep (~25 min, quiet machine)
   python benchmarks/width_sweep.py --widths 4096 16384 --rounds 2 --tag smoke
+  python benchmarks/width_sweep.py --widths 16384 --arms aosae-batchtopk aosae-batchtopk+penalty --trained-steps 100
+
+--trained-steps N: each arm first trains N untimed steps (its own objective, penalty included,
+on a batch stream of its own, the same for every arm), so the timed steps are those of a run
+past its start. At initialisation BatchTopK puts the batch's B·k latents on a few dozen
+high-norm tokens (31 of 2048 rows at d_sae 65536); within ≈ 50 steps they spread over all rows.
 
 Shapes: B = 2048, d_in = 576 (SmolLM2-135M's residual stream, the default model's cached
 activations scaled to mean norm 1) up to --big-width (exclusive); at and above it B = --big-batch
@@ -340,6 +346,8 @@ def worker(args) -> None:
                 reply(check=result)
             elif cmd[0] == "init":
                 step = build_arm(args, x)
+                for i in range(args.trained_steps):  # untimed, on batches of their own: the step past the first ones
+                    step(batch_of(x, args.batch, args.seed + 1, i))
                 reply(ok=True, rss_after_init_mib=rss_mib())
             elif cmd[0] == "step":
                 xb = batch_of(x, args.batch, args.seed, int(cmd[1]))
@@ -365,7 +373,7 @@ class Arm:
         cmd = [sys.executable, __file__, "--worker", name, "--width", str(shape["width"]), "--batch", str(shape["batch"]),
                "--d-in", str(shape["d_in"]), "--k", str(args.k), "--data", shape["data"], "--seed", str(args.seed),
                "--threads", str(args.threads), "--mem-cap-gib", f"{cap_gib:.2f}",
-               "--check-tol", str(args.check_tol)]
+               "--check-tol", str(args.check_tol), "--trained-steps", str(args.trained_steps)]
         self.name, self.cap_gib = name, cap_gib
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
 
@@ -584,7 +592,8 @@ def sweep(args) -> list[dict]:
     arms = available(args)
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
              "date": machine.today(), "threads": args.threads, "commit": git_commit(), "k": args.k,
-             "optimizer": f"AdamW lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION}
+             "optimizer": f"AdamW lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION,
+             "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     all_rows: list[dict] = []
     for width in args.widths:
@@ -664,6 +673,9 @@ def main() -> None:
     p.add_argument("--mem-budget-gib", type=float, default=14.0,
                    help="arms run interleaved (all alive at once) when their estimated memory fits in this")
     p.add_argument("--worker-cap-gib", type=float, default=18.0, help="address-space data cap of one worker")
+    p.add_argument("--trained-steps", type=int, default=0,
+                   help="untimed steps each arm trains first (its own objective, the same batches for every arm): "
+                        "times the step past initialisation, where BatchTopK's latents no longer sit on a few tokens")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=30000)
     p.add_argument("--seed", type=int, default=0)

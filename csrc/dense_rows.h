@@ -24,29 +24,35 @@
 
 namespace aosae {
 
-// A zero-filled float tensor for the large u × u blocks, on transparent huge pages where the
-// kernel allows them (madvise mode): a fresh 320 MiB block costs ≈ 80 k first-touch page
-// faults on 4 KiB pages (0.14–0.22 s measured at u 8960, more than the GEMM that fills it),
-// ≈ 160 on 2 MiB pages. Anonymous mappings are zero already; munmap on release.
-inline torch::Tensor zeros_on_huge_pages(int64_t rows, int64_t cols, at::ScalarType dtype) {
-  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
-  const auto options = at::TensorOptions().dtype(dtype);
-  if (bytes < (int64_t(8) << 20)) return at::zeros({rows, cols}, options);
+// Large buffers (the u × u blocks, the selection's outputs: 10.7 M pairs, 214 MB at BatchTopK
+// d_sae 65536) on transparent huge pages where the kernel allows them (madvise mode): torch's
+// allocator maps fresh 4 KiB pages for every large tensor, and their first-touch faults cost
+// as much as the work that fills them (a fresh 320 MiB block: ≈ 80 k faults, 0.14–0.22 s at
+// u 8960; ≈ 160 on 2 MiB pages). Anonymous mappings are zero already; munmap on release.
+// Below 8 MiB (or if mmap fails) an undefined tensor: the caller takes torch's allocator.
+inline torch::Tensor map_huge_pages(int64_t count, at::ScalarType dtype) {
+  const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes < (int64_t(8) << 20)) return torch::Tensor();
   void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return at::zeros({rows, cols}, options);
+  if (p == MAP_FAILED) return torch::Tensor();
 #ifdef MADV_HUGEPAGE
   madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
 #endif
   const size_t length = static_cast<size_t>(bytes);
-  return torch::from_blob(p, {rows, cols}, [length](void* q) { munmap(q, length); }, options);
+  return torch::from_blob(p, {count}, [length](void* q) { munmap(q, length); }, at::TensorOptions().dtype(dtype));
 }
 
-// An uninitialised 1-D tensor of `count` elements for large outputs (the selection's values and
-// ids: 10.7 M pairs, 214 MB at BatchTopK d_sae 65536), on huge pages where allowed: torch's
-// allocator maps fresh 4 KiB pages for every large tensor, and their first-touch faults cost
-// about as much as writing the pairs (pass 2 of the unordered selection: ≈ 0.4 s under load).
+// A zero-filled [rows, cols] tensor, on huge pages when large.
+inline torch::Tensor zeros_on_huge_pages(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  torch::Tensor t = map_huge_pages(rows * cols, dtype);
+  return t.defined() ? t.view({rows, cols}) : at::zeros({rows, cols}, at::TensorOptions().dtype(dtype));
+}
+
+// An uninitialised 1-D tensor, on huge pages when large (small ones come from torch's
+// allocator, whose freed chunks are reused without faults).
 inline torch::Tensor empty_on_huge_pages(int64_t count, at::ScalarType dtype) {
-  return zeros_on_huge_pages(1, count, dtype).view({count});
+  torch::Tensor t = map_huge_pages(count, dtype);
+  return t.defined() ? t : at::empty({count}, at::TensorOptions().dtype(dtype));
 }
 
 // The forward's u × u block, kept between calls: mm_out writes all of it, and a training step
@@ -105,7 +111,7 @@ struct DenseRows {
   std::vector<uint8_t> moved;     // [m]: 1 for a row handled by the block
   std::vector<int32_t> position;  // [n]: index of a latent in U, or -1
   std::vector<int64_t> latents;   // U, ascending (so position order is latent order)
-  torch::Tensor block;                   // [u, u] acc_t: Σ over moved rows of a_ti·a_tj
+  torch::Tensor block;                   // [u, u] acc_t: Σ over moved rows of a_ti·a_tj (upper triangle)
   torch::Tensor buffer;                  // the flat buffer under block, given back to the cache
   int64_t size() const { return static_cast<int64_t>(latents.size()); }
   DenseRows() = default;
@@ -176,9 +182,19 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
   }
   out.buffer = take_cached_block(width * width, dtype);  // any contents: mm_out overwrites
-  if (!out.buffer.defined()) out.buffer = zeros_on_huge_pages(1, width * width, dtype).view({width * width});
+  if (!out.buffer.defined()) out.buffer = empty_on_huge_pages(width * width, dtype);
   out.block = out.buffer.narrow(0, 0, width * width).view({width, width});
-  at::mm_out(out.block, dense.t(), dense);
+  // Only the upper triangle is read (i < j is position[i] < position[j]): panels of columns
+  // [c0, c1) need rows [0, c1) only, about half the products and writes of the whole block
+  // (33 vs 53–68 ms at u 5853, h 33: with a short inner dimension the GEMM writes more than it
+  // computes). Below the panels' diagonal squares the block holds stale values.
+  constexpr int64_t kPanel = 512;
+  const torch::Tensor dense_t = dense.t().contiguous();
+  for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
+    const int64_t c1 = std::min(width, c0 + kPanel);
+    torch::Tensor panel = out.block.narrow(0, 0, c1).narrow(1, c0, c1 - c0);
+    at::mm_out(panel, dense_t.narrow(0, 0, c1), dense.narrow(1, c0, c1 - c0));
+  }
   return out;
 }
 

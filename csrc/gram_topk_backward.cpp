@@ -28,9 +28,12 @@
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+#include <string>
 #include <vector>
 
 #include "dense_rows.h"
+#include "pair_select.h"
+
 
 namespace {
 
@@ -293,14 +296,26 @@ Tensor support_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, c
 //   2. row by row: grad[s] += G_sq x_q, grad[q] += G_sq x_s over the row's slots, + the cosine
 //      diagonal d_i x_s. Each entry summed in a fixed order: deterministic, no atomics.
 // The densest rows (csrc/dense_rows.h's plan, the forward's: BatchTopK's outlier tokens hold
-// most of Σ_t L_t²) skip the slots: their gradient is one product A_H · G_U over the latents U
+// most of Σ_t L_t²) skip the slots: their gradient is the product A_H · G_U over the latents U
 // they touch, G_U [u, u] the selected pairs' gradients inside U × U (symmetric), A_H [h, u]
-// those rows.
-// Work O(selected + Σ_{other rows} L_t² + h·u²), memory O(Σ_{other rows} L_t² + u² + nnz + threads·n).
+// those rows: per selected pair when few of U × U are selected, else one GEMM.
+// Work O(selected + Σ_{other rows} L_t² + min(h·selected, h·u² + u²)), memory
+// O(Σ_{other rows} L_t² + min(h·u, u²) + nnz + threads·u); u ≤ nnz: ids are compact.
+// How coactive_backward computes the moved rows' gradient A_H · G_U: by its cost model, or
+// forced (tests cover both).
+enum class BlockProduct { kAuto, kSparse, kDense };
+
+BlockProduct block_product(const std::string& name) {
+  if (name == "auto") return BlockProduct::kAuto;
+  if (name == "sparse") return BlockProduct::kSparse;
+  TORCH_CHECK(name == "dense", "coactive_backward_cpu: block must be 'auto', 'sparse' or 'dense', got '", name, "'");
+  return BlockProduct::kDense;
+}
+
 template <typename acc_t>
 Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
                               const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
-                              int64_t n, bool cosine) {
+                              int64_t n, bool cosine, BlockProduct block) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols_a.size(0), sel = rows.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols_a.data_ptr<int64_t>();
@@ -311,14 +326,21 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
   const int64_t* c = cols.data_ptr<int64_t>();
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "coactive backward: row_ptr must run from 0 to nnz");
   bool grouped = true;
+  int64_t top = 0;  // the largest id seen: every per-latent array below is sized top + 1, not n
   for (int64_t p = 0; p < sel; ++p) {
     TORCH_CHECK(r[p] >= 0 && r[p] < c[p] && c[p] < n, "coactive backward: pair (", r[p], ", ", c[p],
                 ") is not i < j in [0, ", n, ")");
     grouped = grouped && (p == 0 || r[p - 1] <= r[p]);
+    top = std::max(top, c[p]);
   }
   for (int64_t t = 0; t < m; ++t) TORCH_CHECK(rp[t] <= rp[t + 1], "coactive backward: row_ptr must not decrease");
-  for (int64_t e = 0; e < nnz; ++e)
+  for (int64_t e = 0; e < nnz; ++e) {
     TORCH_CHECK(ca[e] >= 0 && ca[e] < n, "coactive backward: column ", ca[e], " outside [0, ", n, ")");
+    top = std::max(top, ca[e]);
+  }
+  // the caller's n only bounds the ids (coactive_topk passes nnz): a dense row of n slots per
+  // thread that is 10x the active latents falls out of L2 (n 131072 vs 13747 at TopK 16384)
+  n = top + 1;
   std::vector<acc_t> inv, diag;
   if (cosine) {
     inv.assign(n, acc_t(0));
@@ -366,8 +388,8 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
       }
     }
   }
-  std::vector<acc_t> slots(slot0[m]);
-  acc_t* G = slots.data();
+  // one slot per row pair, each written once below: kept between calls (no zero fill, no faults)
+  acc_t* G = aosae::Scratch<acc_t, 2>::get(static_cast<size_t>(slot0[m]));
   if (slot0[m] > 0) {
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
     {
@@ -409,42 +431,81 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
   });
   if (width > 0) {
     const int32_t* position = dense.position.data();
-    const auto opts = vals.options();
-    // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
-    Tensor sym = aosae::zeros_on_huge_pages(width, width, vals.scalar_type());
-    acc_t* up = sym.data_ptr<acc_t>();
-    at::parallel_for(0, sel, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const int32_t pi = position[r[p]], pj = position[c[p]];
-        if (pi >= 0 && pj >= 0) up[int64_t(pi) * width + pj] = pair_grad(p);
-      }
-    });
-    // mirror the upper triangle into the lower one, tile by tile (one GEMM then reads G_U;
-    // a second GEMM against the transposed view cost 1.6× this pass)
-    constexpr int64_t kTile = 64;
-    const int64_t tiles = (width + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bi = begin; bi < end; ++bi)
-        for (int64_t bj = bi; bj < tiles; ++bj)
-          for (int64_t i = bi * kTile; i < std::min(width, (bi + 1) * kTile); ++i)
-            for (int64_t j = std::max(i + 1, bj * kTile); j < std::min(width, (bj + 1) * kTile); ++j)
-              up[j * width + i] = up[i * width + j];
-    });
     std::vector<int64_t> moved_rows;
     for (int64_t t = 0; t < m; ++t)
       if (moved[t]) moved_rows.push_back(t);
     const int64_t h = static_cast<int64_t>(moved_rows.size());
-    Tensor a_h = at::zeros({h, width}, opts);
-    acc_t* ah = a_h.data_ptr<acc_t>();
-    for (int64_t q = 0; q < h; ++q)
-      for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) ah[q * width + position[ca[e]]] = x[e];
-    const Tensor prod = at::mm(a_h, sym).contiguous();
-    const acc_t* pr = prod.data_ptr<acc_t>();
-    at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q)
-        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += pr[q * width + position[ca[e]]];
-    });
+    int64_t inside = 0;  // selected pairs inside U × U
+    for (int64_t p = 0; p < sel; ++p) inside += position[r[p]] >= 0 && position[c[p]] >= 0;
+    // The moved rows' gradient A_H · G_U, G_U [u, u] the selected pairs' gradients inside U × U.
+    // Few selected pairs there (BatchTopK at d_sae 16384: ≤ 0.67 M of u²/2 = 19 M): two short
+    // axpys over the moved rows per pair; most of U × U selected: one GEMM against G_U built dense.
+    // Costs in ns (2-core EPYC, BatchTopK at d_sae 16384 and 65536: 18 vs 100–160 ms and 200 vs
+    // 300 ms): a scattered multiply-add 0.35; a multiply-add of the GEMM 0.012 and ≈ 3 per entry
+    // of G_U (its fresh pages, the scatter, the mirror).
+    const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.012 * h + 3.0) * width * width;
+    const bool use_dense = block == BlockProduct::kAuto ? dense_cost < sparse_cost : block == BlockProduct::kDense;
+    if (!use_dense) {
+      // latent-major [u, h] copies of A_H and of the result: a pair reads and adds whole rows;
+      // threads split the moved rows (columns here), so no two write the same slot
+      std::vector<acc_t> a_t(width * h, acc_t(0)), out_t(width * h, acc_t(0));
+      for (int64_t q = 0; q < h; ++q)
+        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) a_t[position[ca[e]] * h + q] = x[e];
+      const int64_t threads = std::max(1, at::get_num_threads());
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) {
+          const int64_t q0 = h * part / threads, q1 = h * (part + 1) / threads;
+          for (int64_t p = 0; p < sel; ++p) {
+            const int64_t pi = position[r[p]], pj = position[c[p]];
+            if (pi < 0 || pj < 0) continue;
+            const acc_t gp = pair_grad(p);
+            acc_t* oi = out_t.data() + pi * h;
+            acc_t* oj = out_t.data() + pj * h;
+            const acc_t* ai = a_t.data() + pi * h;
+            const acc_t* aj = a_t.data() + pj * h;
+            for (int64_t q = q0; q < q1; ++q) {
+              oi[q] += gp * aj[q];
+              oj[q] += gp * ai[q];
+            }
+          }
+        }
+      });
+      for (int64_t q = 0; q < h; ++q)
+        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += out_t[position[ca[e]] * h + q];
+    } else {
+      // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
+      Tensor sym = aosae::zeros_on_huge_pages(width, width, vals.scalar_type());
+      acc_t* up = sym.data_ptr<acc_t>();
+      at::parallel_for(0, sel, 1 << 14, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int32_t pi = position[r[p]], pj = position[c[p]];
+          if (pi >= 0 && pj >= 0) up[int64_t(pi) * width + pj] = pair_grad(p);
+        }
+      });
+      // mirror the upper triangle into the lower one, tile by tile (one GEMM then reads G_U;
+      // a second GEMM against the transposed view cost 1.6× this pass)
+      constexpr int64_t kTile = 64;
+      const int64_t tiles = (width + kTile - 1) / kTile;
+      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bi = begin; bi < end; ++bi)
+          for (int64_t bj = bi; bj < tiles; ++bj)
+            for (int64_t i = bi * kTile; i < std::min(width, (bi + 1) * kTile); ++i)
+              for (int64_t j = std::max(i + 1, bj * kTile); j < std::min(width, (bj + 1) * kTile); ++j)
+                up[j * width + i] = up[i * width + j];
+      });
+      Tensor a_h = at::zeros({h, width}, vals.options());
+      acc_t* ah = a_h.data_ptr<acc_t>();
+      for (int64_t q = 0; q < h; ++q)
+        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) ah[q * width + position[ca[e]]] = x[e];
+      const Tensor prod = at::mm(a_h, sym).contiguous();
+      const acc_t* pr = prod.data_ptr<acc_t>();
+      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q)
+          for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += pr[q * width + position[ca[e]]];
+      });
+    }
   }
+  aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);  // BatchTopK's long rows: do not keep GBs
   return out;
 }
 
@@ -512,7 +573,8 @@ Tensor gram_topk_support_backward_cpu(const Tensor& grad_values, const Tensor& r
 // [s] (compact ids, rows < cols) -> the gradient at every entry, [nnz] in vals' dtype.
 Tensor coactive_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
                              const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
-                             int64_t n, bool cosine) {
+                             int64_t n, bool cosine, const std::string& block) {
+  const BlockProduct product = block_product(block);
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong &&
                   cols_a.scalar_type() == at::kLong && vals.dim() == 1 && vals.sizes() == cols_a.sizes(),
               "coactive_backward_cpu: expects CSR row_ptr [m+1] int64, cols [nnz] int64, vals [nnz]");
@@ -525,16 +587,17 @@ Tensor coactive_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, c
   const Tensor rp = row_ptr.contiguous(), ca = cols_a.contiguous(), va = vals.contiguous();
   const Tensor gv = grad_values.to(acc).contiguous(), ov = values.to(acc).contiguous();
   const Tensor r = rows.contiguous(), c = cols.contiguous();
-  if (acc == at::kDouble) return coactive_backward_impl<double>(gv, rp, ca, va, ov, r, c, n, cosine);
-  return coactive_backward_impl<float>(gv, rp, ca, va, ov, r, c, n, cosine);
+  if (acc == at::kDouble) return coactive_backward_impl<double>(gv, rp, ca, va, ov, r, c, n, cosine, product);
+  return coactive_backward_impl<float>(gv, rp, ca, va, ov, r, c, n, cosine, product);
 }
 
 void register_backward(pybind11::module& m) {
   m.def("coactive_backward_cpu", &coactive_backward_cpu, pybind11::arg("grad_values"), pybind11::arg("row_ptr"),
         pybind11::arg("cols_a"), pybind11::arg("vals"), pybind11::arg("values"), pybind11::arg("rows"),
-        pybind11::arg("cols"), pybind11::arg("n"), pybind11::arg("cosine"),
+        pybind11::arg("cols"), pybind11::arg("n"), pybind11::arg("cosine"), pybind11::arg("block") = "auto",
         pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "coactive_topk's backward on canonical CSR rows: the gradient at every entry, [nnz]");
+        "coactive_topk's backward on canonical CSR rows: the gradient at every entry, [nnz]; block: how the "
+        "outlier rows' product is taken ('auto': cost model, 'sparse': per selected pair, 'dense': one GEMM)");
   namespace py = pybind11;
   m.def("gram_topk_backward_cpu", &gram_topk_backward_cpu, py::arg("grad_values"), py::arg("a"), py::arg("values"),
         py::arg("rows"), py::arg("cols"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),

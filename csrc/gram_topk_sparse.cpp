@@ -138,70 +138,39 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   const int64_t width = dense.size();
   acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
 
-  // Fixed chunks of rows: per-chunk histograms make the scatter race-free and its order
-  // independent of scheduling. Cap chunks so that chunks·n counters stay small.
-  int64_t chunks = std::min<int64_t>(std::max<int64_t>(1, m), 4 * num_threads());
-  chunks = std::max<int64_t>(1, std::min<int64_t>(chunks, (int64_t(1) << 25) / std::max<int64_t>(n, 1)));
-  std::vector<int64_t> chunk_begin(chunks + 1);
-  for (int64_t c = 0; c <= chunks; ++c) chunk_begin[c] = m * c / chunks;
-
-  std::vector<int64_t> hist(chunks * n, 0);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t* h = hist.data() + c * n;
-      for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
-        if (moved[t]) continue;
-        const int64_t s = rp[t], L = rp[t + 1] - rp[t];
-        for (int64_t p = 0; p + 1 < L; ++p) h[cp[s + p]] += L - 1 - p;
-      }
-    }
-  });
-  // bucket_start[i]: first slot of bucket i; hist becomes each chunk's write cursor.
+  // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
+  // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
+  // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
+  // j is listed in bucket i. No pair is written to memory and read back: the rows (12 B per
+  // entry) stay in cache, and each C_ij is summed in row order whatever the thread count.
+  std::vector<int64_t> occ_ptr(n + 1, 0);
+  for (int64_t t = 0; t < m; ++t)
+    if (!moved[t])
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) ++occ_ptr[cp[e] + 1];
+  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  std::vector<int64_t> occ(occ_ptr[n]), occ_end(occ_ptr[n]);
+  // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
   std::vector<int64_t> bucket_start(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t total = 0;
-    for (int64_t c = 0; c < chunks; ++c) total += hist[c * n + i];
-    bucket_start[i + 1] = bucket_start[i] + total;
-  }
-  const int64_t pairs = bucket_start[n];
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t cursor = bucket_start[i];
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t cnt = hist[c * n + i];
-        hist[c * n + i] = cursor;
-        cursor += cnt;
+  {
+    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
+    for (int64_t t = 0; t < m; ++t) {
+      if (moved[t]) continue;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        const int64_t f = fill[cp[e]]++;
+        occ[f] = e;
+        occ_end[f] = rp[t + 1];
+        bucket_start[cp[e] + 1] += rp[t + 1] - e - 1;
       }
     }
-  });
-
-  // Scatter (j, a_ti·a_tj) into bucket i.
+  }
+  for (int64_t i = 0; i < n; ++i) bucket_start[i + 1] += bucket_start[i];
+  const int64_t pairs = bucket_start[n];
   int32_t* pj = aosae::Scratch<int32_t, 0>::get(pairs);
   acc_t* pv = aosae::Scratch<acc_t, 1>::get(pairs);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      int64_t* cursor = hist.data() + c * n;
-      for (int64_t t = chunk_begin[c]; t < chunk_begin[c + 1]; ++t) {
-        if (moved[t]) continue;
-        const int64_t s = rp[t], e_end = rp[t + 1];
-        for (int64_t p = s; p + 1 < e_end; ++p) {
-          const int64_t i = cp[p];
-          const acc_t vi = vp[p];
-          int64_t o = cursor[i];
-          for (int64_t q = p + 1; q < e_end; ++q, ++o) {
-            pj[o] = static_cast<int32_t>(cp[q]);
-            pv[o] = vi * vp[q];
-          }
-          cursor[i] = o;
-        }
-      }
-    }
-  });
-  std::vector<int64_t>().swap(hist);
 
-  // Reduce each bucket with a dense accumulator: one pass sums, a second (branch-free) one
-  // compacts the distinct non-zero (j, C_ij) in place in first-seen order and counts them
-  // in the thread's |C| histogram.
+  // Per latent i: sum its row pairs into the accumulator, listing each j in bucket i; then
+  // compact the distinct non-zero (j, C_ij) in place in first-seen order (branch-free) and
+  // count them in the thread's |C| histogram.
   std::vector<int64_t> distinct(n, 0), kept(n, 0);  // kept: distinct + the block row's non-zeros
   const int threads = num_threads();
   std::vector<std::vector<uint32_t>> hists(threads);
@@ -215,18 +184,29 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
       const int64_t pi = position[i];
       acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
-      if (block_row) {  // pairs inside U × U join the block (row pi is this bucket's alone)
-        for (int64_t o = b; o < e; ++o) {
-          const int32_t pj_block = position[pj[o]];
-          if (pj_block >= 0) block_row[pj_block] += pv[o];
-          else acc[pj[o]] += pv[o];
+      int64_t o = b;
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t s = occ[u], end = occ_end[u];
+        const acc_t vi = vp[s];
+        if (block_row) {  // pairs inside U × U join the block (row pi is this latent's alone)
+          for (int64_t q = s + 1; q < end; ++q, ++o) {
+            const int64_t j = cp[q];
+            const int32_t pj_block = position[j];
+            if (pj_block >= 0) block_row[pj_block] += vi * vp[q];
+            else acc[j] += vi * vp[q];
+            pj[o] = static_cast<int32_t>(j);
+          }
+        } else {
+          for (int64_t q = s + 1; q < end; ++q, ++o) {
+            const int64_t j = cp[q];
+            acc[j] += vi * vp[q];
+            pj[o] = static_cast<int32_t>(j);
+          }
         }
-      } else {
-        for (int64_t o = b; o < e; ++o) acc[pj[o]] += pv[o];
       }
       const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
-      for (int64_t o = b; o < e; ++o) {  // w <= o: the slot written was read already
+      for (o = b; o < e; ++o) {  // w <= o: the slot written was read already
         const int32_t j = pj[o];
         acc_t v = acc[j];
         acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
@@ -258,42 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     for (int64_t b = 0; b < aosae::kMagnitudeBins; ++b) hist_total[b] += h[b];
   int64_t nonzero_pairs = 0;
   for (const int64_t h : hist_total) nonzero_pairs += h;
-  // Unpadded, k covering every non-zero pair: keep them all, in bucket order (no ordering work).
   const bool keep_all = nonzero_pairs <= k;
-  if (!pad && keep_all) {
-    // Every pair, written straight from the buckets (no candidates, no sort): bucket i's pairs
-    // from start[i] on, in bucket order, then its block row's; i ascending.
-    std::vector<int64_t> start(n + 1, 0);
-    for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + kept[i];
-    auto values = aosae::empty_on_huge_pages(start[n], vals_t.scalar_type());
-    auto rows = aosae::empty_on_huge_pages(start[n], torch::kInt64);
-    auto cols = aosae::empty_on_huge_pages(start[n], torch::kInt64);
-    acc_t* ov = values.data_ptr<acc_t>();
-    int64_t* orow = rows.data_ptr<int64_t>();
-    int64_t* ocol = cols.data_ptr<int64_t>();
-    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        int64_t o = start[i];
-        const int64_t b = bucket_start[i];
-        for (int64_t u = 0; u < distinct[i]; ++u, ++o) {
-          ov[o] = pv[b + u];
-          orow[o] = i;
-          ocol[o] = pj[b + u];
-        }
-        const int64_t pi = position[i];
-        for (int64_t p = pi + 1; pi >= 0 && p < width; ++p) {
-          const acc_t v = block[pi * width + p];
-          if (v == acc_t(0)) continue;
-          ov[o] = v;
-          orow[o] = i;
-          ocol[o++] = block_latent[p];
-        }
-      }
-    });
-    aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
-    aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-    return {values, rows, cols};
-  }
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
   // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i, j)
@@ -305,14 +250,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
       if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i, block_latent[p]);
   };
-  if (!pad && !ordered) {
-    // The top-k set without ordering it by score (a loss sums over it): every pair in a bin
-    // above the k-th's, and inside that bin the pairs above the k-th |C| plus, of those tied
-    // at it, the ones with the smallest (i, j): the set the ordered path keeps, without
-    // building or sorting 64-bit keys (10.7 M of them at BatchTopK d_sae 65536: 0.4 s).
-    // Two passes over the pairs, in contiguous ranges of i balanced by their pair counts:
-    // the first counts the sure pairs and collects the boundary bin's, the second writes each
-    // range's kept pairs at its offset. Output grouped by i ascending, like the k >= P path.
+  if (!pad && (keep_all || !ordered)) {
+    // Unordered (a loss sums over the set; or k covers every pair): every pair in a bin above
+    // the k-th's, and inside that bin the pairs above the k-th |C| plus, of those tied at it,
+    // the ones with the smallest (i, j): the set the ordered path keeps, without building or
+    // sorting 64-bit keys (10.7 M of them at BatchTopK d_sae 65536: 0.4 s). With every pair
+    // kept nothing is compared. Parts are contiguous ranges of i balanced by their pair counts:
+    // a first pass counts each part's sure pairs and collects its boundary bin's, a second
+    // writes each part's kept pairs at its offset. Output grouped by i ascending.
     std::vector<int64_t> start(n + 1, 0);
     for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + kept[i];
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, 8 * threads));
@@ -320,54 +265,60 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     part_begin[0] = 0;
     for (int64_t p = 1; p < parts; ++p)
       part_begin[p] = std::lower_bound(start.begin(), start.end(), start[n] * p / parts) - start.begin();
-    std::vector<int64_t> sure_count(parts, 0);
-    std::vector<std::vector<Candidate<acc_t>>> edge(parts);
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        int64_t count = 0;
-        auto& mine = edge[p];
-        auto offer = [&](acc_t v, int64_t i, int64_t j) {
-          const int64_t bin = aosae::magnitude_bin(v);
-          count += bin > bar;
-          if (bin == bar) mine.push_back({v, i * n + j});
-        };
-        for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
-        sure_count[p] = count;
-      }
-    });
-    // the k-th |C| inside the boundary bin, then the cut among the pairs tied at it
-    std::vector<acc_t> edge_mag;
-    for (const auto& part : edge)
-      for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-    const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-    std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
-    const acc_t kth = edge_mag[need - 1];
-    int64_t greater = 0;
-    std::vector<int64_t> tie_keys;
-    for (const auto& part : edge)
-      for (const auto& c : part) {
-        const acc_t a = std::abs(c.value);
-        greater += a > kth;
-        if (a == kth) tie_keys.push_back(c.key);
-      }
-    const int64_t ties_kept = need - greater;  // 1 <= ties_kept <= tie_keys.size()
-    std::nth_element(tie_keys.begin(), tie_keys.begin() + (ties_kept - 1), tie_keys.end());
-    const int64_t tie_cut = tie_keys[ties_kept - 1];
+    std::vector<int64_t> out_begin(parts + 1, 0);
+    acc_t kth = acc_t(0);
+    int64_t tie_cut = -1;
     auto in_edge = [&](acc_t v, int64_t key) {
       const acc_t a = std::abs(v);
       return a > kth || (a == kth && key <= tie_cut);
     };
-    std::vector<int64_t> out_begin(parts + 1, 0);
-    for (int64_t p = 0; p < parts; ++p) {
-      int64_t c = sure_count[p];
-      for (const auto& e : edge[p]) c += in_edge(e.value, e.key);
-      out_begin[p + 1] = out_begin[p] + c;
+    if (keep_all) {
+      for (int64_t p = 0; p <= parts; ++p) out_begin[p] = start[part_begin[p]];
+    } else {
+      std::vector<int64_t> sure_count(parts, 0);
+      std::vector<std::vector<Candidate<acc_t>>> edge(parts);
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          int64_t count = 0;
+          auto& mine = edge[p];
+          auto offer = [&](acc_t v, int64_t i, int64_t j) {
+            const int64_t bin = aosae::magnitude_bin(v);
+            count += bin > bar;
+            if (bin == bar) mine.push_back({v, i * n + j});
+          };
+          for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
+          sure_count[p] = count;
+        }
+      });
+      // the k-th |C| inside the boundary bin, then the cut among the pairs tied at it
+      std::vector<acc_t> edge_mag;
+      for (const auto& part : edge)
+        for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
+      const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
+      std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
+      kth = edge_mag[need - 1];
+      int64_t greater = 0;
+      std::vector<int64_t> tie_keys;
+      for (const auto& part : edge)
+        for (const auto& c : part) {
+          const acc_t a = std::abs(c.value);
+          greater += a > kth;
+          if (a == kth) tie_keys.push_back(c.key);
+        }
+      const int64_t ties_kept = need - greater;  // 1 <= ties_kept <= tie_keys.size()
+      std::nth_element(tie_keys.begin(), tie_keys.begin() + (ties_kept - 1), tie_keys.end());
+      tie_cut = tie_keys[ties_kept - 1];
+      for (int64_t p = 0; p < parts; ++p) {
+        int64_t c = sure_count[p];
+        for (const auto& e : edge[p]) c += in_edge(e.value, e.key);
+        out_begin[p + 1] = out_begin[p] + c;
+      }
+      TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
     }
-    std::vector<std::vector<Candidate<acc_t>>>().swap(edge);
-    TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
-    auto values = aosae::empty_on_huge_pages(k, vals_t.scalar_type());
-    auto rows = aosae::empty_on_huge_pages(k, torch::kInt64);
-    auto cols = aosae::empty_on_huge_pages(k, torch::kInt64);
+    const int64_t count = out_begin[parts];
+    auto values = aosae::empty_on_huge_pages(count, vals_t.scalar_type());
+    auto rows = aosae::empty_on_huge_pages(count, torch::kInt64);
+    auto cols = aosae::empty_on_huge_pages(count, torch::kInt64);
     acc_t* ov = values.data_ptr<acc_t>();
     int64_t* orow = rows.data_ptr<int64_t>();
     int64_t* ocol = cols.data_ptr<int64_t>();

@@ -115,26 +115,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
   if (rp[0] != 0 || rp[B] != nnz) return fail(1);
   for (int64_t t = 0; t < B; ++t)
     if (rp[t + 1] < rp[t]) return fail(1);
+  // The distinct ids, ascending. n within a small multiple of nnz (every SAE width at B·L =
+  // 131 k up to 2²¹): ranks from an n-sized table, O(n + nnz), instead of a binary search per
+  // entry (15 ms for 131 k TopK ids at n 16384). Wider (n = 2²⁴ with a few thousand entries): a
+  // radix sort of the nnz ids, nothing n-sized.
+  const bool table = n <= 16 * std::max<int64_t>(nnz, 4096);
   std::atomic<int64_t> status{0};
-  // The distinct ids, ascending: a radix sort of the nnz ids (no n-sized array).
-  std::vector<uint64_t> sorted(nnz);
+  std::vector<uint64_t> sorted(table ? 0 : nnz);
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
       if (idx[e] < 0 || idx[e] >= n) status = 2;
       else if (!std::isfinite(static_cast<double>(val[e]))) status = 3;
-      sorted[e] = static_cast<uint64_t>(idx[e]);
+      if (!table) sorted[e] = static_cast<uint64_t>(idx[e]);
     }
   });
   if (status) return fail(status);
-  // n within a small multiple of nnz (every SAE width at B·L = 131 k up to 2²¹): ranks from an
-  // n-sized table, O(n + nnz), instead of a binary search per entry (15 ms for 131 k TopK ids
-  // at n 16384). Wider (n = 2²⁴ with a few thousand entries): the sorted ids, nothing n-sized.
   std::vector<int32_t> rank_of;
-  const bool table = n <= 16 * std::max<int64_t>(nnz, 4096);
   if (table) {
     rank_of.assign(n, 0);
     for (int64_t e = 0; e < nnz; ++e) rank_of[idx[e]] = 1;
-    sorted.clear();
     for (int64_t j = 0; j < n; ++j)
       if (rank_of[j]) {
         rank_of[j] = static_cast<int32_t>(sorted.size());

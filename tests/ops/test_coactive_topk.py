@@ -420,6 +420,38 @@ def test_outlier_rows_gradient_matches_dense_gram_topk(dtype, cosine, share):
     torch.testing.assert_close(v.grad, a.grad[rows, indices], **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("share", [0.05, 10.0])
+def test_outlier_rows_block_gradient_sparse_and_dense_agree(dtype, cosine, share):
+    """The backward's two ways of taking the long rows' product A_H · G_U (per selected pair, or
+    one GEMM against G_U built dense), each forced, give the gradient the op's backward gives
+    (checked against gram_topk's in the test above)."""
+    module = co._cpp()
+    if module is None:
+        pytest.skip("aosae._C is not built: pip install --no-build-isolation -e .")
+    offsets, indices, values, dense, n = outlier_rows(dtype, zeros=0.05)
+    assert_block_taken(offsets, indices, values)
+    k = max(1, int(share * nonzero_pairs(dense, cosine)))
+    sim = "cosine" if cosine else "dot"
+    v = values.clone().requires_grad_()
+    pairs = coactive_topk(offsets, indices, v, n, k, similarity=sim)
+    weights = torch.randn(pairs.values.numel(), dtype=pairs.values.dtype)
+    (pairs.values * weights).sum().backward()
+    c = co.canonical(offsets, indices, values)
+    out_values, _, _, rows, cols = co.select(c, k, cosine)
+    tol = dict(rtol=1e-10, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for block in ("sparse", "dense"):
+        grad = module.coactive_backward_cpu(weights, c.row_ptr, c.cols, c.vals, out_values, rows, cols,
+                                            c.uniq.numel(), cosine, block)
+        if c.perm is not None:
+            grad = torch.empty_like(grad).index_copy_(0, c.perm, grad)
+        torch.testing.assert_close(grad.to(dtype), v.grad, **tol)
+    with pytest.raises(RuntimeError, match="block must be 'auto', 'sparse' or 'dense'"):
+        module.coactive_backward_cpu(weights, c.row_ptr, c.cols, c.vals, out_values, rows, cols, c.uniq.numel(),
+                                     cosine, "gemm")
+
+
 def _pair_set(pairs):
     return set(zip(pairs[1].tolist(), pairs[2].tolist()))
 
