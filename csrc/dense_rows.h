@@ -1,4 +1,4 @@
-// The few dense rows of a sparse activation matrix, handled by one GEMM (sparse CPU backend).
+// The few dense rows of a sparse activation matrix, handled by GEMMs (sparse CPU backend).
 //
 // Real ReLU SAE batches are sparse except for a few outlier tokens (massive-activation tokens
 // fire on thousands of latents): at d_sae 16384, mean L0 86, the 50 densest of 2048 rows hold
@@ -55,7 +55,7 @@ inline torch::Tensor empty_on_huge_pages(int64_t count, at::ScalarType dtype) {
   return t.defined() ? t : at::empty({count}, at::TensorOptions().dtype(dtype));
 }
 
-// The forward's u × u block, kept between calls: mm_out writes all of it, and a training step
+// The forward's u × u block, kept between calls: mm_out writes what is read of it, and a training step
 // asks for the same size every step, so a reused buffer skips 320 MiB of first-touch faults at
 // u 8960 (≈ 0.1–0.2 s). One buffer (the largest given back, at most kMaxDenseBlockBytes): a
 // caller takes it (a concurrent caller then maps its own) and gives it back when done.
@@ -84,8 +84,9 @@ inline void give_back_block(torch::Tensor t) {
 }
 
 // Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
-// scatter / reduce path, a multiply-add of the GEMM, an entry of the u × u block (written by
-// the GEMM, scanned twice).
+// per-latent (Gustavson) path, a multiply-add of the GEMM, an entry of the u × u block (written
+// by the GEMM, scanned three times). Calibrated when the GEMM wrote the whole block; it now
+// writes the upper triangle, so the block's side is overstated (rows move a little late).
 struct DenseRowCost {
   double pair = 8.0;
   double mac = 0.012;
@@ -187,7 +188,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   // Only the upper triangle is read (i < j is position[i] < position[j]): panels of columns
   // [c0, c1) need rows [0, c1) only, about half the products and writes of the whole block
   // (33 vs 53–68 ms at u 5853, h 33: with a short inner dimension the GEMM writes more than it
-  // computes). Below the panels' diagonal squares the block holds stale values.
+  // computes). Below the panels' diagonal squares the block holds stale or uninitialised values.
   constexpr int64_t kPanel = 512;
   const torch::Tensor dense_t = dense.t().contiguous();
   for (int64_t c0 = 0; c0 < width; c0 += kPanel) {

@@ -3,17 +3,17 @@
 // After ReLU/TopK most activations are zero, so C = aᵀa has at most Σ_t L0_t(L0_t−1)/2
 // off-diagonal non-zeros. Instead of B·n²/2 multiply-adds we:
 //   1. gather each row's non-zeros (CSR: row_ptr, cols ascending per row, vals),
-//   2. count, per smaller latent i, how many co-active pairs (i, j>i) each row emits
-//      (per-chunk histograms -> exclusive offsets, so the scatter needs no atomics and
-//      the order inside a bucket is the global row order, whatever the thread count),
-//   3. scatter each pair's (j, a_ti·a_tj) into bucket i,
-//   4. reduce each bucket with a thread-local dense accumulator of n slots (O(bucket)),
-//      compacting the distinct non-zero (j, C_ij) in place and counting them in a |C|
-//      histogram,
-//   5. find the k-th best |C| from the histogram (csrc/pair_select.h), gather the pairs at
-//      least that good, order them by (|C| desc, (i, j) asc) (radix sort of 64-bit keys).
-// Memory O(pairs + threads·n); accumulation in float32 (float64 for float64 input), each
-// C_ij summed in row order, so results are deterministic.
+//   2. sum the densest rows (outlier tokens) with one GEMM block over the latents they touch
+//      (csrc/dense_rows.h),
+//   3. view the other rows latent by latent (CSC) and sum each latent i's row of C
+//      (Gustavson): its entries' later row partners j > i add a_ti·a_tj into a thread-local
+//      dense accumulator and list j in bucket i; the bucket is then compacted in place to the
+//      distinct non-zero (j, C_ij), each counted in a |C| histogram,
+//   4. find the k-th best |C| from the histogram (csrc/pair_select.h), keep the pairs at least
+//      that good: as a set grouped by i (unordered, or k covering every pair), or ordered by
+//      (|C| desc, (i, j) asc) (radix sort of 64-bit keys).
+// Memory O(pairs + nnz + threads·n); accumulation in float32 (float64 for float64 input), each
+// C_ij summed in row order whatever the thread count, so results are deterministic.
 //
 // No PYBIND11_MODULE here: the extension's single module (csrc/gram_topk_cpu.cpp) calls
 // register_sparse(m).
@@ -141,8 +141,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
   // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
-  // j is listed in bucket i. No pair is written to memory and read back: the rows (12 B per
-  // entry) stay in cache, and each C_ij is summed in row order whatever the thread count.
+  // j is listed in bucket i. Only the partner ids go to memory (4 B per pair; the scatter this
+  // replaces wrote and re-read 8 B pairs): the rows (12 B per entry) stay in cache, and each
+  // C_ij is summed in row order whatever the thread count.
   std::vector<int64_t> occ_ptr(n + 1, 0);
   for (int64_t t = 0; t < m; ++t)
     if (!moved[t])
