@@ -27,6 +27,7 @@
 #include <functional>
 #include <type_traits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #ifdef _OPENMP
@@ -97,7 +98,7 @@ std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
-    bool ordered = true) {
+    bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr) {
   const int64_t m = row_ptr_t.size(0) - 1;
   const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
   const int64_t* cp = cols_t.data_ptr<int64_t>();
@@ -323,6 +324,14 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     acc_t* ov = values.data_ptr<acc_t>();
     int64_t* orow = rows.data_ptr<int64_t>();
     int64_t* ocol = cols.data_ptr<int64_t>();
+    // the caller's ids of the pairs too, written here: mapping them afterwards re-read 16 B per pair
+    int64_t *irow = nullptr, *icol = nullptr;
+    if (ids) {
+      *id_rows = aosae::empty_on_huge_pages(count, torch::kInt64);
+      *id_cols = aosae::empty_on_huge_pages(count, torch::kInt64);
+      irow = id_rows->data_ptr<int64_t>();
+      icol = id_cols->data_ptr<int64_t>();
+    }
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         int64_t o = out_begin[p];
@@ -331,7 +340,12 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
           if (bin > bar || (bin == bar && in_edge(v, i * n + j))) {
             ov[o] = v;
             orow[o] = i;
-            ocol[o++] = j;
+            ocol[o] = j;
+            if (irow) {
+              irow[o] = ids[i];
+              icol[o] = ids[j];
+            }
+            ++o;
           }
         };
         for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
@@ -504,10 +518,12 @@ std::tuple<Tensor, Tensor, Tensor> sparse_csr_topk(
 // contract order (|value| desc, (i, j) asc); with ordered = false the same k pairs (ties at the
 // k-th |value| kept by (i, j) asc) unsorted, laid out as for k >= P. k >= P: every pair, grouped
 // by i ascending and within i in order of first co-activation (row order), unsorted by score. Memory
-// O(pairs + threads·n): callers with n ≫ nnz compact the latent ids first (coactive_topk).
-std::tuple<Tensor, Tensor, Tensor> sparse_csr_coactive(
+// O(pairs + threads·n): callers with n ≫ nnz compact the latent ids first (coactive_topk) and
+// pass the compact ids' originals as ids [n]. Returns (values, ids[rows], ids[cols], rows,
+// cols); without ids the second pair is the first.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, bool cosine,
-    bool ordered) {
+    bool ordered, const std::optional<Tensor>& ids) {
   TORCH_CHECK(n >= 2 && n < (int64_t(1) << 31), "sparse_csr_coactive: n must be in [2, 2^31), got ", n);
   TORCH_CHECK(k >= 1, "sparse_csr_coactive: k must be >= 1, got ", k);
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong,
@@ -516,10 +532,28 @@ std::tuple<Tensor, Tensor, Tensor> sparse_csr_coactive(
   TORCH_CHECK(vals.dim() == 1 && vals.size(0) == cols.size(0), "sparse_csr_coactive: vals must be 1-D, same length as cols");
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_coactive: CPU tensors only");
+  Tensor id_table;
+  if (ids.has_value()) {
+    id_table = ids->contiguous();
+    TORCH_CHECK(id_table.dim() == 1 && id_table.size(0) >= n && id_table.scalar_type() == at::kLong &&
+                    id_table.device().is_cpu(),
+                "sparse_csr_coactive: ids must be a 1-D int64 CPU tensor of at least n = ", n, " entries");
+  }
+  const int64_t* id_data = id_table.defined() ? id_table.data_ptr<int64_t>() : nullptr;
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous();
   const Tensor vp = vals.to(acc_type(vals.scalar_type())).contiguous();
-  if (vp.scalar_type() == at::kDouble) return csr_topk_impl<double>(rp, cp, vp, n, k, cosine, false, ordered);
-  return csr_topk_impl<float>(rp, cp, vp, n, k, cosine, false, ordered);
+  Tensor id_rows, id_cols;
+  auto out = vp.scalar_type() == at::kDouble
+                 ? csr_topk_impl<double>(rp, cp, vp, n, k, cosine, false, ordered, id_data, &id_rows, &id_cols)
+                 : csr_topk_impl<float>(rp, cp, vp, n, k, cosine, false, ordered, id_data, &id_rows, &id_cols);
+  const Tensor& rows = std::get<1>(out);
+  const Tensor& cols_out = std::get<2>(out);
+  if (!id_data) return {std::get<0>(out), rows, cols_out, rows, cols_out};
+  if (!id_rows.defined()) {  // the sorted paths: map the ids after the fact
+    id_rows = id_table.index_select(0, rows);
+    id_cols = id_table.index_select(0, cols_out);
+  }
+  return {std::get<0>(out), id_rows, id_cols, rows, cols_out};
 }
 
 // The whole sparse backend on a dense CPU tensor a [m, n].
@@ -555,9 +589,10 @@ void register_sparse(pybind11::module& m) {
         py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
         "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");
   m.def("sparse_csr_coactive", &sparse_csr_coactive, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
-        py::arg("n"), py::arg("k"), py::arg("cosine"), py::arg("ordered") = true, py::call_guard<py::gil_scoped_release>(),
-        "The min(k, P) best co-active pairs of a CSR matrix, never padded: (values, rows, cols); "
-        "ordered=False: the same set, not sorted by score");
+        py::arg("n"), py::arg("k"), py::arg("cosine"), py::arg("ordered") = true, py::arg("ids") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        "The min(k, P) best co-active pairs of a CSR matrix, never padded: (values, ids[rows], ids[cols], rows, "
+        "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents);

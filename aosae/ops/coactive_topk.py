@@ -211,8 +211,8 @@ def select(c: Canonical, k: int, cosine: bool, impl: str = "auto", ordered: bool
     impl = _route(c.vals) if impl == "auto" else impl
     if impl == "triton":
         values, rows, cols = sparse_triton.csr_topk(c.row_ptr, c.cols, c.vals, u, k, cosine, pad=False)
-    elif impl == "cpp":
-        values, rows, cols = _cpp().sparse_csr_coactive(c.row_ptr, c.cols, c.vals, u, k, cosine, ordered)
+    elif impl == "cpp":  # writes the original ids itself (no second pass over the selection)
+        return _cpp().sparse_csr_coactive(c.row_ptr, c.cols, c.vals, u, k, cosine, ordered, c.uniq)
     else:
         vals = c.vals.to(accumulation_dtype(c.vals.dtype))
         values, rows, cols = sparse_backend.csr_pairs_torch(c.row_ptr, c.cols, vals, u, cosine)
