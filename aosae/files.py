@@ -108,6 +108,12 @@ def replace_file_atomically(path: str | os.PathLike, write) -> Path:
 # and what to do: the CLI prints it as one line, the Python API raises it (a ValueError).
 
 
+def names_listed(names, shown: int = 5) -> str:
+    """What a directory holds, for a message: the first `shown` names, then how many more."""
+    names = list(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 class BadFile(ValueError):
     """A file cannot be used. str(err) = "<path>: <what is wrong>; <what to do>"."""
 

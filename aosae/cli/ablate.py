@@ -220,9 +220,10 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
             def save(rows, complete: bool, name=name, sweep=sweep, sweep_arms=sweep_arms, old=old, same=same_settings,
                      desc=desc, truth=truth, base=base, values=values, t0=t0, extend=extend, sweep_args=sweep_args):
                 arms_run, seconds = sweep_arms, time.perf_counter() - t0
-                if extend:  # every recorded run stays unless this call retrained it (so a partial save loses nothing)
+                if extend or same:  # the recorded arms first, then this call's new ones
                     recorded = old["arms"] if isinstance(old.get("arms"), list) else [r["arm"] for r in old["runs"]]
                     arms_run = tuple(dict.fromkeys([*recorded, *sweep_arms]))
+                if extend:  # every recorded run stays unless this call retrained it (so a partial save loses nothing)
                     merged = {(r["value"], r["seed"], r["arm"]): r for r in old["runs"]}
                     merged.update({(r["value"], r["seed"], r["arm"]): r for r in rows})
                     order = sorted(values)
@@ -233,7 +234,6 @@ def ablate(args: Annotated[AblateArgs, tyro.conf.arg(name="")]) -> int:
                     seconds += earlier_seconds if isinstance(earlier_seconds, (int, float)) else 0.0
                 elif same:  # the same sweep settings: keep the earlier call's arms that this one did not train
                     rows = [r for r in old["runs"] if r["arm"] not in sweep_arms] + rows
-                    arms_run = tuple(dict.fromkeys([*old.get("arms", [r["arm"] for r in old["runs"]]), *sweep_arms]))
                 record["sweeps"][name] = {"args": sweep_args, "arms": list(arms_run), "description": desc,
                                           "swept": sweep.swept, "values": list(values), "base": base, "slack": args.slack,
                                           "ground_truth": truth is not None, "seconds": seconds,

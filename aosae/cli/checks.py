@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from aosae.files import BadFile, MissingFile, read_bytes, read_json, require
+from aosae.files import BadFile, MissingFile, names_listed, read_bytes, read_json, require
 from aosae.training.config import RENAMED, TrainConfig
 
 # train_config.json keys that every version of aosae wrote: a resume cannot guess them
@@ -410,7 +410,6 @@ def check_export_dir(target, sae_cfg) -> None:
         why = (f"an export of another SAE (d_in={earlier.get('d_in')}, d_sae={earlier.get('d_sae')}, "
                f"{meta.get('model_name')} {meta.get('hook_name')})")
     else:
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        why = f"not empty (it holds {shown})"
+        why = f"not empty (it holds {names_listed(held)})"
     raise ValueError(f"--out {target} is {why}: exporting there would overwrite it; pass a new or empty "
                      "directory (an earlier export of this same SAE is replaced)")

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from aosae.files import names_listed
 from aosae.machine import hub_offline, hub_reachable
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -89,8 +90,7 @@ def check_model_dir(path) -> None:
                              "(moved? pass its new place with --model) or a Hugging Face model id (org/name)")
     if path is None or not Path(path).is_dir() or (Path(path) / "config.json").is_file():
         return
-    found = sorted(p.name for p in Path(path).iterdir())
-    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    shown = names_listed(sorted(p.name for p in Path(path).iterdir()))
     raise ValueError(f"model directory {path} has no config.json (it holds {shown or 'nothing'}): pass a directory "
                      "written by save_pretrained (config.json, weights, tokenizer files) or a Hugging Face model id")
 

@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from aosae.files import BadFile, fsync_path, read_json, require, write_json
+from aosae.files import BadFile, fsync_path, names_listed, read_json, require, write_json
 
 STORE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FORMAT = "aosae-activation-store-v1"
@@ -276,9 +276,8 @@ class ActivationStore:
         found = sorted(p.name for p in directory.iterdir())
         if found and not any(name.startswith(("meta.json", "progress.json", "shard_", "texts.json")) for name in found):
             # files, none of a store's (an empty directory is a collection killed at its start): never "delete it"
-            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             raise BadFile(directory, f"is not an activation store: it has no meta.json and no shard_*.bin (it holds "
-                          f"{shown})", "pass a store's directory (one under --cache-dir, named by a hash)")
+                          f"{names_listed(found)})", "pass a store's directory (one under --cache-dir, named by a hash)")
         if not meta_path.is_file():
             raise StoreIncomplete(f"{directory} is not a complete activation store (no meta.json: its collection "
                                   "was interrupted); `aosae train` resumes it, or delete the directory")

@@ -25,6 +25,15 @@ def _fresh_inputs(seed):
     """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it)."""
 
 
+def cpp_module():
+    """The C++ extension, or a skip that says how to build it (in CI a missing build fails
+    tests/ops/test_gram_topk.py::test_extension_is_built_in_ci instead)."""
+    module = co._cpp()
+    if module is None:
+        pytest.skip("aosae._C (sparse_csr_coactive) is not built: pip install --no-build-isolation -e .")
+    return module
+
+
 def random_values(nnz, *, integer=False, signed=False, zeros=0.0):
     """nnz float64 activations: in [0.05, 1.05) (or the integers 1..3 for exact ties), random signs
     if signed, a `zeros` share set to 0."""
@@ -60,8 +69,8 @@ def run(route, offsets, indices, values, n, k, cosine):
     """The selection through one route (the op itself for "auto")."""
     if route == "auto":
         return coactive_topk(offsets, indices, values, n, k, similarity="cosine" if cosine else "dot")
-    if route == "cpp" and co._cpp() is None:
-        pytest.skip("aosae._C has no sparse_csr_coactive: rebuild with pip install --no-build-isolation -e .")
+    if route == "cpp":
+        cpp_module()
     return co.select(co.canonical(offsets, indices, values), k, cosine, impl=route)[:3]
 
 
@@ -185,8 +194,8 @@ def test_gradcheck(route, cosine):
                 return coactive_topk(offsets, indices, v, 16, k, similarity="cosine" if cosine else "dot").values
             c = co.canonical(offsets, indices, v)
             return _Select.apply(v, c, k, cosine, route)
-        if route == "cpp" and co._cpp() is None:
-            pytest.skip("aosae._C has no sparse_csr_coactive")
+        if route == "cpp":
+            cpp_module()
         torch.autograd.gradcheck(f, (values.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
 
 
@@ -369,9 +378,7 @@ def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, l
 
 def assert_block_taken(offsets, indices, values):
     """The rows go through the GEMM block (else these tests would test the pair path again)."""
-    module = co._cpp()
-    if module is None:
-        pytest.skip("aosae._C has no sparse_csr_coactive: rebuild with pip install --no-build-isolation -e .")
+    module = cpp_module()
     c = co.canonical(offsets, indices, values)
     assert module.sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), c.uniq.numel()).numel() >= 1
 
@@ -434,9 +441,7 @@ def test_outlier_rows_block_gradient_sparse_and_dense_agree(dtype, cosine, share
     """The backward's two ways of taking the long rows' product A_H · G_U (per selected pair, or
     one GEMM against G_U built dense), each forced, give the gradient the op's backward gives
     (checked against gram_topk's in the test above)."""
-    module = co._cpp()
-    if module is None:
-        pytest.skip("aosae._C is not built: pip install --no-build-isolation -e .")
+    module = cpp_module()
     offsets, indices, values, dense, n = outlier_rows(dtype, zeros=0.05)
     assert_block_taken(offsets, indices, values)
     k = max(1, int(share * nonzero_pairs(dense, cosine)))
@@ -505,9 +510,7 @@ def test_unordered_gradient_equals_sorted():
 def test_cpp_selection_writes_original_and_compact_ids(ordered, share):
     """The C++ kernel writes each pair's original ids beside its compact ones (the backward's):
     they must name the same latents."""
-    module = co._cpp()
-    if module is None:
-        pytest.skip("aosae._C is not built")
+    module = cpp_module()
     offsets, indices, values, dense, n = outlier_rows(torch.float32, zeros=0.05)
     indices = indices * 997 + 5  # original ids far from the compact ones
     c = co.canonical(offsets, indices, values)
@@ -524,8 +527,7 @@ def test_cpp_selection_writes_original_and_compact_ids(ordered, share):
 
 @pytest.mark.parametrize("spread", [1, 2**20])  # ids within 16·nnz (the C++ rank table) or far wider (its radix sort)
 def test_canonical_equals_the_torch_version(spread):
-    if co._cpp() is None:
-        pytest.skip("aosae._C is not built")
+    cpp_module()
     offsets, indices, values, _ = ragged_rows(50, 300, 12, signed=True)
     indices = indices * spread + spread // 3
     n = 300 * spread
