@@ -16,72 +16,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <numeric>
 #include <vector>
 
-#include <sys/mman.h>
+#include "buffer_pool.h"
 
 namespace aosae {
-
-// Large buffers (the u × u blocks, the selection's outputs: 10.7 M pairs, 214 MB at BatchTopK
-// d_sae 65536) on transparent huge pages where the kernel allows them (madvise mode): torch's
-// allocator maps fresh 4 KiB pages for every large tensor, and their first-touch faults cost
-// as much as the work that fills them (a fresh 320 MiB block: ≈ 80 k faults, 0.14–0.22 s at
-// u 8960; ≈ 160 on 2 MiB pages). Anonymous mappings are zero already; munmap on release.
-// Below 8 MiB (or if mmap fails) an undefined tensor: the caller takes torch's allocator.
-inline torch::Tensor map_huge_pages(int64_t count, at::ScalarType dtype) {
-  const int64_t bytes = count * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes < (int64_t(8) << 20)) return torch::Tensor();
-  void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return torch::Tensor();
-#ifdef MADV_HUGEPAGE
-  madvise(p, static_cast<size_t>(bytes), MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
-#endif
-  const size_t length = static_cast<size_t>(bytes);
-  return torch::from_blob(p, {count}, [length](void* q) { munmap(q, length); }, at::TensorOptions().dtype(dtype));
-}
-
-// A zero-filled [rows, cols] tensor, on huge pages when large.
-inline torch::Tensor zeros_on_huge_pages(int64_t rows, int64_t cols, at::ScalarType dtype) {
-  torch::Tensor t = map_huge_pages(rows * cols, dtype);
-  return t.defined() ? t.view({rows, cols}) : at::zeros({rows, cols}, at::TensorOptions().dtype(dtype));
-}
-
-// An uninitialised 1-D tensor, on huge pages when large (small ones come from torch's
-// allocator, whose freed chunks are reused without faults).
-inline torch::Tensor empty_on_huge_pages(int64_t count, at::ScalarType dtype) {
-  torch::Tensor t = map_huge_pages(count, dtype);
-  return t.defined() ? t : at::empty({count}, at::TensorOptions().dtype(dtype));
-}
-
-// The forward's u × u block, kept between calls: mm_out writes what is read of it, and a training step
-// asks for the same size every step, so a reused buffer skips 320 MiB of first-touch faults at
-// u 8960 (≈ 0.1–0.2 s). One buffer (the largest given back, at most kMaxDenseBlockBytes): a
-// caller takes it (a concurrent caller then maps its own) and gives it back when done.
-inline std::mutex& block_cache_mutex() {
-  static std::mutex m;
-  return m;
-}
-inline torch::Tensor& block_cache() {
-  static torch::Tensor t;
-  return t;
-}
-inline torch::Tensor take_cached_block(int64_t elements, at::ScalarType dtype) {
-  std::lock_guard<std::mutex> lock(block_cache_mutex());
-  torch::Tensor& cached = block_cache();
-  if (!cached.defined() || cached.scalar_type() != dtype || cached.numel() < elements) return torch::Tensor();
-  torch::Tensor t = std::move(cached);
-  cached = torch::Tensor();
-  return t;
-}
-inline void give_back_block(torch::Tensor t) {
-  const int64_t bytes = t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
-  if (bytes < (int64_t(8) << 20) || bytes > (int64_t(1) << 30)) return;  // small ones are cheap to remake
-  std::lock_guard<std::mutex> lock(block_cache_mutex());
-  torch::Tensor& cached = block_cache();
-  if (!cached.defined() || cached.numel() * cached.element_size() < t.numel() * t.element_size()) cached = std::move(t);
-}
 
 // Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
 // per-latent (Gustavson) path, a multiply-add of the GEMM, an entry of the u × u block (written
@@ -112,15 +52,13 @@ struct DenseRows {
   std::vector<uint8_t> moved;     // [m]: 1 for a row handled by the block
   std::vector<int32_t> position;  // [n]: index of a latent in U, or -1
   std::vector<int64_t> latents;   // U, ascending (so position order is latent order)
-  torch::Tensor block;                   // [u, u] acc_t: Σ over moved rows of a_ti·a_tj (upper triangle)
-  torch::Tensor buffer;                  // the flat buffer under block, given back to the cache
+  torch::Tensor block;            // [u, u] acc_t: Σ over moved rows of a_ti·a_tj (upper triangle), pooled
   int64_t size() const { return static_cast<int64_t>(latents.size()); }
   DenseRows() = default;
   DenseRows(DenseRows&&) = default;
   DenseRows& operator=(DenseRows&&) = default;
   DenseRows(const DenseRows&) = delete;
   DenseRows& operator=(const DenseRows&) = delete;
-  ~DenseRows() { give_back_block(std::move(buffer)); }
 };
 
 // with_block = false: the plan only (moved rows, U), for callers that build their own product
@@ -182,9 +120,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     const int64_t t = order[h];
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
   }
-  out.buffer = take_cached_block(width * width, dtype);  // any contents: mm_out overwrites
-  if (!out.buffer.defined()) out.buffer = empty_on_huge_pages(width * width, dtype);
-  out.block = out.buffer.narrow(0, 0, width * width).view({width, width});
+  out.block = empty_pooled(width * width, dtype).view({width, width});  // any contents: mm_out overwrites
   // Only the upper triangle is read (i < j is position[i] < position[j]): panels of columns
   // [c0, c1) need rows [0, c1) only, about half the products and writes of the whole block
   // (33 vs 53–68 ms at u 5853, h 33: with a short inner dimension the GEMM writes more than it

@@ -446,35 +446,46 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
     const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.012 * h + 3.0) * width * width;
     const bool use_dense = block == BlockProduct::kAuto ? dense_cost < sparse_cost : block == BlockProduct::kDense;
     if (!use_dense) {
-      // latent-major [u, h] copies of A_H and of the result: a pair reads and adds whole rows;
-      // threads split the moved rows (columns here), so no two write the same slot
-      std::vector<acc_t> a_t(width * h, acc_t(0)), out_t(width * h, acc_t(0));
+      // latent-major [u, h] copies of A_H and of the result: a pair reads and adds whole rows
+      // of h. Threads split the pairs, each adding into its own copy of the result (u·h, in L2),
+      // summed at the end: each pair's ids and gradient are read once (threads splitting the
+      // moved rows instead each read all of them, 24 B per pair, for half-length axpys).
+      std::vector<acc_t> a_t(width * h, acc_t(0));
       for (int64_t q = 0; q < h; ++q)
         for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) a_t[position[ca[e]] * h + q] = x[e];
-      const int64_t threads = std::max(1, at::get_num_threads());
-      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t part = begin; part < end; ++part) {
-          const int64_t q0 = h * part / threads, q1 = h * (part + 1) / threads;
-          for (int64_t p = 0; p < sel; ++p) {
-            const int64_t pi = position[r[p]], pj = position[c[p]];
-            if (pi < 0 || pj < 0) continue;
-            const acc_t gp = pair_grad(p);
-            acc_t* oi = out_t.data() + pi * h;
-            acc_t* oj = out_t.data() + pj * h;
-            const acc_t* ai = a_t.data() + pi * h;
-            const acc_t* aj = a_t.data() + pj * h;
-            for (int64_t q = q0; q < q1; ++q) {
-              oi[q] += gp * aj[q];
-              oj[q] += gp * ai[q];
-            }
+      const int threads = std::max(1, at::get_num_threads());
+      std::vector<std::vector<acc_t>> out_t(threads);
+#pragma omp parallel num_threads(threads)
+      {
+        std::vector<acc_t>& mine = out_t[omp_get_thread_num()];
+        mine.assign(width * h, acc_t(0));
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < sel; ++p) {
+          const int64_t pi = position[r[p]], pj = position[c[p]];
+          if (pi < 0 || pj < 0) continue;
+          const acc_t gp = pair_grad(p);
+          acc_t* oi = mine.data() + pi * h;
+          acc_t* oj = mine.data() + pj * h;
+          const acc_t* ai = a_t.data() + pi * h;
+          const acc_t* aj = a_t.data() + pj * h;
+#pragma GCC ivdep
+          for (int64_t q = 0; q < h; ++q) {  // rows pi != pj of the thread's copy, never a_t
+            oi[q] += gp * aj[q];
+            oj[q] += gp * ai[q];
           }
         }
+      }
+      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q)
+          for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) {
+            acc_t sum = acc_t(0);
+            for (const auto& part : out_t) sum += part[position[ca[e]] * h + q];
+            o[e] += sum;
+          }
       });
-      for (int64_t q = 0; q < h; ++q)
-        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += out_t[position[ca[e]] * h + q];
     } else {
       // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
-      Tensor sym = aosae::zeros_on_huge_pages(width, width, vals.scalar_type());
+      Tensor sym = aosae::zeros_pooled(width, width, vals.scalar_type());
       acc_t* up = sym.data_ptr<acc_t>();
       at::parallel_for(0, sel, 1 << 14, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {

@@ -318,17 +318,17 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
     }
     const int64_t count = out_begin[parts];
-    auto values = aosae::empty_on_huge_pages(count, vals_t.scalar_type());
-    auto rows = aosae::empty_on_huge_pages(count, torch::kInt64);
-    auto cols = aosae::empty_on_huge_pages(count, torch::kInt64);
+    auto values = aosae::empty_pooled(count, vals_t.scalar_type());
+    auto rows = aosae::empty_pooled(count, torch::kInt64);
+    auto cols = aosae::empty_pooled(count, torch::kInt64);
     acc_t* ov = values.data_ptr<acc_t>();
     int64_t* orow = rows.data_ptr<int64_t>();
     int64_t* ocol = cols.data_ptr<int64_t>();
     // the caller's ids of the pairs too, written here: mapping them afterwards re-read 16 B per pair
     int64_t *irow = nullptr, *icol = nullptr;
     if (ids) {
-      *id_rows = aosae::empty_on_huge_pages(count, torch::kInt64);
-      *id_cols = aosae::empty_on_huge_pages(count, torch::kInt64);
+      *id_rows = aosae::empty_pooled(count, torch::kInt64);
+      *id_cols = aosae::empty_pooled(count, torch::kInt64);
       irow = id_rows->data_ptr<int64_t>();
       icol = id_cols->data_ptr<int64_t>();
     }
@@ -599,4 +599,8 @@ void register_sparse(pybind11::module& m) {
   }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
         "Rows the sparse kernel would sum with one GEMM block (its outlier rows)");
+  m.def("buffer_pool_free_bytes", [] { return aosae::BufferPool::instance().free_bytes(); },
+        "Bytes of freed large buffers the CPU kernels keep for their next calls (csrc/buffer_pool.h)");
+  m.def("release_buffer_pool", [] { return aosae::BufferPool::instance().release(); },
+        "Gives the kept buffers back to the system; returns their bytes");
 }

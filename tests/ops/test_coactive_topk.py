@@ -525,6 +525,35 @@ def test_cpp_selection_writes_original_and_compact_ids(ordered, share):
         module.sparse_csr_coactive(c.row_ptr, c.cols, c.vals, c.uniq.numel(), k, False, ordered, c.uniq[:1])
 
 
+def test_large_buffers_are_reused_and_reused_ones_are_rewritten():
+    """Outputs of 8 MiB and more come from a pool of freed buffers (csrc/buffer_pool.h): a second
+    call takes the first's pages, and what it returns is exactly what fresh pages gave, including
+    the backward's zero-filled block (stale sums there would change the gradient)."""
+    module = cpp_module()
+    # 6 long rows of 1500 of 1600 latents: the block is 1600² float32 (10 MB), and nearly all of the
+    # 1.28 M pairs of U × U are co-active (their int64 ids 10 MB each)
+    offsets, indices, values, _, n = outlier_rows(torch.float32, zeros=0.05, long_l0=1500, pool=1600)
+    c = co.canonical(offsets, indices, values)
+    module.release_buffer_pool()
+    assert module.buffer_pool_free_bytes() == 0
+    for k in (10**12, 1_100_000):  # every pair; the best k (their set, unordered)
+        first = [t.clone() for t in co.select(c, k, False, impl="cpp", ordered=False)]
+        assert first[0].numel() >= 1_100_000  # int64 ids of 8.8 MB and more: pooled
+        weights = torch.linspace(-1, 1, first[0].numel())
+        grads = [module.coactive_backward_cpu(weights, c.row_ptr, c.cols, c.vals, first[0], first[3], first[4],
+                                              c.uniq.numel(), False, block) for block in ("dense", "dense", "sparse")]
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-3)  # no block: nothing stale to read
+        kept = module.buffer_pool_free_bytes()
+        assert kept >= 4 * 8 * 1_100_000  # the first selection's four id arrays are back
+        again = co.select(c, k, False, impl="cpp", ordered=False)
+        assert module.buffer_pool_free_bytes() < kept  # taken from the pool, not mapped afresh
+        for got, want in zip(again, first):
+            assert torch.equal(got, want)
+        del again
+    assert module.release_buffer_pool() > 0 and module.buffer_pool_free_bytes() == 0
+
+
 @pytest.mark.parametrize("spread", [1, 2**20])  # ids within 16·nnz (the C++ rank table) or far wider (its radix sort)
 def test_canonical_equals_the_torch_version(spread):
     cpp_module()

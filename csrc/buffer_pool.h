@@ -1,0 +1,146 @@
+// Large CPU buffers kept between calls (the sparse backend's outputs and blocks).
+//
+// A training step asks for the same large buffers every step: the selection's outputs (36 B per
+// kept pair: 77 MB at TopK d_sae 65536, 386 MB in BatchTopK's first steps there), the long
+// rows' u × u block. torch's CPU allocator maps fresh pages for each, and a fresh page costs a
+// fault and a zero fill (a fresh 320 MiB block at u 8960: ≈ 80 k faults, 0.14–0.22 s).
+// A freed buffer therefore goes back to a pool, and the next request that fits takes it:
+// its pages are mapped already. A step's buffers are freed before the step after next asks
+// for them again (the loss keeps the last selection for logging), a dozen requests later, so
+// the pool unmaps a buffer that kPoolMaxAge later returns have not taken (one the selection
+// has outgrown as training moves its pair count), and keeps at most kPoolKeepBytes.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include <sys/mman.h>
+
+namespace aosae {
+
+constexpr size_t kPoolMinBytes = size_t(8) << 20;   // smaller ones: torch's allocator reuses them
+constexpr size_t kPoolKeepBytes = size_t(2) << 30;  // free bytes kept at most
+constexpr size_t kHugePage = size_t(2) << 20;
+constexpr uint64_t kPoolMaxAge = 32;  // returns to the pool
+
+class BufferPool {
+ public:
+  struct Mapping {
+    void* data = nullptr;
+    size_t length = 0;
+    uint64_t returned = 0;  // the pool's clock when it was given back
+  };
+
+  static BufferPool& instance() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: tensors may be freed at exit
+    return *pool;
+  }
+
+  // A mapping of at least `bytes`: the smallest free one that is not more than twice too large,
+  // else a fresh one (zero-filled), rounded up with 1/8
+  // slack so that the next steps' slightly larger requests fit it. fresh: it is all zeros.
+  Mapping take(size_t bytes, bool* fresh) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      size_t best = free_.size();
+      for (size_t q = 0; q < free_.size(); ++q) {
+        const size_t len = free_[q].length;
+        if (len >= bytes && len <= 2 * bytes + kHugePage && (best == free_.size() || len < free_[best].length))
+          best = q;
+      }
+      if (best < free_.size()) {
+        const Mapping m = free_[best];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        free_bytes_ -= m.length;
+        *fresh = false;
+        return m;
+      }
+    }
+    const size_t length = (bytes + bytes / 8 + kHugePage - 1) / kHugePage * kHugePage;
+    // 4 KiB pages, no MADV_HUGEPAGE: with the kernel's THP defrag set to "madvise" (the
+    // default) a fault in such a region compacts memory synchronously, and inside a training
+    // process whose own large tensors fragment memory, the forward at TopK d_sae 65536 took
+    // 112–622 ms per step instead of 18–46 ms. Reuse makes the faults rare anyway.
+    void* p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return {};
+    *fresh = true;
+    return {p, length};
+  }
+
+  void give(Mapping m) {
+    std::vector<Mapping> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      m.returned = ++clock_;
+      free_.push_back(m);
+      free_bytes_ += m.length;
+      // oldest first: past kPoolMaxAge returns, or while over kPoolKeepBytes
+      while (!free_.empty() && (clock_ - free_.front().returned > kPoolMaxAge || free_bytes_ > kPoolKeepBytes)) {
+        drop.push_back(free_.front());
+        free_bytes_ -= free_.front().length;
+        free_.erase(free_.begin());
+      }
+    }
+    for (const Mapping& d : drop) munmap(d.data, d.length);
+  }
+
+  // Unmaps every free buffer; returns the bytes given back to the system.
+  size_t release() {
+    std::vector<Mapping> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      drop.swap(free_);
+      free_bytes_ = 0;
+    }
+    size_t bytes = 0;
+    for (const Mapping& d : drop) {
+      bytes += d.length;
+      munmap(d.data, d.length);
+    }
+    return bytes;
+  }
+
+  size_t free_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return free_bytes_;
+  }
+
+ private:
+  BufferPool() = default;
+  std::mutex mutex_;
+  std::vector<Mapping> free_;  // oldest first
+  size_t free_bytes_ = 0;
+  uint64_t clock_ = 0;  // returns so far
+};
+
+// A 1-D tensor of `count` elements from the pool (undefined below kPoolMinBytes or if mmap
+// fails: the caller takes torch's allocator). zero: zero-filled (a reused buffer is cleared).
+inline torch::Tensor pooled_tensor(int64_t count, at::ScalarType dtype, bool zero) {
+  const size_t bytes = static_cast<size_t>(count) * c10::elementSize(dtype);
+  if (count <= 0 || bytes < kPoolMinBytes) return torch::Tensor();
+  bool fresh = false;
+  const BufferPool::Mapping m = BufferPool::instance().take(bytes, &fresh);
+  if (m.data == nullptr) return torch::Tensor();
+  if (zero && !fresh) std::memset(m.data, 0, bytes);
+  return torch::from_blob(m.data, {count}, [m](void*) { BufferPool::instance().give(m); },
+                          at::TensorOptions().dtype(dtype));
+}
+
+// An uninitialised 1-D tensor, pooled when large.
+inline torch::Tensor empty_pooled(int64_t count, at::ScalarType dtype) {
+  torch::Tensor t = pooled_tensor(count, dtype, false);
+  return t.defined() ? t : at::empty({count}, at::TensorOptions().dtype(dtype));
+}
+
+// A zero-filled [rows, cols] tensor, pooled when large.
+inline torch::Tensor zeros_pooled(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  torch::Tensor t = pooled_tensor(rows * cols, dtype, true);
+  return t.defined() ? t.view({rows, cols}) : at::zeros({rows, cols}, at::TensorOptions().dtype(dtype));
+}
+
+}  // namespace aosae
