@@ -26,7 +26,7 @@ namespace aosae {
 constexpr size_t kPoolMinBytes = size_t(8) << 20;   // smaller ones: torch's allocator reuses them
 constexpr size_t kPoolKeepBytes = size_t(2) << 30;  // free bytes kept at most
 constexpr size_t kHugePage = size_t(2) << 20;
-constexpr uint64_t kPoolMaxAge = 32;  // returns to the pool
+constexpr uint64_t kPoolMaxAge = 16;  // returns to the pool (a step makes about five)
 
 class BufferPool {
  public:
