@@ -24,7 +24,7 @@
 namespace aosae {
 
 constexpr size_t kPoolMinBytes = size_t(8) << 20;   // smaller ones: torch's allocator reuses them
-constexpr size_t kPoolKeepBytes = size_t(2) << 30;  // free bytes kept at most
+constexpr size_t kPoolKeepBytes = size_t(1) << 30;  // free bytes kept at most
 constexpr size_t kHugePage = size_t(2) << 20;
 constexpr uint64_t kPoolMaxAge = 16;  // returns to the pool (a step makes about five)
 
@@ -42,9 +42,13 @@ class BufferPool {
   }
 
   // A mapping of at least `bytes`: the smallest free one that is not more than twice too large,
-  // else a fresh one (zero-filled), rounded up with 1/8
-  // slack so that the next steps' slightly larger requests fit it. fresh: it is all zeros.
+  // else a fresh one (zero-filled), rounded up with 1/8 slack so that the next steps' slightly
+  // larger requests fit it. A miss means the sizes moved on (the pair count grows early in
+  // training): the free buffers smaller than this request are unmapped first, so the pool does
+  // not hold outgrown ones next to their replacements; and when the system refuses a mapping
+  // (a memory cap), every free buffer is. fresh: it is all zeros.
   Mapping take(size_t bytes, bool* fresh) {
+    std::vector<Mapping> drop;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       size_t best = free_.size();
@@ -60,13 +64,20 @@ class BufferPool {
         *fresh = false;
         return m;
       }
+      std::vector<Mapping> keep;
+      for (const Mapping& f : free_) (f.length < bytes ? drop : keep).push_back(f);
+      for (const Mapping& d : drop) free_bytes_ -= d.length;
+      free_.swap(keep);
     }
+    for (const Mapping& d : drop) munmap(d.data, d.length);
     const size_t length = (bytes + bytes / 8 + kHugePage - 1) / kHugePage * kHugePage;
     // 4 KiB pages, no MADV_HUGEPAGE: with the kernel's THP defrag set to "madvise" (the
     // default) a fault in such a region compacts memory synchronously, and inside a training
     // process whose own large tensors fragment memory, the forward at TopK d_sae 65536 took
     // 112–622 ms per step instead of 18–46 ms. Reuse makes the faults rare anyway.
     void* p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED && release() > 0)
+      p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return {};
     *fresh = true;
     return {p, length};

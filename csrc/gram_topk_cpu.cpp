@@ -249,6 +249,7 @@ std::vector<at::Tensor> gram_topk_cpu(const at::Tensor& a, int64_t k, bool cosin
 
 void register_sparse(pybind11::module& m);    // csrc/gram_topk_sparse.cpp
 void register_backward(pybind11::module& m);  // csrc/gram_topk_backward.cpp
+void register_coactive_backward(pybind11::module& m);  // csrc/coactive_backward.cpp
 void register_sparse_input(pybind11::module& m);  // csrc/sparse_input.cpp
 void register_sparse_coding(pybind11::module& m);  // csrc/sparse_coding.cpp
 
@@ -259,6 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   register_sparse(m);
   register_backward(m);
+  register_coactive_backward(m);
   register_sparse_input(m);
   register_sparse_coding(m);
 }

@@ -175,12 +175,12 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   // count them in the thread's |C| histogram.
   std::vector<int64_t> distinct(n, 0), kept(n, 0);  // kept: distinct + the block row's non-zeros
   const int threads = num_threads();
-  std::vector<std::vector<uint32_t>> hists(threads);
+  // sized here, not in the region: a smaller team than asked for leaves some unused
+  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(aosae::kMagnitudeBins, 0));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<acc_t> acc(n, acc_t(0));
     std::vector<uint32_t>& hist = hists[thread_id()];
-    hist.assign(aosae::kMagnitudeBins, 0);
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];

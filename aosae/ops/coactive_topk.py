@@ -240,7 +240,7 @@ def support_grad(c: Canonical, grad_out, out_values, rows, cols, cosine: bool, i
         grad = sparse_triton.support_grad(c.row_ptr, c.cols, c.vals, u, grad_out, out_values, rows, cols, cosine)
     elif impl == "cpp":
         module = _extension.require()
-        # coactive_backward_cpu: the rows' own pairs, no transposed adjacency (csrc/gram_topk_backward.cpp)
+        # coactive_backward_cpu: the rows' own pairs, no transposed adjacency (csrc/coactive_backward.cpp)
         kernel = getattr(module, "coactive_backward_cpu", module.gram_topk_support_backward_cpu)
         grad = kernel(grad_out.to(acc), c.row_ptr, c.cols, c.vals.to(acc).contiguous(), out_values.to(acc), rows, cols,
                       u, cosine)

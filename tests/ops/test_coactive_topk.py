@@ -492,8 +492,9 @@ def test_unordered_is_the_sorted_selections_set(route, integer, long_rows):
             assert bool((unordered[1][1:] >= unordered[1][:-1]).all()), "grouped by row ascending"
 
 
-def test_unordered_gradient_equals_sorted():
-    offsets, indices, values, dense, n = outlier_rows(torch.float64, zeros=0.05)
+@pytest.mark.parametrize("long_rows", [0, 6])  # 0: the backward's parallel ptr over a grouped selection
+def test_unordered_gradient_equals_sorted(long_rows):
+    offsets, indices, values, dense, n = outlier_rows(torch.float64, zeros=0.05, long_rows=long_rows)
     k = max(1, nonzero_pairs(dense, False) // 3)
     grads = []
     for ordered in (True, False):
@@ -533,6 +534,7 @@ def test_large_buffers_are_reused_and_reused_ones_are_rewritten():
     # 6 long rows of 1500 of 1600 latents: the block is 1600² float32 (10 MB), and nearly all of the
     # 1.28 M pairs of U × U are co-active (their int64 ids 10 MB each)
     offsets, indices, values, _, n = outlier_rows(torch.float32, zeros=0.05, long_l0=1500, pool=1600)
+    assert_block_taken(offsets, indices, values)
     c = co.canonical(offsets, indices, values)
     module.release_buffer_pool()
     assert module.buffer_pool_free_bytes() == 0
