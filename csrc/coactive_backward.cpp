@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "csr_checks.h"
 #include "dense_rows.h"
 #include "pair_select.h"
 
@@ -280,12 +281,7 @@ Tensor coactive_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, c
                              const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
                              int64_t n, bool cosine, const std::string& block) {
   const BlockProduct product = block_product(block);
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong &&
-                  cols_a.scalar_type() == at::kLong && vals.dim() == 1 && vals.sizes() == cols_a.sizes(),
-              "coactive_backward_cpu: expects CSR row_ptr [m+1] int64, cols [nnz] int64, vals [nnz]");
-  TORCH_CHECK(vals.scalar_type() == at::kFloat || vals.scalar_type() == at::kDouble,
-              "coactive_backward_cpu: vals must be float32 or float64");
-  TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "coactive_backward_cpu: n must be in [1, 2^31)");
+  aosae::check_csr_rows("coactive_backward_cpu", row_ptr, cols_a, vals, n, 1);
   TORCH_CHECK(rows.dim() == 1 && cols.sizes() == rows.sizes() && values.sizes() == rows.sizes() &&
                   grad_values.sizes() == rows.sizes() && rows.scalar_type() == at::kLong &&
                   cols.scalar_type() == at::kLong,

@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "csr_checks.h"
+
 namespace {
 
 using torch::Tensor;
@@ -326,12 +328,7 @@ Tensor gram_topk_sparse_backward_cpu(const Tensor& grad_values, const Tensor& in
 Tensor gram_topk_support_backward_cpu(const Tensor& grad_values, const Tensor& row_ptr, const Tensor& cols_a,
                                       const Tensor& vals, const Tensor& values, const Tensor& rows, const Tensor& cols,
                                       int64_t n, bool cosine) {
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kLong &&
-                  cols_a.scalar_type() == at::kLong && vals.dim() == 1 && vals.sizes() == cols_a.sizes(),
-              "gram_topk_support_backward_cpu: expects CSR row_ptr [m+1] int64, cols [nnz] int64, vals [nnz]");
-  TORCH_CHECK(vals.scalar_type() == at::kFloat || vals.scalar_type() == at::kDouble,
-              "gram_topk_support_backward_cpu: vals must be float32 or float64");
-  TORCH_CHECK(n >= 2 && n < (int64_t(1) << 31), "gram_topk_support_backward_cpu: n must be in [2, 2^31)");
+  aosae::check_csr_rows("gram_topk_support_backward_cpu", row_ptr, cols_a, vals, n, 2);
   check_pairs(grad_values, values, rows, cols);
   at::NoGradGuard no_grad;
   const Tensor rp = row_ptr.contiguous(), ca = cols_a.contiguous(), va = vals.contiguous();
