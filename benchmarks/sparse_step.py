@@ -2,11 +2,14 @@
 where a ReLU SAE's sparse step starts to pay (SparseAutoencoder's RELU_SPARSE_DENSITY).
 
     python benchmarks/sparse_step.py [--d-sae 16384] [--batch 2048] [--d-in 576] [--k 64] [--reps 3]
-        [--part primitives,topk,relu] [--out benchmarks/results/sparse_step.json]
+        [--part primitives,topk,relu] [--optimizer] [--out benchmarks/results/sparse_step.json]
 
-Arms alternate within each repetition and the minimum is reported (the machine is shared).
+Arms alternate within each repetition; reported per arm: median, quartiles, min and every time,
+and for the steps the per-repetition sparse ÷ dense ratio (median and quartiles).
 "dense" is the step as it was before the sparse path: dense latents [B, n], dense decode and a
 dense encoder backward (aosae.ops.sparse_coding_reference + autograd). No penalty in these arms.
+--optimizer: each step ends with an AdamW step (lr 0, so the weights and the ReLU densities stay
+where b_enc put them; the optimizer's arithmetic is the same at any lr): the whole training step.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -34,6 +38,11 @@ def timed(fn, reps):
     return out
 
 
+def spread(times: list) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": min(times), "times": times}
+
+
 def alternate(arms: dict, reps: int) -> dict:
     for fn in arms.values():
         fn()
@@ -43,7 +52,10 @@ def alternate(arms: dict, reps: int) -> dict:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
+    out = {name: spread(ts) for name, ts in times.items()}
+    if "sparse" in times and "dense" in times:
+        out["sparse ÷ dense (per repetition)"] = spread([s / d for s, d in zip(times["sparse"], times["dense"])])
+    return out
 
 
 def primitives(B, n, d, k, reps):
@@ -73,11 +85,21 @@ def primitives(B, n, d, k, reps):
     return res, floor
 
 
-def make_sae(activation, n, d, k, shift=0.0):
+def make_sae(activation, n, d, k, shift=0.0, optimizer=False):
     sae = SparseAutoencoder.from_dims(d, n, activation=activation, top_k=k,)
     with torch.no_grad():
         sae.b_enc.fill_(shift)
+    if optimizer:
+        OPTIMIZERS[sae] = torch.optim.AdamW(sae.parameters(), lr=0.0, weight_decay=0.0)
     return sae
+
+
+OPTIMIZERS: dict = {}  # sae -> AdamW(lr 0) when --optimizer
+
+
+def optimizer_step(sae):
+    if sae in OPTIMIZERS:
+        OPTIMIZERS[sae].step()
 
 
 def dense_step(sae, x, activation, k):
@@ -85,6 +107,7 @@ def dense_step(sae, x, activation, k):
     loss = (x - x_hat).pow(2).sum(-1).mean() + 0.04 * f.abs().sum(-1).mean()
     sae.zero_grad(set_to_none=True)
     loss.backward()
+    optimizer_step(sae)
 
 
 def sparse_step(sae, x):
@@ -93,26 +116,27 @@ def sparse_step(sae, x):
         if not out.is_dense else (x - out.x_hat).pow(2).sum(-1).mean() + 0.04 * out.latents.sum(-1).mean()
     sae.zero_grad(set_to_none=True)
     loss.backward()
+    optimizer_step(sae)
 
 
-def steps(B, n, d, k, reps):
+def steps(B, n, d, k, reps, optimizer=False):
     x = torch.randn(B, d) / d ** 0.5
     res = {}
     for activation in ("topk", "batchtopk"):
-        sae = make_sae(activation, n, d, k)
+        sae = make_sae(activation, n, d, k, optimizer=optimizer)
         res[activation] = alternate({"dense": lambda: dense_step(sae, x, activation, k),
                                      "sparse": lambda: sparse_step(sae, x)}, reps)
     return res
 
 
-def relu_switch(B, n, d, reps, shifts=(-0.02, -0.05, -0.08, -0.1, -0.12, -0.15)):
+def relu_switch(B, n, d, reps, shifts=(-0.02, -0.05, -0.08, -0.1, -0.12, -0.15), optimizer=False):
     """Forward + backward of a ReLU SAE, dense against sparse, at several densities (set by b_enc)."""
     from aosae.nn import sae as sae_module
 
     x = torch.randn(B, d) / d ** 0.5
     res = {}
     for shift in shifts:
-        sae = make_sae("relu", n, d, None, shift)
+        sae = make_sae("relu", n, d, None, shift, optimizer)
         with torch.no_grad():
             density = float((sae.pre_activations(x) > 0).double().mean())
         saved = sae_module.RELU_SPARSE_DENSITY
@@ -135,20 +159,23 @@ def main():
     p.add_argument("--part", default="primitives,topk,relu")
     p.add_argument("--relu-shifts", default="-0.02,-0.05,-0.08,-0.1,-0.12,-0.15",
                    help="b_enc values of the ReLU arms (with x of unit norm: -0.0685 ≈ 5%% density at d_in 576)")
+    p.add_argument("--optimizer", action="store_true", help="end every step with an AdamW step (lr 0)")
     p.add_argument("--out", default="benchmarks/results/sparse_step.json")
     a = p.parse_args()
     torch.manual_seed(0)
     parts = a.part.split(",")
     result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
-              "shape": {"B": a.batch, "d_sae": a.d_sae, "d_in": a.d_in, "k": a.k}}
+              "shape": {"B": a.batch, "d_sae": a.d_sae, "d_in": a.d_in, "k": a.k}, "optimizer": a.optimizer,
+              "date": time.strftime("%Y-%m-%d")}
     if "primitives" in parts:
         result["primitives_s"], result["floor"] = primitives(a.batch, a.d_sae, a.d_in, a.k, a.reps)
     if "topk" in parts:
-        result["step_s"] = steps(a.batch, a.d_sae, a.d_in, a.k, a.reps)
+        result["step_s"] = steps(a.batch, a.d_sae, a.d_in, a.k, a.reps, a.optimizer)
     if "relu" in parts:
         shifts = tuple(float(v) for v in a.relu_shifts.split(","))
-        result["relu_fwd_bwd_s"] = relu_switch(a.batch, a.d_sae, a.d_in, a.reps, shifts)
+        key = "relu_step_s" if a.optimizer else "relu_fwd_bwd_s"
+        result[key] = relu_switch(a.batch, a.d_sae, a.d_in, a.reps, shifts, a.optimizer)
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     print(json.dumps(result, indent=1))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
