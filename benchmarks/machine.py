@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ def versions() -> dict:
 
 def today() -> str:
     return datetime.date.today().isoformat()
+
+
+def spread(values: list[float], suffix: str = "") -> dict:
+    """Median, quartiles, min and max of repeated measurements (never the best alone); keys end in suffix."""
+    if not values:
+        return {}
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    stats = {"median": statistics.median(values), "q1": q[0], "q3": q[2], "min": min(values), "max": max(values)}
+    return {key + suffix: value for key, value in stats.items()}
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +25,9 @@ import torch
 from aosae.nn.sae import SparseAutoencoder
 from aosae.ops import sparse_coding as sc
 from aosae.ops import sparse_coding_reference as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_name, spread, today, versions  # noqa: E402
 
 
 def timed(fn, reps):
@@ -38,11 +40,6 @@ def timed(fn, reps):
     return out
 
 
-def spread(times: list) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": min(times), "times": times}
-
-
 def alternate(arms: dict, reps: int) -> dict:
     for fn in arms.values():
         fn()
@@ -52,7 +49,7 @@ def alternate(arms: dict, reps: int) -> dict:
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    out = {name: spread(ts) for name, ts in times.items()}
+    out = {name: {**spread(ts), "times": ts} for name, ts in times.items()}
     if "sparse" in times and "dense" in times:
         out["sparse ÷ dense (per repetition)"] = spread([s / d for s, d in zip(times["sparse"], times["dense"])])
     return out
@@ -164,10 +161,10 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
     parts = a.part.split(",")
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "load_avg_at_start": os.getloadavg()},
+    result = {"machine": {"cpu": machine_name(), "threads": torch.get_num_threads(), **versions(),
+                          "load_avg_at_start": os.getloadavg()},
               "shape": {"B": a.batch, "d_sae": a.d_sae, "d_in": a.d_in, "k": a.k}, "optimizer": a.optimizer,
-              "date": time.strftime("%Y-%m-%d")}
+              "date": today()}
     if "primitives" in parts:
         result["primitives_s"], result["floor"] = primitives(a.batch, a.d_sae, a.d_in, a.k, a.reps)
     if "topk" in parts:

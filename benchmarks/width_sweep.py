@@ -147,10 +147,9 @@ def mem_available_gib() -> float:
 
 
 def spread(times: list[float]) -> dict:
-    if not times:
-        return {}
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "min_s": min(times), "max_s": max(times)}
+    from machine import spread as machine_spread  # (benchmarks/machine.py imports torch: not at import time)
+
+    return machine_spread(times, "_s")
 
 
 def check_and_init(p: Arm, row: dict, check: bool = True) -> bool:

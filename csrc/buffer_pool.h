@@ -25,7 +25,7 @@ namespace aosae {
 
 constexpr size_t kPoolMinBytes = size_t(8) << 20;   // smaller ones: torch's allocator reuses them
 constexpr size_t kPoolKeepBytes = size_t(1) << 30;  // free bytes kept at most
-constexpr size_t kHugePage = size_t(2) << 20;
+constexpr size_t kMapGranule = size_t(2) << 20;  // mappings are rounded up to this
 constexpr uint64_t kPoolMaxAge = 16;  // returns to the pool (a step makes about five)
 
 class BufferPool {
@@ -54,7 +54,7 @@ class BufferPool {
       size_t best = free_.size();
       for (size_t q = 0; q < free_.size(); ++q) {
         const size_t len = free_[q].length;
-        if (len >= bytes && len <= 2 * bytes + kHugePage && (best == free_.size() || len < free_[best].length))
+        if (len >= bytes && len <= 2 * bytes + kMapGranule && (best == free_.size() || len < free_[best].length))
           best = q;
       }
       if (best < free_.size()) {
@@ -70,7 +70,7 @@ class BufferPool {
       free_.swap(keep);
     }
     for (const Mapping& d : drop) munmap(d.data, d.length);
-    const size_t length = (bytes + bytes / 8 + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t length = (bytes + bytes / 8 + kMapGranule - 1) / kMapGranule * kMapGranule;
     // 4 KiB pages, no MADV_HUGEPAGE: with the kernel's THP defrag set to "madvise" (the
     // default) a fault in such a region compacts memory synchronously, and inside a training
     // process whose own large tensors fragment memory, the forward at TopK d_sae 65536 took
