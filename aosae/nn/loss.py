@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from aosae.ops import backends, gram_topk_support
+from aosae.ops.coactive_sum import coactive_sum
 from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
 from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction, kth_score
 
@@ -57,6 +58,10 @@ def penalty_from_pairs(
     penalty = pairs.values.abs().sum()  # (not vector_norm(·, 1): on CPU it sums float32 naively, 0.7 % off at 10⁷ pairs)
     if reduction == "mean":
         penalty = penalty / (pairs.rows >= 0).sum().clamp_min(1)
+    return _scaled(penalty, batch, scale, similarity)
+
+
+def _scaled(penalty: torch.Tensor, batch: int, scale: str, similarity: str) -> torch.Tensor:
     if scale == "per_token" and similarity == "dot":  # cosines of fᵀf / B equal those of fᵀf
         penalty = penalty / max(int(batch), 1)
     return penalty
@@ -149,6 +154,23 @@ class TopKOrthoLoss(nn.Module):
         self.last_k = 0
         self._kth_value: Optional[torch.Tensor] = None  # set by a checkpoint, else read off last_pairs
         self._last: Optional[tuple] = None  # (penalty, unpadded) of the last call, for last_mean_abs
+
+    @property
+    def last_pairs(self) -> Optional[TopKPairs]:
+        """The last call's selection (detached; None before any). A call that summed every
+        co-active pair without building them (aosae.ops.coactive_sum) leaves its rows instead, and
+        the selection is made from them here, when first asked for."""
+        if self._unselected is not None:
+            offsets, indices, values, n_latents = self._unselected
+            self._unselected = None
+            with torch.no_grad():
+                self._last_pairs = coactive_topk(offsets, indices, values, n_latents, self.last_k,
+                                                 similarity=self.similarity, ordered=False)
+        return self._last_pairs
+
+    @last_pairs.setter
+    def last_pairs(self, pairs: Optional[TopKPairs]) -> None:
+        self._last_pairs, self._unselected = pairs, None
 
     @property
     def last_nonzero_share(self) -> float:
@@ -272,6 +294,13 @@ class TopKOrthoLoss(nn.Module):
 
     def _sparse_penalty(self, offsets, indices, values, n_latents: int, batch: int) -> torch.Tensor:
         k = self._k(n_latents)
+        if self.reduction == "sum":  # k covering every co-active pair: their sum in one pass, no pair built
+            total = coactive_sum(offsets, indices, values, n_latents, k, similarity=self.similarity)
+            if total is not None:
+                penalty = _scaled(total, batch, self.scale, self.similarity)
+                self._record(None, k, penalty, unpadded=True)
+                self._unselected = (offsets, indices, values.detach(), n_latents)
+                return penalty
         # the set is all a sum needs: unordered (no sort of k keys)
         pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity, ordered=False)
         return self._penalty(pairs, batch, k)
@@ -286,7 +315,7 @@ class TopKOrthoLoss(nn.Module):
     def _record(self, pairs: TopKPairs, k: int, penalty: torch.Tensor, unpadded: bool) -> None:
         """Keep the selection for logging; its k-th score (the next hint, `_kth`) and mean |C_ij|
         (`last_mean_abs`) are derived from it and from the penalty only when asked for."""
-        self.last_pairs = TopKPairs(*(t.detach() for t in pairs))
+        self.last_pairs = None if pairs is None else TopKPairs(*(t.detach() for t in pairs))
         self.last_k = k
         self._kth_value = None
         self._last = (penalty.detach(), unpadded)
