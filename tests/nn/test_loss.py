@@ -178,6 +178,39 @@ def test_from_sparse_ragged_rows_equal_the_dense_penalty(seed, similarity, reduc
         torch.testing.assert_close(loss._kth, ref_loss._kth, rtol=1e-5, atol=1e-8)  # 0 when P < k
 
 
+def test_from_sparse_sums_without_pairs_when_k_covers_them(seed, monkeypatch):
+    """k above every co-active pair, positive latents, sum reduction: the penalty is Σ_{i<j} C_ij
+    in one pass over the entries (aosae.ops.coactive_sum); the selection is made once, and only
+    when last_pairs or what derives from it is read. A mean needs the pair count: it selects."""
+    import aosae.nn.loss as loss_module
+
+    calls = []
+    select = loss_module.coactive_topk
+    monkeypatch.setattr(loss_module, "coactive_topk", lambda *a, **kw: calls.append(1) or select(*a, **kw))
+    offsets, indices, values, dense = _ragged(48, 64, 9, pool=40)  # at most 780 pairs among 40 latents
+    loss = aosae.TopKOrthoLoss(k=2000)
+    v = values.clone().requires_grad_()
+    got = loss.from_sparse((offsets, indices, v), 64)
+    got.backward()
+    assert calls == []
+    ref = aosae.TopKOrthoLoss(k=2000, backend="reference")
+    f = dense.clone().requires_grad_()
+    want = ref(f)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    rows = torch.repeat_interleave(torch.arange(48), offsets[1:] - offsets[:-1])
+    torch.testing.assert_close(v.grad, f.grad[rows, indices], rtol=1e-4, atol=1e-6)
+    assert loss.last_nonzero_share == pytest.approx(ref.last_nonzero_share)
+    torch.testing.assert_close(loss.last_mean_abs, ref.last_mean_abs, rtol=1e-5, atol=1e-8)
+    assert float(loss._kth) == 0.0 and len(calls) == 1
+    loss.from_sparse((offsets, indices, values), 64)
+    loss.last_pairs = None  # set (a checkpoint, a reset): the pending rows are dropped
+    assert loss.last_pairs is None and len(calls) == 1
+    mean = aosae.TopKOrthoLoss(k=2000, reduction="mean")
+    mean.from_sparse((offsets, indices, values), 64)
+    assert len(calls) == 2
+
+
 def test_from_sparse_reads_n_latents_from_the_carrier(seed):
     from typing import NamedTuple
 
