@@ -173,8 +173,14 @@ class _OrthogonalityPenalty:
             calibration_steps=settings["tau_calibration_steps"],
         )
         self.orthogonality_penalty: torch.Tensor | float = float("nan")
-        self.orthogonality_mean_abs_c: torch.Tensor | float = float("nan")
         self.logging_parameters = [*self.logging_parameters, "tau", "orthogonality_penalty", "orthogonality_mean_abs_c"]
+
+    @property
+    def orthogonality_mean_abs_c(self) -> torch.Tensor | float:
+        """The last step's selected pairs' mean |C_ij|, read when logged (every log_steps): a
+        penalty that summed every co-active pair without listing them makes its selection only then."""
+        value = self.orthogonality_loss.last_mean_abs
+        return float("nan") if value is None else value
 
     @property
     def tau(self) -> float:
@@ -237,7 +243,6 @@ class _OrthogonalityPenalty:
         tau = self.adaptive_tau.tau
         ortho_loss = (self.orthogonality_coefficient * tau) * penalty
         self.orthogonality_penalty = penalty.detach()
-        self.orthogonality_mean_abs_c = self.orthogonality_loss.last_mean_abs
         if not logging:
             if self.ortho_settings["adaptive_tau"] and torch.is_grad_enabled():
                 recon = (x - x_hat).detach().pow(2).sum(dim=-1).mean()
