@@ -5,7 +5,9 @@
 
 TopKOrthoLoss(fraction=0.005).from_topk on (indices, values) [B, L] (the trainer's TopK path),
 one fresh subprocess per width and arm so that each peak RSS is its own. Arms:
-  coactive  the training path (aosae.ops.coactive_topk): min(k, P) pairs, never padded;
+  coactive  the training path: min(k, P) pairs through aosae.ops.coactive_topk, never padded, or,
+            where k covers every co-active pair (n >= ~41 k at B 2048, L 64; positive values), their
+            sum without listing them (aosae.ops.coactive_sum);
   padded    gram_topk_sparse, the padded contract (k slots), what from_topk called before; only
             where its k-sized output fits (--padded-max, default 262144).
 Reported per row: the co-active pairs P and k, the first full call's time and peak RSS above the

@@ -160,13 +160,14 @@ class TopKOrthoLoss(nn.Module):
         """The last call's selection (detached; None before any). A call that summed every
         co-active pair without building them (aosae.ops.coactive_sum) leaves its rows instead, and
         the selection is made from them here, when first asked for."""
-        if self._unselected is not None:
-            offsets, indices, values, n_latents = self._unselected
-            self._unselected = None
+        pending = getattr(self, "_unselected", None)
+        if pending is not None:
+            offsets, indices, values, n_latents, k, similarity = pending
             with torch.no_grad():
-                self._last_pairs = coactive_topk(offsets, indices, values, n_latents, self.last_k,
-                                                 similarity=self.similarity, ordered=False)
-        return self._last_pairs
+                self._last_pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=similarity,
+                                                 ordered=False)
+            self._unselected = None
+        return getattr(self, "_last_pairs", None)
 
     @last_pairs.setter
     def last_pairs(self, pairs: Optional[TopKPairs]) -> None:
@@ -299,7 +300,9 @@ class TopKOrthoLoss(nn.Module):
             if total is not None:
                 penalty = _scaled(total, batch, self.scale, self.similarity)
                 self._record(None, k, penalty, unpadded=True)
-                self._unselected = (offsets, indices, values.detach(), n_latents)
+                # copies (nnz-sized): the caller may reuse its tensors before the pairs are asked for
+                self._unselected = (offsets.clone(), indices.clone(), values.detach().clone(), n_latents, k,
+                                    self.similarity)
                 return penalty
         # the set is all a sum needs: unordered (no sort of k keys)
         pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity, ordered=False)

@@ -56,16 +56,20 @@ def coactive_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Ten
                  similarity: str = "dot") -> Optional[torch.Tensor]:
     """Σ |C_ij| over coactive_topk(offsets, indices, values, n_latents, k, similarity)'s pairs,
     differentiable in values, when the rows prove that selection keeps every co-active pair and
-    every value is positive; None otherwise (the caller then makes the selection). The same
-    arguments and checks as coactive_topk; a 0-d tensor in the accumulation dtype (float32,
+    every value is positive; None otherwise (the caller then makes the selection, whose checks
+    name any bad input). The same arguments as coactive_topk, and its checks when it answers; a 0-d tensor in the accumulation dtype (float32,
     float64 for float64 values), summed in float64."""
     _validate(offsets, indices, values, n_latents, k, similarity)
     if indices.numel() == 0 or torch.compiler.is_compiling():  # (the bound reads sizes back to the host)
         return None
     offsets, indices = offsets.long(), indices.long()
-    c = _checked(offsets, indices, values, n_latents)  # the op's checks: range, distinct, finite
-    if not bool((c.vals > 0).all()) or pairs_bound(offsets, indices, k) > k:
+    # cheap tests first (a declined call costs its caller the selection anyway): positive values
+    # (NaN is not > 0) and sane offsets, then the bound; the op's own checks only when answering
+    nnz = indices.numel()
+    if not bool((values > 0).all()) or int(offsets[0]) != 0 or int(offsets[-1]) != nnz \
+            or bool((offsets[1:] < offsets[:-1]).any()) or pairs_bound(offsets, indices, k) > k:
         return None
+    c = _checked(offsets, indices, values, n_latents)  # range, distinct latents per row, finite
     # canonical order moves entries within their rows only: the rows, and the sums, are the same
     v = (values.index_select(0, c.perm) if c.perm is not None else values).to(torch.float64)
     if similarity == "cosine":

@@ -206,9 +206,15 @@ def test_from_sparse_sums_without_pairs_when_k_covers_them(seed, monkeypatch):
     loss.from_sparse((offsets, indices, values), 64)
     loss.last_pairs = None  # set (a checkpoint, a reset): the pending rows are dropped
     assert loss.last_pairs is None and len(calls) == 1
+    # the pairs are those of the call's values, even when the caller changes them in place afterwards
+    snapshot = values.clone()
+    loss.from_sparse((offsets, indices.int(), values), 64)
+    values.mul_(2)
+    torch.testing.assert_close(loss.last_pairs.values,
+                               select(offsets, indices, snapshot, 64, 2000, ordered=False).values)
     mean = aosae.TopKOrthoLoss(k=2000, reduction="mean")
     mean.from_sparse((offsets, indices, values), 64)
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_from_sparse_reads_n_latents_from_the_carrier(seed):

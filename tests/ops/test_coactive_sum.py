@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from aosae.nn.loss import TopKOrthoLoss
 from aosae.ops.coactive_sum import coactive_sum, pairs_bound
 from aosae.ops.coactive_topk import coactive_topk
 from test_coactive_topk import outlier_rows, ragged_rows
@@ -60,6 +61,24 @@ def test_equals_the_selections_sum_and_gradient(dtype, similarity, rows):
     torch.testing.assert_close(got_grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
 
 
+def test_int32_rows_and_long_rows_past_every_threshold():
+    """int32 offsets and indices; rows of 1200 and 300 latents (the bound's 1024 and 256 tiers)."""
+    lengths = [1200, 300, 300, 5, 0, 7]
+    big = torch.randperm(1500)[:1200]  # the 300-rows share its latents: only the 256 tier sees that
+    indices = torch.cat([big] + [big[torch.randperm(1200)[:n]] for n in lengths[1:3]]
+                        + [torch.randperm(1500)[:n] for n in lengths[3:]])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(lengths).cumsum(0)])
+    values = torch.rand(indices.numel(), dtype=torch.float64) + 0.05
+    k = pairs_bound(offsets, indices)
+    assert k < sum(n * (n - 1) // 2 for n in lengths)  # the dense rows tightened it
+    for similarity in ("dot", "cosine"):
+        got, got_grad = shortcut_sum(offsets.int(), indices.int(), values, 1500, k, similarity)
+        want, want_grad = selection_sum(offsets, indices, values, 1500, k, similarity)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        # a latent of one row only: its cosine gradient cancels to ~0, left at the rounding of 1200 terms
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12 * max(1.0, float(want_grad.abs().max())) * 1e3)
+
+
 def test_half_precision_values_sum_in_float32():
     offsets, indices, values, _ = ragged_rows(30, 50, 6)
     for dtype in (torch.float16, torch.bfloat16):
@@ -72,7 +91,7 @@ def test_half_precision_values_sum_in_float32():
 
 def test_bound_is_never_below_the_pairs_and_is_exact_for_disjoint_rows():
     for _ in range(5):
-        offsets, indices, values, _ = ragged_rows(int(torch.randint(1, 50, ())), 60, 12, pool=int(torch.randint(2, 60, ())))
+        offsets, indices, values, _ = ragged_rows(int(torch.randint(1, 50, ())), 60, 12, pool=int(torch.randint(12, 60, ())))
         pairs = coactive_topk(offsets, indices, values, 60, BIG_K).values.numel()
         assert pairs_bound(offsets, indices) >= pairs
         offsets, indices, values, _, n = outlier_rows(torch.float64, signed=False)
@@ -108,13 +127,17 @@ def test_declines_when_the_rows_do_not_prove_it(case):
 
 
 def test_bad_input_is_named_as_the_op_names_it():
+    """Bad rows raise the op's own messages (or decline, and the op then raises)."""
     offsets, values = torch.tensor([0, 2, 3]), torch.ones(3)
     with pytest.raises(ValueError, match="repeats a latent"):
         coactive_sum(offsets, torch.tensor([1, 1, 2]), values, 4, BIG_K)
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         coactive_sum(offsets, torch.tensor([0, 1, 2]), values, 2, BIG_K)
+    # a NaN is not > 0: declined, and the selection the caller then makes names it
+    nan = torch.tensor([1.0, float("nan"), 1.0])
+    assert coactive_sum(offsets, torch.tensor([0, 1, 2]), nan, 4, BIG_K) is None
     with pytest.raises(ValueError, match="NaN"):
-        coactive_sum(offsets, torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 1.0]), 4, BIG_K)
+        TopKOrthoLoss(k=BIG_K).from_sparse((offsets, torch.tensor([0, 1, 2]), nan), 4)
     with pytest.raises(ValueError, match="k must"):
         coactive_sum(offsets, torch.tensor([0, 1, 2]), values, 4, 0)
 
