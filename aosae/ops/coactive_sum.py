@@ -32,20 +32,22 @@ _DENSE_ROW_THRESHOLDS = (4096, 1024, 256, 64)
 
 def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] = None) -> int:
     """An upper bound on the co-active pairs of CSR rows with distinct latents per row (exact
-    when no pair occurs in two rows). With k, stops as soon as the bound is at most k."""
+    when no pair occurs in two rows). With k, stops as soon as the bound is at most k, or as soon
+    as no bound can be (one row alone has more than k pairs; a tier's other rows have)."""
     lengths = (offsets[1:] - offsets[:-1]).long()
     row_pairs = lengths * (lengths - 1) // 2
     best = int(row_pairs.sum())
-    if k is not None and best <= k:
+    if k is not None and (best <= k or int(row_pairs.max()) > k):  # a row's pairs are distinct: P > k
         return best
     row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
                                      output_size=indices.numel())
     for threshold in _DENSE_ROW_THRESHOLDS:
         dense = lengths >= threshold
-        if not bool(dense.any()):
+        rest = int(row_pairs[~dense].sum())
+        if not bool(dense.any()) or (k is not None and rest > k):  # (this tier cannot reach k)
             continue
         u = torch.unique(indices[dense[row_of]]).numel()
-        best = min(best, u * (u - 1) // 2 + int(row_pairs[~dense].sum()))
+        best = min(best, u * (u - 1) // 2 + rest)
         if k is not None and best <= k:
             return best
     u = torch.unique(indices).numel()

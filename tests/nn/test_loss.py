@@ -152,6 +152,19 @@ def _ragged(B, n, max_l0, pool=None):
     return offsets, indices, values, dense
 
 
+def _assert_from_sparse_equals_dense(loss, ref_loss, offsets, indices, values, dense):
+    """loss.from_sparse on the rows and ref_loss on the dense f: the same penalty and gradient."""
+    v = values.clone().requires_grad_()
+    got = loss.from_sparse((offsets, indices, v), dense.shape[1])
+    got.backward()
+    f = dense.clone().requires_grad_()
+    want = ref_loss(f)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    rows = torch.repeat_interleave(torch.arange(dense.shape[0]), offsets[1:] - offsets[:-1])
+    torch.testing.assert_close(v.grad, f.grad[rows, indices], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_from_sparse_ragged_rows_equal_the_dense_penalty(seed, similarity, reduction):
@@ -160,16 +173,8 @@ def test_from_sparse_ragged_rows_equal_the_dense_penalty(seed, similarity, reduc
     offsets, indices, values, dense = _ragged(48, 64, 9, pool=40)
     for k in (15, 2000):  # k below and above the co-active pairs (at most 780 among 40 latents)
         loss = aosae.TopKOrthoLoss(k=k, similarity=similarity, reduction=reduction)
-        v = values.clone().requires_grad_()
-        got = loss.from_sparse((offsets, indices, v), 64)
-        got.backward()
         ref_loss = aosae.TopKOrthoLoss(k=k, similarity=similarity, reduction=reduction, backend="reference")
-        f = dense.clone().requires_grad_()
-        want = ref_loss(f)
-        want.backward()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-        rows = torch.repeat_interleave(torch.arange(48), offsets[1:] - offsets[:-1])
-        torch.testing.assert_close(v.grad, f.grad[rows, indices], rtol=1e-4, atol=1e-6)
+        _assert_from_sparse_equals_dense(loss, ref_loss, offsets, indices, values, dense)
         p = int((ref_loss.last_pairs.rows >= 0).sum())
         assert loss.last_pairs.values.numel() == min(k, p)
         assert loss.last_k == ref_loss.last_k == k
@@ -189,17 +194,9 @@ def test_from_sparse_sums_without_pairs_when_k_covers_them(seed, monkeypatch):
     monkeypatch.setattr(loss_module, "coactive_topk", lambda *a, **kw: calls.append(1) or select(*a, **kw))
     offsets, indices, values, dense = _ragged(48, 64, 9, pool=40)  # at most 780 pairs among 40 latents
     loss = aosae.TopKOrthoLoss(k=2000)
-    v = values.clone().requires_grad_()
-    got = loss.from_sparse((offsets, indices, v), 64)
-    got.backward()
+    ref = aosae.TopKOrthoLoss(k=2000, backend="reference")  # (its dense path never calls coactive_topk)
+    _assert_from_sparse_equals_dense(loss, ref, offsets, indices, values, dense)
     assert calls == []
-    ref = aosae.TopKOrthoLoss(k=2000, backend="reference")
-    f = dense.clone().requires_grad_()
-    want = ref(f)
-    want.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    rows = torch.repeat_interleave(torch.arange(48), offsets[1:] - offsets[:-1])
-    torch.testing.assert_close(v.grad, f.grad[rows, indices], rtol=1e-4, atol=1e-6)
     assert loss.last_nonzero_share == pytest.approx(ref.last_nonzero_share)
     torch.testing.assert_close(loss.last_mean_abs, ref.last_mean_abs, rtol=1e-5, atol=1e-8)
     assert float(loss._kth) == 0.0 and len(calls) == 1
