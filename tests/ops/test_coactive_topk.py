@@ -452,7 +452,9 @@ def test_outlier_rows_block_gradient_sparse_and_dense_agree(dtype, cosine, share
     (pairs.values * weights).sum().backward()
     c = co.canonical(offsets, indices, values)
     out_values, _, _, rows, cols = co.select(c, k, cosine)
-    tol = dict(rtol=1e-10, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    # atol on the gradient's scale: a cosine gradient that cancels to ~0 keeps float32 rounding of its terms
+    eps = 1e-11 if dtype == torch.float64 else 1e-5
+    tol = dict(rtol=1e-10 if dtype == torch.float64 else 1e-5, atol=eps * max(1.0, float(v.grad.abs().max())))
     for block in ("sparse", "dense"):
         grad = module.coactive_backward_cpu(weights, c.row_ptr, c.cols, c.vals, out_values, rows, cols,
                                             c.uniq.numel(), cosine, block)
