@@ -79,17 +79,21 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   if (order.empty()) return out;
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t x, int64_t y) { return rp[x + 1] - rp[x] > rp[y + 1] - rp[y]; });
-  // Grow the moved set densest first; keep the cheapest prefix.
+  // Grow the moved set densest first, skipping a row that would widen U past the largest block
+  // (one token on more latents than that, as BatchTopK has mid-training at d_sae 262144, must
+  // not keep the other dense rows out of the block); keep the cheapest prefix of the rows taken.
   std::vector<uint8_t> in_u(n, 0);
+  std::vector<int64_t> taken;
   double u = 0, moved_pairs = 0, best_cost = cost.pair * total_pairs;
   int64_t best = 0;
-  for (int64_t h = 1; h <= static_cast<int64_t>(order.size()); ++h) {
-    const int64_t t = order[h - 1];
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-      u += !in_u[cp[e]];
-      in_u[cp[e]] = 1;
-    }
-    if (u > max_dense_latents<acc_t>()) break;
+  for (const int64_t t : order) {
+    int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += !in_u[cp[e]];
+    if (u + fresh > max_dense_latents<acc_t>()) continue;
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
+    u += fresh;
+    taken.push_back(t);
+    const int64_t h = static_cast<int64_t>(taken.size());
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
     moved_pairs += L * (L - 1) / 2;
     const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u;
@@ -101,7 +105,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   if (best == 0) return out;
   std::fill(in_u.begin(), in_u.end(), 0);
   for (int64_t h = 0; h < best; ++h) {
-    const int64_t t = order[h];
+    const int64_t t = taken[h];
     out.moved[t] = 1;
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
   }
@@ -117,7 +121,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   torch::Tensor dense = at::zeros({best, width}, at::TensorOptions().dtype(dtype));
   acc_t* d = dense.data_ptr<acc_t>();
   for (int64_t h = 0; h < best; ++h) {
-    const int64_t t = order[h];
+    const int64_t t = taken[h];
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
   }
   out.block = empty_pooled(width * width, dtype).view({width, width});  // any contents: mm_out overwrites

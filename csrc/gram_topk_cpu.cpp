@@ -250,6 +250,7 @@ std::vector<at::Tensor> gram_topk_cpu(const at::Tensor& a, int64_t k, bool cosin
 void register_sparse(pybind11::module& m);    // csrc/gram_topk_sparse.cpp
 void register_backward(pybind11::module& m);  // csrc/gram_topk_backward.cpp
 void register_coactive_backward(pybind11::module& m);  // csrc/coactive_backward.cpp
+void register_topk_sum_backward(pybind11::module& m);  // csrc/topk_sum_backward.cpp
 void register_sparse_input(pybind11::module& m);  // csrc/sparse_input.cpp
 void register_sparse_coding(pybind11::module& m);  // csrc/sparse_coding.cpp
 
@@ -261,6 +262,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_sparse(m);
   register_backward(m);
   register_coactive_backward(m);
+  register_topk_sum_backward(m);
   register_sparse_input(m);
   register_sparse_coding(m);
 }

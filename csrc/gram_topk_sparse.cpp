@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <type_traits>
 #include <numeric>
 #include <optional>
@@ -34,6 +35,7 @@
 #include <omp.h>
 #endif
 
+#include "csr_checks.h"
 #include "dense_rows.h"
 #include "pair_select.h"
 
@@ -95,10 +97,23 @@ std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
   return {row_ptr, cols, vals};
 }
 
+// What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
+// from a pair out (the backward recomputes the scores and applies the same test).
+struct SumResult {
+  double total = 0;         // Σ |C_ij| over the kept pairs, summed in float64
+  double kth = 0;           // the k-th best |C| (0 and tie_cut -1: every non-zero pair is kept)
+  int64_t tie_cut = -1;     // of the pairs tied at kth, those with i·n + j <= tie_cut are kept
+  bool keep_all = true;     // P <= k
+  int64_t kept = 0;         // min(k, P)
+  int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
+  Tensor block;             // [u, u]: the scores over U × U (upper triangle), or undefined
+};
+
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
-    bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr) {
+    bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr,
+    SumResult* sum_out = nullptr) {
   const int64_t m = row_ptr_t.size(0) - 1;
   const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
   const int64_t* cp = cols_t.data_ptr<int64_t>();
@@ -278,8 +293,25 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       const acc_t a = std::abs(v);
       return a > kth || (a == kth && key <= tie_cut);
     };
+    // the summing entry: per part, Σ|C| and the count inside the block of the pairs kept so far
+    std::vector<double> part_sum(parts, 0.0);
+    std::vector<int64_t> part_in_block(parts, 0);
+    std::vector<acc_t> part_min(parts, std::numeric_limits<acc_t>::infinity());
+    auto in_block = [&](int64_t i, int64_t j) { return position[i] >= 0 && position[j] >= 0; };
     if (keep_all) {
       for (int64_t p = 0; p <= parts; ++p) out_begin[p] = start[part_begin[p]];
+      if (sum_out) {
+        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            auto offer = [&](acc_t v, int64_t i, int64_t j) {
+              part_sum[p] += std::abs(static_cast<double>(v));
+              part_in_block[p] += in_block(i, j);
+              part_min[p] = std::min(part_min[p], std::abs(v));
+            };
+            for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
+          }
+        });
+      }
     } else {
       std::vector<int64_t> sure_count(parts, 0);
       std::vector<std::vector<Candidate<acc_t>>> edge(parts);
@@ -291,6 +323,10 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
             const int64_t bin = aosae::magnitude_bin(v);
             count += bin > bar;
             if (bin == bar) mine.push_back({v, i * n + j});
+            if (sum_out && bin > bar) {
+              part_sum[p] += std::abs(static_cast<double>(v));
+              part_in_block[p] += in_block(i, j);
+            }
           };
           for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
           sure_count[p] = count;
@@ -316,12 +352,37 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       tie_cut = tie_keys[ties_kept - 1];
       for (int64_t p = 0; p < parts; ++p) {
         int64_t c = sure_count[p];
-        for (const auto& e : edge[p]) c += in_edge(e.value, e.key);
+        for (const auto& e : edge[p]) {
+          const bool in = in_edge(e.value, e.key);
+          c += in;
+          if (sum_out && in) {
+            part_sum[p] += std::abs(static_cast<double>(e.value));
+            part_in_block[p] += in_block(e.key / n, e.key % n);
+          }
+        }
         out_begin[p + 1] = out_begin[p] + c;
       }
       TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
     }
     const int64_t count = out_begin[parts];
+    if (sum_out) {  // no pair written: the sum, and the test that tells the kept pairs
+      for (int64_t p = 0; p < parts; ++p) {
+        sum_out->total += part_sum[p];
+        sum_out->kept_in_block += part_in_block[p];
+      }
+      sum_out->kth = static_cast<double>(kth);
+      sum_out->tie_cut = tie_cut;
+      if (keep_all && count == k) {  // exactly k pairs: the k-th score is the smallest, and every pair at it is kept
+        sum_out->kth = static_cast<double>(*std::min_element(part_min.begin(), part_min.end()));
+        sum_out->tie_cut = std::numeric_limits<int64_t>::max();
+      }
+      sum_out->keep_all = keep_all;
+      sum_out->kept = count;
+      if (width > 0) sum_out->block = dense.block;
+      aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
+      aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
+      return {};
+    }
     auto values = aosae::empty_pooled(count, vals_t.scalar_type());
     auto rows = aosae::empty_pooled(count, torch::kInt64);
     auto cols = aosae::empty_pooled(count, torch::kInt64);
@@ -560,6 +621,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
   return {std::get<0>(out), id_rows, id_cols, rows, cols_out};
 }
 
+// Σ |C_ij| over sparse_csr_coactive(row_ptr, cols, vals, n, k, cosine=false)'s pairs, without
+// writing them (a loss that sums its selection needs nothing else; at BatchTopK d_sae 262144
+// mid-training that selection is 1.7·10⁸ pairs, 6 GB). Returns (total: float64 0-d, kth: the
+// k-th best |C| as float64 0-d (0 when P < k), tie_cut: int64 (of the pairs tied at kth, those
+// with i·n + j <= tie_cut are kept; -1 when P < k, every pair when P = k), kept: min(k, P), kept_in_block, block:
+// [u, u] in vals' accumulation dtype, the scores over the GEMM block's latents U (upper
+// triangle; empty without a block)). sparse_csr_topk_sum_backward takes them back.
+std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor> sparse_csr_topk_sum(
+    const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k) {
+  aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
+  TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
+              "sparse_csr_topk_sum: CPU tensors only");
+  const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
+  SumResult r;
+  if (vp.scalar_type() == at::kDouble)
+    csr_topk_impl<double>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
+  else
+    csr_topk_impl<float>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const Tensor block = r.block.defined() ? r.block : torch::empty({0, 0}, vp.options());
+  return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, block};
+}
+
 // The whole sparse backend on a dense CPU tensor a [m, n].
 std::tuple<Tensor, Tensor, Tensor> gram_topk_sparse_cpu(const Tensor& a, int64_t k, bool cosine) {
   TORCH_CHECK(a.dim() == 2, "gram_topk_sparse_cpu: expects a 2-D tensor [m, n]");
@@ -597,6 +682,10 @@ void register_sparse(pybind11::module& m) {
         py::call_guard<py::gil_scoped_release>(),
         "The min(k, P) best co-active pairs of a CSR matrix, never padded: (values, ids[rows], ids[cols], rows, "
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
+  m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
+        py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>(),
+        "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
+        "kept_in_block, block), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents);

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from aosae.ops import backends, gram_topk_support
-from aosae.ops.coactive_sum import coactive_sum
+from aosae.ops.coactive_sum import coactive_sum, coactive_topk_sum
 from aosae.ops.coactive_topk import coactive_topk, coactive_topk_dense
 from aosae.ops.gram_topk import TopKPairs, gram_topk, k_for_fraction, kth_score
 
@@ -153,7 +153,7 @@ class TopKOrthoLoss(nn.Module):
         self.last_pairs: Optional[TopKPairs] = None
         self.last_k = 0
         self._kth_value: Optional[torch.Tensor] = None  # set by a checkpoint, else read off last_pairs
-        self._last: Optional[tuple] = None  # (penalty, unpadded) of the last call, for last_mean_abs
+        self._last: Optional[tuple] = None  # (penalty, unpadded, count) of the last call, for last_mean_abs
 
     @property
     def last_pairs(self) -> Optional[TopKPairs]:
@@ -176,6 +176,8 @@ class TopKOrthoLoss(nn.Module):
     @property
     def last_nonzero_share(self) -> float:
         """Share of the last call's k that held a pair with a non-zero score (NaN before any)."""
+        if self._last is not None and self._last[2] is not None:  # a sum that counted its pairs
+            return self._last[2] / max(1, self.last_k)
         if self.last_pairs is None:
             return float("nan")
         return int((self.last_pairs.rows >= 0).sum()) / max(1, self.last_k)
@@ -199,10 +201,11 @@ class TopKOrthoLoss(nn.Module):
         call), from the penalty's own sum: no pass over the selection when it is unpadded."""
         if self._last is None:
             return None
-        penalty, unpadded = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
+        penalty, unpadded, count = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
         if self.reduction == "mean":
             return penalty
-        count = self.last_pairs.values.numel() if unpadded else int((self.last_pairs.rows >= 0).sum())
+        if count is None:
+            count = self.last_pairs.values.numel() if unpadded else int((self.last_pairs.rows >= 0).sum())
         return penalty / max(count, 1)
 
     def _k(self, n_latents: int) -> int:
@@ -295,11 +298,19 @@ class TopKOrthoLoss(nn.Module):
 
     def _sparse_penalty(self, offsets, indices, values, n_latents: int, batch: int) -> torch.Tensor:
         k = self._k(n_latents)
-        if self.reduction == "sum":  # k covering every co-active pair: their sum in one pass, no pair built
+        if self.reduction == "sum":  # a sum needs no list of its pairs
+            # k covering every co-active pair: their sum in one pass over the entries
             total = coactive_sum(offsets, indices, values, n_latents, k, similarity=self.similarity)
+            count = kth = None
+            if total is None:  # else the k best, summed where they are found (C++, dot)
+                found = coactive_topk_sum(offsets, indices, values, n_latents, k, similarity=self.similarity)
+                if found is not None:
+                    total, count, kth = found
             if total is not None:
                 penalty = _scaled(total, batch, self.scale, self.similarity)
-                self._record(None, k, penalty, unpadded=True)
+                self._record(None, k, penalty, unpadded=True, count=count)
+                if kth is not None:
+                    self._kth_value = torch.tensor(kth, dtype=total.dtype, device=total.device)
                 # copies (nnz-sized): the caller may reuse its tensors before the pairs are asked for
                 self._unselected = (offsets.clone(), indices.clone(), values.detach().clone(), n_latents, k,
                                     self.similarity)
@@ -315,13 +326,15 @@ class TopKOrthoLoss(nn.Module):
         self._record(pairs, k, penalty, unpadded=True)
         return penalty
 
-    def _record(self, pairs: TopKPairs, k: int, penalty: torch.Tensor, unpadded: bool) -> None:
+    def _record(self, pairs: TopKPairs, k: int, penalty: torch.Tensor, unpadded: bool,
+                count: Optional[int] = None) -> None:
         """Keep the selection for logging; its k-th score (the next hint, `_kth`) and mean |C_ij|
-        (`last_mean_abs`) are derived from it and from the penalty only when asked for."""
+        (`last_mean_abs`) are derived from it and from the penalty only when asked for. count:
+        the pairs summed, when a call knows it without the selection."""
         self.last_pairs = None if pairs is None else TopKPairs(*(t.detach() for t in pairs))
         self.last_k = k
         self._kth_value = None
-        self._last = (penalty.detach(), unpadded)
+        self._last = (penalty.detach(), unpadded, count)
 
     def extra_repr(self) -> str:
         size = f"k={self.k}" if self.k is not None else f"fraction={self.fraction}"

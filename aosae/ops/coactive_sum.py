@@ -15,14 +15,21 @@ BatchTopK's first steps at 2¹⁸, whose few dense rows hold ≈ 7·10⁷ pairs,
 
 P itself is only known after the pairs are summed, so `pairs_bound` bounds it from the rows:
 for any set H of rows, P ≤ C(|U_H|, 2) + Σ_{t∉H} C(L_t, 2), U_H the latents H's rows touch.
+
+When the bound does not prove P ≤ k (BatchTopK, whose batch puts thousands of latents on a few
+tokens), `coactive_topk_sum` still sums the selection without listing it (C++, CPU, dot): the
+sparse kernel finds the k-th best |C| and sums the pairs above it (plus the ties it keeps), and
+its backward recomputes the scores and keeps the same pairs by that cut. Nothing is sized by k,
+which at d_sae 262144 is 1.7·10⁸ pairs (6 GB written and differentiated by the selection).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from aosae.ops.coactive_topk import _checked, _validate
+from aosae.ops import extension as _extension
+from aosae.ops.coactive_topk import Canonical, _checked, _validate
 from aosae.ops.conventions import accumulation_dtype
 
 # H = the rows of at least this many entries, for each threshold: BatchTopK's dense rows at
@@ -83,3 +90,55 @@ def coactive_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     row_squares = v.new_zeros(lengths.numel()).index_add(0, row_of, v * v)
     total = (row_sums.square() - row_squares).sum() / 2  # per row: no cancellation across rows
     return total.to(accumulation_dtype(values.dtype))
+
+
+class TopKSum(NamedTuple):
+    """coactive_topk_sum's answer: the sum, and what a caller logs without the pairs."""
+
+    total: torch.Tensor  # 0-d, accumulation dtype, differentiable in values
+    kept: int  # min(k, P): the pairs summed
+    kth: float  # the k-th best |C_ij| (0 when every co-active pair is kept)
+
+
+def coactive_topk_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, *,
+                      similarity: str = "dot") -> Optional[TopKSum]:
+    """Σ |C_ij| over coactive_topk(offsets, indices, values, n_latents, k, similarity=similarity)'s
+    min(k, P) pairs, without writing them; differentiable in values (the same gradient as summing
+    the selection). CPU with aosae._C and similarity "dot" only: None otherwise (the caller then
+    makes the selection). The same arguments and checks as coactive_topk."""
+    _validate(offsets, indices, values, n_latents, k, similarity)
+    module, _ = _extension.load()
+    if similarity != "dot" or values.device.type != "cpu" or module is None \
+            or not hasattr(module, "sparse_csr_topk_sum") or torch.compiler.is_compiling():
+        return None
+    with torch.no_grad():
+        c = _checked(offsets.long(), indices.long(), values.detach(), n_latents)
+    acc = accumulation_dtype(values.dtype)
+    if c.uniq.numel() < 2:  # no pair: a zero that still reaches values (a zero gradient)
+        return TopKSum((values * 0).sum().to(acc), 0, 0.0)
+    total, kept, kth = _TopKSum.apply(values, c, k)
+    return TopKSum(total, kept, kth)
+
+
+class _TopKSum(torch.autograd.Function):
+    """The C++ sum on canonical rows; its backward re-derives the kept pairs from (kth, tie_cut)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, c: Canonical, k: int):
+        module = _extension.require()
+        vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
+        u = c.uniq.numel()
+        total, kth, tie_cut, kept, in_block, block = module.sparse_csr_topk_sum(c.row_ptr, c.cols, vals, u, k)
+        perm = c.perm if c.perm is not None else c.cols.new_empty(0)
+        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, block)
+        ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.dtype = u, float(kth), int(tie_cut), int(in_block), values.dtype
+        return total.to(vals.dtype), int(kept), float(kth)
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kept, _grad_kth):
+        row_ptr, cols, vals, perm, block = ctx.saved_tensors
+        grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,
+                                                                 ctx.kth, ctx.tie_cut, block, ctx.in_block)
+        if perm.numel() > 0:  # canonical order -> the caller's
+            grad = torch.empty_like(grad).index_copy_(0, perm, grad)
+        return grad.to(ctx.dtype), None, None

@@ -1,0 +1,250 @@
+// The backward of sparse_csr_topk_sum (csrc/gram_topk_sparse.cpp) on CPU: the gradient of
+// Σ |C_ij| over the min(k, P) best co-active pairs at every entry of canonical CSR rows, from
+// the forward's cut (kth, tie_cut) instead of a list of the pairs: a pair is kept when
+// |C_ij| > kth, or |C_ij| = kth and i·n + j <= tie_cut (kth 0 and tie_cut -1: every non-zero
+// pair). The scores are recomputed exactly as the forward summed them:
+//   - the rows outside the GEMM block (csrc/dense_rows.h, the same plan as the forward's):
+//     latent by latent (Gustavson), C_ij for the partners j > i summed in row order into a
+//     dense row, then each row pair's slot gets g·sign(C_ij) when (i, j) is kept, else 0, and
+//     a row-by-row pass adds the slots' products (coactive_backward's layout: each slot
+//     written once, each entry summed in a fixed order, no atomics);
+//   - the pairs inside U × U: their scores are the forward's block (saved, not recomputed),
+//     and the moved rows' gradient is A_H · G_U, per kept pair (few kept inside U × U) or one
+//     GEMM (most of it kept).
+// Nothing is sized by k: work O(Σ_t L_t² + u²), memory O(Σ_{other rows} L_t² + nnz + threads·n)
+// on top of the block.
+//
+// No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls register_topk_sum_backward(m).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "csr_checks.h"
+#include "dense_rows.h"
+#include "pair_select.h"
+
+namespace {
+
+using torch::Tensor;
+
+// How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
+enum class Product { kAuto, kSparse, kDense };
+
+template <typename acc_t>
+Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
+                              double kth_d, int64_t tie_cut, const Tensor& block_t, int64_t inside, Product product) {
+  const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t* ca = cols.data_ptr<int64_t>();
+  const acc_t* x = vals.data_ptr<acc_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse_csr_topk_sum_backward: row_ptr must run from 0 to nnz");
+  for (int64_t t = 0; t < m; ++t) {
+    TORCH_CHECK(rp[t] <= rp[t + 1], "sparse_csr_topk_sum_backward: row_ptr must not decrease");
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e)
+      TORCH_CHECK(ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]),
+                  "sparse_csr_topk_sum_backward: row ", t, "'s cols must lie in [0, n) and ascend strictly");
+  }
+  const acc_t kth = static_cast<acc_t>(kth_d);
+  const acc_t g = static_cast<acc_t>(grad);
+  auto kept = [&](acc_t v, int64_t i, int64_t j) {
+    const acc_t a = std::abs(v);
+    return a > kth || (a == kth && i * n + j <= tie_cut);
+  };
+  auto slot_grad = [&](acc_t v, int64_t i, int64_t j) { return kept(v, i, j) ? (v < 0 ? -g : g) : acc_t(0); };
+
+  // The forward's plan: the same rows go to the block, over the same latents.
+  const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
+  const uint8_t* moved = dense.moved.data();
+  const int32_t* position = dense.position.data();
+  const int64_t width = dense.size();
+  TORCH_CHECK(block_t.dim() == 2 && block_t.size(0) == width && block_t.size(1) == width,
+              "sparse_csr_topk_sum_backward: block is ", block_t.sizes(), " but these rows' plan has ", width,
+              " latents: pass the block that sparse_csr_topk_sum returned for these rows");
+  const acc_t* block = width > 0 ? block_t.data_ptr<acc_t>() : nullptr;
+
+  // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
+  std::vector<int64_t> occ_ptr(n + 1, 0), row_of(nnz), slot0(m + 1, 0);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t e = rp[t]; e < rp[t + 1] && !moved[t]; ++e) ++occ_ptr[ca[e] + 1];
+  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  std::vector<int64_t> occ(occ_ptr[n]);
+  {
+    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t L = moved[t] ? 0 : rp[t + 1] - rp[t];
+      slot0[t + 1] = slot0[t] + L * (L - 1) / 2;
+      for (int64_t e = rp[t]; e < rp[t] + L; ++e) {
+        occ[fill[ca[e]]++] = e;
+        row_of[e] = t;
+      }
+    }
+  }
+  acc_t* G = aosae::Scratch<acc_t, 2>::get(static_cast<size_t>(slot0[m]));
+  if (slot0[m] > 0) {
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+    {
+      std::vector<acc_t> row_acc(n, acc_t(0));
+      acc_t* acc = row_acc.data();
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pi = position[i];
+        const acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+        auto in_block = [&](int64_t j) { return block_row != nullptr && position[j] >= 0; };
+        // C_ij outside the block, summed as the forward sums it (same entries, same order)
+        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+          const int64_t s = occ[u], end = rp[row_of[s] + 1];
+          const acc_t vi = x[s];
+          for (int64_t q = s + 1; q < end; ++q)
+            if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
+        }
+        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+          const int64_t s = occ[u], t = row_of[s], s0 = s - rp[t], L = rp[t + 1] - rp[t];
+          acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
+          for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
+            const int64_t j = ca[q];
+            *out++ = slot_grad(in_block(j) ? block_row[position[j]] : acc[j], i, j);
+          }
+        }
+        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
+          for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
+      }
+    }
+  }
+  Tensor out = at::zeros({nnz}, vals.options());
+  acc_t* o = out.data_ptr<acc_t>();
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (moved[t]) continue;  // the product below
+      const int64_t b = rp[t], e_end = rp[t + 1];
+      const acc_t* w = G + slot0[t];
+      for (int64_t e = b; e < e_end; ++e) {
+        acc_t own = acc_t(0);
+        for (int64_t q = e + 1; q < e_end; ++q, ++w) {
+          own += *w * x[q];
+          o[q] += *w * x[e];
+        }
+        o[e] += own;
+      }
+    }
+  });
+  aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
+  if (width == 0) return out;
+
+  // The moved rows: A_H · G_U, G_U the kept pairs' gradients inside U × U (symmetric).
+  const int64_t* latent = dense.latents.data();
+  std::vector<int64_t> moved_rows;
+  for (int64_t t = 0; t < m; ++t)
+    if (moved[t]) moved_rows.push_back(t);
+  const int64_t h = static_cast<int64_t>(moved_rows.size());
+  const int threads = std::max(1, at::get_num_threads());
+  if (inside < 0 && product == Product::kAuto) {  // not passed: count the kept pairs inside U × U
+    int64_t count = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 16) reduction(+ : count)
+    for (int64_t p = 0; p < width; ++p)
+      for (int64_t q = p + 1; q < width; ++q) count += kept(block[p * width + q], latent[p], latent[q]);
+    inside = count;
+  }
+  // as coactive_backward decides: ns per scattered multiply-add vs per GEMM multiply-add and G_U entry
+  const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.012 * h + 3.0) * width * width;
+  if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
+    // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
+    std::vector<acc_t> a_t(width * h, acc_t(0));
+    for (int64_t r = 0; r < h; ++r)
+      for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) a_t[position[ca[e]] * h + r] = x[e];
+    std::vector<std::vector<acc_t>> out_t(threads, std::vector<acc_t>(width * h, acc_t(0)));
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<acc_t>& mine = out_t[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t p = 0; p < width; ++p)
+        for (int64_t q = p + 1; q < width; ++q) {
+          const acc_t gp = slot_grad(block[p * width + q], latent[p], latent[q]);
+          if (gp == acc_t(0)) continue;
+          acc_t* op = mine.data() + p * h;
+          acc_t* oq = mine.data() + q * h;
+          const acc_t* ap = a_t.data() + p * h;
+          const acc_t* aq = a_t.data() + q * h;
+#pragma GCC ivdep
+          for (int64_t r = 0; r < h; ++r) {
+            op[r] += gp * aq[r];
+            oq[r] += gp * ap[r];
+          }
+        }
+    }
+    at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) {
+          acc_t sum = acc_t(0);
+          for (const auto& part : out_t) sum += part[position[ca[e]] * h + r];
+          o[e] += sum;
+        }
+    });
+    return out;
+  }
+  // most of U × U kept: G_U dense and symmetric (written in both triangles), then one GEMM
+  Tensor sym = aosae::empty_pooled(width * width, vals.scalar_type()).view({width, width});
+  acc_t* gu = sym.data_ptr<acc_t>();
+  constexpr int64_t kTile = 64;  // tiles of both triangles at once: the mirror's writes stay in cache
+  const int64_t tiles = (width + kTile - 1) / kTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi)
+      for (int64_t bj = bi; bj < tiles; ++bj)
+        for (int64_t p = bi * kTile; p < std::min(width, (bi + 1) * kTile); ++p) {
+          if (bj == bi) gu[p * width + p] = acc_t(0);
+          for (int64_t q = std::max(p + 1, bj * kTile); q < std::min(width, (bj + 1) * kTile); ++q)
+            gu[q * width + p] = gu[p * width + q] = slot_grad(block[p * width + q], latent[p], latent[q]);
+        }
+  });
+  Tensor a_h = at::zeros({h, width}, vals.options());
+  acc_t* ah = a_h.data_ptr<acc_t>();
+  for (int64_t r = 0; r < h; ++r)
+    for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) ah[r * width + position[ca[e]]] = x[e];
+  const Tensor prod = at::mm(a_h, sym).contiguous();
+  const acc_t* pr = prod.data_ptr<acc_t>();
+  at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) o[e] += pr[r * width + position[ca[e]]];
+  });
+  return out;
+}
+
+}  // namespace
+
+// sparse_csr_topk_sum's backward: grad (the upstream gradient of the sum), the same canonical CSR
+// rows (row_ptr [m+1] int64, cols [nnz] int64 ascending within each row, in [0, n), vals [nnz]
+// float32/float64), n, and the forward's kth, tie_cut, block and kept_in_block (inside; -1: counted
+// here) -> the gradient at every entry, [nnz] in vals' dtype.
+Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
+                                    int64_t n, double kth, int64_t tie_cut, const Tensor& block, int64_t inside,
+                                    const std::string& product) {
+  TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
+              "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
+  const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
+  aosae::check_csr_rows("sparse_csr_topk_sum_backward", row_ptr, cols, vals, n, 2);
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu() && block.device().is_cpu(),
+              "sparse_csr_topk_sum_backward: CPU tensors only");
+  TORCH_CHECK(block.numel() == 0 || block.scalar_type() == vals.scalar_type(),
+              "sparse_csr_topk_sum_backward: block must have vals' dtype");
+  at::NoGradGuard no_grad;
+  const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous(), bl = block.contiguous();
+  if (va.scalar_type() == at::kDouble) return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how);
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how);
+}
+
+void register_topk_sum_backward(pybind11::module& m) {
+  namespace py = pybind11;
+  m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
+        py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("block"),
+        py::arg("inside") = -1, py::arg("product") = "auto", py::call_guard<py::gil_scoped_release>(),
+        "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
+        "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': one GEMM)");
+}

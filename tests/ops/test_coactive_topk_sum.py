@@ -1,0 +1,178 @@
+"""coactive_topk_sum, the sum of the k best co-active pairs without their list (C++, CPU, dot):
+equal to the sum over coactive_topk's selection, value and gradient, for any k (below, at and
+above the number of co-active pairs), with ties, zeros, negative values, dense rows through the
+GEMM block (both products of its backward), every dtype; the loss takes it when its closed form
+declines; the dense-row plan skips a row too wide for the block instead of giving up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aosae.nn.loss import TopKOrthoLoss
+from aosae.ops import coactive_topk as co
+from aosae.ops.coactive_sum import coactive_topk_sum
+from aosae.ops.coactive_topk import coactive_topk
+from aosae.ops.gram_topk import kth_score
+from test_coactive_topk import assert_block_taken, cpp_module, outlier_rows, ragged_rows
+
+BIG_K = 10**12
+
+
+@pytest.fixture(autouse=True)
+def _fresh_inputs(seed):
+    """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it)."""
+    cpp_module()  # skips without the extension
+
+
+def selection_sum(offsets, indices, values, n, k):
+    """Σ |C_ij| over the op's selection, its gradient w.r.t. values, and the pairs."""
+    v = values.detach().clone().requires_grad_()
+    pairs = coactive_topk(offsets, indices, v, n, k, ordered=False)
+    total = pairs.values.abs().sum()
+    total.backward()
+    return total.detach(), v.grad, pairs
+
+
+def summed(offsets, indices, values, n, k):
+    v = values.detach().clone().requires_grad_()
+    found = coactive_topk_sum(offsets, indices, v, n, k)
+    assert found is not None
+    found.total.backward()
+    return found, v.grad
+
+
+def rows_of(kind, dtype, *, integer=False, signed=False, zeros=0.0):
+    if kind == "ragged":
+        offsets, indices, values, _ = ragged_rows(int(torch.randint(20, 60, ())), 97, 11, dtype=dtype,
+                                                  integer=integer, signed=signed, zeros=zeros)
+        return offsets, indices, values, 97
+    if kind == "outliers":  # a few long rows: the GEMM block, forward and backward
+        offsets, indices, values, _, n = outlier_rows(dtype, integer=integer, signed=signed, zeros=zeros)
+        assert_block_taken(offsets, indices, values)
+        return offsets, indices, values, n
+    B, L, n = int(torch.randint(5, 40, ())), 7, 301
+    indices = torch.stack([torch.randperm(n)[:L] for _ in range(B)]).flatten()
+    values = torch.randint(1, 4, (B * L,)).double() if integer else torch.rand(B * L, dtype=torch.float64) + 0.05
+    return torch.arange(B + 1) * L, indices, values.to(dtype), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["ragged", "outliers", "topk"])
+@pytest.mark.parametrize("values", ["random", "ties", "signed_with_zeros"])
+def test_equals_the_selections_sum_and_gradient_at_every_k(dtype, kind, values):
+    offsets, indices, vals, n = rows_of(kind, dtype, integer=values == "ties", signed=values != "random",
+                                        zeros=0.2 if values != "random" else 0.0)
+    pairs = coactive_topk(offsets, indices, vals, n, BIG_K).values.numel()
+    assert pairs > 3
+    for k in sorted({1, 2, int(torch.randint(1, pairs, ())), pairs // 2, pairs - 1, pairs, pairs + 1, BIG_K}):
+        found, grad = summed(offsets, indices, vals, n, k)
+        want, want_grad, selection = selection_sum(offsets, indices, vals, n, k)
+        assert found.kept == selection.values.numel() == min(k, pairs)
+        assert found.total.dtype == want.dtype
+        # the kth it reports is the selection's (0 when every pair is kept), exactly
+        assert found.kth == float(kth_score(selection.values.detach(), k))
+        # float32: the selection sums its float32 values in float32, this sum in float64
+        eps = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(found.total, want, rtol=eps, atol=eps)
+        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+
+
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_both_products_of_the_block_give_the_selections_gradient(product):
+    """The moved rows' gradient A_H · G_U, per kept pair or as one GEMM, whichever the cost model
+    would pick: both equal the selection's (float64)."""
+    module = cpp_module()
+    offsets, indices, values, n = rows_of("outliers", torch.float64, signed=True)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    for k in (pairs // 50, pairs // 2, pairs - 1):
+        total, kth, tie_cut, kept, in_block, block = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k)
+        assert block.shape[0] >= 2 and 0 < in_block <= kept == k
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+                                                   product=product)
+        want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+
+
+def test_int32_ids_unsorted_rows_and_half_precision():
+    offsets, indices, values, n = rows_of("outliers", torch.float64)
+    k = coactive_topk(offsets, indices, values, n, BIG_K).values.numel() // 3
+    found, grad = summed(offsets.int(), indices.int(), values, n, k)  # rows in random order: a permutation
+    want, want_grad, _ = selection_sum(offsets, indices, values, n, k)
+    torch.testing.assert_close(found.total, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+    for dtype in (torch.float16, torch.bfloat16):
+        v = values.to(dtype)
+        found, grad = summed(offsets, indices, v, n, k)
+        want, want_grad, _ = selection_sum(offsets, indices, v, n, k)
+        assert found.total.dtype == torch.float32 and grad.dtype == dtype
+        torch.testing.assert_close(found.total, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, want_grad)
+
+
+def test_declines_where_it_does_not_apply_and_names_bad_input():
+    offsets, indices, values, _ = ragged_rows(30, 40, 8)
+    assert coactive_topk_sum(offsets, indices, values, 40, 5, similarity="cosine") is None
+    offsets, values = torch.tensor([0, 2, 3]), torch.ones(3)
+    with pytest.raises(ValueError, match="repeats a latent"):
+        coactive_topk_sum(offsets, torch.tensor([1, 1, 2]), values, 4, 1)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        coactive_topk_sum(offsets, torch.tensor([0, 1, 2]), values, 2, 1)
+    with pytest.raises(ValueError, match="NaN"):
+        coactive_topk_sum(offsets, torch.tensor([0, 1, 2]), torch.tensor([1.0, float("nan"), 1.0]), 4, 1)
+    with pytest.raises(ValueError, match="k must"):
+        coactive_topk_sum(offsets, torch.tensor([0, 1, 2]), values, 4, 0)
+    # one active latent: no pair, a zero that still reaches values
+    v = torch.ones(2, requires_grad=True)
+    found = coactive_topk_sum(torch.tensor([0, 1, 2]), torch.tensor([3, 3]), v, 4, 1)
+    found.total.backward()
+    assert float(found.total.detach()) == 0 and found.kept == 0 and bool((v.grad == 0).all())
+
+
+def test_backward_rejects_a_block_of_other_rows():
+    module = cpp_module()
+    offsets, indices, values, n = rows_of("outliers", torch.float64)
+    c = co.canonical(offsets, indices, values)
+    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
+    with pytest.raises(RuntimeError, match="pass the block that sparse_csr_topk_sum returned"):
+        module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
+                                            out[5][:-1, :-1])
+
+
+def test_the_loss_sums_without_selecting_and_logs_from_the_count():
+    """k below the co-active pairs: TopKOrthoLoss takes the sum (no selection in the call), and the
+    share, the mean |C| and the checkpoint's k-th score equal the selection's."""
+    offsets, indices, values, n = rows_of("outliers", torch.float32)
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    loss = TopKOrthoLoss(k=pairs // 3)
+    v = values.clone().requires_grad_()
+    penalty = loss.from_sparse((offsets, indices, v), n)
+    assert loss._unselected is not None  # nothing selected yet
+    penalty.backward()
+    want_total, want_grad, selection = selection_sum(offsets, indices, values, n, pairs // 3)
+    batch = offsets.numel() - 1
+    torch.testing.assert_close(penalty.detach(), want_total / batch, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(v.grad, want_grad / batch, rtol=2e-5, atol=2e-5 * float(want_grad.abs().max()) / batch)
+    assert loss.last_nonzero_share == 1.0  # every one of the k held a pair
+    assert float(loss._kth) == float(kth_score(selection.values, pairs // 3))
+    torch.testing.assert_close(loss.last_mean_abs, want_total / batch / (pairs // 3), rtol=2e-5, atol=1e-9)
+    assert loss._unselected is not None  # the logging above needed no selection
+    assert loss.last_pairs.values.numel() == pairs // 3  # made when asked for
+
+
+def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
+    """One token on more latents than the block takes (16384, BatchTopK mid-training at 262144):
+    the other dense rows still go to the block (the plan used to stop at the first row that did
+    not fit, and every row pair then went through the pair path)."""
+    module = cpp_module()
+    wide = torch.randperm(20000)[:16500]
+    dense = [torch.randperm(600)[:300] for _ in range(3)]
+    short = [torch.randperm(20000)[:3] for _ in range(40)]
+    rows = [wide, *dense, *short]
+    indices = torch.cat(rows)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    values = torch.rand(indices.numel()) + 0.05
+    moved = module.sparse_dense_rows(offsets, indices, values, 20000)
+    assert moved.tolist() == [1, 2, 3]
