@@ -176,7 +176,7 @@ class TopKOrthoLoss(nn.Module):
     @property
     def last_nonzero_share(self) -> float:
         """Share of the last call's k that held a pair with a non-zero score (NaN before any)."""
-        if self._last is not None and self._last[2] is not None:  # a sum that counted its pairs
+        if self._unselected is not None and self._last[2] is not None:  # a sum that counted its pairs
             return self._last[2] / max(1, self.last_k)
         if self.last_pairs is None:
             return float("nan")
@@ -201,7 +201,8 @@ class TopKOrthoLoss(nn.Module):
         call), from the penalty's own sum: no pass over the selection when it is unpadded."""
         if self._last is None:
             return None
-        penalty, unpadded, count = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
+        penalty, unpadded, *count = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
+        count = count[0] if count else None  # (a module saved before the count was kept)
         if self.reduction == "mean":
             return penalty
         if count is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from aosae.ops import extension as _extension
 from aosae.ops.coactive_topk import Canonical, _checked, _validate
@@ -97,7 +98,7 @@ class TopKSum(NamedTuple):
 
     total: torch.Tensor  # 0-d, accumulation dtype, differentiable in values
     kept: int  # min(k, P): the pairs summed
-    kth: float  # the k-th best |C_ij| (0 when every co-active pair is kept)
+    kth: float  # the k-th best |C_ij| (0 when fewer than k co-active pairs: every one is kept)
 
 
 def coactive_topk_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_latents: int, k: int, *,
@@ -107,9 +108,10 @@ def coactive_topk_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torc
     the selection). CPU with aosae._C and similarity "dot" only: None otherwise (the caller then
     makes the selection). The same arguments and checks as coactive_topk."""
     _validate(offsets, indices, values, n_latents, k, similarity)
+    if torch.compiler.is_compiling() or similarity != "dot" or values.device.type != "cpu":
+        return None  # (compiled: the loss's selection is the custom op, which the compiler traces)
     module, _ = _extension.load()
-    if similarity != "dot" or values.device.type != "cpu" or module is None \
-            or not hasattr(module, "sparse_csr_topk_sum") or torch.compiler.is_compiling():
+    if module is None or not hasattr(module, "sparse_csr_topk_sum"):
         return None
     with torch.no_grad():
         c = _checked(offsets.long(), indices.long(), values.detach(), n_latents)
@@ -135,6 +137,7 @@ class _TopKSum(torch.autograd.Function):
         return total.to(vals.dtype), int(kept), float(kth)
 
     @staticmethod
+    @once_differentiable  # the backward is a kernel: a second derivative would silently be zero
     def backward(ctx, grad_total, _grad_kept, _grad_kth):
         row_ptr, cols, vals, perm, block = ctx.saved_tensors
         grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,

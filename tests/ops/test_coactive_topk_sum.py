@@ -94,6 +94,9 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+        # without the forward's count of kept pairs in the block, the backward counts them itself
+        counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block)
+        torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
 
 def test_int32_ids_unsorted_rows_and_half_precision():
@@ -160,6 +163,8 @@ def test_the_loss_sums_without_selecting_and_logs_from_the_count():
     torch.testing.assert_close(loss.last_mean_abs, want_total / batch / (pairs // 3), rtol=2e-5, atol=1e-9)
     assert loss._unselected is not None  # the logging above needed no selection
     assert loss.last_pairs.values.numel() == pairs // 3  # made when asked for
+    loss.last_pairs = None  # a reset forgets the count too
+    assert loss.last_nonzero_share != loss.last_nonzero_share  # NaN
 
 
 def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():

@@ -101,20 +101,23 @@ def estimate_pairs(a: torch.Tensor) -> float:
 
 
 def _block_plan(rows: torch.Tensor, l0: torch.Tensor, weight: float, c: dict) -> tuple[float, float]:
-    """The GEMM block of csrc/dense_rows.h on the sample: the densest rows first while the
-    latents they touch fit in the block's width cap, the cheapest prefix. Returns (pairs those
-    rows take off the pair path, the block's cost in ns), both for the whole batch."""
+    """The GEMM block of csrc/dense_rows.h on the sample: the densest rows first, skipping a row
+    that would widen the latents they touch past the block's width cap, the cheapest prefix of
+    the rows taken. Returns (pairs those rows take off the pair path, the block's cost in ns),
+    both for the whole batch."""
     heavy = (l0 >= c["block_min_l0"]).nonzero().flatten()
     if heavy.numel() == 0:
         return 0.0, 0.0
     heavy = heavy[l0[heavy].argsort(descending=True)]
-    touched, sizes = torch.zeros(rows.shape[1], dtype=torch.bool), []
-    for row in rows[heavy]:  # |U| after each prefix, until it no longer fits
-        touched |= row
-        sizes.append(float(touched.view(torch.uint8).sum(dtype=torch.int32)))
-        if sizes[-1] > c["block_max_latents"]:
-            sizes.pop()
-            break
+    touched, sizes, taken = torch.zeros(rows.shape[1], dtype=torch.bool), [], []
+    for t, row in zip(heavy.tolist(), rows[heavy]):  # |U| after each row taken
+        wider = touched | row
+        size = float(wider.view(torch.uint8).sum(dtype=torch.int32))
+        if size > c["block_max_latents"]:
+            continue
+        touched, sizes = wider, sizes + [size]
+        taken.append(t)
+    heavy = torch.tensor(taken, dtype=torch.int64)
     fits = len(sizes)
     if fits == 0:
         return 0.0, 0.0
