@@ -41,10 +41,23 @@ constexpr int64_t kMinDenseRowL0 = 128;
 // 4 B per pair is below what the caller's output of those pairs takes anyway (20–36 B).
 constexpr int64_t kMaxDenseLatents = 16384;
 constexpr int64_t kMaxDenseBlockBytes = int64_t(1) << 30;
+// Past that, a block is allowed while it takes no more memory than the pair path would for the
+// row pairs it replaces: a partner id and a score in the forward's buckets and a gradient slot
+// in the backward, 4 + 2·sizeof(acc_t) bytes per row pair. BatchTopK mid-training at d_sae 262144
+// has one token on every one of the batch's 22 897 active latents: 2.6·10⁸ row pairs, 3.1 GB on
+// the pair path (and ≈ 8 ns each), 2.1 GB as a block (a GEMM and a few scans). Never past 2¹⁶.
+constexpr int64_t kMaxDenseLatentsHard = int64_t(1) << 16;
 
 template <typename acc_t>
 constexpr int64_t max_dense_latents() {
   return sizeof(acc_t) <= 4 ? kMaxDenseLatents : 11585;  // floor(sqrt(kMaxDenseBlockBytes / 8))
+}
+
+// Whether a block over u latents may replace the pair path for `row_pairs` row pairs.
+template <typename acc_t>
+inline bool block_fits(double u, double row_pairs) {
+  if (u <= max_dense_latents<acc_t>()) return true;
+  return u <= kMaxDenseLatentsHard && u * u * sizeof(acc_t) <= (4.0 + 2.0 * sizeof(acc_t)) * row_pairs;
 }
 
 template <typename acc_t>
@@ -89,12 +102,12 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   for (const int64_t t : order) {
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += !in_u[cp[e]];
-    if (u + fresh > max_dense_latents<acc_t>()) continue;
+    const double L = static_cast<double>(rp[t + 1] - rp[t]);
+    if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2)) continue;
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
     u += fresh;
     taken.push_back(t);
     const int64_t h = static_cast<int64_t>(taken.size());
-    const double L = static_cast<double>(rp[t + 1] - rp[t]);
     moved_pairs += L * (L - 1) / 2;
     const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u;
     if (c < best_cost) {

@@ -298,18 +298,39 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     std::vector<int64_t> part_in_block(parts, 0);
     std::vector<acc_t> part_min(parts, std::numeric_limits<acc_t>::infinity());
     auto in_block = [&](int64_t i, int64_t j) { return position[i] >= 0 && position[j] >= 0; };
+    // The summing entry's pass over part p's rows: the sum, count and minimum of the pairs above
+    // the k-th's bin (every non-zero pair when bar = -1), those in that bin collected into edge.
+    // Branch-free over the block's rows, which hold most of BatchTopK's pairs, kept or not in no
+    // order (a branch there cost as much as the block's GEMM); the buckets' pairs are never in it.
+    auto sum_part = [&](int64_t p, std::vector<Candidate<acc_t>>* edge) {
+      double total = 0;
+      int64_t count = 0, count_block = 0;
+      acc_t lowest = std::numeric_limits<acc_t>::infinity();
+      for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) {
+        auto visit = [&](acc_t v, int64_t j, int64_t& counter) {
+          const int64_t bin = aosae::magnitude_bin(v);
+          const bool above = (bin > bar) & (v != acc_t(0));
+          const acc_t a = std::abs(v);
+          total += above ? static_cast<double>(a) : 0.0;
+          counter += above;
+          lowest = above ? std::min(lowest, a) : lowest;
+          if (bin == bar && edge != nullptr) edge->push_back({v, i * n + j});  // (bar >= 0: v != 0)
+        };
+        const int64_t b = bucket_start[i];
+        for (int64_t u = 0; u < distinct[i]; ++u) visit(pv[b + u], static_cast<int64_t>(pj[b + u]), count);
+        const int64_t pi = position[i];
+        for (int64_t q = pi + 1; pi >= 0 && q < width; ++q) visit(block[pi * width + q], block_latent[q], count_block);
+      }
+      part_sum[p] = total;
+      part_in_block[p] = count_block;
+      part_min[p] = lowest;
+      return count + count_block;
+    };
     if (keep_all) {
       for (int64_t p = 0; p <= parts; ++p) out_begin[p] = start[part_begin[p]];
       if (sum_out) {
         at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t p = begin; p < end; ++p) {
-            auto offer = [&](acc_t v, int64_t i, int64_t j) {
-              part_sum[p] += std::abs(static_cast<double>(v));
-              part_in_block[p] += in_block(i, j);
-              part_min[p] = std::min(part_min[p], std::abs(v));
-            };
-            for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
-          }
+          for (int64_t p = begin; p < end; ++p) sum_part(p, nullptr);
         });
       }
     } else {
@@ -317,16 +338,16 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       std::vector<std::vector<Candidate<acc_t>>> edge(parts);
       at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
+          if (sum_out) {
+            sure_count[p] = sum_part(p, &edge[p]);
+            continue;
+          }
           int64_t count = 0;
           auto& mine = edge[p];
           auto offer = [&](acc_t v, int64_t i, int64_t j) {
             const int64_t bin = aosae::magnitude_bin(v);
             count += bin > bar;
             if (bin == bar) mine.push_back({v, i * n + j});
-            if (sum_out && bin > bar) {
-              part_sum[p] += std::abs(static_cast<double>(v));
-              part_in_block[p] += in_block(i, j);
-            }
           };
           for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
           sure_count[p] = count;

@@ -10,7 +10,7 @@
 //     written once, each entry summed in a fixed order, no atomics);
 //   - the pairs inside U × U: their scores are the forward's block (saved, not recomputed),
 //     and the moved rows' gradient is A_H · G_U, per kept pair (few kept inside U × U) or one
-//     GEMM (most of it kept).
+//     GEMM (most of it kept; G_U is then written over the block, which is spent).
 // Nothing is sized by k: work O(Σ_t L_t² + u²), memory O(Σ_{other rows} L_t² + nnz + threads·n)
 // on top of the block.
 //
@@ -55,11 +55,15 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   }
   const acc_t kth = static_cast<acc_t>(kth_d);
   const acc_t g = static_cast<acc_t>(grad);
+  // branch-free: about two thirds of the block's pairs are kept at BatchTopK 262144, in no order
   auto kept = [&](acc_t v, int64_t i, int64_t j) {
     const acc_t a = std::abs(v);
-    return a > kth || (a == kth && i * n + j <= tie_cut);
+    return (a > kth) | ((a == kth) & (i * n + j <= tie_cut));
   };
-  auto slot_grad = [&](acc_t v, int64_t i, int64_t j) { return kept(v, i, j) ? (v < 0 ? -g : g) : acc_t(0); };
+  auto slot_grad = [&](acc_t v, int64_t i, int64_t j) {
+    const acc_t signed_g = v < 0 ? -g : g;
+    return kept(v, i, j) ? signed_g : acc_t(0);
+  };
 
   // The forward's plan: the same rows go to the block, over the same latents.
   const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
@@ -190,20 +194,25 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     });
     return out;
   }
-  // most of U × U kept: G_U dense and symmetric (written in both triangles), then one GEMM
-  Tensor sym = aosae::empty_pooled(width * width, vals.scalar_type()).view({width, width});
+  // most of U × U kept: G_U dense and symmetric (written in both triangles), then one GEMM. It
+  // overwrites the block (each upper entry is read before it is written, the lower triangle is
+  // never read): a second u² buffer would double the peak (2.1 GB each at u 22 897). The block
+  // is spent: the caller must not pass it again.
+  Tensor sym = block_t;
   acc_t* gu = sym.data_ptr<acc_t>();
   constexpr int64_t kTile = 64;  // tiles of both triangles at once: the mirror's writes stay in cache
   const int64_t tiles = (width + kTile - 1) / kTile;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bi = begin; bi < end; ++bi)
-      for (int64_t bj = bi; bj < tiles; ++bj)
-        for (int64_t p = bi * kTile; p < std::min(width, (bi + 1) * kTile); ++p) {
-          if (bj == bi) gu[p * width + p] = acc_t(0);
-          for (int64_t q = std::max(p + 1, bj * kTile); q < std::min(width, (bj + 1) * kTile); ++q)
-            gu[q * width + p] = gu[p * width + q] = slot_grad(block[p * width + q], latent[p], latent[q]);
-        }
-  });
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)  // tile row bi holds tiles − bi tiles
+  for (int64_t bi = 0; bi < tiles; ++bi)
+    for (int64_t bj = bi; bj < tiles; ++bj)
+      for (int64_t p = bi * kTile; p < std::min(width, (bi + 1) * kTile); ++p) {
+        if (bj == bi) gu[p * width + p] = acc_t(0);
+        acc_t* row = gu + p * width;
+        const int64_t lp = latent[p];
+        const int64_t q_end = std::min(width, (bj + 1) * kTile);
+        for (int64_t q = std::max(p + 1, bj * kTile); q < q_end; ++q) row[q] = slot_grad(row[q], lp, latent[q]);
+        for (int64_t q = std::max(p + 1, bj * kTile); q < q_end; ++q) gu[q * width + p] = row[q];
+      }
   Tensor a_h = at::zeros({h, width}, vals.options());
   acc_t* ah = a_h.data_ptr<acc_t>();
   for (int64_t r = 0; r < h; ++r)

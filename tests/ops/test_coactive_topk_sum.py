@@ -95,6 +95,8 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
         # without the forward's count of kept pairs in the block, the backward counts them itself
+        # (a fresh block: the dense product writes its G_U over the one it is given)
+        block = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k)[5]
         counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
@@ -167,17 +169,19 @@ def test_the_loss_sums_without_selecting_and_logs_from_the_count():
     assert loss.last_nonzero_share != loss.last_nonzero_share  # NaN
 
 
-def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
-    """One token on more latents than the block takes (16384, BatchTopK mid-training at 262144):
-    the other dense rows still go to the block (the plan used to stop at the first row that did
-    not fit, and every row pair then went through the pair path)."""
-    module = cpp_module()
-    wide = torch.randperm(20000)[:16500]
-    dense = [torch.randperm(600)[:300] for _ in range(3)]
-    short = [torch.randperm(20000)[:3] for _ in range(40)]
-    rows = [wide, *dense, *short]
+def _plan(rows, n):
     indices = torch.cat(rows)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor([r.numel() for r in rows]).cumsum(0)])
-    values = torch.rand(indices.numel()) + 0.05
-    moved = module.sparse_dense_rows(offsets, indices, values, 20000)
-    assert moved.tolist() == [1, 2, 3]
+    return cpp_module().sparse_dense_rows(offsets, indices, torch.rand(indices.numel()) + 0.05, n).tolist()
+
+
+def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
+    """Past 16384 latents a block is taken while it needs no more memory than the pair path would
+    for its row pairs (one token on 16 500 latents: 1.4·10⁸ row pairs), never past 2¹⁶ latents;
+    a row beyond that is skipped and the other dense rows still go to the block (the plan used to
+    stop at the first row that did not fit: every row pair then went through the pair path)."""
+    dense = [torch.randperm(600)[:300] for _ in range(3)]
+    short = [torch.randperm(20000)[:3] for _ in range(40)]
+    # the wide row is taken (the 300-latent rows would then widen a 16 500² block for few pairs)
+    assert _plan([torch.randperm(20000)[:16500], *dense, *short], 20000) == [0]
+    assert _plan([torch.randperm(70000)[:65600], *dense, *short], 70000) == [1, 2, 3]

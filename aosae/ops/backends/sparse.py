@@ -109,13 +109,15 @@ def _block_plan(rows: torch.Tensor, l0: torch.Tensor, weight: float, c: dict) ->
     if heavy.numel() == 0:
         return 0.0, 0.0
     heavy = heavy[l0[heavy].argsort(descending=True)]
-    touched, sizes, taken = torch.zeros(rows.shape[1], dtype=torch.bool), [], []
+    touched, sizes, taken, pairs = torch.zeros(rows.shape[1], dtype=torch.bool), [], [], 0.0
     for t, row in zip(heavy.tolist(), rows[heavy]):  # |U| after each row taken
         wider = touched | row
         size = float(wider.view(torch.uint8).sum(dtype=torch.int32))
-        if size > c["block_max_latents"]:
+        row_pairs = float(l0[t]) * (float(l0[t]) - 1) / 2
+        # past the width cap, a block no larger than the pair path's 12 B per row pair (dense_rows.h)
+        if size > c["block_max_latents"] and not (size <= 2**16 and 4 * size**2 <= 12 * (pairs + row_pairs)):
             continue
-        touched, sizes = wider, sizes + [size]
+        touched, sizes, pairs = wider, sizes + [size], pairs + row_pairs
         taken.append(t)
     heavy = torch.tensor(taken, dtype=torch.int64)
     fits = len(sizes)
