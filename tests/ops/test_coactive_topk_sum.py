@@ -185,3 +185,13 @@ def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
     # the wide row is taken (the 300-latent rows would then widen a 16 500² block for few pairs)
     assert _plan([torch.randperm(20000)[:16500], *dense, *short], 20000) == [0]
     assert _plan([torch.randperm(70000)[:65600], *dense, *short], 70000) == [1, 2, 3]
+
+
+def test_a_second_backward_is_refused_with_a_reason():
+    """The backward writes its G_U over the forward's block: it runs once, and says so."""
+    offsets, indices, values, n = rows_of("outliers", torch.float64)
+    v = values.clone().requires_grad_()
+    found = coactive_topk_sum(offsets, indices, v, n, 10)
+    found.total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="differentiated already"):
+        found.total.backward()
