@@ -134,17 +134,11 @@ class _TopKSum(torch.autograd.Function):
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)
         ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, block)
         ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.dtype = u, float(kth), int(tie_cut), int(in_block), values.dtype
-        ctx.spent = False
         return total.to(vals.dtype), int(kept), float(kth)
 
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would silently be zero
     def backward(ctx, grad_total, _grad_kept, _grad_kth):
-        if ctx.spent:
-            raise RuntimeError("the penalty's sum (aosae.ops.coactive_sum.coactive_topk_sum) was differentiated "
-                               "already: its backward reuses the forward's block of scores in place, so it runs "
-                               "once; recompute the penalty for a second backward instead of retain_graph=True")
-        ctx.spent = True
         row_ptr, cols, vals, perm, block = ctx.saved_tensors
         grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,
                                                                  ctx.kth, ctx.tie_cut, block, ctx.in_block)

@@ -94,9 +94,7 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
-        # without the forward's count of kept pairs in the block, the backward counts them itself
-        # (a fresh block: the dense product writes its G_U over the one it is given)
-        block = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k)[5]
+        # the same block again, without the forward's count of kept pairs in it: counted here
         counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
@@ -187,11 +185,42 @@ def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
     assert _plan([torch.randperm(70000)[:65600], *dense, *short], 70000) == [1, 2, 3]
 
 
-def test_a_second_backward_is_refused_with_a_reason():
-    """The backward writes its G_U over the forward's block: it runs once, and says so."""
+def test_a_second_backward_gives_the_same_gradient():
+    """retain_graph: SAELens' adapter tests and its runner differentiate the loss twice; the
+    saved block is read, never overwritten, so the second gradient equals the first."""
     offsets, indices, values, n = rows_of("outliers", torch.float64)
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     v = values.clone().requires_grad_()
-    found = coactive_topk_sum(offsets, indices, v, n, 10)
-    found.total.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="differentiated already"):
-        found.total.backward()
+    found = coactive_topk_sum(offsets, indices, v, n, pairs - 3)
+    (first,) = torch.autograd.grad(found.total, v, retain_graph=True)
+    (second,) = torch.autograd.grad(found.total, v)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.float32, 16500), (torch.float64, 11700)])
+def test_a_block_past_the_width_cap_sums_and_differentiates_exactly(dtype, width):
+    """One token on more latents than the 1 GiB block cap holds (16384 in float32, 11585 in
+    float64), as BatchTopK has mid-training at 262144, plus short rows: the plan takes it as one
+    block (its row pairs would cost more on the pair path), and with every pair kept the sum and
+    gradient equal the closed form's Σ_t ((Σ f)² − Σ f²)/2, which never sees the block; with k = P
+    the k-th score is the smallest, and k = P − 1 drops exactly it."""
+    from aosae.ops.coactive_sum import coactive_sum
+
+    n = width + 500
+    rows = [torch.randperm(n)[:width]] + [torch.randperm(n)[: int(torch.randint(0, 6, ()))] for _ in range(30)]
+    indices = torch.cat(rows)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    values = (torch.rand(indices.numel(), dtype=torch.float64) + 0.05).to(dtype)
+    assert 0 in _plan(rows, n)  # the wide row is in the block
+    found, grad = summed(offsets, indices, values, n, BIG_K)
+    v = values.clone().requires_grad_()
+    closed = coactive_sum(offsets, indices, v, n, BIG_K)
+    closed.backward()
+    eps = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(found.total, closed.detach(), rtol=eps, atol=0)
+    torch.testing.assert_close(grad, v.grad, rtol=eps, atol=eps * float(v.grad.abs().max()))
+    exact = coactive_topk_sum(offsets, indices, values, n, found.kept)
+    assert exact.kept == found.kept and exact.kth > 0
+    torch.testing.assert_close(exact.total, found.total, rtol=eps, atol=0)
+    fewer = coactive_topk_sum(offsets, indices, values, n, found.kept - 1)
+    torch.testing.assert_close(fewer.total, found.total - exact.kth, rtol=eps, atol=0)
