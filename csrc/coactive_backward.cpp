@@ -18,6 +18,7 @@
 #include "csr_checks.h"
 #include "dense_rows.h"
 #include "pair_select.h"
+#include "row_slots.h"
 
 namespace {
 
@@ -102,10 +103,10 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
   const uint8_t* moved = dense.moved.data();
   const int64_t width = dense.size();
   // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
-  std::vector<int64_t> occ_ptr(n + 1, 0), row_of(nnz), slot0(m + 1, 0);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t e = rp[t]; e < rp[t + 1] && !moved[t]; ++e) ++occ_ptr[ca[e] + 1];
-  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
+  const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
+  const std::vector<int64_t>& occ = slots.occ;
+  const std::vector<int64_t>& row_of = slots.row_of;
   // The selection grouped by i: ptr over latents, and the order (identity when already grouped);
   // only the pairs whose i has an entry in a slot row (the others go through the product).
   auto in_slots = [&](int64_t i) { return occ_ptr[i + 1] > occ_ptr[i]; };
@@ -127,59 +128,26 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
     for (int64_t p = 0; p < sel; ++p)
       if (in_slots(r[p])) order[fill[r[p]]++] = p;
   }
-  std::vector<int64_t> occ(occ_ptr[n]);
-  {
-    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
-    for (int64_t t = 0; t < m; ++t) {
-      const int64_t L = moved[t] ? 0 : rp[t + 1] - rp[t];
-      slot0[t + 1] = slot0[t] + L * (L - 1) / 2;
-      for (int64_t e = rp[t]; e < rp[t] + L; ++e) {
-        occ[fill[ca[e]]++] = e;
-        row_of[e] = t;
-      }
+  // one slot per row pair: W holds latent i's kept partners' gradients while its slots are written
+  acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* W) {
+    if (occ_ptr[i] == occ_ptr[i + 1]) return;  // no entry of i in a slot row
+    for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) {
+      const int64_t p = grouped ? q : order[q];
+      W[c[p]] = pair_grad(p);
     }
-  }
-  // one slot per row pair, each written once below: kept between calls (no zero fill, no faults)
-  acc_t* G = aosae::Scratch<acc_t, 2>::get(static_cast<size_t>(slot0[m]));
-  if (slot0[m] > 0) {
-#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
-    {
-      std::vector<acc_t> row_w(n, acc_t(0));
-      acc_t* W = row_w.data();
-#pragma omp for schedule(dynamic, 64)
-      for (int64_t i = 0; i < n; ++i) {
-        if (occ_ptr[i] == occ_ptr[i + 1]) continue;  // no entry of i in a slot row
-        for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) {
-          const int64_t p = grouped ? q : order[q];
-          W[c[p]] = pair_grad(p);
-        }
-        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-          const int64_t e = occ[u], t = row_of[e], s0 = e - rp[t], L = rp[t + 1] - rp[t];
-          acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
-          for (int64_t q = e + 1; q < rp[t + 1]; ++q) *out++ = W[ca[q]];  // later entries: ids > i
-        }
-        for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) W[c[grouped ? q : order[q]]] = acc_t(0);
-      }
+    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+      const int64_t e = occ[u], t = row_of[e];
+      acc_t* out = G + slots.first(e, t, rp);
+      for (int64_t q = e + 1; q < rp[t + 1]; ++q) *out++ = W[ca[q]];  // later entries: ids > i
     }
-  }
+    for (int64_t q = ptr[i]; q < ptr[i + 1]; ++q) W[c[grouped ? q : order[q]]] = acc_t(0);
+  });
   Tensor out = at::empty({nnz}, vals.options());
   acc_t* o = out.data_ptr<acc_t>();
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = rp[t], e_end = rp[t + 1];
-      for (int64_t e = b; e < e_end; ++e) o[e] = cosine ? diag[ca[e]] * x[e] : acc_t(0);
-      if (moved[t]) continue;  // the product below
-      const acc_t* w = G + slot0[t];
-      for (int64_t e = b; e < e_end; ++e) {
-        acc_t own = acc_t(0);
-        for (int64_t q = e + 1; q < e_end; ++q, ++w) {
-          own += *w * x[q];
-          o[q] += *w * x[e];
-        }
-        o[e] += own;
-      }
-    }
+  at::parallel_for(0, nnz, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) o[e] = cosine ? diag[ca[e]] * x[e] : acc_t(0);
   });
+  aosae::add_slot_products(slots, G, rp, x, moved, m, o);  // the moved rows: the product below
   if (width > 0) {
     const int32_t* position = dense.position.data();
     std::vector<int64_t> moved_rows;
@@ -227,14 +195,7 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
           }
         }
       }
-      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q)
-          for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) {
-            acc_t sum = acc_t(0);
-            for (const auto& part : out_t) sum += part[position[ca[e]] * h + q];
-            o[e] += sum;
-          }
-      });
+      aosae::add_moved_rows_gradient(out_t, moved_rows, rp, ca, position, o);
     } else {
       // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
       Tensor sym = aosae::zeros_pooled(width, width, vals.scalar_type());

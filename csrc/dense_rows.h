@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
@@ -150,6 +152,22 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     at::mm_out(panel, dense_t.narrow(0, 0, c1), dense.narrow(1, c0, c1 - c0));
   }
   return out;
+}
+
+// The moved rows' gradient from per-thread copies of A_H · G_U kept latent-major ([u, h], row
+// position[latent] · h + r): o[e] += Σ over the copies, in thread order (deterministic).
+template <typename acc_t>
+void add_moved_rows_gradient(const std::vector<std::vector<acc_t>>& copies, const std::vector<int64_t>& moved_rows,
+                             const int64_t* rp, const int64_t* cols, const int32_t* position, acc_t* o) {
+  const int64_t h = static_cast<int64_t>(moved_rows.size());
+  at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) {
+        acc_t sum = acc_t(0);
+        for (const auto& part : copies) sum += part[position[cols[e]] * h + r];
+        o[e] += sum;
+      }
+  });
 }
 
 }  // namespace aosae

@@ -31,6 +31,7 @@
 #include "csr_checks.h"
 #include "dense_rows.h"
 #include "pair_select.h"
+#include "row_slots.h"
 
 namespace {
 
@@ -76,70 +77,35 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const acc_t* block = width > 0 ? block_t.data_ptr<acc_t>() : nullptr;
 
   // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
-  std::vector<int64_t> occ_ptr(n + 1, 0), row_of(nnz), slot0(m + 1, 0);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t e = rp[t]; e < rp[t + 1] && !moved[t]; ++e) ++occ_ptr[ca[e] + 1];
-  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
-  std::vector<int64_t> occ(occ_ptr[n]);
-  {
-    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
-    for (int64_t t = 0; t < m; ++t) {
-      const int64_t L = moved[t] ? 0 : rp[t + 1] - rp[t];
-      slot0[t + 1] = slot0[t] + L * (L - 1) / 2;
-      for (int64_t e = rp[t]; e < rp[t] + L; ++e) {
-        occ[fill[ca[e]]++] = e;
-        row_of[e] = t;
+  const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
+  const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
+  const std::vector<int64_t>& occ = slots.occ;
+  const std::vector<int64_t>& row_of = slots.row_of;
+  acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
+    const int64_t pi = position[i];
+    const acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+    auto in_block = [&](int64_t j) { return block_row != nullptr && position[j] >= 0; };
+    // C_ij outside the block, summed as the forward sums it (same entries, same order)
+    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+      const int64_t s = occ[u], end = rp[row_of[s] + 1];
+      const acc_t vi = x[s];
+      for (int64_t q = s + 1; q < end; ++q)
+        if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
+    }
+    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+      const int64_t s = occ[u], t = row_of[s];
+      acc_t* out = G + slots.first(s, t, rp);  // slots (s, s+1 ..)
+      for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
+        const int64_t j = ca[q];
+        *out++ = slot_grad(in_block(j) ? block_row[position[j]] : acc[j], i, j);
       }
     }
-  }
-  acc_t* G = aosae::Scratch<acc_t, 2>::get(static_cast<size_t>(slot0[m]));
-  if (slot0[m] > 0) {
-#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
-    {
-      std::vector<acc_t> row_acc(n, acc_t(0));
-      acc_t* acc = row_acc.data();
-#pragma omp for schedule(dynamic, 64)
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pi = position[i];
-        const acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
-        auto in_block = [&](int64_t j) { return block_row != nullptr && position[j] >= 0; };
-        // C_ij outside the block, summed as the forward sums it (same entries, same order)
-        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-          const int64_t s = occ[u], end = rp[row_of[s] + 1];
-          const acc_t vi = x[s];
-          for (int64_t q = s + 1; q < end; ++q)
-            if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
-        }
-        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-          const int64_t s = occ[u], t = row_of[s], s0 = s - rp[t], L = rp[t + 1] - rp[t];
-          acc_t* out = G + slot0[t] + s0 * L - s0 * (s0 + 1) / 2;  // slots (s0, s0+1 ..)
-          for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
-            const int64_t j = ca[q];
-            *out++ = slot_grad(in_block(j) ? block_row[position[j]] : acc[j], i, j);
-          }
-        }
-        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
-          for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
-      }
-    }
-  }
+    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
+      for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
+  });
   Tensor out = at::zeros({nnz}, vals.options());
   acc_t* o = out.data_ptr<acc_t>();
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (moved[t]) continue;  // the product below
-      const int64_t b = rp[t], e_end = rp[t + 1];
-      const acc_t* w = G + slot0[t];
-      for (int64_t e = b; e < e_end; ++e) {
-        acc_t own = acc_t(0);
-        for (int64_t q = e + 1; q < e_end; ++q, ++w) {
-          own += *w * x[q];
-          o[q] += *w * x[e];
-        }
-        o[e] += own;
-      }
-    }
-  });
+  aosae::add_slot_products(slots, G, rp, x, moved, m, o);  // the moved rows: the product below
   aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
   if (width == 0) return out;
 
@@ -184,14 +150,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
           }
         }
     }
-    at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) {
-          acc_t sum = acc_t(0);
-          for (const auto& part : out_t) sum += part[position[ca[e]] * h + r];
-          o[e] += sum;
-        }
-    });
+    aosae::add_moved_rows_gradient(out_t, moved_rows, rp, ca, position, o);
     return out;
   }
   // most of U × U kept: A_H · G_U in panels of G_U's rows (G_U is symmetric: row r is column r).
