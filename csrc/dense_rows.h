@@ -55,11 +55,17 @@ constexpr int64_t max_dense_latents() {
   return sizeof(acc_t) <= 4 ? kMaxDenseLatents : 11585;  // floor(sqrt(kMaxDenseBlockBytes / 8))
 }
 
+// The pair path's memory per row pair: a partner id and a score in the buckets, a gradient slot.
+template <typename acc_t>
+constexpr double pair_path_bytes() {
+  return 4.0 + 2.0 * sizeof(acc_t);
+}
+
 // Whether a block over u latents may replace the pair path for `row_pairs` row pairs.
 template <typename acc_t>
 inline bool block_fits(double u, double row_pairs) {
   if (u <= max_dense_latents<acc_t>()) return true;
-  return u <= kMaxDenseLatentsHard && u * u * sizeof(acc_t) <= (4.0 + 2.0 * sizeof(acc_t)) * row_pairs;
+  return u <= kMaxDenseLatentsHard && u * u * sizeof(acc_t) <= pair_path_bytes<acc_t>() * row_pairs;
 }
 
 template <typename acc_t>

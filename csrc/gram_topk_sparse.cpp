@@ -38,6 +38,7 @@
 #include "csr_checks.h"
 #include "dense_rows.h"
 #include "pair_select.h"
+#include "sorted_selection.h"
 
 namespace {
 
@@ -103,7 +104,6 @@ struct SumResult {
   double total = 0;         // Σ |C_ij| over the kept pairs, summed in float64
   double kth = 0;           // the k-th best |C| (0 and tie_cut -1: every non-zero pair is kept)
   int64_t tie_cut = -1;     // of the pairs tied at kth, those with i·n + j <= tie_cut are kept
-  bool keep_all = true;     // P <= k
   int64_t kept = 0;         // min(k, P)
   int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
   Tensor block;             // [u, u]: the scores over U × U (upper triangle), or undefined
@@ -397,7 +397,6 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
         sum_out->kth = static_cast<double>(*std::min_element(part_min.begin(), part_min.end()));
         sum_out->tie_cut = std::numeric_limits<int64_t>::max();
       }
-      sum_out->keep_all = keep_all;
       sum_out->kept = count;
       if (width > 0) sum_out->block = dense.block;
       aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
@@ -441,121 +440,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
     return {values, rows, cols};
   }
-  if constexpr (std::is_same<acc_t, float>::value) {
-    int key_bits = 1;
-    while (key_bits < 63 && (uint64_t(1) << key_bits) < uint64_t(n) * uint64_t(n)) ++key_bits;
-    if (key_bits + 32 <= 64) {
-      // float: each kept pair goes straight to its 64-bit sort key (aosae::sort_key), no
-      // 16-byte candidate and no copy of them (BatchTopK's block at d_sae 65536 keeps
-      // 10.7 M of 40 M pairs: building, copying and converting candidates took 0.6 s).
-      std::vector<std::vector<uint64_t>> sure_keys(threads);
-      std::vector<std::vector<Candidate<acc_t>>> edge_pairs(threads);
-#pragma omp parallel num_threads(threads)
-      {
-        auto& mine = sure_keys[thread_id()];
-        auto& edge = edge_pairs[thread_id()];
-        mine.reserve(kth_bin.above);
-        if (bar >= 0) edge.reserve(hist_total[bar]);
-        auto offer = [&](float v, int64_t i, int64_t j) {
-          const int64_t bin = aosae::magnitude_bin(v);
-          if (bin > bar) mine.push_back(aosae::sort_key(v, i * n + j, key_bits));
-          else if (bin == bar) edge.push_back({v, i * n + j});
-        };
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
-      }
-      aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
-      aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-      std::vector<uint64_t> keys;
-      if (threads == 1) {
-        keys.swap(sure_keys[0]);
-      } else {
-        keys.reserve(kth_bin.above + (bar >= 0 ? hist_total[bar] : 0));
-        for (auto& part : sure_keys) {
-          keys.insert(keys.end(), part.begin(), part.end());
-          std::vector<uint64_t>().swap(part);
-        }
-      }
-      std::vector<float> edge_mag;
-      for (const auto& part : edge_pairs)
-        for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-      if (!edge_mag.empty()) {
-        const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-        std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<float>());
-        const float kth = edge_mag[need - 1];
-        for (const auto& part : edge_pairs)
-          for (const auto& c : part)
-            if (std::abs(c.value) >= kth) keys.push_back(aosae::sort_key(c.value, c.key, key_bits));
-      }
-      aosae::radix_sort(keys);  // ties at the k-th score may leave more than k: (i, j) breaks them
-      const int64_t kept = std::min<int64_t>(k, static_cast<int64_t>(keys.size()));
-      const int64_t slots = pad ? k : kept;
-      auto values = pad ? torch::zeros({slots}, vals_t.options()) : torch::empty({slots}, vals_t.options());
-      auto rows = pad ? torch::full({slots}, -1, torch::kInt64) : torch::empty({slots}, torch::kInt64);
-      auto cols = pad ? torch::full({slots}, -1, torch::kInt64) : torch::empty({slots}, torch::kInt64);
-      float* ov = values.data_ptr<float>();
-      int64_t* orow = rows.data_ptr<int64_t>();
-      int64_t* ocol = cols.data_ptr<int64_t>();
-      at::parallel_for(0, kept, 1 << 16, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          int64_t key;
-          ov[p] = aosae::decode_sort_key(keys[p], key_bits, &key);
-          orow[p] = key / n;
-          ocol[p] = key % n;
-        }
-      });
-      return {values, rows, cols};
-    }
-  }
-  std::vector<std::vector<Candidate<acc_t>>> sure(threads), border(threads);
-#pragma omp parallel num_threads(threads)
-  {
-    auto& mine = sure[thread_id()];
-    auto& edge = border[thread_id()];
-    // capacity only (untouched pages cost nothing): no regrowth while pushing
-    mine.reserve(kth_bin.above);
-    if (bar >= 0) edge.reserve(hist_total[bar]);
-    auto offer = [&](acc_t v, int64_t i, int64_t j) {  // above the k-th bin: kept; in it: settled later
-      const int64_t bin = aosae::magnitude_bin(v);
-      if (bin > bar) mine.push_back({v, i * n + j});
-      else if (bin == bar) edge.push_back({v, i * n + j});
-    };
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) pairs_of(i, offer);
-  }
-  aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
-  aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-  std::vector<Candidate<acc_t>> cand;
-  cand.reserve(kth_bin.above + (bar >= 0 ? hist_total[bar] : 0));
-  for (auto& part : sure) cand.insert(cand.end(), part.begin(), part.end());
-  std::vector<acc_t> edge_mag;
-  for (const auto& part : border)
-    for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-  if (!edge_mag.empty()) {
-    const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-    std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
-    const acc_t kth = edge_mag[need - 1];
-    for (const auto& part : border)
-      for (const auto& c : part)
-        if (std::abs(c.value) >= kth) cand.push_back(c);
-  }
-  // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
-  aosae::sort_candidates(cand, n, static_cast<size_t>(k));
-
-  // Padded (gram_topk's contract): k slots, empty ones (0, -1, -1). Unpadded: min(k, pairs).
-  const int64_t slots = pad ? k : static_cast<int64_t>(cand.size());
-  auto values = torch::zeros({slots}, vals_t.options());
-  auto rows = torch::full({slots}, -1, torch::kInt64);
-  auto cols = torch::full({slots}, -1, torch::kInt64);
-  acc_t* ov = values.data_ptr<acc_t>();
-  int64_t* orow = rows.data_ptr<int64_t>();
-  int64_t* ocol = cols.data_ptr<int64_t>();
-  for (size_t p = 0; p < cand.size(); ++p) {
-    ov[p] = cand[p].value;
-    orow[p] = cand[p].key / n;
-    ocol[p] = cand[p].key % n;
-  }
-  return {values, rows, cols};
+  return aosae::sorted_selection<acc_t>(
+      pairs_of, [] { aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes); aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes); },
+      n, k, pad, kth_bin, hist_total, threads, vals_t);
 }
 
 at::ScalarType acc_type(at::ScalarType t) {
@@ -709,8 +596,10 @@ void register_sparse(pybind11::module& m) {
         "kept_in_block, block), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
-    return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents);
-  }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width)");
+    return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents,
+                           aosae::kMaxDenseLatentsHard, aosae::pair_path_bytes<float>());
+  }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width; hard "
+     "max width and the pair path's bytes per row pair (float32), which allow a wider block)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
         "Rows the sparse kernel would sum with one GEMM block (its outlier rows)");
   m.def("buffer_pool_free_bytes", [] { return aosae::BufferPool::instance().free_bytes(); },

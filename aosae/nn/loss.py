@@ -201,8 +201,7 @@ class TopKOrthoLoss(nn.Module):
         call), from the penalty's own sum: no pass over the selection when it is unpadded."""
         if self._last is None:
             return None
-        penalty, unpadded, *count = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
-        count = count[0] if count else None  # (a module saved before the count was kept)
+        penalty, unpadded, count = self._last  # sum reduction: Σ|C| at this scale, ÷ the pairs held
         if self.reduction == "mean":
             return penalty
         if count is None:

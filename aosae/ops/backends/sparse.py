@@ -63,9 +63,10 @@ SAMPLE_ROWS = 256
 def cpp_costs() -> dict:
     """COST["cpu"] completed with the C++ kernel's own block cost model: pair, block_mac,
     block_entry (ns) and the block's row threshold and width cap."""
-    pair, block_mac, block_entry, min_l0, max_latents = cpp_module().sparse_block_costs()
+    pair, block_mac, block_entry, min_l0, max_latents, hard_max, pair_bytes = cpp_module().sparse_block_costs()
     return {**COST["cpu"], "pair": pair, "block_mac": block_mac, "block_entry": block_entry,
-            "block_min_l0": min_l0, "block_max_latents": max_latents}
+            "block_min_l0": min_l0, "block_max_latents": max_latents, "block_hard_max_latents": hard_max,
+            "block_pair_bytes": pair_bytes}
 
 
 def cpp_module():
@@ -114,8 +115,9 @@ def _block_plan(rows: torch.Tensor, l0: torch.Tensor, weight: float, c: dict) ->
         wider = touched | row
         size = float(wider.view(torch.uint8).sum(dtype=torch.int32))
         row_pairs = float(l0[t]) * (float(l0[t]) - 1) / 2
-        # past the width cap, a block no larger than the pair path's 12 B per row pair (dense_rows.h)
-        if size > c["block_max_latents"] and not (size <= 2**16 and 4 * size**2 <= 12 * (pairs + row_pairs)):
+        # past the width cap, a block no larger than the pair path's memory for its row pairs (dense_rows.h)
+        if size > c["block_max_latents"] and not (size <= c["block_hard_max_latents"]
+                                                  and 4 * size**2 <= c["block_pair_bytes"] * (pairs + row_pairs)):
             continue
         touched, sizes, pairs = wider, sizes + [size], pairs + row_pairs
         taken.append(t)
