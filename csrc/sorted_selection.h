@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <type_traits>
@@ -31,6 +32,21 @@ inline int selection_thread() {
 #else
   return 0;
 #endif
+}
+
+// The pairs of the k-th's bin (per-thread parts) whose |value| is at least the need-th best
+// among them (need >= 1 when there are any): take(candidate) for each, ties at it included.
+template <typename acc_t, typename Take>
+void for_each_at_least_kth(const std::vector<std::vector<Candidate<acc_t>>>& parts, int64_t need, Take&& take) {
+  std::vector<acc_t> magnitudes;
+  for (const auto& part : parts)
+    for (const auto& c : part) magnitudes.push_back(std::abs(c.value));
+  if (magnitudes.empty()) return;
+  std::nth_element(magnitudes.begin(), magnitudes.begin() + (need - 1), magnitudes.end(), std::greater<acc_t>());
+  const acc_t kth = magnitudes[need - 1];
+  for (const auto& part : parts)
+    for (const auto& c : part)
+      if (std::abs(c.value) >= kth) take(c);
 }
 
 template <typename acc_t, typename PairsOf, typename Release>
@@ -73,17 +89,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sorted_selection(
           std::vector<uint64_t>().swap(part);
         }
       }
-      std::vector<float> edge_mag;
-      for (const auto& part : edge_pairs)
-        for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-      if (!edge_mag.empty()) {
-        const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-        std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<float>());
-        const float kth = edge_mag[need - 1];
-        for (const auto& part : edge_pairs)
-          for (const auto& c : part)
-            if (std::abs(c.value) >= kth) keys.push_back(sort_key(c.value, c.key, key_bits));
-      }
+      for_each_at_least_kth(edge_pairs, k - kth_bin.above,
+                            [&](const Candidate<float>& c) { keys.push_back(sort_key(c.value, c.key, key_bits)); });
       radix_sort(keys);  // ties at the k-th score may leave more than k: (i, j) breaks them
       const int64_t kept = std::min<int64_t>(k, static_cast<int64_t>(keys.size()));
       const int64_t slots = pad ? k : kept;
@@ -124,17 +131,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sorted_selection(
   std::vector<Candidate<acc_t>> cand;
   cand.reserve(kth_bin.above + (bar >= 0 ? hist_total[bar] : 0));
   for (auto& part : sure) cand.insert(cand.end(), part.begin(), part.end());
-  std::vector<acc_t> edge_mag;
-  for (const auto& part : border)
-    for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-  if (!edge_mag.empty()) {
-    const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-    std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
-    const acc_t kth = edge_mag[need - 1];
-    for (const auto& part : border)
-      for (const auto& c : part)
-        if (std::abs(c.value) >= kth) cand.push_back(c);
-  }
+  for_each_at_least_kth(border, k - kth_bin.above, [&](const Candidate<acc_t>& c) { cand.push_back(c); });
   // Ties at the k-th score may leave more than k: the contract order breaks them by (i, j).
   sort_candidates(cand, n, static_cast<size_t>(k));
 

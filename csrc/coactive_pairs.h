@@ -1,0 +1,167 @@
+// The co-active pairs of CSR rows, summed but not yet selected (csrc/gram_topk_sparse.cpp's
+// first stage): the densest rows' pairs in one GEMM block over the latents they touch
+// (csrc/dense_rows.h), every other pair in its smaller latent's bucket (Gustavson, each C_ij
+// summed in row order whatever the thread count), and a histogram of their |C|
+// (csrc/pair_select.h). Cosine: each C_ij divided by the two column norms. The buckets live in
+// per-thread Scratch slots 0 and 1 until the caller trims them.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dense_rows.h"
+#include "pair_select.h"
+#include "sorted_selection.h"  // selection_thread
+
+namespace aosae {
+
+template <typename acc_t>
+struct CoactivePairs {
+  DenseRows<acc_t> dense;             // the block (dense.block: its scores, upper triangle)
+  std::vector<int64_t> bucket_start;  // [n+1]: latent i's bucket starts here
+  std::vector<int64_t> distinct;      // [n]: its distinct partners (pj, pv from bucket_start[i])
+  std::vector<int64_t> kept;          // [n]: those plus its non-zero block pairs
+  std::vector<int64_t> hist_total;    // [kMagnitudeBins]: the non-zero pairs by |C| bin
+  int64_t nonzero_pairs = 0;
+  int32_t* pj = nullptr;              // partner ids
+  acc_t* pv = nullptr;                // their scores
+};
+
+// rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp.
+template <typename acc_t>
+CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
+                                    int64_t nnz, bool cosine, int threads) {
+  CoactivePairs<acc_t> out;
+  // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
+  std::vector<acc_t> inv_norm;
+  if (cosine) {
+    std::vector<acc_t> sq(n, acc_t(0));
+    for (int64_t e = 0; e < nnz; ++e) sq[cp[e]] += vp[e] * vp[e];
+    inv_norm.resize(n);
+    for (int64_t i = 0; i < n; ++i) inv_norm[i] = sq[i] > acc_t(0) ? acc_t(1) / std::sqrt(sq[i]) : acc_t(0);
+  }
+
+  // The densest rows (outlier tokens) go to one GEMM block over the latents they touch.
+  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n);
+  const DenseRows<acc_t>& dense = out.dense;
+  const uint8_t* moved = dense.moved.data();
+  const int32_t* position = dense.position.data();
+  const int64_t* block_latent = dense.latents.data();
+  const int64_t width = dense.size();
+  acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
+
+  // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
+  // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
+  // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
+  // j is listed in bucket i. Only the partner ids go to memory (4 B per pair; the scatter this
+  // replaces wrote and re-read 8 B pairs): the rows (12 B per entry) stay in cache, and each
+  // C_ij is summed in row order whatever the thread count.
+  std::vector<int64_t> occ_ptr(n + 1, 0);
+  for (int64_t t = 0; t < m; ++t)
+    if (!moved[t])
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) ++occ_ptr[cp[e] + 1];
+  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
+  std::vector<int64_t> occ(occ_ptr[n]), occ_end(occ_ptr[n]);
+  // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
+  std::vector<int64_t>& bucket_start = out.bucket_start;
+  bucket_start.assign(n + 1, 0);
+  {
+    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
+    for (int64_t t = 0; t < m; ++t) {
+      if (moved[t]) continue;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        const int64_t f = fill[cp[e]]++;
+        occ[f] = e;
+        occ_end[f] = rp[t + 1];
+        bucket_start[cp[e] + 1] += rp[t + 1] - e - 1;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) bucket_start[i + 1] += bucket_start[i];
+  const int64_t pairs = bucket_start[n];
+  int32_t* pj = out.pj = Scratch<int32_t, 0>::get(pairs);
+  acc_t* pv = out.pv = Scratch<acc_t, 1>::get(pairs);
+
+  // Per latent i: sum its row pairs into the accumulator, listing each j in bucket i; then
+  // compact the distinct non-zero (j, C_ij) in place in first-seen order (branch-free) and
+  // count them in the thread's |C| histogram.
+  std::vector<int64_t>& distinct = out.distinct;
+  std::vector<int64_t>& kept = out.kept;
+  distinct.assign(n, 0);
+  kept.assign(n, 0);  // kept: distinct + the block row's non-zeros
+  // sized here, not in the region: a smaller team than asked for leaves some unused
+  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kMagnitudeBins, 0));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<acc_t> acc(n, acc_t(0));
+    std::vector<uint32_t>& hist = hists[selection_thread()];
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t b = bucket_start[i], e = bucket_start[i + 1];
+      const int64_t pi = position[i];
+      acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+      int64_t o = b;
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t s = occ[u], end = occ_end[u];
+        const acc_t vi = vp[s];
+        if (block_row) {  // pairs inside U × U join the block (row pi is this latent's alone)
+          for (int64_t q = s + 1; q < end; ++q, ++o) {
+            const int64_t j = cp[q];
+            const int32_t pj_block = position[j];
+            if (pj_block >= 0) block_row[pj_block] += vi * vp[q];
+            else acc[j] += vi * vp[q];
+            pj[o] = static_cast<int32_t>(j);
+          }
+        } else {
+          for (int64_t q = s + 1; q < end; ++q, ++o) {
+            const int64_t j = cp[q];
+            acc[j] += vi * vp[q];
+            pj[o] = static_cast<int32_t>(j);
+          }
+        }
+      }
+      const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
+      int64_t w = b;
+      for (o = b; o < e; ++o) {  // w <= o: the slot written was read already
+        const int32_t j = pj[o];
+        acc_t v = acc[j];
+        acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
+        if (cosine) v = v * scale * inv_norm[j];
+        const bool keep = v != acc_t(0);
+        pj[w] = j;
+        pv[w] = v;
+        w += keep;
+        hist[magnitude_bin(v)] += keep;
+      }
+      distinct[i] = w - b;
+      kept[i] = w - b;
+      if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
+        int64_t nonzero = 0;
+        for (int64_t p = pi + 1; p < width; ++p) {
+          acc_t v = block_row[p];
+          if (cosine) {  // (dot: no write back: the block is ~u²/2 entries, 76 MB at u 6168)
+            v = v * scale * inv_norm[block_latent[p]];
+            block_row[p] = v;
+          }
+          hist[magnitude_bin(v)] += v != acc_t(0);
+          nonzero += v != acc_t(0);
+        }
+        kept[i] += nonzero;
+      }
+    }
+  }
+
+  std::vector<int64_t>& hist_total = out.hist_total;
+  hist_total.assign(kMagnitudeBins, 0);
+  for (const auto& h : hists)
+    for (int64_t b = 0; b < kMagnitudeBins; ++b) hist_total[b] += h[b];
+  for (const int64_t h : hist_total) out.nonzero_pairs += h;
+  return out;
+}
+
+}  // namespace aosae
