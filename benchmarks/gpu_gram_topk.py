@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import re
@@ -33,7 +32,6 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,16 +53,10 @@ def parse_args(argv=None):
 
 
 def import_aosae():
-    """Imports aosae from this working tree, with kernels/ as aosae.kernels even when the
-    package is not installed (the install maps kernels/ to aosae.kernels)."""
+    """Imports aosae (its Triton kernels included) from this working tree, installed or not."""
     sys.path.insert(0, str(REPO))
     import aosae
 
-    if importlib.util.find_spec("aosae.kernels") is None:
-        pkg = types.ModuleType("aosae.kernels")
-        pkg.__path__ = [str(REPO / "kernels")]
-        sys.modules["aosae.kernels"] = pkg
-        aosae.kernels = pkg
     return aosae
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_gram_topk import import_aosae, skip_reason  # noqa: E402  (aosae from this tree, kernels/ included)
+from gpu_gram_topk import import_aosae, skip_reason  # noqa: E402  (aosae from this tree, its kernels included)
 
 import_aosae()
 import torch  # noqa: E402

@@ -23,10 +23,7 @@ ALLOWED = {
 
 
 def package_of(path: Path) -> str:
-    rel = path.relative_to(ROOT)
-    if rel.parts[0] == "kernels":
-        return "kernels"
-    return rel.parts[1].removesuffix(".py")
+    return path.relative_to(ROOT).parts[1].removesuffix(".py")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -51,7 +48,6 @@ def imported_packages(path: Path) -> set[str]:
 
 def test_imports_flow_one_way():
     modules = [p for p in (ROOT / "aosae").rglob("*.py") if p.parent != ROOT / "aosae" or p.stem not in ("__init__", "__main__")]
-    modules += list((ROOT / "kernels").glob("*.py"))
     bad = []
     for path in modules:
         pkg = package_of(path)

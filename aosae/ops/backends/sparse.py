@@ -12,7 +12,7 @@ Two implementations, same results:
   from a histogram of |C| (csrc/pair_select.h). The few densest rows (outlier tokens that
   fire on thousands of latents) are summed by one GEMM over the latents they touch instead of
   pair by pair (csrc/dense_rows.h).
-- Triton on CUDA (aosae/ops/backends/sparse_triton.py, kernels/sparse_pairs.py): every
+- Triton on CUDA (aosae/ops/backends/sparse_triton.py, aosae/kernels/sparse_pairs.py): every
   co-active pair written to a fixed slot, one radix sort of the keys, each run of equal keys
   summed in row order, one sort of the scores. Deterministic, no float atomics.
 - pure torch (any device; float64 on CUDA, and the CPU fallback when aosae._C is missing or

@@ -1,4 +1,4 @@
-"""The fused Triton backend (kernels/gram_topk.py, shipped as aosae.kernels): upper-triangle
+"""The fused Triton backend (aosae/kernels/gram_topk.py): upper-triangle
 tiles of C = aᵀa computed with tl.dot and filtered against a threshold in the epilogue,
 exact top-k over the candidates. Runs on CUDA tensors, or on CPU tensors through Triton's
 interpreter when TRITON_INTERPRET=1 (slow: for tests on tiny inputs).
