@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - exercised only on a machine without to
     )
 
 openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
-extra_compile = ["-O3", "-std=c++17", *openmp]
+# no fused multiply-add: a sum's bits must not depend on the vector width (csrc/block_product.h)
+extra_compile = ["-O3", "-std=c++17", "-ffp-contract=off", *openmp]
 if os.environ.get("AOSAE_NATIVE", "0") == "1":  # opt-in: tune for the build machine only
     extra_compile.append("-march=native")
 

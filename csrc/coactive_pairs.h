@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "block_staircase.h"
 #include "dense_rows.h"
 #include "pair_select.h"
 #include "sorted_selection.h"  // selection_thread
@@ -30,12 +31,18 @@ struct CoactivePairs {
   int64_t nonzero_pairs = 0;
   int32_t* pj = nullptr;              // partner ids
   acc_t* pv = nullptr;                // their scores
+  std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
+  int64_t row_end(int64_t p) const { return live_end.empty() ? dense.size() : live_end[p]; }
 };
 
-// rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp.
+// rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp. With norm (the
+// columns' norms, non-increasing in latent order: csrc/norm_order.h; positive values, dot) and
+// k, the block holds only the staircase of pairs that can be among the k best
+// (csrc/block_staircase.h); the pairs outside it are neither summed nor counted.
 template <typename acc_t>
 CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
-                                    int64_t nnz, bool cosine, int threads) {
+                                    int64_t nnz, bool cosine, int threads, const std::vector<double>* norm = nullptr,
+                                    int64_t k = 0) {
   CoactivePairs<acc_t> out;
   // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
   std::vector<acc_t> inv_norm;
@@ -47,7 +54,12 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   }
 
   // The densest rows (outlier tokens) go to one GEMM block over the latents they touch.
-  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n);
+  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n, DenseRowCost(), norm == nullptr);
+  if (norm != nullptr && out.dense.size() > 0) {
+    std::vector<double> s(out.dense.size());
+    for (int64_t p = 0; p < out.dense.size(); ++p) s[p] = (*norm)[out.dense.latents[p]];
+    out.live_end = block_staircase(out.dense, rp, cp, vp, s, k);
+  }
   const DenseRows<acc_t>& dense = out.dense;
   const uint8_t* moved = dense.moved.data();
   const int32_t* position = dense.position.data();
@@ -105,6 +117,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
       const int64_t pi = position[i];
       acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+      const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
       int64_t o = b;
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
         const int64_t s = occ[u], end = occ_end[u];
@@ -113,8 +126,11 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
           for (int64_t q = s + 1; q < end; ++q, ++o) {
             const int64_t j = cp[q];
             const int32_t pj_block = position[j];
-            if (pj_block >= 0) block_row[pj_block] += vi * vp[q];
-            else acc[j] += vi * vp[q];
+            if (pj_block >= 0) {
+              if (pj_block < row_end) block_row[pj_block] += vi * vp[q];  // (past it: below the k-th score)
+            } else {
+              acc[j] += vi * vp[q];
+            }
             pj[o] = static_cast<int32_t>(j);
           }
         } else {
@@ -142,7 +158,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       kept[i] = w - b;
       if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
         int64_t nonzero = 0;
-        for (int64_t p = pi + 1; p < width; ++p) {
+        for (int64_t p = pi + 1; p < row_end; ++p) {
           acc_t v = block_row[p];
           if (cosine) {  // (dot: no write back: the block is ~u²/2 entries, 76 MB at u 6168)
             v = v * scale * inv_norm[block_latent[p]];

@@ -21,6 +21,7 @@
 #include <numeric>
 #include <vector>
 
+#include "block_product.h"
 #include "buffer_pool.h"
 
 namespace aosae {
@@ -73,6 +74,7 @@ struct DenseRows {
   std::vector<uint8_t> moved;     // [m]: 1 for a row handled by the block
   std::vector<int32_t> position;  // [n]: index of a latent in U, or -1
   std::vector<int64_t> latents;   // U, ascending (so position order is latent order)
+  std::vector<int64_t> taken;     // the moved rows, densest first (A_H's row order)
   torch::Tensor block;            // [u, u] acc_t: Σ over moved rows of a_ti·a_tj (upper triangle), pooled
   int64_t size() const { return static_cast<int64_t>(latents.size()); }
   DenseRows() = default;
@@ -81,6 +83,30 @@ struct DenseRows {
   DenseRows(const DenseRows&) = delete;
   DenseRows& operator=(const DenseRows&) = delete;
 };
+
+// A_H [h, u]: the moved rows (in the plan's order, which fixes the GEMM's order of summation)
+// over the block's latents.
+template <typename acc_t>
+torch::Tensor moved_rows_matrix(const DenseRows<acc_t>& plan, const int64_t* rp, const int64_t* cp, const acc_t* vp) {
+  const int64_t width = plan.size(), h = static_cast<int64_t>(plan.taken.size());
+  const auto dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  torch::Tensor dense = at::zeros({h, width}, at::TensorOptions().dtype(dtype));
+  acc_t* d = dense.data_ptr<acc_t>();
+  for (int64_t r = 0; r < h; ++r) {
+    const int64_t t = plan.taken[r];
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[r * width + plan.position[cp[e]]] = vp[e];
+  }
+  return dense;
+}
+
+// block[p, q] = (A_Hᵀ A_H)[p, q] for q in [first[p], last[p]) (csrc/block_product.h); the rest of
+// the block is left as it was (stale or uninitialised: only the upper triangle is ever read).
+template <typename acc_t>
+void fill_block(DenseRows<acc_t>& plan, const torch::Tensor& dense, const std::vector<int64_t>& first,
+                const std::vector<int64_t>& last) {
+  block_product<acc_t>(dense.data_ptr<acc_t>(), dense.size(0), plan.size(), plan.block.template data_ptr<acc_t>(),
+                       plan.size(), first, last);
+}
 
 // with_block = false: the plan only (moved rows, U), for callers that build their own product
 // over the moved rows (coactive_topk's backward).
@@ -125,6 +151,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   }
   if (best == 0) return out;
   std::fill(in_u.begin(), in_u.end(), 0);
+  out.taken.assign(taken.begin(), taken.begin() + best);
   for (int64_t h = 0; h < best; ++h) {
     const int64_t t = taken[h];
     out.moved[t] = 1;
@@ -136,27 +163,11 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     out.latents.push_back(i);
   }
   if (!with_block) return out;
-  // A_H [best, u] (moved rows, their latents), then the block A_Hᵀ A_H.
-  const int64_t width = out.size();
-  const auto dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
-  torch::Tensor dense = at::zeros({best, width}, at::TensorOptions().dtype(dtype));
-  acc_t* d = dense.data_ptr<acc_t>();
-  for (int64_t h = 0; h < best; ++h) {
-    const int64_t t = taken[h];
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) d[h * width + out.position[cp[e]]] = vp[e];
-  }
-  out.block = empty_pooled(width * width, dtype).view({width, width});  // any contents: mm_out overwrites
-  // Only the upper triangle is read (i < j is position[i] < position[j]): panels of columns
-  // [c0, c1) need rows [0, c1) only, about half the products and writes of the whole block
-  // (33 vs 53–68 ms at u 5853, h 33: with a short inner dimension the GEMM writes more than it
-  // computes). Below the panels' diagonal squares the block holds stale or uninitialised values.
-  constexpr int64_t kPanel = 512;
-  const torch::Tensor dense_t = dense.t().contiguous();
-  for (int64_t c0 = 0; c0 < width; c0 += kPanel) {
-    const int64_t c1 = std::min(width, c0 + kPanel);
-    torch::Tensor panel = out.block.narrow(0, 0, c1).narrow(1, c0, c1 - c0);
-    at::mm_out(panel, dense_t.narrow(0, 0, c1), dense.narrow(1, c0, c1 - c0));
-  }
+  const auto rows = moved_rows_matrix(out, rp, cp, vp);
+  out.block = empty_pooled(out.size() * out.size(), rows.scalar_type()).view({out.size(), out.size()});
+  std::vector<int64_t> first(out.size()), last(out.size(), out.size());
+  for (int64_t p = 0; p < out.size(); ++p) first[p] = p + 1;
+  fill_block(out, rows, first, last);
   return out;
 }
 

@@ -37,6 +37,7 @@
 
 #include "csr_checks.h"
 #include "dense_rows.h"
+#include "norm_order.h"
 #include "coactive_pairs.h"
 #include "pair_select.h"
 #include "sorted_selection.h"
@@ -108,6 +109,7 @@ struct SumResult {
   int64_t kept = 0;         // min(k, P)
   int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
   Tensor block;             // [u, u]: the scores over U × U (upper triangle), or undefined
+  Tensor live_end;          // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
 };
 
 template <typename acc_t>
@@ -139,7 +141,22 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
               "(duplicates are not allowed)");
 
   const int threads = num_threads();
-  const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, cosine, threads);
+  // The summing entry on positive values with outlier rows: latents in norm order, so that only
+  // the block's staircase that can reach the k-th score is summed (csrc/block_staircase.h). The
+  // tie order stays the original latents' (i·n + j).
+  std::optional<aosae::NormOrder<acc_t>> order;
+  if (sum_out && !cosine && aosae::all_positive(vp, nnz)) {
+    bool outlier = false;
+    for (int64_t t = 0; t < m && !outlier; ++t) outlier = rp[t + 1] - rp[t] >= aosae::kMinDenseRowL0;
+    if (outlier) {
+      order = aosae::order_by_norm<acc_t>(rp, cp, vp, m, n);
+      cp = order->cols.data();
+      vp = order->vals.data();
+    }
+  }
+  const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
+      rp, cp, vp, m, n, nnz, cosine, threads, order ? &order->norm : nullptr, k);
+  auto key_of = [&](int64_t i, int64_t j) { return order ? order->key(i, j, n) : i * n + j; };
   const aosae::DenseRows<acc_t>& dense = summed.dense;
   const int32_t* position = dense.position.data();
   const int64_t* block_latent = dense.latents.data();
@@ -192,7 +209,11 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     std::vector<double> part_sum(parts, 0.0);
     std::vector<int64_t> part_in_block(parts, 0);
     std::vector<acc_t> part_min(parts, std::numeric_limits<acc_t>::infinity());
-    auto in_block = [&](int64_t i, int64_t j) { return position[i] >= 0 && position[j] >= 0; };
+    auto in_block = [&](int64_t key) {  // of a pair's key (original latents)
+      int64_t i = key / n, j = key % n;
+      if (order) i = order->label[i], j = order->label[j];
+      return position[i] >= 0 && position[j] >= 0;
+    };
     // The summing entry's pass over part p's rows: the sum, count and minimum of the pairs above
     // the k-th's bin (every non-zero pair when bar = -1), those in that bin collected into edge.
     // Branch-free over the block's rows, which hold most of BatchTopK's pairs, kept or not in no
@@ -209,12 +230,13 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
           total += above ? static_cast<double>(a) : 0.0;
           counter += above;
           lowest = above ? std::min(lowest, a) : lowest;
-          if (bin == bar && edge != nullptr) edge->push_back({v, i * n + j});  // (bar >= 0: v != 0)
+          if (bin == bar && edge != nullptr) edge->push_back({v, key_of(i, j)});  // (bar >= 0: v != 0)
         };
         const int64_t b = bucket_start[i];
         for (int64_t u = 0; u < distinct[i]; ++u) visit(pv[b + u], static_cast<int64_t>(pj[b + u]), count);
         const int64_t pi = position[i];
-        for (int64_t q = pi + 1; pi >= 0 && q < width; ++q) visit(block[pi * width + q], block_latent[q], count_block);
+        const int64_t row_end = pi >= 0 ? summed.row_end(pi) : 0;
+        for (int64_t q = pi + 1; q < row_end; ++q) visit(block[pi * width + q], block_latent[q], count_block);
       }
       part_sum[p] = total;
       part_in_block[p] = count_block;
@@ -273,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
           c += in;
           if (sum_out && in) {
             part_sum[p] += std::abs(static_cast<double>(e.value));
-            part_in_block[p] += in_block(e.key / n, e.key % n);
+            part_in_block[p] += in_block(e.key);
           }
         }
         out_begin[p + 1] = out_begin[p] + c;
@@ -294,6 +316,8 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       }
       sum_out->kept = count;
       if (width > 0) sum_out->block = dense.block;
+      if (order) sum_out->live_end = torch::tensor(summed.live_end.empty() ? std::vector<int64_t>(width, width)
+                                                                           : summed.live_end, torch::kInt64);
       aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
       aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
       return {};
@@ -430,8 +454,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // k-th best |C| as float64 0-d (0 when P < k), tie_cut: int64 (of the pairs tied at kth, those
 // with i·n + j <= tie_cut are kept; -1 when P < k, every pair when P = k), kept: min(k, P), kept_in_block, block:
 // [u, u] in vals' accumulation dtype, the scores over the GEMM block's latents U (upper
-// triangle; empty without a block)). sparse_csr_topk_sum_backward takes them back.
-std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor> sparse_csr_topk_sum(
+// triangle; empty without a block), live_end: [u] int64 (positive values with a block: the
+// block's latents are the columns in norm order, largest first, and row p holds only the pairs
+// (p, q < live_end[p]) that can reach the k-th score; empty otherwise).
+// sparse_csr_topk_sum_backward takes them back.
+std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor, Tensor> sparse_csr_topk_sum(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
@@ -445,7 +472,9 @@ std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor> sparse_csr_topk_su
     csr_topk_impl<float>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor block = r.block.defined() ? r.block : torch::empty({0, 0}, vp.options());
-  return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, block};
+  const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
+  return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, block,
+          live_end};
 }
 
 // The whole sparse backend on a dense CPU tensor a [m, n].
@@ -488,7 +517,7 @@ void register_sparse(pybind11::module& m) {
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
-        "kept_in_block, block), what sparse_csr_topk_sum_backward takes back");
+        "kept_in_block, block, live_end), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents,

@@ -24,12 +24,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "buffer_pool.h"
 #include "csr_checks.h"
 #include "dense_rows.h"
+#include "norm_order.h"
 #include "pair_select.h"
 #include "row_slots.h"
 
@@ -37,12 +39,16 @@ namespace {
 
 using torch::Tensor;
 
+// Rows of G_U's upper triangle per panel of the dense product (few: a panel's rows reach as far as its first)
+constexpr int64_t kStaircasePanel = 256;
+
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
 enum class Product { kAuto, kSparse, kDense };
 
 template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
-                              double kth_d, int64_t tie_cut, const Tensor& block_t, int64_t inside, Product product) {
+                              double kth_d, int64_t tie_cut, const Tensor& block_t, int64_t inside, Product product,
+                              const Tensor& live_end_t) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
@@ -54,12 +60,20 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       TORCH_CHECK(ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]),
                   "sparse_csr_topk_sum_backward: row ", t, "'s cols must lie in [0, n) and ascend strictly");
   }
+  // The forward's labels: with a staircase (live_end), latents in norm order (csrc/norm_order.h);
+  // the gradient is mapped back to the caller's entries at the end. Ties keep the original order.
+  std::optional<aosae::NormOrder<acc_t>> order;
+  if (live_end_t.numel() > 0) {
+    order = aosae::order_by_norm<acc_t>(rp, ca, x, m, n);
+    ca = order->cols.data();
+    x = order->vals.data();
+  }
   const acc_t kth = static_cast<acc_t>(kth_d);
   const acc_t g = static_cast<acc_t>(grad);
   // branch-free: about two thirds of the block's pairs are kept at BatchTopK 262144, in no order
   auto kept = [&](acc_t v, int64_t i, int64_t j) {
     const acc_t a = std::abs(v);
-    return (a > kth) | ((a == kth) & (i * n + j <= tie_cut));
+    return (a > kth) | ((a == kth) & ((order ? order->key(i, j, n) : i * n + j) <= tie_cut));
   };
   auto slot_grad = [&](acc_t v, int64_t i, int64_t j) {
     const acc_t signed_g = v < 0 ? -g : g;
@@ -75,6 +89,15 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
               "sparse_csr_topk_sum_backward: block is ", block_t.sizes(), " but these rows' plan has ", width,
               " latents: pass the block that sparse_csr_topk_sum returned for these rows");
   const acc_t* block = width > 0 ? block_t.data_ptr<acc_t>() : nullptr;
+  TORCH_CHECK(live_end_t.numel() == 0 || (live_end_t.numel() == width && live_end_t.scalar_type() == at::kLong),
+              "sparse_csr_topk_sum_backward: live_end has ", live_end_t.numel(), " entries for a block of ", width,
+              " latents: pass the live_end that sparse_csr_topk_sum returned for these rows");
+  const Tensor live_end_c = live_end_t.contiguous();
+  const int64_t* live_end = live_end_t.numel() > 0 ? live_end_c.data_ptr<int64_t>() : nullptr;
+  // block row p holds the pairs (p, q < row_end(p)); past it nothing was summed (below the k-th score)
+  auto row_end = [&](int64_t p) { return live_end ? live_end[p] : width; };
+  // the latents with a pair in the staircase: [0, extent) (ends do not grow)
+  const int64_t extent = width > 0 ? row_end(0) : 0;
 
   // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
   const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
@@ -84,7 +107,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
     const int64_t pi = position[i];
     const acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+    const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
     auto in_block = [&](int64_t j) { return block_row != nullptr && position[j] >= 0; };
+    auto block_score = [&](int64_t j) { return position[j] < end_i ? block_row[position[j]] : acc_t(0); };
     // C_ij outside the block, summed as the forward sums it (same entries, same order)
     for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
       const int64_t s = occ[u], end = rp[row_of[s] + 1];
@@ -97,7 +122,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       acc_t* out = G + slots.first(s, t, rp);  // slots (s, s+1 ..)
       for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
         const int64_t j = ca[q];
-        *out++ = slot_grad(in_block(j) ? block_row[position[j]] : acc[j], i, j);
+        *out++ = slot_grad(in_block(j) ? block_score(j) : acc[j], i, j);
       }
     }
     for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
@@ -107,7 +132,14 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   acc_t* o = out.data_ptr<acc_t>();
   aosae::add_slot_products(slots, G, rp, x, moved, m, o);  // the moved rows: the product below
   aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
-  if (width == 0) return out;
+  auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
+    if (!order) return grad_out;
+    Tensor back = at::empty({nnz}, vals.options());
+    acc_t* b = back.data_ptr<acc_t>();
+    for (int64_t e = 0; e < nnz; ++e) b[order->entry[e]] = o[e];
+    return back;
+  };
+  if (width == 0) return in_callers_order(out);
 
   // The moved rows: A_H · G_U, G_U the kept pairs' gradients inside U × U (symmetric).
   const int64_t* latent = dense.latents.data();
@@ -120,11 +152,14 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     int64_t count = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 16) reduction(+ : count)
     for (int64_t p = 0; p < width; ++p)
-      for (int64_t q = p + 1; q < width; ++q) count += kept(block[p * width + q], latent[p], latent[q]);
+      for (int64_t q = p + 1; q < row_end(p); ++q) count += kept(block[p * width + q], latent[p], latent[q]);
     inside = count;
   }
   // as coactive_backward decides: ns per scattered multiply-add vs per GEMM multiply-add and G_U entry
-  const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.012 * h + 3.0) * width * width;
+  double area = 0;  // the dense product's panels
+  for (int64_t r0 = 0; r0 < extent; r0 += kStaircasePanel)
+    area += static_cast<double>(std::min(extent, r0 + kStaircasePanel) - r0) * (std::max(row_end(r0), std::min(extent, r0 + kStaircasePanel)) - r0);
+  const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.024 * h + 1.5) * area;
   if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
     // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
     std::vector<acc_t> a_t(width * h, acc_t(0));
@@ -136,7 +171,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       std::vector<acc_t>& mine = out_t[omp_get_thread_num()];
 #pragma omp for schedule(static, 16)  // a fixed split, rows dealt round-robin: deterministic and balanced
       for (int64_t p = 0; p < width; ++p)
-        for (int64_t q = p + 1; q < width; ++q) {
+        for (int64_t q = p + 1; q < row_end(p); ++q) {
           const acc_t gp = slot_grad(block[p * width + q], latent[p], latent[q]);
           if (gp == acc_t(0)) continue;
           acc_t* op = mine.data() + p * h;
@@ -151,49 +186,45 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
         }
     }
     aosae::add_moved_rows_gradient(out_t, moved_rows, rp, ca, position, o);
-    return out;
+    return in_callers_order(out);
   }
-  // most of U × U kept: A_H · G_U in panels of G_U's rows (G_U is symmetric: row r is column r).
-  // Each panel [rows, u] is built from the block's upper triangle, its own rows right of the
-  // diagonal and, transposed, the rows above it, then one GEMM adds A_H[:, panel] · panel. The
-  // block stays as it is (SAELens' and the tests' second backwards read it again), and no
-  // second u² buffer is made: 2.1 GB at u 22 897, against a 512-row panel of 47 MB.
+  // most of the staircase kept: A_H · G_U from panels of G_U's upper triangle. Panel P = G_U[rows,
+  // r0 : end_r0) (the block's own rows, read in order; zero where not kept, on and left of the
+  // diagonal and past each row's end) gives both halves of the symmetric product with two GEMMs:
+  // prod[:, r0 : end_r0] += A_H[:, rows] · P (each pair (p, q) for q) and prod[:, rows] +=
+  // A_H[:, r0 : end_r0] · Pᵀ (for p). Only the staircase is read and written, once. The block
+  // stays as it is (SAELens' and the tests' second backwards read it again), and no second u²
+  // buffer is made: 2.1 GB at u 22 897, against a 256-row panel.
   Tensor a_h = at::zeros({h, width}, vals.options());
   acc_t* ah = a_h.data_ptr<acc_t>();
   for (int64_t r = 0; r < h; ++r)
     for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) ah[r * width + position[ca[e]]] = x[e];
   Tensor prod = at::zeros({h, width}, vals.options());
-  constexpr int64_t kPanel = 512;
-  Tensor panel_t = at::empty({std::min(kPanel, width), width}, vals.options());
+  Tensor panel_t = at::empty({std::min(kStaircasePanel, width), width}, vals.options());
   acc_t* panel = panel_t.data_ptr<acc_t>();
-  for (int64_t r0 = 0; r0 < width; r0 += kPanel) {
-    const int64_t r1 = std::min(width, r0 + kPanel), rows = r1 - r0;
-    // the diagonal and what lies right of it: the block's own rows, read and written in order
+  for (int64_t r0 = 0; r0 < extent; r0 += kStaircasePanel) {  // G_U is zero outside [0, extent)²
+    const int64_t r1 = std::min(extent, r0 + kStaircasePanel), rows = r1 - r0;
+    const int64_t cols = std::max(row_end(r0), r1) - r0;  // P's columns r0 .. r0 + cols
     at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        acc_t* dst = panel + (r - r0) * width;
+        acc_t* dst = panel + (r - r0) * cols;  // dst[q - r0] = G_U[r, q], q in [r0, r0 + cols)
         const acc_t* src = block + r * width;
-        dst[r] = acc_t(0);
-        for (int64_t q = r + 1; q < width; ++q) dst[q] = slot_grad(src[q], latent[r], latent[q]);
+        const int64_t live = row_end(r);
+        for (int64_t q = r0; q <= r; ++q) dst[q - r0] = acc_t(0);
+        for (int64_t q = r + 1; q < live; ++q) dst[q - r0] = slot_grad(src[q], latent[r], latent[q]);
+        for (int64_t q = std::max(live, r + 1); q < r0 + cols; ++q) dst[q - r0] = acc_t(0);
       }
     });
-    // left of the diagonal: G_U[r, q] = G_U[q, r], q < r, read along the block's row q (one
-    // contiguous stretch per q) and written down the panel's column q (rows' lines stay cached)
-    at::parallel_for(0, r1 - 1, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const acc_t* src = block + q * width;
-        const int64_t lq = latent[q];
-        for (int64_t r = std::max(q + 1, r0); r < r1; ++r) panel[(r - r0) * width + q] = slot_grad(src[r], lq, latent[r]);
-      }
-    });
-    prod.addmm_(a_h.narrow(1, r0, rows), panel_t.narrow(0, 0, rows));
+    const Tensor P = panel_t.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
+    prod.narrow(1, r0, cols).addmm_(a_h.narrow(1, r0, rows), P);
+    prod.narrow(1, r0, rows).addmm_(a_h.narrow(1, r0, cols), P.t());
   }
   const acc_t* pr = prod.data_ptr<acc_t>();
   at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       for (int64_t e = rp[moved_rows[r]]; e < rp[moved_rows[r] + 1]; ++e) o[e] += pr[r * width + position[ca[e]]];
   });
-  return out;
+  return in_callers_order(out);
 }
 
 }  // namespace
@@ -204,7 +235,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
 // here) -> the gradient at every entry, [nnz] in vals' dtype.
 Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
                                     int64_t n, double kth, int64_t tie_cut, const Tensor& block, int64_t inside,
-                                    const std::string& product) {
+                                    const std::string& product, const std::optional<Tensor>& live_end) {
   TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
@@ -215,15 +246,18 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
               "sparse_csr_topk_sum_backward: block must have vals' dtype");
   at::NoGradGuard no_grad;
   const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous(), bl = block.contiguous();
-  if (va.scalar_type() == at::kDouble) return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how);
-  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how);
+  const Tensor le = live_end.has_value() ? *live_end : torch::empty({0}, torch::kInt64);
+  if (va.scalar_type() == at::kDouble)
+    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how, le);
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how, le);
 }
 
 void register_topk_sum_backward(pybind11::module& m) {
   namespace py = pybind11;
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("block"),
-        py::arg("inside") = -1, py::arg("product") = "auto", py::call_guard<py::gil_scoped_release>(),
+        py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
         "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': one GEMM)");
 }

@@ -87,16 +87,72 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
     u = c.uniq.numel()
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     for k in (pairs // 50, pairs // 2, pairs - 1):
-        total, kth, tie_cut, kept, in_block, block = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k)
+        total, kth, tie_cut, kept, in_block, block, live_end = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals,
+                                                                                          u, k)
         assert block.shape[0] >= 2 and 0 < in_block <= kept == k
         grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
-                                                   product=product)
+                                                   product=product, live_end=live_end)
         want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
         # the same block again, without the forward's count of kept pairs in it: counted here
-        counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block)
+        counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+                                                      live_end=live_end)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+
+
+def staircase_pairs(live_end: torch.Tensor) -> int:
+    """Pairs (p, q) with p < q < live_end[p]: what the block sums."""
+    return int((live_end - torch.arange(live_end.numel()) - 1).clamp_min(0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("product", ["sparse", "dense"])
+def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selection(dtype, product):
+    """Positive values (ReLU, TopK, BatchTopK) with outlier rows: the block's latents in norm order,
+    and only the pairs whose bound ‖a_i‖‖a_j‖ reaches the k-th score summed (live_end). The value,
+    the k-th score and the gradient are still the selection's, for both products of the backward,
+    and a second backward gives the first's gradient bit for bit."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(dtype, signed=False)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    pruned = 0
+    for k in (1, 2, pairs // 50, pairs // 10, pairs // 3, pairs - 1):
+        total, kth, tie_cut, kept, in_block, block, live_end = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u,
+                                                                                          k)
+        width = block.shape[0]
+        assert live_end.numel() == width >= 2 and kept == k
+        assert bool((live_end > torch.arange(width)).all() and (live_end <= width).all())
+        pruned += staircase_pairs(live_end) < width * (width - 1) // 2
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+                                                   product=product, live_end=live_end)
+        again = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+                                                    product=product, live_end=live_end)
+        want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        assert float(kth) == float(kth_score(selection.values.detach(), k))
+        eps = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
+        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+        assert torch.equal(grad, again)
+    assert pruned >= 3  # the small k's staircases leave most of the block out
+
+
+def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused():
+    """The bound needs positive values: signed ones keep the latents' order and the whole block
+    (no live_end); a live_end that is not these rows' is named."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(torch.float64, signed=True)
+    c = co.canonical(offsets, indices, values)
+    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
+    assert out[5].shape[0] >= 2 and out[6].numel() == 0
+    offsets, indices, values, _, n = outlier_rows(torch.float64, signed=False)
+    c = co.canonical(offsets, indices, values)
+    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
+    with pytest.raises(RuntimeError, match="pass the live_end that sparse_csr_topk_sum returned"):
+        module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
+                                            out[5], live_end=out[6][:-1])
 
 
 def test_int32_ids_unsorted_rows_and_half_precision():

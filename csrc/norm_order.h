@@ -1,0 +1,80 @@
+// Latents relabelled by column norm, largest first (the sum of the k best pairs, csrc/
+// gram_topk_sparse.cpp, and its backward). With positive values |C_ij| <= ‖a_i‖‖a_j‖
+// (Cauchy–Schwarz), so once the GEMM block's latents are in this order the pairs that can reach
+// a score lie in a staircase at its top-left corner (csrc/dense_rows.h, block_staircase). Ties
+// keep the original order; the same rows give the same labels, forward and backward.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace aosae {
+
+template <typename acc_t>
+struct NormOrder {
+  std::vector<int64_t> original;  // [n]: new label -> original latent
+  std::vector<int64_t> label;     // [n]: original latent -> new label
+  std::vector<double> norm;       // [n]: by new label, non-increasing
+  std::vector<int64_t> cols;      // [nnz]: the rows' new labels, ascending within each row
+  std::vector<acc_t> vals;        // [nnz]: their values
+  std::vector<int64_t> entry;     // [nnz]: new entry -> original entry (same row)
+  // the original (i, j), i < j, of a pair of new labels, as the tie order's key i·n + j
+  int64_t key(int64_t a, int64_t b, int64_t n) const {
+    const int64_t i = original[a], j = original[b];
+    return i < j ? i * n + j : j * n + i;
+  }
+};
+
+template <typename acc_t>
+NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n) {
+  NormOrder<acc_t> out;
+  const int64_t nnz = rp[m];
+  std::vector<double> sq(n, 0.0);
+  for (int64_t e = 0; e < nnz; ++e) sq[cp[e]] += static_cast<double>(vp[e]) * static_cast<double>(vp[e]);
+  out.original.resize(n);
+  std::iota(out.original.begin(), out.original.end(), int64_t(0));
+  std::stable_sort(out.original.begin(), out.original.end(), [&](int64_t a, int64_t b) { return sq[a] > sq[b]; });
+  out.label.resize(n);
+  out.norm.resize(n);
+  for (int64_t a = 0; a < n; ++a) {
+    out.label[out.original[a]] = a;
+    out.norm[a] = std::sqrt(sq[out.original[a]]);
+  }
+  out.cols.resize(nnz);
+  out.vals.resize(nnz);
+  out.entry.resize(nnz);
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<int64_t, int64_t>> row;  // (new label, original entry)
+    for (int64_t t = begin; t < end; ++t) {
+      row.clear();
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) row.emplace_back(out.label[cp[e]], e);
+      std::sort(row.begin(), row.end());
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        const auto& [a, from] = row[e - rp[t]];
+        out.cols[e] = a;
+        out.vals[e] = vp[from];
+        out.entry[e] = from;
+      }
+    }
+  });
+  return out;
+}
+
+// Whether order_by_norm's bound applies: every value positive (ReLU, TopK and BatchTopK latents).
+template <typename acc_t>
+bool all_positive(const acc_t* vp, int64_t nnz) {
+  for (int64_t e = 0; e < nnz; ++e)
+    if (!(vp[e] > acc_t(0))) return false;
+  return true;
+}
+
+}  // namespace aosae
