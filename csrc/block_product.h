@@ -5,7 +5,7 @@
 // bits depend neither on which stretch of the block is computed nor on the vector width. The
 // selection (whole upper triangle) and the sum of the k best (a staircase of it, latents in
 // another order) then see the same scores; a BLAS GEMM gave the same entry different last bits
-// at different positions. Vectorised for the machine it runs on (AVX-512, AVX2, or SSE2).
+// at different positions. Vectorised for the machine it runs on (x86: AVX-512, AVX2 or SSE2).
 
 #pragma once
 
@@ -41,6 +41,7 @@ __attribute__((always_inline)) inline void rows_generic(const acc_t* a, const ac
   }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
 template <typename acc_t>
 __attribute__((target("avx512f,avx512vl"))) void rows_avx512(const acc_t* a, const acc_t* at, int64_t h, int64_t u,
                                                             acc_t* block, int64_t width, int64_t p0, int64_t p1,
@@ -54,6 +55,8 @@ __attribute__((target("avx2"))) void rows_avx2(const acc_t* a, const acc_t* at, 
                                                const int64_t* last) {
   rows_generic(a, at, h, u, block, width, p0, p1, first, last);
 }
+
+#endif
 
 template <typename acc_t>
 void rows_default(const acc_t* a, const acc_t* at, int64_t h, int64_t u, acc_t* block, int64_t width, int64_t p0,
@@ -72,9 +75,13 @@ void block_product(const acc_t* a, int64_t h, int64_t u, acc_t* block, int64_t w
   std::vector<acc_t> at(static_cast<size_t>(u * h));  // A_H's columns contiguous: row p's coefficients
   for (int64_t r = 0; r < h; ++r)
     for (int64_t p = 0; p < u; ++p) at[p * h + r] = a[r * u + p];
+#if defined(__x86_64__) || defined(__i386__)
   static const auto rows = __builtin_cpu_supports("avx512f") ? d::rows_avx512<acc_t>
                            : __builtin_cpu_supports("avx2")  ? d::rows_avx2<acc_t>
                                                              : d::rows_default<acc_t>;
+#else
+  const auto rows = d::rows_default<acc_t>;  // (NEON is the baseline on arm64)
+#endif
   // rows differ in length (a triangle, a staircase): dealt in small chunks; each entry is one thread's
   constexpr int64_t kChunk = 8;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, at::get_num_threads()))
