@@ -72,11 +72,12 @@ template <typename acc_t>
 void block_product(const acc_t* a, int64_t h, int64_t u, acc_t* block, int64_t width, const std::vector<int64_t>& first,
                    const std::vector<int64_t>& last) {
   namespace d = block_product_detail;
-  std::vector<acc_t> at(static_cast<size_t>(u * h));  // A_H's columns contiguous: row p's coefficients
+  std::vector<acc_t> coefs(static_cast<size_t>(u * h));  // A_H's columns contiguous: row p's coefficients
   for (int64_t r = 0; r < h; ++r)
-    for (int64_t p = 0; p < u; ++p) at[p * h + r] = a[r * u + p];
+    for (int64_t p = 0; p < u; ++p) coefs[p * h + r] = a[r * u + p];
 #if defined(__x86_64__) || defined(__i386__)
-  static const auto rows = __builtin_cpu_supports("avx512f") ? d::rows_avx512<acc_t>
+  static const auto rows = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                               ? d::rows_avx512<acc_t>
                            : __builtin_cpu_supports("avx2")  ? d::rows_avx2<acc_t>
                                                              : d::rows_default<acc_t>;
 #else
@@ -86,7 +87,7 @@ void block_product(const acc_t* a, int64_t h, int64_t u, acc_t* block, int64_t w
   constexpr int64_t kChunk = 8;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, at::get_num_threads()))
   for (int64_t p0 = 0; p0 < u; p0 += kChunk)
-    rows(a, at.data(), h, u, block, width, p0, std::min(u, p0 + kChunk), first.data(), last.data());
+    rows(a, coefs.data(), h, u, block, width, p0, std::min(u, p0 + kChunk), first.data(), last.data());
 }
 
 }  // namespace aosae

@@ -10,7 +10,8 @@
 // reach, so at most the k-th best score: LB. Any pair with s_p·s_q·(1 + slack) < LB is then below
 // the k-th score and outside the selection; only the staircase {s_p·s_q·(1 + slack) ≥ LB} is
 // multiplied and scanned. At BatchTopK initialisation that is 4 % of the block at d_sae 16384 and
-// 36 % at 65536 (benchmarks/NOTES.md); where it would be most of the block, all of it is.
+// 36 % at 65536 (benchmarks/NOTES.md); where the seed alone would be half the block or more, the
+// whole block is computed.
 
 #pragma once
 
@@ -22,6 +23,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dense_rows.h"
@@ -29,8 +32,14 @@
 
 namespace aosae {
 
-// Rounding: a float32 score over up to 2¹⁶ products is within 2¹⁶·2⁻²⁴ = 0.4 % of exact.
+// Rounding: a score sums at most m products (one per row), each rounded, so it is within about
+// m·ε of exact: 1 % covers m up to 10⁵ rows in float32; larger batches widen it with them.
 constexpr double kStaircaseSlack = 0.01;
+
+template <typename acc_t>
+double staircase_slack(int64_t m) {
+  return std::max(kStaircaseSlack, 4.0 * static_cast<double>(m) * std::numeric_limits<acc_t>::epsilon());
+}
 // The seed holds this many times k pairs; pruning is tried only when that is under half the block.
 constexpr double kSeedPairs = 1.25;
 
@@ -72,7 +81,7 @@ double bin_floor(int64_t bin) {
 // block's latents' norms, non-increasing. Every end is the block's width when no pruning pays.
 template <typename acc_t>
 std::vector<int64_t> block_staircase(DenseRows<acc_t>& plan, const int64_t* rp, const int64_t* cp, const acc_t* vp,
-                                     const std::vector<double>& s, int64_t k) {
+                                     int64_t m, const std::vector<double>& s, int64_t k) {
   const int64_t width = plan.size();
   const torch::Tensor rows = moved_rows_matrix(plan, rp, cp, vp);
   plan.block = empty_pooled(width * width, rows.scalar_type()).view({width, width});
@@ -113,7 +122,7 @@ std::vector<int64_t> block_staircase(DenseRows<acc_t>& plan, const int64_t* rp, 
     fill_block(plan, rows, seed, full);
     return full;
   }
-  std::vector<int64_t> live = staircase_ends(s, bound / (1 + kStaircaseSlack));
+  std::vector<int64_t> live = staircase_ends(s, bound / (1 + staircase_slack<acc_t>(m)));
   // the rest of the staircase, past the seed's end in each row (none where the seed reaches further)
   fill_block(plan, rows, seed, live);
   return live;

@@ -58,7 +58,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   if (norm != nullptr && out.dense.size() > 0) {
     std::vector<double> s(out.dense.size());
     for (int64_t p = 0; p < out.dense.size(); ++p) s[p] = (*norm)[out.dense.latents[p]];
-    out.live_end = block_staircase(out.dense, rp, cp, vp, s, k);
+    out.live_end = block_staircase(out.dense, rp, cp, vp, m, s, k);
   }
   const DenseRows<acc_t>& dense = out.dense;
   const uint8_t* moved = dense.moved.data();

@@ -27,9 +27,10 @@
 namespace aosae {
 
 // Cost model (ns, 2-core AMD EPYC; see benchmarks/NOTES.md): a co-active pair through the
-// per-latent (Gustavson) path, a multiply-add of the GEMM, an entry of the u × u block (written
-// by the GEMM, scanned three times). Calibrated when the GEMM wrote the whole block; it now
-// writes the upper triangle, so the block's side is overstated (rows move a little late).
+// per-latent (Gustavson) path, a multiply-add of the block's product, an entry of the u × u block
+// (written once, scanned three times). Calibrated when an MKL GEMM wrote the whole block; the
+// block's own product (csrc/block_product.h) writes the upper triangle at about the same cost
+// per multiply-add, so the block's side is overstated (rows move a little late).
 struct DenseRowCost {
   double pair = 8.0;
   double mac = 0.012;

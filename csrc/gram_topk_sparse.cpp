@@ -175,6 +175,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
   const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
   // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i, j)
+  // (the paths without the summing entry: their block is the whole upper triangle, no staircase)
   // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
   auto pairs_of = [&](int64_t i, auto&& offer) {
     const int64_t b = bucket_start[i];

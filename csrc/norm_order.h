@@ -69,11 +69,12 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
   return out;
 }
 
-// Whether order_by_norm's bound applies: every value positive (ReLU, TopK and BatchTopK latents).
+// Whether order_by_norm's bound applies: every value positive and finite (ReLU, TopK and
+// BatchTopK latents).
 template <typename acc_t>
 bool all_positive(const acc_t* vp, int64_t nnz) {
   for (int64_t e = 0; e < nnz; ++e)
-    if (!(vp[e] > acc_t(0))) return false;
+    if (!(vp[e] > acc_t(0) && std::isfinite(vp[e]))) return false;
   return true;
 }
 

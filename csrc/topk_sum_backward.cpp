@@ -94,6 +94,10 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
               " latents: pass the live_end that sparse_csr_topk_sum returned for these rows");
   const Tensor live_end_c = live_end_t.contiguous();
   const int64_t* live_end = live_end_t.numel() > 0 ? live_end_c.data_ptr<int64_t>() : nullptr;
+  for (int64_t p = 0; live_end && p < width; ++p)  // a staircase: row p's end in (p, width], not past the row above's
+    TORCH_CHECK(live_end[p] > p && live_end[p] <= width && (p == 0 || live_end[p] == p + 1 || live_end[p] <= live_end[p - 1]),
+                "sparse_csr_topk_sum_backward: live_end[", p, "] = ", live_end[p], " is not a staircase over ", width,
+                " latents: pass the live_end that sparse_csr_topk_sum returned for these rows");
   // block row p holds the pairs (p, q < row_end(p)); past it nothing was summed (below the k-th score)
   auto row_end = [&](int64_t p) { return live_end ? live_end[p] : width; };
   // the latents with a pair in the staircase: [0, extent) (ends do not grow)
@@ -240,7 +244,8 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
   aosae::check_csr_rows("sparse_csr_topk_sum_backward", row_ptr, cols, vals, n, 2);
-  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu() && block.device().is_cpu(),
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu() && block.device().is_cpu() &&
+                  (!live_end.has_value() || live_end->device().is_cpu()),
               "sparse_csr_topk_sum_backward: CPU tensors only");
   TORCH_CHECK(block.numel() == 0 || block.scalar_type() == vals.scalar_type(),
               "sparse_csr_topk_sum_backward: block must have vals' dtype");

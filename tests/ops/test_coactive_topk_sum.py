@@ -153,6 +153,11 @@ def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused()
     with pytest.raises(RuntimeError, match="pass the live_end that sparse_csr_topk_sum returned"):
         module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
                                             out[5], live_end=out[6][:-1])
+    rising = torch.arange(out[6].numel()) + 1  # an end below its row's diagonal is not a staircase
+    rising[-1] = 0
+    with pytest.raises(RuntimeError, match="is not a staircase"):
+        module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
+                                            out[5], live_end=rising)
 
 
 def test_int32_ids_unsorted_rows_and_half_precision():
