@@ -150,10 +150,7 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
   aosae::add_slot_products(slots, G, rp, x, moved, m, o);  // the moved rows: the product below
   if (width > 0) {
     const int32_t* position = dense.position.data();
-    std::vector<int64_t> moved_rows;
-    for (int64_t t = 0; t < m; ++t)
-      if (moved[t]) moved_rows.push_back(t);
-    const int64_t h = static_cast<int64_t>(moved_rows.size());
+    const int64_t h = static_cast<int64_t>(dense.taken.size());
     int64_t inside = 0;  // selected pairs inside U × U
 #pragma omp parallel for num_threads(std::max(1, at::get_num_threads())) schedule(static) reduction(+ : inside)
     for (int64_t p = 0; p < sel; ++p) inside += position[r[p]] >= 0 && position[c[p]] >= 0;
@@ -170,9 +167,8 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
       // of h. Threads split the pairs, each adding into its own copy of the result (u·h: 0.9 MB
       // at BatchTopK 65536), summed at the end: each pair's ids and gradient are read once (threads splitting the
       // moved rows instead each read all of them, 24 B per pair, for half-length axpys).
-      std::vector<acc_t> a_t(width * h, acc_t(0));
-      for (int64_t q = 0; q < h; ++q)
-        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) a_t[position[ca[e]] * h + q] = x[e];
+      const Tensor a_t_t = aosae::moved_rows_matrix(dense, rp, ca, x).t().contiguous();
+      const acc_t* a_t = a_t_t.data_ptr<acc_t>();
       const int threads = std::max(1, at::get_num_threads());
       // sized here, not in the region: a smaller team than asked for leaves some unused
       std::vector<std::vector<acc_t>> out_t(threads, std::vector<acc_t>(width * h, acc_t(0)));
@@ -186,8 +182,8 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
           const acc_t gp = pair_grad(p);
           acc_t* oi = mine.data() + pi * h;
           acc_t* oj = mine.data() + pj * h;
-          const acc_t* ai = a_t.data() + pi * h;
-          const acc_t* aj = a_t.data() + pj * h;
+          const acc_t* ai = a_t + pi * h;
+          const acc_t* aj = a_t + pj * h;
 #pragma GCC ivdep
           for (int64_t q = 0; q < h; ++q) {  // rows pi != pj of the thread's copy, never a_t
             oi[q] += gp * aj[q];
@@ -195,7 +191,7 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
           }
         }
       }
-      aosae::add_moved_rows_gradient(out_t, moved_rows, rp, ca, position, o);
+      aosae::add_moved_rows_gradient(out_t, dense.taken, rp, ca, position, o);
     } else {
       // G_U's upper triangle: U ascending, so i < j is position[i] < position[j]
       Tensor sym = aosae::zeros_pooled(width, width, vals.scalar_type());
@@ -217,16 +213,7 @@ Tensor coactive_backward_impl(const Tensor& grad_values, const Tensor& row_ptr, 
               for (int64_t j = std::max(i + 1, bj * kTile); j < std::min(width, (bj + 1) * kTile); ++j)
                 up[j * width + i] = up[i * width + j];
       });
-      Tensor a_h = at::zeros({h, width}, vals.options());
-      acc_t* ah = a_h.data_ptr<acc_t>();
-      for (int64_t q = 0; q < h; ++q)
-        for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) ah[q * width + position[ca[e]]] = x[e];
-      const Tensor prod = at::mm(a_h, sym).contiguous();
-      const acc_t* pr = prod.data_ptr<acc_t>();
-      at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q)
-          for (int64_t e = rp[moved_rows[q]]; e < rp[moved_rows[q] + 1]; ++e) o[e] += pr[q * width + position[ca[e]]];
-      });
+      aosae::add_moved_rows_product(at::mm(aosae::moved_rows_matrix(dense, rp, ca, x), sym), dense, rp, ca, o);
     }
   }
   aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);  // BatchTopK's long rows: do not keep GBs

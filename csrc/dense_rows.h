@@ -172,6 +172,20 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   return out;
 }
 
+// The moved rows' gradient from the dense product prod = A_H · G_U [h, u] (rows in plan.taken's
+// order): o[e] += prod[r, position[latent of e]] over each moved row r's entries.
+template <typename acc_t>
+void add_moved_rows_product(const torch::Tensor& prod, const DenseRows<acc_t>& plan, const int64_t* rp,
+                            const int64_t* cols, acc_t* o) {
+  const torch::Tensor rows = prod.contiguous();
+  const acc_t* pr = rows.data_ptr<acc_t>();
+  const int64_t h = static_cast<int64_t>(plan.taken.size()), width = plan.size();
+  at::parallel_for(0, h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t e = rp[plan.taken[r]]; e < rp[plan.taken[r] + 1]; ++e) o[e] += pr[r * width + plan.position[cols[e]]];
+  });
+}
+
 // The moved rows' gradient from per-thread copies of A_H · G_U kept latent-major ([u, h], row
 // position[latent] · h + r): o[e] += Σ over the copies, in thread order (deterministic).
 template <typename acc_t>

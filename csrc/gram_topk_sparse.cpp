@@ -23,17 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <functional>
-#include <limits>
-#include <type_traits>
-#include <numeric>
 #include <optional>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "csr_checks.h"
 #include "dense_rows.h"
@@ -41,11 +32,11 @@
 #include "coactive_pairs.h"
 #include "pair_select.h"
 #include "sorted_selection.h"
+#include "unordered_selection.h"
 
 namespace {
 
 using torch::Tensor;
-using aosae::Candidate;
 
 // Pair lists up to this size stay allocated between calls (see aosae::Scratch).
 constexpr size_t kKeepScratchBytes = size_t(64) << 20;
@@ -54,69 +45,11 @@ int num_threads() {
   return std::max(1, at::get_num_threads());
 }
 
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
-
-// Dense [m, n] (acc_t, contiguous) -> CSR of its non-zeros, cols ascending per row.
-template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
-  const int64_t m = x.size(0), n = x.size(1);
-  const acc_t* data = x.data_ptr<acc_t>();
-  auto row_ptr = torch::empty({m + 1}, torch::kInt64);
-  int64_t* rp = row_ptr.data_ptr<int64_t>();
-  rp[0] = 0;
-  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const acc_t* row = data + t * n;
-      int64_t c = 0;
-      for (int64_t j = 0; j < n; ++j) c += row[j] != acc_t(0);
-      rp[t + 1] = c;
-    }
-  });
-  for (int64_t t = 0; t < m; ++t) rp[t + 1] += rp[t];
-  const int64_t nnz = rp[m];
-  auto cols = torch::empty({nnz}, torch::kInt64);
-  auto vals = torch::empty({nnz}, x.options());
-  int64_t* cp = cols.data_ptr<int64_t>();
-  acc_t* vp = vals.data_ptr<acc_t>();
-  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const acc_t* row = data + t * n;
-      int64_t o = rp[t];
-      for (int64_t j = 0; j < n; ++j) {
-        if (row[j] != acc_t(0)) {
-          cp[o] = j;
-          vp[o] = row[j];
-          ++o;
-        }
-      }
-    }
-  });
-  return {row_ptr, cols, vals};
-}
-
-// What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
-// from a pair out (the backward recomputes the scores and applies the same test).
-struct SumResult {
-  double total = 0;         // Σ |C_ij| over the kept pairs, summed in float64
-  double kth = 0;           // the k-th best |C| (0 and tie_cut -1: every non-zero pair is kept)
-  int64_t tie_cut = -1;     // of the pairs tied at kth, those with i·n + j <= tie_cut are kept
-  int64_t kept = 0;         // min(k, P)
-  int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
-  Tensor block;             // [u, u]: the scores over U × U (upper triangle), or undefined
-  Tensor live_end;          // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
-};
-
 template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
     bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr,
-    SumResult* sum_out = nullptr) {
+    aosae::SumResult* sum_out = nullptr) {
   const int64_t m = row_ptr_t.size(0) - 1;
   const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
   const int64_t* cp = cols_t.data_ptr<int64_t>();
@@ -156,15 +89,13 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   }
   const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
       rp, cp, vp, m, n, nnz, cosine, threads, order ? &order->norm : nullptr, k);
-  auto key_of = [&](int64_t i, int64_t j) { return order ? order->key(i, j, n) : i * n + j; };
   const aosae::DenseRows<acc_t>& dense = summed.dense;
   const int32_t* position = dense.position.data();
   const int64_t* block_latent = dense.latents.data();
   const int64_t width = dense.size();
-  acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
+  const acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
   const std::vector<int64_t>& bucket_start = summed.bucket_start;
   const std::vector<int64_t>& distinct = summed.distinct;
-  const std::vector<int64_t>& kept = summed.kept;
   const std::vector<int64_t>& hist_total = summed.hist_total;
   const int64_t nonzero_pairs = summed.nonzero_pairs;
   const int32_t* pj = summed.pj;
@@ -173,10 +104,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   // one nth_element inside that bin finds the exact k-th score.
   const bool keep_all = nonzero_pairs <= k;
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
-  const int64_t bar = kth_bin.bin;  // -1: at most k pairs, keep them all
   // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i, j)
-  // (the paths without the summing entry: their block is the whole upper triangle, no staircase)
-  // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
+  // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair).
+  // Only the outputs that write pairs call it, and their block is the whole upper triangle.
   auto pairs_of = [&](int64_t i, auto&& offer) {
     const int64_t b = bucket_start[i];
     for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i, static_cast<int64_t>(pj[b + u]));
@@ -185,180 +115,11 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i, block_latent[p]);
   };
   if (!pad && (keep_all || !ordered)) {
-    // Unordered (a loss sums over the set; or k covers every pair): every pair in a bin above
-    // the k-th's, and inside that bin the pairs above the k-th |C| plus, of those tied at it,
-    // the ones with the smallest (i, j): the set the ordered path keeps, without building or
-    // sorting 64-bit keys (10.7 M of them at BatchTopK d_sae 65536: 0.4 s). With every pair
-    // kept nothing is compared. Parts are contiguous ranges of i balanced by their pair counts:
-    // a first pass counts each part's sure pairs and collects its boundary bin's, a second
-    // writes each part's kept pairs at its offset. Output grouped by i ascending.
-    std::vector<int64_t> start(n + 1, 0);
-    for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + kept[i];
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, 8 * threads));
-    std::vector<int64_t> part_begin(parts + 1, n);
-    part_begin[0] = 0;
-    for (int64_t p = 1; p < parts; ++p)
-      part_begin[p] = std::lower_bound(start.begin(), start.end(), start[n] * p / parts) - start.begin();
-    std::vector<int64_t> out_begin(parts + 1, 0);
-    acc_t kth = acc_t(0);
-    int64_t tie_cut = -1;
-    auto in_edge = [&](acc_t v, int64_t key) {
-      const acc_t a = std::abs(v);
-      return a > kth || (a == kth && key <= tie_cut);
-    };
-    // the summing entry: per part, Σ|C| and the count inside the block of the pairs kept so far
-    std::vector<double> part_sum(parts, 0.0);
-    std::vector<int64_t> part_in_block(parts, 0);
-    std::vector<acc_t> part_min(parts, std::numeric_limits<acc_t>::infinity());
-    auto in_block = [&](int64_t key) {  // of a pair's key (original latents)
-      int64_t i = key / n, j = key % n;
-      if (order) i = order->label[i], j = order->label[j];
-      return position[i] >= 0 && position[j] >= 0;
-    };
-    // The summing entry's pass over part p's rows: the sum, count and minimum of the pairs above
-    // the k-th's bin (every non-zero pair when bar = -1), those in that bin collected into edge.
-    // Branch-free over the block's rows, which hold most of BatchTopK's pairs, kept or not in no
-    // order (a branch there cost as much as the block's GEMM); the buckets' pairs are never in it.
-    auto sum_part = [&](int64_t p, std::vector<Candidate<acc_t>>* edge) {
-      double total = 0;
-      int64_t count = 0, count_block = 0;
-      acc_t lowest = std::numeric_limits<acc_t>::infinity();
-      for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) {
-        auto visit = [&](acc_t v, int64_t j, int64_t& counter) {
-          const int64_t bin = aosae::magnitude_bin(v);
-          const bool above = (bin > bar) & (v != acc_t(0));
-          const acc_t a = std::abs(v);
-          total += above ? static_cast<double>(a) : 0.0;
-          counter += above;
-          lowest = above ? std::min(lowest, a) : lowest;
-          if (bin == bar && edge != nullptr) edge->push_back({v, key_of(i, j)});  // (bar >= 0: v != 0)
-        };
-        const int64_t b = bucket_start[i];
-        for (int64_t u = 0; u < distinct[i]; ++u) visit(pv[b + u], static_cast<int64_t>(pj[b + u]), count);
-        const int64_t pi = position[i];
-        const int64_t row_end = pi >= 0 ? summed.row_end(pi) : 0;
-        for (int64_t q = pi + 1; q < row_end; ++q) visit(block[pi * width + q], block_latent[q], count_block);
-      }
-      part_sum[p] = total;
-      part_in_block[p] = count_block;
-      part_min[p] = lowest;
-      return count + count_block;
-    };
-    if (keep_all) {
-      for (int64_t p = 0; p <= parts; ++p) out_begin[p] = start[part_begin[p]];
-      if (sum_out) {
-        at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t p = begin; p < end; ++p) sum_part(p, nullptr);
-        });
-      }
-    } else {
-      std::vector<int64_t> sure_count(parts, 0);
-      std::vector<std::vector<Candidate<acc_t>>> edge(parts);
-      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          if (sum_out) {
-            sure_count[p] = sum_part(p, &edge[p]);
-            continue;
-          }
-          int64_t count = 0;
-          auto& mine = edge[p];
-          auto offer = [&](acc_t v, int64_t i, int64_t j) {
-            const int64_t bin = aosae::magnitude_bin(v);
-            count += bin > bar;
-            if (bin == bar) mine.push_back({v, i * n + j});
-          };
-          for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
-          sure_count[p] = count;
-        }
-      });
-      // the k-th |C| inside the boundary bin, then the cut among the pairs tied at it
-      std::vector<acc_t> edge_mag;
-      for (const auto& part : edge)
-        for (const auto& c : part) edge_mag.push_back(std::abs(c.value));
-      const int64_t need = k - kth_bin.above;  // 1 <= need <= edge_mag.size()
-      std::nth_element(edge_mag.begin(), edge_mag.begin() + (need - 1), edge_mag.end(), std::greater<acc_t>());
-      kth = edge_mag[need - 1];
-      int64_t greater = 0;
-      std::vector<int64_t> tie_keys;
-      for (const auto& part : edge)
-        for (const auto& c : part) {
-          const acc_t a = std::abs(c.value);
-          greater += a > kth;
-          if (a == kth) tie_keys.push_back(c.key);
-        }
-      const int64_t ties_kept = need - greater;  // 1 <= ties_kept <= tie_keys.size()
-      std::nth_element(tie_keys.begin(), tie_keys.begin() + (ties_kept - 1), tie_keys.end());
-      tie_cut = tie_keys[ties_kept - 1];
-      for (int64_t p = 0; p < parts; ++p) {
-        int64_t c = sure_count[p];
-        for (const auto& e : edge[p]) {
-          const bool in = in_edge(e.value, e.key);
-          c += in;
-          if (sum_out && in) {
-            part_sum[p] += std::abs(static_cast<double>(e.value));
-            part_in_block[p] += in_block(e.key);
-          }
-        }
-        out_begin[p + 1] = out_begin[p] + c;
-      }
-      TORCH_CHECK(out_begin[parts] == k, "sparse_csr_coactive: kept ", out_begin[parts], " pairs, expected k = ", k);
-    }
-    const int64_t count = out_begin[parts];
-    if (sum_out) {  // no pair written: the sum, and the test that tells the kept pairs
-      for (int64_t p = 0; p < parts; ++p) {
-        sum_out->total += part_sum[p];
-        sum_out->kept_in_block += part_in_block[p];
-      }
-      sum_out->kth = static_cast<double>(kth);
-      sum_out->tie_cut = tie_cut;
-      if (keep_all && count == k) {  // exactly k pairs: the k-th score is the smallest, and every pair at it is kept
-        sum_out->kth = static_cast<double>(*std::min_element(part_min.begin(), part_min.end()));
-        sum_out->tie_cut = std::numeric_limits<int64_t>::max();
-      }
-      sum_out->kept = count;
-      if (width > 0) sum_out->block = dense.block;
-      if (order) sum_out->live_end = torch::tensor(summed.live_end.empty() ? std::vector<int64_t>(width, width)
-                                                                           : summed.live_end, torch::kInt64);
-      aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
-      aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-      return {};
-    }
-    auto values = aosae::empty_pooled(count, vals_t.scalar_type());
-    auto rows = aosae::empty_pooled(count, torch::kInt64);
-    auto cols = aosae::empty_pooled(count, torch::kInt64);
-    acc_t* ov = values.data_ptr<acc_t>();
-    int64_t* orow = rows.data_ptr<int64_t>();
-    int64_t* ocol = cols.data_ptr<int64_t>();
-    // the caller's ids of the pairs too, written here: mapping them afterwards re-read 16 B per pair
-    int64_t *irow = nullptr, *icol = nullptr;
-    if (ids) {
-      *id_rows = aosae::empty_pooled(count, torch::kInt64);
-      *id_cols = aosae::empty_pooled(count, torch::kInt64);
-      irow = id_rows->data_ptr<int64_t>();
-      icol = id_cols->data_ptr<int64_t>();
-    }
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        int64_t o = out_begin[p];
-        auto offer = [&](acc_t v, int64_t i, int64_t j) {
-          const int64_t bin = aosae::magnitude_bin(v);
-          if (bin > bar || (bin == bar && in_edge(v, i * n + j))) {
-            ov[o] = v;
-            orow[o] = i;
-            ocol[o] = j;
-            if (irow) {
-              irow[o] = ids[i];
-              icol[o] = ids[j];
-            }
-            ++o;
-          }
-        };
-        for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
-      }
-    });
+    const auto out = aosae::unordered_selection<acc_t>(summed, pairs_of, order ? &*order : nullptr, n, k, kth_bin,
+                                                       threads, vals_t.scalar_type(), ids, id_rows, id_cols, sum_out);
     aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
     aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-    return {values, rows, cols};
+    return out;
   }
   return aosae::sorted_selection<acc_t>(
       pairs_of, [] { aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes); aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes); },
@@ -377,15 +138,7 @@ void check_k(int64_t n, int64_t k) {
 
 }  // namespace
 
-// Dense a [m, n] (any float dtype, CPU) -> CSR (row_ptr [m+1] int64, cols [nnz] int64,
-// vals [nnz] float32/float64) of its non-zeros, cols ascending in each row.
-std::tuple<Tensor, Tensor, Tensor> sparse_dense_to_csr(const Tensor& a) {
-  TORCH_CHECK(a.dim() == 2 && a.device().is_cpu(), "sparse_dense_to_csr: expects a 2-D CPU tensor");
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sparse_dense_to_csr: expects a floating tensor");
-  const Tensor x = a.to(acc_type(a.scalar_type())).contiguous();
-  if (x.scalar_type() == at::kDouble) return dense_to_csr_impl<double>(x);
-  return dense_to_csr_impl<float>(x);
-}
+std::tuple<Tensor, Tensor, Tensor> sparse_dense_to_csr(const Tensor& a);  // csrc/sparse_input.cpp
 
 // CSR (row_ptr [m+1] int64, cols [nnz] int64 strictly increasing per row, vals [nnz]
 // float32/float64) of a [m, n] -> (values [k] in vals' dtype, rows [k] int64, cols [k]
@@ -466,7 +219,7 @@ std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor, Tensor> sparse_csr
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
-  SumResult r;
+  aosae::SumResult r;
   if (vp.scalar_type() == at::kDouble)
     csr_topk_impl<double>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
   else
@@ -493,7 +246,7 @@ Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor
               "sparse_dense_rows: int64 row_ptr and cols, float32 vals");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const auto plan = aosae::plan_dense_rows<float>(rp.data_ptr<int64_t>(), cp.data_ptr<int64_t>(), vp.data_ptr<float>(),
-                                                  rp.size(0) - 1, n);
+                                                  rp.size(0) - 1, n, aosae::DenseRowCost(), false);
   std::vector<int64_t> rows;
   for (size_t t = 0; t < plan.moved.size(); ++t)
     if (plan.moved[t]) rows.push_back(static_cast<int64_t>(t));
@@ -505,8 +258,6 @@ void register_sparse(pybind11::module& m) {
   m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
         py::call_guard<py::gil_scoped_release>(),
         "Sparse co-activation gram_topk on a dense CPU tensor: (values[k], rows[k], cols[k])");
-  m.def("sparse_dense_to_csr", &sparse_dense_to_csr, py::arg("a"), py::call_guard<py::gil_scoped_release>(),
-        "Non-zeros of a dense [m, n] CPU tensor as CSR (row_ptr, cols, vals in float32/float64)");
   m.def("sparse_csr_topk", &sparse_csr_topk, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("cosine"), py::call_guard<py::gil_scoped_release>(),
         "Top-k co-activation pairs of a CSR matrix: (values[k], rows[k], cols[k])");

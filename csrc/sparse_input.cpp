@@ -1,5 +1,6 @@
-// (indices, values) [B, L] of a TopK SAE -> CSR of its non-zeros, in one pass (CPU); and CSR
-// rows in any latent order -> canonical rows with compact latent ids (coactive_topk).
+// (indices, values) [B, L] of a TopK SAE -> CSR of its non-zeros, in one pass (CPU); CSR rows in
+// any latent order -> canonical rows with compact latent ids (coactive_topk); and a dense [m, n]
+// tensor -> CSR of its non-zeros (the sparse backend on dense ReLU latents).
 //
 // The same result as aosae/ops/gram_topk_sparse.py:to_csr (cols ascending per row, zero
 // values dropped, values in float32 / float64 for float64), with the input checks (range,
@@ -77,6 +78,44 @@ std::tuple<Tensor, Tensor, Tensor, bool> to_csr_impl(const Tensor& indices, cons
     }
   });
   return {row_ptr, cols, vals, true};
+}
+
+// Dense [m, n] (acc_t, contiguous) -> CSR of its non-zeros, cols ascending per row.
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> dense_to_csr_impl(const Tensor& x) {
+  const int64_t m = x.size(0), n = x.size(1);
+  const acc_t* data = x.data_ptr<acc_t>();
+  auto row_ptr = torch::empty({m + 1}, torch::kInt64);
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  rp[0] = 0;
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* row = data + t * n;
+      int64_t c = 0;
+      for (int64_t j = 0; j < n; ++j) c += row[j] != acc_t(0);
+      rp[t + 1] = c;
+    }
+  });
+  for (int64_t t = 0; t < m; ++t) rp[t + 1] += rp[t];
+  const int64_t nnz = rp[m];
+  auto cols = torch::empty({nnz}, torch::kInt64);
+  auto vals = torch::empty({nnz}, x.options());
+  int64_t* cp = cols.data_ptr<int64_t>();
+  acc_t* vp = vals.data_ptr<acc_t>();
+  at::parallel_for(0, m, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* row = data + t * n;
+      int64_t o = rp[t];
+      for (int64_t j = 0; j < n; ++j) {
+        if (row[j] != acc_t(0)) {
+          cp[o] = j;
+          vp[o] = row[j];
+          ++o;
+        }
+      }
+    }
+  });
+  return {row_ptr, cols, vals};
 }
 
 }  // namespace
@@ -213,6 +252,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> sparse_canonical_csr(const T
   return out;
 }
 
+// Dense a [m, n] (any float dtype, CPU) -> CSR (row_ptr [m+1] int64, cols [nnz] int64,
+// vals [nnz] float32/float64) of its non-zeros, cols ascending in each row.
+std::tuple<Tensor, Tensor, Tensor> sparse_dense_to_csr(const Tensor& a) {
+  TORCH_CHECK(a.dim() == 2 && a.device().is_cpu(), "sparse_dense_to_csr: expects a 2-D CPU tensor");
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "sparse_dense_to_csr: expects a floating tensor");
+  const Tensor x = a.to(a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  if (x.scalar_type() == at::kDouble) return dense_to_csr_impl<double>(x);
+  return dense_to_csr_impl<float>(x);
+}
+
 void register_sparse_input(pybind11::module& m) {
   m.def("sparse_canonical_csr", &sparse_canonical_csr, pybind11::arg("offsets"), pybind11::arg("indices"),
         pybind11::arg("values"), pybind11::arg("n"), pybind11::call_guard<pybind11::gil_scoped_release>(),
@@ -221,4 +270,6 @@ void register_sparse_input(pybind11::module& m) {
   m.def("sparse_topk_to_csr", &sparse_topk_to_csr, py::arg("indices"), py::arg("values"), py::arg("n"),
         py::call_guard<py::gil_scoped_release>(),
         "(indices, values) [B, L] -> (row_ptr, cols, vals, ok): CSR of the non-zeros, checked");
+  m.def("sparse_dense_to_csr", &sparse_dense_to_csr, py::arg("a"), py::call_guard<py::gil_scoped_release>(),
+        "Non-zeros of a dense [m, n] CPU tensor as CSR (row_ptr, cols, vals in float32/float64)");
 }
