@@ -2,16 +2,19 @@
 //
 // After ReLU/TopK most activations are zero, so C = aᵀa has at most Σ_t L0_t(L0_t−1)/2
 // off-diagonal non-zeros. Instead of B·n²/2 multiply-adds we:
-//   1. gather each row's non-zeros (CSR: row_ptr, cols ascending per row, vals),
-//   2. sum the densest rows (outlier tokens) with one GEMM block over the latents they touch
-//      (csrc/dense_rows.h),
+//   1. gather each row's non-zeros (CSR: row_ptr, cols ascending per row, vals; csrc/sparse_input.cpp),
+//   2. sum the densest rows (outlier tokens) with one block over the latents they touch
+//      (csrc/dense_rows.h; for the sum of the k best on positive values only its staircase that
+//      can reach the k-th score, csrc/norm_order.h and block_staircase.h),
 //   3. view the other rows latent by latent (CSC) and sum each latent i's row of C
 //      (Gustavson): its entries' later row partners j > i add a_ti·a_tj into a thread-local
 //      dense accumulator and list j in bucket i; the bucket is then compacted in place to the
 //      distinct non-zero (j, C_ij), each counted in a |C| histogram,
+//   (steps 2–3: csrc/coactive_pairs.h)
 //   4. find the k-th best |C| from the histogram (csrc/pair_select.h), keep the pairs at least
-//      that good: as a set grouped by i (unordered, or k covering every pair), or ordered by
-//      (|C| desc, (i, j) asc) (radix sort of 64-bit keys).
+//      that good: as a set grouped by i (unordered, or k covering every pair; or only their sum:
+//      csrc/unordered_selection.h), or ordered by (|C| desc, (i, j) asc) (radix sort of 64-bit
+//      keys; csrc/sorted_selection.h).
 // Memory O(pairs + nnz + threads·n); accumulation in float32 (float64 for float64 input), each
 // C_ij summed in row order whatever the thread count, so results are deterministic.
 //
