@@ -33,6 +33,18 @@ struct CoactivePairs {
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
   int64_t row_end(int64_t p) const { return live_end.empty() ? dense.size() : live_end[p]; }
+  // latent i's non-zero pairs (i, j > i), from its bucket and its block row: offer(value, i, j)
+  // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
+  template <typename Offer>
+  void pairs_of(int64_t i, Offer&& offer) const {
+    const int64_t b = bucket_start[i];
+    for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i, static_cast<int64_t>(pj[b + u]));
+    const int64_t pi = dense.position[i];
+    if (pi < 0) return;
+    const acc_t* row = dense.block.template data_ptr<acc_t>() + pi * dense.size();
+    for (int64_t q = pi + 1; q < row_end(pi); ++q)
+      if (row[q] != acc_t(0)) offer(row[q], i, dense.latents[q]);
+  }
 };
 
 // rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp. With norm (the

@@ -92,40 +92,22 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   }
   const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
       rp, cp, vp, m, n, nnz, cosine, threads, order ? &order->norm : nullptr, k);
-  const aosae::DenseRows<acc_t>& dense = summed.dense;
-  const int32_t* position = dense.position.data();
-  const int64_t* block_latent = dense.latents.data();
-  const int64_t width = dense.size();
-  const acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
-  const std::vector<int64_t>& bucket_start = summed.bucket_start;
-  const std::vector<int64_t>& distinct = summed.distinct;
   const std::vector<int64_t>& hist_total = summed.hist_total;
   const int64_t nonzero_pairs = summed.nonzero_pairs;
-  const int32_t* pj = summed.pj;
-  const acc_t* pv = summed.pv;
   // Select: the histogram names the bin of the k-th best |C|; pairs above it are kept, and
   // one nth_element inside that bin finds the exact k-th score.
   const bool keep_all = nonzero_pairs <= k;
   const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
-  // row i's non-zero pairs (i, j > i), from its bucket and from the dense block: offer(value, i, j)
-  // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair).
-  // Only the outputs that write pairs call it, and their block is the whole upper triangle.
-  auto pairs_of = [&](int64_t i, auto&& offer) {
-    const int64_t b = bucket_start[i];
-    for (int64_t u = 0; u < distinct[i]; ++u) offer(pv[b + u], i, static_cast<int64_t>(pj[b + u]));
-    const int64_t pi = position[i];
-    for (int64_t p = pi + 1; pi >= 0 && p < width; ++p)
-      if (block[pi * width + p] != acc_t(0)) offer(block[pi * width + p], i, block_latent[p]);
-  };
   if (!pad && (keep_all || !ordered)) {
-    const auto out = aosae::unordered_selection<acc_t>(summed, pairs_of, order ? &*order : nullptr, n, k, kth_bin,
-                                                       threads, vals_t.scalar_type(), ids, id_rows, id_cols, sum_out);
+    const auto out = aosae::unordered_selection<acc_t>(summed, order ? &*order : nullptr, n, k, kth_bin, threads,
+                                                       vals_t.scalar_type(), ids, id_rows, id_cols, sum_out);
     aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
     aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
     return out;
   }
   return aosae::sorted_selection<acc_t>(
-      pairs_of, [] { aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes); aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes); },
+      [&](int64_t i, auto&& offer) { summed.pairs_of(i, offer); },
+      [] { aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes); aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes); },
       n, k, pad, kth_bin, hist_total, threads, vals_t);
 }
 

@@ -41,11 +41,11 @@ struct SumResult {
   torch::Tensor live_end;   // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
 };
 
-// pairs_of(i, offer): row i's non-zero pairs, offer(value, i, j); order: the latents' relabelling
-// (norm order) or null; ids: the caller's ids of the latents, written beside the pairs, or null.
-template <typename acc_t, typename PairsOf>
+// order: the latents' relabelling (norm order) or null; ids: the caller's ids of the latents,
+// written beside the pairs, or null.
+template <typename acc_t>
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> unordered_selection(
-    const CoactivePairs<acc_t>& summed, PairsOf&& pairs_of, const NormOrder<acc_t>* order, int64_t n, int64_t k,
+    const CoactivePairs<acc_t>& summed, const NormOrder<acc_t>* order, int64_t n, int64_t k,
     const KthBin& kth_bin, int threads, at::ScalarType dtype, const int64_t* ids, torch::Tensor* id_rows,
     torch::Tensor* id_cols, SumResult* sum_out) {
   using torch::Tensor;
@@ -138,7 +138,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> unordered_selection(
           count += bin > bar;
           if (bin == bar) mine.push_back({v, i * n + j});
         };
-        for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
+        for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) summed.pairs_of(i, offer);
         sure_count[p] = count;
       }
     });
@@ -222,7 +222,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> unordered_selection(
           ++o;
         }
       };
-      for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) pairs_of(i, offer);
+      for (int64_t i = part_begin[p]; i < part_begin[p + 1]; ++i) summed.pairs_of(i, offer);
     }
   });
   return {values, rows, cols};
