@@ -1,93 +1,178 @@
 // The GEMM block's entries A_Hᵀ A_H (csrc/dense_rows.h), row by row over any stretch of columns.
 //
-// Each entry is Σ_r a_rp·a_rq summed over the moved rows in the plan's order, one multiply and
-// one add at a time (the extension builds with -ffp-contract=off: no fused multiply-add), so its
-// bits depend neither on which stretch of the block is computed nor on the vector width. The
-// selection (whole upper triangle) and the sum of the k best (a staircase of it, latents in
-// another order) then see the same scores; a BLAS GEMM gave the same entry different last bits
-// at different positions. Vectorised for the machine it runs on (x86: AVX-512, AVX2 or SSE2).
+// Each entry is Σ_r a_rp·a_rq accumulated over the moved rows in the plan's order with one fused
+// multiply-add per row, from zero: acc = fma(a_rp, a_rq, acc). Every code path (vector lanes,
+// masked tails, the single entry of block_entry) does exactly that sequence, so an entry's bits
+// depend neither on which stretch of the block is computed nor on the vector width: the
+// selection (whole upper triangle, stored), the sum of the k best (a staircase of it, latents in
+// another order, recomputed pass after pass) and the backward (recomputed) see the same scores.
+// A BLAS GEMM gave the same entry different last bits at different positions. The compiler is
+// told not to contract other multiply-adds (-ffp-contract=off): only these are fused, by hand.
+// AVX-512: 64 columns (32 in float64) of a row kept in four registers while every moved row is
+// added, so a row of A_H is read once per 64 entries and nothing is written until the row is
+// done; elsewhere a plain loop over an L1 stretch (std::fma: one instruction where the machine
+// has it, a correctly rounded library call where not).
 
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 namespace aosae {
 
 namespace block_product_detail {
 
-// Columns per pass: the stretch of the row being summed stays in L1 while every moved row is added.
+// Columns per pass of the plain loop: the stretch being summed stays in L1 while every moved row is added.
 constexpr int64_t kStretch = 2048;
 
+// out[q - q0] for q in [q0, q1): Σ_r fma over a's rows (a: [h, u] row-major, coef: row p's h coefficients)
 template <typename acc_t>
-__attribute__((always_inline)) inline void rows_generic(const acc_t* a, const acc_t* at, int64_t h, int64_t u,
-                                                        acc_t* block, int64_t width, int64_t p0, int64_t p1,
-                                                        const int64_t* first, const int64_t* last) {
-  for (int64_t p = p0; p < p1; ++p) {
-    acc_t* row = block + p * width;
-    const acc_t* coef = at + p * h;
-    for (int64_t q0 = first[p]; q0 < last[p]; q0 += kStretch) {
-      const int64_t q1 = std::min(last[p], q0 + kStretch);
-      for (int64_t q = q0; q < q1; ++q) row[q] = acc_t(0);
-      for (int64_t r = 0; r < h; ++r) {
-        const acc_t c = coef[r];
-        const acc_t* ar = a + r * u;
-        for (int64_t q = q0; q < q1; ++q) row[q] = row[q] + c * ar[q];
-      }
+__attribute__((always_inline)) inline void row_generic(const acc_t* a, const acc_t* coef, int64_t h, int64_t u,
+                                                       int64_t q0, int64_t q1, acc_t* out) {
+  for (int64_t s0 = q0; s0 < q1; s0 += kStretch) {
+    const int64_t s1 = std::min(q1, s0 + kStretch);
+    acc_t* o = out + (s0 - q0);
+    for (int64_t q = s0; q < s1; ++q) o[q - s0] = acc_t(0);
+    for (int64_t r = 0; r < h; ++r) {
+      const acc_t c = coef[r];
+      const acc_t* ar = a + r * u;
+      for (int64_t q = s0; q < s1; ++q) o[q - s0] = std::fma(c, ar[q], o[q - s0]);
     }
   }
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-template <typename acc_t>
-__attribute__((target("avx512f,avx512vl"))) void rows_avx512(const acc_t* a, const acc_t* at, int64_t h, int64_t u,
-                                                            acc_t* block, int64_t width, int64_t p0, int64_t p1,
-                                                            const int64_t* first, const int64_t* last) {
-  rows_generic(a, at, h, u, block, width, p0, p1, first, last);
+__attribute__((target("avx512f"))) inline void row_avx512(const float* a, const float* coef, int64_t h, int64_t u,
+                                                          int64_t q0, int64_t q1, float* out) {
+  int64_t q = q0;
+  for (; q + 64 <= q1; q += 64) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    for (int64_t r = 0; r < h; ++r) {
+      const __m512 c = _mm512_set1_ps(coef[r]);
+      const float* ar = a + r * u + q;
+      s0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar), s0);
+      s1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 16), s1);
+      s2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 32), s2);
+      s3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 48), s3);
+    }
+    float* o = out + (q - q0);
+    _mm512_storeu_ps(o, s0);
+    _mm512_storeu_ps(o + 16, s1);
+    _mm512_storeu_ps(o + 32, s2);
+    _mm512_storeu_ps(o + 48, s3);
+  }
+  for (; q < q1; q += 16) {  // the last columns, 16 (or fewer, masked) at a time
+    const __mmask16 mask = q + 16 <= q1 ? __mmask16(0xFFFF) : __mmask16((1u << (q1 - q)) - 1);
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t r = 0; r < h; ++r)
+      s = _mm512_fmadd_ps(_mm512_set1_ps(coef[r]), _mm512_maskz_loadu_ps(mask, a + r * u + q), s);
+    _mm512_mask_storeu_ps(out + (q - q0), mask, s);
+  }
+}
+
+__attribute__((target("avx512f"))) inline void row_avx512(const double* a, const double* coef, int64_t h, int64_t u,
+                                                          int64_t q0, int64_t q1, double* out) {
+  int64_t q = q0;
+  for (; q + 32 <= q1; q += 32) {
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
+    for (int64_t r = 0; r < h; ++r) {
+      const __m512d c = _mm512_set1_pd(coef[r]);
+      const double* ar = a + r * u + q;
+      s0 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar), s0);
+      s1 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 8), s1);
+      s2 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 16), s2);
+      s3 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 24), s3);
+    }
+    double* o = out + (q - q0);
+    _mm512_storeu_pd(o, s0);
+    _mm512_storeu_pd(o + 8, s1);
+    _mm512_storeu_pd(o + 16, s2);
+    _mm512_storeu_pd(o + 24, s3);
+  }
+  for (; q < q1; q += 8) {
+    const __mmask8 mask = q + 8 <= q1 ? __mmask8(0xFF) : __mmask8((1u << (q1 - q)) - 1);
+    __m512d s = _mm512_setzero_pd();
+    for (int64_t r = 0; r < h; ++r)
+      s = _mm512_fmadd_pd(_mm512_set1_pd(coef[r]), _mm512_maskz_loadu_pd(mask, a + r * u + q), s);
+    _mm512_mask_storeu_pd(out + (q - q0), mask, s);
+  }
 }
 
 template <typename acc_t>
-__attribute__((target("avx2"))) void rows_avx2(const acc_t* a, const acc_t* at, int64_t h, int64_t u, acc_t* block,
-                                               int64_t width, int64_t p0, int64_t p1, const int64_t* first,
-                                               const int64_t* last) {
-  rows_generic(a, at, h, u, block, width, p0, p1, first, last);
+__attribute__((target("avx2,fma"))) void row_avx2(const acc_t* a, const acc_t* coef, int64_t h, int64_t u, int64_t q0,
+                                                  int64_t q1, acc_t* out) {
+  row_generic(a, coef, h, u, q0, q1, out);
 }
-
 #endif
 
 template <typename acc_t>
-void rows_default(const acc_t* a, const acc_t* at, int64_t h, int64_t u, acc_t* block, int64_t width, int64_t p0,
-                  int64_t p1, const int64_t* first, const int64_t* last) {
-  rows_generic(a, at, h, u, block, width, p0, p1, first, last);
+void row_default(const acc_t* a, const acc_t* coef, int64_t h, int64_t u, int64_t q0, int64_t q1, acc_t* out) {
+  row_generic(a, coef, h, u, q0, q1, out);
+}
+
+template <typename acc_t>
+using RowKernel = void (*)(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int64_t, acc_t*);
+
+// The fastest row kernel this machine runs (chosen once).
+template <typename acc_t>
+RowKernel<acc_t> row_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const RowKernel<acc_t> kernel =
+      __builtin_cpu_supports("avx512f")                                   ? static_cast<RowKernel<acc_t>>(row_avx512)
+      : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? row_avx2<acc_t>
+                                                                          : row_default<acc_t>;
+  return kernel;
+#else
+  return row_default<acc_t>;  // (NEON's fused multiply-add is the baseline on arm64)
+#endif
 }
 
 }  // namespace block_product_detail
+
+// A_H's columns contiguous, [u, h]: row p's coefficients at coefs[p·h ..].
+template <typename acc_t>
+std::vector<acc_t> block_coefficients(const acc_t* a, int64_t h, int64_t u) {
+  std::vector<acc_t> coefs(static_cast<size_t>(u * h));
+  for (int64_t r = 0; r < h; ++r)
+    for (int64_t p = 0; p < u; ++p) coefs[p * h + r] = a[r * u + p];
+  return coefs;
+}
+
+// out[q - q0] = Σ_r a[r, p]·a[r, q] for q in [q0, q1); a: [h, u] row-major, coefs: block_coefficients(a).
+template <typename acc_t>
+inline void block_row(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p, int64_t q0, int64_t q1,
+                      acc_t* out) {
+  if (q1 > q0) block_product_detail::row_kernel<acc_t>()(a, coefs + p * h, h, u, q0, q1, out);
+}
+
+// One entry, summed as block_row sums it.
+template <typename acc_t>
+inline acc_t block_entry(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p, int64_t q) {
+  acc_t acc = acc_t(0);
+  for (int64_t r = 0; r < h; ++r) acc = std::fma(coefs[p * h + r], a[r * u + q], acc);
+  return acc;
+}
 
 // block[p, q] = Σ_r a[r, p]·a[r, q] for q in [first[p], last[p]), every row p < u; a: [h, u]
 // row-major (the moved rows over the block's latents), block: [u, width] row-major.
 template <typename acc_t>
 void block_product(const acc_t* a, int64_t h, int64_t u, acc_t* block, int64_t width, const std::vector<int64_t>& first,
                    const std::vector<int64_t>& last) {
-  namespace d = block_product_detail;
-  std::vector<acc_t> coefs(static_cast<size_t>(u * h));  // A_H's columns contiguous: row p's coefficients
-  for (int64_t r = 0; r < h; ++r)
-    for (int64_t p = 0; p < u; ++p) coefs[p * h + r] = a[r * u + p];
-#if defined(__x86_64__) || defined(__i386__)
-  static const auto rows = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-                               ? d::rows_avx512<acc_t>
-                           : __builtin_cpu_supports("avx2")  ? d::rows_avx2<acc_t>
-                                                             : d::rows_default<acc_t>;
-#else
-  const auto rows = d::rows_default<acc_t>;  // (NEON is the baseline on arm64)
-#endif
-  // rows differ in length (a triangle, a staircase): dealt in small chunks; each entry is one thread's
+  const std::vector<acc_t> coefs = block_coefficients(a, h, u);
+  // rows differ in length (a triangle): dealt in small chunks; each entry is one thread's
   constexpr int64_t kChunk = 8;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, at::get_num_threads()))
   for (int64_t p0 = 0; p0 < u; p0 += kChunk)
-    rows(a, coefs.data(), h, u, block, width, p0, std::min(u, p0 + kChunk), first.data(), last.data());
+    for (int64_t p = p0; p < std::min(u, p0 + kChunk); ++p)
+      block_row(a, coefs.data(), h, u, p, first[p], last[p], block + p * width + first[p]);
 }
 
 }  // namespace aosae

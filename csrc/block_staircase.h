@@ -11,7 +11,7 @@
 // the k-th score and outside the selection; only the staircase {s_p·s_q·(1 + slack) ≥ LB} is
 // multiplied and scanned. At BatchTopK initialisation that is 4 % of the block at d_sae 16384 and
 // 36 % at 65536 (benchmarks/NOTES.md); where the seed alone would be half the block or more, the
-// whole block is computed.
+// whole block is computed. The block is never stored on this path (csrc/recomputed_block.h).
 
 #pragma once
 
@@ -27,8 +27,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "dense_rows.h"
 #include "pair_select.h"
+#include "recomputed_block.h"
 
 namespace aosae {
 
@@ -77,23 +77,16 @@ double bin_floor(int64_t bin) {
   }
 }
 
-// Fills plan.block over the staircase (its moved rows' part) and returns each row's end; s: the
-// block's latents' norms, non-increasing. Every end is the block's width when no pruning pays.
+// Each row's end over the block's latents (s: their norms, non-increasing): the staircase of pairs
+// that can be among the k best; every end is the block's width when no pruning pays. Only the
+// seed's moved-row parts are computed here (recomputed again where the staircase is read).
 template <typename acc_t>
-std::vector<int64_t> block_staircase(DenseRows<acc_t>& plan, const int64_t* rp, const int64_t* cp, const acc_t* vp,
-                                     int64_t m, const std::vector<double>& s, int64_t k) {
-  const int64_t width = plan.size();
-  const torch::Tensor rows = moved_rows_matrix(plan, rp, cp, vp);
-  plan.block = empty_pooled(width * width, rows.scalar_type()).view({width, width});
-  const acc_t* block = plan.block.template data_ptr<acc_t>();
+std::vector<int64_t> block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s,
+                                     int64_t k) {
+  const int64_t width = rows.width();
   std::vector<int64_t> full(width, width);
   const double block_pairs = 0.5 * static_cast<double>(width) * static_cast<double>(width - 1);
-  std::vector<int64_t> diagonal(width);  // row p's first column: p + 1
-  for (int64_t p = 0; p < width; ++p) diagonal[p] = p + 1;
-  if (kSeedPairs * static_cast<double>(k) >= 0.5 * block_pairs || s.empty() || !(s.back() > 0)) {
-    fill_block(plan, rows, diagonal, full);
-    return full;
-  }
+  if (kSeedPairs * static_cast<double>(k) >= 0.5 * block_pairs || s.empty() || !(s.back() > 0)) return full;
   // the seed: the smallest bound x (by bisection, on a log scale) whose staircase holds >= 1.25·k pairs
   double lo = s[width - 1] * s[width - 1], hi = s[0] * s[1];
   for (int it = 0; it < 60 && hi > lo * (1 + 1e-6); ++it) {
@@ -101,31 +94,24 @@ std::vector<int64_t> block_staircase(DenseRows<acc_t>& plan, const int64_t* rp, 
     (staircase_pairs(staircase_ends(s, mid)) >= kSeedPairs * static_cast<double>(k) ? lo : hi) = mid;
   }
   const std::vector<int64_t> seed = staircase_ends(s, lo);
-  fill_block(plan, rows, diagonal, seed);
   // the k-th best moved-row part in the seed, as its bin's lower edge
   const int threads = std::max(1, at::get_num_threads());
   std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kMagnitudeBins, 0));
   at::parallel_for(0, width, 16, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t>& hist = hists[at::get_thread_num()];
-    for (int64_t p = begin; p < end; ++p)
-      for (int64_t q = p + 1; q < seed[p]; ++q) {
-        const acc_t v = block[p * width + q];
-        hist[magnitude_bin(v)] += v != acc_t(0);
-      }
+    std::vector<acc_t> row(width);
+    for (int64_t p = begin; p < end; ++p) {
+      rows.product_row(p, p + 1, seed[p], row.data());
+      for (int64_t q = 0; q < seed[p] - p - 1; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
+    }
   });
   std::vector<int64_t> hist_total(kMagnitudeBins, 0);
   for (const auto& h : hists)
     for (int64_t b = 0; b < kMagnitudeBins; ++b) hist_total[b] += h[b];
   const KthBin kth_bin = find_kth_bin(hist_total, k);
   const double bound = kth_bin.bin > 0 ? bin_floor<acc_t>(kth_bin.bin) : 0.0;
-  if (!(bound > 0)) {  // fewer than k non-zero parts in the seed: the whole block
-    fill_block(plan, rows, seed, full);
-    return full;
-  }
-  std::vector<int64_t> live = staircase_ends(s, bound / (1 + staircase_slack<acc_t>(m)));
-  // the rest of the staircase, past the seed's end in each row (none where the seed reaches further)
-  fill_block(plan, rows, seed, live);
-  return live;
+  if (!(bound > 0)) return full;  // fewer than k non-zero parts in the seed: the whole block
+  return staircase_ends(s, bound / (1 + staircase_slack<acc_t>(m)));
 }
 
 }  // namespace aosae

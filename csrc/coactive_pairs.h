@@ -17,6 +17,7 @@
 #include "block_staircase.h"
 #include "dense_rows.h"
 #include "pair_select.h"
+#include "recomputed_block.h"
 #include "sorted_selection.h"  // selection_thread
 
 namespace aosae {
@@ -32,6 +33,7 @@ struct CoactivePairs {
   int32_t* pj = nullptr;              // partner ids
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
+  RecomputedBlock<acc_t> rows;        // the block's scores where it is not stored (width 0 otherwise)
   int64_t row_end(int64_t p) const { return live_end.empty() ? dense.size() : live_end[p]; }
   // latent i's non-zero pairs (i, j > i), from its bucket and its block row: offer(value, i, j)
   // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
@@ -47,14 +49,16 @@ struct CoactivePairs {
   }
 };
 
-// rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp. With norm (the
-// columns' norms, non-increasing in latent order: csrc/norm_order.h; positive values, dot) and
-// k, the block holds only the staircase of pairs that can be among the k best
-// (csrc/block_staircase.h); the pairs outside it are neither summed nor counted.
+// rows: row_ptr rp [m+1], cols cp ascending within each row in [0, n), vals vp. recompute: the
+// block is not stored (the sum of the k best, csrc/topk_sum.h): `rows` recomputes its scores
+// where they are read, the pairs inside U × U are neither in the buckets nor in the histogram,
+// and with norm (the columns' norms, non-increasing in latent order: csrc/norm_order.h; positive
+// values, dot) and k only the staircase of pairs that can be among the k best is live
+// (csrc/block_staircase.h).
 template <typename acc_t>
 CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
-                                    int64_t nnz, bool cosine, int threads, const std::vector<double>* norm = nullptr,
-                                    int64_t k = 0) {
+                                    int64_t nnz, bool cosine, int threads, bool recompute = false,
+                                    const std::vector<double>* norm = nullptr, int64_t k = 0) {
   CoactivePairs<acc_t> out;
   // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
   std::vector<acc_t> inv_norm;
@@ -66,18 +70,21 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   }
 
   // The densest rows (outlier tokens) go to one GEMM block over the latents they touch.
-  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n, DenseRowCost(), norm == nullptr);
-  if (norm != nullptr && out.dense.size() > 0) {
-    std::vector<double> s(out.dense.size());
-    for (int64_t p = 0; p < out.dense.size(); ++p) s[p] = (*norm)[out.dense.latents[p]];
-    out.live_end = block_staircase(out.dense, rp, cp, vp, m, s, k);
+  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n, DenseRowCost(), !recompute);
+  if (recompute) {
+    out.rows = RecomputedBlock<acc_t>(out.dense, rp, cp, vp, m);
+    if (norm != nullptr && out.dense.size() > 0) {
+      std::vector<double> s(out.dense.size());
+      for (int64_t p = 0; p < out.dense.size(); ++p) s[p] = (*norm)[out.dense.latents[p]];
+      out.live_end = block_staircase(out.rows, m, s, k);
+    }
   }
   const DenseRows<acc_t>& dense = out.dense;
   const uint8_t* moved = dense.moved.data();
   const int32_t* position = dense.position.data();
   const int64_t* block_latent = dense.latents.data();
   const int64_t width = dense.size();
-  acc_t* block = width > 0 ? dense.block.template data_ptr<acc_t>() : nullptr;
+  acc_t* block = width > 0 && !recompute ? dense.block.template data_ptr<acc_t>() : nullptr;
 
   // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
@@ -128,18 +135,18 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
       const int64_t pi = position[i];
-      acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
+      acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
       const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
       int64_t o = b;
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
         const int64_t s = occ[u], end = occ_end[u];
         const acc_t vi = vp[s];
-        if (block_row) {  // pairs inside U × U join the block (row pi is this latent's alone)
+        if (pi >= 0) {  // pairs inside U × U join the block (row pi is this latent's alone)
           for (int64_t q = s + 1; q < end; ++q, ++o) {
             const int64_t j = cp[q];
             const int32_t pj_block = position[j];
-            if (pj_block >= 0) {
-              if (pj_block < row_end) block_row[pj_block] += vi * vp[q];  // (past it: below the k-th score)
+            if (pj_block >= 0) {  // (recomputed: rows adds them; past row_end: below the k-th score)
+              if (block_row && pj_block < row_end) block_row[pj_block] += vi * vp[q];
             } else {
               acc[j] += vi * vp[q];
             }

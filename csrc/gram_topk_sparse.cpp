@@ -35,6 +35,7 @@
 #include "coactive_pairs.h"
 #include "pair_select.h"
 #include "sorted_selection.h"
+#include "topk_sum.h"
 #include "unordered_selection.h"
 
 namespace {
@@ -48,20 +49,10 @@ int num_threads() {
   return std::max(1, at::get_num_threads());
 }
 
-template <typename acc_t>
-std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
-    const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
-    bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr,
-    aosae::SumResult* sum_out = nullptr) {
-  const int64_t m = row_ptr_t.size(0) - 1;
-  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
-  const int64_t* cp = cols_t.data_ptr<int64_t>();
-  const acc_t* vp = vals_t.data_ptr<acc_t>();
-  const int64_t nnz = cols_t.size(0);
+// Indices in range and strictly increasing inside each row (a duplicate latent in one row would
+// double count its pairs).
+void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int64_t nnz) {
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse gram_topk: row_ptr must start at 0 and end at nnz = ", nnz);
-
-  // Validate: indices in range and strictly increasing inside each row (a duplicate
-  // latent in one row would double count its pairs).
   int64_t bad_row = -1;
   for (int64_t t = 0; t < m && bad_row < 0; ++t) {
     TORCH_CHECK(rp[t] <= rp[t + 1], "sparse gram_topk: row_ptr must be non-decreasing");
@@ -75,13 +66,58 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
   TORCH_CHECK(bad_row < 0, "sparse gram_topk: row ", bad_row,
               " has a latent index out of [0, n) or its indices are not strictly increasing "
               "(duplicates are not allowed)");
+}
 
+void trim_scratch() {
+  aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
+  aosae::Scratch<float, 1>::trim(kKeepScratchBytes);
+  aosae::Scratch<double, 1>::trim(kKeepScratchBytes);
+}
+
+template <typename acc_t>
+std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
+    const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
+    bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr) {
+  const int64_t m = row_ptr_t.size(0) - 1;
+  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
+  const int64_t* cp = cols_t.data_ptr<int64_t>();
+  const acc_t* vp = vals_t.data_ptr<acc_t>();
+  const int64_t nnz = cols_t.size(0);
+  check_rows(rp, cp, m, n, nnz);
   const int threads = num_threads();
-  // The summing entry on positive values with outlier rows: latents in norm order, so that only
-  // the block's staircase that can reach the k-th score is summed (csrc/block_staircase.h). The
-  // tie order stays the original latents' (i·n + j).
+  const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, cosine, threads);
+  const std::vector<int64_t>& hist_total = summed.hist_total;
+  const int64_t nonzero_pairs = summed.nonzero_pairs;
+  // Select: the histogram names the bin of the k-th best |C|; pairs above it are kept, and
+  // one nth_element inside that bin finds the exact k-th score.
+  const bool keep_all = nonzero_pairs <= k;
+  const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
+  if (!pad && (keep_all || !ordered)) {
+    const auto out = aosae::unordered_selection<acc_t>(summed, n, k, kth_bin, threads, vals_t.scalar_type(), ids,
+                                                       id_rows, id_cols);
+    trim_scratch();
+    return out;
+  }
+  return aosae::sorted_selection<acc_t>(
+      [&](int64_t i, auto&& offer) { summed.pairs_of(i, offer); }, trim_scratch, n, k, pad, kth_bin, hist_total,
+      threads, vals_t);
+}
+
+// The sum of the k best (csrc/topk_sum.h): the block's rows recomputed where they are read, and
+// on positive values with outlier rows only its staircase that can reach the k-th score, the
+// latents relabelled by norm (the tie order stays the original latents' i·n + j).
+template <typename acc_t>
+aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
+                                   int64_t k, double bracket, int64_t sample_step) {
+  const int64_t m = row_ptr_t.size(0) - 1;
+  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
+  const int64_t* cp = cols_t.data_ptr<int64_t>();
+  const acc_t* vp = vals_t.data_ptr<acc_t>();
+  const int64_t nnz = cols_t.size(0);
+  check_rows(rp, cp, m, n, nnz);
+  const int threads = num_threads();
   std::optional<aosae::NormOrder<acc_t>> order;
-  if (sum_out && !cosine && aosae::all_positive(vp, nnz)) {
+  if (aosae::all_positive(vp, nnz)) {
     bool outlier = false;
     for (int64_t t = 0; t < m && !outlier; ++t) outlier = rp[t + 1] - rp[t] >= aosae::kMinDenseRowL0;
     if (outlier) {
@@ -91,24 +127,16 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     }
   }
   const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
-      rp, cp, vp, m, n, nnz, cosine, threads, order ? &order->norm : nullptr, k);
-  const std::vector<int64_t>& hist_total = summed.hist_total;
-  const int64_t nonzero_pairs = summed.nonzero_pairs;
-  // Select: the histogram names the bin of the k-th best |C|; pairs above it are kept, and
-  // one nth_element inside that bin finds the exact k-th score.
-  const bool keep_all = nonzero_pairs <= k;
-  const aosae::KthBin kth_bin = keep_all ? aosae::KthBin{-1, nonzero_pairs} : aosae::find_kth_bin(hist_total, k);
-  if (!pad && (keep_all || !ordered)) {
-    const auto out = aosae::unordered_selection<acc_t>(summed, order ? &*order : nullptr, n, k, kth_bin, threads,
-                                                       vals_t.scalar_type(), ids, id_rows, id_cols, sum_out);
-    aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
-    aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes);
-    return out;
+      rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k);
+  aosae::TopKSum<acc_t> sum(summed, order ? &*order : nullptr, n, threads);
+  aosae::SumResult r = sum.run(k, bracket, sample_step);
+  if (order) {
+    const int64_t width = summed.dense.size();
+    r.live_end = torch::tensor(summed.live_end.empty() ? std::vector<int64_t>(width, width) : summed.live_end,
+                               torch::kInt64);
   }
-  return aosae::sorted_selection<acc_t>(
-      [&](int64_t i, auto&& offer) { summed.pairs_of(i, offer); },
-      [] { aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes); aosae::Scratch<acc_t, 1>::trim(kKeepScratchBytes); },
-      n, k, pad, kth_bin, hist_total, threads, vals_t);
+  trim_scratch();
+  return r;
 }
 
 at::ScalarType acc_type(at::ScalarType t) {
@@ -189,31 +217,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 
 // Σ |C_ij| over sparse_csr_coactive(row_ptr, cols, vals, n, k, cosine=false)'s pairs, without
 // writing them (a loss that sums its selection needs nothing else; at BatchTopK d_sae 262144
-// mid-training that selection is 1.7·10⁸ pairs, 6 GB). Returns (total: float64 0-d, kth: the
-// k-th best |C| as float64 0-d (0 when P < k), tie_cut: int64 (of the pairs tied at kth, those
-// with i·n + j <= tie_cut are kept; -1 when P < k, every pair when P = k), kept: min(k, P), kept_in_block, block:
-// [u, u] in vals' accumulation dtype, the scores over the GEMM block's latents U (upper
-// triangle; empty without a block), live_end: [u] int64 (positive values with a block: the
-// block's latents are the columns in norm order, largest first, and row p holds only the pairs
-// (p, q < live_end[p]) that can reach the k-th score; empty otherwise).
-// sparse_csr_topk_sum_backward takes them back.
-std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, Tensor, Tensor> sparse_csr_topk_sum(
-    const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k) {
+// mid-training that selection is 1.7·10⁸ pairs, 6 GB) and without storing the GEMM block (csrc/
+// topk_sum.h). Returns (total: float64 0-d, kth: the k-th best |C| as float64 0-d (0 when P < k),
+// tie_cut: int64 (of the pairs tied at kth, those with i·n + j <= tie_cut are kept; -1 when P < k,
+// every pair when P = k), kept: min(k, P), kept_in_block, width: the block's latents (0: none),
+// live_end: [width] int64 (positive values with a block: the block's latents are the columns in
+// norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
+// the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the
+// sampled bracket held the k-th score)). sparse_csr_topk_sum_backward takes them back.
+// bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact histogram; step 0: chosen).
+std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t> sparse_csr_topk_sum(
+    const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, double bracket,
+    int64_t sample_step) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
+  TORCH_CHECK(bracket >= 0 && bracket < 1, "sparse_csr_topk_sum: bracket must be in [0, 1), got ", bracket);
+  TORCH_CHECK(sample_step >= 0, "sparse_csr_topk_sum: sample_step must be >= 0 (0: chosen), got ", sample_step);
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
-  aosae::SumResult r;
-  if (vp.scalar_type() == at::kDouble)
-    csr_topk_impl<double>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
-  else
-    csr_topk_impl<float>(rp, cp, vp, n, k, false, false, false, nullptr, nullptr, nullptr, &r);
+  const aosae::SumResult r = vp.scalar_type() == at::kDouble
+                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step)
+                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
-  const Tensor block = r.block.defined() ? r.block : torch::empty({0, 0}, vp.options());
   const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
-  return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, block,
-          live_end};
+  return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, r.width,
+          live_end, r.block_passes};
 }
 
 // The whole sparse backend on a dense CPU tensor a [m, n].
@@ -252,9 +281,10 @@ void register_sparse(pybind11::module& m) {
         "The min(k, P) best co-active pairs of a CSR matrix, never padded: (values, ids[rows], ids[cols], rows, "
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
-        py::arg("n"), py::arg("k"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("n"), py::arg("k"), py::arg("bracket") = aosae::kSumBracket, py::arg("sample_step") = 0,
+        py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
-        "kept_in_block, block, live_end), what sparse_csr_topk_sum_backward takes back");
+        "kept_in_block, width, live_end, block_passes), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents,

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -61,6 +62,33 @@ inline KthBin find_kth_bin(const std::vector<int64_t>& hist, int64_t k) {
     above += hist[b];
   }
   return {-1, above};
+}
+
+// The k-th best |value| among candidates (need-th best of them, 1 <= need <= their number) and,
+// of those tied at it, the key of the last one kept (smallest keys first). for_each(take) calls
+// take(candidate) for each.
+template <typename acc_t>
+struct KthCut {
+  acc_t kth;
+  int64_t tie_cut;
+};
+
+template <typename acc_t, typename ForEach>
+KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
+  std::vector<acc_t> magnitudes;
+  for_each([&](const Candidate<acc_t>& c) { magnitudes.push_back(std::abs(c.value)); });
+  std::nth_element(magnitudes.begin(), magnitudes.begin() + (need - 1), magnitudes.end(), std::greater<acc_t>());
+  const acc_t kth = magnitudes[need - 1];
+  int64_t greater = 0;
+  std::vector<int64_t> tie_keys;
+  for_each([&](const Candidate<acc_t>& c) {
+    const acc_t a = std::abs(c.value);
+    greater += a > kth;
+    if (a == kth) tie_keys.push_back(c.key);
+  });
+  const int64_t ties_kept = need - greater;  // 1 <= ties_kept <= tie_keys.size()
+  std::nth_element(tie_keys.begin(), tie_keys.begin() + (ties_kept - 1), tie_keys.end());
+  return {kth, tie_keys[ties_kept - 1]};
 }
 
 // Per-thread scratch that outlives the call: a training step asks for the same sizes every

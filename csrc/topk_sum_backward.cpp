@@ -8,11 +8,11 @@
 //     dense row, then each row pair's slot gets g·sign(C_ij) when (i, j) is kept, else 0, and
 //     a row-by-row pass adds the slots' products (coactive_backward's layout: each slot
 //     written once, each entry summed in a fixed order, no atomics);
-//   - the pairs inside U × U: their scores are the forward's block (saved, not recomputed),
-//     and the moved rows' gradient is A_H · G_U, per kept pair (few kept inside U × U) or one
-//     GEMM over panels of G_U (most of it kept).
-// Nothing is sized by k: work O(Σ_t L_t² + u²), memory O(Σ_{other rows} L_t² + nnz + threads·n)
-// on top of the block.
+//   - the pairs inside U × U: their scores recomputed as the forward recomputed them
+//     (csrc/recomputed_block.h), and the moved rows' gradient is A_H · G_U, per kept pair (few
+//     kept inside U × U) or GEMMs over panels of G_U (most of it kept).
+// Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
+// O(Σ_{other rows} L_t² + nnz + threads·n + a panel of G_U).
 //
 // No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls register_topk_sum_backward(m).
 
@@ -33,6 +33,7 @@
 #include "dense_rows.h"
 #include "norm_order.h"
 #include "pair_select.h"
+#include "recomputed_block.h"
 #include "row_slots.h"
 
 namespace {
@@ -47,7 +48,7 @@ enum class Product { kAuto, kSparse, kDense };
 
 template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
-                              double kth_d, int64_t tie_cut, const Tensor& block_t, int64_t inside, Product product,
+                              double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
                               const Tensor& live_end_t) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
@@ -79,16 +80,27 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     const acc_t signed_g = v < 0 ? -g : g;
     return kept(v, i, j) ? signed_g : acc_t(0);
   };
+  // v[x] = score (i, js[x]) -> its slot_grad, x < len: without a tie at kth (almost every row) one
+  // vectorised select, no key formed
+  auto to_gradients = [&](acc_t* v, int64_t len, int64_t i, const int64_t* js) {
+    const acc_t bar = kth, up = g, down = -g;  // locals: v's stores cannot alias them, so the loops vectorise
+    int tie = 0;
+    for (int64_t x = 0; x < len; ++x) tie |= std::abs(v[x]) == bar;
+    if (tie && tie_cut >= 0) {
+      for (int64_t x = 0; x < len; ++x) v[x] = slot_grad(v[x], i, js[x]);
+      return;
+    }
+    for (int64_t x = 0; x < len; ++x) v[x] = std::abs(v[x]) > bar ? (v[x] < acc_t(0) ? down : up) : acc_t(0);
+  };
 
   // The forward's plan: the same rows go to the block, over the same latents.
   const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
   const uint8_t* moved = dense.moved.data();
   const int32_t* position = dense.position.data();
   const int64_t width = dense.size();
-  TORCH_CHECK(block_t.dim() == 2 && block_t.size(0) == width && block_t.size(1) == width,
-              "sparse_csr_topk_sum_backward: block is ", block_t.sizes(), " but these rows' plan has ", width,
-              " latents: pass the block that sparse_csr_topk_sum returned for these rows");
-  const acc_t* block = width > 0 ? block_t.data_ptr<acc_t>() : nullptr;
+  TORCH_CHECK(forward_width == width, "sparse_csr_topk_sum_backward: width is ", forward_width,
+              " but these rows' plan has ", width, " latents: pass the width that sparse_csr_topk_sum returned for these rows");
+  const aosae::RecomputedBlock<acc_t> scores(dense, rp, ca, x, m);
   TORCH_CHECK(live_end_t.numel() == 0 || (live_end_t.numel() == width && live_end_t.scalar_type() == at::kLong),
               "sparse_csr_topk_sum_backward: live_end has ", live_end_t.numel(), " entries for a block of ", width,
               " latents: pass the live_end that sparse_csr_topk_sum returned for these rows");
@@ -110,10 +122,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const std::vector<int64_t>& row_of = slots.row_of;
   acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
     const int64_t pi = position[i];
-    const acc_t* block_row = pi >= 0 ? block + pi * width : nullptr;
     const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
-    auto in_block = [&](int64_t j) { return block_row != nullptr && position[j] >= 0; };
-    auto block_score = [&](int64_t j) { return position[j] < end_i ? block_row[position[j]] : acc_t(0); };
+    auto in_block = [&](int64_t j) { return pi >= 0 && position[j] >= 0; };
+    auto block_score = [&](int64_t j) { return position[j] < end_i ? scores.at(pi, position[j]) : acc_t(0); };
     // C_ij outside the block, summed as the forward sums it (same entries, same order)
     for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
       const int64_t s = occ[u], end = rp[row_of[s] + 1];
@@ -151,9 +162,15 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const int threads = std::max(1, at::get_num_threads());
   if (inside < 0 && product == Product::kAuto) {  // not passed: count the kept pairs inside U × U
     int64_t count = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 16) reduction(+ : count)
-    for (int64_t p = 0; p < width; ++p)
-      for (int64_t q = p + 1; q < row_end(p); ++q) count += kept(block[p * width + q], latent[p], latent[q]);
+#pragma omp parallel num_threads(threads) reduction(+ : count)
+    {
+      std::vector<acc_t> row(width);
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t p = 0; p < width; ++p) {
+        scores.row(p, p + 1, row_end(p), row.data());
+        for (int64_t q = p + 1; q < row_end(p); ++q) count += kept(row[q - p - 1], latent[p], latent[q]);
+      }
+    }
     inside = count;
   }
   // as coactive_backward decides: ns per scattered multiply-add vs per GEMM multiply-add and G_U entry
@@ -163,16 +180,18 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.024 * h + 1.5) * area;
   if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
     // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
-    const Tensor a_t_t = aosae::moved_rows_matrix(dense, rp, ca, x).t().contiguous();
+    const Tensor a_t_t = scores.moved_rows_matrix().t().contiguous();
     const acc_t* a_t = a_t_t.data_ptr<acc_t>();
     std::vector<std::vector<acc_t>> out_t(threads, std::vector<acc_t>(width * h, acc_t(0)));
 #pragma omp parallel num_threads(threads)
     {
       std::vector<acc_t>& mine = out_t[omp_get_thread_num()];
+      std::vector<acc_t> row(width);
 #pragma omp for schedule(static, 16)  // a fixed split, rows dealt round-robin: deterministic and balanced
-      for (int64_t p = 0; p < width; ++p)
+      for (int64_t p = 0; p < width; ++p) {
+        scores.row(p, p + 1, row_end(p), row.data());
         for (int64_t q = p + 1; q < row_end(p); ++q) {
-          const acc_t gp = slot_grad(block[p * width + q], latent[p], latent[q]);
+          const acc_t gp = slot_grad(row[q - p - 1], latent[p], latent[q]);
           if (gp == acc_t(0)) continue;
           acc_t* op = mine.data() + p * h;
           acc_t* oq = mine.data() + q * h;
@@ -184,6 +203,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
             oq[r] += gp * ap[r];
           }
         }
+      }
     }
     aosae::add_moved_rows_gradient(out_t, dense.taken, rp, ca, position, o);
     return in_callers_order(out);
@@ -192,10 +212,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   // r0 : end_r0) (the block's own rows, read in order; zero where not kept, on and left of the
   // diagonal and past each row's end) gives both halves of the symmetric product with two GEMMs:
   // prod[:, r0 : end_r0] += A_H[:, rows] · P (each pair (p, q) for q) and prod[:, rows] +=
-  // A_H[:, r0 : end_r0] · Pᵀ (for p). Only the staircase is read and written, once. The block
-  // stays as it is (SAELens' and the tests' second backwards read it again), and no second u²
-  // buffer is made: 2.1 GB at u 22 897, against a 256-row panel.
-  const Tensor a_h = aosae::moved_rows_matrix(dense, rp, ca, x);
+  // A_H[:, r0 : end_r0] · Pᵀ (for p). Each panel row is recomputed into the panel (the block is
+  // never stored: 2.1 GB at u 22 897, against a 256-row panel), then turned into its gradient.
+  const Tensor& a_h = scores.moved_rows_matrix();
   Tensor prod = at::zeros({h, width}, vals.options());
   Tensor panel_t = at::empty({std::min(kStaircasePanel, width), width}, vals.options());
   acc_t* panel = panel_t.data_ptr<acc_t>();
@@ -205,10 +224,10 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         acc_t* dst = panel + (r - r0) * cols;  // dst[q - r0] = G_U[r, q], q in [r0, r0 + cols)
-        const acc_t* src = block + r * width;
         const int64_t live = row_end(r);
         for (int64_t q = r0; q <= r; ++q) dst[q - r0] = acc_t(0);
-        for (int64_t q = r + 1; q < live; ++q) dst[q - r0] = slot_grad(src[q], latent[r], latent[q]);
+        scores.row(r, r + 1, live, dst + (r + 1 - r0));
+        to_gradients(dst + (r + 1 - r0), live - r - 1, latent[r], latent + r + 1);
         for (int64_t q = std::max(live, r + 1); q < r0 + cols; ++q) dst[q - r0] = acc_t(0);
       }
     });
@@ -224,32 +243,30 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
 
 // sparse_csr_topk_sum's backward: grad (the upstream gradient of the sum), the same canonical CSR
 // rows (row_ptr [m+1] int64, cols [nnz] int64 ascending within each row, in [0, n), vals [nnz]
-// float32/float64), n, and the forward's kth, tie_cut, block and kept_in_block (inside; -1: counted
+// float32/float64), n, and the forward's kth, tie_cut, width and kept_in_block (inside; -1: counted
 // here) -> the gradient at every entry, [nnz] in vals' dtype.
 Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
-                                    int64_t n, double kth, int64_t tie_cut, const Tensor& block, int64_t inside,
+                                    int64_t n, double kth, int64_t tie_cut, int64_t width, int64_t inside,
                                     const std::string& product, const std::optional<Tensor>& live_end) {
   TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
   aosae::check_csr_rows("sparse_csr_topk_sum_backward", row_ptr, cols, vals, n, 2);
-  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu() && block.device().is_cpu() &&
+  TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu() &&
                   (!live_end.has_value() || live_end->device().is_cpu()),
               "sparse_csr_topk_sum_backward: CPU tensors only");
-  TORCH_CHECK(block.numel() == 0 || block.scalar_type() == vals.scalar_type(),
-              "sparse_csr_topk_sum_backward: block must have vals' dtype");
   at::NoGradGuard no_grad;
-  const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous(), bl = block.contiguous();
+  const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous();
   const Tensor le = live_end.has_value() ? *live_end : torch::empty({0}, torch::kInt64);
   if (va.scalar_type() == at::kDouble)
-    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how, le);
-  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, bl, inside, how, le);
+    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le);
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le);
 }
 
 void register_topk_sum_backward(pybind11::module& m) {
   namespace py = pybind11;
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
-        py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("block"),
+        py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "

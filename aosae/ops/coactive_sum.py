@@ -130,18 +130,20 @@ class _TopKSum(torch.autograd.Function):
         module = _extension.require()
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
-        total, kth, tie_cut, kept, in_block, block, live_end = module.sparse_csr_topk_sum(c.row_ptr, c.cols, vals, u, k)
+        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, vals, u,
+                                                                                             k)
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)
-        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, block, live_end)
-        ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.dtype = u, float(kth), int(tie_cut), int(in_block), values.dtype
+        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end)
+        ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.width = u, float(kth), int(tie_cut), int(in_block), int(width)
+        ctx.dtype = values.dtype
         return total.to(vals.dtype), int(kept), float(kth)
 
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would silently be zero
     def backward(ctx, grad_total, _grad_kept, _grad_kth):
-        row_ptr, cols, vals, perm, block, live_end = ctx.saved_tensors
+        row_ptr, cols, vals, perm, live_end = ctx.saved_tensors
         grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,
-                                                                 ctx.kth, ctx.tie_cut, block, ctx.in_block,
+                                                                 ctx.kth, ctx.tie_cut, ctx.width, ctx.in_block,
                                                                  live_end=live_end)
         if perm.numel() > 0:  # canonical order -> the caller's
             grad = torch.empty_like(grad).index_copy_(0, perm, grad)

@@ -87,16 +87,16 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
     u = c.uniq.numel()
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     for k in (pairs // 50, pairs // 2, pairs - 1):
-        total, kth, tie_cut, kept, in_block, block, live_end = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals,
-                                                                                          u, k)
-        assert block.shape[0] >= 2 and 0 < in_block <= kept == k
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
+                                                                                             c.vals, u, k)
+        assert width >= 2 and 0 < in_block <= kept == k
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                    product=product, live_end=live_end)
         want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         torch.testing.assert_close(total, want_total, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
-        # the same block again, without the forward's count of kept pairs in it: counted here
-        counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+        # again, without the forward's count of kept pairs in the block: counted here
+        counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                       live_end=live_end)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
@@ -120,15 +120,14 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     pruned = 0
     for k in (1, 2, pairs // 50, pairs // 10, pairs // 3, pairs - 1):
-        total, kth, tie_cut, kept, in_block, block, live_end = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u,
-                                                                                          k)
-        width = block.shape[0]
+        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
+                                                                                             c.vals, u, k)
         assert live_end.numel() == width >= 2 and kept == k
         assert bool((live_end > torch.arange(width)).all() and (live_end <= width).all())
         pruned += staircase_pairs(live_end) < width * (width - 1) // 2
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                    product=product, live_end=live_end)
-        again = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, block,
+        again = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                     product=product, live_end=live_end)
         want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         assert float(kth) == float(kth_score(selection.values.detach(), k))
@@ -139,6 +138,43 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
     assert pruned >= 3  # the small k's staircases leave most of the block out
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("values", ["random", "ties", "signed"])
+def test_the_sampled_bracket_finds_the_exact_kth_or_falls_back_to_the_histogram(dtype, values):
+    """The k-th score from one pass over the block: a sample of its rows brackets it, and where the
+    bracket misses (a narrow one on a coarse sample) the block is histogrammed whole. Every way
+    gives the exact histogram's result, which is the selection's: the same total, k-th score, tie
+    cut, count and gradient."""
+    module = cpp_module()
+    offsets, indices, vals, _, n = outlier_rows(dtype, integer=values == "ties", signed=values == "signed")
+    c = co.canonical(offsets, indices, vals)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, vals, n, BIG_K).values.numel()
+    passes = {"blind": [], "wide": []}
+    for k in (pairs // 50, pairs // 10, pairs // 3, pairs // 2, pairs - 1, pairs):
+        exact = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, bracket=0.0)
+        assert exact[7] in (1, 2)  # the block's histogram, then the pass (just the pass when k covers it)
+        # blind: a step past the block samples no row, so the estimate knows only the short rows'
+        # pairs (fewer than k here) and its bracket misses; wide: every third row, ±50 % of k
+        for name, bracket, step in (("blind", 1e-9, 10**6), ("wide", 0.5, 3)):
+            out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, bracket=bracket, sample_step=step)
+            # the same pairs (the total's float64 sum only grouped otherwise)
+            torch.testing.assert_close(out[0], exact[0], rtol=1e-13, atol=0)
+            assert torch.equal(out[1], exact[1]) and out[2:6] == exact[2:6]
+            assert torch.equal(out[6], exact[6])
+            passes[name].append(out[7])
+        width, live_end = exact[5], exact[6]
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(exact[1]), exact[2], width,
+                                                   live_end=live_end if live_end.numel() else None)
+        want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        assert float(exact[1]) == float(kth_score(selection.values.detach(), k)) if k < pairs else True
+        eps = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(exact[0], want_total.double(), rtol=eps, atol=eps)
+        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+    assert passes["blind"][:3] == [3, 3, 3]  # the missed bracket's pass, the histogram, the exact pass
+    assert 1 in passes["wide"]  # the sampled bracket's pass alone
+
+
 def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused():
     """The bound needs positive values: signed ones keep the latents' order and the whole block
     (no live_end); a live_end that is not these rows' is named."""
@@ -146,7 +182,7 @@ def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused()
     offsets, indices, values, _, n = outlier_rows(torch.float64, signed=True)
     c = co.canonical(offsets, indices, values)
     out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
-    assert out[5].shape[0] >= 2 and out[6].numel() == 0
+    assert out[5] >= 2 and out[6].numel() == 0
     offsets, indices, values, _, n = outlier_rows(torch.float64, signed=False)
     c = co.canonical(offsets, indices, values)
     out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
@@ -200,9 +236,11 @@ def test_backward_rejects_a_block_of_other_rows():
     offsets, indices, values, n = rows_of("outliers", torch.float64)
     c = co.canonical(offsets, indices, values)
     out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
-    with pytest.raises(RuntimeError, match="pass the block that sparse_csr_topk_sum returned"):
+    with pytest.raises(RuntimeError, match="pass the width that sparse_csr_topk_sum returned"):
         module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
-                                            out[5][:-1, :-1])
+                                            out[5] - 1)
+    with pytest.raises(RuntimeError, match="bracket must be in"):
+        module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, bracket=1.5)
 
 
 def test_the_loss_sums_without_selecting_and_logs_from_the_count():

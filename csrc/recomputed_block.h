@@ -1,0 +1,103 @@
+// The GEMM block's scores (csrc/dense_rows.h) recomputed row by row where they are read, never
+// stored: the sum of the k best pairs (csrc/topk_sum.h) and its backward
+// (csrc/topk_sum_backward.cpp).
+//
+// A block score is the moved rows' part Σ_r a_rp·a_rq (csrc/block_product.h) plus the other rows'
+// pairs that fall inside U × U ("corrections"), added one by one in the order the stored block
+// gets them (csrc/coactive_pairs.h: row latent i's entries in row order, then its partners
+// ascending), so a recomputed score has the stored one's bits. BatchTopK puts nearly every pair
+// of a batch inside the block (d_sae 262144 mid-training: 2.6·10⁸ scores, 1 GB, against 598
+// corrections), and the moved rows are few (h ≈ 15–30): recomputing a row from A_H costs h
+// fused multiply-adds per score, in cache, where storing it cost a write, a page fault per 4 KiB
+// and two more passes over memory.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "block_product.h"
+#include "dense_rows.h"
+
+namespace aosae {
+
+template <typename acc_t>
+class RecomputedBlock {
+ public:
+  RecomputedBlock() = default;
+
+  // plan: the moved rows and U; rp/cp/vp: the rows the plan was made from (cols ascending per row).
+  RecomputedBlock(const DenseRows<acc_t>& plan, const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m)
+      : width_(plan.size()), h_(static_cast<int64_t>(plan.taken.size())) {
+    if (width_ == 0) return;
+    a_ = aosae::moved_rows_matrix(plan, rp, cp, vp);
+    coefs_ = block_coefficients(a_.data_ptr<acc_t>(), h_, width_);
+    const int32_t* position = plan.position.data();
+    // corrections: the other rows' pairs (s < q) with both latents in U, listed under row position[cp[s]]
+    corr_start_.assign(width_ + 1, 0);
+    for (int pass = 0; pass < 2; ++pass) {
+      std::vector<int64_t> fill(corr_start_.begin(), corr_start_.end() - 1);
+      for (int64_t t = 0; t < m; ++t) {
+        if (plan.moved[t]) continue;
+        for (int64_t s = rp[t]; s < rp[t + 1]; ++s) {
+          const int32_t p = position[cp[s]];
+          if (p < 0) continue;
+          for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
+            const int32_t col = position[cp[q]];
+            if (col < 0) continue;
+            if (pass == 0) {
+              ++corr_start_[p + 1];
+            } else {
+              corr_col_[fill[p]] = col;
+              corr_val_[fill[p]++] = vp[s] * vp[q];
+            }
+          }
+        }
+      }
+      if (pass == 0) {
+        for (int64_t p = 0; p < width_; ++p) corr_start_[p + 1] += corr_start_[p];
+        corr_col_.resize(corr_start_[width_]);
+        corr_val_.resize(corr_start_[width_]);
+      }
+    }
+  }
+
+  int64_t width() const { return width_; }
+  int64_t moved_rows() const { return h_; }
+  const torch::Tensor& moved_rows_matrix() const { return a_; }  // A_H [h, width]
+
+  // out[q - q0] = the moved rows' part of score (p, q), q in [q0, q1)
+  void product_row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const {
+    block_row(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q0, q1, out);
+  }
+
+  // out[q - q0] = score (p, q), q in [q0, q1)
+  void row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const {
+    product_row(p, q0, q1, out);
+    for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e) {
+      const int64_t q = corr_col_[e];
+      if (q >= q0 && q < q1) out[q - q0] = out[q - q0] + corr_val_[e];
+    }
+  }
+
+  // score (p, q) alone
+  acc_t at(int64_t p, int64_t q) const {
+    acc_t v = block_entry(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q);
+    for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e)
+      if (corr_col_[e] == q) v = v + corr_val_[e];
+    return v;
+  }
+
+ private:
+  int64_t width_ = 0, h_ = 0;
+  torch::Tensor a_;
+  std::vector<acc_t> coefs_;
+  std::vector<int64_t> corr_start_;  // [width + 1]
+  std::vector<int32_t> corr_col_;
+  std::vector<acc_t> corr_val_;
+};
+
+}  // namespace aosae

@@ -1,0 +1,393 @@
+// Σ |C_ij| over the k best co-active pairs, without their list and without storing the GEMM block
+// (sparse_csr_topk_sum, csrc/gram_topk_sparse.cpp; its backward: csrc/topk_sum_backward.cpp).
+//
+// The pairs come from csrc/coactive_pairs.h: the buckets (the rows outside the block, summed and
+// histogrammed there) and the block's rows, recomputed where they are read
+// (csrc/recomputed_block.h; only the staircase that can reach the k-th score with positive
+// values, csrc/block_staircase.h). The kept set is the selection's: |C| above the k-th best, and
+// of the pairs tied at it those with the smallest original (i, j).
+//
+// One pass over the block finds it when the k-th best's neighbourhood is known beforehand: every
+// step-th row of the block, recomputed and histogrammed (×step) together with the buckets'
+// exact histogram, estimates the bins where k·(1 ∓ bracket) pairs are reached. The pass then
+// sums and counts the pairs above that bracket (AVX-512 masks, no branch) and collects the few
+// inside it; when the count above is below k and the count with the bracket reaches it, the k-th
+// score lies inside and an nth_element over the collected pairs gives it exactly. Otherwise (the
+// sample misled, or bracket = 0) the block is histogrammed whole (step 1) and the pass repeated on
+// the exact bin. On the sweep's BatchTopK batches every 32nd row put the k-th score within 0.6 %
+// of k pairs (benchmarks/NOTES.md). The block's histogram pass, which the exact method needs,
+// cost as much as the sum pass and the product together.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "block_staircase.h"
+#include "coactive_pairs.h"
+#include "norm_order.h"
+#include "pair_select.h"
+
+namespace aosae {
+
+// The estimate's slack: the bracket reaches from k·(1 − 1 %) to k·(1 + 1 %) pairs by the sample.
+constexpr double kSumBracket = 0.01;
+
+// What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
+// from a pair out (the backward recomputes the scores and applies the same test).
+struct SumResult {
+  double total = 0;           // Σ |C_ij| over the kept pairs, summed in float64
+  double kth = 0;             // the k-th best |C| (0 and tie_cut -1: every non-zero pair is kept)
+  int64_t tie_cut = -1;       // of the pairs tied at kth, those with i·n + j <= tie_cut are kept
+  int64_t kept = 0;           // min(k, P)
+  int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
+  int64_t width = 0;          // the block's latents (0: no block)
+  int64_t block_passes = 0;   // passes over the block's rows (the sample and the seed not counted)
+  torch::Tensor live_end;     // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
+};
+
+// Where a pass draws the line: |C| >= hi is kept for sure; lo <= |C| < hi is collected (the k-th
+// score's neighbourhood); zeros are never pairs.
+template <typename acc_t>
+struct Bracket {
+  acc_t lo, hi;
+};
+
+// The smallest magnitude of a bin (csrc/pair_select.h's bins), +inf past the last.
+template <typename acc_t>
+acc_t bin_start(int64_t bin) {
+  if (bin >= kMagnitudeBins) return std::numeric_limits<acc_t>::infinity();
+  return static_cast<acc_t>(bin_floor<acc_t>(std::max<int64_t>(bin, 0)));
+}
+
+// Bins (lo, hi] of a histogram where the pairs counted from the top first exceed k·(1 − slack)
+// and first reach k·(1 + slack): the bracket [bin_start(lo), bin_start(hi + 1)).
+template <typename acc_t>
+Bracket<acc_t> bracket_of(const std::vector<double>& hist, int64_t k, double slack) {
+  const double want_hi = static_cast<double>(k) * (1 - slack), want_lo = static_cast<double>(k) * (1 + slack);
+  int64_t hi_bin = -1, lo_bin = 0;
+  double above = 0;
+  for (int64_t b = kMagnitudeBins - 1; b >= 0; --b) {
+    above += hist[b];
+    if (hi_bin < 0 && above > want_hi) hi_bin = b;
+    if (above >= want_lo) {
+      lo_bin = b;
+      break;
+    }
+  }
+  if (hi_bin < 0) hi_bin = 0;
+  return {bin_start<acc_t>(std::min(lo_bin, hi_bin)), bin_start<acc_t>(hi_bin + 1)};
+}
+
+// A pass's tally of one part of the pairs.
+template <typename acc_t>
+struct Tally {
+  double total = 0;       // Σ |C| of the pairs above the bracket
+  int64_t count = 0;      // how many
+  int64_t in_block = 0;   // of them, inside the block
+  acc_t lowest = std::numeric_limits<acc_t>::infinity();  // the smallest of them
+  std::vector<Candidate<acc_t>> edge;  // the pairs inside the bracket
+};
+
+namespace tally_detail {
+
+// A row's pairs above the bracket: their Σ|C| (float64), count and smallest |C|; the offsets of
+// those inside it appended to `inside`.
+template <typename acc_t>
+struct RowTally {
+  double total = 0;
+  int64_t count = 0;
+  acc_t lowest = std::numeric_limits<acc_t>::infinity();
+};
+
+template <typename acc_t>
+RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
+  RowTally<acc_t> t;
+  for (int64_t q = 0; q < len; ++q) {
+    const acc_t a = std::abs(v[q]);
+    const bool above = (a >= hi) & (a != acc_t(0));
+    t.total += above ? static_cast<double>(a) : 0.0;
+    t.count += above;
+    t.lowest = above ? std::min(t.lowest, a) : t.lowest;
+    if ((a >= lo) & (a < hi) & (a != acc_t(0))) inside.push_back(q);
+  }
+  return t;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// 16 scores per step, masks instead of branches; the sum in two float64 registers (lane order fixed)
+__attribute__((target("avx512f"))) inline RowTally<float> tally_avx512(const float* v, int64_t len, float lo, float hi,
+                                                                       std::vector<int64_t>& inside) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
+  __m512 lowest = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  int64_t count = 0;
+  for (int64_t q = 0; q < len; q += 16) {
+    const __mmask16 valid = q + 16 <= len ? __mmask16(0xFFFF) : __mmask16((1u << (len - q)) - 1);
+    const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(valid, v + q)), magnitude));
+    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(valid, a, zero, _CMP_NEQ_OQ);
+    const __mmask16 above = _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_GE_OQ);
+    __mmask16 in = _mm512_mask_cmp_ps_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_LT_OQ);
+    const __m256 a_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+    sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+    sum1 = _mm512_mask_add_pd(sum1, __mmask8(above >> 8), sum1, _mm512_cvtps_pd(a_hi));
+    count += __builtin_popcount(above);
+    lowest = _mm512_mask_min_ps(lowest, above, lowest, a);
+    while (in) {
+      inside.push_back(q + __builtin_ctz(in));
+      in = __mmask16(in & (in - 1));
+    }
+  }
+  RowTally<float> t;
+  t.total = _mm512_reduce_add_pd(sum0) + _mm512_reduce_add_pd(sum1);
+  t.count = count;
+  t.lowest = _mm512_reduce_min_ps(lowest);
+  return t;
+}
+
+__attribute__((target("avx512f"))) inline RowTally<double> tally_avx512(const double* v, int64_t len, double lo,
+                                                                        double hi, std::vector<int64_t>& inside) {
+  const __m512d vlo = _mm512_set1_pd(lo), vhi = _mm512_set1_pd(hi), zero = _mm512_setzero_pd();
+  const __m512i magnitude = _mm512_set1_epi64(0x7fffffffffffffffLL);
+  __m512d sum = _mm512_setzero_pd();
+  __m512d lowest = _mm512_set1_pd(std::numeric_limits<double>::infinity());
+  int64_t count = 0;
+  for (int64_t q = 0; q < len; q += 8) {
+    const __mmask8 valid = q + 8 <= len ? __mmask8(0xFF) : __mmask8((1u << (len - q)) - 1);
+    const __m512d a = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_maskz_loadu_pd(valid, v + q)), magnitude));
+    const __mmask8 nonzero = _mm512_mask_cmp_pd_mask(valid, a, zero, _CMP_NEQ_OQ);
+    const __mmask8 above = _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_GE_OQ);
+    __mmask8 in = _mm512_mask_cmp_pd_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_LT_OQ);
+    sum = _mm512_mask_add_pd(sum, above, sum, a);
+    count += __builtin_popcount(above);
+    lowest = _mm512_mask_min_pd(lowest, above, lowest, a);
+    while (in) {
+      inside.push_back(q + __builtin_ctz(in));
+      in = __mmask8(in & (in - 1));
+    }
+  }
+  RowTally<double> t;
+  t.total = _mm512_reduce_add_pd(sum);
+  t.count = count;
+  t.lowest = _mm512_reduce_min_pd(lowest);
+  return t;
+}
+#endif
+
+template <typename acc_t>
+RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return tally_avx512(v, len, lo, hi, inside);
+#endif
+  return tally_plain(v, len, lo, hi, inside);
+}
+
+}  // namespace tally_detail
+
+// Tallies v[0 .. len) into t (the block's rows: in_block too); edge(offset, value) for each pair
+// inside the bracket. `inside`: the caller's scratch.
+template <typename acc_t, typename Edge>
+void tally_row(const acc_t* v, int64_t len, const Bracket<acc_t>& b, bool block, Tally<acc_t>& t,
+               std::vector<int64_t>& inside, Edge&& edge) {
+  inside.clear();
+  const tally_detail::RowTally<acc_t> row = tally_detail::tally(v, len, b.lo, b.hi, inside);
+  t.total += row.total;
+  t.count += row.count;
+  if (block) t.in_block += row.count;
+  t.lowest = std::min(t.lowest, row.lowest);
+  for (const int64_t q : inside) edge(q, v[q]);
+}
+
+template <typename acc_t>
+class TopKSum {
+ public:
+  TopKSum(const CoactivePairs<acc_t>& summed, const NormOrder<acc_t>* order, int64_t n, int threads)
+      : s_(summed), order_(order), n_(n), width_(summed.dense.size()) {
+    // parts: contiguous ranges of latents balanced by their pairs (buckets and block row)
+    std::vector<int64_t> start(n + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = s_.dense.position[i];
+      start[i + 1] = start[i] + s_.distinct[i] + (p >= 0 ? std::max<int64_t>(0, s_.row_end(p) - p - 1) : 0);
+    }
+    upper_ = start[n];
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, 8 * threads));
+    part_begin_.assign(parts + 1, n);
+    part_begin_[0] = 0;
+    for (int64_t p = 1; p < parts; ++p)
+      part_begin_[p] = std::lower_bound(start.begin(), start.end(), start[n] * p / parts) - start.begin();
+    extent_ = width_ > 0 ? s_.row_end(0) : 0;
+  }
+
+  // bracket: the estimate's slack (0: the exact histogram); step: every step-th row sampled (0: chosen here)
+  SumResult run(int64_t k, double bracket, int64_t step) {
+    SumResult r;
+    r.width = width_;
+    if (upper_ <= k) return keep_all(k, r);  // at most k pairs, whatever their scores
+    if (width_ == 0) return exact(k, s_.hist_total, r);
+    if (bracket > 0) {
+      if (step <= 0) step = std::clamp<int64_t>(extent_ / 256, 1, 32);
+      std::vector<double> est(kMagnitudeBins);
+      const std::vector<int64_t> sample = row_histogram(step);
+      for (int64_t b = 0; b < kMagnitudeBins; ++b)
+        est[b] = static_cast<double>(s_.hist_total[b]) + static_cast<double>(step) * static_cast<double>(sample[b]);
+      const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : bracket);
+      std::vector<Tally<acc_t>> tallies = pass(br);
+      ++r.block_passes;
+      int64_t above = 0, edge = 0;
+      for (const auto& t : tallies) {
+        above += t.count;
+        edge += static_cast<int64_t>(t.edge.size());
+      }
+      if (above < k && k <= above + edge) return finish(k, tallies, r);
+      if (above + edge < k && br.lo == bin_start<acc_t>(0)) return every_pair(tallies, k, r);  // P < k
+    }
+    std::vector<int64_t> hist = row_histogram(1);
+    for (int64_t b = 0; b < kMagnitudeBins; ++b) hist[b] += s_.hist_total[b];
+    ++r.block_passes;
+    return exact(k, hist, r);
+  }
+
+ private:
+  // the block's rows p = step/2, step/2 + step, ... (their live part), histogrammed
+  std::vector<int64_t> row_histogram(int64_t step) const {
+    const int threads = std::max(1, at::get_num_threads());
+    std::vector<std::vector<int64_t>> hists(threads, std::vector<int64_t>(kMagnitudeBins, 0));
+    const int64_t rows = extent_ > step / 2 ? (extent_ - step / 2 + step - 1) / step : 0;
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<int64_t>& hist = hists[selection_thread()];
+      std::vector<acc_t> row(width_);
+#pragma omp for schedule(dynamic, 4)  // rows shorten down the triangle
+      for (int64_t x = 0; x < rows; ++x) {
+        const int64_t p = step / 2 + x * step, len = s_.row_end(p) - p - 1;
+        s_.rows.row(p, p + 1, p + 1 + len, row.data());
+        for (int64_t q = 0; q < len; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
+      }
+    }
+    for (int t = 1; t < threads; ++t)
+      for (int64_t b = 0; b < kMagnitudeBins; ++b) hists[0][b] += hists[t][b];
+    return hists[0];
+  }
+
+  // the tie order's key of a pair: i·n + j of the original latents
+  int64_t key_of(int64_t i, int64_t j) const { return order_ ? order_->key(i, j, n_) : i * n_ + j; }
+
+  // every pair, per part: the sum and count of those above the bracket, the ones inside collected
+  std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br) const {
+    const int64_t parts = static_cast<int64_t>(part_begin_.size()) - 1;
+    std::vector<Tally<acc_t>> tallies(parts);
+    const int32_t* position = s_.dense.position.data();
+    const int64_t* latent = s_.dense.latents.data();
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(width_);
+      std::vector<int64_t> inside;
+      for (int64_t part = begin; part < end; ++part) {
+        Tally<acc_t>& t = tallies[part];
+        for (int64_t i = part_begin_[part]; i < part_begin_[part + 1]; ++i) {
+          const int64_t b = s_.bucket_start[i];
+          tally_row(s_.pv + b, s_.distinct[i], br, false, t, inside, [&](int64_t u, acc_t v) {
+            t.edge.push_back({v, key_of(i, s_.pj[b + u])});
+          });
+          const int64_t pi = position[i];
+          if (pi < 0) continue;
+          const int64_t len = s_.row_end(pi) - pi - 1;
+          if (len <= 0) continue;
+          s_.rows.row(pi, pi + 1, pi + 1 + len, row.data());
+          tally_row(row.data(), len, br, true, t, inside, [&](int64_t q, acc_t v) {
+            t.edge.push_back({v, key_of(i, latent[pi + 1 + q])});
+          });
+        }
+      }
+    });
+    return tallies;
+  }
+
+  // bin of the k-th best known exactly (hist: every pair)
+  SumResult exact(int64_t k, const std::vector<int64_t>& hist, SumResult& r) const {
+    const KthBin kth_bin = find_kth_bin(hist, k);
+    if (width_ > 0) ++r.block_passes;
+    if (kth_bin.bin < 0) return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
+    return finish(k, pass({bin_start<acc_t>(kth_bin.bin), bin_start<acc_t>(kth_bin.bin + 1)}), r);
+  }
+
+  SumResult keep_all(int64_t k, SumResult& r) const {
+    if (width_ > 0) ++r.block_passes;
+    return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
+  }
+
+  // every non-zero pair kept (P <= k): above the bracket or inside it
+  SumResult every_pair(const std::vector<Tally<acc_t>>& tallies, int64_t k, SumResult& r) const {
+    acc_t lowest = std::numeric_limits<acc_t>::infinity();
+    for (const auto& t : tallies) {
+      r.total += t.total;
+      r.kept += t.count;
+      r.kept_in_block += t.in_block;
+      lowest = std::min(lowest, t.lowest);
+      for (const auto& c : t.edge) {
+        r.total += std::abs(static_cast<double>(c.value));
+        r.kept += 1;
+        r.kept_in_block += in_block(c.key);
+        lowest = std::min(lowest, std::abs(c.value));
+      }
+    }
+    r.kth = 0;
+    r.tie_cut = -1;
+    if (r.kept == k) {  // exactly k pairs: the k-th score is the smallest, and every pair at it is kept
+      r.kth = static_cast<double>(lowest);
+      r.tie_cut = std::numeric_limits<int64_t>::max();
+    }
+    return r;
+  }
+
+  // the k-th best lies inside the bracket: its exact score, then the cut among the pairs tied at it
+  SumResult finish(int64_t k, const std::vector<Tally<acc_t>>& tallies, SumResult& r) const {
+    int64_t above = 0;
+    for (const auto& t : tallies) {
+      above += t.count;
+      r.total += t.total;
+      r.kept_in_block += t.in_block;
+    }
+    auto each_edge = [&](auto&& take) {
+      for (const auto& t : tallies)
+        for (const auto& c : t.edge) take(c);
+    };
+    const KthCut<acc_t> cut = kth_cut<acc_t>(each_edge, k - above);
+    each_edge([&](const Candidate<acc_t>& c) {
+      const acc_t a = std::abs(c.value);
+      if (a > cut.kth || (a == cut.kth && c.key <= cut.tie_cut)) {
+        r.total += static_cast<double>(a);
+        r.kept_in_block += in_block(c.key);
+      }
+    });
+    r.kth = static_cast<double>(cut.kth);
+    r.tie_cut = cut.tie_cut;
+    r.kept = k;
+    return r;
+  }
+
+  bool in_block(int64_t key) const {  // of a pair's key (original latents)
+    int64_t i = key / n_, j = key % n_;
+    if (order_) i = order_->label[i], j = order_->label[j];
+    return s_.dense.position[i] >= 0 && s_.dense.position[j] >= 0;
+  }
+
+  const CoactivePairs<acc_t>& s_;
+  const NormOrder<acc_t>* order_;
+  int64_t n_, width_, upper_ = 0, extent_ = 0;
+  std::vector<int64_t> part_begin_;
+};
+
+}  // namespace aosae
