@@ -9,9 +9,9 @@
 // A BLAS GEMM gave the same entry different last bits at different positions. The compiler is
 // told not to contract other multiply-adds (-ffp-contract=off): only these are fused, by hand.
 // AVX-512: 64 columns (32 in float64) of a row kept in four registers while every moved row is
-// added, so a row of A_H is read once per 64 entries and nothing is written until the row is
-// done; elsewhere a plain loop over an L1 stretch (std::fma: one instruction where the machine
-// has it, a correctly rounded library call where not).
+// added, the tile's rows one after another over the same 64 columns of A_H (read from L1);
+// elsewhere a plain loop over an L1 stretch (std::fma: one instruction where the machine has it,
+// a correctly rounded library call where not).
 
 #pragma once
 
@@ -33,105 +33,127 @@ namespace block_product_detail {
 // Columns per pass of the plain loop: the stretch being summed stays in L1 while every moved row is added.
 constexpr int64_t kStretch = 2048;
 
-// out[q - q0] for q in [q0, q1): Σ_r fma over a's rows (a: [h, u] row-major, coef: row p's h coefficients)
+// out[(p - p0)·ld + q - q0] for p in [p0, p1), q in [q0, q1): Σ_r fma over a's rows (a: [h, u]
+// row-major, coefs: [u, h], row p's coefficients at coefs[p·h]). Rows are taken stretch by stretch,
+// so a stretch of A_H is read from L1 for every row of the tile.
 template <typename acc_t>
-__attribute__((always_inline)) inline void row_generic(const acc_t* a, const acc_t* coef, int64_t h, int64_t u,
-                                                       int64_t q0, int64_t q1, acc_t* out) {
+__attribute__((always_inline)) inline void tile_generic(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u,
+                                                        int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* out,
+                                                        int64_t ld) {
   for (int64_t s0 = q0; s0 < q1; s0 += kStretch) {
     const int64_t s1 = std::min(q1, s0 + kStretch);
-    acc_t* o = out + (s0 - q0);
-    for (int64_t q = s0; q < s1; ++q) o[q - s0] = acc_t(0);
-    for (int64_t r = 0; r < h; ++r) {
-      const acc_t c = coef[r];
-      const acc_t* ar = a + r * u;
-      for (int64_t q = s0; q < s1; ++q) o[q - s0] = std::fma(c, ar[q], o[q - s0]);
+    for (int64_t p = p0; p < p1; ++p) {
+      acc_t* o = out + (p - p0) * ld + (s0 - q0);
+      const acc_t* coef = coefs + p * h;
+      for (int64_t q = s0; q < s1; ++q) o[q - s0] = acc_t(0);
+      for (int64_t r = 0; r < h; ++r) {
+        const acc_t c = coef[r];
+        const acc_t* ar = a + r * u;
+        for (int64_t q = s0; q < s1; ++q) o[q - s0] = std::fma(c, ar[q], o[q - s0]);
+      }
     }
   }
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx512f"))) inline void row_avx512(const float* a, const float* coef, int64_t h, int64_t u,
-                                                          int64_t q0, int64_t q1, float* out) {
+__attribute__((target("avx512f"))) inline void tile_avx512(const float* a, const float* coefs, int64_t h, int64_t u,
+                                                           int64_t p0, int64_t p1, int64_t q0, int64_t q1, float* out,
+                                                           int64_t ld) {
   int64_t q = q0;
   for (; q + 64 <= q1; q += 64) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    for (int64_t r = 0; r < h; ++r) {
-      const __m512 c = _mm512_set1_ps(coef[r]);
-      const float* ar = a + r * u + q;
-      s0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar), s0);
-      s1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 16), s1);
-      s2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 32), s2);
-      s3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 48), s3);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* coef = coefs + p * h;
+      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+      for (int64_t r = 0; r < h; ++r) {
+        const __m512 c = _mm512_set1_ps(coef[r]);
+        const float* ar = a + r * u + q;
+        s0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar), s0);
+        s1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 16), s1);
+        s2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 32), s2);
+        s3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 48), s3);
+      }
+      float* o = out + (p - p0) * ld + (q - q0);
+      _mm512_storeu_ps(o, s0);
+      _mm512_storeu_ps(o + 16, s1);
+      _mm512_storeu_ps(o + 32, s2);
+      _mm512_storeu_ps(o + 48, s3);
     }
-    float* o = out + (q - q0);
-    _mm512_storeu_ps(o, s0);
-    _mm512_storeu_ps(o + 16, s1);
-    _mm512_storeu_ps(o + 32, s2);
-    _mm512_storeu_ps(o + 48, s3);
   }
   for (; q < q1; q += 16) {  // the last columns, 16 (or fewer, masked) at a time
     const __mmask16 mask = q + 16 <= q1 ? __mmask16(0xFFFF) : __mmask16((1u << (q1 - q)) - 1);
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t r = 0; r < h; ++r)
-      s = _mm512_fmadd_ps(_mm512_set1_ps(coef[r]), _mm512_maskz_loadu_ps(mask, a + r * u + q), s);
-    _mm512_mask_storeu_ps(out + (q - q0), mask, s);
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* coef = coefs + p * h;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t r = 0; r < h; ++r)
+        s = _mm512_fmadd_ps(_mm512_set1_ps(coef[r]), _mm512_maskz_loadu_ps(mask, a + r * u + q), s);
+      _mm512_mask_storeu_ps(out + (p - p0) * ld + (q - q0), mask, s);
+    }
   }
 }
 
-__attribute__((target("avx512f"))) inline void row_avx512(const double* a, const double* coef, int64_t h, int64_t u,
-                                                          int64_t q0, int64_t q1, double* out) {
+__attribute__((target("avx512f"))) inline void tile_avx512(const double* a, const double* coefs, int64_t h, int64_t u,
+                                                           int64_t p0, int64_t p1, int64_t q0, int64_t q1, double* out,
+                                                           int64_t ld) {
   int64_t q = q0;
   for (; q + 32 <= q1; q += 32) {
-    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
-    for (int64_t r = 0; r < h; ++r) {
-      const __m512d c = _mm512_set1_pd(coef[r]);
-      const double* ar = a + r * u + q;
-      s0 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar), s0);
-      s1 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 8), s1);
-      s2 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 16), s2);
-      s3 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 24), s3);
+    for (int64_t p = p0; p < p1; ++p) {
+      const double* coef = coefs + p * h;
+      __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
+      for (int64_t r = 0; r < h; ++r) {
+        const __m512d c = _mm512_set1_pd(coef[r]);
+        const double* ar = a + r * u + q;
+        s0 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar), s0);
+        s1 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 8), s1);
+        s2 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 16), s2);
+        s3 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 24), s3);
+      }
+      double* o = out + (p - p0) * ld + (q - q0);
+      _mm512_storeu_pd(o, s0);
+      _mm512_storeu_pd(o + 8, s1);
+      _mm512_storeu_pd(o + 16, s2);
+      _mm512_storeu_pd(o + 24, s3);
     }
-    double* o = out + (q - q0);
-    _mm512_storeu_pd(o, s0);
-    _mm512_storeu_pd(o + 8, s1);
-    _mm512_storeu_pd(o + 16, s2);
-    _mm512_storeu_pd(o + 24, s3);
   }
   for (; q < q1; q += 8) {
     const __mmask8 mask = q + 8 <= q1 ? __mmask8(0xFF) : __mmask8((1u << (q1 - q)) - 1);
-    __m512d s = _mm512_setzero_pd();
-    for (int64_t r = 0; r < h; ++r)
-      s = _mm512_fmadd_pd(_mm512_set1_pd(coef[r]), _mm512_maskz_loadu_pd(mask, a + r * u + q), s);
-    _mm512_mask_storeu_pd(out + (q - q0), mask, s);
+    for (int64_t p = p0; p < p1; ++p) {
+      const double* coef = coefs + p * h;
+      __m512d s = _mm512_setzero_pd();
+      for (int64_t r = 0; r < h; ++r)
+        s = _mm512_fmadd_pd(_mm512_set1_pd(coef[r]), _mm512_maskz_loadu_pd(mask, a + r * u + q), s);
+      _mm512_mask_storeu_pd(out + (p - p0) * ld + (q - q0), mask, s);
+    }
   }
 }
 
 template <typename acc_t>
-__attribute__((target("avx2,fma"))) void row_avx2(const acc_t* a, const acc_t* coef, int64_t h, int64_t u, int64_t q0,
-                                                  int64_t q1, acc_t* out) {
-  row_generic(a, coef, h, u, q0, q1, out);
+__attribute__((target("avx2,fma"))) void tile_avx2(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0,
+                                                   int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) {
+  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld);
 }
 #endif
 
 template <typename acc_t>
-void row_default(const acc_t* a, const acc_t* coef, int64_t h, int64_t u, int64_t q0, int64_t q1, acc_t* out) {
-  row_generic(a, coef, h, u, q0, q1, out);
+void tile_default(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0, int64_t p1, int64_t q0,
+                  int64_t q1, acc_t* out, int64_t ld) {
+  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld);
 }
 
 template <typename acc_t>
-using RowKernel = void (*)(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int64_t, acc_t*);
+using TileKernel = void (*)(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*,
+                            int64_t);
 
-// The fastest row kernel this machine runs (chosen once).
+// The fastest tile kernel this machine runs (chosen once).
 template <typename acc_t>
-RowKernel<acc_t> row_kernel() {
+TileKernel<acc_t> tile_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const RowKernel<acc_t> kernel =
-      __builtin_cpu_supports("avx512f")                                   ? static_cast<RowKernel<acc_t>>(row_avx512)
-      : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? row_avx2<acc_t>
-                                                                          : row_default<acc_t>;
+  static const TileKernel<acc_t> kernel =
+      __builtin_cpu_supports("avx512f")                                   ? static_cast<TileKernel<acc_t>>(tile_avx512)
+      : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tile_avx2<acc_t>
+                                                                          : tile_default<acc_t>;
   return kernel;
 #else
-  return row_default<acc_t>;  // (NEON's fused multiply-add is the baseline on arm64)
+  return tile_default<acc_t>;  // (NEON's fused multiply-add is the baseline on arm64)
 #endif
 }
 
@@ -146,14 +168,22 @@ std::vector<acc_t> block_coefficients(const acc_t* a, int64_t h, int64_t u) {
   return coefs;
 }
 
-// out[q - q0] = Σ_r a[r, p]·a[r, q] for q in [q0, q1); a: [h, u] row-major, coefs: block_coefficients(a).
+// out[(p - p0)·ld + q - q0] = Σ_r a[r, p]·a[r, q] for p in [p0, p1), q in [q0, q1); a: [h, u]
+// row-major, coefs: block_coefficients(a).
+template <typename acc_t>
+inline void block_tile(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0, int64_t p1, int64_t q0,
+                       int64_t q1, acc_t* out, int64_t ld) {
+  if (q1 > q0 && p1 > p0) block_product_detail::tile_kernel<acc_t>()(a, coefs, h, u, p0, p1, q0, q1, out, ld);
+}
+
+// One row of it: out[q - q0], q in [q0, q1).
 template <typename acc_t>
 inline void block_row(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p, int64_t q0, int64_t q1,
                       acc_t* out) {
-  if (q1 > q0) block_product_detail::row_kernel<acc_t>()(a, coefs + p * h, h, u, q0, q1, out);
+  block_tile(a, coefs, h, u, p, p + 1, q0, q1, out, q1 - q0);
 }
 
-// One entry, summed as block_row sums it.
+// One entry, summed as block_tile sums it.
 template <typename acc_t>
 inline acc_t block_entry(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p, int64_t q) {
   acc_t acc = acc_t(0);

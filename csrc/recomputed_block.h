@@ -66,6 +66,7 @@ class RecomputedBlock {
   }
 
   int64_t width() const { return width_; }
+  const acc_t* coefficients() const { return coefs_.data(); }  // [width, h]: A_H's columns
   int64_t moved_rows() const { return h_; }
   const torch::Tensor& moved_rows_matrix() const { return a_; }  // A_H [h, width]
 
@@ -74,14 +75,18 @@ class RecomputedBlock {
     block_row(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q0, q1, out);
   }
 
-  // out[q - q0] = score (p, q), q in [q0, q1)
-  void row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const {
-    product_row(p, q0, q1, out);
-    for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e) {
-      const int64_t q = corr_col_[e];
-      if (q >= q0 && q < q1) out[q - q0] = out[q - q0] + corr_val_[e];
-    }
+  // out[(p - p0)·ld + q - q0] = score (p, q), p in [p0, p1), q in [q0, q1)
+  void tile(int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) const {
+    block_tile(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p0, p1, q0, q1, out, ld);
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e) {
+        const int64_t q = corr_col_[e];
+        if (q >= q0 && q < q1) out[(p - p0) * ld + q - q0] = out[(p - p0) * ld + q - q0] + corr_val_[e];
+      }
   }
+
+  // out[q - q0] = score (p, q), q in [q0, q1)
+  void row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const { tile(p, p + 1, q0, q1, out, q1 - q0); }
 
   // score (p, q) alone
   acc_t at(int64_t p, int64_t q) const {

@@ -43,6 +43,8 @@ namespace aosae {
 
 // The estimate's slack: the bracket reaches from k·(1 − 1 %) to k·(1 + 1 %) pairs by the sample.
 constexpr double kSumBracket = 0.01;
+// Block rows per tile of a pass.
+constexpr int64_t kTileRows = 16;
 
 // What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
 // from a pair out (the backward recomputes the scores and applies the same test).
@@ -289,26 +291,40 @@ class TopKSum {
   std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br) const {
     const int64_t parts = static_cast<int64_t>(part_begin_.size()) - 1;
     std::vector<Tally<acc_t>> tallies(parts);
-    const int32_t* position = s_.dense.position.data();
     const int64_t* latent = s_.dense.latents.data();
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(width_);
+      std::vector<acc_t> tile;
       std::vector<int64_t> inside;
       for (int64_t part = begin; part < end; ++part) {
         Tally<acc_t>& t = tallies[part];
-        for (int64_t i = part_begin_[part]; i < part_begin_[part + 1]; ++i) {
+        const int64_t i0 = part_begin_[part], i1 = part_begin_[part + 1];
+        for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = s_.bucket_start[i];
           tally_row(s_.pv + b, s_.distinct[i], br, false, t, inside, [&](int64_t u, acc_t v) {
             t.edge.push_back({v, key_of(i, s_.pj[b + u])});
           });
-          const int64_t pi = position[i];
-          if (pi < 0) continue;
-          const int64_t len = s_.row_end(pi) - pi - 1;
-          if (len <= 0) continue;
-          s_.rows.row(pi, pi + 1, pi + 1 + len, row.data());
-          tally_row(row.data(), len, br, true, t, inside, [&](int64_t q, acc_t v) {
-            t.edge.push_back({v, key_of(i, latent[pi + 1 + q])});
-          });
+        }
+        // the part's block rows (U ascending: a contiguous range), kTileRows at a time: a tile
+        // reads each stretch of A_H once for all its rows
+        const int64_t p_lo = std::lower_bound(latent, latent + width_, i0) - latent;
+        const int64_t p_hi = std::lower_bound(latent, latent + width_, i1) - latent;
+        for (int64_t p0 = p_lo; p0 < p_hi; p0 += kTileRows) {
+          const int64_t p1 = std::min(p_hi, p0 + kTileRows);
+          int64_t q_end = p0 + 1;
+          for (int64_t p = p0; p < p1; ++p) q_end = std::max(q_end, s_.row_end(p));
+          const int64_t cols = q_end - p0 - 1;  // the tile's columns p0 + 1 .. q_end
+          if (cols <= 0) continue;
+          tile.resize((p1 - p0) * cols);
+          s_.rows.tile(p0, p1, p0 + 1, q_end, tile.data(), cols);
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t len = s_.row_end(p) - p - 1;  // row p's pairs: q in (p, row_end(p))
+            if (len <= 0) continue;
+            const acc_t* row = tile.data() + (p - p0) * cols + (p - p0);  // column p + 1
+            const int64_t i = latent[p];
+            tally_row(row, len, br, true, t, inside, [&](int64_t q, acc_t v) {
+              t.edge.push_back({v, key_of(i, latent[p + 1 + q])});
+            });
+          }
         }
       }
     });

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "block_gradient.h"
 #include "buffer_pool.h"
 #include "csr_checks.h"
 #include "dense_rows.h"
@@ -40,8 +41,6 @@ namespace {
 
 using torch::Tensor;
 
-// Rows of G_U's upper triangle per panel of the dense product (few: a panel's rows reach as far as its first)
-constexpr int64_t kStaircasePanel = 256;
 
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
 enum class Product { kAuto, kSparse, kDense };
@@ -174,9 +173,11 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     inside = count;
   }
   // as coactive_backward decides: ns per scattered multiply-add vs per GEMM multiply-add and G_U entry
-  double area = 0;  // the dense product's panels
-  for (int64_t r0 = 0; r0 < extent; r0 += kStaircasePanel)
-    area += static_cast<double>(std::min(extent, r0 + kStaircasePanel) - r0) * (std::max(row_end(r0), std::min(extent, r0 + kStaircasePanel)) - r0);
+  double area = 0;  // the dense product's tiles: each panel of rows up to its widest row
+  const int64_t panel_rows = aosae::block_gradient_detail::kTileRows;
+  for (int64_t r0 = 0; r0 < extent; r0 += panel_rows)
+    area += static_cast<double>(std::min(extent, r0 + panel_rows) - r0) *
+            (std::max(row_end(r0), std::min(extent, r0 + panel_rows)) - r0);
   const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.024 * h + 1.5) * area;
   if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
     // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
@@ -208,33 +209,11 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     aosae::add_moved_rows_gradient(out_t, dense.taken, rp, ca, position, o);
     return in_callers_order(out);
   }
-  // most of the staircase kept: A_H · G_U from panels of G_U's upper triangle. Panel P = G_U[rows,
-  // r0 : end_r0) (the block's own rows, read in order; zero where not kept, on and left of the
-  // diagonal and past each row's end) gives both halves of the symmetric product with two GEMMs:
-  // prod[:, r0 : end_r0] += A_H[:, rows] · P (each pair (p, q) for q) and prod[:, rows] +=
-  // A_H[:, r0 : end_r0] · Pᵀ (for p). Each panel row is recomputed into the panel (the block is
-  // never stored: 2.1 GB at u 22 897, against a 256-row panel), then turned into its gradient.
-  const Tensor& a_h = scores.moved_rows_matrix();
-  Tensor prod = at::zeros({h, width}, vals.options());
-  Tensor panel_t = at::empty({std::min(kStaircasePanel, width), width}, vals.options());
-  acc_t* panel = panel_t.data_ptr<acc_t>();
-  for (int64_t r0 = 0; r0 < extent; r0 += kStaircasePanel) {  // G_U is zero outside [0, extent)²
-    const int64_t r1 = std::min(extent, r0 + kStaircasePanel), rows = r1 - r0;
-    const int64_t cols = std::max(row_end(r0), r1) - r0;  // P's columns r0 .. r0 + cols
-    at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        acc_t* dst = panel + (r - r0) * cols;  // dst[q - r0] = G_U[r, q], q in [r0, r0 + cols)
-        const int64_t live = row_end(r);
-        for (int64_t q = r0; q <= r; ++q) dst[q - r0] = acc_t(0);
-        scores.row(r, r + 1, live, dst + (r + 1 - r0));
-        to_gradients(dst + (r + 1 - r0), live - r - 1, latent[r], latent + r + 1);
-        for (int64_t q = std::max(live, r + 1); q < r0 + cols; ++q) dst[q - r0] = acc_t(0);
-      }
-    });
-    const Tensor P = panel_t.view(-1).narrow(0, 0, rows * cols).view({rows, cols});
-    prod.narrow(1, r0, cols).addmm_(a_h.narrow(1, r0, rows), P);
-    prod.narrow(1, r0, rows).addmm_(a_h.narrow(1, r0, cols), P.t());
-  }
+  // most of the staircase kept: A_H · G_U from tiles of recomputed scores (csrc/block_gradient.h)
+  const Tensor prod = aosae::block_gradient(
+      scores, extent, row_end,
+      [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) { to_gradients(v, len, latent[p], latent + q_first); },
+      threads);
   aosae::add_moved_rows_product(prod, dense, rp, ca, o);
   return in_callers_order(out);
 }

@@ -1,0 +1,139 @@
+// The moved rows' gradient of the sum of the k best pairs inside the GEMM block, A_H · G_U
+// (csrc/topk_sum_backward.cpp), from tiles of recomputed scores: nothing the size of the block is
+// stored or read from memory.
+//
+// G_U is symmetric with G[p, q] (p < q < live_end[p]) = ±g where the pair is kept, else 0. Per tile
+// of 16 block rows × 256 columns (in L1): the scores recomputed (csrc/recomputed_block.h), turned
+// into gradients, and both halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
+// the tile, prod[:, p] += Σ_q A_H[:, q]·G[p, q] from its transpose. The panels and BLAS GEMMs this
+// replaces wrote 1 GB of G_U at d_sae 262144 mid-training and packed it twice more.
+// Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "recomputed_block.h"
+
+namespace aosae {
+
+namespace block_gradient_detail {
+
+constexpr int64_t kTileRows = 16;
+constexpr int64_t kTileCols = 256;
+
+// prod[r·width + c] += Σ_{x in [x0, x1)} coefs[x·h + r] · m[(x − x0)·ld + c − c0], c in [c0, c1), r < h
+template <typename acc_t>
+void add_product_plain(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
+                       int64_t c1, acc_t* prod, int64_t width) {
+  for (int64_t x = x0; x < x1; ++x)
+    for (int64_t r = 0; r < h; ++r) {
+      const acc_t c = coefs[x * h + r];
+      const acc_t* mx = m + (x - x0) * ld - c0;
+      acc_t* o = prod + r * width;
+      for (int64_t col = c0; col < c1; ++col) o[col] += c * mx[col];
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// 16 columns × 8 rows of prod held in registers while every x is added
+__attribute__((target("avx512f"))) inline void add_product_avx512(const float* coefs, int64_t h, int64_t x0,
+                                                                  int64_t x1, const float* m, int64_t ld, int64_t c0,
+                                                                  int64_t c1, float* prod, int64_t width) {
+  for (int64_t c = c0; c < c1; c += 16) {
+    const __mmask16 mask = c + 16 <= c1 ? __mmask16(0xFFFF) : __mmask16((1u << (c1 - c)) - 1);
+    for (int64_t r0 = 0; r0 < h; r0 += 8) {
+      const int64_t nr = std::min<int64_t>(8, h - r0);
+      __m512 acc[8];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        acc[j] = j < nr ? _mm512_maskz_loadu_ps(mask, prod + (r0 + j) * width + c) : _mm512_setzero_ps();
+      for (int64_t x = x0; x < x1; ++x) {
+        const __m512 mv = _mm512_maskz_loadu_ps(mask, m + (x - x0) * ld + (c - c0));
+        const float* cf = coefs + x * h + r0;
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j)
+          if (j < nr) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(cf[j]), mv, acc[j]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        if (j < nr) _mm512_mask_storeu_ps(prod + (r0 + j) * width + c, mask, acc[j]);
+    }
+  }
+}
+#endif
+
+template <typename acc_t>
+void add_product(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
+                 int64_t c1, acc_t* prod, int64_t width) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<acc_t, float>::value) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f");
+    if (avx512) return add_product_avx512(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
+  }
+#endif
+  add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
+}
+
+}  // namespace block_gradient_detail
+
+// A_H · G_U [h, width] for the block rows [0, extent) (row p's pairs: q in (p, row_end(p))).
+// to_gradients(v, len, p, q_first): v[x] = score (p, q_first + x) -> its gradient, x < len.
+template <typename acc_t, typename RowEnd, typename ToGradients>
+torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t extent, RowEnd&& row_end,
+                             ToGradients&& to_gradients, int threads) {
+  namespace d = block_gradient_detail;
+  const int64_t h = scores.moved_rows(), width = scores.width();
+  const acc_t* coefs = scores.coefficients();
+  std::vector<std::vector<acc_t>> copies(threads);
+  const int64_t panels = (extent + d::kTileRows - 1) / d::kTileRows;
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    std::vector<acc_t>& prod = copies[omp_get_thread_num()];
+#else
+    std::vector<acc_t>& prod = copies[0];
+#endif
+    prod.assign(h * width, acc_t(0));
+    std::vector<acc_t> tile(d::kTileRows * d::kTileCols), flipped(d::kTileCols * d::kTileRows);
+#pragma omp for schedule(static, 1)  // panels dealt round-robin: the same split every call
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t p0 = panel * d::kTileRows, p1 = std::min(extent, p0 + d::kTileRows), rows = p1 - p0;
+      const int64_t end = std::max(row_end(p0), p1);  // the panel's widest row (ends do not grow)
+      for (int64_t q0 = p0 + 1; q0 < end; q0 += d::kTileCols) {
+        const int64_t q1 = std::min(end, q0 + d::kTileCols), cols = q1 - q0;
+        scores.tile(p0, p1, q0, q1, tile.data(), cols);
+        for (int64_t p = p0; p < p1; ++p) {  // gradients on row p's pairs (q in (p, row_end(p))), 0 elsewhere
+          acc_t* v = tile.data() + (p - p0) * cols;
+          const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+          std::fill(v, v + (lo - q0), acc_t(0));
+          to_gradients(v + (lo - q0), hi - lo, p, lo);
+          std::fill(v + (hi - q0), v + cols, acc_t(0));
+        }
+        for (int64_t x = 0; x < rows; ++x)
+          for (int64_t y = 0; y < cols; ++y) flipped[y * rows + x] = tile[x * cols + y];
+        d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);      // prod[:, q] (columns)
+        d::add_product(coefs, h, q0, q1, flipped.data(), rows, p0, p1, prod.data(), width);  // prod[:, p] (rows)
+      }
+    }
+  }
+  torch::Tensor out = torch::zeros({h, width}, torch::TensorOptions().dtype(scores.moved_rows_matrix().scalar_type()));
+  acc_t* o = out.data_ptr<acc_t>();
+  for (const auto& part : copies)  // in thread order
+    for (int64_t e = 0; e < static_cast<int64_t>(part.size()); ++e) o[e] += part[e];
+  return out;
+}
+
+}  // namespace aosae
