@@ -249,6 +249,17 @@ def build_arm(args, x):
         obj.optimizer_step(losses.loss)
         return lambda: latent_l0(losses)
 
+    def pretrain(xb):
+        """An untimed step without the penalty: an arm with it and one without then time their
+        steps from the same state (trained apart, their latents' layout differed more between the
+        arms than the penalty costs; benchmarks/NOTES.md, eighth pass)."""
+        ortho, obj.ortho = obj.ortho, None
+        try:
+            obj.optimizer_step(obj.losses(xb).loss)
+        finally:
+            obj.ortho = ortho
+
+    aosae_step.pretrain = pretrain
     return aosae_step
 
 
@@ -292,8 +303,9 @@ def worker(args) -> None:
                 reply(check=result)
             elif cmd[0] == "init":
                 step = build_arm(args, x)
+                pretrain = getattr(step, "pretrain", step)
                 for i in range(args.trained_steps):  # untimed, on batches of their own: the step past the first ones
-                    step(batch_of(x, args.batch, args.seed + 1, i))
+                    pretrain(batch_of(x, args.batch, args.seed + 1, i))
                 reply(ok=True, rss_after_init_mib=rss_mib())
             elif cmd[0] == "step":
                 xb = batch_of(x, args.batch, args.seed, int(cmd[1]))

@@ -29,9 +29,10 @@ so an arm that does not fit fails with "out of memory under its cap" instead of 
   python benchmarks/width_sweep.py --widths 4096 16384 --rounds 2 --tag smoke
   python benchmarks/width_sweep.py --widths 16384 --arms aosae-batchtopk aosae-batchtopk+penalty --trained-steps 100
 
---trained-steps N: each arm first trains N untimed steps (its own objective, penalty included,
-on a batch stream of its own, the same for every arm), so the timed steps are those of a run
-past its start. At initialisation BatchTopK puts the batch's B·k latents on a few dozen
+--trained-steps N: each arm first trains N untimed steps (its own objective without the penalty,
+on a batch stream of its own, the same for every arm: an arm with the penalty and one without
+start their timed steps from the same state), so the timed steps are those of a run past its
+start. At initialisation BatchTopK puts the batch's B·k latents on a few dozen
 high-norm tokens (31 of 2048 rows at d_sae 65536); within ≈ 50 steps they spread over all rows.
 
 Shapes: B = 2048, d_in = 576 (SmolLM2-135M's residual stream, the default model's cached
@@ -376,7 +377,8 @@ def main() -> None:
                    help="arms run interleaved (all alive at once) when their estimated memory fits in this")
     p.add_argument("--worker-cap-gib", type=float, default=18.0, help="address-space data cap of one worker")
     p.add_argument("--trained-steps", type=int, default=0,
-                   help="untimed steps each arm trains first (its own objective, the same batches for every arm): "
+                   help="untimed steps each arm trains first (its own objective without the penalty, the same batches "
+                        "for every arm): "
                         "times the step past initialisation, where BatchTopK's latents no longer sit on a few tokens")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--tokens", type=int, default=30000)

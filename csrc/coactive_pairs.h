@@ -24,18 +24,18 @@ namespace aosae {
 
 template <typename acc_t>
 struct CoactivePairs {
-  DenseRows<acc_t> dense;             // the block (dense.block: its scores, upper triangle)
+  DenseRows<acc_t> dense;             // the block (dense.block: its scores, upper triangle; undefined with rows)
   std::vector<int64_t> bucket_start;  // [n+1]: latent i's bucket starts here
   std::vector<int64_t> distinct;      // [n]: its distinct partners (pj, pv from bucket_start[i])
-  std::vector<int64_t> kept;          // [n]: those plus its non-zero block pairs
-  std::vector<int64_t> hist_total;    // [kMagnitudeBins]: the non-zero pairs by |C| bin
+  std::vector<int64_t> kept;          // [n]: those plus its non-zero block pairs (stored block only)
+  std::vector<int64_t> hist_total;    // [kMagnitudeBins]: the non-zero pairs by |C| bin (with rows: the buckets')
   int64_t nonzero_pairs = 0;
   int32_t* pj = nullptr;              // partner ids
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
   RecomputedBlock<acc_t> rows;        // the block's scores where it is not stored (width 0 otherwise)
   int64_t row_end(int64_t p) const { return live_end.empty() ? dense.size() : live_end[p]; }
-  // latent i's non-zero pairs (i, j > i), from its bucket and its block row: offer(value, i, j)
+  // latent i's non-zero pairs (i, j > i), from its bucket and its stored block row (not with rows): offer(value, i, j)
   // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
   template <typename Offer>
   void pairs_of(int64_t i, Offer&& offer) const {

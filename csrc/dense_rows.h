@@ -49,7 +49,8 @@ constexpr int64_t kMaxDenseBlockBytes = int64_t(1) << 30;
 // row pairs it replaces: a partner id and a score in the forward's buckets and a gradient slot
 // in the backward, 4 + 2·sizeof(acc_t) bytes per row pair. BatchTopK mid-training at d_sae 262144
 // has one token on every one of the batch's 22 897 active latents: 2.6·10⁸ row pairs, 3.1 GB on
-// the pair path (and ≈ 8 ns each), 2.1 GB as a block (a GEMM and a few scans). Never past 2¹⁶.
+// the pair path (and ≈ 8 ns each), 2.1 GB as a block (a GEMM and a few scans; the sum of the k
+// best does not store it, csrc/recomputed_block.h). Never past 2¹⁶.
 constexpr int64_t kMaxDenseLatentsHard = int64_t(1) << 16;
 
 template <typename acc_t>

@@ -4,8 +4,9 @@
 // off-diagonal non-zeros. Instead of B·n²/2 multiply-adds we:
 //   1. gather each row's non-zeros (CSR: row_ptr, cols ascending per row, vals; csrc/sparse_input.cpp),
 //   2. sum the densest rows (outlier tokens) with one block over the latents they touch
-//      (csrc/dense_rows.h; for the sum of the k best on positive values only its staircase that
-//      can reach the k-th score, csrc/norm_order.h and block_staircase.h),
+//      (csrc/dense_rows.h; the sum of the k best recomputes its rows where it reads them instead
+//      of storing it, csrc/recomputed_block.h, and on positive values reads only its staircase
+//      that can reach the k-th score, csrc/norm_order.h and block_staircase.h),
 //   3. view the other rows latent by latent (CSC) and sum each latent i's row of C
 //      (Gustavson): its entries' later row partners j > i add a_ti·a_tj into a thread-local
 //      dense accumulator and list j in bucket i; the bucket is then compacted in place to the
@@ -13,8 +14,8 @@
 //   (steps 2–3: csrc/coactive_pairs.h)
 //   4. find the k-th best |C| from the histogram (csrc/pair_select.h), keep the pairs at least
 //      that good: as a set grouped by i (unordered, or k covering every pair; or only their sum:
-//      csrc/unordered_selection.h), or ordered by (|C| desc, (i, j) asc) (radix sort of 64-bit
-//      keys; csrc/sorted_selection.h).
+//      csrc/unordered_selection.h; only their sum: csrc/topk_sum.h), or ordered by (|C| desc,
+//      (i, j) asc) (radix sort of 64-bit keys; csrc/sorted_selection.h).
 // Memory O(pairs + nnz + threads·n); accumulation in float32 (float64 for float64 input), each
 // C_ij summed in row order whatever the thread count, so results are deterministic.
 //
@@ -219,8 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // writing them (a loss that sums its selection needs nothing else; at BatchTopK d_sae 262144
 // mid-training that selection is 1.7·10⁸ pairs, 6 GB) and without storing the GEMM block (csrc/
 // topk_sum.h). Returns (total: float64 0-d, kth: the k-th best |C| as float64 0-d (0 when P < k),
-// tie_cut: int64 (of the pairs tied at kth, those with i·n + j <= tie_cut are kept; -1 when P < k,
-// every pair when P = k), kept: min(k, P), kept_in_block, width: the block's latents (0: none),
+// tie_cut: int64 (of the pairs tied at kth, those with i·n + j <= tie_cut are kept; -1 when P < k;
+// when P = k every pair is kept, kth the smallest score), kept: min(k, P), kept_in_block, width: the block's latents (0: none),
 // live_end: [width] int64 (positive values with a block: the block's latents are the columns in
 // norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
 // the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the

@@ -63,6 +63,22 @@ class RecomputedBlock {
         corr_val_.resize(corr_start_[width_]);
       }
     }
+    // each row's corrections by column, stably (a column's own keep their order): at() finds its by bisection
+    std::vector<int64_t> idx;
+    std::vector<int32_t> col;
+    std::vector<acc_t> val;
+    for (int64_t p = 0; p < width_; ++p) {
+      const int64_t b = corr_start_[p], e = corr_start_[p + 1];
+      if (e - b < 2) continue;
+      idx.resize(e - b);
+      for (int64_t x = 0; x < e - b; ++x) idx[x] = b + x;
+      std::stable_sort(idx.begin(), idx.end(), [&](int64_t x, int64_t y) { return corr_col_[x] < corr_col_[y]; });
+      col.resize(e - b);
+      val.resize(e - b);
+      for (int64_t x = 0; x < e - b; ++x) col[x] = corr_col_[idx[x]], val[x] = corr_val_[idx[x]];
+      std::copy(col.begin(), col.end(), corr_col_.begin() + b);
+      std::copy(val.begin(), val.end(), corr_val_.begin() + b);
+    }
   }
 
   int64_t width() const { return width_; }
@@ -91,8 +107,9 @@ class RecomputedBlock {
   // score (p, q) alone
   acc_t at(int64_t p, int64_t q) const {
     acc_t v = block_entry(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q);
-    for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e)
-      if (corr_col_[e] == q) v = v + corr_val_[e];
+    const auto first = corr_col_.begin() + corr_start_[p], last = corr_col_.begin() + corr_start_[p + 1];
+    for (auto e = std::lower_bound(first, last, static_cast<int32_t>(q)); e != last && *e == q; ++e)
+      v = v + corr_val_[e - corr_col_.begin()];
     return v;
   }
 
@@ -100,7 +117,7 @@ class RecomputedBlock {
   int64_t width_ = 0, h_ = 0;
   torch::Tensor a_;
   std::vector<acc_t> coefs_;
-  std::vector<int64_t> corr_start_;  // [width + 1]
+  std::vector<int64_t> corr_start_;  // [width + 1]: row p's corrections, by column (each column's in order)
   std::vector<int32_t> corr_col_;
   std::vector<acc_t> corr_val_;
 };

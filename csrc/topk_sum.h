@@ -43,8 +43,6 @@ namespace aosae {
 
 // The estimate's slack: the bracket reaches from k·(1 − 1 %) to k·(1 + 1 %) pairs by the sample.
 constexpr double kSumBracket = 0.01;
-// Block rows per tile of a pass.
-constexpr int64_t kTileRows = 16;
 
 // What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
 // from a pair out (the backward recomputes the scores and applies the same test).
@@ -55,7 +53,7 @@ struct SumResult {
   int64_t kept = 0;           // min(k, P)
   int64_t kept_in_block = 0;  // of them, inside U × U (the GEMM block)
   int64_t width = 0;          // the block's latents (0: no block)
-  int64_t block_passes = 0;   // passes over the block's rows (the sample and the seed not counted)
+  int64_t block_passes = 0;   // passes over the block's rows (a sample of every step-th row and the seed not counted)
   torch::Tensor live_end;     // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
 };
 
@@ -66,11 +64,13 @@ struct Bracket {
   acc_t lo, hi;
 };
 
-// The smallest magnitude of a bin (csrc/pair_select.h's bins), +inf past the last.
+// The smallest magnitude of a bin (csrc/pair_select.h's bins); +inf from the bin of +inf on (the
+// bins above it hold NaNs, which every tally counts above any bracket, as the histograms do).
 template <typename acc_t>
 acc_t bin_start(int64_t bin) {
   if (bin >= kMagnitudeBins) return std::numeric_limits<acc_t>::infinity();
-  return static_cast<acc_t>(bin_floor<acc_t>(std::max<int64_t>(bin, 0)));
+  const acc_t v = static_cast<acc_t>(bin_floor<acc_t>(std::max<int64_t>(bin, 0)));
+  return std::isfinite(v) ? v : std::numeric_limits<acc_t>::infinity();
 }
 
 // Bins (lo, hi] of a histogram where the pairs counted from the top first exceed k·(1 − slack)
@@ -88,7 +88,7 @@ Bracket<acc_t> bracket_of(const std::vector<double>& hist, int64_t k, double sla
       break;
     }
   }
-  if (hi_bin < 0) hi_bin = 0;
+  if (hi_bin < 0) hi_bin = lo_bin;  // (slack 0: both lines reached in the same bin)
   return {bin_start<acc_t>(std::min(lo_bin, hi_bin)), bin_start<acc_t>(hi_bin + 1)};
 }
 
@@ -118,7 +118,7 @@ RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std
   RowTally<acc_t> t;
   for (int64_t q = 0; q < len; ++q) {
     const acc_t a = std::abs(v[q]);
-    const bool above = (a >= hi) & (a != acc_t(0));
+    const bool above = !(a < hi) & (a != acc_t(0));  // (a NaN counts above, as it bins above)
     t.total += above ? static_cast<double>(a) : 0.0;
     t.count += above;
     t.lowest = above ? std::min(t.lowest, a) : t.lowest;
@@ -139,8 +139,8 @@ __attribute__((target("avx512f"))) inline RowTally<float> tally_avx512(const flo
   for (int64_t q = 0; q < len; q += 16) {
     const __mmask16 valid = q + 16 <= len ? __mmask16(0xFFFF) : __mmask16((1u << (len - q)) - 1);
     const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(valid, v + q)), magnitude));
-    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(valid, a, zero, _CMP_NEQ_OQ);
-    const __mmask16 above = _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_GE_OQ);
+    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(valid, a, zero, _CMP_NEQ_UQ);  // (NaN: above)
+    const __mmask16 above = _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_NLT_UQ);
     __mmask16 in = _mm512_mask_cmp_ps_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_LT_OQ);
     const __m256 a_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
     sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
@@ -169,8 +169,8 @@ __attribute__((target("avx512f"))) inline RowTally<double> tally_avx512(const do
   for (int64_t q = 0; q < len; q += 8) {
     const __mmask8 valid = q + 8 <= len ? __mmask8(0xFF) : __mmask8((1u << (len - q)) - 1);
     const __m512d a = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_maskz_loadu_pd(valid, v + q)), magnitude));
-    const __mmask8 nonzero = _mm512_mask_cmp_pd_mask(valid, a, zero, _CMP_NEQ_OQ);
-    const __mmask8 above = _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_GE_OQ);
+    const __mmask8 nonzero = _mm512_mask_cmp_pd_mask(valid, a, zero, _CMP_NEQ_UQ);  // (NaN: above)
+    const __mmask8 above = _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_NLT_UQ);
     __mmask8 in = _mm512_mask_cmp_pd_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_LT_OQ);
     sum = _mm512_mask_add_pd(sum, above, sum, a);
     count += __builtin_popcount(above);
@@ -216,6 +216,8 @@ void tally_row(const acc_t* v, int64_t len, const Bracket<acc_t>& b, bool block,
 template <typename acc_t>
 class TopKSum {
  public:
+  static constexpr int64_t kTileRows = 16;  // block rows per tile of a pass
+
   TopKSum(const CoactivePairs<acc_t>& summed, const NormOrder<acc_t>* order, int64_t n, int threads)
       : s_(summed), order_(order), n_(n), width_(summed.dense.size()) {
     // parts: contiguous ranges of latents balanced by their pairs (buckets and block row)
@@ -243,6 +245,7 @@ class TopKSum {
       if (step <= 0) step = std::clamp<int64_t>(extent_ / 256, 1, 32);
       std::vector<double> est(kMagnitudeBins);
       const std::vector<int64_t> sample = row_histogram(step);
+      r.block_passes += step == 1;  // (every row: the exact histogram)
       for (int64_t b = 0; b < kMagnitudeBins; ++b)
         est[b] = static_cast<double>(s_.hist_total[b]) + static_cast<double>(step) * static_cast<double>(sample[b]);
       const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : bracket);
@@ -380,6 +383,11 @@ class TopKSum {
       for (const auto& t : tallies)
         for (const auto& c : t.edge) take(c);
     };
+    int64_t edge = 0;
+    each_edge([&](const Candidate<acc_t>&) { ++edge; });
+    TORCH_CHECK(above < k && k - above <= edge, "sparse_csr_topk_sum: the pass counted ", above, " pairs above the k-th ",
+                "score's bin and ", edge, " in it for k = ", k, ": a co-activation score is not finite (NaN or inf; ",
+                "check the activations for overflow)");
     const KthCut<acc_t> cut = kth_cut<acc_t>(each_edge, k - above);
     each_edge([&](const Candidate<acc_t>& c) {
       const acc_t a = std::abs(c.value);

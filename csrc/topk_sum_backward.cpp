@@ -10,9 +10,9 @@
 //     written once, each entry summed in a fixed order, no atomics);
 //   - the pairs inside U × U: their scores recomputed as the forward recomputed them
 //     (csrc/recomputed_block.h), and the moved rows' gradient is A_H · G_U, per kept pair (few
-//     kept inside U × U) or GEMMs over panels of G_U (most of it kept).
+//     kept inside U × U) or from L1 tiles of G_U (most of it kept; csrc/block_gradient.h).
 // Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
-// O(Σ_{other rows} L_t² + nnz + threads·n + a panel of G_U).
+// O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)).
 //
 // No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls register_topk_sum_backward(m).
 
@@ -40,7 +40,6 @@
 namespace {
 
 using torch::Tensor;
-
 
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
 enum class Product { kAuto, kSparse, kDense };
@@ -159,26 +158,49 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const int64_t* latent = dense.latents.data();
   const int64_t h = static_cast<int64_t>(dense.taken.size());
   const int threads = std::max(1, at::get_num_threads());
+  // Every co-active pair kept (fewer than k of them) on positive values, the whole block live:
+  // G_U[p, q] = g for every pair that co-fires. Moved row r's gradient at latent p, Σ_q G[p, q]·
+  // a[r, q], reads only q in row r, and those co-fire with p: so it is g·(A_H's row sum − a[r, p])
+  // whatever G holds for the pairs that never co-fire (up to a product of positive values that
+  // underflows to 0, below ≈ 1e-19 each, whose pair the forward left out: its term is as small).
+  // BatchTopK's early steps at d_sae 262144 keep every pair of blocks of 0.8–1.4·10⁸ pairs.
+  if (product == Product::kAuto && order && kth_d == 0 && tie_cut < 0 && extent == width && row_end(width - 1) == width) {
+    const Tensor& a_h = scores.moved_rows_matrix();
+    const acc_t* a = a_h.data_ptr<acc_t>();
+    Tensor prod = at::empty({h, width}, vals.options());
+    acc_t* pr = prod.data_ptr<acc_t>();
+    for (int64_t r = 0; r < h; ++r) {
+      double total = 0;
+      for (int64_t q = 0; q < width; ++q) total += static_cast<double>(a[r * width + q]);
+      for (int64_t q = 0; q < width; ++q)
+        pr[r * width + q] = g * static_cast<acc_t>(total - static_cast<double>(a[r * width + q]));
+    }
+    aosae::add_moved_rows_product(prod, dense, rp, ca, o);
+    return in_callers_order(out);
+  }
   if (inside < 0 && product == Product::kAuto) {  // not passed: count the kept pairs inside U × U
     int64_t count = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : count)
     {
       std::vector<acc_t> row(width);
 #pragma omp for schedule(dynamic, 16)
-      for (int64_t p = 0; p < width; ++p) {
+      for (int64_t p = 0; p < extent; ++p) {
         scores.row(p, p + 1, row_end(p), row.data());
         for (int64_t q = p + 1; q < row_end(p); ++q) count += kept(row[q - p - 1], latent[p], latent[q]);
       }
     }
     inside = count;
   }
-  // as coactive_backward decides: ns per scattered multiply-add vs per GEMM multiply-add and G_U entry
-  double area = 0;  // the dense product's tiles: each panel of rows up to its widest row
+  // ns per scattered multiply-add (the kept pairs, per pair) against ns per multiply-add of a tile
+  // (2-core AMD EPYC, benchmarks/NOTES.md): both recompute the staircase (h per entry), the tiles
+  // add two products of h per entry on top
+  double area = 0;  // the tiles: each panel of rows up to its widest row
   const int64_t panel_rows = aosae::block_gradient_detail::kTileRows;
   for (int64_t r0 = 0; r0 < extent; r0 += panel_rows)
     area += static_cast<double>(std::min(extent, r0 + panel_rows) - r0) *
             (std::max(row_end(r0), std::min(extent, r0 + panel_rows)) - r0);
-  const double sparse_cost = 0.35 * 2.0 * h * inside, dense_cost = (0.024 * h + 1.5) * area;
+  constexpr double kTileMac = 0.02;
+  const double sparse_cost = kTileMac * h * area + 0.35 * 2.0 * h * inside, dense_cost = 3 * kTileMac * h * area;
   if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
     // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
     const Tensor a_t_t = scores.moved_rows_matrix().t().contiguous();
@@ -189,7 +211,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       std::vector<acc_t>& mine = out_t[omp_get_thread_num()];
       std::vector<acc_t> row(width);
 #pragma omp for schedule(static, 16)  // a fixed split, rows dealt round-robin: deterministic and balanced
-      for (int64_t p = 0; p < width; ++p) {
+      for (int64_t p = 0; p < extent; ++p) {
         scores.row(p, p + 1, row_end(p), row.data());
         for (int64_t q = p + 1; q < row_end(p); ++q) {
           const acc_t gp = slot_grad(row[q - p - 1], latent[p], latent[q]);
@@ -249,5 +271,5 @@ void register_topk_sum_backward(pybind11::module& m) {
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
-        "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': one GEMM)");
+        "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': tiles of G_U)");
 }

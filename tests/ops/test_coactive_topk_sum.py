@@ -101,6 +101,43 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("one_row_on_all", [True, False])
+def test_every_coactive_pair_kept_takes_the_closed_form_and_equals_the_tiles(dtype, one_row_on_all):
+    """Positive values and k above the co-active pairs: every co-active pair of the block is kept,
+    and the moved rows' gradient is g·(A_H's row sums − A_H) (the pairs that never co-fire, none
+    when one token is on every latent of the block and a few otherwise, never meet in a moved
+    row). It equals the tiles' and the selection's."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(dtype, signed=False)
+    if one_row_on_all:
+        rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+        vals = [values[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+        everything = torch.unique(indices)
+        at = int(torch.randint(0, len(rows) + 1, ()))
+        rows.insert(at, everything)
+        vals.insert(at, (torch.rand(everything.numel(), dtype=torch.float64) + 0.05).to(dtype))
+        lengths = torch.tensor([r.numel() for r in rows])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        indices, values = torch.cat(rows), torch.cat(vals)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u,
+                                                                                         BIG_K)
+    assert float(kth) == 0 and tie_cut == -1 and width > 0
+    assert (2 * in_block == width * (width - 1)) == one_row_on_all
+    closed = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, 0.0, -1, width, in_block,
+                                                 live_end=live_end)
+    tiles = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, 0.0, -1, width, in_block,
+                                                product="dense", live_end=live_end)
+    want_total, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, BIG_K)
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
+    scale = max(1.0, float(want_grad.abs().max()))
+    torch.testing.assert_close(closed, want_grad, rtol=eps, atol=eps * scale)
+    torch.testing.assert_close(tiles, want_grad, rtol=eps, atol=eps * scale)
+
+
 def staircase_pairs(live_end: torch.Tensor) -> int:
     """Pairs (p, q) with p < q < live_end[p]: what the block sums."""
     return int((live_end - torch.arange(live_end.numel()) - 1).clamp_min(0).sum())
