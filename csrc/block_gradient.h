@@ -17,15 +17,12 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "recomputed_block.h"
+#include "simd512.h"
 
 namespace aosae {
 
@@ -48,28 +45,29 @@ void add_product_plain(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, co
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// 16 columns × 8 rows of prod held in registers while every x is added
-__attribute__((target("avx512f"))) inline void add_product_avx512(const float* coefs, int64_t h, int64_t x0,
-                                                                  int64_t x1, const float* m, int64_t ld, int64_t c0,
-                                                                  int64_t c1, float* prod, int64_t width) {
-  for (int64_t c = c0; c < c1; c += 16) {
-    const __mmask16 mask = c + 16 <= c1 ? __mmask16(0xFFFF) : __mmask16((1u << (c1 - c)) - 1);
+// a register of columns × 8 rows of prod held in registers while every x is added
+template <typename acc_t>
+__attribute__((target("avx512f"))) void add_product_avx512(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1,
+                                                           const acc_t* m, int64_t ld, int64_t c0, int64_t c1,
+                                                           acc_t* prod, int64_t width) {
+  using S = Simd512<acc_t>;
+  for (int64_t c = c0; c < c1; c += S::kLanes) {
+    const auto mask = S::first(c1 - c);
     for (int64_t r0 = 0; r0 < h; r0 += 8) {
       const int64_t nr = std::min<int64_t>(8, h - r0);
-      __m512 acc[8];
+      typename S::V acc[8];
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j)
-        acc[j] = j < nr ? _mm512_maskz_loadu_ps(mask, prod + (r0 + j) * width + c) : _mm512_setzero_ps();
+      for (int j = 0; j < 8; ++j) acc[j] = j < nr ? S::load(mask, prod + (r0 + j) * width + c) : S::zero();
       for (int64_t x = x0; x < x1; ++x) {
-        const __m512 mv = _mm512_maskz_loadu_ps(mask, m + (x - x0) * ld + (c - c0));
-        const float* cf = coefs + x * h + r0;
+        const auto mv = S::load(mask, m + (x - x0) * ld + (c - c0));
+        const acc_t* cf = coefs + x * h + r0;
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j)
-          if (j < nr) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(cf[j]), mv, acc[j]);
+          if (j < nr) acc[j] = S::fmadd(S::set1(cf[j]), mv, acc[j]);
       }
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j)
-        if (j < nr) _mm512_mask_storeu_ps(prod + (r0 + j) * width + c, mask, acc[j]);
+        if (j < nr) S::store(prod + (r0 + j) * width + c, mask, acc[j]);
     }
   }
 }
@@ -79,10 +77,8 @@ template <typename acc_t>
 void add_product(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
                  int64_t c1, acc_t* prod, int64_t width) {
 #if defined(__x86_64__) || defined(__i386__)
-  if constexpr (std::is_same<acc_t, float>::value) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f");
-    if (avx512) return add_product_avx512(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
-  }
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return add_product_avx512<acc_t>(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
 #endif
   add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
 }

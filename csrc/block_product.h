@@ -22,9 +22,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "simd512.h"
 
 namespace aosae {
 
@@ -56,72 +54,38 @@ __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const ac
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx512f"))) inline void tile_avx512(const float* a, const float* coefs, int64_t h, int64_t u,
-                                                           int64_t p0, int64_t p1, int64_t q0, int64_t q1, float* out,
-                                                           int64_t ld) {
+template <typename acc_t>
+__attribute__((target("avx512f"))) void tile_avx512(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0,
+                                                    int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) {
+  using S = Simd512<acc_t>;
+  constexpr int64_t L = S::kLanes;
   int64_t q = q0;
-  for (; q + 64 <= q1; q += 64) {
+  for (; q + 4 * L <= q1; q += 4 * L) {
     for (int64_t p = p0; p < p1; ++p) {
-      const float* coef = coefs + p * h;
-      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+      const acc_t* coef = coefs + p * h;
+      auto s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
       for (int64_t r = 0; r < h; ++r) {
-        const __m512 c = _mm512_set1_ps(coef[r]);
-        const float* ar = a + r * u + q;
-        s0 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar), s0);
-        s1 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 16), s1);
-        s2 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 32), s2);
-        s3 = _mm512_fmadd_ps(c, _mm512_loadu_ps(ar + 48), s3);
+        const auto c = S::set1(coef[r]);
+        const acc_t* ar = a + r * u + q;
+        s0 = S::fmadd(c, S::load(ar), s0);
+        s1 = S::fmadd(c, S::load(ar + L), s1);
+        s2 = S::fmadd(c, S::load(ar + 2 * L), s2);
+        s3 = S::fmadd(c, S::load(ar + 3 * L), s3);
       }
-      float* o = out + (p - p0) * ld + (q - q0);
-      _mm512_storeu_ps(o, s0);
-      _mm512_storeu_ps(o + 16, s1);
-      _mm512_storeu_ps(o + 32, s2);
-      _mm512_storeu_ps(o + 48, s3);
+      acc_t* o = out + (p - p0) * ld + (q - q0);
+      S::store(o, s0);
+      S::store(o + L, s1);
+      S::store(o + 2 * L, s2);
+      S::store(o + 3 * L, s3);
     }
   }
-  for (; q < q1; q += 16) {  // the last columns, 16 (or fewer, masked) at a time
-    const __mmask16 mask = q + 16 <= q1 ? __mmask16(0xFFFF) : __mmask16((1u << (q1 - q)) - 1);
+  for (; q < q1; q += L) {  // the last columns, a register (or fewer lanes, masked) at a time
+    const auto mask = S::first(q1 - q);
     for (int64_t p = p0; p < p1; ++p) {
-      const float* coef = coefs + p * h;
-      __m512 s = _mm512_setzero_ps();
-      for (int64_t r = 0; r < h; ++r)
-        s = _mm512_fmadd_ps(_mm512_set1_ps(coef[r]), _mm512_maskz_loadu_ps(mask, a + r * u + q), s);
-      _mm512_mask_storeu_ps(out + (p - p0) * ld + (q - q0), mask, s);
-    }
-  }
-}
-
-__attribute__((target("avx512f"))) inline void tile_avx512(const double* a, const double* coefs, int64_t h, int64_t u,
-                                                           int64_t p0, int64_t p1, int64_t q0, int64_t q1, double* out,
-                                                           int64_t ld) {
-  int64_t q = q0;
-  for (; q + 32 <= q1; q += 32) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const double* coef = coefs + p * h;
-      __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd(), s3 = _mm512_setzero_pd();
-      for (int64_t r = 0; r < h; ++r) {
-        const __m512d c = _mm512_set1_pd(coef[r]);
-        const double* ar = a + r * u + q;
-        s0 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar), s0);
-        s1 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 8), s1);
-        s2 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 16), s2);
-        s3 = _mm512_fmadd_pd(c, _mm512_loadu_pd(ar + 24), s3);
-      }
-      double* o = out + (p - p0) * ld + (q - q0);
-      _mm512_storeu_pd(o, s0);
-      _mm512_storeu_pd(o + 8, s1);
-      _mm512_storeu_pd(o + 16, s2);
-      _mm512_storeu_pd(o + 24, s3);
-    }
-  }
-  for (; q < q1; q += 8) {
-    const __mmask8 mask = q + 8 <= q1 ? __mmask8(0xFF) : __mmask8((1u << (q1 - q)) - 1);
-    for (int64_t p = p0; p < p1; ++p) {
-      const double* coef = coefs + p * h;
-      __m512d s = _mm512_setzero_pd();
-      for (int64_t r = 0; r < h; ++r)
-        s = _mm512_fmadd_pd(_mm512_set1_pd(coef[r]), _mm512_maskz_loadu_pd(mask, a + r * u + q), s);
-      _mm512_mask_storeu_pd(out + (p - p0) * ld + (q - q0), mask, s);
+      const acc_t* coef = coefs + p * h;
+      auto s = S::zero();
+      for (int64_t r = 0; r < h; ++r) s = S::fmadd(S::set1(coef[r]), S::load(mask, a + r * u + q), s);
+      S::store(out + (p - p0) * ld + (q - q0), mask, s);
     }
   }
 }
@@ -148,7 +112,7 @@ template <typename acc_t>
 TileKernel<acc_t> tile_kernel() {
 #if defined(__x86_64__) || defined(__i386__)
   static const TileKernel<acc_t> kernel =
-      __builtin_cpu_supports("avx512f")                                   ? static_cast<TileKernel<acc_t>>(tile_avx512)
+      __builtin_cpu_supports("avx512f")                                   ? tile_avx512<acc_t>
       : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tile_avx2<acc_t>
                                                                           : tile_default<acc_t>;
   return kernel;

@@ -52,6 +52,22 @@ int num_threads() {
 
 // Indices in range and strictly increasing inside each row (a duplicate latent in one row would
 // double count its pairs).
+void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int64_t nnz);
+
+// CSR rows' pointers, checked.
+template <typename acc_t>
+struct Rows {
+  int64_t m, nnz;
+  const int64_t* rp;
+  const int64_t* cp;
+  const acc_t* vp;
+  Rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n)
+      : m(row_ptr.size(0) - 1), nnz(cols.size(0)), rp(row_ptr.data_ptr<int64_t>()), cp(cols.data_ptr<int64_t>()),
+        vp(vals.data_ptr<acc_t>()) {
+    check_rows(rp, cp, m, n, nnz);
+  }
+};
+
 void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int64_t nnz) {
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse gram_topk: row_ptr must start at 0 and end at nnz = ", nnz);
   int64_t bad_row = -1;
@@ -79,14 +95,10 @@ template <typename acc_t>
 std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
     const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n, int64_t k, bool cosine, bool pad,
     bool ordered = true, const int64_t* ids = nullptr, Tensor* id_rows = nullptr, Tensor* id_cols = nullptr) {
-  const int64_t m = row_ptr_t.size(0) - 1;
-  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
-  const int64_t* cp = cols_t.data_ptr<int64_t>();
-  const acc_t* vp = vals_t.data_ptr<acc_t>();
-  const int64_t nnz = cols_t.size(0);
-  check_rows(rp, cp, m, n, nnz);
+  const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
   const int threads = num_threads();
-  const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, cosine, threads);
+  const aosae::CoactivePairs<acc_t> summed =
+      aosae::coactive_pairs<acc_t>(x.rp, x.cp, x.vp, x.m, n, x.nnz, cosine, threads);
   const std::vector<int64_t>& hist_total = summed.hist_total;
   const int64_t nonzero_pairs = summed.nonzero_pairs;
   // Select: the histogram names the bin of the k-th best |C|; pairs above it are kept, and
@@ -110,12 +122,11 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
                                    int64_t k, double bracket, int64_t sample_step) {
-  const int64_t m = row_ptr_t.size(0) - 1;
-  const int64_t* rp = row_ptr_t.data_ptr<int64_t>();
-  const int64_t* cp = cols_t.data_ptr<int64_t>();
-  const acc_t* vp = vals_t.data_ptr<acc_t>();
-  const int64_t nnz = cols_t.size(0);
-  check_rows(rp, cp, m, n, nnz);
+  const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
+  const int64_t m = x.m, nnz = x.nnz;
+  const int64_t* rp = x.rp;
+  const int64_t* cp = x.cp;
+  const acc_t* vp = x.vp;
   const int threads = num_threads();
   std::optional<aosae::NormOrder<acc_t>> order;
   if (aosae::all_positive(vp, nnz)) {

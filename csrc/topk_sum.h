@@ -30,14 +30,11 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "block_staircase.h"
 #include "coactive_pairs.h"
 #include "norm_order.h"
 #include "pair_select.h"
+#include "simd512.h"
 
 namespace aosae {
 
@@ -128,62 +125,41 @@ RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// 16 scores per step, masks instead of branches; the sum in two float64 registers (lane order fixed)
-__attribute__((target("avx512f"))) inline RowTally<float> tally_avx512(const float* v, int64_t len, float lo, float hi,
-                                                                       std::vector<int64_t>& inside) {
-  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi), zero = _mm512_setzero_ps();
-  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+// A register of scores per step, masks instead of branches; the sum in float64 registers (float:
+// the low and high halves apart), lane order fixed
+template <typename acc_t>
+__attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, int64_t len, acc_t lo, acc_t hi,
+                                                                std::vector<int64_t>& inside) {
+  using S = Simd512<acc_t>;
+  constexpr int64_t L = S::kLanes;
+  const auto vlo = S::set1(lo), vhi = S::set1(hi), zero = S::zero();
   __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
-  __m512 lowest = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  auto lowest = S::set1(std::numeric_limits<acc_t>::infinity());
   int64_t count = 0;
-  for (int64_t q = 0; q < len; q += 16) {
-    const __mmask16 valid = q + 16 <= len ? __mmask16(0xFFFF) : __mmask16((1u << (len - q)) - 1);
-    const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(valid, v + q)), magnitude));
-    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(valid, a, zero, _CMP_NEQ_UQ);  // (NaN: above)
-    const __mmask16 above = _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_NLT_UQ);
-    __mmask16 in = _mm512_mask_cmp_ps_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_ps_mask(nonzero, a, vhi, _CMP_LT_OQ);
-    const __m256 a_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
-    sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
-    sum1 = _mm512_mask_add_pd(sum1, __mmask8(above >> 8), sum1, _mm512_cvtps_pd(a_hi));
+  for (int64_t q = 0; q < len; q += L) {
+    const auto valid = S::first(len - q);
+    const auto a = S::abs(S::load(valid, v + q));
+    const auto nonzero = S::template compare<_CMP_NEQ_UQ>(valid, a, zero);  // (NaN: above)
+    const auto above = S::template compare<_CMP_NLT_UQ>(nonzero, a, vhi);
+    auto in = S::template compare<_CMP_GE_OQ>(nonzero, a, vlo) & S::template compare<_CMP_LT_OQ>(nonzero, a, vhi);
+    if constexpr (std::is_same<acc_t, float>::value) {
+      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
+      sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+      sum1 = _mm512_mask_add_pd(sum1, __mmask8(above >> 8), sum1, _mm512_cvtps_pd(high));
+    } else {
+      sum0 = _mm512_mask_add_pd(sum0, above, sum0, a);
+    }
     count += __builtin_popcount(above);
-    lowest = _mm512_mask_min_ps(lowest, above, lowest, a);
+    lowest = S::min(lowest, above, lowest, a);
     while (in) {
       inside.push_back(q + __builtin_ctz(in));
-      in = __mmask16(in & (in - 1));
+      in = decltype(in)(in & (in - 1));
     }
   }
-  RowTally<float> t;
+  RowTally<acc_t> t;
   t.total = _mm512_reduce_add_pd(sum0) + _mm512_reduce_add_pd(sum1);
   t.count = count;
-  t.lowest = _mm512_reduce_min_ps(lowest);
-  return t;
-}
-
-__attribute__((target("avx512f"))) inline RowTally<double> tally_avx512(const double* v, int64_t len, double lo,
-                                                                        double hi, std::vector<int64_t>& inside) {
-  const __m512d vlo = _mm512_set1_pd(lo), vhi = _mm512_set1_pd(hi), zero = _mm512_setzero_pd();
-  const __m512i magnitude = _mm512_set1_epi64(0x7fffffffffffffffLL);
-  __m512d sum = _mm512_setzero_pd();
-  __m512d lowest = _mm512_set1_pd(std::numeric_limits<double>::infinity());
-  int64_t count = 0;
-  for (int64_t q = 0; q < len; q += 8) {
-    const __mmask8 valid = q + 8 <= len ? __mmask8(0xFF) : __mmask8((1u << (len - q)) - 1);
-    const __m512d a = _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(_mm512_maskz_loadu_pd(valid, v + q)), magnitude));
-    const __mmask8 nonzero = _mm512_mask_cmp_pd_mask(valid, a, zero, _CMP_NEQ_UQ);  // (NaN: above)
-    const __mmask8 above = _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_NLT_UQ);
-    __mmask8 in = _mm512_mask_cmp_pd_mask(nonzero, a, vlo, _CMP_GE_OQ) & _mm512_mask_cmp_pd_mask(nonzero, a, vhi, _CMP_LT_OQ);
-    sum = _mm512_mask_add_pd(sum, above, sum, a);
-    count += __builtin_popcount(above);
-    lowest = _mm512_mask_min_pd(lowest, above, lowest, a);
-    while (in) {
-      inside.push_back(q + __builtin_ctz(in));
-      in = __mmask8(in & (in - 1));
-    }
-  }
-  RowTally<double> t;
-  t.total = _mm512_reduce_add_pd(sum);
-  t.count = count;
-  t.lowest = _mm512_reduce_min_pd(lowest);
+  t.lowest = S::reduce_min(lowest);
   return t;
 }
 #endif
@@ -192,7 +168,7 @@ template <typename acc_t>
 RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return tally_avx512(v, len, lo, hi, inside);
+  if (avx512) return tally_avx512<acc_t>(v, len, lo, hi, inside);
 #endif
   return tally_plain(v, len, lo, hi, inside);
 }
