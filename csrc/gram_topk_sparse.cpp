@@ -52,22 +52,6 @@ int num_threads() {
 
 // Indices in range and strictly increasing inside each row (a duplicate latent in one row would
 // double count its pairs).
-void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int64_t nnz);
-
-// CSR rows' pointers, checked.
-template <typename acc_t>
-struct Rows {
-  int64_t m, nnz;
-  const int64_t* rp;
-  const int64_t* cp;
-  const acc_t* vp;
-  Rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n)
-      : m(row_ptr.size(0) - 1), nnz(cols.size(0)), rp(row_ptr.data_ptr<int64_t>()), cp(cols.data_ptr<int64_t>()),
-        vp(vals.data_ptr<acc_t>()) {
-    check_rows(rp, cp, m, n, nnz);
-  }
-};
-
 void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int64_t nnz) {
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse gram_topk: row_ptr must start at 0 and end at nnz = ", nnz);
   int64_t bad_row = -1;
@@ -84,6 +68,20 @@ void check_rows(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n, int6
               " has a latent index out of [0, n) or its indices are not strictly increasing "
               "(duplicates are not allowed)");
 }
+
+// CSR rows' pointers, checked.
+template <typename acc_t>
+struct Rows {
+  int64_t m, nnz;
+  const int64_t* rp;
+  const int64_t* cp;
+  const acc_t* vp;
+  Rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n)
+      : m(row_ptr.size(0) - 1), nnz(cols.size(0)), rp(row_ptr.data_ptr<int64_t>()), cp(cols.data_ptr<int64_t>()),
+        vp(vals.data_ptr<acc_t>()) {
+    check_rows(rp, cp, m, n, nnz);
+  }
+};
 
 void trim_scratch() {
   aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);

@@ -73,12 +73,18 @@ struct KthCut {
   int64_t tie_cut;
 };
 
+// The need-th best |value| among candidates (1 <= need <= their number).
 template <typename acc_t, typename ForEach>
-KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
+acc_t kth_magnitude(ForEach&& for_each, int64_t need) {
   std::vector<acc_t> magnitudes;
   for_each([&](const Candidate<acc_t>& c) { magnitudes.push_back(std::abs(c.value)); });
   std::nth_element(magnitudes.begin(), magnitudes.begin() + (need - 1), magnitudes.end(), std::greater<acc_t>());
-  const acc_t kth = magnitudes[need - 1];
+  return magnitudes[need - 1];
+}
+
+template <typename acc_t, typename ForEach>
+KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
+  const acc_t kth = kth_magnitude<acc_t>(for_each, need);
   int64_t greater = 0;
   std::vector<int64_t> tie_keys;
   for_each([&](const Candidate<acc_t>& c) {

@@ -94,11 +94,14 @@ class RecomputedBlock {
   // out[(p - p0)·ld + q - q0] = score (p, q), p in [p0, p1), q in [q0, q1)
   void tile(int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) const {
     block_tile(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p0, p1, q0, q1, out, ld);
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t e = corr_start_[p]; e < corr_start_[p + 1]; ++e) {
-        const int64_t q = corr_col_[e];
-        if (q >= q0 && q < q1) out[(p - p0) * ld + q - q0] = out[(p - p0) * ld + q - q0] + corr_val_[e];
+    for (int64_t p = p0; p < p1; ++p) {  // a row's corrections are by column: only those in [q0, q1)
+      const auto last = corr_col_.begin() + corr_start_[p + 1];
+      for (auto e = std::lower_bound(corr_col_.begin() + corr_start_[p], last, static_cast<int32_t>(q0));
+           e != last && *e < q1; ++e) {
+        acc_t& v = out[(p - p0) * ld + *e - q0];
+        v = v + corr_val_[e - corr_col_.begin()];
       }
+    }
   }
 
   // out[q - q0] = score (p, q), q in [q0, q1)

@@ -38,15 +38,17 @@ inline int selection_thread() {
 // among them (need >= 1 when there are any): take(candidate) for each, ties at it included.
 template <typename acc_t, typename Take>
 void for_each_at_least_kth(const std::vector<std::vector<Candidate<acc_t>>>& parts, int64_t need, Take&& take) {
-  std::vector<acc_t> magnitudes;
-  for (const auto& part : parts)
-    for (const auto& c : part) magnitudes.push_back(std::abs(c.value));
-  if (magnitudes.empty()) return;
-  std::nth_element(magnitudes.begin(), magnitudes.begin() + (need - 1), magnitudes.end(), std::greater<acc_t>());
-  const acc_t kth = magnitudes[need - 1];
-  for (const auto& part : parts)
-    for (const auto& c : part)
-      if (std::abs(c.value) >= kth) take(c);
+  auto each = [&](auto&& f) {
+    for (const auto& part : parts)
+      for (const auto& c : part) f(c);
+  };
+  bool any = false;
+  for (const auto& part : parts) any |= !part.empty();
+  if (!any) return;
+  const acc_t kth = kth_magnitude<acc_t>(each, need);
+  each([&](const Candidate<acc_t>& c) {
+    if (std::abs(c.value) >= kth) take(c);
+  });
 }
 
 template <typename acc_t, typename PairsOf, typename Release>
