@@ -203,7 +203,7 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.sae import SparseAutoencoder
     from aosae.nn.tau import AdaptiveTau
-    from aosae.training.step import SAEObjective
+    from aosae.training.step import SAEObjective, make_optimizer
 
     torch.manual_seed(0)  # both arms start from the same weights
     with torch.device(cfg.device):  # initialised on the GPU: 151 M weights at d_sae 65536 take seconds on the CPU
@@ -214,7 +214,7 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
         with torch.no_grad():
             pre = sae.pre_activations(x[:2048])
             sae.b_enc.sub_(pre.topk(max(1, round(pre.shape[0] * cfg.top_k / d_sae)), dim=0).values[-1])
-    opt = torch.optim.AdamW(sae.parameters(), lr=4e-4)
+    opt = make_optimizer(sae.parameters(), 4e-4)  # the trainer's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return SAEObjective(sae, opt, sched, 0.04, TopKOrthoLoss(0.005) if penalty else None, AdaptiveTau())
 
@@ -381,6 +381,7 @@ def coding_step_rows(S, d_sae):
     except ImportError as err:
         return [dict(backend="aosae sparse", skipped=f"aosae.ops.sparse_coding is not in this tree ({err})")]
     from aosae.nn.sae import SparseAutoencoder
+    from aosae.training.step import make_optimizer
 
     cfg, dev, k = S.cfg, S.cfg.device, S.cfg.top_k
     g = torch.Generator(device=dev).manual_seed(0)
@@ -409,7 +410,7 @@ def coding_step_rows(S, d_sae):
 
     total = cfg.step_warmup + cfg.step_rounds + 2
     order = torch.randint(0, x.shape[0], (total, cfg.B), generator=g, device=dev)
-    opt = torch.optim.AdamW(params, lr=4e-4)
+    opt = make_optimizer(params, 4e-4)
     arms, cursor, out = {}, {}, []
 
     def make_step(name, loss_fn, optimizer):
@@ -441,7 +442,7 @@ def coding_step_rows(S, d_sae):
 
         torch.manual_seed(0)
         coder = SparseCoder(cfg.d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=dev)
-        arms["sparsify"] = make_step("sparsify", lambda xb: coder(xb).fvu, torch.optim.AdamW(coder.parameters(), lr=4e-4))
+        arms["sparsify"] = make_step("sparsify", lambda xb: coder(xb).fvu, make_optimizer(coder.parameters(), 4e-4))
     except Exception as err:  # not installed, or it fails here: the other arms still run
         out.append(dict(backend="sparsify", skipped=reason(err)))
     res = S.time_arms(arms, cfg.step_warmup, cfg.step_rounds)

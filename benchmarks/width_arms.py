@@ -46,9 +46,9 @@ def aosae_objective(sae, penalty: bool):
     import torch
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.tau import AdaptiveTau
-    from aosae.training.step import SAEObjective
+    from aosae.training.step import SAEObjective, make_optimizer
 
-    opt = torch.optim.AdamW(sae.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)  # the trainer's
+    opt = make_optimizer(sae.parameters(), LR)  # the trainer's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return SAEObjective(sae, opt, sched, L1_COEFF, TopKOrthoLoss(FRACTION) if penalty else None, AdaptiveTau())
 
@@ -76,13 +76,14 @@ def make_sparsify(sae):
 
 
 class SparsifyStep:
-    """One step of sparsify's trainer (sparsify/trainer.py, fvu loss, one micro-batch), with AdamW."""
+    """One step of sparsify's trainer (sparsify/trainer.py, fvu loss, one micro-batch), with the
+    AdamW of aosae's arms (torch's fused kernel): the same optimiser on both sides."""
 
     def __init__(self, coder):
-        import torch
+        from aosae.training.step import make_optimizer
 
         self.coder = coder
-        self.opt = torch.optim.AdamW(coder.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+        self.opt = make_optimizer(coder.parameters(), LR)
 
     def __call__(self, x):
         self.coder.set_decoder_norm_to_unit_norm()

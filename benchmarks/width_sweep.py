@@ -1,7 +1,8 @@
 """SAE step time and peak memory across widths: aosae's TopK step against EleutherAI sparsify's
 SparseCoder, the penalty's cost on that step, and BatchTopK against TopK (issue 20).
 
-Arms (TopK k = 64, fp32, AdamW lr 4e-4 without weight decay, the same batches for every arm):
+Arms (TopK k = 64, fp32, AdamW lr 4e-4 without weight decay (torch's fused kernel, the trainer's
+aosae.training.step.make_optimizer, for every arm), the same batches for every arm):
   aosae-topk, aosae-topk+penalty        SAEObjective, the trainer's step (TopKOrthoLoss(0.005) or none)
   aosae-batchtopk, aosae-batchtopk+penalty   the same with activation "batchtopk" (when aosae has it)
   sparsify-topk                         sparsify's SparseCoder stepped as its trainer does (unit-norm
@@ -125,13 +126,15 @@ def available(args) -> list[str]:
 def estimate_gib(name: str, width: int, batch: int, d_in: int, k: int) -> tuple[float, float]:
     """A generous guess of an arm's memory, GiB: (held between steps, extra during a step).
     Held: the process (~0.4 GiB) and 4 copies of the weights (weights, gradients, AdamW's two
-    moments); during a step: six [B, n] fp32 tensors (a dense TopK step's peak) and the co-active
-    pairs of the penalty (value, row, col; a few copies)."""
+    moments); during a step: [B, n] fp32 tensors (aosae's sparse step: the pre-activations and its
+    selection's masks, two in all: measured 1.7 at d_sae 262144; sparsify: six, a dense step's
+    peak) and the co-active pairs of the penalty (value, row, col; a few copies)."""
     if name == "floor-encoder-gemm":
         return 0.4 + d_in * width * 4 / 2**30, batch * width * 4 / 2**30
     params = (2 * width * d_in + width + d_in) * 4
     pairs = batch * k * k // 2 * 24 if name.endswith("+penalty") else 0
-    return 0.4 + 4 * params / 2**30, (6 * batch * width * 4 + 4 * pairs) / 2**30
+    dense = 6 if name.startswith("sparsify") else 2
+    return 0.4 + 4 * params / 2**30, (dense * batch * width * 4 + 4 * pairs) / 2**30
 
 
 def launch_cap(args) -> float:
@@ -295,7 +298,7 @@ def sweep(args) -> list[dict]:
     arms = available(args)
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
              "date": machine.today(), "threads": args.threads, "commit": git_commit(), "k": args.k,
-             "optimizer": f"AdamW lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION,
+             "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION,
              "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     all_rows: list[dict] = []

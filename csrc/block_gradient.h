@@ -5,8 +5,10 @@
 // G_U is symmetric with G[p, q] (p < q < live_end[p]) = ±g where the pair is kept, else 0. Per tile
 // of 16 block rows × 256 columns (in L1): the scores recomputed (csrc/recomputed_block.h), turned
 // into gradients, and both halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
-// the tile, prod[:, p] += Σ_q A_H[:, q]·G[p, q] from its transpose. The panels and BLAS GEMMs this
-// replaces wrote 1 GB of G_U at d_sae 262144 mid-training and packed it twice more.
+// the tile's columns, prod[:, p] += Σ_q A_H[:, q]·G[p, q] as dot products along the tile's rows
+// (with A_H transposed once: no transpose of the tile, which took a fifth of the backward; its
+// partial sums kept per lane across a panel's tiles and added up once per panel). The panels and
+// BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae 262144 mid-training and packed it twice more.
 // Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod.
 
 #pragma once
@@ -14,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -83,6 +86,66 @@ void add_product(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const ac
   add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
 }
 
+// The partial sums of the rows' half: lanes[(x·h + r)·L + l] += Σ_{q in [q0, q1), q − q0 ≡ l (mod L)}
+// m[x·ld + q − q0] · coefs_t[r·width + q], x < rows, r < h; L = lanes<acc_t>. Every path adds in
+// the same order (each lane's q ascending), so the sums do not depend on the vector width.
+template <typename acc_t>
+constexpr int64_t lanes() {
+  return 64 / static_cast<int64_t>(sizeof(acc_t));  // an AVX-512 register
+}
+
+template <typename acc_t>
+void add_row_dots_plain(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, const acc_t* m, int64_t ld,
+                        int64_t q0, int64_t q1, acc_t* sums) {
+  constexpr int64_t L = lanes<acc_t>();
+  for (int64_t x = 0; x < rows; ++x)
+    for (int64_t r = 0; r < h; ++r) {
+      acc_t* out = sums + (x * h + r) * L;
+      const acc_t* c = coefs_t + r * width;
+      for (int64_t q = q0; q < q1; ++q) out[(q - q0) % L] = std::fma(m[x * ld + q - q0], c[q], out[(q - q0) % L]);
+    }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// a row's gradients loaded once per register of columns, 8 rows of A_H's partial sums in registers
+template <typename acc_t>
+__attribute__((target("avx512f"))) void add_row_dots_avx512(const acc_t* coefs_t, int64_t h, int64_t width,
+                                                            int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
+                                                            int64_t q1, acc_t* sums) {
+  using S = Simd512<acc_t>;
+  constexpr int64_t L = S::kLanes;
+  static_assert(L == lanes<acc_t>(), "a lane per element of an AVX-512 register");
+  for (int64_t x = 0; x < rows; ++x)
+    for (int64_t r0 = 0; r0 < h; r0 += 8) {
+      const int64_t nr = std::min<int64_t>(8, h - r0);
+      acc_t* out = sums + (x * h + r0) * L;
+      typename S::V acc[8];
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = j < nr ? S::load(out + j * L) : S::zero();
+      for (int64_t q = q0; q < q1; q += L) {
+        const auto mask = S::first(q1 - q);
+        const auto g = S::load(mask, m + x * ld + (q - q0));
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j)
+          if (j < nr) acc[j] = S::fmadd(g, S::load(mask, coefs_t + (r0 + j) * width + q), acc[j]);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j)
+        if (j < nr) S::store(out + j * L, acc[j]);
+    }
+}
+#endif
+
+template <typename acc_t>
+void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
+                  int64_t q1, acc_t* sums) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512) return add_row_dots_avx512<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums);
+#endif
+  add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);
+}
+
 }  // namespace block_gradient_detail
 
 // A_H · G_U [h, width] for the block rows [0, extent) (row p's pairs: q in (p, row_end(p))).
@@ -92,7 +155,11 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
                              ToGradients&& to_gradients, int threads) {
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
-  const acc_t* coefs = scores.coefficients();
+  const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
+  std::vector<acc_t> coefs_t(static_cast<size_t>(h * width));  // [h, width]: A_H's rows
+  for (int64_t p = 0; p < width; ++p)
+    for (int64_t r = 0; r < h; ++r) coefs_t[r * width + p] = coefs[p * h + r];
+  constexpr int64_t L = d::lanes<acc_t>();
   std::vector<std::vector<acc_t>> copies(threads);
   const int64_t panels = (extent + d::kTileRows - 1) / d::kTileRows;
 #pragma omp parallel num_threads(threads)
@@ -103,11 +170,12 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
     std::vector<acc_t>& prod = copies[0];
 #endif
     prod.assign(h * width, acc_t(0));
-    std::vector<acc_t> tile(d::kTileRows * d::kTileCols), flipped(d::kTileCols * d::kTileRows);
+    std::vector<acc_t> tile(d::kTileRows * d::kTileCols), sums(d::kTileRows * h * L);
 #pragma omp for schedule(static, 1)  // panels dealt round-robin: the same split every call
     for (int64_t panel = 0; panel < panels; ++panel) {
       const int64_t p0 = panel * d::kTileRows, p1 = std::min(extent, p0 + d::kTileRows), rows = p1 - p0;
       const int64_t end = std::max(row_end(p0), p1);  // the panel's widest row (ends do not grow)
+      std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t q0 = p0 + 1; q0 < end; q0 += d::kTileCols) {
         const int64_t q1 = std::min(end, q0 + d::kTileCols), cols = q1 - q0;
         scores.tile(p0, p1, q0, q1, tile.data(), cols);
@@ -118,11 +186,15 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
           to_gradients(v + (lo - q0), hi - lo, p, lo);
           std::fill(v + (hi - q0), v + cols, acc_t(0));
         }
-        for (int64_t x = 0; x < rows; ++x)
-          for (int64_t y = 0; y < cols; ++y) flipped[y * rows + x] = tile[x * cols + y];
-        d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);      // prod[:, q] (columns)
-        d::add_product(coefs, h, q0, q1, flipped.data(), rows, p0, p1, prod.data(), width);  // prod[:, p] (rows)
+        d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);  // prod[:, q] (columns)
+        d::add_row_dots(coefs_t.data(), h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
       }
+      for (int64_t x = 0; x < rows; ++x)  // the rows' half: each lane's partial sum, in lane order
+        for (int64_t r = 0; r < h; ++r) {
+          acc_t total = 0;
+          for (int64_t l = 0; l < L; ++l) total += sums[(x * h + r) * L + l];
+          prod[r * width + p0 + x] += total;
+        }
     }
   }
   torch::Tensor out = torch::zeros({h, width}, torch::TensorOptions().dtype(scores.moved_rows_matrix().scalar_type()));

@@ -15,6 +15,8 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -63,22 +65,26 @@ class RecomputedBlock {
         corr_val_.resize(corr_start_[width_]);
       }
     }
-    // each row's corrections by column, stably (a column's own keep their order): at() finds its by bisection
-    std::vector<int64_t> idx;
-    std::vector<int32_t> col;
-    std::vector<acc_t> val;
-    for (int64_t p = 0; p < width_; ++p) {
-      const int64_t b = corr_start_[p], e = corr_start_[p + 1];
-      if (e - b < 2) continue;
-      idx.resize(e - b);
-      for (int64_t x = 0; x < e - b; ++x) idx[x] = b + x;
-      std::stable_sort(idx.begin(), idx.end(), [&](int64_t x, int64_t y) { return corr_col_[x] < corr_col_[y]; });
-      col.resize(e - b);
-      val.resize(e - b);
-      for (int64_t x = 0; x < e - b; ++x) col[x] = corr_col_[idx[x]], val[x] = corr_val_[idx[x]];
-      std::copy(col.begin(), col.end(), corr_col_.begin() + b);
-      std::copy(val.begin(), val.end(), corr_val_.begin() + b);
-    }
+    // each row's corrections by column, stably (a column's own keep their order): at() finds its
+    // by bisection. Rows apart in parallel; a key (column, place) sorts stably with std::sort.
+    at::parallel_for(0, width_, 64, [&](int64_t p_begin, int64_t p_end) {
+      std::vector<int64_t> keys;
+      std::vector<acc_t> val;
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t b = corr_start_[p], e = corr_start_[p + 1];
+        if (e - b < 2) continue;
+        keys.resize(e - b);
+        for (int64_t x = 0; x < e - b; ++x) keys[x] = (static_cast<int64_t>(corr_col_[b + x]) << 32) | x;
+        std::sort(keys.begin(), keys.end());
+        val.resize(e - b);
+        for (int64_t x = 0; x < e - b; ++x) {
+          const int64_t from = b + (keys[x] & 0xFFFFFFFF);
+          val[x] = corr_val_[from];
+        }
+        for (int64_t x = 0; x < e - b; ++x) corr_col_[b + x] = static_cast<int32_t>(keys[x] >> 32);
+        std::copy(val.begin(), val.end(), corr_val_.begin() + b);
+      }
+    });
   }
 
   int64_t width() const { return width_; }
@@ -109,7 +115,7 @@ class RecomputedBlock {
 
   // score (p, q) alone
   acc_t at(int64_t p, int64_t q) const {
-    acc_t v = block_entry(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q);
+    acc_t v = block_entry(coefs_.data(), h_, p, q);
     const auto first = corr_col_.begin() + corr_start_[p], last = corr_col_.begin() + corr_start_[p + 1];
     for (auto e = std::lower_bound(first, last, static_cast<int32_t>(q)); e != last && *e == q; ++e)
       v = v + corr_val_[e - corr_col_.begin()];

@@ -47,7 +47,7 @@ from aosae.training.checkpoints import folded_sae
 from aosae.training.config import TrainConfig
 from aosae.training.logging import make_logger
 from aosae.training.resume_checks import check_checkpoints_kept, check_config_fits_checkpoints, check_log_covers
-from aosae.training.step import SAEObjective
+from aosae.training.step import SAEObjective, make_optimizer
 
 EVAL_TOKENS = 8192
 EVAL_CHUNK = 4096
@@ -178,7 +178,7 @@ class Trainer:
         with torch.no_grad():
             self.sae.b_dec.copy_(ddp.all_reduce_mean(self.sae.b_dec.detach(), self.info))
         self.sae.to(self.device)
-        self.opt = torch.optim.AdamW(self.sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.opt = make_optimizer(self.sae.parameters(), cfg.lr)
         warm = cfg.warmup
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         from aosae.nn.penalties import RedundancyPenalty

@@ -88,6 +88,23 @@ def test_decoder_constraints():
     assert sae.W_dec.grad.norm() > 0.1
 
 
+@pytest.mark.parametrize("d_in", [12, 2**19 + 3])  # one block; on CPU one row per block (2²⁰ // d_in)
+def test_parallel_grads_removed_blockwise(d_in):
+    """Every row's gradient loses exactly its part along that row, whatever the blocks, a zero row
+    and rows of any norm included (float64 oracle of g − (g·w / ‖w‖²) w)."""
+    sae = make(d_in=d_in, d_sae=5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(5, 1) * 3 + 0.1)
+        sae.W_dec[2] = 0
+    grad = torch.randn(5, d_in)
+    sae.W_dec.grad = grad.clone()
+    sae.remove_parallel_grads_()
+    w, g = sae.W_dec.detach().double(), grad.double()
+    want = g - (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-24) * w
+    torch.testing.assert_close(sae.W_dec.grad.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.W_dec.grad[2], grad[2])  # a zero row has no direction to remove
+
+
 def test_geometric_median_init():
     sae = make(d_in=2, d_sae=4)
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
