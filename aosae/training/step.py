@@ -37,9 +37,43 @@ def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     d_in 576 its step took 1.2–1.7 s against the fused 0.18 s (benchmarks/NOTES.md, ninth pass)."""
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
+        return TransposedAdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
     except RuntimeError:  # a device or dtype the fused kernel does not take
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        return TransposedAdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+class TransposedAdamW(torch.optim.AdamW):
+    """torch's AdamW, with a matrix stored transposed (SparseAutoencoder.W_enc: [d_in, d_sae] over
+    a [d_sae, d_in] buffer, its gradient in the same layout) stepped through its transpose, which
+    is contiguous: AdamW is elementwise, and torch's fused CPU kernel copies a non-contiguous
+    tensor in and out every step (0.5 s of a 7 s step at d_sae 262144, d_in 576). The state is
+    torch's, in the parameter's layout; checkpoints load as AdamW's do."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # run with the parameters as the model sees them
+            with torch.enable_grad():
+                loss = closure()
+        flipped = [p for group in self.param_groups for p in group["params"]
+                   if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()]
+        for p in flipped:
+            self._transpose(p)
+        try:
+            super().step()
+        finally:
+            for p in flipped:
+                self._transpose(p)
+        return loss
+
+    def _transpose(self, p: torch.Tensor) -> None:
+        p.data = p.data.t()
+        if p.grad is not None:
+            p.grad = p.grad.t()
+        state = self.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if isinstance(state.get(key), torch.Tensor) and state[key].dim() == 2:
+                state[key] = state[key].t()
 
 
 class StepLosses(NamedTuple):

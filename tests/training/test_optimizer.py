@@ -1,0 +1,72 @@
+"""make_optimizer: torch's AdamW (fused where it can be), W_enc stepped through its contiguous transpose."""
+import copy
+
+import pytest
+import torch
+
+from aosae.nn.sae import SparseAutoencoder
+from aosae.training.step import TransposedAdamW, make_optimizer
+
+
+def _steps(sae, opt, steps=4, closure=False):
+    for i in range(steps):
+        x = torch.randn(16, sae.d_in, generator=torch.Generator().manual_seed(100 + i))
+
+        def loss_fn():
+            opt.zero_grad()
+            loss = sae(x).x_hat.sub(x).pow(2).sum()
+            loss.backward()
+            return loss
+
+        if closure:
+            opt.step(loss_fn)
+        else:
+            loss_fn()
+            opt.step()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("closure", [False, True])
+def test_the_same_steps_as_torch_adamw(fused, closure):
+    """Bit for bit torch's AdamW on an SAE whose W_enc is stored transposed; every tensor keeps
+    its layout (parameters, gradients, the moments)."""
+    torch.manual_seed(0)
+    sae = SparseAutoencoder.from_dims(24, 96, activation="topk", top_k=6)
+    assert not sae.W_enc.is_contiguous() and sae.W_enc.t().is_contiguous()  # the case this is for
+    ref = copy.deepcopy(sae)
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+    ours, theirs = TransposedAdamW(sae.parameters(), **kw), torch.optim.AdamW(ref.parameters(), **kw)
+    _steps(sae, ours, closure=closure)
+    _steps(ref, theirs, closure=closure)
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+        assert p.stride() == q.stride() and p.grad.stride() == q.grad.stride(), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = ours.state[p][key], theirs.state[q][key]
+            assert torch.equal(a, b) and a.stride() == b.stride(), (name, key)
+
+
+def test_resumes_from_its_state_dict():
+    """A run stopped, its optimiser state saved and loaded into a fresh one, continues exactly."""
+    torch.manual_seed(1)
+    sae = SparseAutoencoder.from_dims(16, 64, activation="relu")
+    whole = copy.deepcopy(sae)
+    opt_whole = make_optimizer(whole.parameters(), 1e-2)
+    _steps(whole, opt_whole, steps=6)
+    opt = make_optimizer(sae.parameters(), 1e-2)
+    _steps(sae, opt, steps=3)
+    resumed = copy.deepcopy(sae)
+    opt_resumed = make_optimizer(resumed.parameters(), 1e-2)
+    opt_resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for i in range(3, 6):  # the same batches as the whole run's last three
+        x = torch.randn(16, resumed.d_in, generator=torch.Generator().manual_seed(100 + i))
+        opt_resumed.zero_grad()
+        resumed(x).x_hat.sub(x).pow(2).sum().backward()
+        opt_resumed.step()
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_fused_where_torch_allows():
+    sae = SparseAutoencoder.from_dims(8, 32, activation="relu")
+    assert make_optimizer(sae.parameters(), 1e-3).param_groups[0]["fused"] is True
