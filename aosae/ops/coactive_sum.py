@@ -45,20 +45,26 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
     lengths = (offsets[1:] - offsets[:-1]).long()
     row_pairs = lengths * (lengths - 1) // 2
     best = int(row_pairs.sum())
-    if k is not None and (best <= k or int(row_pairs.max()) > k):  # a row's pairs are distinct: P > k
+    if indices.numel() == 0 or (k is not None and (best <= k or int(row_pairs.max()) > k)):  # (a row's pairs are distinct: P > k)
         return best
     row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
                                      output_size=indices.numel())
+    seen = torch.zeros(int(indices.max()) + 1, dtype=torch.bool, device=indices.device)
+
+    def distinct(idx: torch.Tensor) -> int:  # (a mark per latent: torch.unique sorted, 3.5 ms per call at nnz 131072)
+        seen.zero_()
+        return int(seen.index_fill_(0, idx, True).sum())
+
     for threshold in _DENSE_ROW_THRESHOLDS:
         dense = lengths >= threshold
         rest = int(row_pairs[~dense].sum())
         if not bool(dense.any()) or (k is not None and rest > k):  # (this tier cannot reach k)
             continue
-        u = torch.unique(indices[dense[row_of]]).numel()
+        u = distinct(indices[dense[row_of]])
         best = min(best, u * (u - 1) // 2 + rest)
         if k is not None and best <= k:
             return best
-    u = torch.unique(indices).numel()
+    u = distinct(indices)
     return min(best, u * (u - 1) // 2)
 
 
