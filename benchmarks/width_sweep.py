@@ -17,8 +17,9 @@ compares its arm with a float64 dense reference on the same weights (aosae: loss
 penalty included; sparsify: its reconstruction and gradients, its weights copied from aosae's
 SAE), then resets its peak RSS (VmHWM, /proc/self/clear_refs), so the peak reported is the
 training's alone (weights, optimiser, steps). Where every arm's memory fits --mem-budget-gib at
-once, the arms' processes stay alive together and take turns, one step each per round (order
-reversed every other round; ratios are per round); otherwise (the large widths) they run one at
+once (default: the memory free at the start less 4 GiB), the arms' processes stay alive together
+and take turns, one step each per round (order reversed every other round; ratios are per
+round); otherwise (the large widths) they run one at
 a time in blocks ABC…, …CBA, each block a fresh process with the same warm-up and fewer timed
 steps (--blocks-rounds; ratios of medians; the check runs in the first block).
 Reported: every timed step (median, quartiles, min, max: never the best alone), peak RSS, the
@@ -292,6 +293,9 @@ def git_commit() -> str:
 def sweep(args) -> list[dict]:
     import torch
 
+    if args.mem_budget_gib is None:
+        args.mem_budget_gib = max(2.0, mem_available_gib() - 4.0)
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import machine
 
@@ -376,8 +380,9 @@ def main() -> None:
     p.add_argument("--blocks-warmup", type=int, default=1, help="warm-up steps of each block (blocks mode)")
     p.add_argument("--blocks-rounds", type=int, default=4, help="timed steps per arm in blocks mode (split between blocks)")
     p.add_argument("--blocks", type=int, default=2, help="blocks ABC…, CBA… in blocks mode (rounds split between them)")
-    p.add_argument("--mem-budget-gib", type=float, default=14.0,
-                   help="arms run interleaved (all alive at once) when their estimated memory fits in this")
+    p.add_argument("--mem-budget-gib", type=float, default=None,
+                   help="arms run interleaved (all alive at once) when their estimated memory fits in this "
+                        "(default: the memory free at the start less 4 GiB)")
     p.add_argument("--worker-cap-gib", type=float, default=18.0, help="address-space data cap of one worker")
     p.add_argument("--trained-steps", type=int, default=0,
                    help="untimed steps each arm trains first (its own objective without the penalty, the same batches "

@@ -95,8 +95,9 @@ constexpr int64_t lanes() {
 }
 
 template <typename acc_t>
-void add_row_dots_plain(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, const acc_t* m, int64_t ld,
-                        int64_t q0, int64_t q1, acc_t* sums) {
+__attribute__((always_inline)) inline void add_row_dots_plain(const acc_t* coefs_t, int64_t h, int64_t width,
+                                                              int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
+                                                              int64_t q1, acc_t* sums) {
   constexpr int64_t L = lanes<acc_t>();
   for (int64_t x = 0; x < rows; ++x)
     for (int64_t r = 0; r < h; ++r) {
@@ -107,6 +108,13 @@ void add_row_dots_plain(const acc_t* coefs_t, int64_t h, int64_t width, int64_t 
 }
 
 #if defined(__x86_64__) || defined(__i386__)
+// without AVX-512: the same loop with std::fma as one instruction (the default target has none)
+template <typename acc_t>
+__attribute__((target("fma"))) void add_row_dots_fma(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows,
+                                                     const acc_t* m, int64_t ld, int64_t q0, int64_t q1, acc_t* sums) {
+  add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);
+}
+
 // a row's gradients loaded once per register of columns, 8 rows of A_H's partial sums in registers
 template <typename acc_t>
 __attribute__((target("avx512f"))) void add_row_dots_avx512(const acc_t* coefs_t, int64_t h, int64_t width,
@@ -140,8 +148,9 @@ template <typename acc_t>
 void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
                   int64_t q1, acc_t* sums) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512 = __builtin_cpu_supports("avx512f"), fma = __builtin_cpu_supports("fma");
   if (avx512) return add_row_dots_avx512<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums);
+  if (fma) return add_row_dots_fma<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums);
 #endif
   add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);
 }

@@ -73,6 +73,7 @@ class RecomputedBlock {
       for (int64_t p = p_begin; p < p_end; ++p) {
         const int64_t b = corr_start_[p], e = corr_start_[p + 1];
         if (e - b < 2) continue;
+        TORCH_CHECK(e - b < (int64_t(1) << 32), "RecomputedBlock: more than 2^32 corrections in one row");
         keys.resize(e - b);
         for (int64_t x = 0; x < e - b; ++x) keys[x] = (static_cast<int64_t>(corr_col_[b + x]) << 32) | x;
         std::sort(keys.begin(), keys.end());

@@ -190,7 +190,8 @@ void tally_row(const acc_t* v, int64_t len, const Bracket<acc_t>& b, bool block,
 }
 
 // The pass's lists of pairs inside the bracket (one per part), lent by the calling thread and
-// given back when the sum is done: cleared, their capacity kept for the next call. A training step
+// given back when the sum is done, their capacity kept (up to kKeepBytes per thread and dtype)
+// and their contents cleared when lent again. A training step
 // fills lists of about the same sizes every step; grown afresh, with both threads faulting in new
 // pages and copying at each doubling, they cost the forward 0.1–0.3 s at d_sae 262144 (3.4·10⁶
 // pairs inside the bracket; benchmarks/NOTES.md, ninth pass).

@@ -387,10 +387,11 @@ class SparseAutoencoder(nn.Module):
         # g −= (g·w / ‖w‖²) w, per row. On CPU in blocks of ≈ 2²⁰ entries: whole-matrix temporaries
         # ([d_sae, d_in], three of them) are page-faulted afresh every step, 0.6–1.1 s at d_sae
         # 262144, d_in 576, against 0.11 s in blocks (benchmarks/NOTES.md, ninth pass)
-        rows = w.shape[0] if w.device.type != "cpu" else max(1, 2**20 // max(1, w.shape[1]))
+        rows = max(1, w.shape[0] if w.device.type != "cpu" else 2**20 // max(1, w.shape[1]))
+        tiny = torch.finfo(w.dtype).tiny  # a zero row: 0 / tiny, nothing removed (1e-24 is 0 in half precision)
         for start in range(0, w.shape[0], rows):
             g, v = grad[start:start + rows], w[start:start + rows]
-            along = (g * v).sum(dim=1, keepdim=True).div_((v * v).sum(dim=1, keepdim=True).clamp_min_(1e-24))
+            along = (g * v).sum(dim=1, keepdim=True).div_((v * v).sum(dim=1, keepdim=True).clamp_min_(tiny))
             g.addcmul_(v, along, value=-1)
 
     @torch.no_grad()

@@ -38,10 +38,12 @@ from aosae.ops.conventions import accumulation_dtype
 _DENSE_ROW_THRESHOLDS = (4096, 1024, 256, 64)
 
 
-def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] = None) -> int:
+def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] = None,
+                n_latents: Optional[int] = None) -> int:
     """An upper bound on the co-active pairs of CSR rows with distinct latents per row (exact
     when no pair occurs in two rows). With k, stops as soon as the bound is at most k, or as soon
-    as no bound can be (one row alone has more than k pairs; a tier's other rows have)."""
+    as no bound can be (one row alone has more than k pairs; a tier's other rows have). Indices
+    outside [0, n_latents) (default: their largest + 1) leave the rows' own bound, Σ_t C(L_t, 2)."""
     lengths = (offsets[1:] - offsets[:-1]).long()
     row_pairs = lengths * (lengths - 1) // 2
     best = int(row_pairs.sum())
@@ -49,7 +51,11 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
         return best
     row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
                                      output_size=indices.numel())
-    seen = torch.zeros(int(indices.max()) + 1, dtype=torch.bool, device=indices.device)
+    indices = indices.long()
+    n = int(indices.max()) + 1 if n_latents is None else int(n_latents)
+    if int(indices.min()) < 0 or int(indices.max()) >= n:  # (the op's own checks name them)
+        return best
+    seen = torch.zeros(n, dtype=torch.bool, device=indices.device)
 
     def distinct(idx: torch.Tensor) -> int:  # (a mark per latent: torch.unique sorted, 3.5 ms per call at nnz 131072)
         seen.zero_()
@@ -83,7 +89,7 @@ def coactive_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     # (NaN is not > 0) and sane offsets, then the bound; the op's own checks only when answering
     nnz = indices.numel()
     if not bool((values > 0).all()) or int(offsets[0]) != 0 or int(offsets[-1]) != nnz \
-            or bool((offsets[1:] < offsets[:-1]).any()) or pairs_bound(offsets, indices, k) > k:
+            or bool((offsets[1:] < offsets[:-1]).any()) or pairs_bound(offsets, indices, k, n_latents) > k:
         return None
     c = _checked(offsets, indices, values, n_latents)  # range, distinct latents per row, finite
     # canonical order moves entries within their rows only: the rows, and the sums, are the same

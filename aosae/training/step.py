@@ -36,10 +36,17 @@ def make_optimizer(params, lr: float) -> torch.optim.AdamW:
     [d_sae, d_in] temporaries that a CPU process page-faults afresh every step: at d_sae 262144,
     d_in 576 its step took 1.2–1.7 s against the fused 0.18 s (benchmarks/NOTES.md, ninth pass)."""
     params = list(params)
+    return TransposedAdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=_fused_kernel_takes(params))
+
+
+def _fused_kernel_takes(params) -> bool:
+    """Whether torch's fused AdamW takes these parameters (it checks only at the first step)."""
     try:
-        return TransposedAdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=True)
-    except RuntimeError:  # a device or dtype the fused kernel does not take
-        return TransposedAdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except ImportError:  # another torch: its per-op AdamW
+        return False
+    return all(isinstance(p, torch.Tensor) and p.is_floating_point() and p.device.type in devices for p in params)
 
 
 class TransposedAdamW(torch.optim.AdamW):
@@ -57,12 +64,19 @@ class TransposedAdamW(torch.optim.AdamW):
                 loss = closure()
         flipped = [p for group in self.param_groups for p in group["params"]
                    if p.dim() == 2 and not p.is_contiguous() and p.t().is_contiguous()]
-        for p in flipped:
-            self._transpose(p)
+        done = []
         try:
-            super().step()
-        finally:
             for p in flipped:
+                self._transpose(p)
+                done.append(p)
+            # AdamW's own step, without the hooks torch wraps around it: they ran around this one,
+            # with the parameters as the model sees them
+            step = torch.optim.AdamW.step
+            if getattr(step, "hooked", False):
+                step = step.__wrapped__
+            step(self)
+        finally:
+            for p in done:
                 self._transpose(p)
         return loss
 

@@ -88,7 +88,7 @@ def test_decoder_constraints():
     assert sae.W_dec.grad.norm() > 0.1
 
 
-@pytest.mark.parametrize("d_in", [12, 2**19 + 3])  # one block; on CPU one row per block (2²⁰ // d_in)
+@pytest.mark.parametrize("d_in", [12, 2**19 + 3, 2**18 + 1])  # one block; blocks of one row; of three, the last of two
 def test_parallel_grads_removed_blockwise(d_in):
     """Every row's gradient loses exactly its part along that row, whatever the blocks, a zero row
     and rows of any norm included (float64 oracle of g − (g·w / ‖w‖²) w)."""

@@ -67,6 +67,54 @@ def test_resumes_from_its_state_dict():
         assert torch.equal(p, q)
 
 
+def test_the_fused_kernel_sees_contiguous_tensors(monkeypatch):
+    """What the change is for: torch's fused kernel gets W_enc, its gradient and moments as
+    contiguous tensors (it copies others in and out), and the model sees W_enc as before."""
+    seen = []
+    fused = torch._fused_adamw_
+
+    def spy(params, grads, exp_avgs, exp_avg_sqs, *args, **kwargs):
+        seen.append([t.is_contiguous() for ts in (params, grads, exp_avgs, exp_avg_sqs) for t in ts])
+        return fused(params, grads, exp_avgs, exp_avg_sqs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    sae = SparseAutoencoder.from_dims(12, 40, activation="topk", top_k=4)
+    layout = sae.W_enc.stride()
+    opt = make_optimizer(sae.parameters(), 1e-2)
+    _steps(sae, opt, steps=2)
+    assert seen and all(all(flags) for flags in seen)
+    assert sae.W_enc.shape == (12, 40) and sae.W_enc.stride() == layout and sae.W_enc.grad.stride() == layout
+
+
+def test_hooks_run_once_and_a_parameter_without_gradient_is_left_alone():
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])  # torch wraps AdamW.step with its hooks
+    sae = SparseAutoencoder.from_dims(12, 40, activation="topk", top_k=4)
+    sae.b_dec.requires_grad_(False)
+    before = sae.b_dec.clone()
+    opt = make_optimizer(sae.parameters(), 1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(tuple(sae.W_enc.shape)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(tuple(sae.W_enc.shape)))
+    _steps(sae, opt, steps=2)
+    assert calls == [(12, 40)] * 4  # once before and once after each step, W_enc as the model sees it
+    assert torch.equal(sae.b_dec, before)
+
+
+def test_a_failing_step_leaves_every_layout_as_it_was(monkeypatch):
+    sae = SparseAutoencoder.from_dims(12, 40, activation="topk", top_k=4)
+    opt = make_optimizer(sae.parameters(), 1e-2)
+    _steps(sae, opt, steps=1)
+    layout = (sae.W_enc.shape, sae.W_enc.stride(), opt.state[sae.W_enc]["exp_avg"].stride())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    assert (sae.W_enc.shape, sae.W_enc.stride(), opt.state[sae.W_enc]["exp_avg"].stride()) == layout
+
+
 def test_fused_where_torch_allows():
     sae = SparseAutoencoder.from_dims(8, 32, activation="relu")
     assert make_optimizer(sae.parameters(), 1e-3).param_groups[0]["fused"] is True
