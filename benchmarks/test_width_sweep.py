@@ -11,6 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import width_arms  # noqa: E402
 import width_sweep  # noqa: E402
 
 from aosae.ops.gram_topk import k_for_fraction  # noqa: E402
@@ -27,7 +28,7 @@ def check_args(tmp_path, arm: str, width: int = 512) -> types.SimpleNamespace:
 
 @pytest.mark.parametrize("arm", [a for a in width_sweep.ARMS if a != "sparsify-topk" or HAS_SPARSIFY])
 def test_every_arm_passes_its_check(tmp_path, arm):
-    result = width_sweep.run_check(check_args(tmp_path, arm))
+    result = width_arms.run_check(check_args(tmp_path, arm))
     assert result["max_rel_gap"] <= 1e-4
     if arm.endswith("+penalty"):  # at n = 512 the top-k is a real selection among more co-active pairs
         pairs = result["penalty_pairs"]
@@ -46,7 +47,7 @@ def test_check_catches_a_wrong_step(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SAEObjective, "losses", skewed)
     with pytest.raises(AssertionError, match="disagrees with the float64 reference"):
-        width_sweep.run_check(check_args(tmp_path, "aosae-topk"))
+        width_arms.run_check(check_args(tmp_path, "aosae-topk"))
 
 
 def test_penalty_reference_rejects_a_selection_that_is_not_a_top_k():
@@ -66,8 +67,8 @@ def test_penalty_reference_rejects_a_selection_that_is_not_a_top_k():
     k = k_for_fraction(n, width_sweep.FRACTION)
     good = order[:k]
     bad = torch.cat([order[1:k], order[k:k + 1]])  # drops the best pair for the (k+1)-th
-    _, _, _, _, ok = width_sweep.reference_losses(params, xs, "topk", 4, 0.0, 1.0, (good // n, good % n))
-    _, _, _, _, wrong = width_sweep.reference_losses(params, xs, "topk", 4, 0.0, 1.0, (bad // n, bad % n))
+    _, _, _, _, ok = width_arms.reference_losses(params, xs, "topk", 4, 0.0, 1.0, (good // n, good % n))
+    _, _, _, _, wrong = width_arms.reference_losses(params, xs, "topk", 4, 0.0, 1.0, (bad // n, bad % n))
     assert ok["left_out_above_kth"] == 0.0
     assert wrong["left_out_above_kth"] > 1e-3
 
