@@ -203,7 +203,8 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.sae import SparseAutoencoder
     from aosae.nn.tau import AdaptiveTau
-    from aosae.training.step import SAEObjective, make_optimizer
+    from aosae.training.optimizer import make_optimizer
+    from aosae.training.step import SAEObjective
 
     torch.manual_seed(0)  # both arms start from the same weights
     with torch.device(cfg.device):  # initialised on the GPU: 151 M weights at d_sae 65536 take seconds on the CPU
@@ -381,7 +382,7 @@ def coding_step_rows(S, d_sae):
     except ImportError as err:
         return [dict(backend="aosae sparse", skipped=f"aosae.ops.sparse_coding is not in this tree ({err})")]
     from aosae.nn.sae import SparseAutoencoder
-    from aosae.training.step import make_optimizer
+    from aosae.training.optimizer import make_optimizer
 
     cfg, dev, k = S.cfg, S.cfg.device, S.cfg.top_k
     g = torch.Generator(device=dev).manual_seed(0)

@@ -37,7 +37,8 @@ from aosae.ops.gram_topk_support import support_backward  # noqa: E402
 from aosae.ops.backends import sparse as sparse_backend  # noqa: E402
 from aosae.training import distributed as ddp  # noqa: E402
 from aosae.training.config import TrainConfig  # noqa: E402
-from aosae.training.step import SAEObjective, make_optimizer  # noqa: E402
+from aosae.training.optimizer import make_optimizer  # noqa: E402
+from aosae.training.step import SAEObjective  # noqa: E402
 from aosae.training.trainer import get_activations  # noqa: E402
 
 

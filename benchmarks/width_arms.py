@@ -46,7 +46,8 @@ def aosae_objective(sae, penalty: bool):
     import torch
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.tau import AdaptiveTau
-    from aosae.training.step import SAEObjective, make_optimizer
+    from aosae.training.optimizer import make_optimizer
+    from aosae.training.step import SAEObjective
 
     opt = make_optimizer(sae.parameters(), LR)  # the trainer's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -80,7 +81,7 @@ class SparsifyStep:
     AdamW of aosae's arms (torch's fused kernel): the same optimiser on both sides."""
 
     def __init__(self, coder):
-        from aosae.training.step import make_optimizer
+        from aosae.training.optimizer import make_optimizer
 
         self.coder = coder
         self.opt = make_optimizer(coder.parameters(), LR)

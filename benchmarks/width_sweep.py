@@ -2,7 +2,7 @@
 SparseCoder, the penalty's cost on that step, and BatchTopK against TopK (issue 20).
 
 Arms (TopK k = 64, fp32, AdamW lr 4e-4 without weight decay (torch's fused kernel, the trainer's
-aosae.training.step.make_optimizer, for every arm), the same batches for every arm):
+aosae.training.optimizer.make_optimizer, for every arm), the same batches for every arm):
   aosae-topk, aosae-topk+penalty        SAEObjective, the trainer's step (TopKOrthoLoss(0.005) or none)
   aosae-batchtopk, aosae-batchtopk+penalty   the same with activation "batchtopk" (when aosae has it)
   sparsify-topk                         sparsify's SparseCoder stepped as its trainer does (unit-norm

@@ -118,29 +118,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
   const std::vector<int64_t>& occ = slots.occ;
   const std::vector<int64_t>& row_of = slots.row_of;
-  const acc_t up = g, down = -g;
   acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
     const int64_t pi = position[i];
-    if (pi < 0) {  // none of i's pairs inside the block (every pair of a TopK batch): plain loops
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t s = occ[u], end = rp[row_of[s] + 1];
-        const acc_t vi = x[s];
-        for (int64_t q = s + 1; q < end; ++q) acc[ca[q]] += vi * x[q];
-      }
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t s = occ[u], t = row_of[s], end = rp[t + 1];
-        acc_t* out = G + slots.first(s, t, rp);
-        for (int64_t q = s + 1; q < end; ++q) {
-          const acc_t v = acc[ca[q]], a = std::abs(v);
-          acc_t gv = a > kth ? (v < acc_t(0) ? down : up) : acc_t(0);
-          if (a == kth && tie_cut >= 0) gv = slot_grad(v, i, ca[q]);  // (a tie at the k-th score: its key decides)
-          *out++ = gv;
-        }
-      }
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
-        for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
-      return;
-    }
     const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
     auto in_block = [&](int64_t j) { return pi >= 0 && position[j] >= 0; };
     auto block_score = [&](int64_t j) { return position[j] < end_i ? scores.at(pi, position[j]) : acc_t(0); };
@@ -151,13 +130,16 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       for (int64_t q = s + 1; q < end; ++q)
         if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
     }
+    // each run of slots (s, s+1 ..) gets its scores, then their gradients in one select (the
+    // partners' latents are the row's next entries, ca[s + 1 ..])
     for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-      const int64_t s = occ[u], t = row_of[s];
-      acc_t* out = G + slots.first(s, t, rp);  // slots (s, s+1 ..)
-      for (int64_t q = s + 1; q < rp[t + 1]; ++q) {
-        const int64_t j = ca[q];
-        *out++ = slot_grad(in_block(j) ? block_score(j) : acc[j], i, j);
+      const int64_t s = occ[u], t = row_of[s], len = rp[t + 1] - s - 1;
+      acc_t* out = G + slots.first(s, t, rp);
+      for (int64_t c = 0; c < len; ++c) {
+        const int64_t j = ca[s + 1 + c];
+        out[c] = in_block(j) ? block_score(j) : acc[j];
       }
+      to_gradients(out, len, i, ca + s + 1);
     }
     for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
       for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);

@@ -47,7 +47,8 @@ from aosae.training.checkpoints import folded_sae
 from aosae.training.config import TrainConfig
 from aosae.training.logging import make_logger
 from aosae.training.resume_checks import check_checkpoints_kept, check_config_fits_checkpoints, check_log_covers
-from aosae.training.step import SAEObjective, make_optimizer
+from aosae.training.optimizer import make_optimizer
+from aosae.training.step import SAEObjective
 
 EVAL_TOKENS = 8192
 EVAL_CHUNK = 4096

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aosae.nn.sae import SparseAutoencoder
-from aosae.training.step import TransposedAdamW, make_optimizer
+from aosae.training.optimizer import TransposedAdamW, make_optimizer
 
 
 def _steps(sae, opt, steps=4, closure=False):
