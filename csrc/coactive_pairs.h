@@ -18,6 +18,7 @@
 #include "dense_rows.h"
 #include "pair_select.h"
 #include "recomputed_block.h"
+#include "buffer_pool.h"
 #include "sorted_selection.h"  // selection_thread
 
 namespace aosae {
@@ -34,6 +35,8 @@ struct CoactivePairs {
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
   RecomputedBlock<acc_t> rows;        // the block's scores where it is not stored (width 0 otherwise)
+  torch::Tensor pair_scores;          // asked for: every row pair's C_ij, entry e's pairs with its row's later
+  torch::Tensor pair_runs;            // entries from pair_scores[pair_runs[e]] on ([nnz] int64; moved rows: -1)
   int64_t row_end(int64_t p) const { return live_end.empty() ? dense.size() : live_end[p]; }
   // latent i's non-zero pairs (i, j > i), from its bucket and its stored block row (not with rows): offer(value, i, j)
   // (the key i·n + j is formed where it is needed: dividing it back cost 2 divisions per pair)
@@ -54,11 +57,16 @@ struct CoactivePairs {
 // where they are read, the pairs inside U × U are neither in the buckets nor in the histogram,
 // and with norm (the columns' norms, non-increasing in latent order: csrc/norm_order.h; positive
 // values, dot) and k only the staircase of pairs that can be among the k best is live
-// (csrc/block_staircase.h).
+// (csrc/block_staircase.h). pair_scores (with recompute): every pair (s, q), s < q, of the rows
+// outside the block gets its summed score written out (in bucket order, one stream; pairs inside
+// U × U: the recomputed block's score, 0 past the staircase), so that the backward reads the
+// scores instead of summing them again.
 template <typename acc_t>
 CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
                                     int64_t nnz, bool cosine, int threads, bool recompute = false,
-                                    const std::vector<double>* norm = nullptr, int64_t k = 0) {
+                                    const std::vector<double>* norm = nullptr, int64_t k = 0,
+                                    bool pair_scores = false) {
+  TORCH_CHECK(!pair_scores || (recompute && !cosine), "coactive_pairs: pair scores are for the recomputed dot sum");
   CoactivePairs<acc_t> out;
   // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
   std::vector<acc_t> inv_norm;
@@ -117,6 +125,14 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   const int64_t pairs = bucket_start[n];
   int32_t* pj = out.pj = Scratch<int32_t, 0>::get(pairs);
   acc_t* pv = out.pv = Scratch<acc_t, 1>::get(pairs);
+  acc_t* score_out = nullptr;
+  int64_t* run_out = nullptr;
+  if (pair_scores) {
+    out.pair_scores = empty_pooled(pairs, std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat);
+    out.pair_runs = at::full({nnz}, -1, at::TensorOptions().dtype(at::kLong));
+    score_out = out.pair_scores.template data_ptr<acc_t>();
+    run_out = out.pair_runs.template data_ptr<int64_t>();
+  }
 
   // Per latent i: sum its row pairs into the accumulator, listing each j in bucket i; then
   // compact the distinct non-zero (j, C_ij) in place in first-seen order (branch-free) and
@@ -126,11 +142,14 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   distinct.assign(n, 0);
   kept.assign(n, 0);  // kept: distinct + the block row's non-zeros
   // sized here, not in the region: a smaller team than asked for leaves some unused
-  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kMagnitudeBins, 0));
+  // four interleaved counts per thread: consecutive pairs often share a bin, and one count would
+  // chain every increment on the one before (a fifth of the forward at TopK d_sae 16384)
+  constexpr int64_t kStripes = 4;
+  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kStripes * kMagnitudeBins, 0));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<acc_t> acc(n, acc_t(0));
-    std::vector<uint32_t>& hist = hists[selection_thread()];
+    uint32_t* hist = hists[selection_thread()].data();
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       const int64_t b = bucket_start[i], e = bucket_start[i + 1];
@@ -141,6 +160,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
         const int64_t s = occ[u], end = occ_end[u];
         const acc_t vi = vp[s];
+        if (run_out) run_out[s] = o;
         if (pi >= 0) {  // pairs inside U × U join the block (row pi is this latent's alone)
           for (int64_t q = s + 1; q < end; ++q, ++o) {
             const int64_t j = cp[q];
@@ -160,6 +180,17 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
           }
         }
       }
+      if (score_out) {  // (before the compaction below clears the accumulator)
+        if (pi < 0) {
+          for (o = b; o < e; ++o) score_out[o] = acc[pj[o]];
+        } else {
+          const int64_t end_i = out.row_end(pi);
+          for (o = b; o < e; ++o) {
+            const int32_t pq = position[pj[o]];
+            score_out[o] = pq < 0 ? acc[pj[o]] : pq < end_i ? out.rows.at(pi, pq) : acc_t(0);
+          }
+        }
+      }
       const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
       for (o = b; o < e; ++o) {  // w <= o: the slot written was read already
@@ -171,8 +202,11 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
         pj[w] = j;
         pv[w] = v;
         w += keep;
-        hist[magnitude_bin(v)] += keep;
       }
+      int64_t x = b;
+      for (; x + kStripes <= w; x += kStripes)
+        for (int64_t r = 0; r < kStripes; ++r) ++hist[r * kMagnitudeBins + magnitude_bin(pv[x + r])];
+      for (; x < w; ++x) ++hist[magnitude_bin(pv[x])];
       distinct[i] = w - b;
       kept[i] = w - b;
       if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
@@ -194,7 +228,8 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   std::vector<int64_t>& hist_total = out.hist_total;
   hist_total.assign(kMagnitudeBins, 0);
   for (const auto& h : hists)
-    for (int64_t b = 0; b < kMagnitudeBins; ++b) hist_total[b] += h[b];
+    for (int64_t r = 0; r < kStripes; ++r)
+      for (int64_t b = 0; b < kMagnitudeBins; ++b) hist_total[b] += h[r * kMagnitudeBins + b];
   for (const int64_t h : hist_total) out.nonzero_pairs += h;
   return out;
 }

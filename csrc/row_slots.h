@@ -67,25 +67,52 @@ acc_t* fill_slots(const RowSlots& s, int64_t n, Fill&& fill) {
   return G;
 }
 
-// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows with slots.
-template <typename acc_t>
-void add_slot_products(const RowSlots& s, const acc_t* G, const int64_t* rp, const acc_t* x, const uint8_t* moved,
-                       int64_t m, acc_t* o) {
+// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t].
+// run_of(e, t): where entry e's run of pair values (its pairs with the row's next entries, in
+// order) starts. to_grad(w, len, e): turns a copy of that run into the gradients the product
+// takes (the runs hold scores), or leaves it (they hold the gradients already).
+constexpr int64_t kPrefetchAhead = 2;
+
+template <typename acc_t, typename RunOf, typename ToGrad>
+void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
+                       ToGrad&& to_grad) {
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> run;
     for (int64_t t = begin; t < end; ++t) {
       if (moved[t]) continue;
       const int64_t b = rp[t], e_end = rp[t + 1];
-      const acc_t* w = G + s.slot0[t];
-      for (int64_t e = b; e < e_end; ++e) {
+      run.resize(std::max<int64_t>(e_end - b, 1));
+      for (int64_t e = b; e + 1 < e_end; ++e) {
+        const int64_t len = e_end - e - 1;
+        const acc_t* w = run_of(e, t);
+        if (e + kPrefetchAhead + 1 < e_end) {  // runs lie apart in memory: fetch one a few entries ahead
+          const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
+          const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(acc_t));
+          for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);
+        }
+        acc_t* gr = run.data();
+        std::copy(w, w + len, gr);
+        to_grad(gr, len, e);
+        const acc_t xe = x[e];
+        acc_t* oq = o + e + 1;
+        const acc_t* xq = x + e + 1;
         acc_t own = acc_t(0);
-        for (int64_t q = e + 1; q < e_end; ++q, ++w) {
-          own += *w * x[q];
-          o[q] += *w * x[e];
+        for (int64_t c = 0; c < len; ++c) {
+          own += gr[c] * xq[c];
+          oq[c] += gr[c] * xe;
         }
         o[e] += own;
       }
     }
   });
+}
+
+// The same over the slots G of row_slots' layout, which hold the gradients.
+template <typename acc_t>
+void add_slot_products(const RowSlots& s, const acc_t* G, const int64_t* rp, const acc_t* x, const uint8_t* moved,
+                       int64_t m, acc_t* o) {
+  add_pair_products([&](int64_t e, int64_t t) { return G + s.first(e, t, rp); }, rp, x, moved, m, o,
+                    [](acc_t*, int64_t, int64_t) {});
 }
 
 }  // namespace aosae

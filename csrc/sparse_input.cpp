@@ -142,7 +142,8 @@ namespace {
 
 // CSR rows with any latent order -> compact ids (ranks among the distinct ids), ascending per
 // row. Status codes: 0 ok, 1 bad offsets, 2 index out of [0, n), 3 NaN/Inf value, 4 a row
-// repeats a latent (the caller's torch checks then produce the message).
+// repeats a latent, 5 an unsorted row of 2^32 entries or more (the caller's torch path then
+// produces the message, or the rows).
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor& offsets, const Tensor& indices,
                                                                    const Tensor& values, int64_t n) {
@@ -190,13 +191,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
     return std::lower_bound(sorted.begin(), sorted.end(), static_cast<uint64_t>(id)) - sorted.begin();
   };
   // Compact ids in input order; rows that are not strictly ascending are sorted (with the
-  // permutation kept), a repeat inside a row is an error.
+  // permutation kept), a repeat inside a row is an error. A row sorts packed keys (compact id,
+  // place in the row): one integer compare each (pairs of int64 took a third of this call).
   Tensor cols = at::empty({nnz}, indices.options());
   int64_t* cp = cols.data_ptr<int64_t>();
+  Tensor perm_t = at::empty({nnz}, indices.options());
+  int64_t* perm = perm_t.data_ptr<int64_t>();
   std::atomic<bool> permuted{false};
-  std::vector<int64_t> perm(nnz);
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, int64_t>> row;
+    std::vector<uint64_t> row;
     for (int64_t t = begin; t < end; ++t) {
       bool ascending = true;
       for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
@@ -206,20 +209,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
       }
       if (ascending) continue;
       permuted = true;
-      row.clear();
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) row.push_back({cp[e], e});
+      const int64_t len = rp[t + 1] - rp[t];
+      if (len >= (int64_t(1) << 32)) {  // (a row of 2^32 entries: no room for its places in a key)
+        status = 5;
+        continue;
+      }
+      row.resize(len);
+      for (int64_t q = 0; q < len; ++q) row[q] = (static_cast<uint64_t>(cp[rp[t] + q]) << 32) | static_cast<uint64_t>(q);
       std::sort(row.begin(), row.end());
-      for (size_t q = 0; q < row.size(); ++q) {
-        if (q > 0 && row[q].first == row[q - 1].first) status = 4;
-        cp[rp[t] + q] = row[q].first;
-        perm[rp[t] + q] = row[q].second;
+      for (int64_t q = 0; q < len; ++q) {
+        const int64_t id = static_cast<int64_t>(row[q] >> 32);
+        if (q > 0 && id == cp[rp[t] + q - 1]) status = 4;
+        cp[rp[t] + q] = id;
+        perm[rp[t] + q] = rp[t] + static_cast<int64_t>(row[q] & 0xFFFFFFFFu);
       }
     }
   });
   if (status) return fail(status);
   if (!permuted) return std::make_tuple(cols, values, Tensor(), uniq, int64_t(0));
-  Tensor perm_t = at::empty({nnz}, indices.options());
-  std::copy(perm.begin(), perm.end(), perm_t.data_ptr<int64_t>());
   Tensor vals = at::empty({nnz}, values.options());
   scalar_t* vp = vals.data_ptr<scalar_t>();
   at::parallel_for(0, nnz, 4096, [&](int64_t begin, int64_t end) {

@@ -47,7 +47,7 @@ enum class Product { kAuto, kSparse, kDense };
 template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
                               double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
-                              const Tensor& live_end_t) {
+                              const Tensor& live_end_t, const Tensor& pair_scores, const Tensor& pair_runs) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
@@ -113,40 +113,58 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   // the latents with a pair in the staircase: [0, extent) (ends do not grow)
   const int64_t extent = width > 0 ? row_end(0) : 0;
 
-  // Each latent's entries in the slot rows (row order), each entry's row, each row's first slot.
-  const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
-  const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
-  const std::vector<int64_t>& occ = slots.occ;
-  const std::vector<int64_t>& row_of = slots.row_of;
-  acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
-    const int64_t pi = position[i];
-    const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
-    auto in_block = [&](int64_t j) { return pi >= 0 && position[j] >= 0; };
-    auto block_score = [&](int64_t j) { return position[j] < end_i ? scores.at(pi, position[j]) : acc_t(0); };
-    // C_ij outside the block, summed as the forward sums it (same entries, same order)
-    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-      const int64_t s = occ[u], end = rp[row_of[s] + 1];
-      const acc_t vi = x[s];
-      for (int64_t q = s + 1; q < end; ++q)
-        if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
-    }
-    // each run of slots (s, s+1 ..) gets its scores, then their gradients in one select (the
-    // partners' latents are the row's next entries, ca[s + 1 ..])
-    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-      const int64_t s = occ[u], t = row_of[s], len = rp[t + 1] - s - 1;
-      acc_t* out = G + slots.first(s, t, rp);
-      for (int64_t c = 0; c < len; ++c) {
-        const int64_t j = ca[s + 1 + c];
-        out[c] = in_block(j) ? block_score(j) : acc[j];
-      }
-      to_gradients(out, len, i, ca + s + 1);
-    }
-    for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
-      for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
-  });
   Tensor out = at::zeros({nnz}, vals.options());
   acc_t* o = out.data_ptr<acc_t>();
-  aosae::add_slot_products(slots, G, rp, x, moved, m, o);  // the moved rows: the product below
+  // each run of scores becomes its gradients on the way into the product (the moved rows: below)
+  auto run_gradients = [&](acc_t* v, int64_t len, int64_t e) { to_gradients(v, len, ca[e], ca + e + 1); };
+  if (pair_scores.numel() > 0 || pair_runs.numel() > 0) {  // the forward's scores
+    const int64_t count = pair_scores.numel();
+    const int64_t* runs = pair_runs.data_ptr<int64_t>();
+    TORCH_CHECK(pair_runs.numel() == nnz && pair_scores.scalar_type() == vals.scalar_type(),
+                "sparse_csr_topk_sum_backward: pair_runs has ", pair_runs.numel(), " entries and pair_scores is ",
+                pair_scores.scalar_type(), " for ", nnz, " ", vals.scalar_type(), " entries: pass the pair_scores and "
+                "pair_runs that sparse_csr_topk_sum returned for these rows");
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
+        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: pair_runs[",
+                    e, "] = ", runs[e], " is outside the ", count, " pair_scores: pass the pair_scores and pair_runs "
+                    "that sparse_csr_topk_sum returned for these rows");
+    const acc_t* scores_in = pair_scores.data_ptr<acc_t>();
+    aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
+                             run_gradients);
+  } else {
+    // Each row pair's score in its slot (csrc/row_slots.h), summed again latent by latent
+    // (Gustavson) exactly as the forward summed it (same entries, same order).
+    const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
+    const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
+    const std::vector<int64_t>& occ = slots.occ;
+    const std::vector<int64_t>& row_of = slots.row_of;
+    const acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
+      const int64_t pi = position[i];
+      const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
+      auto in_block = [&](int64_t j) { return pi >= 0 && position[j] >= 0; };
+      auto block_score = [&](int64_t j) { return position[j] < end_i ? scores.at(pi, position[j]) : acc_t(0); };
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t s = occ[u], end = rp[row_of[s] + 1];
+        const acc_t vi = x[s];
+        for (int64_t q = s + 1; q < end; ++q)
+          if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
+      }
+      // each run of slots (s, s+1 ..): its partners' latents are the row's next entries, ca[s + 1 ..]
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t s = occ[u], t = row_of[s], len = rp[t + 1] - s - 1;
+        acc_t* out = G + slots.first(s, t, rp);
+        for (int64_t c = 0; c < len; ++c) {
+          const int64_t j = ca[s + 1 + c];
+          out[c] = in_block(j) ? block_score(j) : acc[j];
+        }
+      }
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
+        for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
+    });
+    aosae::add_pair_products([&](int64_t e, int64_t t) { return G + slots.first(e, t, rp); }, rp, x, moved, m, o,
+                             run_gradients);
+  }
   aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
@@ -251,7 +269,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
 // here) -> the gradient at every entry, [nnz] in vals' dtype.
 Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
                                     int64_t n, double kth, int64_t tie_cut, int64_t width, int64_t inside,
-                                    const std::string& product, const std::optional<Tensor>& live_end) {
+                                    const std::string& product, const std::optional<Tensor>& live_end,
+                                    const std::optional<Tensor>& pair_scores,
+                                    const std::optional<Tensor>& pair_runs) {
   TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
@@ -262,9 +282,14 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
   at::NoGradGuard no_grad;
   const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous();
   const Tensor le = live_end.has_value() ? *live_end : torch::empty({0}, torch::kInt64);
+  const Tensor ps = pair_scores.has_value() ? pair_scores->contiguous() : torch::empty({0}, va.options());
+  const Tensor pr = pair_runs.has_value() ? pair_runs->contiguous() : torch::empty({0}, torch::kInt64);
+  TORCH_CHECK(ps.device().is_cpu() && ps.dim() == 1 && pr.device().is_cpu() && pr.dim() == 1 &&
+                  pr.scalar_type() == at::kLong,
+              "sparse_csr_topk_sum_backward: pair_scores and pair_runs must be 1-D CPU tensors, pair_runs int64");
   if (va.scalar_type() == at::kDouble)
-    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le);
-  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le);
+    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, ps, pr);
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, ps, pr);
 }
 
 void register_topk_sum_backward(pybind11::module& m) {
@@ -272,7 +297,9 @@ void register_topk_sum_backward(pybind11::module& m) {
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
+        py::arg("pair_scores") = py::none(), py::arg("pair_runs") = py::none(),
         py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
-        "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': tiles of G_U)");
+        "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': tiles of G_U); "
+        "pair_scores, pair_runs: the forward's (read instead of summed again)");
 }

@@ -49,8 +49,6 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
     best = int(row_pairs.sum())
     if indices.numel() == 0 or (k is not None and (best <= k or int(row_pairs.max()) > k)):  # (a row's pairs are distinct: P > k)
         return best
-    row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
-                                     output_size=indices.numel())
     indices = indices.long()
     n = int(indices.max()) + 1 if n_latents is None else int(n_latents)
     if int(indices.min()) < 0 or int(indices.max()) >= n:  # (the op's own checks name them)
@@ -66,6 +64,10 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
         rest = int(row_pairs[~dense].sum())
         if not bool(dense.any()) or (k is not None and rest > k):  # (this tier cannot reach k)
             continue
+        if rest == 0:  # every row: the last bound below, counted once (TopK rows of L >= 64)
+            break
+        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
+                                         output_size=indices.numel())
         u = distinct(indices[dense[row_of]])
         best = min(best, u * (u - 1) // 2 + rest)
         if k is not None and best <= k:
@@ -142,10 +144,12 @@ class _TopKSum(torch.autograd.Function):
         module = _extension.require()
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
-        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, vals, u,
-                                                                                             k)
+        # the forward's per-row-pair scores (O(Σ_t L_t²), 16 MB at TopK B 2048, L 64) are kept for the
+        # backward, which otherwise sums them again: 15 of its 16 ms at d_sae 16384 (benchmarks/NOTES.md)
+        total, kth, tie_cut, kept, in_block, width, live_end, _, pair_scores, pair_runs = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, vals, u, k, pair_scores=ctx.needs_input_grad[0])
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)
-        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end)
+        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end, pair_scores, pair_runs)
         ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.width = u, float(kth), int(tie_cut), int(in_block), int(width)
         ctx.dtype = values.dtype
         return total.to(vals.dtype), int(kept), float(kth)
@@ -153,10 +157,11 @@ class _TopKSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would silently be zero
     def backward(ctx, grad_total, _grad_kept, _grad_kth):
-        row_ptr, cols, vals, perm, live_end = ctx.saved_tensors
+        row_ptr, cols, vals, perm, live_end, pair_scores, pair_runs = ctx.saved_tensors
         grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,
                                                                  ctx.kth, ctx.tie_cut, ctx.width, ctx.in_block,
-                                                                 live_end=live_end)
+                                                                 live_end=live_end, pair_scores=pair_scores,
+                                                                 pair_runs=pair_runs)
         if perm.numel() > 0:  # canonical order -> the caller's
             grad = torch.empty_like(grad).index_copy_(0, perm, grad)
         return grad.to(ctx.dtype), None, None

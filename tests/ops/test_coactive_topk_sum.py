@@ -41,6 +41,17 @@ def summed(offsets, indices, values, n, k):
     return found, v.grad
 
 
+def backward_from_pair_scores(module, c, k, **kwargs):
+    """The kernel's backward fed the forward's per-row-pair scores (pair_scores=True)."""
+    u = c.uniq.numel()
+    total, kth, tie_cut, kept, in_block, width, live_end, _, scores, runs = module.sparse_csr_topk_sum(
+        c.row_ptr, c.cols, c.vals, u, k, pair_scores=True)
+    lengths = c.row_ptr[1:] - c.row_ptr[:-1]
+    assert runs.numel() == c.cols.numel() and 0 < scores.numel() <= int((lengths * (lengths - 1) // 2).sum())
+    return module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                               live_end=live_end, pair_scores=scores, pair_runs=runs, **kwargs)
+
+
 def rows_of(kind, dtype, *, integer=False, signed=False, zeros=0.0):
     if kind == "ragged":
         offsets, indices, values, _ = ragged_rows(int(torch.randint(20, 60, ())), 97, 11, dtype=dtype,
@@ -87,7 +98,7 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
     u = c.uniq.numel()
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     for k in (pairs // 50, pairs // 2, pairs - 1):
-        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
+        total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
                                                                                              c.vals, u, k)
         assert width >= 2 and 0 < in_block <= kept == k
         grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
@@ -99,6 +110,8 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                       live_end=live_end)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+        # the forward's pair scores read instead of summed again: the same gradient, bit for bit
+        assert torch.equal(backward_from_pair_scores(module, c, k, product=product), grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -122,7 +135,7 @@ def test_every_coactive_pair_kept_takes_the_closed_form_and_equals_the_tiles(dty
         indices, values = torch.cat(rows), torch.cat(vals)
     c = co.canonical(offsets, indices, values)
     u = c.uniq.numel()
-    total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u,
+    total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u,
                                                                                          BIG_K)
     assert float(kth) == 0 and tie_cut == -1 and width > 0
     assert (2 * in_block == width * (width - 1)) == one_row_on_all
@@ -157,7 +170,7 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
     pruned = 0
     for k in (1, 2, pairs // 50, pairs // 10, pairs // 3, pairs - 1):
-        total, kth, tie_cut, kept, in_block, width, live_end, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
+        total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
                                                                                              c.vals, u, k)
         assert live_end.numel() == width >= 2 and kept == k
         assert bool((live_end > torch.arange(width)).all() and (live_end <= width).all())
@@ -172,6 +185,7 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
         torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
         torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
         assert torch.equal(grad, again)
+        assert torch.equal(backward_from_pair_scores(module, c, k, product=product), grad)
     assert pruned >= 3  # the small k's staircases leave most of the block out
 
 
@@ -276,6 +290,12 @@ def test_backward_rejects_a_block_of_other_rows():
     with pytest.raises(RuntimeError, match="pass the width that sparse_csr_topk_sum returned"):
         module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
                                             out[5] - 1)
+    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, pair_scores=True)
+    scores, runs = out[8], out[9]
+    for bad_scores, bad_runs in ((scores, runs[:-1]), (scores.float(), runs), (scores[:-1], runs)):
+        with pytest.raises(RuntimeError, match="pass the pair_scores and pair_runs that sparse_csr_topk_sum returned"):
+            module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
+                                                out[5], live_end=out[6], pair_scores=bad_scores, pair_runs=bad_runs)
     with pytest.raises(RuntimeError, match="bracket must be in"):
         module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, bracket=1.5)
 
