@@ -5,12 +5,14 @@
 // With positive values every C_ij is at least its moved rows' part A_Hᵀ A_H and at most
 // s_i·s_j, s the column norms (Cauchy–Schwarz). The block's latents in norm order, largest first,
 // make {s_p·s_q ≥ x} a staircase at the block's top-left corner: row p's columns (p, end_p), end
-// non-increasing. A seed staircase with about 1.25·k pairs is multiplied first; the k-th best of
-// its moved-row parts (as the lower edge of its histogram bin) is a score that at least k pairs
-// reach, so at most the k-th best score: LB. Any pair with s_p·s_q·(1 + slack) < LB is then below
-// the k-th score and outside the selection; only the staircase {s_p·s_q·(1 + slack) ≥ LB} is
-// multiplied and scanned. At BatchTopK initialisation that is 4 % of the block at d_sae 16384 and
-// 36 % at 65536 (benchmarks/NOTES.md); where the seed alone would be half the block or more, the
+// non-increasing. A seed staircase with about 1.25·k pairs is sampled first; the score that
+// about 1.1·k of its moved-row parts reach (as the lower edge of its histogram bin) is then a
+// floor that at least k pairs reach, so at most the k-th best score: any pair with
+// s_p·s_q·(1 + slack) below it is below the k-th score and outside the selection; only the
+// staircase {s_p·s_q·(1 + slack) ≥ floor} is multiplied and scanned, and the k-th score found
+// there is checked against the floor (a sample that misled: the whole block). At BatchTopK
+// initialisation that is 4 % of the block at d_sae 16384 and 36 % at 65536 (benchmarks/
+// NOTES.md); where the seed alone would be half the block or more, the
 // whole block is computed. The block is never stored on this path (csrc/recomputed_block.h).
 
 #pragma once
@@ -29,6 +31,7 @@
 
 #include "pair_select.h"
 #include "recomputed_block.h"
+#include "sorted_selection.h"  // selection_thread
 
 namespace aosae {
 
@@ -40,8 +43,13 @@ template <typename acc_t>
 double staircase_slack(int64_t m) {
   return std::max(kStaircaseSlack, 4.0 * static_cast<double>(m) * std::numeric_limits<acc_t>::epsilon());
 }
-// The seed holds this many times k pairs; pruning is tried only when that is under half the block.
+// The seed region holds this many times k pairs; pruning is tried only when that is under half the block.
 constexpr double kSeedPairs = 1.25;
+// The floor: where the seed's sampled moved-row parts reach this many times k (the margin: the
+// sample's error).
+constexpr double kSeedReach = 1.1;
+// Every this-many-th row of the seed is sampled (fewer for a narrow block: every row below 128).
+constexpr int64_t kSeedRowStep = 16;
 
 // Row p's end: the first q whose bound falls below x (at least p + 1: no column), s non-increasing.
 inline std::vector<int64_t> staircase_ends(const std::vector<double>& s, double x) {
@@ -77,41 +85,58 @@ double bin_floor(int64_t bin) {
   }
 }
 
-// Each row's end over the block's latents (s: their norms, non-increasing): the staircase of pairs
-// that can be among the k best; every end is the block's width when no pruning pays. Only the
-// seed's moved-row parts are computed here (recomputed again where the staircase is read).
+// The staircase: each row's end over the block's latents, and the floor it was cut at: every
+// pair outside it scores below the floor (0: nothing was cut, every end is the block's width).
+struct Staircase {
+  std::vector<int64_t> end;
+  double floor = 0;
+};
+
+// The staircase of pairs that can be among the k best (s: the block latents' norms,
+// non-increasing), from a sample of the seed region: every step-th row's moved-row parts
+// (recomputed again where the staircase is read), histogrammed ×step, give the floor where about
+// reach·k of the seed's pairs lie above. The seed's pairs are some of all pairs and their
+// moved-row parts at most their scores, so at least reach·k pairs score above the floor when the
+// sample is right (exactly so with step 1); the caller checks that the k-th best score it finds
+// is at least the floor and otherwise sums the whole block. Sampling the seed instead of
+// multiplying it whole took the forward at BatchTopK d_sae 65536 from 51 to ≈ 32 ms (20 ms of seed).
 template <typename acc_t>
-std::vector<int64_t> block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s,
-                                     int64_t k) {
+Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,
+                          double reach = kSeedReach) {
   const int64_t width = rows.width();
-  std::vector<int64_t> full(width, width);
+  Staircase full{std::vector<int64_t>(width, width), 0.0};
   const double block_pairs = 0.5 * static_cast<double>(width) * static_cast<double>(width - 1);
   if (kSeedPairs * static_cast<double>(k) >= 0.5 * block_pairs || s.empty() || !(s.back() > 0)) return full;
-  // the seed: the smallest bound x (by bisection, on a log scale) whose staircase holds >= 1.25·k pairs
+  // the seed: the smallest bound x (by bisection, on a log scale) whose staircase holds >= kSeedPairs·k pairs
   double lo = s[width - 1] * s[width - 1], hi = s[0] * s[1];
   for (int it = 0; it < 60 && hi > lo * (1 + 1e-6); ++it) {
     const double mid = std::sqrt(lo * hi);
     (staircase_pairs(staircase_ends(s, mid)) >= kSeedPairs * static_cast<double>(k) ? lo : hi) = mid;
   }
   const std::vector<int64_t> seed = staircase_ends(s, lo);
-  // the k-th best moved-row part in the seed, as its bin's lower edge
+  const int64_t step = std::clamp<int64_t>(width / 128, 1, kSeedRowStep);
   const int threads = std::max(1, at::get_num_threads());
   std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kMagnitudeBins, 0));
-  at::parallel_for(0, width, 16, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t>& hist = hists[at::get_thread_num()];
+  const int64_t sampled = (width - step / 2 + step - 1) / step;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint32_t>& hist = hists[selection_thread()];
     std::vector<acc_t> row(width);
-    for (int64_t p = begin; p < end; ++p) {
+#pragma omp for schedule(dynamic, 4)  // the seed's rows shorten down the staircase
+    for (int64_t x = 0; x < sampled; ++x) {
+      const int64_t p = step / 2 + x * step;
+      if (seed[p] <= p + 1) continue;
       rows.product_row(p, p + 1, seed[p], row.data());
       for (int64_t q = 0; q < seed[p] - p - 1; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
     }
-  });
-  std::vector<int64_t> hist_total(kMagnitudeBins, 0);
+  }
+  std::vector<int64_t> estimate(kMagnitudeBins, 0);
   for (const auto& h : hists)
-    for (int64_t b = 0; b < kMagnitudeBins; ++b) hist_total[b] += h[b];
-  const KthBin kth_bin = find_kth_bin(hist_total, k);
-  const double bound = kth_bin.bin > 0 ? bin_floor<acc_t>(kth_bin.bin) : 0.0;
-  if (!(bound > 0)) return full;  // fewer than k non-zero parts in the seed: the whole block
-  return staircase_ends(s, bound / (1 + staircase_slack<acc_t>(m)));
+    for (int64_t b = 0; b < kMagnitudeBins; ++b) estimate[b] += step * static_cast<int64_t>(h[b]);
+  const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
+  const double floor = bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
+  if (!(floor > 0)) return full;  // fewer than reach·k non-zero parts in the seed: the whole block
+  return {staircase_ends(s, floor / (1 + staircase_slack<acc_t>(m))), floor};
 }
 
 }  // namespace aosae

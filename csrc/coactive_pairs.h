@@ -34,6 +34,7 @@ struct CoactivePairs {
   int32_t* pj = nullptr;              // partner ids
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
+  double staircase_floor = 0;         // > 0: every pair past live_end scores below it (the caller checks the k-th)
   RecomputedBlock<acc_t> rows;        // the block's scores where it is not stored (width 0 otherwise)
   torch::Tensor pair_scores;          // asked for: every row pair's C_ij, entry e's pairs with its row's later
   torch::Tensor pair_runs;            // entries from pair_scores[pair_runs[e]] on ([nnz] int64; moved rows: -1)
@@ -57,7 +58,8 @@ struct CoactivePairs {
 // where they are read, the pairs inside U × U are neither in the buckets nor in the histogram,
 // and with norm (the columns' norms, non-increasing in latent order: csrc/norm_order.h; positive
 // values, dot) and k only the staircase of pairs that can be among the k best is live
-// (csrc/block_staircase.h). pair_scores (with recompute): every pair (s, q), s < q, of the rows
+// (csrc/block_staircase.h, reach: its sample's margin; the caller checks that the k-th best
+// score is at least staircase_floor). pair_scores (with recompute): every pair (s, q), s < q, of the rows
 // outside the block gets its summed score written out (in bucket order, one stream; pairs inside
 // U × U: the recomputed block's score, 0 past the staircase), so that the backward reads the
 // scores instead of summing them again.
@@ -65,7 +67,7 @@ template <typename acc_t>
 CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
                                     int64_t nnz, bool cosine, int threads, bool recompute = false,
                                     const std::vector<double>* norm = nullptr, int64_t k = 0,
-                                    bool pair_scores = false) {
+                                    bool pair_scores = false, double reach = kSeedReach) {
   TORCH_CHECK(!pair_scores || (recompute && !cosine), "coactive_pairs: pair scores are for the recomputed dot sum");
   CoactivePairs<acc_t> out;
   // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
@@ -84,7 +86,11 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
     if (norm != nullptr && out.dense.size() > 0) {
       std::vector<double> s(out.dense.size());
       for (int64_t p = 0; p < out.dense.size(); ++p) s[p] = (*norm)[out.dense.latents[p]];
-      out.live_end = block_staircase(out.rows, m, s, k);
+      Staircase stairs = block_staircase(out.rows, m, s, k, reach);
+      if (stairs.floor > 0) {
+        out.live_end = std::move(stairs.end);
+        out.staircase_floor = stairs.floor;
+      }
     }
   }
   const DenseRows<acc_t>& dense = out.dense;
@@ -97,9 +103,8 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
   // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
-  // j is listed in bucket i. Only the partner ids go to memory (4 B per pair; the scatter this
-  // replaces wrote and re-read 8 B pairs): the rows (12 B per entry) stay in cache, and each
-  // C_ij is summed in row order whatever the thread count.
+  // the distinct j are listed in bucket i. Only the distinct pairs go to memory: the rows (12 B
+  // per entry) stay in cache, and each C_ij is summed in row order whatever the thread count.
   std::vector<int64_t> occ_ptr(n + 1, 0);
   for (int64_t t = 0; t < m; ++t)
     if (!moved[t])
@@ -134,9 +139,9 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
     run_out = out.pair_runs.template data_ptr<int64_t>();
   }
 
-  // Per latent i: sum its row pairs into the accumulator, listing each j in bucket i; then
-  // compact the distinct non-zero (j, C_ij) in place in first-seen order (branch-free) and
-  // count them in the thread's |C| histogram.
+  // Per latent i: sum its row pairs into the accumulator; then list the distinct non-zero
+  // (j, C_ij) in bucket i in first-seen order (branch-free) and count them in the thread's |C|
+  // histogram.
   std::vector<int64_t>& distinct = out.distinct;
   std::vector<int64_t>& kept = out.kept;
   distinct.assign(n, 0);
@@ -152,17 +157,18 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
     uint32_t* hist = hists[selection_thread()].data();
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = bucket_start[i], e = bucket_start[i + 1];
+      const int64_t b = bucket_start[i];
       const int64_t pi = position[i];
       acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
       const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
-      int64_t o = b;
+      int64_t o = b;  // (the pairs so far: where an occurrence's run of scores starts)
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
         const int64_t s = occ[u], end = occ_end[u];
         const acc_t vi = vp[s];
         if (run_out) run_out[s] = o;
+        o += end - s - 1;
         if (pi >= 0) {  // pairs inside U × U join the block (row pi is this latent's alone)
-          for (int64_t q = s + 1; q < end; ++q, ++o) {
+          for (int64_t q = s + 1; q < end; ++q) {
             const int64_t j = cp[q];
             const int32_t pj_block = position[j];
             if (pj_block >= 0) {  // (recomputed: rows adds them; past row_end: below the k-th score)
@@ -170,38 +176,41 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
             } else {
               acc[j] += vi * vp[q];
             }
-            pj[o] = static_cast<int32_t>(j);
           }
         } else {
-          for (int64_t q = s + 1; q < end; ++q, ++o) {
-            const int64_t j = cp[q];
-            acc[j] += vi * vp[q];
-            pj[o] = static_cast<int32_t>(j);
-          }
+          for (int64_t q = s + 1; q < end; ++q) acc[cp[q]] += vi * vp[q];
         }
       }
+      // each occurrence's partners are its row's later entries, cp[s + 1 .. end), in cache: read
+      // again rather than listed (a list was 4 B per row pair written and read back)
       if (score_out) {  // (before the compaction below clears the accumulator)
-        if (pi < 0) {
-          for (o = b; o < e; ++o) score_out[o] = acc[pj[o]];
-        } else {
-          const int64_t end_i = out.row_end(pi);
-          for (o = b; o < e; ++o) {
-            const int32_t pq = position[pj[o]];
-            score_out[o] = pq < 0 ? acc[pj[o]] : pq < end_i ? out.rows.at(pi, pq) : acc_t(0);
+        acc_t* g = score_out + b;
+        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+          const int64_t s = occ[u], end = occ_end[u];
+          if (pi < 0) {
+            for (int64_t q = s + 1; q < end; ++q) *g++ = acc[cp[q]];
+            continue;
+          }
+          for (int64_t q = s + 1; q < end; ++q) {
+            const int32_t pq = position[cp[q]];
+            *g++ = pq < 0 ? acc[cp[q]] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
           }
         }
       }
       const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
-      for (o = b; o < e; ++o) {  // w <= o: the slot written was read already
-        const int32_t j = pj[o];
-        acc_t v = acc[j];
-        acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
-        if (cosine) v = v * scale * inv_norm[j];
-        const bool keep = v != acc_t(0);
-        pj[w] = j;
-        pv[w] = v;
-        w += keep;
+      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+        const int64_t s = occ[u], end = occ_end[u];
+        for (int64_t q = s + 1; q < end; ++q) {
+          const int64_t j = cp[q];
+          acc_t v = acc[j];
+          acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
+          if (cosine) v = v * scale * inv_norm[j];
+          const bool keep = v != acc_t(0);
+          pj[w] = static_cast<int32_t>(j);
+          pv[w] = v;
+          w += keep;
+        }
       }
       int64_t x = b;
       for (; x + kStripes <= w; x += kStripes)

@@ -119,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 // latents relabelled by norm (the tie order stays the original latents' i·n + j).
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
-                                   int64_t k, double bracket, int64_t sample_step, bool pair_scores) {
+                                   int64_t k, double bracket, int64_t sample_step, bool pair_scores, double reach) {
   const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
   const int64_t m = x.m, nnz = x.nnz;
   const int64_t* rp = x.rp;
@@ -136,10 +136,17 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
       vp = order->vals.data();
     }
   }
-  const aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
-      rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, pair_scores);
-  aosae::TopKSum<acc_t> sum(summed, order ? &*order : nullptr, n, threads);
-  aosae::SumResult r = sum.run(k, bracket, sample_step);
+  aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
+      rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, pair_scores, reach);
+  aosae::SumResult r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
+  if (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
+    // the staircase's sampled floor was above the k-th score: pairs past it may be among the k
+    // best, so the whole block is summed (the same labels: live_end is the full width)
+    const int64_t passes = r.block_passes;
+    summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, pair_scores);
+    r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
+    r.block_passes += passes;
+  }
   r.pair_scores = summed.pair_scores;
   r.pair_runs = summed.pair_runs;
   if (order) {
@@ -240,20 +247,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // score of every pair (s < q) of a row outside the block, entry e's pairs with its row's later
 // entries from pair_scores[pair_runs[e]] on; else empty: the backward then reads them instead of
 // summing them again)). sparse_csr_topk_sum_backward takes them back. bracket, sample_step:
-// csrc/topk_sum.h's estimate (bracket 0: the exact histogram; step 0: chosen).
+// csrc/topk_sum.h's estimate (bracket 0: the exact histogram; step 0: chosen). staircase_reach:
+// csrc/block_staircase.h's margin (tests make it small to see the whole block summed when the
+// staircase's floor proves too high).
 std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, Tensor, Tensor> sparse_csr_topk_sum(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, double bracket,
-    int64_t sample_step, bool pair_scores) {
+    int64_t sample_step, bool pair_scores, double staircase_reach) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
   TORCH_CHECK(bracket >= 0 && bracket < 1, "sparse_csr_topk_sum: bracket must be in [0, 1), got ", bracket);
   TORCH_CHECK(sample_step >= 0, "sparse_csr_topk_sum: sample_step must be >= 0 (0: chosen), got ", sample_step);
+  TORCH_CHECK(staircase_reach > 0, "sparse_csr_topk_sum: staircase_reach must be > 0, got ", staircase_reach);
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const aosae::SumResult r = vp.scalar_type() == at::kDouble
-                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, pair_scores)
-                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, pair_scores);
+                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, pair_scores, staircase_reach)
+                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, pair_scores, staircase_reach);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
   const Tensor scores = r.pair_scores.defined() ? r.pair_scores : torch::empty({0}, vp.options());
@@ -299,7 +309,8 @@ void register_sparse(pybind11::module& m) {
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("bracket") = aosae::kSumBracket, py::arg("sample_step") = 0,
-        py::arg("pair_scores") = false, py::call_guard<py::gil_scoped_release>(),
+        py::arg("pair_scores") = false, py::arg("staircase_reach") = aosae::kSeedReach,
+        py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
         "kept_in_block, width, live_end, block_passes, pair_scores, pair_runs), what sparse_csr_topk_sum_backward takes "
         "back");

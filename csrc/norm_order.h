@@ -58,20 +58,25 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
   out.cols.resize(nnz);
   out.vals.resize(nnz);
   out.entry.resize(nnz);
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, int64_t>> row;  // (new label, original entry)
-    for (int64_t t = begin; t < end; ++t) {
-      row.clear();
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) row.emplace_back(out.label[cp[e]], e);
-      std::sort(row.begin(), row.end());
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-        const auto& [a, from] = row[e - rp[t]];
-        out.cols[e] = a;
-        out.vals[e] = vp[from];
-        out.entry[e] = from;
-      }
+  // Each row's entries by new label: a counting sort of all the entries by label (row order kept
+  // within a label), then each label's entries dealt to their rows in turn. Linear and serial; the
+  // per-row sorts it replaces took 4.5 ms at BatchTopK d_sae 65536 (rows of up to thousands).
+  std::vector<int64_t> start(n + 1, 0), row_of(nnz);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      row_of[e] = t;
+      ++start[out.label[cp[e]] + 1];
     }
-  });
+  for (int64_t a = 0; a < n; ++a) start[a + 1] += start[a];
+  std::vector<int64_t> by_label(nnz);
+  for (int64_t e = 0; e < nnz; ++e) by_label[start[out.label[cp[e]]]++] = e;
+  std::vector<int64_t> next(rp, rp + m);
+  for (const int64_t e : by_label) {
+    const int64_t d = next[row_of[e]]++;
+    out.cols[d] = out.label[cp[e]];
+    out.vals[d] = vp[e];
+    out.entry[d] = e;
+  }
   return out;
 }
 

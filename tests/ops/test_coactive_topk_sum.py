@@ -168,7 +168,7 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
     c = co.canonical(offsets, indices, values)
     u = c.uniq.numel()
     pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
-    pruned = 0
+    pruned = fell_back = 0
     for k in (1, 2, pairs // 50, pairs // 10, pairs // 3, pairs - 1):
         total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
                                                                                              c.vals, u, k)
@@ -186,7 +186,17 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
         torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
         assert torch.equal(grad, again)
         assert torch.equal(backward_from_pair_scores(module, c, k, product=product), grad)
+        # a floor set far too high (a sample that misled): the k-th score found is below it, and the
+        # whole block is summed instead, with the same result
+        whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, staircase_reach=1e-9)
+        assert torch.equal(whole[1], kth) and whole[2:5] == (tie_cut, kept, in_block)
+        fell_back += staircase_pairs(live_end) < staircase_pairs(whole[6]) == width * (width - 1) // 2
+        torch.testing.assert_close(whole[0], total, rtol=1e-12, atol=0)
+        whole_grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                         product=product, live_end=whole[6])
+        torch.testing.assert_close(whole_grad, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
     assert pruned >= 3  # the small k's staircases leave most of the block out
+    assert fell_back >= 2  # (k = 1 or 2 may still reach a floor at the best pair's bin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -298,6 +308,8 @@ def test_backward_rejects_a_block_of_other_rows():
                                                 out[5], live_end=out[6], pair_scores=bad_scores, pair_runs=bad_runs)
     with pytest.raises(RuntimeError, match="bracket must be in"):
         module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, bracket=1.5)
+    with pytest.raises(RuntimeError, match="staircase_reach must be > 0"):
+        module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, staircase_reach=0.0)
 
 
 def test_the_loss_sums_without_selecting_and_logs_from_the_count():
