@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -42,11 +43,19 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
   for (int64_t e = 0; e < nnz; ++e) sq[cp[e]] += static_cast<double>(vp[e]) * static_cast<double>(vp[e]);
   // the active latents sorted (stably), then the others in their order: the same as sorting all
   // n, without sorting the n − u zeros (d_sae 262144: u ≈ 2·10⁴)
+  // (sorted as (~bits of sq, latent) pairs: a positive double's bits order as its value does, so
+  // this is the stable order by sq descending, with integer compares)
+  std::vector<std::pair<uint64_t, int64_t>> active;
+  for (int64_t i = 0; i < n; ++i)
+    if (sq[i] > 0) {
+      uint64_t bits;
+      std::memcpy(&bits, &sq[i], sizeof(bits));
+      active.emplace_back(~bits, i);
+    }
+  std::sort(active.begin(), active.end());
   out.original.clear();
   out.original.reserve(n);
-  for (int64_t i = 0; i < n; ++i)
-    if (sq[i] > 0) out.original.push_back(i);
-  std::stable_sort(out.original.begin(), out.original.end(), [&](int64_t a, int64_t b) { return sq[a] > sq[b]; });
+  for (const auto& a : active) out.original.push_back(a.second);
   for (int64_t i = 0; i < n; ++i)
     if (!(sq[i] > 0)) out.original.push_back(i);
   out.label.resize(n);
