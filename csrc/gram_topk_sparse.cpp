@@ -119,7 +119,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 // latents relabelled by norm (the tie order stays the original latents' i·n + j).
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
-                                   int64_t k, double bracket, int64_t sample_step, bool pair_scores, double reach) {
+                                   int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach) {
   const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
   const int64_t m = x.m, nnz = x.nnz;
   const int64_t* rp = x.rp;
@@ -137,22 +137,32 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
     }
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
-      rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, pair_scores, reach);
+      rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, keep_plan, reach);
   aosae::SumResult r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
   if (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
     // the staircase's sampled floor was above the k-th score: pairs past it may be among the k
     // best, so the whole block is summed (the same labels: live_end is the full width)
     const int64_t passes = r.block_passes;
-    summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, pair_scores);
+    summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, keep_plan);
     r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
     r.block_passes += passes;
   }
-  r.pair_scores = summed.pair_scores;
-  r.pair_runs = summed.pair_runs;
   if (order) {
     const int64_t width = summed.dense.size();
     r.live_end = torch::tensor(summed.live_end.empty() ? std::vector<int64_t>(width, width) : summed.live_end,
                                torch::kInt64);
+  }
+  if (keep_plan) {
+    auto plan = std::make_shared<aosae::TopKSumPlanOf<acc_t>>();
+    plan->m = m;
+    plan->nnz = nnz;
+    plan->n = n;
+    plan->pair_scores = summed.pair_scores;
+    plan->pair_runs = summed.pair_runs;
+    plan->order = std::move(order);
+    plan->dense = std::move(summed.dense);
+    plan->scores = std::move(summed.rows);
+    r.plan = std::move(plan);
   }
   trim_scratch();
   return r;
@@ -243,16 +253,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // live_end: [width] int64 (positive values with a block: the block's latents are the columns in
 // norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
 // the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the
-// sampled bracket held the k-th score), pair_scores and pair_runs (with pair_scores=True: the
-// score of every pair (s < q) of a row outside the block, entry e's pairs with its row's later
-// entries from pair_scores[pair_runs[e]] on; else empty: the backward then reads them instead of
-// summing them again)). sparse_csr_topk_sum_backward takes them back. bracket, sample_step:
-// csrc/topk_sum.h's estimate (bracket 0: the exact histogram; step 0: chosen). staircase_reach:
-// csrc/block_staircase.h's margin (tests make it small to see the whole block summed when the
-// staircase's floor proves too high).
-std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, Tensor, Tensor> sparse_csr_topk_sum(
+// sampled bracket held the k-th score), plan (with keep_plan=True: what the backward takes
+// instead of deriving it again, csrc/topk_sum_plan.h; else None)). sparse_csr_topk_sum_backward
+// takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
+// histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it
+// small to see the whole block summed when the staircase's floor proves too high).
+std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, std::shared_ptr<aosae::TopKSumPlan>>
+sparse_csr_topk_sum(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, double bracket,
-    int64_t sample_step, bool pair_scores, double staircase_reach) {
+    int64_t sample_step, bool keep_plan, double staircase_reach) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
   TORCH_CHECK(bracket >= 0 && bracket < 1, "sparse_csr_topk_sum: bracket must be in [0, 1), got ", bracket);
@@ -262,14 +271,12 @@ std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, 
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const aosae::SumResult r = vp.scalar_type() == at::kDouble
-                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, pair_scores, staircase_reach)
-                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, pair_scores, staircase_reach);
+                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, staircase_reach)
+                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, staircase_reach);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
-  const Tensor scores = r.pair_scores.defined() ? r.pair_scores : torch::empty({0}, vp.options());
-  const Tensor runs = r.pair_runs.defined() ? r.pair_runs : torch::empty({0}, torch::kInt64);
   return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, r.width,
-          live_end, r.block_passes, scores, runs};
+          live_end, r.block_passes, r.plan};
 }
 
 // The whole sparse backend on a dense CPU tensor a [m, n].
@@ -296,6 +303,12 @@ Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor
 
 void register_sparse(pybind11::module& m) {
   namespace py = pybind11;
+  py::class_<aosae::TopKSumPlan, std::shared_ptr<aosae::TopKSumPlan>>(
+      m, "TopKSumPlan",
+      "What sparse_csr_topk_sum(keep_plan=True) hands its backward: the latents' order, the GEMM block's plan and "
+      "scores, every row pair's score (csrc/topk_sum_plan.h)")
+      .def_property_readonly("pair_scores", [](const aosae::TopKSumPlan& p) { return p.pair_scores; })
+      .def_property_readonly("pair_runs", [](const aosae::TopKSumPlan& p) { return p.pair_runs; });
   m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
         py::call_guard<py::gil_scoped_release>(),
         "Sparse co-activation gram_topk on a dense CPU tensor: (values[k], rows[k], cols[k])");
@@ -309,11 +322,10 @@ void register_sparse(pybind11::module& m) {
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("bracket") = aosae::kSumBracket, py::arg("sample_step") = 0,
-        py::arg("pair_scores") = false, py::arg("staircase_reach") = aosae::kSeedReach,
+        py::arg("keep_plan") = false, py::arg("staircase_reach") = aosae::kSeedReach,
         py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
-        "kept_in_block, width, live_end, block_passes, pair_scores, pair_runs), what sparse_csr_topk_sum_backward takes "
-        "back");
+        "kept_in_block, width, live_end, block_passes, plan), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents,

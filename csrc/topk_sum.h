@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "block_staircase.h"
@@ -35,6 +36,7 @@
 #include "norm_order.h"
 #include "pair_select.h"
 #include "simd512.h"
+#include "topk_sum_plan.h"
 
 namespace aosae {
 
@@ -52,8 +54,7 @@ struct SumResult {
   int64_t width = 0;          // the block's latents (0: no block)
   int64_t block_passes = 0;   // passes over the block's rows (a sample of every step-th row and the seed not counted)
   torch::Tensor live_end;     // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
-  torch::Tensor pair_scores;  // asked for: the row pairs' scores outside the block (csrc/coactive_pairs.h),
-  torch::Tensor pair_runs;    // entry e's from pair_scores[pair_runs[e]] on
+  std::shared_ptr<TopKSumPlan> plan;  // asked for: what the backward takes instead of deriving it (csrc/topk_sum_plan.h)
 };
 
 // Where a pass draws the line: |C| >= hi is kept for sure; lo <= |C| < hi is collected (the k-th

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -36,6 +37,7 @@
 #include "pair_select.h"
 #include "recomputed_block.h"
 #include "row_slots.h"
+#include "topk_sum_plan.h"
 
 namespace {
 
@@ -47,7 +49,7 @@ enum class Product { kAuto, kSparse, kDense };
 template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
                               double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
-                              const Tensor& live_end_t, const Tensor& pair_scores, const Tensor& pair_runs) {
+                              const Tensor& live_end_t, const aosae::TopKSumPlan* given) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
@@ -59,11 +61,18 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       TORCH_CHECK(ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]),
                   "sparse_csr_topk_sum_backward: row ", t, "'s cols must lie in [0, n) and ascend strictly");
   }
+  // The forward's plan (csrc/topk_sum_plan.h), or what it held derived again from the rows.
+  const auto* plan = dynamic_cast<const aosae::TopKSumPlanOf<acc_t>*>(given);
+  TORCH_CHECK(given == nullptr || (plan != nullptr && plan->m == m && plan->nnz == nnz && plan->n == n &&
+                                   plan->order.has_value() == (live_end_t.numel() > 0)),
+              "sparse_csr_topk_sum_backward: the plan was made for other rows (or another dtype): pass the plan that "
+              "sparse_csr_topk_sum returned for these rows");
   // The forward's labels: with a staircase (live_end), latents in norm order (csrc/norm_order.h);
   // the gradient is mapped back to the caller's entries at the end. Ties keep the original order.
-  std::optional<aosae::NormOrder<acc_t>> order;
-  if (live_end_t.numel() > 0) {
-    order = aosae::order_by_norm<acc_t>(rp, ca, x, m, n);
+  std::optional<aosae::NormOrder<acc_t>> own_order;
+  if (!plan && live_end_t.numel() > 0) own_order = aosae::order_by_norm<acc_t>(rp, ca, x, m, n);
+  const aosae::NormOrder<acc_t>* order = plan ? (plan->order ? &*plan->order : nullptr) : (own_order ? &*own_order : nullptr);
+  if (order) {
     ca = order->cols.data();
     x = order->vals.data();
   }
@@ -92,13 +101,19 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   };
 
   // The forward's plan: the same rows go to the block, over the same latents.
-  const aosae::DenseRows<acc_t> dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
+  aosae::DenseRows<acc_t> own_dense;
+  aosae::RecomputedBlock<acc_t> own_scores;
+  if (!plan) {
+    own_dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
+    own_scores = aosae::RecomputedBlock<acc_t>(own_dense, rp, ca, x, m);
+  }
+  const aosae::DenseRows<acc_t>& dense = plan ? plan->dense : own_dense;
+  const aosae::RecomputedBlock<acc_t>& scores = plan ? plan->scores : own_scores;
   const uint8_t* moved = dense.moved.data();
   const int32_t* position = dense.position.data();
   const int64_t width = dense.size();
   TORCH_CHECK(forward_width == width, "sparse_csr_topk_sum_backward: width is ", forward_width,
               " but these rows' plan has ", width, " latents: pass the width that sparse_csr_topk_sum returned for these rows");
-  const aosae::RecomputedBlock<acc_t> scores(dense, rp, ca, x, m);
   TORCH_CHECK(live_end_t.numel() == 0 || (live_end_t.numel() == width && live_end_t.scalar_type() == at::kLong),
               "sparse_csr_topk_sum_backward: live_end has ", live_end_t.numel(), " entries for a block of ", width,
               " latents: pass the live_end that sparse_csr_topk_sum returned for these rows");
@@ -117,19 +132,16 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   acc_t* o = out.data_ptr<acc_t>();
   // each run of scores becomes its gradients on the way into the product (the moved rows: below)
   auto run_gradients = [&](acc_t* v, int64_t len, int64_t e) { to_gradients(v, len, ca[e], ca + e + 1); };
-  if (pair_scores.numel() > 0 || pair_runs.numel() > 0) {  // the forward's scores
+  if (plan && plan->pair_runs.defined()) {  // the forward's scores
+    const Tensor& pair_scores = plan->pair_scores;
+    const int64_t* runs = plan->pair_runs.template data_ptr<int64_t>();
     const int64_t count = pair_scores.numel();
-    const int64_t* runs = pair_runs.data_ptr<int64_t>();
-    TORCH_CHECK(pair_runs.numel() == nnz && pair_scores.scalar_type() == vals.scalar_type(),
-                "sparse_csr_topk_sum_backward: pair_runs has ", pair_runs.numel(), " entries and pair_scores is ",
-                pair_scores.scalar_type(), " for ", nnz, " ", vals.scalar_type(), " entries: pass the pair_scores and "
-                "pair_runs that sparse_csr_topk_sum returned for these rows");
-    for (int64_t t = 0; t < m; ++t)
+    for (int64_t t = 0; t < m; ++t)  // (cheap, and a plan is only ever the forward's: a bound on every read)
       for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
-        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: pair_runs[",
-                    e, "] = ", runs[e], " is outside the ", count, " pair_scores: pass the pair_scores and pair_runs "
+        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
+                    "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " pair scores: pass the plan "
                     "that sparse_csr_topk_sum returned for these rows");
-    const acc_t* scores_in = pair_scores.data_ptr<acc_t>();
+    const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
     aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
                              run_gradients);
   } else {
@@ -270,8 +282,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
 Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
                                     int64_t n, double kth, int64_t tie_cut, int64_t width, int64_t inside,
                                     const std::string& product, const std::optional<Tensor>& live_end,
-                                    const std::optional<Tensor>& pair_scores,
-                                    const std::optional<Tensor>& pair_runs) {
+                                    const std::shared_ptr<aosae::TopKSumPlan>& plan) {
   TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
@@ -282,14 +293,9 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
   at::NoGradGuard no_grad;
   const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous();
   const Tensor le = live_end.has_value() ? *live_end : torch::empty({0}, torch::kInt64);
-  const Tensor ps = pair_scores.has_value() ? pair_scores->contiguous() : torch::empty({0}, va.options());
-  const Tensor pr = pair_runs.has_value() ? pair_runs->contiguous() : torch::empty({0}, torch::kInt64);
-  TORCH_CHECK(ps.device().is_cpu() && ps.dim() == 1 && pr.device().is_cpu() && pr.dim() == 1 &&
-                  pr.scalar_type() == at::kLong,
-              "sparse_csr_topk_sum_backward: pair_scores and pair_runs must be 1-D CPU tensors, pair_runs int64");
   if (va.scalar_type() == at::kDouble)
-    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, ps, pr);
-  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, ps, pr);
+    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get());
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get());
 }
 
 void register_topk_sum_backward(pybind11::module& m) {
@@ -297,9 +303,8 @@ void register_topk_sum_backward(pybind11::module& m) {
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
-        py::arg("pair_scores") = py::none(), py::arg("pair_runs") = py::none(),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("plan") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
         "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': tiles of G_U); "
-        "pair_scores, pair_runs: the forward's (read instead of summed again)");
+        "plan: the forward's (sparse_csr_topk_sum(keep_plan=True)), read instead of derived again");
 }

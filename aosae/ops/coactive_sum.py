@@ -144,12 +144,14 @@ class _TopKSum(torch.autograd.Function):
         module = _extension.require()
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
-        # the forward's per-row-pair scores (O(Σ_t L_t²), 16 MB at TopK B 2048, L 64) are kept for the
-        # backward, which otherwise sums them again: 15 of its 16 ms at d_sae 16384 (benchmarks/NOTES.md)
-        total, kth, tie_cut, kept, in_block, width, live_end, _, pair_scores, pair_runs = module.sparse_csr_topk_sum(
-            c.row_ptr, c.cols, vals, u, k, pair_scores=ctx.needs_input_grad[0])
+        # the forward's plan (the latents' order, the block, every row pair's score: O(Σ_t L_t²), 16 MB at
+        # TopK B 2048, L 64) is kept for the backward, which otherwise derives it again: 9 of its 14 ms
+        # at TopK d_sae 16384 (benchmarks/NOTES.md)
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, vals, u, k, keep_plan=ctx.needs_input_grad[0])
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)
-        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end, pair_scores, pair_runs)
+        ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end)
+        ctx.plan = plan
         ctx.u, ctx.kth, ctx.tie_cut, ctx.in_block, ctx.width = u, float(kth), int(tie_cut), int(in_block), int(width)
         ctx.dtype = values.dtype
         return total.to(vals.dtype), int(kept), float(kth)
@@ -157,11 +159,11 @@ class _TopKSum(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward is a kernel: a second derivative would silently be zero
     def backward(ctx, grad_total, _grad_kept, _grad_kth):
-        row_ptr, cols, vals, perm, live_end, pair_scores, pair_runs = ctx.saved_tensors
+        row_ptr, cols, vals, perm, live_end = ctx.saved_tensors
         grad = _extension.require().sparse_csr_topk_sum_backward(float(grad_total), row_ptr, cols, vals, ctx.u,
                                                                  ctx.kth, ctx.tie_cut, ctx.width, ctx.in_block,
-                                                                 live_end=live_end, pair_scores=pair_scores,
-                                                                 pair_runs=pair_runs)
+                                                                 live_end=live_end, plan=ctx.plan)
+        ctx.plan = None  # (its buffers go back now, not with the graph)
         if perm.numel() > 0:  # canonical order -> the caller's
             grad = torch.empty_like(grad).index_copy_(0, perm, grad)
         return grad.to(ctx.dtype), None, None

@@ -41,15 +41,16 @@ def summed(offsets, indices, values, n, k):
     return found, v.grad
 
 
-def backward_from_pair_scores(module, c, k, **kwargs):
-    """The kernel's backward fed the forward's per-row-pair scores (pair_scores=True)."""
+def backward_from_plan(module, c, k, **kwargs):
+    """The kernel's backward handed the forward's plan (keep_plan=True) instead of deriving it."""
     u = c.uniq.numel()
-    total, kth, tie_cut, kept, in_block, width, live_end, _, scores, runs = module.sparse_csr_topk_sum(
-        c.row_ptr, c.cols, c.vals, u, k, pair_scores=True)
+    total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+        c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
     lengths = c.row_ptr[1:] - c.row_ptr[:-1]
-    assert runs.numel() == c.cols.numel() and 0 < scores.numel() <= int((lengths * (lengths - 1) // 2).sum())
+    assert plan.pair_runs.numel() == c.cols.numel()
+    assert 0 < plan.pair_scores.numel() <= int((lengths * (lengths - 1) // 2).sum())
     return module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                               live_end=live_end, pair_scores=scores, pair_runs=runs, **kwargs)
+                                               live_end=live_end, plan=plan, **kwargs)
 
 
 def rows_of(kind, dtype, *, integer=False, signed=False, zeros=0.0):
@@ -110,8 +111,8 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         counted = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                       live_end=live_end)
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
-        # the forward's pair scores read instead of summed again: the same gradient, bit for bit
-        assert torch.equal(backward_from_pair_scores(module, c, k, product=product), grad)
+        # the forward's plan read instead of derived again: the same gradient, bit for bit
+        assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -185,7 +186,7 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
         torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
         torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
         assert torch.equal(grad, again)
-        assert torch.equal(backward_from_pair_scores(module, c, k, product=product), grad)
+        assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
         # a floor set far too high (a sample that misled): the k-th score found is below it, and the
         # whole block is summed instead, with the same result
         whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, staircase_reach=1e-9)
@@ -300,12 +301,15 @@ def test_backward_rejects_a_block_of_other_rows():
     with pytest.raises(RuntimeError, match="pass the width that sparse_csr_topk_sum returned"):
         module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
                                             out[5] - 1)
-    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, pair_scores=True)
-    scores, runs = out[8], out[9]
-    for bad_scores, bad_runs in ((scores, runs[:-1]), (scores.float(), runs), (scores[:-1], runs)):
-        with pytest.raises(RuntimeError, match="pass the pair_scores and pair_runs that sparse_csr_topk_sum returned"):
+    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, keep_plan=True)
+    other = rows_of("outliers", torch.float64)
+    oc = co.canonical(*other[:3])
+    foreign = module.sparse_csr_topk_sum(oc.row_ptr, oc.cols, oc.vals, oc.uniq.numel(), 10, keep_plan=True)[8]
+    single = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals.float(), c.uniq.numel(), 10, keep_plan=True)[8]
+    for plan in (foreign, single):  # other rows, another dtype
+        with pytest.raises(RuntimeError, match="pass the plan that sparse_csr_topk_sum returned for these rows"):
             module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
-                                                out[5], live_end=out[6], pair_scores=bad_scores, pair_runs=bad_runs)
+                                                out[5], live_end=out[6], plan=plan)
     with pytest.raises(RuntimeError, match="bracket must be in"):
         module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, bracket=1.5)
     with pytest.raises(RuntimeError, match="staircase_reach must be > 0"):

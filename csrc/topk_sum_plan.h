@@ -1,0 +1,39 @@
+// What the sum of the k best pairs' forward (sparse_csr_topk_sum, csrc/gram_topk_sparse.cpp)
+// hands its backward (csrc/topk_sum_backward.cpp), so that the backward does not derive it again:
+// the latents' norm order, the GEMM block's plan and its recomputed scores (the moved rows and the
+// corrections), and every row pair's score outside the block. Without it the backward rebuilt
+// all of them: at BatchTopK d_sae 16384's initialisation the order and the block were ≈ 5 ms of
+// a 13 ms backward, and summing the row pairs again was 9 of TopK's 14 ms at 16384.
+//
+// Python holds it as an opaque object (aosae._C.TopKSumPlan) in the autograd context; its
+// buffers are freed with it.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "dense_rows.h"
+#include "norm_order.h"
+#include "recomputed_block.h"
+
+namespace aosae {
+
+struct TopKSumPlan {
+  virtual ~TopKSumPlan() = default;
+  int64_t m = 0, nnz = 0, n = 0;  // the rows it was made for
+  // every pair (s, q), s < q, of a row outside the block: its score; entry e's pairs with its
+  // row's later entries from pair_scores[pair_runs[e]] on (csrc/coactive_pairs.h)
+  torch::Tensor pair_scores, pair_runs;
+};
+
+template <typename acc_t>
+struct TopKSumPlanOf : TopKSumPlan {
+  std::optional<NormOrder<acc_t>> order;  // the latents relabelled by norm (with a staircase)
+  DenseRows<acc_t> dense;                 // the rows moved to the block, and its latents
+  RecomputedBlock<acc_t> scores;          // the block's scores, recomputed where read
+};
+
+}  // namespace aosae
