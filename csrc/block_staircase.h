@@ -48,7 +48,7 @@ constexpr double kSeedPairs = 1.25;
 // The floor: where the seed's sampled moved-row parts reach this many times k (the margin: the
 // sample's error).
 constexpr double kSeedReach = 1.1;
-// Every this-many-th row of the seed is sampled (fewer for a narrow block: every row below 128).
+// Every this-many-th row of the seed is sampled (fewer for a narrow block: every row below 256 latents).
 constexpr int64_t kSeedRowStep = 16;
 
 // Row p's end: the first q whose bound falls below x (at least p + 1: no column), s non-increasing.

@@ -103,8 +103,9 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // Latent-major view of the other rows (CSC): latent i's entries in row order, each with the
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
   // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
-  // the distinct j are listed in bucket i. Only the distinct pairs go to memory: the rows (12 B
-  // per entry) stay in cache, and each C_ij is summed in row order whatever the thread count.
+  // the distinct j are listed in bucket i. Only the distinct pairs go to memory (and, kept for the
+  // backward, every row pair's score): the rows (12 B per entry) stay in cache, and each C_ij is
+  // summed in row order whatever the thread count.
   std::vector<int64_t> occ_ptr(n + 1, 0);
   for (int64_t t = 0; t < m; ++t)
     if (!moved[t])

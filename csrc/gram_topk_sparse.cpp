@@ -143,6 +143,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
     // the staircase's sampled floor was above the k-th score: pairs past it may be among the k
     // best, so the whole block is summed (the same labels: live_end is the full width)
     const int64_t passes = r.block_passes;
+    summed = aosae::CoactivePairs<acc_t>();  // (its buffers go before the second pass takes its own)
     summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, keep_plan);
     r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
     r.block_passes += passes;
@@ -253,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // live_end: [width] int64 (positive values with a block: the block's latents are the columns in
 // norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
 // the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the
-// sampled bracket held the k-th score), plan (with keep_plan=True: what the backward takes
+// sampled bracket held the k-th score; a staircase whose floor proved too high adds its own), plan (with keep_plan=True: what the backward takes
 // instead of deriving it again, csrc/topk_sum_plan.h; else None)). sparse_csr_topk_sum_backward
 // takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
 // histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it

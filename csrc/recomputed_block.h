@@ -43,7 +43,7 @@ class RecomputedBlock {
     // filled in parallel, each chunk's entries placed after the earlier chunks' (the same list
     // whatever the split; serial, the two passes took ≈ 5 of 6 ms at BatchTopK d_sae 16384's
     // initialisation, 0.8 ms now).
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(m, 4 * at::get_num_threads()));
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({m, 2 * at::get_num_threads(), 32}));
     std::vector<std::vector<int64_t>> at_chunk(chunks, std::vector<int64_t>(width_, 0));
     auto each_pair = [&](int64_t c, std::vector<int64_t>& inside, auto&& take) {
       for (int64_t t = m * c / chunks; t < m * (c + 1) / chunks; ++t) {

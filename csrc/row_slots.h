@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "pair_select.h"  // Scratch
@@ -73,7 +74,10 @@ acc_t* fill_slots(const RowSlots& s, int64_t n, Fill&& fill) {
 // takes (the runs hold scores), or leaves it (they hold the gradients already).
 constexpr int64_t kPrefetchAhead = 2;
 
-template <typename acc_t, typename RunOf, typename ToGrad>
+// to_grad for runs that hold the gradients already: read in place
+struct NoConversion {};
+
+template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad) {
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
@@ -85,14 +89,17 @@ void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const 
       for (int64_t e = b; e + 1 < e_end; ++e) {
         const int64_t len = e_end - e - 1;
         const acc_t* w = run_of(e, t);
-        if (e + kPrefetchAhead + 1 < e_end) {  // runs lie apart in memory: fetch one a few entries ahead
+        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {  // runs lie apart in memory: fetch one a few entries ahead
           const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
           const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(acc_t));
           for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);
         }
-        acc_t* gr = run.data();
-        std::copy(w, w + len, gr);
-        to_grad(gr, len, e);
+        const acc_t* gr = w;
+        if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {
+          std::copy(w, w + len, run.data());
+          to_grad(run.data(), len, e);
+          gr = run.data();
+        }
         const acc_t xe = x[e];
         acc_t* oq = o + e + 1;
         const acc_t* xq = x + e + 1;
@@ -111,8 +118,9 @@ void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const 
 template <typename acc_t>
 void add_slot_products(const RowSlots& s, const acc_t* G, const int64_t* rp, const acc_t* x, const uint8_t* moved,
                        int64_t m, acc_t* o) {
-  add_pair_products([&](int64_t e, int64_t t) { return G + s.first(e, t, rp); }, rp, x, moved, m, o,
-                    [](acc_t*, int64_t, int64_t) {});
+  // (the slots of a row lie together: no prefetch)
+  add_pair_products<acc_t, false>([&](int64_t e, int64_t t) { return G + s.first(e, t, rp); }, rp, x, moved, m, o,
+                                  NoConversion());
 }
 
 }  // namespace aosae

@@ -142,8 +142,8 @@ namespace {
 
 // CSR rows with any latent order -> compact ids (ranks among the distinct ids), ascending per
 // row. Status codes: 0 ok, 1 bad offsets, 2 index out of [0, n), 3 NaN/Inf value, 4 a row
-// repeats a latent, 5 an unsorted row of 2^32 entries or more (the caller's torch path then
-// produces the message, or the rows).
+// repeats a latent, 5 an unsorted row of 2^32 entries or more, or 2^32 distinct ids (the caller's
+// torch path then produces the message, or the rows).
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor& offsets, const Tensor& indices,
                                                                    const Tensor& values, int64_t n) {
@@ -184,6 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, int64_t> canonical_impl(const Tensor&
     sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
   }
   const int64_t U = static_cast<int64_t>(sorted.size());
+  if (U >= (int64_t(1) << 32)) return fail(5);  // (the rows' sort packs a compact id in 32 bits)
   Tensor uniq = at::empty({U}, indices.options());
   std::copy(sorted.begin(), sorted.end(), reinterpret_cast<uint64_t*>(uniq.data_ptr<int64_t>()));
   auto compact = [&](int64_t id) -> int64_t {

@@ -2,15 +2,17 @@
 // Σ |C_ij| over the min(k, P) best co-active pairs at every entry of canonical CSR rows, from
 // the forward's cut (kth, tie_cut) instead of a list of the pairs: a pair is kept when
 // |C_ij| > kth, or |C_ij| = kth and i·n + j <= tie_cut (kth 0 and tie_cut -1: every non-zero
-// pair). The scores are recomputed exactly as the forward summed them:
-//   - the rows outside the GEMM block (csrc/dense_rows.h, the same plan as the forward's):
-//     latent by latent (Gustavson), C_ij for the partners j > i summed in row order into a
-//     dense row, then each row pair's slot gets g·sign(C_ij) when (i, j) is kept, else 0, and
-//     a row-by-row pass adds the slots' products (coactive_backward's layout: each slot
-//     written once, each entry summed in a fixed order, no atomics);
+// pair). The scores are the forward's, read from its plan (csrc/topk_sum_plan.h) or, without
+// one, recomputed exactly as the forward summed them:
+//   - the rows outside the GEMM block (csrc/dense_rows.h, the same plan as the forward's): every
+//     row pair's score, the plan's pair_scores or (without a plan) latent by latent (Gustavson),
+//     C_ij for the partners j > i summed in row order into a dense row and written to the row's
+//     slots; a row-by-row pass then turns each run of scores into g·sign(C_ij) where (i, j) is
+//     kept, else 0, and adds their products (each entry summed in a fixed order, no atomics);
 //   - the pairs inside U × U: their scores recomputed as the forward recomputed them
-//     (csrc/recomputed_block.h), and the moved rows' gradient is A_H · G_U, per kept pair (few
-//     kept inside U × U) or from L1 tiles of G_U (most of it kept; csrc/block_gradient.h).
+//     (csrc/recomputed_block.h, the plan's or built again), and the moved rows' gradient is
+//     A_H · G_U, per kept pair (few kept inside U × U) or from L1 tiles of G_U (most of it kept;
+//     csrc/block_gradient.h).
 // Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
 // O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)).
 //
@@ -63,8 +65,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   }
   // The forward's plan (csrc/topk_sum_plan.h), or what it held derived again from the rows.
   const auto* plan = dynamic_cast<const aosae::TopKSumPlanOf<acc_t>*>(given);
+  // (an order without a block, every outlier row too wide for it, returns no live_end)
   TORCH_CHECK(given == nullptr || (plan != nullptr && plan->m == m && plan->nnz == nnz && plan->n == n &&
-                                   plan->order.has_value() == (live_end_t.numel() > 0)),
+                                   (plan->order.has_value() == (live_end_t.numel() > 0) || plan->dense.size() == 0)),
               "sparse_csr_topk_sum_backward: the plan was made for other rows (or another dtype): pass the plan that "
               "sparse_csr_topk_sum returned for these rows");
   // The forward's labels: with a staircase (live_end), latents in norm order (csrc/norm_order.h);
@@ -174,8 +177,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
         for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
     });
-    aosae::add_pair_products([&](int64_t e, int64_t t) { return G + slots.first(e, t, rp); }, rp, x, moved, m, o,
-                             run_gradients);
+    aosae::add_pair_products<acc_t, false>([&](int64_t e, int64_t t) { return G + slots.first(e, t, rp); }, rp, x,
+                                           moved, m, o, run_gradients);
   }
   aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]

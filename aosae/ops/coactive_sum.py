@@ -59,15 +59,17 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
         seen.zero_()
         return int(seen.index_fill_(0, idx, True).sum())
 
+    row_of = None
     for threshold in _DENSE_ROW_THRESHOLDS:
         dense = lengths >= threshold
         rest = int(row_pairs[~dense].sum())
         if not bool(dense.any()) or (k is not None and rest > k):  # (this tier cannot reach k)
             continue
-        if rest == 0:  # every row: the last bound below, counted once (TopK rows of L >= 64)
+        if bool((dense | (lengths == 0)).all()):  # every non-empty row: the last bound below, counted once
             break
-        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
-                                         output_size=indices.numel())
+        if row_of is None:
+            row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
+                                             output_size=indices.numel())
         u = distinct(indices[dense[row_of]])
         best = min(best, u * (u - 1) // 2 + rest)
         if k is not None and best <= k:
@@ -132,7 +134,9 @@ def coactive_topk_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torc
     acc = accumulation_dtype(values.dtype)
     if c.uniq.numel() < 2:  # no pair: a zero that still reaches values (a zero gradient)
         return TopKSum((values * 0).sum().to(acc), 0, 0.0)
-    total, kept, kth = _TopKSum.apply(values, c, k)
+    # the forward's plan only where a backward can follow (needs_input_grad ignores no_grad)
+    keep_plan = torch.is_grad_enabled() and values.requires_grad
+    total, kept, kth = _TopKSum.apply(values, c, k, keep_plan)
     return TopKSum(total, kept, kth)
 
 
@@ -140,7 +144,7 @@ class _TopKSum(torch.autograd.Function):
     """The C++ sum on canonical rows; its backward re-derives the kept pairs from (kth, tie_cut)."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, c: Canonical, k: int):
+    def forward(ctx, values: torch.Tensor, c: Canonical, k: int, keep_plan: bool):
         module = _extension.require()
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
@@ -148,7 +152,7 @@ class _TopKSum(torch.autograd.Function):
         # TopK B 2048, L 64) is kept for the backward, which otherwise derives it again: 9 of its 14 ms
         # at TopK d_sae 16384 (benchmarks/NOTES.md)
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
-            c.row_ptr, c.cols, vals, u, k, keep_plan=ctx.needs_input_grad[0])
+            c.row_ptr, c.cols, vals, u, k, keep_plan=keep_plan)
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)
         ctx.save_for_backward(c.row_ptr, c.cols, vals, perm, live_end)
         ctx.plan = plan
@@ -166,4 +170,4 @@ class _TopKSum(torch.autograd.Function):
         ctx.plan = None  # (its buffers go back now, not with the graph)
         if perm.numel() > 0:  # canonical order -> the caller's
             grad = torch.empty_like(grad).index_copy_(0, perm, grad)
-        return grad.to(ctx.dtype), None, None
+        return grad.to(ctx.dtype), None, None, None

@@ -111,6 +111,10 @@ def test_dense_rows_tighten_the_bound():
     assert pairs_bound(offsets, indices) == 4950
     assert coactive_sum(offsets, indices, values, 100, 4950) is not None
     assert coactive_sum(offsets, indices, values, 100, 4949) is None
+    # a row of one entry has no pair and does not loosen the dense rows' bound (its latent is not theirs)
+    offsets, indices = torch.tensor([0, 100, 200, 300, 301]), torch.cat([indices, torch.tensor([150])])
+    assert pairs_bound(offsets, indices) == 4950
+    assert coactive_sum(offsets, indices, torch.cat([values, torch.ones(1, dtype=torch.float64)]), 151, 4950) is not None
 
 
 @pytest.mark.parametrize("case", ["zero", "negative", "k_below_the_bound"])

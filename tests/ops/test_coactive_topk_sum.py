@@ -41,11 +41,12 @@ def summed(offsets, indices, values, n, k):
     return found, v.grad
 
 
-def backward_from_plan(module, c, k, **kwargs):
-    """The kernel's backward handed the forward's plan (keep_plan=True) instead of deriving it."""
+def backward_from_plan(module, c, k, forward=None, **kwargs):
+    """The kernel's backward handed the forward's plan (keep_plan=True) instead of deriving it.
+    forward: the forward's other keyword arguments."""
     u = c.uniq.numel()
     total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
-        c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        c.row_ptr, c.cols, c.vals, u, k, keep_plan=True, **(forward or {}))
     lengths = c.row_ptr[1:] - c.row_ptr[:-1]
     assert plan.pair_runs.numel() == c.cols.numel()
     assert 0 < plan.pair_scores.numel() <= int((lengths * (lengths - 1) // 2).sum())
@@ -196,8 +197,40 @@ def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selec
         whole_grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                          product=product, live_end=whole[6])
         torch.testing.assert_close(whole_grad, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
+        # and a plan made after that fallback gives the backward's own gradient, bit for bit
+        planned = backward_from_plan(module, c, k, forward={"staircase_reach": 1e-9}, product=product)
+        assert torch.equal(planned, whole_grad)
     assert pruned >= 3  # the small k's staircases leave most of the block out
     assert fell_back >= 2  # (k = 1 or 2 may still reach a floor at the best pair's bin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_wide_block_samples_its_staircase_and_still_equals_the_selection(dtype):
+    """A block of 256 latents or more: the staircase's floor comes from every step-th row of the
+    seed (step > 1), and value, k-th score, count and gradient are still the selection's, with
+    and without the forward's plan."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(dtype, signed=False, long_rows=4, long_l0=330, pool=400)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    pruned = 0
+    for k in (pairs // 100, pairs // 20, pairs // 6):
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        assert width >= 256 and kept == k  # (step = width // 128 >= 2)
+        pruned += staircase_pairs(live_end) < width * (width - 1) // 2
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                   live_end=live_end)
+        with_plan = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut,
+                                                        width, live_end=live_end, plan=plan)
+        want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        assert float(kth) == float(kth_score(selection.values.detach(), k))
+        eps = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
+        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+        assert torch.equal(with_plan, grad)
+    assert pruned >= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
