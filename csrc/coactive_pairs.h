@@ -149,7 +149,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   kept.assign(n, 0);  // kept: distinct + the block row's non-zeros
   // sized here, not in the region: a smaller team than asked for leaves some unused
   // four interleaved counts per thread: consecutive pairs often share a bin, and one count would
-  // chain every increment on the one before (a fifth of the forward at TopK d_sae 16384)
+  // chain every increment on the one before (its hottest instruction at TopK d_sae 16384)
   constexpr int64_t kStripes = 4;
   std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kStripes * kMagnitudeBins, 0));
 #pragma omp parallel num_threads(threads)

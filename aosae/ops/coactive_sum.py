@@ -149,8 +149,8 @@ class _TopKSum(torch.autograd.Function):
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
         # the forward's plan (the latents' order, the block, every row pair's score: O(Σ_t L_t²), 16 MB at
-        # TopK B 2048, L 64) is kept for the backward, which otherwise derives it again: 9 of its 14 ms
-        # at TopK d_sae 16384 (benchmarks/NOTES.md)
+        # TopK B 2048, L 64) is kept for the backward, which otherwise derives it again (13.6 ms -> 5 ms
+        # at TopK d_sae 16384, benchmarks/NOTES.md)
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
             c.row_ptr, c.cols, vals, u, k, keep_plan=keep_plan)
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)

@@ -54,6 +54,17 @@ def backward_from_plan(module, c, k, forward=None, **kwargs):
                                                live_end=live_end, plan=plan, **kwargs)
 
 
+def assert_is_the_selections(c, k, dtype, total, kth, grad) -> float:
+    """The kernel's total, k-th score and gradient on canonical rows c are the selection's; returns
+    the tolerance it used."""
+    want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), k)
+    assert float(kth) == float(kth_score(selection.values.detach(), k))
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
+    torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+    return eps
+
+
 def rows_of(kind, dtype, *, integer=False, signed=False, zeros=0.0):
     if kind == "ragged":
         offsets, indices, values, _ = ragged_rows(int(torch.randint(20, 60, ())), 97, 11, dtype=dtype,
@@ -153,86 +164,6 @@ def test_every_coactive_pair_kept_takes_the_closed_form_and_equals_the_tiles(dty
     torch.testing.assert_close(tiles, want_grad, rtol=eps, atol=eps * scale)
 
 
-def staircase_pairs(live_end: torch.Tensor) -> int:
-    """Pairs (p, q) with p < q < live_end[p]: what the block sums."""
-    return int((live_end - torch.arange(live_end.numel()) - 1).clamp_min(0).sum())
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("product", ["sparse", "dense"])
-def test_positive_values_sum_only_the_blocks_staircase_and_still_equal_the_selection(dtype, product):
-    """Positive values (ReLU, TopK, BatchTopK) with outlier rows: the block's latents in norm order,
-    and only the pairs whose bound ‖a_i‖‖a_j‖ reaches the k-th score summed (live_end). The value,
-    the k-th score and the gradient are still the selection's, for both products of the backward,
-    and a second backward gives the first's gradient bit for bit."""
-    module = cpp_module()
-    offsets, indices, values, _, n = outlier_rows(dtype, signed=False)
-    c = co.canonical(offsets, indices, values)
-    u = c.uniq.numel()
-    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
-    pruned = fell_back = 0
-    for k in (1, 2, pairs // 50, pairs // 10, pairs // 3, pairs - 1):
-        total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols,
-                                                                                             c.vals, u, k)
-        assert live_end.numel() == width >= 2 and kept == k
-        assert bool((live_end > torch.arange(width)).all() and (live_end <= width).all())
-        pruned += staircase_pairs(live_end) < width * (width - 1) // 2
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                                   product=product, live_end=live_end)
-        again = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                                    product=product, live_end=live_end)
-        want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
-        assert float(kth) == float(kth_score(selection.values.detach(), k))
-        eps = 1e-12 if dtype == torch.float64 else 2e-5
-        torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
-        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
-        assert torch.equal(grad, again)
-        assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
-        # a floor set far too high (a sample that misled): the k-th score found is below it, and the
-        # whole block is summed instead, with the same result
-        whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, staircase_reach=1e-9)
-        assert torch.equal(whole[1], kth) and whole[2:5] == (tie_cut, kept, in_block)
-        fell_back += staircase_pairs(live_end) < staircase_pairs(whole[6]) == width * (width - 1) // 2
-        torch.testing.assert_close(whole[0], total, rtol=1e-12, atol=0)
-        whole_grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                                         product=product, live_end=whole[6])
-        torch.testing.assert_close(whole_grad, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
-        # and a plan made after that fallback gives the backward's own gradient, bit for bit
-        planned = backward_from_plan(module, c, k, forward={"staircase_reach": 1e-9}, product=product)
-        assert torch.equal(planned, whole_grad)
-    assert pruned >= 3  # the small k's staircases leave most of the block out
-    assert fell_back >= 2  # (k = 1 or 2 may still reach a floor at the best pair's bin)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_a_wide_block_samples_its_staircase_and_still_equals_the_selection(dtype):
-    """A block of 256 latents or more: the staircase's floor comes from every step-th row of the
-    seed (step > 1), and value, k-th score, count and gradient are still the selection's, with
-    and without the forward's plan."""
-    module = cpp_module()
-    offsets, indices, values, _, n = outlier_rows(dtype, signed=False, long_rows=4, long_l0=330, pool=400)
-    c = co.canonical(offsets, indices, values)
-    u = c.uniq.numel()
-    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
-    pruned = 0
-    for k in (pairs // 100, pairs // 20, pairs // 6):
-        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
-            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
-        assert width >= 256 and kept == k  # (step = width // 128 >= 2)
-        pruned += staircase_pairs(live_end) < width * (width - 1) // 2
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                                   live_end=live_end)
-        with_plan = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut,
-                                                        width, live_end=live_end, plan=plan)
-        want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
-        assert float(kth) == float(kth_score(selection.values.detach(), k))
-        eps = 1e-12 if dtype == torch.float64 else 2e-5
-        torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
-        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
-        assert torch.equal(with_plan, grad)
-    assert pruned >= 1
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("values", ["random", "ties", "signed"])
 def test_the_sampled_bracket_finds_the_exact_kth_or_falls_back_to_the_histogram(dtype, values):
@@ -268,27 +199,6 @@ def test_the_sampled_bracket_finds_the_exact_kth_or_falls_back_to_the_histogram(
         torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
     assert passes["blind"][:3] == [3, 3, 3]  # the missed bracket's pass, the histogram, the exact pass
     assert 1 in passes["wide"]  # the sampled bracket's pass alone
-
-
-def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused():
-    """The bound needs positive values: signed ones keep the latents' order and the whole block
-    (no live_end); a live_end that is not these rows' is named."""
-    module = cpp_module()
-    offsets, indices, values, _, n = outlier_rows(torch.float64, signed=True)
-    c = co.canonical(offsets, indices, values)
-    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
-    assert out[5] >= 2 and out[6].numel() == 0
-    offsets, indices, values, _, n = outlier_rows(torch.float64, signed=False)
-    c = co.canonical(offsets, indices, values)
-    out = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10)
-    with pytest.raises(RuntimeError, match="pass the live_end that sparse_csr_topk_sum returned"):
-        module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
-                                            out[5], live_end=out[6][:-1])
-    rising = torch.arange(out[6].numel()) + 1  # an end below its row's diagonal is not a staircase
-    rising[-1] = 0
-    with pytest.raises(RuntimeError, match="is not a staircase"):
-        module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
-                                            out[5], live_end=rising)
 
 
 def test_int32_ids_unsorted_rows_and_half_precision():
