@@ -227,12 +227,16 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     "batchtopk": the B·k largest of the whole batch that are > 0 (ragged rows, SAELens's
     BatchTopK). "relu": every entry > 0. "jumprelu": every entry > max(threshold, 0) (threshold
     a float, a 0-d tensor or one per latent): BatchTopK's inference form.
-    Rows of the ragged kinds list their latents in ascending order. positive: pre > 0, when the
-    caller has it already.
+    Every row lists its latents in ascending order. positive: pre > 0, when the caller has it
+    already.
     """
     b, n = pre.shape
     if activation == "topk":
-        values, indices = pre.topk(k, dim=1)
+        # each row's latents ascending, as the ragged kinds list theirs: the penalty's canonical
+        # rows then need no permutation (the sort by id costs what topk's sort by value did)
+        values, indices = pre.topk(k, dim=1, sorted=False)
+        indices, order = indices.sort(dim=1)
+        values = values.gather(1, order)
         offsets = torch.arange(b + 1, device=pre.device) * k
         return offsets, indices.reshape(-1), values.relu_().reshape(-1)
     if activation == "batchtopk":
