@@ -68,15 +68,16 @@ acc_t* fill_slots(const RowSlots& s, int64_t n, Fill&& fill) {
   return G;
 }
 
-// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t].
-// run_of(e, t): where entry e's run of pair values (its pairs with the row's next entries, in
-// order) starts. to_grad(w, len, e): turns a copy of that run into the gradients the product
-// takes (the runs hold scores), or leaves it (they hold the gradients already).
-constexpr int64_t kPrefetchAhead = 2;
+constexpr int64_t kPrefetchAhead = 2;  // runs fetched this many entries ahead
 
 // to_grad for runs that hold the gradients already: read in place
 struct NoConversion {};
 
+// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t].
+// run_of(e, t): where entry e's run of pair values (its pairs with the row's next entries, in
+// order) starts. to_grad(w, len, e): turns a copy of that run into the gradients the product
+// takes (the runs hold scores); NoConversion: they hold the gradients already. kPrefetch: the
+// runs lie apart in memory.
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad) {
@@ -89,7 +90,7 @@ void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const 
       for (int64_t e = b; e + 1 < e_end; ++e) {
         const int64_t len = e_end - e - 1;
         const acc_t* w = run_of(e, t);
-        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {  // runs lie apart in memory: fetch one a few entries ahead
+        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {
           const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
           const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(acc_t));
           for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);

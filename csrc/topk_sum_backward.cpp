@@ -3,12 +3,11 @@
 // the forward's cut (kth, tie_cut) instead of a list of the pairs: a pair is kept when
 // |C_ij| > kth, or |C_ij| = kth and i·n + j <= tie_cut (kth 0 and tie_cut -1: every non-zero
 // pair). The scores are the forward's, read from its plan (csrc/topk_sum_plan.h) or, without
-// one, recomputed exactly as the forward summed them:
+// one, derived again by the forward's own pass (csrc/coactive_pairs.h), with the same bits:
 //   - the rows outside the GEMM block (csrc/dense_rows.h, the same plan as the forward's): every
-//     row pair's score, the plan's pair_scores or (without a plan) latent by latent (Gustavson),
-//     C_ij for the partners j > i summed in row order into a dense row and written to the row's
-//     slots; a row-by-row pass then turns each run of scores into g·sign(C_ij) where (i, j) is
-//     kept, else 0, and adds their products (each entry summed in a fixed order, no atomics);
+//     row pair's score; a row-by-row pass turns each run of scores into g·sign(C_ij) where
+//     (i, j) is kept, else 0, and adds their products (each entry summed in a fixed order, no
+//     atomics);
 //   - the pairs inside U × U: their scores recomputed as the forward recomputed them
 //     (csrc/recomputed_block.h, the plan's or built again), and the moved rows' gradient is
 //     A_H · G_U, per kept pair (few kept inside U × U) or from L1 tiles of G_U (most of it kept;
@@ -38,6 +37,7 @@
 #include "norm_order.h"
 #include "pair_select.h"
 #include "recomputed_block.h"
+#include "coactive_pairs.h"
 #include "row_slots.h"
 #include "topk_sum_plan.h"
 
@@ -103,15 +103,20 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     for (int64_t x = 0; x < len; ++x) v[x] = std::abs(v[x]) > bar ? (v[x] < acc_t(0) ? down : up) : acc_t(0);
   };
 
-  // The forward's plan: the same rows go to the block, over the same latents.
-  aosae::DenseRows<acc_t> own_dense;
-  aosae::RecomputedBlock<acc_t> own_scores;
+  // The forward's plan: the same rows go to the block, over the same latents, and every row
+  // pair's score outside it. Without one, the forward's own pass derives them again (the whole
+  // block live: a score past the forward's staircase is below the k-th, kept or not alike).
+  aosae::CoactivePairs<acc_t> own;
   if (!plan) {
-    own_dense = aosae::plan_dense_rows<acc_t>(rp, ca, x, m, n, aosae::DenseRowCost(), false);
-    own_scores = aosae::RecomputedBlock<acc_t>(own_dense, rp, ca, x, m);
+    own = aosae::coactive_pairs<acc_t>(rp, ca, x, m, n, nnz, false, std::max(1, at::get_num_threads()), true,
+                                       nullptr, 0, true);
+    aosae::Scratch<int32_t, 0>::trim(size_t(64) << 20);  // (its bucket lists: only the scores are read here)
+    aosae::Scratch<acc_t, 1>::trim(size_t(64) << 20);
   }
-  const aosae::DenseRows<acc_t>& dense = plan ? plan->dense : own_dense;
-  const aosae::RecomputedBlock<acc_t>& scores = plan ? plan->scores : own_scores;
+  const aosae::DenseRows<acc_t>& dense = plan ? plan->dense : own.dense;
+  const aosae::RecomputedBlock<acc_t>& scores = plan ? plan->scores : own.rows;
+  const Tensor& pair_scores = plan ? plan->pair_scores : own.pair_scores;
+  const Tensor& pair_runs = plan ? plan->pair_runs : own.pair_runs;
   const uint8_t* moved = dense.moved.data();
   const int32_t* position = dense.position.data();
   const int64_t width = dense.size();
@@ -135,52 +140,18 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   acc_t* o = out.data_ptr<acc_t>();
   // each run of scores becomes its gradients on the way into the product (the moved rows: below)
   auto run_gradients = [&](acc_t* v, int64_t len, int64_t e) { to_gradients(v, len, ca[e], ca + e + 1); };
-  if (plan && plan->pair_runs.defined()) {  // the forward's scores
-    const Tensor& pair_scores = plan->pair_scores;
-    const int64_t* runs = plan->pair_runs.template data_ptr<int64_t>();
-    const int64_t count = pair_scores.numel();
-    for (int64_t t = 0; t < m; ++t)  // (cheap, and a plan is only ever the forward's: a bound on every read)
-      for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
-        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
-                    "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " pair scores: pass the plan "
-                    "that sparse_csr_topk_sum returned for these rows");
-    const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
-    aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
-                             run_gradients);
-  } else {
-    // Each row pair's score in its slot (csrc/row_slots.h), summed again latent by latent
-    // (Gustavson) exactly as the forward summed it (same entries, same order).
-    const aosae::RowSlots slots = aosae::row_slots(rp, ca, moved, m, n, nnz);
-    const std::vector<int64_t>& occ_ptr = slots.occ_ptr;
-    const std::vector<int64_t>& occ = slots.occ;
-    const std::vector<int64_t>& row_of = slots.row_of;
-    const acc_t* G = aosae::fill_slots<acc_t>(slots, n, [&](int64_t i, acc_t* G, acc_t* acc) {
-      const int64_t pi = position[i];
-      const int64_t end_i = pi >= 0 ? row_end(pi) : 0;
-      auto in_block = [&](int64_t j) { return pi >= 0 && position[j] >= 0; };
-      auto block_score = [&](int64_t j) { return position[j] < end_i ? scores.at(pi, position[j]) : acc_t(0); };
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t s = occ[u], end = rp[row_of[s] + 1];
-        const acc_t vi = x[s];
-        for (int64_t q = s + 1; q < end; ++q)
-          if (!in_block(ca[q])) acc[ca[q]] += vi * x[q];
-      }
-      // each run of slots (s, s+1 ..): its partners' latents are the row's next entries, ca[s + 1 ..]
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t s = occ[u], t = row_of[s], len = rp[t + 1] - s - 1;
-        acc_t* out = G + slots.first(s, t, rp);
-        for (int64_t c = 0; c < len; ++c) {
-          const int64_t j = ca[s + 1 + c];
-          out[c] = in_block(j) ? block_score(j) : acc[j];
-        }
-      }
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u)
-        for (int64_t q = occ[u] + 1; q < rp[row_of[occ[u]] + 1]; ++q) acc[ca[q]] = acc_t(0);
-    });
-    aosae::add_pair_products<acc_t, false>([&](int64_t e, int64_t t) { return G + slots.first(e, t, rp); }, rp, x,
-                                           moved, m, o, run_gradients);
-  }
-  aosae::Scratch<acc_t, 2>::trim(size_t(64) << 20);
+  const int64_t* runs = pair_runs.template data_ptr<int64_t>();
+  const int64_t count = pair_scores.numel();
+  TORCH_CHECK(pair_runs.numel() == nnz, "sparse_csr_topk_sum_backward: the plan's pair_runs has ", pair_runs.numel(),
+              " entries for ", nnz, ": pass the plan that sparse_csr_topk_sum returned for these rows");
+  for (int64_t t = 0; t < m; ++t)  // (cheap: a bound on every read)
+    for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
+      TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
+                  "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " pair scores: pass the plan "
+                  "that sparse_csr_topk_sum returned for these rows");
+  const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
+  aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
+                           run_gradients);
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
     Tensor back = at::empty({nnz}, vals.options());

@@ -50,8 +50,9 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
     if indices.numel() == 0 or (k is not None and (best <= k or int(row_pairs.max()) > k)):  # (a row's pairs are distinct: P > k)
         return best
     indices = indices.long()
-    n = int(indices.max()) + 1 if n_latents is None else int(n_latents)
-    if int(indices.min()) < 0 or int(indices.max()) >= n:  # (the op's own checks name them)
+    lo, hi = int(indices.min()), int(indices.max())
+    n = hi + 1 if n_latents is None else int(n_latents)
+    if lo < 0 or hi >= n:  # (the op's own checks name them)
         return best
     seen = torch.zeros(n, dtype=torch.bool, device=indices.device)
 

@@ -227,18 +227,15 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     "batchtopk": the B·k largest of the whole batch that are > 0 (ragged rows, SAELens's
     BatchTopK). "relu": every entry > 0. "jumprelu": every entry > max(threshold, 0) (threshold
     a float, a 0-d tensor or one per latent): BatchTopK's inference form.
-    Every row lists its latents in ascending order. positive: pre > 0, when the caller has it
-    already.
+    Every row lists its latents in ascending order. positive: pre > 0, when the caller has it already.
     """
     b, n = pre.shape
     if activation == "topk":
-        # each row's latents ascending, as the ragged kinds list theirs: the penalty's canonical
-        # rows then need no permutation (the sort by id costs what topk's sort by value did)
+        # latents ascending (as topk's own sort by value cost): the penalty's rows need no permutation
         values, indices = pre.topk(k, dim=1, sorted=False)
         indices, order = indices.sort(dim=1)
-        values = values.gather(1, order)
         offsets = torch.arange(b + 1, device=pre.device) * k
-        return offsets, indices.reshape(-1), values.relu_().reshape(-1)
+        return offsets, indices.reshape(-1), values.gather(1, order).relu_().reshape(-1)
     if activation == "batchtopk":
         # top B·k of pre itself: its positive entries are those of the top B·k of relu(pre)
         flat = _batch_top(pre.reshape(-1), min(b * k, b * n))
