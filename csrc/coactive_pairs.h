@@ -19,7 +19,7 @@
 #include "pair_select.h"
 #include "recomputed_block.h"
 #include "buffer_pool.h"
-#include "sorted_selection.h"  // selection_thread
+#include "sorted_selection.h"  // selection_thread, selection_team
 
 namespace aosae {
 
@@ -106,28 +106,49 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // the distinct j are listed in bucket i. Only the distinct pairs go to memory (and, kept for the
   // backward, every row pair's score): the rows (12 B per entry) stay in cache, and each C_ij is
   // summed in row order whatever the thread count.
-  std::vector<int64_t> occ_ptr(n + 1, 0);
-  for (int64_t t = 0; t < m; ++t)
-    if (!moved[t])
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) ++occ_ptr[cp[e] + 1];
-  for (int64_t i = 0; i < n; ++i) occ_ptr[i + 1] += occ_ptr[i];
-  std::vector<int64_t> occ(occ_ptr[n]), occ_end(occ_ptr[n]);
   // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
+  std::vector<int64_t> occ_ptr(n + 1, 0);
   std::vector<int64_t>& bucket_start = out.bucket_start;
   bucket_start.assign(n + 1, 0);
+  std::vector<int64_t> occ, occ_end;
+  // Each thread counts and places the entries of its own range of latents, reading every row: the
+  // scattered counts and writes are split between the threads, and each latent's entries stay in
+  // row order (serial, this was 1 ms of TopK d_sae 16384's forward)
+#pragma omp parallel num_threads(nnz >= 8192 ? threads : 1)
   {
-    std::vector<int64_t> fill(occ_ptr.begin(), occ_ptr.end() - 1);
+    const int64_t id = selection_thread(), parts = selection_team();
+    const int64_t lo = n * id / parts, hi = n * (id + 1) / parts;
     for (int64_t t = 0; t < m; ++t) {
       if (moved[t]) continue;
       for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-        const int64_t f = fill[cp[e]]++;
+        const int64_t i = cp[e];
+        if (i < lo || i >= hi) continue;
+        ++occ_ptr[i + 1];
+        bucket_start[i + 1] += rp[t + 1] - e - 1;
+      }
+    }
+#pragma omp barrier
+#pragma omp single
+    {
+      for (int64_t i = 0; i < n; ++i) {
+        occ_ptr[i + 1] += occ_ptr[i];
+        bucket_start[i + 1] += bucket_start[i];
+      }
+      occ.resize(occ_ptr[n]);
+      occ_end.resize(occ_ptr[n]);
+    }
+    std::vector<int64_t> fill(occ_ptr.begin() + lo, occ_ptr.begin() + hi);
+    for (int64_t t = 0; t < m; ++t) {
+      if (moved[t]) continue;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        const int64_t i = cp[e];
+        if (i < lo || i >= hi) continue;
+        const int64_t f = fill[i - lo]++;
         occ[f] = e;
         occ_end[f] = rp[t + 1];
-        bucket_start[cp[e] + 1] += rp[t + 1] - e - 1;
       }
     }
   }
-  for (int64_t i = 0; i < n; ++i) bucket_start[i + 1] += bucket_start[i];
   const int64_t pairs = bucket_start[n];
   int32_t* pj = out.pj = Scratch<int32_t, 0>::get(pairs);
   acc_t* pv = out.pv = Scratch<acc_t, 1>::get(pairs);

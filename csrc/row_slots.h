@@ -68,19 +68,20 @@ acc_t* fill_slots(const RowSlots& s, int64_t n, Fill&& fill) {
   return G;
 }
 
-constexpr int64_t kPrefetchAhead = 2;  // runs fetched this many entries ahead
+constexpr int64_t kPrefetchAhead = 4;  // runs fetched this many entries ahead
 
 // to_grad for runs that hold the gradients already: read in place
 struct NoConversion {};
 
 // o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t].
 // run_of(e, t): where entry e's run of pair values (its pairs with the row's next entries, in
-// order) starts. to_grad(w, len, e): turns a copy of that run into the gradients the product
-// takes (the runs hold scores); NoConversion: they hold the gradients already. kPrefetch: the
+// order) starts. to_grad(w, run, len, e): writes the gradients the product takes into run (the
+// runs hold scores); NoConversion: they hold the gradients already. kPrefetch: the
 // runs lie apart in memory.
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad) {
+  constexpr int64_t kLanes = 64 / sizeof(acc_t);  // a 512-bit register's
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run;
     for (int64_t t = begin; t < end; ++t) {
@@ -97,18 +98,27 @@ void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const 
         }
         const acc_t* gr = w;
         if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {
-          std::copy(w, w + len, run.data());
-          to_grad(run.data(), len, e);
+          to_grad(w, run.data(), len, e);
           gr = run.data();
         }
         const acc_t xe = x[e];
         acc_t* oq = o + e + 1;
         const acc_t* xq = x + e + 1;
+        // e's own sum in kLanes running sums (a single one chained every add on the last: the loop
+        // ran scalar), added up in a fixed order: the same bits whatever the thread count
+        acc_t lanes[kLanes] = {};
+        int64_t c = 0;
+        for (; c + kLanes <= len; c += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) {
+            lanes[l] += gr[c + l] * xq[c + l];
+            oq[c + l] += gr[c + l] * xe;
+          }
         acc_t own = acc_t(0);
-        for (int64_t c = 0; c < len; ++c) {
+        for (; c < len; ++c) {
           own += gr[c] * xq[c];
           oq[c] += gr[c] * xe;
         }
+        for (int64_t l = 0; l < kLanes; ++l) own += lanes[l];
         o[e] += own;
       }
     }

@@ -34,6 +34,14 @@ inline int selection_thread() {
 #endif
 }
 
+inline int selection_team() {  // the threads of the enclosing parallel region
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 // The pairs of the k-th's bin (per-thread parts) whose |value| is at least the need-th best
 // among them (need >= 1 when there are any): take(candidate) for each, ties at it included.
 template <typename acc_t, typename Take>

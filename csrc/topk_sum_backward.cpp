@@ -29,6 +29,9 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 
 #include "block_gradient.h"
 #include "buffer_pool.h"
@@ -52,17 +55,20 @@ template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
                               double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
                               const Tensor& live_end_t, const aosae::TopKSumPlan* given) {
-  const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
+  const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0); auto T0 = std::chrono::steady_clock::now();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
   const acc_t* x = vals.data_ptr<acc_t>();
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse_csr_topk_sum_backward: row_ptr must run from 0 to nnz");
-  for (int64_t t = 0; t < m; ++t) {
+  for (int64_t t = 0; t < m; ++t)
     TORCH_CHECK(rp[t] <= rp[t + 1], "sparse_csr_topk_sum_backward: row_ptr must not decrease");
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e)
-      TORCH_CHECK(ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]),
-                  "sparse_csr_topk_sum_backward: row ", t, "'s cols must lie in [0, n) and ascend strictly");
-  }
+  at::parallel_for(0, m, 256, [&](int64_t t0, int64_t t1) {  // (the first failure is rethrown)
+    for (int64_t t = t0; t < t1; ++t) {
+      bool ok = true;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) ok &= ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]);
+      TORCH_CHECK(ok, "sparse_csr_topk_sum_backward: row ", t, "'s cols must lie in [0, n) and ascend strictly");
+    }
+  });
   // The forward's plan (csrc/topk_sum_plan.h), or what it held derived again from the rows.
   const auto* plan = dynamic_cast<const aosae::TopKSumPlanOf<acc_t>*>(given);
   // (an order without a block, every outlier row too wide for it, returns no live_end)
@@ -90,17 +96,28 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     const acc_t signed_g = v < 0 ? -g : g;
     return kept(v, i, j) ? signed_g : acc_t(0);
   };
-  // v[x] = score (i, js[x]) -> its slot_grad, x < len: without a tie at kth (almost every row) one
-  // vectorised select, no key formed
-  auto to_gradients = [&](acc_t* v, int64_t len, int64_t i, const int64_t* js) {
-    const acc_t bar = kth, up = g, down = -g;  // locals: v's stores cannot alias them, so the loops vectorise
+  // out[x] = the slot_grad of score in[x] = (i, js[x]), x < len (in == out: in place): without a tie
+  // at kth (almost every run) one vectorised select, no key formed
+  auto to_gradients = [&](const acc_t* in, acc_t* out, int64_t len, int64_t i, const int64_t* js) {
+    const acc_t bar = kth, up = g, down = -g;  // locals: out's stores cannot alias them, so the loops vectorise
+    auto select = [&](const acc_t* __restrict__ a, acc_t* __restrict__ b) {
+      int tie = 0;  // (out of place: the select and the tie test in one pass, redone on a tie)
+      for (int64_t x = 0; x < len; ++x) {
+        tie |= std::abs(a[x]) == bar;
+        b[x] = std::abs(a[x]) > bar ? (a[x] < acc_t(0) ? down : up) : acc_t(0);
+      }
+      return tie;
+    };
     int tie = 0;
-    for (int64_t x = 0; x < len; ++x) tie |= std::abs(v[x]) == bar;
-    if (tie && tie_cut >= 0) {
-      for (int64_t x = 0; x < len; ++x) v[x] = slot_grad(v[x], i, js[x]);
-      return;
+    if (in != out) {
+      tie = select(in, out);
+    } else {
+      for (int64_t x = 0; x < len; ++x) tie |= std::abs(in[x]) == bar;
+      if (!tie || tie_cut < 0)
+        for (int64_t x = 0; x < len; ++x) out[x] = std::abs(in[x]) > bar ? (in[x] < acc_t(0) ? down : up) : acc_t(0);
     }
-    for (int64_t x = 0; x < len; ++x) v[x] = std::abs(v[x]) > bar ? (v[x] < acc_t(0) ? down : up) : acc_t(0);
+    if (tie && tie_cut >= 0)
+      for (int64_t x = 0; x < len; ++x) out[x] = slot_grad(in[x], i, js[x]);
   };
 
   // The forward's plan: the same rows go to the block, over the same latents, and every row
@@ -139,19 +156,23 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   Tensor out = at::zeros({nnz}, vals.options());
   acc_t* o = out.data_ptr<acc_t>();
   // each run of scores becomes its gradients on the way into the product (the moved rows: below)
-  auto run_gradients = [&](acc_t* v, int64_t len, int64_t e) { to_gradients(v, len, ca[e], ca + e + 1); };
+  auto run_gradients = [&](const acc_t* w, acc_t* v, int64_t len, int64_t e) { to_gradients(w, v, len, ca[e], ca + e + 1); };
   const int64_t* runs = pair_runs.template data_ptr<int64_t>();
   const int64_t count = pair_scores.numel();
   TORCH_CHECK(pair_runs.numel() == nnz, "sparse_csr_topk_sum_backward: the plan's pair_runs has ", pair_runs.numel(),
               " entries for ", nnz, ": pass the plan that sparse_csr_topk_sum returned for these rows");
-  for (int64_t t = 0; t < m; ++t)  // (cheap: a bound on every read)
-    for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
-      TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
-                  "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " pair scores: pass the plan "
-                  "that sparse_csr_topk_sum returned for these rows");
+  at::parallel_for(0, m, 256, [&](int64_t t0, int64_t t1) {  // (cheap: a bound on every read)
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t e = rp[t]; e + 1 < rp[t + 1] && !moved[t]; ++e)
+        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
+                    "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " pair scores: pass the plan "
+                    "that sparse_csr_topk_sum returned for these rows");
+  });
   const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
+  auto T1 = std::chrono::steady_clock::now();
   aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
                            run_gradients);
+  if (getenv("XT")) fprintf(stderr, "pre %.3f prod %.3f\n", 1e3*std::chrono::duration<double>(T1-T0).count(), 1e3*std::chrono::duration<double>(std::chrono::steady_clock::now()-T1).count());
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
     Tensor back = at::empty({nnz}, vals.options());
@@ -241,7 +262,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   // most of the staircase kept: A_H · G_U from tiles of recomputed scores (csrc/block_gradient.h)
   const Tensor prod = aosae::block_gradient(
       scores, extent, row_end,
-      [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) { to_gradients(v, len, latent[p], latent + q_first); },
+      [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) { to_gradients(v, v, len, latent[p], latent + q_first); },
       threads);
   aosae::add_moved_rows_product(prod, dense, rp, ca, o);
   return in_callers_order(out);
