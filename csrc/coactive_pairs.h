@@ -176,7 +176,6 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
 #pragma omp parallel num_threads(threads)
   {
     std::vector<acc_t> acc(n, acc_t(0));
-    std::vector<uint8_t> seen(score_out ? n : 0, 0);
     uint32_t* hist = hists[selection_thread()].data();
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
@@ -185,6 +184,18 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
       const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
       int64_t o = b;  // (the pairs so far: where an occurrence's run of scores starts)
+      // with scores: a partner is listed in bucket i where the accumulator is touched while 0 (its
+      // first pair, in the order the scores are written; a sum that returns to exactly 0 lists it
+      // again, and that copy reads 0 below and is dropped)
+      int64_t touched = b;
+      auto add = [&](int64_t j, acc_t product) {
+        const acc_t before = acc[j];
+        if (score_out) {
+          pj[touched] = static_cast<int32_t>(j);
+          touched += before == acc_t(0);
+        }
+        acc[j] = before + product;
+      };
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
         const int64_t s = occ[u], end = occ_end[u];
         const acc_t vi = vp[s];
@@ -197,9 +208,11 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
             if (pj_block >= 0) {  // (recomputed: rows adds them; past row_end: below the k-th score)
               if (block_row && pj_block < row_end) block_row[pj_block] += vi * vp[q];
             } else {
-              acc[j] += vi * vp[q];
+              add(j, vi * vp[q]);
             }
           }
+        } else if (score_out) {
+          for (int64_t q = s + 1; q < end; ++q) add(cp[q], vi * vp[q]);
         } else {
           for (int64_t q = s + 1; q < end; ++q) acc[cp[q]] += vi * vp[q];
         }
@@ -209,40 +222,29 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
       int64_t w = b;
       if (score_out) {
-        // every row pair's score and the distinct pairs in one pass: a pair is listed where it is
-        // first seen non-zero (seen[j]), and the accumulator cleared after at the listed pairs
-        // (dot: a non-zero sum is listed). Two passes, each gathering the accumulator, took 56 %
-        // of this loop at TopK d_sae 16384.
+        // every row pair's score, a plain gather (the distinct pairs were listed while summing: a
+        // byte per latent marking the listed ones, tested and set at every row pair, was most of
+        // this pass at TopK d_sae 16384); then the listed partners' sums, the accumulator cleared
         acc_t* g = score_out + b;
-        auto list = [&](int64_t j, acc_t v) {
-          const bool keep = (v != acc_t(0)) & !seen[j];
-          seen[j] |= keep;
-          pj[w] = static_cast<int32_t>(j);
-          pv[w] = v;
-          w += keep;
-        };
         for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
           const int64_t s = occ[u], end = occ_end[u];
           if (pi < 0) {
-            for (int64_t q = s + 1; q < end; ++q) {
-              const int64_t j = cp[q];
-              const acc_t v = acc[j];
-              *g++ = v;
-              list(j, v);
-            }
+            for (int64_t q = s + 1; q < end; ++q) *g++ = acc[cp[q]];
             continue;
           }
           for (int64_t q = s + 1; q < end; ++q) {  // pairs inside U × U: the block's score (acc holds 0)
             const int64_t j = cp[q];
-            const acc_t v = acc[j];
             const int32_t pq = position[j];
-            *g++ = pq < 0 ? v : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
-            list(j, v);
+            *g++ = pq < 0 ? acc[j] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
           }
         }
-        for (int64_t x = b; x < w; ++x) {
-          acc[pj[x]] = acc_t(0);
-          seen[pj[x]] = 0;
+        for (int64_t x = b; x < touched; ++x) {  // (in place: w <= x)
+          const int32_t j = pj[x];
+          const acc_t v = acc[j];
+          acc[j] = acc_t(0);
+          pj[w] = j;
+          pv[w] = v;
+          w += v != acc_t(0);
         }
       } else {
         for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {

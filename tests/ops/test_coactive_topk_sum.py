@@ -339,3 +339,28 @@ def test_a_block_past_the_width_cap_sums_and_differentiates_exactly(dtype, width
     torch.testing.assert_close(exact.total, found.total, rtol=eps, atol=0)
     fewer = coactive_topk_sum(offsets, indices, values, n, found.kept - 1)
     torch.testing.assert_close(fewer.total, found.total - exact.kth, rtol=eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_sum_back_at_zero_lists_its_pair_once(dtype):
+    """The forward lists a pair where its running sum is touched while 0: C_01 = 1 − 1 + 2 is back
+    at 0 after two rows and touched again (listed twice, the copy dropped); C_23 = 1 − 1 and
+    C_03 = C_12 = 0 are no pairs. P = 4: (0,1), (0,2), (1,3) at 2 and (4,5) at 3, at every k, with
+    the backward read from the forward's plan equal to the one that derives it again."""
+    module = cpp_module()
+    rows = [([0, 1, 2, 3], [1, 1, 1, 1]), ([0, 1, 2, 3], [1, -1, 1, -1]), ([0, 1], [1, 2]), ([4, 5], [3, 1])]
+    indices = torch.tensor([i for r, _ in rows for i in r])
+    values = torch.tensor([v for _, vs in rows for v in vs], dtype=dtype)
+    offsets = torch.tensor([0, 4, 8, 10, 12])
+    assert coactive_topk(offsets, indices, values, 6, BIG_K).values.numel() == 4
+    c = co.canonical(offsets, indices, values)
+    for k in (1, 2, 3, 4, 5):
+        found, grad = summed(offsets, indices, values, 6, k)
+        want, want_grad, selection = selection_sum(offsets, indices, values, 6, k)
+        assert found.kept == min(k, 4) and found.kth == float(kth_score(selection.values.detach(), k))
+        torch.testing.assert_close(found.total, want, rtol=0, atol=0)
+        torch.testing.assert_close(grad, want_grad, rtol=0, atol=0)
+        _, kth, tie_cut, _, _, width, live_end, _, _ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, 6, k)
+        derived = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, 6, float(kth), tie_cut, width,
+                                                      live_end=live_end)
+        torch.testing.assert_close(backward_from_plan(module, c, k), derived, rtol=0, atol=0)
