@@ -54,20 +54,22 @@ def pairs_bound(offsets: torch.Tensor, indices: torch.Tensor, k: Optional[int] =
     n = hi + 1 if n_latents is None else int(n_latents)
     if lo < 0 or hi >= n:  # (the op's own checks name them)
         return best
-    seen = torch.zeros(n, dtype=torch.bool, device=indices.device)
 
-    def distinct(idx: torch.Tensor) -> int:  # (a mark per latent: torch.unique sorted, 3.5 ms per call at nnz 131072)
-        seen.zero_()
-        return int(seen.index_fill_(0, idx, True).sum())
+    def distinct(idx: torch.Tensor) -> int:  # (a count per latent: 0.12 ms at nnz 131072, where torch.unique
+        return int(torch.bincount(idx, minlength=n).count_nonzero())  # took 3.5 ms and a bool mark 0.5–1.4 ms)
 
+    # (the tiers that hold no row, or every non-empty row, are skipped without a pass over the rows)
+    longest, shortest = int(lengths.max()), int(lengths[lengths > 0].min())
     row_of = None
     for threshold in _DENSE_ROW_THRESHOLDS:
+        if threshold > longest:  # no dense row
+            continue
+        if shortest >= threshold:  # every non-empty row: the last bound below, counted once
+            break
         dense = lengths >= threshold
         rest = int(row_pairs[~dense].sum())
-        if not bool(dense.any()) or (k is not None and rest > k):  # (this tier cannot reach k)
+        if k is not None and rest > k:  # (this tier cannot reach k)
             continue
-        if bool((dense | (lengths == 0)).all()):  # every non-empty row: the last bound below, counted once
-            break
         if row_of is None:
             row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=indices.device), lengths,
                                              output_size=indices.numel())
