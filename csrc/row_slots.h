@@ -81,7 +81,7 @@ struct NoConversion {};
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad) {
-  constexpr int64_t kLanes = 64 / sizeof(acc_t);  // a 512-bit register's
+  constexpr int64_t kLanes = 32 / sizeof(acc_t);  // (16 took longer to add up than to fill)
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> run;
     for (int64_t t = begin; t < end; ++t) {
