@@ -162,7 +162,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   }
 
   // Per latent i: sum its row pairs into the accumulator; then list the distinct non-zero
-  // (j, C_ij) in bucket i in first-seen order (branch-free) and count them in the thread's |C|
+  // (j, C_ij) in bucket i in the order of their first row pair and count them in the thread's |C|
   // histogram.
   std::vector<int64_t>& distinct = out.distinct;
   std::vector<int64_t>& kept = out.kept;

@@ -29,9 +29,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 
 #include "block_gradient.h"
 #include "buffer_pool.h"
@@ -55,14 +52,14 @@ template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
                               double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
                               const Tensor& live_end_t, const aosae::TopKSumPlan* given) {
-  const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0); auto T0 = std::chrono::steady_clock::now();
+  const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
   const acc_t* x = vals.data_ptr<acc_t>();
   TORCH_CHECK(rp[0] == 0 && rp[m] == nnz, "sparse_csr_topk_sum_backward: row_ptr must run from 0 to nnz");
   for (int64_t t = 0; t < m; ++t)
     TORCH_CHECK(rp[t] <= rp[t + 1], "sparse_csr_topk_sum_backward: row_ptr must not decrease");
-  at::parallel_for(0, m, 256, [&](int64_t t0, int64_t t1) {  // (the first failure is rethrown)
+  at::parallel_for(0, m, 256, [&](int64_t t0, int64_t t1) {  // (a failing row's error is rethrown)
     for (int64_t t = t0; t < t1; ++t) {
       bool ok = true;
       for (int64_t e = rp[t]; e < rp[t + 1]; ++e) ok &= ca[e] >= 0 && ca[e] < n && (e == rp[t] || ca[e] > ca[e - 1]);
@@ -169,10 +166,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
                     "that sparse_csr_topk_sum returned for these rows");
   });
   const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
-  auto T1 = std::chrono::steady_clock::now();
   aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
                            run_gradients);
-  if (getenv("XT")) fprintf(stderr, "pre %.3f prod %.3f\n", 1e3*std::chrono::duration<double>(T1-T0).count(), 1e3*std::chrono::duration<double>(std::chrono::steady_clock::now()-T1).count());
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
     Tensor back = at::empty({nnz}, vals.options());

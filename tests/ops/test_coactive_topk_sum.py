@@ -364,3 +364,31 @@ def test_a_sum_back_at_zero_lists_its_pair_once(dtype):
         derived = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, 6, float(kth), tie_cut, width,
                                                       live_end=live_end)
         torch.testing.assert_close(backward_from_plan(module, c, k), derived, rtol=0, atol=0)
+
+
+def test_the_same_bits_whatever_the_thread_count():
+    """Enough entries (nnz >= 8192) that each thread counts and places its own range of latents:
+    one, two and three threads (uneven ranges) give the same total, cut, row pairs' scores and
+    gradient, bit for bit."""
+    module = cpp_module()
+    B, L, n = 160, 64, 2000
+    indices = torch.stack([torch.randperm(n)[:L] for _ in range(B)]).flatten()
+    values = torch.randint(1, 5, (B * L,)).double() * torch.randint(0, 2, (B * L,)).mul(2).sub(1)
+    c = co.canonical(torch.arange(B + 1) * L, indices, values)
+    u, k = c.uniq.numel(), 5000
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            total, kth, tie_cut, kept, _, width, live_end, _, plan = module.sparse_csr_topk_sum(
+                c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+            grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                       live_end=live_end, plan=plan)
+            runs.append((total, kth, tie_cut, kept, plan.pair_scores.clone(), plan.pair_runs.clone(), grad))
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0][3] == k
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
