@@ -184,16 +184,13 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
       const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
       int64_t o = b;  // (the pairs so far: where an occurrence's run of scores starts)
-      // with scores: a partner is listed in bucket i where the accumulator is touched while 0 (its
-      // first pair, in the order the scores are written; a sum that returns to exactly 0 lists it
-      // again, and that copy reads 0 below and is dropped)
+      // a partner is listed in bucket i where the accumulator is touched while 0 (its first pair;
+      // a sum that returns to exactly 0 lists it again, and that copy reads 0 below and is dropped)
       int64_t touched = b;
       auto add = [&](int64_t j, acc_t product) {
         const acc_t before = acc[j];
-        if (score_out) {
-          pj[touched] = static_cast<int32_t>(j);
-          touched += before == acc_t(0);
-        }
+        pj[touched] = static_cast<int32_t>(j);
+        touched += before == acc_t(0);
         acc[j] = before + product;
       };
       for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
@@ -211,20 +208,14 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
               add(j, vi * vp[q]);
             }
           }
-        } else if (score_out) {
-          for (int64_t q = s + 1; q < end; ++q) add(cp[q], vi * vp[q]);
         } else {
-          for (int64_t q = s + 1; q < end; ++q) acc[cp[q]] += vi * vp[q];
+          for (int64_t q = s + 1; q < end; ++q) add(cp[q], vi * vp[q]);
         }
       }
-      // each occurrence's partners are its row's later entries, cp[s + 1 .. end), in cache: read
-      // again rather than listed (a list was 4 B per row pair written and read back)
-      const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
-      int64_t w = b;
       if (score_out) {
-        // every row pair's score, a plain gather (the distinct pairs were listed while summing: a
-        // byte per latent marking the listed ones, tested and set at every row pair, was most of
-        // this pass at TopK d_sae 16384); then the listed partners' sums, the accumulator cleared
+        // every row pair's score, a plain gather: each occurrence's partners are its row's later
+        // entries, cp[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
+        // and set at every row pair, was most of this pass at TopK d_sae 16384)
         acc_t* g = score_out + b;
         for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
           const int64_t s = occ[u], end = occ_end[u];
@@ -238,28 +229,18 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
             *g++ = pq < 0 ? acc[j] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
           }
         }
-        for (int64_t x = b; x < touched; ++x) {  // (in place: w <= x)
-          const int32_t j = pj[x];
-          const acc_t v = acc[j];
-          acc[j] = acc_t(0);
-          pj[w] = j;
-          pv[w] = v;
-          w += v != acc_t(0);
-        }
-      } else {
-        for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-          const int64_t s = occ[u], end = occ_end[u];
-          for (int64_t q = s + 1; q < end; ++q) {
-            const int64_t j = cp[q];
-            acc_t v = acc[j];
-            acc[j] = acc_t(0);  // later repeats of j read 0 and are dropped
-            if (cosine) v = v * scale * inv_norm[j];
-            const bool keep = v != acc_t(0);
-            pj[w] = static_cast<int32_t>(j);
-            pv[w] = v;
-            w += keep;
-          }
-        }
+      }
+      // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= x)
+      const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
+      int64_t w = b;
+      for (int64_t x = b; x < touched; ++x) {
+        const int32_t j = pj[x];
+        acc_t v = acc[j];
+        acc[j] = acc_t(0);
+        if (cosine) v = v * scale * inv_norm[j];
+        pj[w] = j;
+        pv[w] = v;
+        w += v != acc_t(0);
       }
       int64_t x = b;
       for (; x + kStripes <= w; x += kStripes)

@@ -97,21 +97,19 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   // at kth (almost every run) one vectorised select, no key formed
   auto to_gradients = [&](const acc_t* in, acc_t* out, int64_t len, int64_t i, const int64_t* js) {
     const acc_t bar = kth, up = g, down = -g;  // locals: out's stores cannot alias them, so the loops vectorise
-    auto select = [&](const acc_t* __restrict__ a, acc_t* __restrict__ b) {
-      int tie = 0;  // (out of place: the select and the tie test in one pass, redone on a tie)
+    auto pick = [=](acc_t v) { return std::abs(v) > bar ? (v < acc_t(0) ? down : up) : acc_t(0); };
+    int tie = 0;
+    if (in != out) {  // the select and the tie test in one pass (the run is read once), redone on a tie
+      const acc_t* __restrict__ a = in;
+      acc_t* __restrict__ b = out;
       for (int64_t x = 0; x < len; ++x) {
         tie |= std::abs(a[x]) == bar;
-        b[x] = std::abs(a[x]) > bar ? (a[x] < acc_t(0) ? down : up) : acc_t(0);
+        b[x] = pick(a[x]);
       }
-      return tie;
-    };
-    int tie = 0;
-    if (in != out) {
-      tie = select(in, out);
-    } else {
+    } else {  // in place: the test first, the scores are overwritten
       for (int64_t x = 0; x < len; ++x) tie |= std::abs(in[x]) == bar;
       if (!tie || tie_cut < 0)
-        for (int64_t x = 0; x < len; ++x) out[x] = std::abs(in[x]) > bar ? (in[x] < acc_t(0) ? down : up) : acc_t(0);
+        for (int64_t x = 0; x < len; ++x) out[x] = pick(in[x]);
     }
     if (tie && tie_cut >= 0)
       for (int64_t x = 0; x < len; ++x) out[x] = slot_grad(in[x], i, js[x]);
