@@ -114,7 +114,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // Each thread counts and places the entries of its own range of latents, reading every row: the
   // scattered counts and writes are split between the threads, and each latent's entries stay in
   // row order (serial, this was 1 ms of TopK d_sae 16384's forward)
-#pragma omp parallel num_threads(nnz >= 8192 ? threads : 1)
+#pragma omp parallel num_threads(nnz >= 8192 ? threads : 1)  // (fewer entries: waking a team costs more)
   {
     const int64_t id = selection_thread(), parts = selection_team();
     const int64_t lo = n * id / parts, hi = n * (id + 1) / parts;
