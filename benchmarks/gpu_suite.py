@@ -209,7 +209,7 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
     torch.manual_seed(0)  # both arms start from the same weights
     with torch.device(cfg.device):  # initialised on the GPU: 151 M weights at d_sae 65536 take seconds on the CPU
         sae = SparseAutoencoder.from_dims(cfg.d_in, d_sae, activation=activation,
-                                          top_k=cfg.top_k if activation == "topk" else None)
+                                          top_k=cfg.top_k if activation in ("topk", "batchtopk") else None)
     sae.init_b_dec_(x[:4096], method="mean")
     if activation == "relu":  # lower b_enc: each latent fires on ~top_k/n of the tokens (as benchmarks/train_step.py)
         with torch.no_grad():
@@ -375,8 +375,9 @@ def coding_step_rows(S, d_sae):
     """One TopK training step (forward, backward, AdamW) three ways on the same batches: built on
     aosae.ops.sparse_coding (sparse_encode + sparse_decode: nothing [B, n] beyond the pre-activations),
     the trainer's SAEObjective without the penalty (whatever nn/sae.py runs), and sparsify's
-    SparseCoder (its Triton decoder on CUDA). Checked first: the sparse step's loss and gradients
-    against a dense fp32 TopK step on the same weights."""
+    SparseCoder (its Triton decoder on CUDA); and the trainer's BatchTopK step beside its TopK one.
+    Checked first: the sparse step's loss and gradients against a dense fp32 TopK step on the same
+    weights."""
     try:
         from aosae.ops import sparse_coding as sc
     except ImportError as err:
@@ -436,6 +437,14 @@ def coding_step_rows(S, d_sae):
         cursor["aosae trainer"] += 1
     cursor["aosae trainer"] = 0
     arms["aosae trainer"] = trainer_step
+    batch_trainer = make_objective(cfg, d_sae, "batchtopk", x, penalty=False)  # B·k over the batch
+
+    def batch_trainer_step():
+        losses = batch_trainer.losses(x[order[cursor["aosae trainer batchtopk"] % total]])
+        batch_trainer.optimizer_step(losses.loss)
+        cursor["aosae trainer batchtopk"] += 1
+    cursor["aosae trainer batchtopk"] = 0
+    arms["aosae trainer batchtopk"] = batch_trainer_step
     try:
         if not cfg.cuda:  # sparsify picks its Triton decoder whenever triton imports; CPU tensors fail there
             os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -471,6 +480,9 @@ def summarize_coding(doc):
         print(f"sparse TopK step d_sae {r['d_sae']}: {r['ms_median']:.2f} ms, ÷ sparsify "
               f"{'-' if ratio is None else f'{ratio:.2f}x'} (goal ≤ 1.0x: {verdict}), ÷ trainer step "
               f"{r.get('x_aosae_trainer', float('nan')):.2f}x{'' if r.get('ok') else '  CHECK FAILED'}")
+    for r in (r for r in rows if r["section"] == "sparse_step" and r["backend"] == "aosae trainer batchtopk"):
+        print(f"trainer BatchTopK step d_sae {r['d_sae']}: {r['ms_median']:.2f} ms, ÷ trainer TopK step "
+              f"{r.get('x_aosae_trainer', float('nan')):.2f}x")
 
 
 def plan(S):
