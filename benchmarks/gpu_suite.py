@@ -347,9 +347,9 @@ def coding_rows(S, n, dtype):
                                                 (counts[:, None] + 2) * u * bag(G.double().abs(), lat_off, rows[order],
                                                                                 w[order].double())),
                        nnz * d * esize, n * d * 4 + nnz * 12 + n * 8, B * d * esize),
-        "W_dec grad, longest first": (lambda: sct.segment_gather_sum(lat_off, rows[order], w[order], G, longest_first=True),
-                                      None, lambda got: dict(equal_to_default_order=(same := torch.equal(
-                                          got, sct.segment_gather_sum(lat_off, rows[order], w[order], G))), ok=same),
+        "W_dec grad, id order": (lambda: sct.segment_gather_sum(lat_off, rows[order], w[order], G, longest_first=False),
+                                 None, lambda got: dict(equal_to_default_order=(same := torch.equal(
+                                     got, sct.segment_gather_sum(lat_off, rows[order], w[order], G))), ok=same),
                                       nnz * d * esize, n * d * 4 + nnz * 12 + n * 8, B * d * esize),
         "value grad": (lambda: sct.gathered_dot(rows, flat, G, W),
                        lambda: (G[rows].float() * W[flat].float()).sum(1),
@@ -360,6 +360,12 @@ def coding_rows(S, n, dtype):
     checks = {name: attempt(lambda op=op: op[2](op[0]())) for name, op in ops.items()}
     arms = {(name, "triton"): op[0] for name, op in ops.items() if checks[name][1] is None}
     arms |= {(name, "torch"): op[1] for name, op in ops.items() if op[1] is not None}
+    variants = {}  # other launch configurations of the segment sum: the same bits, timed beside it
+    for config in VARIANT_SEGMENT_CONFIGS if cfg.cuda else ((4, 8, 1),):  # (the interpreter runs its own tiles)
+        for name in ("decode", "W_dec grad"):
+            run = partial(with_segment_config, sct, config, ops[name][0])
+            variants[name, f"triton {config}"] = dict(same_bits_as_shipped=torch.equal(run(), ops[name][0]()))
+            arms[name, f"triton {config}"] = run
     res = S.time_arms(arms)
     for (name, impl), r in res.items():
         gathered, other, unique = ops[name][3:]
@@ -367,8 +373,20 @@ def coding_rows(S, n, dtype):
         row = dict(op=name, backend=impl, used_latents=used, hottest_latent=hottest, **r,
                    gathered_gbps=gathered / r["ms_median"] / 1e6, floor_ms=floor,
                    floor_unique_ms=(unique + other) / bw / 1e6, x_floor=r["ms_median"] / floor)
-        out.append(row | (checks[name][0] if impl == "triton" else {}))
+        out.append(row | (checks[name][0] if impl == "triton" else variants.get((name, impl), {})))
     return out + [dict(op=name, backend="triton", skipped=c[1]) for name, c in checks.items() if c[1]]
+
+
+# (BLOCK_S, BLOCK_D, num_warps) timed beside the shipped sparse_coding_triton.SEGMENT_CONFIG
+VARIANT_SEGMENT_CONFIGS = ((32, 128, 4), (64, 128, 8), (16, 128, 4))
+
+
+def with_segment_config(module, config, fn):
+    shipped, module.SEGMENT_CONFIG = module.SEGMENT_CONFIG, config
+    try:
+        return fn()
+    finally:
+        module.SEGMENT_CONFIG = shipped
 
 
 def coding_step_rows(S, d_sae):

@@ -45,7 +45,7 @@ EMIT = {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_pt
 REDUCE = {"sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32", "norm_sq_ptr": "*fp32"}
 SCORE = {"sums_ptr": "*fp32", "norm_sq_ptr": "*fp32", "P": "i64", "n": "i32", "sel_ptr": "*i32"}
 SEGMENT = {"offsets_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32", "order_ptr": "*i64", "out_ptr": "*fp32",
-           "d": "i32", "stride_table": "i32", "stride_out": "i32"}
+           "S": "i32", "d": "i32", "stride_table": "i32", "stride_out": "i32"}
 DOT = {"rows_a_ptr": "*i64", "rows_b_ptr": "*i64", "out_ptr": "*fp32", "nnz": "i64", "d": "i32", "stride_a": "i32",
        "stride_b": "i32"}
 # sizes a launch passes as multiples of 16 (Triton specialises them): the Gram's M, N, stride; the SAE's d_in
@@ -78,7 +78,7 @@ KERNELS = [
     # the sparse SAE step (sparse_coding_triton's SEGMENT_CONFIG / DOT_CONFIG): every table dtype
     *[(f"sparse coding segment sum ({dt} table{', longest first' if ordered else ''})",
        coding._segment_gather_sum_kernel, {**SEGMENT, "table_ptr": f"*{dt}"},
-       dict(ORDERED=ordered, BLOCK_E=coding_host.SEGMENT_CONFIG[0], BLOCK_D=coding_host.SEGMENT_CONFIG[1]),
+       dict(ORDERED=ordered, BLOCK_S=coding_host.SEGMENT_CONFIG[0], BLOCK_D=coding_host.SEGMENT_CONFIG[1]),
        coding_host.SEGMENT_CONFIG[2], 3) for dt in ("fp32", "bf16", "fp16") for ordered in (False, True)],
     *[(f"sparse coding gathered dot ({da} A, {db} B)", coding._gathered_dot_kernel,
        {**DOT, "a_ptr": f"*{da}", "b_ptr": f"*{db}"},

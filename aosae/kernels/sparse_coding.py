@@ -23,28 +23,34 @@ import triton.language as tl
 @triton.jit
 def _segment_gather_sum_kernel(
     offsets_ptr, idx_ptr, w_ptr, table_ptr, order_ptr, out_ptr,
-    d, stride_table, stride_out,
-    ORDERED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    S, d, stride_table, stride_out,
+    ORDERED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (p, t): segment s = order[p] (p without ORDERED), columns [t·BLOCK_D, (t+1)·BLOCK_D).
-    Accumulates BLOCK_E × BLOCK_D products per step and reduces over the entries once at the end."""
-    s = tl.program_id(0).to(tl.int64)
+    """Program (p, t): segments i in [p·BLOCK_S, (p+1)·BLOCK_S) (segment order[i] with ORDERED),
+    columns [t·BLOCK_D, (t+1)·BLOCK_D). Step j adds every segment's j-th entry at once, one
+    gathered row per segment, in its own accumulator row: no reduction, and BLOCK_S independent
+    gathers in flight. (A program per segment summing its entries as a tile waited on one
+    segment's loads at a time: 6.1 ms for the W gradients at n = 65536 on an H200, linear in the
+    number of segments, whatever the grid.) Segments ordered longest first make a program's steps
+    (its longest segment) close to its segments' lengths."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    live_s = i < S
+    s = i
     if ORDERED:
-        s = tl.load(order_ptr + s)
+        s = tl.load(order_ptr + i, mask=live_s, other=0)
+    start = tl.load(offsets_ptr + s, mask=live_s, other=0)
+    length = tl.load(offsets_ptr + s + 1, mask=live_s, other=0) - start
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
-    start = tl.load(offsets_ptr + s)
-    end = tl.load(offsets_ptr + s + 1)
-    acc = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        live = e < end
-        row = tl.load(idx_ptr + e, mask=live, other=0)
-        w = tl.load(w_ptr + e, mask=live, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for j in range(0, tl.max(length, axis=0)):
+        live = j < length
+        row = tl.load(idx_ptr + start + j, mask=live, other=0)
+        w = tl.load(w_ptr + start + j, mask=live, other=0.0).to(tl.float32)
         tile = tl.load(table_ptr + row[:, None] * stride_table + cols[None, :],
                        mask=live[:, None] & in_d[None, :], other=0.0)
         acc += w[:, None] * tile.to(tl.float32)
-    tl.store(out_ptr + s * stride_out + cols, tl.sum(acc, axis=0), mask=in_d)
+    tl.store(out_ptr + s[:, None] * stride_out + cols[None, :], acc, mask=live_s[:, None] & in_d[None, :])
 
 
 @triton.jit

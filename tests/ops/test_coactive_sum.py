@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aosae.nn.loss import TopKOrthoLoss
+from aosae.ops import coactive_sum as coactive_sum_module
 from aosae.ops.coactive_sum import coactive_sum, pairs_bound
 from aosae.ops.coactive_topk import coactive_topk
 from test_coactive_topk import outlier_rows, ragged_rows
@@ -15,9 +16,12 @@ from test_coactive_topk import outlier_rows, ragged_rows
 BIG_K = 10**12
 
 
-@pytest.fixture(autouse=True)
-def _fresh_inputs(seed):
-    """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it)."""
+@pytest.fixture(autouse=True, params=["host", "one_sync"])
+def _fresh_inputs(seed, request, monkeypatch):
+    """Every test draws fresh random inputs (conftest's `seed` reseeds torch and prints it), and runs
+    both ways: the CPU's (C++ canonical checks) and the one-host-sync path CUDA takes."""
+    if request.param == "one_sync":
+        monkeypatch.setattr(coactive_sum_module, "_on_host", lambda values: False)
 
 
 def selection_sum(offsets, indices, values, n, k, similarity):

@@ -28,10 +28,10 @@ from aosae.machine import triton_interpreting
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FORCE_ENV = "AOSAE_SPARSE_TRITON"
-# (BLOCK_E, BLOCK_D, num_warps) on GPU: a 32 × 128 fp32 tile is 32 values per thread at 4 warps,
-# a 512-byte row slice (four 128-byte lines) per gathered row; benchmarks/kernel_resources.py
-# compiles these for sm_90 (registers, no spills)
-SEGMENT_CONFIG = (32, 128, 4)
+# (BLOCK_S segments or BLOCK_E entries, BLOCK_D, num_warps) on GPU: a 32 × 128 fp32 tile is 32
+# values per thread at 4 warps, a 256/512-byte row slice per gathered row (bf16/fp32);
+# benchmarks/kernel_resources.py compiles these for sm_90 (registers, no spills)
+SEGMENT_CONFIG = (32, 128, 8)
 DOT_CONFIG = (16, 128, 4)
 # under the interpreter (~10 ms a program on a loaded 2-core machine): tiles small enough that dry runs
 # cover several of them, few enough programs to finish; the tests set (4, 8, 1)
@@ -49,16 +49,17 @@ def usable(t: torch.Tensor) -> bool:
 
 
 def segment_gather_sum(offsets: torch.Tensor, gather_idx: torch.Tensor, weights: torch.Tensor,
-                       table: torch.Tensor, *, longest_first: bool = False) -> torch.Tensor:
+                       table: torch.Tensor, *, longest_first: bool = True) -> torch.Tensor:
     """out[s] = Σ_{e in segment s} weights[e] · table[gather_idx[e]], fp32 [S, d].
 
     offsets [S+1] integer CSR row pointers (offsets[0] = 0, non-decreasing, offsets[S] = nnz;
     empty segments allowed), gather_idx [nnz] integer rows of table (repeats allowed), weights
     [nnz] float, table [R, d] float (rows are read in place when its columns are contiguous; a
     transposed view such as W_enc.t() is copied first: a strided gather would read a 32-byte sector
-    per element, 8× the bytes of the copy at the widths trained). longest_first: launch the longest
-    segments first (one argsort of S lengths), so that a latent firing on most of the batch does
-    not finish last; worth it for ragged segments (W gradients), not for TopK tokens."""
+    per element, 8× the bytes of the copy at the widths trained). longest_first: group segments of
+    like length in a program (one argsort of the S lengths), which takes as many steps as its
+    longest segment; for ragged segments (the W gradients, where a latent may fire on most of the
+    batch beside thousands that fire once). The result is the same either way, bit for bit."""
     _check_index("offsets", offsets, table)
     _check_index("gather_idx", gather_idx, table)
     _check_float("weights", weights, table)
@@ -79,16 +80,16 @@ def _segment_gather_sum(offsets, gather_idx, weights, table, longest_first):
     out = torch.empty(S, d, dtype=torch.float32, device=table.device)
     if S == 0 or d == 0:
         return out
-    block_e, block_d, warps = _config(SEGMENT_CONFIG)
+    block_s, block_d, warps = _config(SEGMENT_CONFIG)
     offsets, gather_idx = offsets.long().contiguous(), gather_idx.long().contiguous()
     order = None
     if longest_first:
         order = torch.argsort(offsets[1:] - offsets[:-1], descending=True, stable=True)
     table = _interpretable(_rows_contiguous(table))
-    kern._segment_gather_sum_kernel[(S, _cdiv(d, block_d))](
+    kern._segment_gather_sum_kernel[(_cdiv(S, block_s), _cdiv(d, block_d))](
         offsets, gather_idx, _interpretable(weights.contiguous()), table, offsets if order is None else order, out,
-        d, table.stride(0), out.stride(0),
-        ORDERED=order is not None, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps,
+        S, d, table.stride(0), out.stride(0),
+        ORDERED=order is not None, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps,
     )
     return out
 
