@@ -43,13 +43,13 @@ def _segment_gather_sum_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = cols < d
     acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    start2, length2 = start[:, None], length[:, None]  # [BLOCK_S, 1]: one layout for every load below
     for j in range(0, tl.max(length, axis=0)):
-        live = j < length
-        row = tl.load(idx_ptr + start + j, mask=live, other=0)
-        w = tl.load(w_ptr + start + j, mask=live, other=0.0).to(tl.float32)
-        tile = tl.load(table_ptr + row[:, None] * stride_table + cols[None, :],
-                       mask=live[:, None] & in_d[None, :], other=0.0)
-        acc += w[:, None] * tile.to(tl.float32)
+        live = j < length2
+        row = tl.load(idx_ptr + start2 + j, mask=live, other=0)
+        w = tl.load(w_ptr + start2 + j, mask=live, other=0.0).to(tl.float32)
+        tile = tl.load(table_ptr + row * stride_table + cols[None, :], mask=live & in_d[None, :], other=0.0)
+        acc += w * tile.to(tl.float32)
     tl.store(out_ptr + s[:, None] * stride_out + cols[None, :], acc, mask=live_s[:, None] & in_d[None, :])
 
 

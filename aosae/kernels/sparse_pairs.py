@@ -7,8 +7,8 @@ are numbered row by row, so every pair has a fixed slot and nothing here depends
 in which programs run. The host side (aosae/ops/backends/sparse_triton.py) sorts the pair keys
 (CUB radix sort through torch.sort), so equal pairs from different rows sit side by side, in
 row order; `_reduce_kernel` sums each run in a fixed order. The forward is deterministic: no
-float atomics. The backward looks the k selected pairs up in a hash table built with 64-bit CAS
-(`_table_insert_kernel`): its layout depends on the order of the inserts, its content does not.
+float atomics. The backward looks the k selected pairs up in a hash table laid out by a sort of
+their home slots (`_table_home_kernel`), the same layout every run.
 (The cosine backward's norm sums use torch's index_add_, which is atomic on CUDA.)
 
 Keys: i·n + j as int64, or shifted by −2³¹ into int32 when n² fits (half the sort's bytes).
@@ -151,26 +151,15 @@ def _slot(key, mask_bits, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _table_insert_kernel(
-    keys_ptr, g_ptr, K, table_keys_ptr, table_g_ptr, mask_bits,
-    SHIFT: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Inserts the selected pairs (key i·n + j, upstream gradient g) into an open-addressing table
-    (empty = −1, linear probing); keys < 0 (empty selection slots) are skipped. The keys are
-    distinct, so the table's content does not depend on the order of the inserts, only its layout."""
+def _table_home_kernel(keys_ptr, K, home_ptr, mask_bits, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """home[e] = the home slot of the selected pair key e (keys < 0, empty selection slots, get
+    mask_bits + 1: past every home, so they sort last). The host sorts the keys by home slot and
+    places key e at e + max_{e' <= e}(home_e' − e'): linear probing's layout, built by a sort and a
+    running max instead of atomic compare-and-swaps (10.7 M CAS inserts took 2.6 ms on an H200),
+    the same layout whatever order programs run in."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     key = tl.load(keys_ptr + e, mask=e < K, other=-1)
-    g = tl.load(g_ptr + e, mask=e < K, other=0.0)
-    pending = key >= 0
-    # lanes with nothing to insert compare against −2, which no slot holds: their CAS never writes
-    slot = tl.where(pending, _slot(key, mask_bits, SHIFT), e & mask_bits)
-    while tl.max(pending.to(tl.int32), axis=0) > 0:  # cmp and val int64, as the table: a 64-bit CAS
-        empty = tl.where(pending, -1, -2).to(tl.int64)
-        old = tl.atomic_cas(table_keys_ptr + slot, empty, tl.where(pending, key, -2).to(tl.int64))
-        won = pending & (old == -1)
-        tl.store(table_g_ptr + slot, g, mask=won)
-        pending = pending & ~won
-        slot = tl.where(pending, (slot + 1) & mask_bits, slot)
+    tl.store(home_ptr + e, tl.where(key >= 0, _slot(key, mask_bits, SHIFT), mask_bits + 1), mask=e < K)
 
 
 @triton.jit
@@ -181,8 +170,10 @@ def _support_grad_kernel(
 ):
     """grad[e] = Σ_{e' in e's row, e' != e} G[col_e, col_e'] · y[e'] for the entries e of one
     (row, block of BLOCK entries); G[i, j] = G[j, i] is the selected pair's upstream gradient
-    (0 when (i, j) is not selected), looked up in the table of _table_insert_kernel (≈ 1.5
-    probes at its load factor ≤ 1/2). Each entry is written by one program, summed in a fixed order."""
+    (0 when (i, j) is not selected), looked up in the table the host builds from
+    _table_home_kernel (≈ 1.5 probes at its load factor ≤ 1/2; the table runs past its last home
+    slot by as many slots as keys, so a probe never wraps). Each entry is written by one program,
+    summed in a fixed order."""
     q = tl.program_id(0)
     t = tl.load(work_row_ptr + q)
     blk = tl.load(work_blk_ptr + q)
@@ -206,6 +197,6 @@ def _support_grad_kernel(
             hit = probing & (at == query)
             g = tl.where(hit, tl.load(table_g_ptr + slot, mask=hit, other=0.0), g)
             probing = probing & (at != query) & (at != -1)  # an empty slot ends the probe: absent
-            slot = (slot + 1) & mask_bits
+            slot = slot + 1
         acc += tl.sum(g * y2[None, :], axis=1)
     tl.store(grad_ptr + start + s, acc, mask=in1)

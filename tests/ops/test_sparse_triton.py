@@ -218,3 +218,29 @@ def test_tiny_activations_keep_a_finite_cosine():
     values, rows, cols = run_csr(a, 3, True)
     assert bool(torch.isfinite(values).all())
     assert_matches_oracle((values, rows, cols), a, 3, True)
+
+
+@pytest.mark.parametrize("K", [1, 7, 300])
+def test_lookup_table_is_linear_probing_without_atomics(K):
+    """The backward's table: every key once, at or after its home slot with every slot between
+    occupied (so a probe from the home finds it), the skipped keys (−1) nowhere, and the same
+    layout every call (no atomics: nothing depends on the order programs run in)."""
+    from aosae.kernels import sparse_pairs as kern
+
+    keys = torch.randperm(10**6)[:K].long() * 4099 + 17  # distinct, spread like i·n + j
+    keys[torch.rand(K) < 0.2] = -1
+    g = torch.randn(K)
+    table_keys, table_g, bits = sparse_triton._lookup_table(keys, g)
+    home = torch.empty(K, dtype=torch.int64)
+    kern._table_home_kernel[(1,)](keys, K, home, (1 << bits) - 1, SHIFT=64 - bits, BLOCK=512)
+    valid = keys >= 0
+    assert bool((home[valid] < 1 << bits).all()) and bool((home[~valid] == 1 << bits).all())
+    for key, h, gk in zip(keys[valid].tolist(), home[valid].tolist(), g[valid].tolist()):
+        at = h
+        while int(table_keys[at]) != key:
+            assert int(table_keys[at]) != -1, "a probe from the home slot met an empty slot first"
+            at += 1
+        assert float(table_g[at]) == gk
+    assert int((table_keys >= 0).sum()) == int(valid.sum())
+    again = sparse_triton._lookup_table(keys, g)
+    assert torch.equal(again[0], table_keys) and torch.equal(again[1], table_g)

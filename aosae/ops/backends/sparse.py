@@ -47,11 +47,13 @@ COST = {
     "cpu": {"fixed": 2e6, "scan": 1.0, "mac": 0.013},
     # pure-torch path on CPU (aosae._C without the sparse kernel): ~50x slower per pair, no block.
     "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.013},
-    # CUDA: the Triton sparse kernels' predicted ~0.2 ns per pair (two radix sorts and ~5
-    # streaming passes over the pairs; benchmarks/NOTES.md, not yet measured on a GPU) plus
-    # ~0.3 ms of launches and the CSR's host sync; the fused dense kernel ~1e-5 ns per
-    # multiply-add (the first H200 run: 4.75 ms for m = 4096, n = 16384, bf16). No block.
-    "cuda": {"fixed": 3e5, "scan": 0.005, "pair": 0.2, "mac": 1e-5},
+    # CUDA, fitted to the H200 suite (benchmarks/results/gpu-suite-nvidia-h200-call1.json,
+    # backend="sparse" forward on TopK-like input, B 4096, n 16384–131072, L0 32–128: within
+    # ±25 % of each of 16 rows): ≈ 0.96 ms of launches, the CSR's host sync and the two sorts'
+    # fixed cost, 0.0072 ns per input element scanned, 0.14 ns per pair. The fused dense kernel:
+    # 6e-6 ns per multiply-add in bf16/fp16 (3.1–4.3 ms at n 16384, 53 ms at 65536, 215 ms at
+    # 131072), 4.5e-5 in fp32 (24.7 ms at 16384: no tensor cores without TF32). No block.
+    "cuda": {"fixed": 9.6e5, "scan": 0.0072, "pair": 0.144, "mac": 6e-6, "mac_fp32": 4.5e-5},
 }
 # Never pick sparse on its own when the pair list alone would exceed this many pairs
 # (~8 bytes each in C++, ~40 in the torch path): the dense kernels need O(tile²) memory.
@@ -152,7 +154,7 @@ def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float
             moved, block = _block_plan(rows, l0, weight, c)
             pairs -= moved
     sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs + block
-    dense = c["mac"] * m * n * n / 2
+    dense = c["mac_fp32" if a.dtype == torch.float32 and "mac_fp32" in c else "mac"] * m * n * n / 2
     return {"sparse": sparse * 1e-6, "dense": dense * 1e-6, "pairs": pairs}
 
 

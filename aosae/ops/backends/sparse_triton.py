@@ -8,7 +8,8 @@
 Work O(Σ_t L0_t²) plus two sorts of that many keys; no float atomics (a deterministic forward); no host
 sync when the sizes are known from the shapes (TopK input [B, L]), one otherwise (CSR input:
 how many pairs and tiles). The backward (`support_grad`) follows the same rows: each entry's
-gradient sums its row partners' G[i, j] · y, G looked up in a hash table of the k selected pairs.
+gradient sums its row partners' G[i, j] · y, G looked up in a hash table of the k selected pairs
+(laid out by a sort, no atomics: `_lookup_table`).
 
 Runs on CUDA tensors, or on CPU under TRITON_INTERPRET=1 (tests, tiny shapes). Imports Triton:
 check `usable(t)` first.
@@ -198,13 +199,7 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
     g = torch.where(valid, grad_out.float(), torch.zeros((), device=device))
     # G's lookup table: the selected keys (empty slots −1, skipped), load factor ≤ 1/2
     keys = torch.where(valid, rows * n + cols_sel, torch.full_like(rows, -1))
-    bits = max(4, (2 * keys.numel() - 1).bit_length())
-    table_keys = torch.full((1 << bits,), -1, dtype=torch.int64, device=device)
-    table_g = torch.zeros(1 << bits, dtype=torch.float32, device=device)
-    iblock = _block(1024)
-    kern._table_insert_kernel[(_cdiv(keys.numel(), iblock),)](
-        keys, g, keys.numel(), table_keys, table_g, (1 << bits) - 1, SHIFT=64 - bits, BLOCK=iblock, num_warps=4,
-    )
+    table_keys, table_g, bits = _lookup_table(keys, g)
     if cosine:
         sq = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, cols, x * x)
         inv = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
@@ -228,6 +223,32 @@ def _support_grad(row_ptr, cols, vals, n, grad_out, out_values, rows, cols_sel, 
         u = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, r, gv).index_add_(0, c, gv)
         grad = (grad - y * u[cols]) * inv[cols]
     return grad
+
+
+def _lookup_table(keys: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Open addressing with linear probing for the K keys (distinct, or −1: skipped) and their g,
+    laid out without atomics: sorted by home slot (a stable sort), key e goes to
+    e + max_{e' <= e}(home_e' − e'), the slot linear probing gives it when the keys arrive in that
+    order. 2^bits ≥ 2K home slots, then K more so that a probe never wraps. Returns
+    (table_keys int64, table_g fp32, bits)."""
+    from aosae.kernels import sparse_pairs as kern
+
+    K, device = keys.numel(), keys.device
+    bits = max(4, (2 * K - 1).bit_length())
+    home = torch.empty(K, dtype=torch.int64, device=device)
+    if K:
+        block = _block(1024)
+        kern._table_home_kernel[(_cdiv(K, block),)](keys, K, home, (1 << bits) - 1, SHIFT=64 - bits, BLOCK=block,
+                                                    num_warps=4)
+    # homes ≤ 2^bits: 32-bit sort keys (half the radix passes) while they fit
+    home, order = torch.sort(home.to(torch.int32) if bits < 31 else home, stable=True)
+    rank = torch.arange(K, device=device)
+    slot = rank + torch.cummax(home.long() - rank, 0).values
+    table_keys = torch.full(((1 << bits) + K + 1,), -1, dtype=torch.int64, device=device)
+    table_g = torch.zeros((1 << bits) + K + 1, dtype=torch.float32, device=device)
+    table_keys[slot] = keys[order]  # the skipped keys (home 2^bits, sorted last) write −1 past every home
+    table_g[slot] = g[order]
+    return table_keys, table_g, bits
 
 
 def padded_grad(indices, values, n: int, grad_out, out_values, rows, cols_sel, cosine: bool) -> torch.Tensor:
