@@ -2,7 +2,7 @@
 the trainer's TopK step with and without the penalty, gram_topk_sparse forward + backward on TopK
 latents, and the dense Triton op. Each workload is warmed up, then profiled over a few calls; the
 table lists the kernels by total device time, with the host syncs (device-to-host copies and
-synchronize calls) counted, since a sync drains the queue the next kernels would have hidden in.
+synchronize calls, item()) counted, since a sync drains the queue the next kernels would have hidden in.
 
     python benchmarks/gpu_profile.py --out $OUT/profile.txt      # H100/H200: ≈ 40 s
     TRITON_INTERPRET=1 python benchmarks/gpu_profile.py --device cpu --out /tmp/p.txt   # dry run
@@ -20,6 +20,7 @@ from gpu_gram_topk import import_aosae  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+# calls that can stall the host: synchronize, every async copy (device-to-host ones wait), item()
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense")
 
 
@@ -38,8 +39,9 @@ def report(name: str, fn, calls: int, cuda: bool, lines: list[str], top: int = 2
     wall = (time.perf_counter() - t0) * 1e3 / calls
     events = prof.key_averages()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = sorted((e for e in events if getattr(e, attr, 0) > 0 and (not cuda or e.device_type.name == "CUDA")),
-                     key=lambda e: -getattr(e, attr))
+    # (a user annotation such as Optimizer.step#…, on the device timeline too, spans kernels listed already)
+    kernels = sorted((e for e in events if getattr(e, attr, 0) > 0 and not e.is_user_annotation
+                      and (not cuda or e.device_type.name == "CUDA")), key=lambda e: -getattr(e, attr))
     device_ms = sum(getattr(e, attr) for e in kernels) / 1e3 / calls
     syncs = {e.key: e.count // calls for e in events if e.key in SYNCS}
     lines.append(f"\n== {name}: wall {wall:.3f} ms/call, device {device_ms:.3f} ms/call, per call: {syncs}")

@@ -54,12 +54,14 @@ ALIGNED = ("M", "N", "stride_m", "d", "stride_table", "stride_out", "stride_a", 
 # (name, kernel, argument types, constexprs, num_warps, num_stages): every kernel with the launch
 # parameters of its host side (triton_driver._config, sparse_triton), both key widths, dot and cosine
 KERNELS = [
-    ("collect (shipped config)", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64), 8, 3),
-    ("collect, cosine", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, COSINE=True, BLOCK=128, BLOCK_K=64), 8, 3),
+    ("collect (shipped config)", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=128), 8, 3),
+    ("collect, cosine", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, COSINE=True, BLOCK=128, BLOCK_K=128), 8, 3),
+    ("collect BLOCK_K 64 (the first H200 runs' default)", dense._collect_kernel, COLLECT,
+     dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64), 8, 3),
     ("collect BLOCK_K 32, 4 stages", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=32), 8, 4),
     ("collect BLOCK 64", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=64, BLOCK_K=64), 4, 4),
     ("histogram (same main loop, no compaction)", dense._histogram_kernel, {**TILES, "hist_ptr": "*i64"},
-     dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=64, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
+     dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=128, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
     *[(f"sparse emit ({bits} keys{', diagonal' if diag else ''})", sparse._emit_kernel,
        {**EMIT, "keys_ptr": f"*{bits}"}, dict(DIAG=diag, KEY32=bits == "i32", BLOCK=64), 8, 3)
       for bits in ("i32", "i64") for diag in (False, True)],

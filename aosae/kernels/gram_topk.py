@@ -133,8 +133,8 @@ def _config(dtype: torch.dtype, n: int) -> dict:
     if triton_interpreting():
         return dict(BLOCK=16, BLOCK_K=16, num_warps=4, num_stages=1, group=4)
     block = min(128, max(16, triton.next_power_of_2(n)))
-    # 16-bit: BLOCK_K 128 (3 stages, 192 KiB of shared memory) ran the n = 16384 call in 3.66 ms
-    # against 4.41 ms at 64 (H200, benchmarks/results/triton-tune-nvidia-h200.json)
+    # 16-bit: BLOCK_K 128 (3 stages, 192 KiB of shared memory) ran the n = 16384 call in 3.37 ms
+    # against 3.93 ms at 64 (H200, benchmarks/results/triton-tune-nvidia-h200.json)
     block_k = 32 if dtype == torch.float32 else (128 if block >= 128 else 64)
     return dict(BLOCK=block, BLOCK_K=block_k, num_warps=8 if block >= 128 else 4, num_stages=3, group=8)
 

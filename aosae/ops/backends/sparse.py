@@ -47,12 +47,13 @@ COST = {
     "cpu": {"fixed": 2e6, "scan": 1.0, "mac": 0.013},
     # pure-torch path on CPU (aosae._C without the sparse kernel): ~50x slower per pair, no block.
     "cpu_torch": {"fixed": 2e7, "scan": 2.0, "pair": 500.0, "mac": 0.013},
-    # CUDA, fitted to the H200 suite (benchmarks/results/gpu-suite-nvidia-h200-call1.json,
-    # backend="sparse" forward on TopK-like input, B 4096, n 16384–131072, L0 32–128: within
-    # ±25 % of each of 16 rows): ≈ 0.96 ms of launches, the CSR's host sync and the two sorts'
-    # fixed cost, 0.0072 ns per input element scanned, 0.14 ns per pair. The fused dense kernel:
-    # 6e-6 ns per multiply-add in bf16/fp16 (3.1–4.3 ms at n 16384, 53 ms at 65536, 215 ms at
-    # 131072), 4.5e-5 in fp32 (24.7 ms at 16384: no tensor cores without TF32). No block.
+    # CUDA, least squares over the H200 suite's 16 backend="sparse" forward rows on TopK-like
+    # input (benchmarks/results/gpu-suite-nvidia-h200-call1.json; B 4096, n 16384–131072, L0
+    # 32–128; 14 rows within ±25 %, the worst −31 % and +26 %): ≈ 0.96 ms of launches, the CSR's
+    # host sync and the two sorts' fixed cost, 0.0072 ns per input element scanned, 0.14 ns per
+    # pair. The fused dense kernel (…-call5.json): 6e-6 ns per multiply-add in bf16/fp16 (3.53 ms
+    # at n 16384, 48.9 ms at 65536, 202 ms at 131072), 4.5e-5 in fp32 (25.1 ms at 16384: no
+    # tensor cores without TF32; float64 is costed so too). No block.
     "cuda": {"fixed": 9.6e5, "scan": 0.0072, "pair": 0.144, "mac": 6e-6, "mac_fp32": 4.5e-5},
 }
 # Never pick sparse on its own when the pair list alone would exceed this many pairs
@@ -154,7 +155,8 @@ def predicted_ms(a: torch.Tensor, pairs: float | None = None) -> dict[str, float
             moved, block = _block_plan(rows, l0, weight, c)
             pairs -= moved
     sparse = c["fixed"] + c["scan"] * m * n + c["pair"] * pairs + block
-    dense = c["mac_fp32" if a.dtype == torch.float32 and "mac_fp32" in c else "mac"] * m * n * n / 2
+    wide = a.dtype in (torch.float32, torch.float64) and "mac_fp32" in c
+    dense = c["mac_fp32" if wide else "mac"] * m * n * n / 2
     return {"sparse": sparse * 1e-6, "dense": dense * 1e-6, "pairs": pairs}
 
 

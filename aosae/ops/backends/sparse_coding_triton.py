@@ -28,9 +28,10 @@ from aosae.machine import triton_interpreting
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FORCE_ENV = "AOSAE_SPARSE_TRITON"
-# (BLOCK_S segments or BLOCK_E entries, BLOCK_D, num_warps) on GPU: a 32 × 128 fp32 tile is 32
-# values per thread at 4 warps, a 256/512-byte row slice per gathered row (bf16/fp32);
-# benchmarks/kernel_resources.py compiles these for sm_90 (registers, no spills)
+# (BLOCK_S segments, BLOCK_D, num_warps) of segment_gather_sum and (BLOCK_E entries, BLOCK_D,
+# num_warps) of gathered_dot on GPU: a 32 × 128 fp32 tile is 16 values per thread at 8 warps, a
+# 256/512-byte row slice per gathered row (bf16/fp32); benchmarks/kernel_resources.py compiles
+# these for sm_90 (registers, spills). The segment sum's 8 warps are not measured on a GPU yet.
 SEGMENT_CONFIG = (32, 128, 8)
 DOT_CONFIG = (16, 128, 4)
 # under the interpreter (~10 ms a program on a loaded 2-core machine): tiles small enough that dry runs
