@@ -448,23 +448,18 @@ def coding_step_rows(S, d_sae):
             cursor[name] += 1
         return step
 
+    def make_trainer_step(name, activation):  # aosae train's step (SAEObjective), no penalty
+        objective, cursor[name] = make_objective(cfg, d_sae, activation, x, penalty=False), 0
+
+        def step():
+            losses = objective.losses(x[order[cursor[name] % total]])
+            objective.optimizer_step(losses.loss)
+            cursor[name] += 1
+        return step
+
     arms["aosae sparse"] = make_step("aosae sparse", sparse_loss, opt)
-    trainer = make_objective(cfg, d_sae, "topk", x, penalty=False)
-
-    def trainer_step():
-        losses = trainer.losses(x[order[cursor["aosae trainer"] % total]])
-        trainer.optimizer_step(losses.loss)
-        cursor["aosae trainer"] += 1
-    cursor["aosae trainer"] = 0
-    arms["aosae trainer"] = trainer_step
-    batch_trainer = make_objective(cfg, d_sae, "batchtopk", x, penalty=False)  # B·k over the batch
-
-    def batch_trainer_step():
-        losses = batch_trainer.losses(x[order[cursor["aosae trainer batchtopk"] % total]])
-        batch_trainer.optimizer_step(losses.loss)
-        cursor["aosae trainer batchtopk"] += 1
-    cursor["aosae trainer batchtopk"] = 0
-    arms["aosae trainer batchtopk"] = batch_trainer_step
+    arms["aosae trainer"] = make_trainer_step("aosae trainer", "topk")
+    arms["aosae trainer batchtopk"] = make_trainer_step("aosae trainer batchtopk", "batchtopk")  # B·k over the batch
     try:
         if not cfg.cuda:  # sparsify picks its Triton decoder whenever triton imports; CPU tensors fail there
             os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
