@@ -12,7 +12,7 @@
 #     simple-parsing==0.1.9
 # Budgets: SUITE_S (default 200) and TUNE_S (default 35) seconds; no row or configuration starts
 # after its budget. Then benchmarks/gpu_profile.py (≈ 40 s): the kernels of the step, the sparse
-# op and the dense op. About 5 minutes in all on an H200; eight files come back.
+# op and the dense op. About 5 minutes in all on an H200; seven files come back (the device returns at most eight).
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_call.sh OUT_DIR}"
 mkdir -p "$out"
@@ -21,9 +21,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-python3 benchmarks/gpu_suite.py --budget-s "${SUITE_S:-200}" --max-row-s 20 --out-dir "$out" 2>&1 | tee "$out/suite.log"
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 benchmarks/gpu_suite.py --budget-s "${SUITE_S:-200}" --max-row-s 20 --out-dir "$out"; } 2>&1 | tee "$out/suite.log"
 python3 benchmarks/gpu_triton_tune.py --budget-s "${TUNE_S:-35}" --out "$out/triton-tune-nvidia-h200.json" 2>&1 | tee "$out/tune.log"
 python3 benchmarks/gpu_profile.py --out "$out/profile.txt" > "$out/profile.log" 2>&1
 grep "^==" "$out/profile.txt"
