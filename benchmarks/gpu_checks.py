@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from gpu_gram_topk import skip_reason
+
 DTYPES = ("bf16", "fp16", "fp32")
 VALUE_RTOL = 1e-4  # scores accumulate in fp32 whatever the input: error relative to the largest score
 GRAD_RTOL = {"bf16": 1.6e-2, "fp16": 2e-3, "fp32": 1e-4}  # gradients come back in the input dtype
@@ -130,3 +132,11 @@ def coding_check(got, want, bound) -> dict:
     worst = float((gap / bound.clamp_min(1e-300)).max()) if gap.numel() else 0.0
     return dict(abs_err=float(gap.max()) if gap.numel() else 0.0, err_over_bound=worst,
                 fp32_out=got.dtype == torch.float32, ok=bool((gap <= bound).all()) and got.dtype == torch.float32)
+
+
+def attempt(fn):
+    """(fn(), None), or (None, why) when it raises: one failing arm must not cost the others of its row."""
+    try:
+        return fn(), None
+    except Exception as err:
+        return None, skip_reason(err)

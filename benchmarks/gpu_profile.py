@@ -61,18 +61,18 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["AOSAE_SPARSE_TRITON"] = "1"
     aosae = import_aosae()
-    import gpu_suite
     from gpu_checks import coding_latents, gaussian, topk_input
+    from gpu_sparse_step import make_objective
+    from gpu_suite import config
 
-    gpu_suite.aosae = aosae
-    cfg = gpu_suite.config(SimpleArgs(args.device))
+    cfg = config(SimpleArgs(args.device))
     lines = [f"{torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}"]
     g = torch.Generator(device=cfg.device).manual_seed(0)
     x = torch.randn(cfg.B, cfg.d_in, generator=g, device=cfg.device)
     x = x / x.norm(dim=1).mean()
     for d_sae in cfg.d_sae:
         for penalty in (True, False):
-            obj = gpu_suite.make_objective(cfg, d_sae, "topk", x, penalty)
+            obj = make_objective(cfg, d_sae, "topk", x, penalty)
 
             def step(obj=obj):
                 losses = obj.losses(x)
@@ -94,12 +94,11 @@ def main(argv=None) -> int:
     report(f"gram_topk triton n {cfg.t_tri_n} bf16, warm", lambda: aosae.gram_topk(
         a, kt, backend="triton", threshold=torch.tensor(hint)), 5, cuda, lines)
     from aosae.ops.backends import sparse_coding_triton as sct
+    from aosae.ops.sparse_coding import group_by, token_of_entry
+
     lat, w = coding_latents(cfg, n, cfg.top_k, seed=4)
-    flat = lat.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    off = torch.zeros(n + 1, dtype=torch.long, device=cfg.device)
-    off[1:] = torch.bincount(flat, minlength=n).cumsum(0)
-    rows = torch.arange(cfg.B, device=cfg.device).repeat_interleave(cfg.top_k)[order]
+    order, off = group_by(lat.reshape(-1), n)  # the entries by latent, as the step's backward groups them
+    rows = token_of_entry(torch.arange(cfg.B + 1, device=cfg.device) * cfg.top_k, lat.numel())[order]
     G = torch.randn(cfg.B, cfg.d_in, generator=g, device=cfg.device).to(torch.bfloat16)
     wg = w.reshape(-1)[order]
     report(f"W_dec grad n {n} bf16 (segment_gather_sum)", lambda: sct.segment_gather_sum(off, rows, wg, G), 5, cuda,

@@ -103,11 +103,10 @@ def coactive_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Ten
         return None
     c = _checked(offsets, indices, values, n_latents)  # range, distinct latents per row, finite
     # canonical order moves entries within their rows only: the rows, and the sums, are the same
-    v = (values.index_select(0, c.perm) if c.perm is not None else values).to(torch.float64)
-    if similarity == "cosine":
-        norms_sq = v.new_zeros(c.uniq.numel()).index_add(0, c.cols, v * v)
-        v = v * norms_sq.rsqrt().index_select(0, c.cols)  # > 0: every value is
-    return _row_formula(offsets, v, values.dtype)
+    v = values.index_select(0, c.perm) if c.perm is not None else values
+    lengths = offsets[1:] - offsets[:-1]
+    row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=v.device), lengths, output_size=v.numel())
+    return _row_formula(v, row_of, lengths.numel(), c.cols, c.uniq.numel(), similarity)
 
 
 def _on_host(values: torch.Tensor) -> bool:
@@ -131,21 +130,22 @@ def _sum_one_sync(offsets, indices, values, n: int, k: int, similarity: str) -> 
         return None
     if not is_valid:
         _checked(offsets, indices, values, n)  # raises the message that says what is wrong
+    return _row_formula(values, row_of, lengths.numel(), indices, n, similarity)
+
+
+def _row_formula(values: torch.Tensor, row_of: torch.Tensor, rows: int, cols: torch.Tensor, n_cols: int,
+                 similarity: str) -> torch.Tensor:
+    """Σ_t (s_t² − q_t) / 2 over the rows of values (entry e in row row_of[e], latent cols[e] <
+    n_cols; cosine: each value over its latent's norm), summed in float64, returned in the
+    accumulation dtype."""
     v = values.to(torch.float64)
     if similarity == "cosine":
-        norms_sq = v.new_zeros(n).index_add(0, indices, v * v)
-        v = v * norms_sq.rsqrt().index_select(0, indices)  # > 0: every value is
-    return _row_formula(offsets, v, values.dtype)
-
-
-def _row_formula(offsets: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ_t (s_t² − q_t) / 2 over the rows of v (float64, CSR by offsets), in the accumulation dtype."""
-    lengths = offsets[1:] - offsets[:-1]
-    row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=v.device), lengths, output_size=v.numel())
-    row_sums = v.new_zeros(lengths.numel()).index_add(0, row_of, v)
-    row_squares = v.new_zeros(lengths.numel()).index_add(0, row_of, v * v)
+        norms_sq = v.new_zeros(n_cols).index_add(0, cols, v * v)
+        v = v * norms_sq.rsqrt().index_select(0, cols)  # > 0: every value is
+    row_sums = v.new_zeros(rows).index_add(0, row_of, v)
+    row_squares = v.new_zeros(rows).index_add(0, row_of, v * v)
     total = (row_sums.square() - row_squares).sum() / 2  # per row: no cancellation across rows
-    return total.to(accumulation_dtype(dtype))
+    return total.to(accumulation_dtype(values.dtype))
 
 
 class TopKSum(NamedTuple):
