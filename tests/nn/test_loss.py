@@ -216,6 +216,33 @@ def test_from_sparse_sums_without_pairs_when_k_covers_them(seed, monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_closed_form_is_skipped_after_a_batch_with_k_pairs_and_tried_again_after_fewer(seed, monkeypatch, warm_start):
+    """The closed form needs at most k pairs: after a batch whose k-th score was > 0 (warm start)
+    its bound is not computed; a batch with fewer pairs still gets every pair, records a k-th
+    score of 0, and the call after it tries the closed form again. The penalty and its gradient
+    are the reference's throughout."""
+    import aosae.nn.loss as loss_module
+
+    calls = []
+    closed = loss_module.coactive_sum
+    monkeypatch.setattr(loss_module, "coactive_sum", lambda *a, **kw: calls.append(1) or closed(*a, **kw))
+    k = 150
+    many = _ragged(40, 64, 12)  # hundreds of co-active pairs: more than k
+    few = _ragged(48, 64, 9, pool=12)  # at most 66 pairs among 12 latents
+    loss = aosae.TopKOrthoLoss(k=k, warm_start=warm_start)
+    ref = aosae.TopKOrthoLoss(k=k, backend="reference")
+    tried = []
+    for batch in (many, many, few, few, many):
+        _assert_from_sparse_equals_dense(loss, ref, *batch)
+        tried.append(len(calls))
+    if warm_start:
+        assert tried == [1, 1, 1, 2, 3]  # skipped after a batch with k pairs, tried after one with fewer
+    else:
+        assert tried == [1, 2, 3, 4, 5]
+    assert float(loss._kth) == pytest.approx(float(ref._kth), rel=1e-5)
+
+
 def test_from_sparse_reads_n_latents_from_the_carrier(seed):
     from typing import NamedTuple
 
