@@ -1,7 +1,7 @@
 """Where the fused Triton kernel's time goes, and which launch configuration is fastest (GPU).
 
 For a [m, n] bf16 input (default B = m = 4096, n = 16384, k = 0.5 % of the pairs) it times, per
-launch configuration (BLOCK, BLOCK_K, num_warps, num_stages, group):
+launch configuration (BLOCK, BLOCK_K, num_warps, num_stages, group, TMA):
 
     mainloop    one collect pass at threshold +inf: the tiles' tl.dot and the compare, no
                 candidate is stored (the epilogue's prefix sums and stores are skipped)
@@ -40,15 +40,17 @@ from aosae.ops.backends import triton_driver  # noqa: E402
 from aosae.ops.gram_topk import k_for_fraction  # noqa: E402
 from machine import RESULTS, machine_name, slug, today, versions, write_rows  # noqa: E402
 
-# (BLOCK, BLOCK_K, num_warps, num_stages, group); the first is the shipped default on GPU, the
-# second the previous one (kernel_resources.py: 128² tiles take 255 registers, one program per SM;
+# (BLOCK, BLOCK_K, num_warps, num_stages, group, TMA); the first is the shipped default on GPU, the
+# next two the same tiles loaded through a tensor descriptor (TMA: no pointer tensors, asynchronous
+# loads; compiled for sm_90 they spill 152 bytes where the shipped kernel spills 244, not yet timed),
+# then the previous default (kernel_resources.py: 128² tiles take 255 registers, one program per SM;
 # 16 warps cap them at 128; 64² tiles at 4 warps fit two or more programs per SM). The first H200
 # run (2026-12-04) measured the rest of the earlier list: BLOCK_K 128 was fastest, 64² tiles slowest.
 CONFIGS = [
-    (128, 128, 8, 3, 8), (128, 64, 8, 3, 8), (128, 128, 8, 2, 8), (128, 128, 8, 3, 4), (128, 128, 8, 3, 16),
-    (128, 128, 16, 3, 8), (128, 64, 8, 4, 8), (64, 128, 4, 4, 8),
+    (128, 128, 8, 3, 8, False), (128, 128, 8, 3, 8, True), (128, 64, 8, 4, 8, True), (128, 64, 8, 3, 8, False),
+    (128, 128, 8, 2, 8, False), (128, 128, 8, 3, 16, False), (128, 128, 16, 3, 8, False), (64, 128, 4, 4, 8, False),
 ]
-CPU_CONFIGS = [(16, 16, 4, 1, 4), (32, 16, 4, 1, 2)]
+CPU_CONFIGS = [(16, 16, 4, 1, 4, False), (32, 16, 4, 1, 2, False), (16, 16, 4, 1, 4, True)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -109,8 +111,8 @@ def main(argv=None) -> int:
     rows.append({"arm": "cublas_full", **gemm})
     rows.append({"arm": "half_gemm_floor", **{key: v / 2 for key, v in gemm.items()}})
     save()
-    for block, block_k, warps, stages, group in (CONFIGS if cuda else CPU_CONFIGS):
-        cfg = dict(BLOCK=block, BLOCK_K=block_k, num_warps=warps, num_stages=stages, group=group)
+    for block, block_k, warps, stages, group, tma in (CONFIGS if cuda else CPU_CONFIGS):
+        cfg = dict(BLOCK=block, BLOCK_K=block_k, num_warps=warps, num_stages=stages, group=group, TMA=tma)
         row = {"arm": "config", **cfg}
         if time.perf_counter() - started > args.budget_s:
             rows.append({**row, "skipped": f"time budget {args.budget_s} s spent"})

@@ -40,6 +40,10 @@ TILES = {"a_ptr": "*bf16", "inv_norm_ptr": "*fp32", "tile_bi_ptr": "*i32", "tile
 COLLECT = {**TILES, "threshold": "fp32", "val_ptr": "*fp32", "row_ptr": "*i32", "col_ptr": "*i32",
            "counter_ptr": "*i64", "capacity": "i64"}
 DENSE_FLAGS = dict(COSINE=False, EVEN_M=True, EVEN_N=True, CAST_FP32=False, IEEE=False, stride_n=1)
+TMA_TILES = {"inv_norm_ptr": "*fp32", "tile_bi_ptr": "*i32", "tile_bj_ptr": "*i32", "M": "i32", "N": "i32"}
+TMA_COLLECT = {**TMA_TILES, **{name: COLLECT[name] for name in ("threshold", "val_ptr", "row_ptr", "col_ptr",
+                                                                 "counter_ptr", "capacity")}}
+TMA_FLAGS = dict(COSINE=False, CAST_FP32=False, IEEE=False)
 EMIT = {"row_ptr": "*i64", "cols_ptr": "*i64", "vals_ptr": "*bf16", "pair_off_ptr": "*i64", "tile_row_ptr": "*i32",
         "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "n": "i32", "prods_ptr": "*fp32"}
 REDUCE = {"sprods_ptr": "*fp32", "P": "i64", "n": "i32", "sums_ptr": "*fp32", "sel_ptr": "*i32", "norm_sq_ptr": "*fp32"}
@@ -62,6 +66,12 @@ KERNELS = [
     ("collect BLOCK 64", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=64, BLOCK_K=64), 4, 4),
     ("histogram (same main loop, no compaction)", dense._histogram_kernel, {**TILES, "hist_ptr": "*i64"},
      dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=128, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
+    # a's tiles through a tensor descriptor (TMA), the collect and histogram passes of the tuning's TMA configs
+    *[(f"collect TMA ({dt}, BLOCK_K {bk})", dense._collect_tma_kernel, {**TMA_COLLECT, "a_desc": f"tensordesc<{dt}[{bk}, 128]>"},
+       dict(TMA_FLAGS, BLOCK=128, BLOCK_K=bk), 8, 3) for dt, bk in (("bf16", 128), ("bf16", 64), ("fp32", 32))],
+    ("histogram TMA (bf16, BLOCK_K 128)", dense._histogram_tma_kernel,
+     {**TMA_TILES, "a_desc": "tensordesc<bf16[128, 128]>", "hist_ptr": "*i64"},
+     dict(TMA_FLAGS, BLOCK=128, BLOCK_K=128, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
     *[(f"sparse emit ({bits} keys{', diagonal' if diag else ''})", sparse._emit_kernel,
        {**EMIT, "keys_ptr": f"*{bits}"}, dict(DIAG=diag, KEY32=bits == "i32", BLOCK=64), 8, 3)
       for bits in ("i32", "i64") for diag in (False, True)],

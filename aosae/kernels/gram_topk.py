@@ -68,18 +68,45 @@ def _tile_scores(
 
 
 @triton.jit
-def _collect_kernel(
-    a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
-    threshold, val_ptr, row_ptr, col_ptr, counter_ptr, capacity,
-    COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+def _tile_scores_tma(
+    a_desc, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N,
+    COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    """Appends (C_ij, i, j) for i < j, |C_ij| >= threshold, C_ij != 0 to the buffers.
-    counter counts every such entry, also those that did not fit (pos >= capacity)."""
-    acc, score, offs_i, offs_j, valid = _tile_scores(
-        a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
-        COSINE, BLOCK, BLOCK_K, EVEN_M, EVEN_N, CAST_FP32, IEEE,
-    )
+    """_tile_scores with a's tiles loaded by the TMA unit (Hopper's tensor memory accelerator)
+    through a host tensor descriptor of block [BLOCK_K, BLOCK]: no pointer tensors, no masks
+    (the unit fills whatever lies outside a with zeros), the loads issued asynchronously."""
+    pid = tl.program_id(0)
+    bi = tl.load(tile_bi_ptr + pid)
+    bj = tl.load(tile_bj_ptr + pid)
+    offs_i = bi * BLOCK + tl.arange(0, BLOCK)
+    offs_j = bj * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, M, BLOCK_K):
+        ti = a_desc.load([k0, bi * BLOCK])
+        tj = a_desc.load([k0, bj * BLOCK])
+        if CAST_FP32:
+            ti = ti.to(tl.float32)
+            tj = tj.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(tl.trans(ti), tj, acc=acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(ti), tj, acc=acc)
+    if COSINE:
+        inv_i = tl.load(inv_norm_ptr + offs_i, mask=offs_i < N, other=0.0)
+        inv_j = tl.load(inv_norm_ptr + offs_j, mask=offs_j < N, other=0.0)
+        acc = acc * inv_i[:, None] * inv_j[None, :]
+    valid = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < N)
+    return acc, tl.abs(acc), offs_i, offs_j, valid
+
+
+@triton.jit
+def _append_candidates(
+    acc, score, offs_i, offs_j, valid, threshold, val_ptr, row_ptr, col_ptr, counter_ptr, capacity,
+    BLOCK: tl.constexpr,
+):
+    """Appends (C_ij, i, j) for the valid entries with |C_ij| >= threshold, C_ij != 0 to the
+    buffers; counter counts every such entry, also those that did not fit (pos >= capacity)."""
     keep = valid & (score >= threshold) & (score > 0.0)
     keep_i = keep.to(tl.int32)
     row_count = tl.sum(keep_i, axis=1)
@@ -100,22 +127,72 @@ def _collect_kernel(
 
 
 @triton.jit
+def _add_histogram(score, valid, hist_ptr, BLOCK: tl.constexpr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr):
+    """Adds the radix histogram of the valid |C_ij| to hist [NUM_BINS] int64; invalid entries
+    land in bin 0 together with zeros and denormals."""
+    # a non-negative fp32 orders like its bit pattern, so the top bits are an ordered bin
+    bins = tl.where(valid, score.to(tl.int32, bitcast=True) >> SHIFT, 0)
+    hist = tl.histogram(tl.reshape(bins, (BLOCK * BLOCK,)), NUM_BINS)
+    tl.atomic_add(hist_ptr + tl.arange(0, NUM_BINS), hist.to(tl.int64), mask=hist > 0)
+
+
+@triton.jit
+def _collect_kernel(
+    a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
+    threshold, val_ptr, row_ptr, col_ptr, counter_ptr, capacity,
+    COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Appends (C_ij, i, j) for i < j, |C_ij| >= threshold, C_ij != 0 to the buffers."""
+    acc, score, offs_i, offs_j, valid = _tile_scores(
+        a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
+        COSINE, BLOCK, BLOCK_K, EVEN_M, EVEN_N, CAST_FP32, IEEE,
+    )
+    _append_candidates(acc, score, offs_i, offs_j, valid, threshold, val_ptr, row_ptr, col_ptr, counter_ptr,
+                       capacity, BLOCK)
+
+
+@triton.jit
 def _histogram_kernel(
     a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n, hist_ptr,
     COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
     SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
 ):
-    """Adds the radix histogram of |C_ij| (i < j) to hist [NUM_BINS] int64; invalid
-    entries land in bin 0 together with zeros and denormals."""
+    """Adds the radix histogram of |C_ij| (i < j) to hist [NUM_BINS] int64."""
     acc, score, offs_i, offs_j, valid = _tile_scores(
         a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
         COSINE, BLOCK, BLOCK_K, EVEN_M, EVEN_N, CAST_FP32, IEEE,
     )
-    # a non-negative fp32 orders like its bit pattern, so the top bits are an ordered bin
-    bins = tl.where(valid, score.to(tl.int32, bitcast=True) >> SHIFT, 0)
-    hist = tl.histogram(tl.reshape(bins, (BLOCK * BLOCK,)), NUM_BINS)
-    tl.atomic_add(hist_ptr + tl.arange(0, NUM_BINS), hist.to(tl.int64), mask=hist > 0)
+    _add_histogram(score, valid, hist_ptr, BLOCK, SHIFT, NUM_BINS)
+
+
+@triton.jit
+def _collect_tma_kernel(
+    a_desc, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N,
+    threshold, val_ptr, row_ptr, col_ptr, counter_ptr, capacity,
+    COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """_collect_kernel with its tiles loaded through a's tensor descriptor."""
+    acc, score, offs_i, offs_j, valid = _tile_scores_tma(
+        a_desc, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, COSINE, BLOCK, BLOCK_K, CAST_FP32, IEEE,
+    )
+    _append_candidates(acc, score, offs_i, offs_j, valid, threshold, val_ptr, row_ptr, col_ptr, counter_ptr,
+                       capacity, BLOCK)
+
+
+@triton.jit
+def _histogram_tma_kernel(
+    a_desc, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, hist_ptr,
+    COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, CAST_FP32: tl.constexpr,
+    IEEE: tl.constexpr, SHIFT: tl.constexpr, NUM_BINS: tl.constexpr,
+):
+    """_histogram_kernel with its tiles loaded through a's tensor descriptor."""
+    acc, score, offs_i, offs_j, valid = _tile_scores_tma(
+        a_desc, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, COSINE, BLOCK, BLOCK_K, CAST_FP32, IEEE,
+    )
+    _add_histogram(score, valid, hist_ptr, BLOCK, SHIFT, NUM_BINS)
 
 
 @functools.lru_cache(maxsize=16)

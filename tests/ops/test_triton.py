@@ -113,6 +113,30 @@ def test_even_tiles_larger_blocks():
     assert_matches_oracle(kernel.gram_topk_triton(a, 50, cosine=True, block=32, block_k=32), a, 50, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cosine", [False, True])
+def test_tma_config_matches_pointer_loads(dtype, cosine):
+    """config TMA=True (a's tiles through a tensor descriptor, padded with zeros by the unit where
+    the pointer kernels mask): the same pairs on odd shapes (partial tiles in m and n), ties and
+    zero columns, through the histogram stage too."""
+    a = torch.relu(torch.randn(37, 72)).round().to(dtype)  # integers: ties everywhere
+    a[:, 5:9] = 0
+    k = 300
+    for extra in (dict(), dict(margin=0.01)):  # the sample's pass, then a sample that forces the histogram
+        want = kernel.gram_topk_triton(a, k, cosine, block=32, block_k=16, **extra)
+        got = kernel.gram_topk_triton(a, k, cosine, block=32, block_k=16, config=dict(TMA=True), **extra)
+        assert_identical(want, got)
+    assert kernel.last_call_info["stages"] == ["sample", "histogram"]
+    assert_matches_oracle(got, a.float(), k, cosine)
+
+
+def test_tma_config_needs_aligned_rows():
+    a = torch.randn(20, 37)[:, :35]  # rows of 37 floats: 148 bytes, not a multiple of 16
+    with pytest.raises(ValueError, match="TMA=True needs"):
+        kernel.gram_topk_triton(a, 10, config=dict(TMA=True))
+    assert_matches_oracle(kernel.gram_topk_triton(a, 10), a, 10)
+
+
 def test_warm_start_hint_one_pass():
     a = torch.randn(10, 60)
     k = 40

@@ -15,9 +15,11 @@ import math
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from aosae.kernels.gram_topk import (
-    HIST_BINS, HIST_SHIFT, _collect_kernel, _config, _histogram_kernel, _tile_order, supported_dtypes,
+    HIST_BINS, HIST_SHIFT, _collect_kernel, _collect_tma_kernel, _config, _histogram_kernel, _histogram_tma_kernel,
+    _tile_order, supported_dtypes,
 )
 from aosae.machine import triton_interpreting
 from aosae.ops.conventions import select_topk
@@ -69,6 +71,11 @@ def threshold_from_histogram(hist: torch.Tensor, k: int, num_pairs: int) -> tupl
     return float(edge), int(from_top[b - 1])
 
 
+def tma_usable(a: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can address a: unit column stride, 16-byte aligned base and rows."""
+    return a.stride(1) == 1 and a.data_ptr() % 16 == 0 and (a.stride(0) * a.element_size()) % 16 == 0
+
+
 def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
     """The two kernel passes over all upper-triangle tiles of a, launched with cfg:
     collect(threshold, capacity) -> count (candidates land in buffers["vals"/"rows"/"cols"])
@@ -85,6 +92,16 @@ def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     args = (a, a if inv_norm is None else inv_norm, tile_bi, tile_bj, m, n, a.stride(0), a.stride(1))
+    collect_kernel, histogram_kernel = _collect_kernel, _histogram_kernel
+    if cfg.get("TMA"):  # a's tiles through a tensor descriptor (Hopper's TMA unit); the same results
+        if not tma_usable(a):
+            raise ValueError("config TMA=True needs a with unit column stride, a 16-byte aligned base and row "
+                             f"stride (got strides {a.stride()}, {a.dtype}): pass a.contiguous() or drop TMA")
+        desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_K"], blk])
+        args = (desc, a if inv_norm is None else inv_norm, tile_bi, tile_bj, m, n)
+        collect_kernel, histogram_kernel = _collect_tma_kernel, _histogram_tma_kernel
+        for flag in ("EVEN_M", "EVEN_N"):  # (the unit pads with zeros: no masks)
+            common.pop(flag)
     grid = (tile_bi.numel(),)
     counter = torch.zeros(1, dtype=torch.int64, device=device)
     buffers: dict = {}
@@ -99,12 +116,12 @@ def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
                 cols=torch.empty(cap, dtype=torch.int32, device=device),
             )
         counter.zero_()
-        _collect_kernel[grid](*args, thr, buffers["vals"], buffers["rows"], buffers["cols"], counter, cap, **common)
+        collect_kernel[grid](*args, thr, buffers["vals"], buffers["rows"], buffers["cols"], counter, cap, **common)
         return int(counter.item())
 
     def histogram() -> torch.Tensor:
         hist = torch.zeros(HIST_BINS, dtype=torch.int64, device=device)
-        _histogram_kernel[grid](*args, hist, SHIFT=HIST_SHIFT, NUM_BINS=HIST_BINS, **common)
+        histogram_kernel[grid](*args, hist, SHIFT=HIST_SHIFT, NUM_BINS=HIST_BINS, **common)
         return hist
 
     return collect, histogram, buffers
