@@ -15,7 +15,6 @@ import math
 
 import torch
 import triton
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from aosae.kernels.gram_topk import (
     HIST_BINS, HIST_SHIFT, _collect_kernel, _collect_tma_kernel, _config, _histogram_kernel, _histogram_tma_kernel,
@@ -97,6 +96,11 @@ def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
         if not tma_usable(a):
             raise ValueError("config TMA=True needs a with unit column stride, a 16-byte aligned base and row "
                              f"stride (got strides {a.stride()}, {a.dtype}): pass a.contiguous() or drop TMA")
+        try:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+        except ImportError:
+            raise ValueError(f"config TMA=True needs Triton >= 3.3 (tensor descriptors), this is {triton.__version__}: "
+                             "drop TMA or upgrade triton") from None
         desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_K"], blk])
         args = (desc, a if inv_norm is None else inv_norm, tile_bi, tile_bj, m, n)
         collect_kernel, histogram_kernel = _collect_tma_kernel, _histogram_tma_kernel
