@@ -186,7 +186,13 @@ def sparse_rows(S, n, k, l0, dtype):
     arms = {(name, ph): (lambda name=name, ph=ph: call(name, a, k, grad=ph == "fwd+bwd", sparse=(idx, vals)))
             for name in checks for ph in ("fwd", "fwd+bwd") if checks[name][0] is not None}
     res = S.time_arms(arms)
-    out = [dict(backend=name, phase=ph, **checks[name][0], **res[name, ph]) for name, ph in arms]
+    from aosae.ops.backward import backward_path  # (aosae is imported in main(), after TRITON_INTERPRET is set)
+
+    # which gradient the dense input's backward takes (expand or product)
+    path, _ = attempt(lambda: backward_path(a, *call("sparse", a, k)[0][1:]))
+    out = [dict(backend=name, phase=ph, **checks[name][0], **res[name, ph],
+                **({"dense_input_backward": path} if name != "gram_topk_sparse" and ph == "fwd+bwd" else {}))
+           for name, ph in arms]
     for r in out if ("reference", "fwd") in res else ():
         r["x_faster_than_reference"] = res["reference", r["phase"]]["ms_median"] / r["ms_median"]
     skipped = {name: c[1] for name, c in checks.items() if c[1]} | ({"reference": why} if why else {})

@@ -14,7 +14,12 @@ Two ways to compute a · G, same result:
   (non-zero, selected partner): ≈ 2·k·m·density. The path for sparse activations.
 - product (torch.sparse.mm, any device): O(m·k) whatever the sparsity, but each pair is a
   vectorised axpy over the m rows, so it wins when a is dense (a ReLU SAE at initialisation).
-`backward_path` chooses from a sampled density (see SCATTER_MAX_DENSITY).
+- expand (torch ops, any device; the sparse path on CUDA): each non-zero a_bj expanded over
+  G's row j, T = Σ_{non-zeros} deg(j) products summed into the gradient by index_add_: the
+  scatter's work without a kernel (on the H200 the product took 32 ms at n 16384 and 0.45–7.9 s
+  at n ≥ 65536 on TopK latents, m·k multiply-adds whatever the sparsity).
+`backward_path` chooses from a sampled density on CPU (see SCATTER_MAX_DENSITY) and from the
+products each path would do on CUDA (see EXPAND_MAX_SHARE).
 
 The gradient of gram_topk_sparse is w.r.t. its values [B, L] only: grad[t, s] = Σ over the
 row's other entries s' of G[idx_ts, idx_ts'] · x_ts' (+ the cosine norm terms), never
@@ -38,6 +43,11 @@ SCATTER_MAX_DENSITY = 0.3
 DENSITY_SAMPLE_ROWS = 64
 # Row chunk of the torch sparse backward: at most this many (row, s, s') lookups at a time.
 SPARSE_CHUNK = 1 << 22
+# The expand path on CUDA when its T products are at most this share of the product's 2·m·k
+# multiply-adds (an index_add_ of one product costs several of sparse.mm's vectorised ones:
+# a guess until a GPU measures both, benchmarks/gpu_suite.py), in chunks of EXPAND_CHUNK products.
+EXPAND_MAX_SHARE = 0.25
+EXPAND_CHUNK = 1 << 24
 
 
 def _cpp(name: str):
@@ -53,11 +63,38 @@ def sampled_density(a: torch.Tensor) -> float:
     return float(torch.count_nonzero(sample)) / max(1, sample.numel())
 
 
-def backward_path(a: torch.Tensor) -> str:
-    """'scatter' (C++, cost follows the non-zeros) or 'product' (torch.sparse.mm)."""
-    if a.device.type != "cpu" or _cpp("gram_topk_backward_cpu") is None:
+def backward_path(a: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> str:
+    """'scatter' (C++, CPU: cost follows the non-zeros), 'expand' (torch ops, CUDA: the same
+    work, chosen when the selected pairs rows/cols say it is the smaller) or 'product'
+    (torch.sparse.mm)."""
+    if a.device.type == "cpu":
+        if _cpp("gram_topk_backward_cpu") is None:
+            return "product"
+        return "scatter" if sampled_density(a) <= SCATTER_MAX_DENSITY else "product"
+    if rows is None or cols is None:
         return "product"
-    return "scatter" if sampled_density(a) <= SCATTER_MAX_DENSITY else "product"
+    expand, product = _expand_products(a, rows, cols), 2 * a.shape[0] * int((rows >= 0).sum())
+    return "expand" if expand <= EXPAND_MAX_SHARE * product else "product"
+
+
+def _partners(rows: torch.Tensor, cols: torch.Tensor, n: int):
+    """G's directed entries (both (r, c) and (c, r) of each selected pair) grouped by their first
+    latent: (ptr [n+1], partner [2P], slot [2P]: the pair each came from), P = the non-empty slots."""
+    slots = torch.nonzero(rows >= 0).flatten()
+    first = torch.cat([rows[slots], cols[slots]])
+    order = torch.argsort(first, stable=True)
+    partner = torch.cat([cols[slots], rows[slots]])[order]
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=rows.device)
+    ptr[1:] = torch.bincount(first, minlength=n).cumsum(0)
+    return ptr, partner, torch.cat([slots, slots])[order]
+
+
+def _expand_products(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> int:
+    """T = Σ over a's non-zeros a_bj of deg(j), latent j's selected partners: the expand path's work."""
+    n = a.shape[1]
+    valid = rows >= 0
+    deg = torch.bincount(torch.cat([rows[valid], cols[valid]]), minlength=n)
+    return int(((a != 0).sum(0) * deg).sum())
 
 
 def gram_topk_backward(
@@ -71,10 +108,12 @@ def gram_topk_backward(
 ) -> torch.Tensor:
     """grad_values [k], a [m, n], values/rows/cols [k] -> grad_a [m, n] in a's dtype.
 
-    path: "auto" (backward_path), "scatter" (C++, CPU) or "product" (any device).
+    path: "auto" (backward_path), "scatter" (C++, CPU), "expand" or "product" (any device).
     """
     if path == "auto":
-        path = backward_path(a)
+        path = backward_path(a, rows, cols)
+    if path == "expand":
+        return expand_backward(grad_values, a, values, rows, cols, cosine)
     if path == "scatter":
         kernel = _cpp("gram_topk_backward_cpu")
         if kernel is None or a.device.type != "cpu":
@@ -82,7 +121,7 @@ def gram_topk_backward(
         acc = accumulation_dtype(a.dtype)
         return kernel(grad_values.to(acc), a, values.to(acc), rows, cols, cosine)
     if path != "product":
-        raise ValueError(f"path must be 'auto', 'scatter' or 'product', got {path!r}")
+        raise ValueError(f"path must be 'auto', 'scatter', 'expand' or 'product', got {path!r}")
     return product_backward(grad_values, a, values, rows, cols, cosine)
 
 
@@ -104,6 +143,48 @@ def product_backward(grad_values, a, values, rows, cols, cosine: bool) -> torch.
     if cosine:
         gv = g * values.to(acc)
         u = torch.zeros(n, dtype=acc, device=a.device).index_add_(0, r, gv).index_add_(0, c, gv)
+        grad = (grad - x * u) / norms
+    return grad.to(a.dtype).contiguous()
+
+
+def expand_backward(grad_values, a, values, rows, cols, cosine: bool, chunk: int = EXPAND_CHUNK) -> torch.Tensor:
+    """a · G (+ cosine's norm terms) from torch ops, any device: each non-zero x_bj (x = a, or
+    a over its column norms) adds x_bj · G[j, c] to grad[b, c] for each selected partner c of j,
+    at most `chunk` products at a time. O(nnz + k + T) work, T = Σ_{non-zeros} deg(j); the sums
+    by index_add_ (on CUDA in no fixed order: fp32 rounding may differ between runs)."""
+    m, n = a.shape
+    acc = accumulation_dtype(a.dtype)
+    x = a.to(acc)
+    if cosine:
+        norms = column_norms(x).clamp_min(torch.finfo(acc).tiny)
+        x = x / norms
+    g = grad_values.to(acc)
+    ptr, partner, slot = _partners(rows, cols, n)
+    weight = g[slot]
+    b, j = torch.nonzero(x, as_tuple=True)
+    deg = ptr[j + 1] - ptr[j]
+    has = deg > 0
+    b, j, deg = b[has], j[has], deg[has]
+    xv = x[b, j]
+    grad = torch.zeros(m * n, dtype=acc, device=a.device)
+    ends = deg.cumsum(0)
+    start, count = 0, deg.numel()
+    while start < count:  # non-zeros start .. stop, their products at most `chunk` (one non-zero may exceed it)
+        before = int(ends[start - 1]) if start > 0 else 0
+        stop = max(start + 1, int(torch.searchsorted(ends, before + chunk, right=True)))
+        d = deg[start:stop]
+        e = torch.repeat_interleave(torch.arange(start, stop, device=a.device), d)
+        # the product's partner: latent j's entries from ptr[j], the t-th of non-zero e at ptr[j] + t
+        t = torch.arange(e.numel(), device=a.device) - (ends[e] - deg[e] - before)
+        p = ptr[j[e]] + t
+        grad.index_add_(0, b[e] * n + partner[p], xv[e] * weight[p])
+        start = stop
+    grad = grad.view(m, n)
+    if cosine:
+        valid = rows >= 0
+        gv = torch.where(valid, g * values.to(acc), torch.zeros((), dtype=acc, device=a.device))
+        u = torch.zeros(n, dtype=acc, device=a.device).index_add_(0, rows.clamp_min(0), gv)
+        u.index_add_(0, cols.clamp_min(0), gv)
         grad = (grad - x * u) / norms
     return grad.to(a.dtype).contiguous()
 

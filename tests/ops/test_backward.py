@@ -14,7 +14,7 @@ from oracle import oracle_scores, separated
 HAVE_EXT = _extension.available()[0] and hasattr(_extension.load()[0], "gram_topk_backward_cpu")
 needs_ext = pytest.mark.skipif(not HAVE_EXT, reason="aosae._C not built with csrc/gram_topk_backward.cpp")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-PATHS = [pytest.param("scatter", marks=needs_ext), "product"]
+PATHS = [pytest.param("scatter", marks=needs_ext), "product", "expand"]
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -105,6 +105,36 @@ def test_scatter_and_product_agree_on_every_slot_kind(cosine):
     torch.testing.assert_close(s, p, rtol=1e-12, atol=1e-12 * max(float(p.abs().max()), 1.0))
 
 
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 24])
+def test_expand_in_chunks_equals_product(cosine, chunk):
+    """The expand path gives the product's gradient, empty slots included, whatever its chunk: a
+    chunk ends at a non-zero, and a non-zero with more partners than the chunk goes whole (1: one
+    non-zero per chunk; 7: a few; 2²⁴: all at once)."""
+    a = make_input(23, 41, "sparse", torch.float64)
+    a[:, 3] = torch.rand(23, dtype=torch.float64) + 0.5  # a latent in many pairs: deg > chunk
+    k = 41 * 40 // 2  # every pair: the zero columns' pairs leave empty slots
+    pairs = aosae.gram_topk(a, k, similarity="cosine" if cosine else "dot")
+    assert bool((pairs.rows == -1).any())
+    w = torch.randn(k, dtype=torch.float64)
+    got = bw.expand_backward(w, a, *pairs, cosine, chunk=chunk)
+    want = bw.gram_topk_backward(w, a, *pairs, cosine, path="product")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * max(float(want.abs().max()), 1.0))
+
+
+def test_expand_products_counts_each_non_zero_times_its_partners():
+    a = make_input(17, 30, "sparse", torch.float32)
+    pairs = aosae.gram_topk(a, 50)
+    rows, cols = pairs.rows, pairs.cols
+    deg = torch.zeros(30, dtype=torch.int64)
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if r >= 0:
+            deg[r] += 1
+            deg[c] += 1
+    want = sum(int(deg[j]) for b in range(17) for j in range(30) if float(a[b, j]) != 0.0)
+    assert bw._expand_products(a, rows, cols) == want
+
+
 def test_auto_path_follows_density(monkeypatch):
     sparse = torch.zeros(100, 50)
     sparse[::10, ::10] = 1.0
@@ -118,8 +148,11 @@ def test_auto_path_follows_density(monkeypatch):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cosine", [False, True])
 def test_dense_op_gradcheck_each_path(monkeypatch, path, cosine):
-    # the autograd formula reaches the forced path through the auto policy's threshold
-    monkeypatch.setattr(bw, "SCATTER_MAX_DENSITY", 2.0 if path == "scatter" else -1.0)
+    # the autograd formula reaches the forced path through the auto policy (CPU never picks expand)
+    if path == "expand":
+        monkeypatch.setattr(bw, "backward_path", lambda *args: "expand")
+    else:
+        monkeypatch.setattr(bw, "SCATTER_MAX_DENSITY", 2.0 if path == "scatter" else -1.0)
     while True:  # 7th and 8th scores apart, so finite differences do not flip the selection
         a = torch.relu(torch.randn(6, 9, dtype=torch.float64) + 0.3)
         a[0] = torch.rand(9, dtype=torch.float64) + 0.5  # no zero column: its cosines would jump at ±eps
