@@ -31,10 +31,20 @@ def topk_input(cfg, n, l0, dtype, seed):
     return idx, vals, torch.zeros(cfg.B, n, dtype=vals.dtype, device=cfg.device).scatter_(1, idx, vals)
 
 
-def call(name, a, k, sim="dot", grad=False, sparse=None, hint=None):
+def call(name, a, k, sim="dot", grad=False, sparse=None, hint=None, backward=None):
     """One op call: a gram_topk backend, or "gram_topk_sparse" on sparse = (indices, values). With
-    grad, also d(Σ|values|)/d(input) (a, or the values for gram_topk_sparse)."""
+    grad, also d(Σ|values|)/d(input) (a, or the values for gram_topk_sparse); backward: the dense
+    input's gradient path forced ("product", "expand"; None: aosae.ops.backward.backward_path's)."""
     import aosae  # imported by the suite first (from this tree, after TRITON_INTERPRET is set)
+    from aosae.ops import backward as bw
+
+    if backward is not None:
+        chosen = bw.backward_path
+        bw.backward_path = lambda *args: backward
+        try:
+            return call(name, a, k, sim, grad, sparse, hint)
+        finally:
+            bw.backward_path = chosen
 
     if name == "gram_topk_sparse":
         x = sparse[1].detach().requires_grad_(grad)

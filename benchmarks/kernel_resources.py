@@ -66,9 +66,10 @@ KERNELS = [
     ("collect BLOCK 64", dense._collect_kernel, COLLECT, dict(DENSE_FLAGS, BLOCK=64, BLOCK_K=64), 4, 4),
     ("histogram (same main loop, no compaction)", dense._histogram_kernel, {**TILES, "hist_ptr": "*i64"},
      dict(DENSE_FLAGS, BLOCK=128, BLOCK_K=128, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),
-    # a's tiles through a tensor descriptor (TMA), the collect and histogram passes of the tuning's TMA configs
-    *[(f"collect TMA ({dt}, BLOCK_K {bk})", dense._collect_tma_kernel, {**TMA_COLLECT, "a_desc": f"tensordesc<{dt}[{bk}, 128]>"},
-       dict(TMA_FLAGS, BLOCK=128, BLOCK_K=bk), 8, 3) for dt, bk in (("bf16", 128), ("bf16", 64), ("fp32", 32))],
+    # a's tiles through a tensor descriptor (TMA): the tuning's two TMA configs (bf16), fp32's tiles, the histogram
+    *[(f"collect TMA ({dt}, BLOCK_K {bk}, {st} stages)", dense._collect_tma_kernel,
+       {**TMA_COLLECT, "a_desc": f"tensordesc<{dt}[{bk}, 128]>"}, dict(TMA_FLAGS, BLOCK=128, BLOCK_K=bk), 8, st)
+      for dt, bk, st in (("bf16", 128, 3), ("bf16", 64, 4), ("fp32", 32, 3))],
     ("histogram TMA (bf16, BLOCK_K 128)", dense._histogram_tma_kernel,
      {**TMA_TILES, "a_desc": "tensordesc<bf16[128, 128]>", "hist_ptr": "*i64"},
      dict(TMA_FLAGS, BLOCK=128, BLOCK_K=128, SHIFT=dense.HIST_SHIFT, NUM_BINS=dense.HIST_BINS), 8, 3),

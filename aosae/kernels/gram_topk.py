@@ -25,6 +25,28 @@ HIST_BINS = 1 << (31 - HIST_SHIFT)
 
 
 @triton.jit
+def _accumulate(acc, ti, tj, CAST_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """acc + tiᵀ·tj for tiles ti, tj [BLOCK_K, BLOCK], in fp32."""
+    if CAST_FP32:  # the interpreter gets bf16 arithmetic wrong; products are exact in fp32
+        ti = ti.to(tl.float32)
+        tj = tj.to(tl.float32)
+    if IEEE:  # fp32 input and torch's matmul TF32 switch off: match torch.mm precision
+        return tl.dot(tl.trans(ti), tj, acc=acc, input_precision="ieee")
+    return tl.dot(tl.trans(ti), tj, acc=acc)
+
+
+@triton.jit
+def _tile_result(acc, inv_norm_ptr, offs_i, offs_j, N, COSINE: tl.constexpr):
+    """The tile's (scores, |scores|, offs_i, offs_j, valid mask i < j < N), cosine-scaled if asked."""
+    if COSINE:
+        inv_i = tl.load(inv_norm_ptr + offs_i, mask=offs_i < N, other=0.0)
+        inv_j = tl.load(inv_norm_ptr + offs_j, mask=offs_j < N, other=0.0)
+        acc = acc * inv_i[:, None] * inv_j[None, :]
+    valid = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < N)
+    return acc, tl.abs(acc), offs_i, offs_j, valid
+
+
+@triton.jit
 def _tile_scores(
     a_ptr, inv_norm_ptr, tile_bi_ptr, tile_bj_ptr, M, N, stride_m, stride_n,
     COSINE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -50,21 +72,10 @@ def _tile_scores(
             in_k = (k0 + offs_k) < M
             ti = tl.load(ptr_i, mask=in_k[:, None] & (offs_i < N)[None, :], other=0.0)
             tj = tl.load(ptr_j, mask=in_k[:, None] & (offs_j < N)[None, :], other=0.0)
-        if CAST_FP32:  # the interpreter gets bf16 arithmetic wrong; products are exact in fp32
-            ti = ti.to(tl.float32)
-            tj = tj.to(tl.float32)
-        if IEEE:  # fp32 input and torch's matmul TF32 switch off: match torch.mm precision
-            acc = tl.dot(tl.trans(ti), tj, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(ti), tj, acc=acc)
+        acc = _accumulate(acc, ti, tj, CAST_FP32, IEEE)
         ptr_i += BLOCK_K * stride_m
         ptr_j += BLOCK_K * stride_m
-    if COSINE:
-        inv_i = tl.load(inv_norm_ptr + offs_i, mask=offs_i < N, other=0.0)
-        inv_j = tl.load(inv_norm_ptr + offs_j, mask=offs_j < N, other=0.0)
-        acc = acc * inv_i[:, None] * inv_j[None, :]
-    valid = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < N)
-    return acc, tl.abs(acc), offs_i, offs_j, valid
+    return _tile_result(acc, inv_norm_ptr, offs_i, offs_j, N, COSINE)
 
 
 @triton.jit
@@ -85,19 +96,8 @@ def _tile_scores_tma(
     for k0 in range(0, M, BLOCK_K):
         ti = a_desc.load([k0, bi * BLOCK])
         tj = a_desc.load([k0, bj * BLOCK])
-        if CAST_FP32:
-            ti = ti.to(tl.float32)
-            tj = tj.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(tl.trans(ti), tj, acc=acc, input_precision="ieee")
-        else:
-            acc = tl.dot(tl.trans(ti), tj, acc=acc)
-    if COSINE:
-        inv_i = tl.load(inv_norm_ptr + offs_i, mask=offs_i < N, other=0.0)
-        inv_j = tl.load(inv_norm_ptr + offs_j, mask=offs_j < N, other=0.0)
-        acc = acc * inv_i[:, None] * inv_j[None, :]
-    valid = (offs_i[:, None] < offs_j[None, :]) & (offs_j[None, :] < N)
-    return acc, tl.abs(acc), offs_i, offs_j, valid
+        acc = _accumulate(acc, ti, tj, CAST_FP32, IEEE)
+    return _tile_result(acc, inv_norm_ptr, offs_i, offs_j, N, COSINE)
 
 
 @triton.jit

@@ -115,8 +115,10 @@ class TopKOrthoLoss(nn.Module):
         backend: gram_topk backend ("auto" picks the fastest usable one).
         warm_start: pass the previous call's k-th score to the op as a threshold hint
             (correlations drift slowly during training, so the fused kernels usually
-            need a single pass; a sparse sum whose last batch had at least k pairs skips
-            the closed form's bound). Never changes the result, only the speed.
+            need a single pass; a sparse dot sum whose last batch had at least k pairs
+            skips the closed form's bound). The same selection either way; a sum may
+            differ in its last bits (the closed form adds in float64, the k-best sum in
+            its own order).
 
     forward(acts [batch, n_latents]) -> 0-d penalty tensor. For logging, the last call keeps
     `last_pairs` (the selection, raw fᵀf scores: min(k, P) pairs on the sparse paths, k slots
@@ -303,7 +305,9 @@ class TopKOrthoLoss(nn.Module):
             # k covering every co-active pair: their sum in one pass over the entries. Not tried when
             # the last batch's k-th score was > 0 (it had at least k pairs, and so, about, will this
             # one: the bound that declines it cost 0.5 ms of a TopK d_sae 16384 step); a batch with
-            # fewer pairs records a k-th score of 0, and the next call tries it again
+            # fewer pairs records a k-th score of 0, and the next call tries it again. (A batch with
+            # fewer pairs after one with k gets the k-best sum: the same pairs, a sum that may differ
+            # from the closed form's in its last bits.)
             total = None
             if not self._had_k_pairs(values):
                 total = coactive_sum(offsets, indices, values, n_latents, k, similarity=self.similarity)
@@ -325,12 +329,14 @@ class TopKOrthoLoss(nn.Module):
         pairs = coactive_topk(offsets, indices, values, n_latents, k, similarity=self.similarity, ordered=False)
         return self._penalty(pairs, batch, k)
 
-    def _had_k_pairs(self, values: torch.Tensor) -> bool:
-        """Whether the last call's selection (warm start only) found at least k pairs: its k-th
-        score is > 0. Read on the CPU only, where reading it back costs nothing."""
+    def _had_k_pairs(self, values) -> bool:
+        """Whether the last call's k-best sum (warm start, dot: the k-th score it recorded itself)
+        found at least k pairs: its k-th score is > 0. Read on the CPU only, where reading it back
+        costs nothing."""
         kth = self._kth_value
-        return self.warm_start and kth is not None and values.device.type == "cpu" and kth.device.type == "cpu" \
-            and float(kth) > 0
+        return (self.warm_start and self.similarity == "dot" and isinstance(kth, torch.Tensor)
+                and isinstance(values, torch.Tensor) and values.device.type == "cpu" and kth.device.type == "cpu"
+                and kth.numel() == 1 and float(kth) > 0)
 
     def _penalty(self, pairs: TopKPairs, batch: int, k: int) -> torch.Tensor:
         """The penalty of an unpadded selection, recorded for logging and the next hint."""

@@ -8,15 +8,15 @@ For cosine v_p = â_r · â_c with â = a / ‖a‖ (per column):
 
     ∂L/∂a = (â · G − â ⊙ u) / ‖a‖,   u_i = Σ_{p ∋ i} g_p v_p.
 
-Two ways to compute a · G, same result:
+Three ways to compute a · G, same result:
 - scatter (C++, csrc/gram_topk_backward.cpp, CPU): each non-zero a_bj adds a_bj · G[j, :]
   into row b. Work O(m·n) to scan a and write the dense gradient, plus one multiply-add per
   (non-zero, selected partner): ≈ 2·k·m·density. The path for sparse activations.
 - product (torch.sparse.mm, any device): O(m·k) whatever the sparsity, but each pair is a
   vectorised axpy over the m rows, so it wins when a is dense (a ReLU SAE at initialisation).
 - expand (torch ops, any device; the sparse path on CUDA): each non-zero a_bj expanded over
-  G's row j, T = Σ_{non-zeros} deg(j) products summed into the gradient by index_add_: the
-  scatter's work without a kernel (on the H200 the product took 32 ms at n 16384 and 0.45–7.9 s
+  G's row j, T = Σ_{non-zeros} deg(j) products summed into the gradient by index_add_ (plus
+  passes over a and the [m, n] gradient): the scatter's work without a kernel (on the H200 the product took 32 ms at n 16384 and 0.45–7.9 s
   at n ≥ 65536 on TopK latents, m·k multiply-adds whatever the sparsity).
 `backward_path` chooses from a sampled density on CPU (see SCATTER_MAX_DENSITY) and from the
 products each path would do on CUDA (see EXPAND_MAX_SHARE).
@@ -43,9 +43,10 @@ SCATTER_MAX_DENSITY = 0.3
 DENSITY_SAMPLE_ROWS = 64
 # Row chunk of the torch sparse backward: at most this many (row, s, s') lookups at a time.
 SPARSE_CHUNK = 1 << 22
-# The expand path on CUDA when its T products are at most this share of the product's 2·m·k
-# multiply-adds (an index_add_ of one product costs several of sparse.mm's vectorised ones:
-# a guess until a GPU measures both, benchmarks/gpu_suite.py), in chunks of EXPAND_CHUNK products.
+# The expand path on CUDA when its T products are at most this share of the product's 2·m
+# multiply-adds per selected pair (an index_add_ of one product costs several of sparse.mm's
+# vectorised ones: a guess until a GPU measures both, benchmarks/gpu_suite.py times the product
+# beside it at n <= 16384), in chunks of EXPAND_CHUNK products.
 EXPAND_MAX_SHARE = 0.25
 EXPAND_CHUNK = 1 << 24
 
@@ -73,6 +74,12 @@ def backward_path(a: torch.Tensor, rows: torch.Tensor | None = None, cols: torch
         return "scatter" if sampled_density(a) <= SCATTER_MAX_DENSITY else "product"
     if rows is None or cols is None:
         return "product"
+    return _cheaper_of_expand_and_product(a, rows, cols)
+
+
+def _cheaper_of_expand_and_product(a: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> str:
+    """'expand' when its T products are at most EXPAND_MAX_SHARE of the product's 2·m multiply-adds
+    per selected pair, else 'product' (any device; on CUDA a few host syncs, small beside the backward)."""
     expand, product = _expand_products(a, rows, cols), 2 * a.shape[0] * int((rows >= 0).sum())
     return "expand" if expand <= EXPAND_MAX_SHARE * product else "product"
 
@@ -150,7 +157,8 @@ def product_backward(grad_values, a, values, rows, cols, cosine: bool) -> torch.
 def expand_backward(grad_values, a, values, rows, cols, cosine: bool, chunk: int = EXPAND_CHUNK) -> torch.Tensor:
     """a · G (+ cosine's norm terms) from torch ops, any device: each non-zero x_bj (x = a, or
     a over its column norms) adds x_bj · G[j, c] to grad[b, c] for each selected partner c of j,
-    at most `chunk` products at a time. O(nnz + k + T) work, T = Σ_{non-zeros} deg(j); the sums
+    at most `chunk` products at a time. O(m·n + k + T) work (a scan of a, the gradient's zeros,
+    T = Σ_{non-zeros} deg(j) products); the sums
     by index_add_ (on CUDA in no fixed order: fp32 rounding may differ between runs)."""
     m, n = a.shape
     acc = accumulation_dtype(a.dtype)

@@ -241,6 +241,10 @@ def test_closed_form_is_skipped_after_a_batch_with_k_pairs_and_tried_again_after
     else:
         assert tried == [1, 2, 3, 4, 5]
     assert float(loss._kth) == pytest.approx(float(ref._kth), rel=1e-5)
+    offsets, indices, values, _ = many
+    loss.from_sparse((offsets, indices, values), 64)  # a k-th score > 0 recorded: the skip is armed
+    with pytest.raises(TypeError):  # bad input still gets the op's own error
+        loss.from_sparse((offsets, indices, values.tolist()), 64)
 
 
 def test_from_sparse_reads_n_latents_from_the_carrier(seed):

@@ -135,6 +135,18 @@ def test_expand_products_counts_each_non_zero_times_its_partners():
     assert bw._expand_products(a, rows, cols) == want
 
 
+def test_cuda_policy_expands_sparse_input_and_multiplies_dense_input():
+    """The CUDA choice (tested on CPU tensors: the same arithmetic): sparse activations expand
+    (T ≪ the product's 2·m per pair), a dense input takes the product (T = 2·m per pair)."""
+    sparse = make_input(64, 200, "sparse", torch.float32)
+    sparse[sparse < 0.6] = 0
+    dense = torch.rand(64, 200) + 0.1
+    for a, want in ((sparse, "expand"), (dense, "product")):
+        pairs = aosae.gram_topk(a, 400)
+        assert bw._cheaper_of_expand_and_product(a, pairs.rows, pairs.cols) == want
+    assert bw.backward_path(sparse) != "expand"  # (CPU: the C++ scatter or the product)
+
+
 def test_auto_path_follows_density(monkeypatch):
     sparse = torch.zeros(100, 50)
     sparse[::10, ::10] = 1.0

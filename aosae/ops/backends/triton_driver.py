@@ -94,8 +94,10 @@ def make_passes(a: torch.Tensor, inv_norm: torch.Tensor | None, cfg: dict):
     collect_kernel, histogram_kernel = _collect_kernel, _histogram_kernel
     if cfg.get("TMA"):  # a's tiles through a tensor descriptor (Hopper's TMA unit); the same results
         if not tma_usable(a):
-            raise ValueError("config TMA=True needs a with unit column stride, a 16-byte aligned base and row "
-                             f"stride (got strides {a.stride()}, {a.dtype}): pass a.contiguous() or drop TMA")
+            raise ValueError(
+                f"config TMA=True needs a with unit column stride, a 16-byte aligned base and 16-byte rows (got "
+                f"strides {a.stride()}, {a.dtype}, base offset {a.data_ptr() % 16} mod 16): a contiguous a needs n a "
+                f"multiple of {16 // a.element_size()} for {a.dtype}; otherwise drop TMA")
         try:
             from triton.tools.tensor_descriptor import TensorDescriptor
         except ImportError:
@@ -150,7 +152,7 @@ def gram_topk_triton(
 
     Args:
         a: [m, n] float16/bfloat16/float32 on CUDA (or CPU under TRITON_INTERPRET=1),
-            any strides. Scores are accumulated in fp32.
+            any strides (TMA: see config). Scores are accumulated in fp32.
         k: 1 <= k <= n(n-1)/2.
         cosine: score a_i·a_j / (‖a_i‖‖a_j‖) instead of a_i·a_j.
         threshold: hint, about the k-th |score| (e.g. the previous step's); the first pass
@@ -161,7 +163,8 @@ def gram_topk_triton(
         sample_size, margin: cold start from the columns sample, aiming at margin · k pairs.
         block, block_k: tile sizes (powers of two >= 16); defaults per device and dtype.
         config: overrides of the launch configuration (BLOCK, BLOCK_K, num_warps,
-            num_stages, group), for tuning: see benchmarks/gpu_triton_tune.py.
+            num_stages, group, TMA: a's tiles through a tensor descriptor, which needs unit
+            column stride and 16-byte rows), for tuning: see benchmarks/gpu_triton_tune.py.
 
     Returns:
         (values [k] fp32, rows [k] int64, cols [k] int64), the aosae.gram_topk contract:
