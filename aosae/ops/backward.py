@@ -16,8 +16,8 @@ Three ways to compute a · G, same result:
   vectorised axpy over the m rows, so it wins when a is dense (a ReLU SAE at initialisation).
 - expand (torch ops, any device; the sparse path on CUDA): each non-zero a_bj expanded over
   G's row j, T = Σ_{non-zeros} deg(j) products summed into the gradient by index_add_ (plus
-  passes over a and the [m, n] gradient): the scatter's work without a kernel (on the H200 the product took 32 ms at n 16384 and 0.45–7.9 s
-  at n ≥ 65536 on TopK latents, m·k multiply-adds whatever the sparsity).
+  passes over a and the [m, n] gradient): the scatter's work without a kernel. On the H200
+  the product took 32 ms at n 16384 and 0.45–7.9 s at n ≥ 65536 on TopK latents.
 `backward_path` chooses from a sampled density on CPU (see SCATTER_MAX_DENSITY) and from the
 products each path would do on CUDA (see EXPAND_MAX_SHARE).
 
