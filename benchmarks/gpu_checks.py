@@ -3,6 +3,8 @@ pairs, and a slab of rows where nothing may beat the k-th |score| unless returne
 reference backend (pairs up to near-ties, |values|, gradients)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from gpu_gram_topk import skip_reason
@@ -39,12 +41,8 @@ def call(name, a, k, sim="dot", grad=False, sparse=None, hint=None, backward=Non
     from aosae.ops import backward as bw
 
     if backward is not None:
-        chosen = bw.backward_path
-        bw.backward_path = lambda *args: backward
-        try:
+        with swapped(bw, "backward_path", lambda *args: backward):
             return call(name, a, k, sim, grad, sparse, hint)
-        finally:
-            bw.backward_path = chosen
 
     if name == "gram_topk_sparse":
         x = sparse[1].detach().requires_grad_(grad)
@@ -142,6 +140,17 @@ def coding_check(got, want, bound) -> dict:
     worst = float((gap / bound.clamp_min(1e-300)).max()) if gap.numel() else 0.0
     return dict(abs_err=float(gap.max()) if gap.numel() else 0.0, err_over_bound=worst,
                 fp32_out=got.dtype == torch.float32, ok=bool((gap <= bound).all()) and got.dtype == torch.float32)
+
+
+@contextlib.contextmanager
+def swapped(module, name: str, value):
+    """module.name is value inside the block (a forced path or launch configuration), restored after."""
+    kept = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
 
 
 def attempt(fn):

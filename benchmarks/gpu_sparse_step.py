@@ -11,16 +11,13 @@ from functools import partial
 
 import torch
 
-from gpu_checks import DT, attempt, coding_check, coding_latents
+from gpu_checks import DT, attempt, coding_check, coding_latents, swapped
 from gpu_gram_topk import skip_reason as reason
+from width_arms import aosae_objective
 
 
 def make_objective(cfg, d_sae, activation, x, penalty: bool):
-    from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.sae import SparseAutoencoder
-    from aosae.nn.tau import AdaptiveTau
-    from aosae.training.optimizer import make_optimizer
-    from aosae.training.step import SAEObjective
 
     torch.manual_seed(0)  # both arms start from the same weights
     with torch.device(cfg.device):  # initialised on the GPU: 151 M weights at d_sae 65536 take seconds on the CPU
@@ -31,9 +28,7 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
         with torch.no_grad():
             pre = sae.pre_activations(x[:2048])
             sae.b_enc.sub_(pre.topk(max(1, round(pre.shape[0] * cfg.top_k / d_sae)), dim=0).values[-1])
-    opt = make_optimizer(sae.parameters(), 4e-4)  # the trainer's
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return SAEObjective(sae, opt, sched, 0.04, TopKOrthoLoss(0.005) if penalty else None, AdaptiveTau())
+    return aosae_objective(sae, penalty)  # the width sweep's: the trainer's optimiser, λ 0.04, fraction 0.005
 
 
 def copy_gbps(S) -> float:
@@ -136,11 +131,8 @@ VARIANT_SEGMENT_CONFIGS = ((32, 128, 4), (64, 128, 8), (16, 128, 4))
 
 
 def with_segment_config(module, config, fn):
-    shipped, module.SEGMENT_CONFIG = module.SEGMENT_CONFIG, config
-    try:
+    with swapped(module, "SEGMENT_CONFIG", config):
         return fn()
-    finally:
-        module.SEGMENT_CONFIG = shipped
 
 
 def coding_step_rows(S, d_sae):
