@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 
 from aosae.ops.backends import triton_driver  # noqa: E402
 from aosae.ops.gram_topk import k_for_fraction  # noqa: E402
-from machine import RESULTS, machine_name, slug, today, versions, write_rows  # noqa: E402
+from machine import RESULTS, machine_name, slug, spread, today, versions, write_rows  # noqa: E402
 
 # (BLOCK, BLOCK_K, num_warps, num_stages, group, TMA); the first is the shipped default on GPU, the
 # next two the same tiles loaded through a tensor descriptor (TMA: no pointer tensors, asynchronous
@@ -67,10 +66,6 @@ def times_ms(fn, device: str, warmup: int, reps: int) -> list[float]:
             torch.cuda.synchronize()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
-
-
-def spread(ts: list[float]) -> dict:
-    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts)}
 
 
 def main(argv=None) -> int:
