@@ -9,6 +9,8 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -104,7 +106,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
   // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
   // the distinct j are listed in bucket i. Only the distinct pairs go to memory (and, kept for the
-  // backward, every row pair's score): the rows (12 B per entry) stay in cache, and each C_ij is
+  // backward, every row pair's score): the rows (6–12 B per entry) stay in cache, and each C_ij is
   // summed in row order whatever the thread count.
   // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
   std::vector<int64_t> occ_ptr(n + 1, 0);
@@ -173,95 +175,109 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // chain every increment on the one before (its hottest instruction at TopK d_sae 16384)
   constexpr int64_t kStripes = 4;
   std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kStripes * kMagnitudeBins, 0));
+  // The loop reads the rows' cols at random rows: as uint16 (n <= 65536) they and the values, 6 B
+  // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
+  // (0.35–0.6 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
+  auto sum_latents = [&](const auto* cols) {
 #pragma omp parallel num_threads(threads)
-  {
-    std::vector<acc_t> acc(n, acc_t(0));
-    uint32_t* hist = hists[selection_thread()].data();
+    {
+      std::vector<acc_t> acc(n, acc_t(0));
+      uint32_t* hist = hists[selection_thread()].data();
 #pragma omp for schedule(dynamic, 64)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t b = bucket_start[i];
-      const int64_t pi = position[i];
-      acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
-      const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
-      int64_t o = b;  // (the pairs so far: where an occurrence's run of scores starts)
-      // a partner is listed in bucket i where the accumulator is touched while 0 (its first pair;
-      // a sum that returns to exactly 0 lists it again, and that copy reads 0 below and is dropped)
-      int64_t touched = b;
-      auto add = [&](int64_t j, acc_t product) {
-        const acc_t before = acc[j];
-        pj[touched] = static_cast<int32_t>(j);
-        touched += before == acc_t(0);
-        acc[j] = before + product;
-      };
-      for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
-        const int64_t s = occ[u], end = occ_end[u];
-        const acc_t vi = vp[s];
-        if (run_out) run_out[s] = o;
-        o += end - s - 1;
-        if (pi >= 0) {  // pairs inside U × U join the block (row pi is this latent's alone)
-          for (int64_t q = s + 1; q < end; ++q) {
-            const int64_t j = cp[q];
-            const int32_t pj_block = position[j];
-            if (pj_block >= 0) {  // (recomputed: rows adds them; past row_end: below the k-th score)
-              if (block_row && pj_block < row_end) block_row[pj_block] += vi * vp[q];
-            } else {
-              add(j, vi * vp[q]);
-            }
-          }
-        } else {
-          for (int64_t q = s + 1; q < end; ++q) add(cp[q], vi * vp[q]);
-        }
-      }
-      if (score_out) {
-        // every row pair's score, a plain gather: each occurrence's partners are its row's later
-        // entries, cp[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
-        // and set at every row pair, was most of this pass at TopK d_sae 16384)
-        acc_t* g = score_out + b;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t b = bucket_start[i];
+        const int64_t pi = position[i];
+        acc_t* block_row = pi >= 0 && block ? block + pi * width : nullptr;
+        const int64_t row_end = pi >= 0 ? out.row_end(pi) : 0;
+        int64_t o = b;  // (the pairs so far: where an occurrence's run of scores starts)
+        // a partner is listed in bucket i where the accumulator is touched while 0 (its first pair;
+        // a sum that returns to exactly 0 lists it again, and that copy reads 0 below and is dropped)
+        int64_t touched = b;
+        auto add = [&](int64_t j, acc_t product) {
+          const acc_t before = acc[j];
+          pj[touched] = static_cast<int32_t>(j);
+          touched += before == acc_t(0);
+          acc[j] = before + product;
+        };
         for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
           const int64_t s = occ[u], end = occ_end[u];
-          if (pi < 0) {
-            for (int64_t q = s + 1; q < end; ++q) *g++ = acc[cp[q]];
-            continue;
-          }
-          for (int64_t q = s + 1; q < end; ++q) {  // pairs inside U × U: the block's score (acc holds 0)
-            const int64_t j = cp[q];
-            const int32_t pq = position[j];
-            *g++ = pq < 0 ? acc[j] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
+          const acc_t vi = vp[s];
+          if (run_out) run_out[s] = o;
+          o += end - s - 1;
+          if (pi >= 0) {  // pairs inside U × U join the block (row pi is this latent's alone)
+            for (int64_t q = s + 1; q < end; ++q) {
+              const int64_t j = cols[q];
+              const int32_t pj_block = position[j];
+              if (pj_block >= 0) {  // (recomputed: rows adds them; past row_end: below the k-th score)
+                if (block_row && pj_block < row_end) block_row[pj_block] += vi * vp[q];
+              } else {
+                add(j, vi * vp[q]);
+              }
+            }
+          } else {
+            for (int64_t q = s + 1; q < end; ++q) add(cols[q], vi * vp[q]);
           }
         }
-      }
-      // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= x)
-      const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
-      int64_t w = b;
-      for (int64_t x = b; x < touched; ++x) {
-        const int32_t j = pj[x];
-        acc_t v = acc[j];
-        acc[j] = acc_t(0);
-        if (cosine) v = v * scale * inv_norm[j];
-        pj[w] = j;
-        pv[w] = v;
-        w += v != acc_t(0);
-      }
-      int64_t x = b;
-      for (; x + kStripes <= w; x += kStripes)
-        for (int64_t r = 0; r < kStripes; ++r) ++hist[r * kMagnitudeBins + magnitude_bin(pv[x + r])];
-      for (; x < w; ++x) ++hist[magnitude_bin(pv[x])];
-      distinct[i] = w - b;
-      kept[i] = w - b;
-      if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
-        int64_t nonzero = 0;
-        for (int64_t p = pi + 1; p < row_end; ++p) {
-          acc_t v = block_row[p];
-          if (cosine) {  // (dot: no write back: the block is ~u²/2 entries, 76 MB at u 6168)
-            v = v * scale * inv_norm[block_latent[p]];
-            block_row[p] = v;
+        if (score_out) {
+          // every row pair's score, a plain gather: each occurrence's partners are its row's later
+          // entries, cp[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
+          // and set at every row pair, was most of this pass at TopK d_sae 16384)
+          acc_t* g = score_out + b;
+          for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
+            const int64_t s = occ[u], end = occ_end[u];
+            if (pi < 0) {
+              for (int64_t q = s + 1; q < end; ++q) *g++ = acc[cols[q]];
+              continue;
+            }
+            for (int64_t q = s + 1; q < end; ++q) {  // pairs inside U × U: the block's score (acc holds 0)
+              const int64_t j = cols[q];
+              const int32_t pq = position[j];
+              *g++ = pq < 0 ? acc[j] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
+            }
           }
-          hist[magnitude_bin(v)] += v != acc_t(0);
-          nonzero += v != acc_t(0);
         }
-        kept[i] += nonzero;
+        // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= x)
+        const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
+        int64_t w = b;
+        for (int64_t x = b; x < touched; ++x) {
+          const int32_t j = pj[x];
+          acc_t v = acc[j];
+          acc[j] = acc_t(0);
+          if (cosine) v = v * scale * inv_norm[j];
+          pj[w] = j;
+          pv[w] = v;
+          w += v != acc_t(0);
+        }
+        int64_t x = b;
+        for (; x + kStripes <= w; x += kStripes)
+          for (int64_t r = 0; r < kStripes; ++r) ++hist[r * kMagnitudeBins + magnitude_bin(pv[x + r])];
+        for (; x < w; ++x) ++hist[magnitude_bin(pv[x])];
+        distinct[i] = w - b;
+        kept[i] = w - b;
+        if (block_row) {  // the block's upper triangle: U ascending, so j > i is p > pi
+          int64_t nonzero = 0;
+          for (int64_t p = pi + 1; p < row_end; ++p) {
+            acc_t v = block_row[p];
+            if (cosine) {  // (dot: no write back: the block is ~u²/2 entries, 76 MB at u 6168)
+              v = v * scale * inv_norm[block_latent[p]];
+              block_row[p] = v;
+            }
+            hist[magnitude_bin(v)] += v != acc_t(0);
+            nonzero += v != acc_t(0);
+          }
+          kept[i] += nonzero;
+        }
       }
     }
+  };
+  if (n <= 65536) {
+    std::vector<uint16_t> narrow(nnz);
+    at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
+      for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<uint16_t>(cp[e]);
+    });
+    sum_latents(narrow.data());
+  } else {
+    sum_latents(cp);
   }
 
   std::vector<int64_t>& hist_total = out.hist_total;

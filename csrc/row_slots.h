@@ -73,55 +73,65 @@ constexpr int64_t kPrefetchAhead = 4;  // runs fetched this many entries ahead
 // to_grad for runs that hold the gradients already: read in place
 struct NoConversion {};
 
-// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t].
-// run_of(e, t): where entry e's run of pair values (its pairs with the row's next entries, in
-// order) starts. to_grad(w, run, len, e): writes the gradients the product takes into run (the
-// runs hold scores); NoConversion: they hold the gradients already. kPrefetch: the
-// runs lie apart in memory.
+// body(w, len, e, scratch) for each entry e of the rows without moved[t]: w = run_of(e, t), where
+// entry e's run of pair values (its pairs with the row's len next entries, in order) starts;
+// scratch: the thread's room for len values of acc_t. The rows are split between the threads,
+// and each row's entries are visited in order by one of them. kPrefetch: the runs lie apart in
+// memory.
+template <typename acc_t, bool kPrefetch, typename RunOf, typename Body>
+void for_each_run(RunOf&& run_of, const int64_t* rp, const uint8_t* moved, int64_t m, Body&& body) {
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;
+    for (int64_t t = begin; t < end; ++t) {
+      if (moved[t]) continue;
+      const int64_t e_end = rp[t + 1];
+      scratch.resize(std::max<int64_t>(e_end - rp[t], 1));
+      for (int64_t e = rp[t]; e + 1 < e_end; ++e) {
+        const int64_t len = e_end - e - 1;
+        const auto* w = run_of(e, t);
+        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {
+          const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
+          const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(*w));
+          for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);
+        }
+        body(w, len, e, scratch.data());
+      }
+    }
+  });
+}
+
+// o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t]
+// (runs: for_each_run's). to_grad(w, run, len, e): writes the gradients the product takes into
+// run (the runs hold scores); NoConversion: they hold the gradients already.
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad) {
   constexpr int64_t kLanes = 32 / sizeof(acc_t);  // (16 took longer to add up than to fill)
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> run;
-    for (int64_t t = begin; t < end; ++t) {
-      if (moved[t]) continue;
-      const int64_t b = rp[t], e_end = rp[t + 1];
-      run.resize(std::max<int64_t>(e_end - b, 1));
-      for (int64_t e = b; e + 1 < e_end; ++e) {
-        const int64_t len = e_end - e - 1;
-        const acc_t* w = run_of(e, t);
-        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {
-          const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
-          const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(acc_t));
-          for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);
-        }
-        const acc_t* gr = w;
-        if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {
-          to_grad(w, run.data(), len, e);
-          gr = run.data();
-        }
-        const acc_t xe = x[e];
-        acc_t* oq = o + e + 1;
-        const acc_t* xq = x + e + 1;
-        // e's own sum in kLanes running sums (a single one chained every add on the last: the loop
-        // ran scalar), added up in a fixed order: the same bits whatever the thread count
-        acc_t lanes[kLanes] = {};
-        int64_t c = 0;
-        for (; c + kLanes <= len; c += kLanes)
-          for (int64_t l = 0; l < kLanes; ++l) {
-            lanes[l] += gr[c + l] * xq[c + l];
-            oq[c + l] += gr[c + l] * xe;
-          }
-        acc_t own = acc_t(0);
-        for (; c < len; ++c) {
-          own += gr[c] * xq[c];
-          oq[c] += gr[c] * xe;
-        }
-        for (int64_t l = 0; l < kLanes; ++l) own += lanes[l];
-        o[e] += own;
-      }
+  for_each_run<acc_t, kPrefetch>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t* run) {
+    const acc_t* gr = w;
+    if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {
+      to_grad(w, run, len, e);
+      gr = run;
     }
+    const acc_t xe = x[e];
+    acc_t* oq = o + e + 1;
+    const acc_t* xq = x + e + 1;
+    // e's own sum in kLanes running sums (a single one chained every add on the last: the loop
+    // ran scalar), added up in a fixed order: the same bits whatever the thread count
+    acc_t lanes[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= len; c += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        lanes[l] += gr[c + l] * xq[c + l];
+        oq[c + l] += gr[c + l] * xe;
+      }
+    acc_t own = acc_t(0);
+    for (; c < len; ++c) {
+      own += gr[c] * xq[c];
+      oq[c] += gr[c] * xe;
+    }
+    for (int64_t l = 0; l < kLanes; ++l) own += lanes[l];
+    o[e] += own;
   });
 }
 

@@ -34,7 +34,9 @@ struct Simd512<float> {
   template <int kPredicate>
   AOSAE_AVX512 M compare(M m, V a, V b) { return _mm512_mask_cmp_ps_mask(m, a, b, kPredicate); }
   AOSAE_AVX512 V min(V src, M m, V a, V b) { return _mm512_mask_min_ps(src, m, a, b); }
+  AOSAE_AVX512 V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }  // b where m, else a
   AOSAE_AVX512 float reduce_min(V a) { return _mm512_reduce_min_ps(a); }
+  AOSAE_AVX512 float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
 };
 
 template <>
@@ -54,7 +56,9 @@ struct Simd512<double> {
   template <int kPredicate>
   AOSAE_AVX512 M compare(M m, V a, V b) { return _mm512_mask_cmp_pd_mask(m, a, b, kPredicate); }
   AOSAE_AVX512 V min(V src, M m, V a, V b) { return _mm512_mask_min_pd(src, m, a, b); }
+  AOSAE_AVX512 V blend(M m, V a, V b) { return _mm512_mask_blend_pd(m, a, b); }  // b where m, else a
   AOSAE_AVX512 double reduce_min(V a) { return _mm512_reduce_min_pd(a); }
+  AOSAE_AVX512 double reduce_add(V a) { return _mm512_reduce_add_pd(a); }
 };
 
 }  // namespace aosae

@@ -45,13 +45,52 @@ namespace {
 
 using torch::Tensor;
 
+#if defined(__x86_64__) || defined(__i386__)
+// One entry's run of scores w[0 .. len) turned into gradients and multiplied in one pass, a
+// register at a time (the tails masked): oq[c] += G_c · xe, and Σ_c G_c · xq[c] returned, where
+// G_c = ±g (|w[c]| above bar, C's sign) or 0; a score tied at bar takes tied(c, w[c]) instead
+// (ties: the kept test needs the pair's key). The generic path's select pass, scalar tails and
+// lane sums cost 1.8 ms of TopK d_sae 16384's backward (benchmarks/NOTES.md, thirteenth pass).
+template <typename acc_t, typename Tied>
+__attribute__((target("avx512f"))) acc_t kept_run_product(const acc_t* w, int64_t len, acc_t xe, const acc_t* xq,
+                                                          acc_t* oq, acc_t bar, acc_t g, bool ties, Tied&& tied) {
+  using S = aosae::Simd512<acc_t>;
+  constexpr int64_t L = S::kLanes;
+  const auto vbar = S::set1(bar), up = S::set1(g), down = S::set1(-g), zero = S::zero(), vxe = S::set1(xe);
+  auto own = S::zero();
+  for (int64_t c = 0; c < len; c += L) {
+    const auto valid = S::first(len - c);
+    const auto a = S::load(valid, w + c);
+    const auto mag = S::abs(a);
+    const auto keep = S::template compare<_CMP_GT_OQ>(valid, mag, vbar);
+    const auto negative = S::template compare<_CMP_LT_OQ>(valid, a, zero);
+    auto grad = S::blend(keep, zero, S::blend(negative, up, down));
+    if (ties) {
+      auto tie = S::template compare<_CMP_EQ_OQ>(valid, mag, vbar);
+      if (tie) {  // (rare: the pairs at the k-th score)
+        alignas(64) acc_t lanes[L];
+        S::store(lanes, grad);
+        for (; tie; tie = decltype(tie)(tie & (tie - 1))) {
+          const int l = __builtin_ctz(tie);
+          lanes[l] = tied(c + l, w[c + l]);
+        }
+        grad = S::load(lanes);
+      }
+    }
+    own = S::fmadd(grad, S::load(valid, xq + c), own);
+    S::store(oq + c, valid, S::fmadd(grad, vxe, S::load(valid, oq + c)));
+  }
+  return S::reduce_add(own);
+}
+#endif
+
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
 enum class Product { kAuto, kSparse, kDense };
 
 template <typename acc_t>
 Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n,
                               double kth_d, int64_t tie_cut, int64_t forward_width, int64_t inside, Product product,
-                              const Tensor& live_end_t, const aosae::TopKSumPlan* given) {
+                              const Tensor& live_end_t, const aosae::TopKSumPlan* given, bool vectorised) {
   const int64_t m = row_ptr.size(0) - 1, nnz = cols.size(0);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* ca = cols.data_ptr<int64_t>();
@@ -164,8 +203,18 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
                     "that sparse_csr_topk_sum returned for these rows");
   });
   const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
-  aosae::add_pair_products([&](int64_t e, int64_t) { return scores_in + runs[e]; }, rp, x, moved, m, o,
-                           run_gradients);
+  auto run_of = [&](int64_t e, int64_t) { return scores_in + runs[e]; };
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && vectorised) {
+    aosae::for_each_run<acc_t, true>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t*) {
+      const int64_t* js = ca + e + 1;
+      o[e] += kept_run_product(w, len, x[e], x + e + 1, o + e + 1, kth, g, tie_cut >= 0,
+                               [&](int64_t c, acc_t v) { return slot_grad(v, ca[e], js[c]); });
+    });
+  } else
+#endif
+    aosae::add_pair_products(run_of, rp, x, moved, m, o, run_gradients);
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
     Tensor back = at::empty({nnz}, vals.options());
@@ -270,7 +319,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
 Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Tensor& cols, const Tensor& vals,
                                     int64_t n, double kth, int64_t tie_cut, int64_t width, int64_t inside,
                                     const std::string& product, const std::optional<Tensor>& live_end,
-                                    const std::shared_ptr<aosae::TopKSumPlan>& plan) {
+                                    const std::shared_ptr<aosae::TopKSumPlan>& plan, bool vectorised) {
   TORCH_CHECK(product == "auto" || product == "sparse" || product == "dense",
               "sparse_csr_topk_sum_backward: product must be 'auto', 'sparse' or 'dense', got '", product, "'");
   const Product how = product == "auto" ? Product::kAuto : product == "sparse" ? Product::kSparse : Product::kDense;
@@ -282,8 +331,10 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
   const Tensor rp = row_ptr.contiguous(), ca = cols.contiguous(), va = vals.contiguous();
   const Tensor le = live_end.has_value() ? *live_end : torch::empty({0}, torch::kInt64);
   if (va.scalar_type() == at::kDouble)
-    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get());
-  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get());
+    return topk_sum_backward_impl<double>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get(),
+                                          vectorised);
+  return topk_sum_backward_impl<float>(grad, rp, ca, va, n, kth, tie_cut, width, inside, how, le, plan.get(),
+                                       vectorised);
 }
 
 void register_topk_sum_backward(pybind11::module& m) {
@@ -291,8 +342,9 @@ void register_topk_sum_backward(pybind11::module& m) {
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
-        py::arg("plan") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        py::arg("plan") = py::none(), py::arg("vectorised") = true, py::call_guard<py::gil_scoped_release>(),
         "sparse_csr_topk_sum's backward: the gradient of the kept pairs' Σ|C_ij| at every entry, [nnz]; product: how "
         "the outlier rows' product is taken ('auto': cost model, 'sparse': per kept pair, 'dense': tiles of G_U); "
-        "plan: the forward's (sparse_csr_topk_sum(keep_plan=True)), read instead of derived again");
+        "plan: the forward's (sparse_csr_topk_sum(keep_plan=True)), read instead of derived again; vectorised=False: "
+        "the rows' products by the portable path, as on a machine without AVX-512 (tests)");
 }

@@ -101,6 +101,32 @@ def test_equals_the_selections_sum_and_gradient_at_every_k(dtype, kind, values):
         torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["ragged", "outliers", "topk"])
+@pytest.mark.parametrize("values", ["random", "ties", "signed_with_zeros"])
+def test_the_portable_and_vectorised_row_products_both_give_the_selections_gradient(dtype, kind, values):
+    """The rows' products by the AVX-512 path (scores turned into gradients in the registers,
+    ties at the k-th score by their keys) and by the portable one, which a machine without AVX-512
+    takes: both the selection's gradient, from the plan and derived again."""
+    module = cpp_module()
+    offsets, indices, vals, n = rows_of(kind, dtype, integer=values == "ties", signed=values != "random",
+                                        zeros=0.2 if values != "random" else 0.0)
+    c = co.canonical(offsets, indices, vals)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, vals, n, BIG_K).values.numel()
+    eps = 1e-12 if dtype == torch.float64 else 2e-5
+    for k in sorted({1, pairs // 3, pairs - 1, pairs + 1}):
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        for vectorised in (True, False):
+            for given in (plan, None):
+                grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut,
+                                                           width, live_end=live_end, plan=given, vectorised=vectorised)
+                torch.testing.assert_close(grad, want_grad.to(grad.dtype), rtol=eps,
+                                           atol=eps * max(1.0, float(want_grad.abs().max())))
+
+
 @pytest.mark.parametrize("product", ["sparse", "dense"])
 def test_both_products_of_the_block_give_the_selections_gradient(product):
     """The moved rows' gradient A_H · G_U, per kept pair or as one GEMM, whichever the cost model
