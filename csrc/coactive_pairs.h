@@ -106,8 +106,8 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // end of its row. Row i of C is then summed where it is needed (Gustavson): for each entry
   // of i, its row's later entries j > i add a_ti·a_tj into a dense accumulator of n slots, and
   // the distinct j are listed in bucket i. Only the distinct pairs go to memory (and, kept for the
-  // backward, every row pair's score): the rows (6–12 B per entry) stay in cache, and each C_ij is
-  // summed in row order whatever the thread count.
+  // backward, every row pair's score): the rows (6–12 B per entry in float32) stay in cache, and
+  // each C_ij is summed in row order whatever the thread count.
   // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
   std::vector<int64_t> occ_ptr(n + 1, 0);
   std::vector<int64_t>& bucket_start = out.bucket_start;
@@ -177,7 +177,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kStripes * kMagnitudeBins, 0));
   // The loop reads the rows' cols at random rows: as uint16 (n <= 65536) they and the values, 6 B
   // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
-  // (0.35–0.6 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
+  // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
   auto sum_latents = [&](const auto* cols) {
 #pragma omp parallel num_threads(threads)
     {
@@ -220,7 +220,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
         }
         if (score_out) {
           // every row pair's score, a plain gather: each occurrence's partners are its row's later
-          // entries, cp[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
+          // entries, cols[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
           // and set at every row pair, was most of this pass at TopK d_sae 16384)
           acc_t* g = score_out + b;
           for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "pair_select.h"  // Scratch
+#include "simd512.h"
 
 namespace aosae {
 
@@ -75,7 +76,7 @@ struct NoConversion {};
 
 // body(w, len, e, scratch) for each entry e of the rows without moved[t]: w = run_of(e, t), where
 // entry e's run of pair values (its pairs with the row's len next entries, in order) starts;
-// scratch: the thread's room for len values of acc_t. The rows are split between the threads,
+// scratch: room for len values of acc_t (the rows' chunk's own). The rows are split between the threads,
 // and each row's entries are visited in order by one of them. kPrefetch: the runs lie apart in
 // memory.
 template <typename acc_t, bool kPrefetch, typename RunOf, typename Body>
@@ -100,38 +101,93 @@ void for_each_run(RunOf&& run_of, const int64_t* rp, const uint8_t* moved, int64
   });
 }
 
+// An entry's own sum Σ_c G_c · xq[c] goes through kRunLanes lanes: lane l adds the products
+// c ≡ l (mod kRunLanes) in order of c (a single running sum chained every add on the last: the
+// loop ran scalar), then halving_sum adds the lanes pairwise. Every path (the AVX-512 one of
+// csrc/topk_sum_backward.cpp too, a register of kRunLanes) rounds each product and then adds it,
+// in this order: a gradient's bits depend neither on the thread count nor on the machine.
+template <typename acc_t>
+constexpr int64_t kRunLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
+
+template <typename acc_t>
+acc_t halving_sum(acc_t* lanes) {  // lane l + w into lane l, w = kRunLanes / 2, / 4, .., 1
+  for (int64_t w = kRunLanes<acc_t> / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) lanes[l] = lanes[l] + lanes[l + w];
+  return lanes[0];
+}
+
+// oq[c] += G_c · xe for c < len, and the own sum Σ_c G_c · xq[c] returned (the order above)
+template <typename acc_t>
+acc_t run_product(const acc_t* gr, int64_t len, acc_t xe, const acc_t* xq, acc_t* oq) {
+  constexpr int64_t kLanes = kRunLanes<acc_t>;
+  acc_t lanes[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= len; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] += gr[c + l] * xq[c + l];
+      oq[c + l] += gr[c + l] * xe;
+    }
+  for (int64_t l = 0; c + l < len; ++l) {
+    lanes[l] += gr[c + l] * xq[c + l];
+    oq[c + l] += gr[c + l] * xe;
+  }
+  return halving_sum(lanes);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// run_product's step on a register of gradients at c (valid: the lanes inside the run): the
+// same rounding and order, so the same bits (csrc/topk_sum_backward.cpp's kept_run_product too)
+template <typename acc_t>
+__attribute__((target("avx512f"), always_inline)) inline void run_step(
+    typename Simd512<acc_t>::V& own, typename Simd512<acc_t>::V grad, typename Simd512<acc_t>::M valid,
+    const acc_t* xq, acc_t* oq, typename Simd512<acc_t>::V xe) {
+  using S = Simd512<acc_t>;
+  static_assert(S::kLanes == kRunLanes<acc_t>, "a register holds run_product's lanes");
+  own = S::add(own, valid, own, S::mul(grad, S::load(valid, xq)));  // (lanes past the run: untouched)
+  S::store(oq, valid, S::add(S::load(valid, oq), S::mul(grad, xe)));
+}
+
+// run_product a register at a time (the tail masked)
+template <typename acc_t>
+__attribute__((target("avx512f"))) acc_t run_product_avx512(const acc_t* gr, int64_t len, acc_t xe, const acc_t* xq,
+                                                            acc_t* oq) {
+  using S = Simd512<acc_t>;
+  const auto vxe = S::set1(xe);
+  auto own = S::zero();
+  for (int64_t c = 0; c < len; c += S::kLanes) {
+    const auto valid = S::first(len - c);
+    run_step<acc_t>(own, S::load(valid, gr + c), valid, xq + c, oq + c, vxe);
+  }
+  return S::halving_sum(own);
+}
+#endif
+
 // o[e] += Σ_q G(e, q) · x[q] over e's row pairs, both ways round, for the rows without moved[t]
 // (runs: for_each_run's). to_grad(w, run, len, e): writes the gradients the product takes into
-// run (the runs hold scores); NoConversion: they hold the gradients already.
+// run (the runs hold scores); NoConversion: they hold the gradients already. vectorised: the
+// AVX-512 product where the machine has it (the same bits; false: the portable one, for tests).
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
-                       ToGrad&& to_grad) {
-  constexpr int64_t kLanes = 32 / sizeof(acc_t);  // (16 took longer to add up than to fill)
+                       ToGrad&& to_grad, bool vectorised = true) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  vectorised = vectorised && avx512;
+#else
+  vectorised = false;
+#endif
   for_each_run<acc_t, kPrefetch>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t* run) {
     const acc_t* gr = w;
     if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {
       to_grad(w, run, len, e);
       gr = run;
     }
-    const acc_t xe = x[e];
-    acc_t* oq = o + e + 1;
-    const acc_t* xq = x + e + 1;
-    // e's own sum in kLanes running sums (a single one chained every add on the last: the loop
-    // ran scalar), added up in a fixed order: the same bits whatever the thread count
-    acc_t lanes[kLanes] = {};
-    int64_t c = 0;
-    for (; c + kLanes <= len; c += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        lanes[l] += gr[c + l] * xq[c + l];
-        oq[c + l] += gr[c + l] * xe;
-      }
-    acc_t own = acc_t(0);
-    for (; c < len; ++c) {
-      own += gr[c] * xq[c];
-      oq[c] += gr[c] * xe;
+#if defined(__x86_64__) || defined(__i386__)
+    if (vectorised) {
+      o[e] += run_product_avx512(gr, len, x[e], x + e + 1, o + e + 1);
+      return;
     }
-    for (int64_t l = 0; l < kLanes; ++l) own += lanes[l];
-    o[e] += own;
+#endif
+    o[e] += run_product(gr, len, x[e], x + e + 1, o + e + 1);
   });
 }
 

@@ -36,7 +36,17 @@ struct Simd512<float> {
   AOSAE_AVX512 V min(V src, M m, V a, V b) { return _mm512_mask_min_ps(src, m, a, b); }
   AOSAE_AVX512 V blend(M m, V a, V b) { return _mm512_mask_blend_ps(m, a, b); }  // b where m, else a
   AOSAE_AVX512 float reduce_min(V a) { return _mm512_reduce_min_ps(a); }
-  AOSAE_AVX512 float reduce_add(V a) { return _mm512_reduce_add_ps(a); }
+  AOSAE_AVX512 V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  AOSAE_AVX512 V add(V a, V b) { return _mm512_add_ps(a, b); }
+  AOSAE_AVX512 V add(V src, M m, V a, V b) { return _mm512_mask_add_ps(src, m, a, b); }  // src outside m
+  // lane l + 8 into lane l, then + 4, + 2, + 1: csrc/row_slots.h's halving_sum, the same adds
+  AOSAE_AVX512 float halving_sum(V a) {
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+  }
 };
 
 template <>
@@ -58,7 +68,15 @@ struct Simd512<double> {
   AOSAE_AVX512 V min(V src, M m, V a, V b) { return _mm512_mask_min_pd(src, m, a, b); }
   AOSAE_AVX512 V blend(M m, V a, V b) { return _mm512_mask_blend_pd(m, a, b); }  // b where m, else a
   AOSAE_AVX512 double reduce_min(V a) { return _mm512_reduce_min_pd(a); }
-  AOSAE_AVX512 double reduce_add(V a) { return _mm512_reduce_add_pd(a); }
+  AOSAE_AVX512 V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+  AOSAE_AVX512 V add(V a, V b) { return _mm512_add_pd(a, b); }
+  AOSAE_AVX512 V add(V src, M m, V a, V b) { return _mm512_mask_add_pd(src, m, a, b); }  // src outside m
+  // lane l + 4 into lane l, then + 2, + 1: csrc/row_slots.h's halving_sum, the same adds
+  AOSAE_AVX512 double halving_sum(V a) {
+    const __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(a), _mm512_extractf64x4_pd(a, 1));
+    const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
+  }
 };
 
 }  // namespace aosae

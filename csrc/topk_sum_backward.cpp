@@ -46,11 +46,12 @@ namespace {
 using torch::Tensor;
 
 #if defined(__x86_64__) || defined(__i386__)
-// One entry's run of scores w[0 .. len) turned into gradients and multiplied in one pass, a
-// register at a time (the tails masked): oq[c] += G_c · xe, and Σ_c G_c · xq[c] returned, where
-// G_c = ±g (|w[c]| above bar, C's sign) or 0; a score tied at bar takes tied(c, w[c]) instead
-// (ties: the kept test needs the pair's key). The generic path's select pass, scalar tails and
-// lane sums cost 1.8 ms of TopK d_sae 16384's backward (benchmarks/NOTES.md, thirteenth pass).
+// aosae::run_product on a run of scores w[0 .. len), turned into the gradients G_c on the way, a
+// register at a time (the tails masked): G_c = ±g (|w[c]| above bar, C's sign) or 0, and a score
+// tied at bar takes tied(c, w[c]) (ties: the kept test needs the pair's key). The same rounding
+// and order as the portable path (csrc/row_slots.h), so the same bits. Its separate select pass
+// and scalar tails made TopK d_sae 16384's backward 3.4 ms, 2.5 ms with this (benchmarks/NOTES.md,
+// thirteenth pass).
 template <typename acc_t, typename Tied>
 __attribute__((target("avx512f"))) acc_t kept_run_product(const acc_t* w, int64_t len, acc_t xe, const acc_t* xq,
                                                           acc_t* oq, acc_t bar, acc_t g, bool ties, Tied&& tied) {
@@ -77,10 +78,9 @@ __attribute__((target("avx512f"))) acc_t kept_run_product(const acc_t* w, int64_
         grad = S::load(lanes);
       }
     }
-    own = S::fmadd(grad, S::load(valid, xq + c), own);
-    S::store(oq + c, valid, S::fmadd(grad, vxe, S::load(valid, oq + c)));
+    aosae::run_step<acc_t>(own, grad, valid, xq + c, oq + c, vxe);
   }
-  return S::reduce_add(own);
+  return S::halving_sum(own);
 }
 #endif
 
@@ -204,17 +204,18 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   });
   const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
   auto run_of = [&](int64_t e, int64_t) { return scores_in + runs[e]; };
+  bool use_avx512 = false;
 #if defined(__x86_64__) || defined(__i386__)
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && vectorised) {
+  use_avx512 = avx512 && vectorised;
+  if (use_avx512)
     aosae::for_each_run<acc_t, true>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t*) {
       const int64_t* js = ca + e + 1;
       o[e] += kept_run_product(w, len, x[e], x + e + 1, o + e + 1, kth, g, tie_cut >= 0,
                                [&](int64_t c, acc_t v) { return slot_grad(v, ca[e], js[c]); });
     });
-  } else
 #endif
-    aosae::add_pair_products(run_of, rp, x, moved, m, o, run_gradients);
+  if (!use_avx512) aosae::add_pair_products(run_of, rp, x, moved, m, o, run_gradients, vectorised);
   auto in_callers_order = [&](Tensor& grad_out) {  // new entry e is the caller's order->entry[e]
     if (!order) return grad_out;
     Tensor back = at::empty({nnz}, vals.options());
@@ -339,6 +340,13 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
 
 void register_topk_sum_backward(pybind11::module& m) {
   namespace py = pybind11;
+  m.def("cpu_has_avx512", [] {
+#if defined(__x86_64__) || defined(__i386__)
+    return static_cast<bool>(__builtin_cpu_supports("avx512f"));
+#else
+    return false;
+#endif
+  }, "Whether this CPU runs the kernels' AVX-512 paths (else: their portable ones)");
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
