@@ -105,7 +105,8 @@ void for_each_run(RunOf&& run_of, const int64_t* rp, const uint8_t* moved, int64
 // c ≡ l (mod kRunLanes) in order of c (a single running sum chained every add on the last: the
 // loop ran scalar), then halving_sum adds the lanes pairwise. Every path (the AVX-512 one of
 // csrc/topk_sum_backward.cpp too, a register of kRunLanes) rounds each product and then adds it,
-// in this order: a gradient's bits depend neither on the thread count nor on the machine.
+// in this order: the row pass's bits depend neither on the thread count nor on the machine (with
+// setup.py's -ffp-contract=off, which keeps the compiler from fusing a product into its add).
 template <typename acc_t>
 constexpr int64_t kRunLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
 
