@@ -80,8 +80,7 @@ template <typename acc_t>
 void add_product(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
                  int64_t c1, acc_t* prod, int64_t width) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return add_product_avx512<acc_t>(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
+  if (has_avx512()) return add_product_avx512<acc_t>(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
 #endif
   add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
 }

@@ -170,12 +170,7 @@ __attribute__((target("avx512f"))) acc_t run_product_avx512(const acc_t* gr, int
 template <typename acc_t, bool kPrefetch = true, typename RunOf, typename ToGrad>
 void add_pair_products(RunOf&& run_of, const int64_t* rp, const acc_t* x, const uint8_t* moved, int64_t m, acc_t* o,
                        ToGrad&& to_grad, bool vectorised = true) {
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  vectorised = vectorised && avx512;
-#else
-  vectorised = false;
-#endif
+  vectorised = vectorised && has_avx512();
   for_each_run<acc_t, kPrefetch>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t* run) {
     const acc_t* gr = w;
     if constexpr (!std::is_same<std::decay_t<ToGrad>, NoConversion>::value) {

@@ -1,9 +1,23 @@
 // AVX-512 registers of float or double behind one name (csrc/block_product.h, topk_sum.h,
 // block_gradient.h), so that one template serves both precisions. Every function is compiled for
 // AVX-512 and inlined into callers that are too; callers pick these paths only where the machine
-// has AVX-512 (__builtin_cpu_supports).
+// has AVX-512 (has_avx512).
 
 #pragma once
+
+namespace aosae {
+
+// Whether this CPU runs the AVX-512 paths (asked once; false off x86).
+inline bool has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace aosae
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -170,8 +170,7 @@ __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, 
 template <typename acc_t>
 RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512) return tally_avx512<acc_t>(v, len, lo, hi, inside);
+  if (has_avx512()) return tally_avx512<acc_t>(v, len, lo, hi, inside);
 #endif
   return tally_plain(v, len, lo, hi, inside);
 }

@@ -204,10 +204,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   });
   const acc_t* scores_in = pair_scores.template data_ptr<acc_t>();
   auto run_of = [&](int64_t e, int64_t) { return scores_in + runs[e]; };
-  bool use_avx512 = false;
+  const bool use_avx512 = vectorised && aosae::has_avx512();
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  use_avx512 = avx512 && vectorised;
   if (use_avx512)
     aosae::for_each_run<acc_t, true>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t*) {
       const int64_t* js = ca + e + 1;
@@ -340,13 +338,7 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
 
 void register_topk_sum_backward(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("cpu_has_avx512", [] {
-#if defined(__x86_64__) || defined(__i386__)
-    return static_cast<bool>(__builtin_cpu_supports("avx512f"));
-#else
-    return false;
-#endif
-  }, "Whether this CPU runs the kernels' AVX-512 paths (else: their portable ones)");
+  m.def("cpu_has_avx512", &aosae::has_avx512, "Whether this CPU runs the kernels' AVX-512 paths (else: their portable ones)");
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
