@@ -35,7 +35,26 @@ struct DenseRowCost {
   double pair = 8.0;
   double mac = 0.012;
   double entry = 1.5;
+  double fixed = 0.0;       // per entry of the rows, once there is a block at all
+  double correction = 0.0;  // per pair of another row inside U × U
 };
+
+// The same for the sum of the k best (csrc/topk_sum.h), whose block is recomputed where it is read
+// (csrc/recomputed_block.h) and whose latents are relabelled by norm once it exists. Fitted to its
+// forward + backward on BatchTopK d_sae 16384 batches from steps 0–60 (benchmarks/NOTES.md,
+// fourteenth pass): a row pair costs ≈ 2.2 ns through the buckets; the block, ≈ 45 ns per entry
+// of the rows (the norm order and the block's build) and ≈ 80 ns per correction (listed, sorted,
+// looked up), so mid-training, where 24 rows of ≤ 700 latents hold 1.5·10⁶ of 6.3·10⁶ row pairs,
+// it cost 31 ms against 19 ms without it.
+inline DenseRowCost recomputed_block_cost() {
+  DenseRowCost c;
+  c.pair = 2.2;
+  c.mac = 0.0065;  // per h·u²: the staircase's h multiply-adds per pair, read about twice
+  c.entry = 0.0;
+  c.fixed = 45.0;
+  c.correction = 80.0;
+  return c;
+}
 
 // Rows below this L0 never move: their pairs are cheap and they would widen U.
 constexpr int64_t kMinDenseRowL0 = 128;
@@ -133,7 +152,8 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   // not keep the other dense rows out of the block); keep the cheapest prefix of the rows taken.
   std::vector<uint8_t> in_u(n, 0);
   std::vector<int64_t> taken;
-  double u = 0, moved_pairs = 0, best_cost = cost.pair * total_pairs;
+  const double none_cost = cost.pair * total_pairs, fixed_cost = cost.fixed * static_cast<double>(rp[m]);
+  double u = 0, moved_pairs = 0, best_cost = none_cost;
   int64_t best = 0;
   for (const int64_t t : order) {
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
@@ -145,7 +165,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     taken.push_back(t);
     const int64_t h = static_cast<int64_t>(taken.size());
     moved_pairs += L * (L - 1) / 2;
-    const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u;
+    const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u + fixed_cost;
     if (c < best_cost) {
       best_cost = c;
       best = h;
@@ -158,6 +178,20 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     const int64_t t = taken[h];
     out.moved[t] = 1;
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
+  }
+  if (cost.correction > 0) {  // the other rows' pairs inside U × U, counted for the chosen rows only
+    double corrections = 0;
+    for (int64_t t = 0; t < m; ++t) {
+      if (out.moved[t]) continue;
+      double inside = 0;
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) inside += in_u[cp[e]];
+      corrections += inside * (inside - 1) / 2;
+    }
+    if (best_cost + cost.correction * corrections >= none_cost) {
+      std::fill(out.moved.begin(), out.moved.end(), 0);
+      out.taken.clear();
+      return out;
+    }
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!in_u[i]) continue;

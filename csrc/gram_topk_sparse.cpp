@@ -127,10 +127,9 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   const acc_t* vp = x.vp;
   const int threads = num_threads();
   std::optional<aosae::NormOrder<acc_t>> order;
+  // (the plan's rows and U do not depend on the labels: the block relabelled is the same block)
   if (aosae::all_positive(vp, nnz)) {
-    bool outlier = false;
-    for (int64_t t = 0; t < m && !outlier; ++t) outlier = rp[t + 1] - rp[t] >= aosae::kMinDenseRowL0;
-    if (outlier) {
+    if (aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::recomputed_block_cost(), false).size() > 0) {
       order = aosae::order_by_norm<acc_t>(rp, cp, vp, m, n);
       cp = order->cols.data();
       vp = order->vals.data();
@@ -290,12 +289,15 @@ std::tuple<Tensor, Tensor, Tensor> gram_topk_sparse_cpu(const Tensor& a, int64_t
 
 // The rows of a CSR matrix that the sparse backend would sum with one GEMM block (tests,
 // benchmarks): int64 row ids, ascending; empty when every row goes through the pair path.
-Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n) {
+// recomputed: the sum of the k best's cost model (its block recomputed where read).
+Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, bool recomputed) {
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && cols.scalar_type() == at::kLong && vals.scalar_type() == at::kFloat,
               "sparse_dense_rows: int64 row_ptr and cols, float32 vals");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const auto plan = aosae::plan_dense_rows<float>(rp.data_ptr<int64_t>(), cp.data_ptr<int64_t>(), vp.data_ptr<float>(),
-                                                  rp.size(0) - 1, n, aosae::DenseRowCost(), false);
+                                                  rp.size(0) - 1, n,
+                                                  recomputed ? aosae::recomputed_block_cost() : aosae::DenseRowCost(),
+                                                  false);
   std::vector<int64_t> rows;
   for (size_t t = 0; t < plan.moved.size(); ++t)
     if (plan.moved[t]) rows.push_back(static_cast<int64_t>(t));
@@ -334,7 +336,9 @@ void register_sparse(pybind11::module& m) {
   }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width; hard "
      "max width and the pair path's bytes per row pair (float32), which allow a wider block)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
-        "Rows the sparse kernel would sum with one GEMM block (its outlier rows)");
+        py::arg("recomputed") = false,
+        "Rows the sparse kernel would sum with one GEMM block (its outlier rows); recomputed=True: those the sum "
+        "of the k best (sparse_csr_topk_sum) would");
   m.def("buffer_pool_free_bytes", [] { return aosae::BufferPool::instance().free_bytes(); },
         "Bytes of freed large buffers the CPU kernels keep for their next calls (csrc/buffer_pool.h)");
   m.def("release_buffer_pool", [] { return aosae::BufferPool::instance().release(); },

@@ -364,6 +364,41 @@ def _plan(rows, n):
     return cpp_module().sparse_dense_rows(offsets, indices, torch.rand(indices.numel()) + 0.05, n).tolist()
 
 
+def test_a_few_long_rows_on_the_batchs_common_latents_keep_no_block_and_no_norm_order():
+    """BatchTopK mid-training: many rows on the same few hundred latents and a few just past the
+    block's L0 on them too. The block would take few row pairs off the pair path and add every
+    other row's pairs inside it as corrections, so the sum of the k best keeps none (and does not
+    relabel by norm: no live_end); the stored block's model, which the selection uses, would take
+    them. Value, k-th score and gradient are still the selection's (to rounding: the selection
+    sums the long rows' pairs in another order), with and without the forward's plan."""
+    module = cpp_module()
+    pool = 300
+    rows = [torch.randperm(pool)[: int(torch.randint(10, 40, ()))] for _ in range(400)]
+    for _ in range(3):
+        rows.insert(int(torch.randint(0, len(rows) + 1, ())), torch.randperm(pool)[:140])
+    indices = torch.cat(rows)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    for dtype in (torch.float64, torch.float32):
+        values = (torch.rand(indices.numel(), dtype=torch.float64) + 0.05).to(dtype)
+        c = co.canonical(offsets, indices, values)
+        u = c.uniq.numel()
+        assert module.sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), u).numel() >= 1
+        assert module.sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), u, recomputed=True).numel() == 0
+        pairs = coactive_topk(offsets, indices, values, pool, BIG_K).values.numel()
+        for k in (pairs // 20, pairs // 2):
+            total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(
+                c.row_ptr, c.cols, c.vals, u, k)
+            assert width == 0 and live_end.numel() == 0 and kept == k
+            grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                       live_end=live_end)
+            want_total, want_grad, selection = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+            eps = 1e-12 if dtype == torch.float64 else 2e-5
+            torch.testing.assert_close(kth, kth_score(selection.values.detach(), k).double(), rtol=eps, atol=0)
+            torch.testing.assert_close(total, want_total.double(), rtol=eps, atol=eps)
+            torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * float(want_grad.abs().max()))
+            assert torch.equal(backward_from_plan(module, c, k), grad)
+
+
 def test_a_row_too_wide_for_the_block_leaves_the_others_in_it():
     """Past 16384 latents a block is taken while it needs no more memory than the pair path would
     for its row pairs (one token on 16 500 latents: 1.4·10⁸ row pairs), never past 2¹⁶ latents;
