@@ -223,6 +223,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
           // entries, cols[s + 1 .. end), in cache (a byte per latent marking the listed ones, tested
           // and set at every row pair, was most of this pass at TopK d_sae 16384)
           acc_t* g = score_out + b;
+          const acc_t* listed = pi >= 0 ? out.rows.listed_scores(pi) : nullptr;
           for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
             const int64_t s = occ[u], end = occ_end[u];
             if (pi < 0) {
@@ -232,7 +233,12 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
             for (int64_t q = s + 1; q < end; ++q) {  // pairs inside U × U: the block's score (acc holds 0)
               const int64_t j = cols[q];
               const int32_t pq = position[j];
-              *g++ = pq < 0 ? acc[j] : pq < row_end ? out.rows.at(pi, pq) : acc_t(0);
+              if (pq < 0) {
+                *g++ = acc[j];
+              } else {  // the corrections of block row pi, met in the order they were listed
+                const acc_t v = *listed++;
+                *g++ = pq < row_end ? v : acc_t(0);
+              }
             }
           }
         }

@@ -77,12 +77,17 @@ class RecomputedBlock {
           corr_val_[slot] = v;
         });
     });
-    // each row's corrections by column, stably (a column's own keep their order): at() finds its
-    // by bisection. Rows apart in parallel (dealt dynamically: their lists differ in length); a
-    // key (column, place) sorts stably with std::sort.
+    // each row's corrections by column, stably (a column's own keep their order), for tile(). Rows
+    // apart in parallel (dealt dynamically: their lists differ in length); a key (column, place)
+    // sorts stably with std::sort. Then each column's whole score (the moved rows' part, then its
+    // corrections in order) goes back to its corrections' places in the listing order, which is
+    // the order in which the summing loop of csrc/coactive_pairs.h meets them: it reads them one
+    // after the other (a lookup per row pair, bisecting the row's list, was a tenth of the
+    // forward at BatchTopK d_sae 16384's step 14; benchmarks/NOTES.md, fourteenth pass).
     for (int64_t p = 0; p < width_; ++p)  // (checked outside the parallel region: nothing may throw in it)
       TORCH_CHECK(corr_start_[p + 1] - corr_start_[p] < (int64_t(1) << 32),
                   "RecomputedBlock: more than 2^32 corrections in one row");
+    corr_score_.resize(corr_start_[width_]);
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
     {
       std::vector<int64_t> keys;
@@ -90,17 +95,26 @@ class RecomputedBlock {
 #pragma omp for schedule(dynamic, 16)
       for (int64_t p = 0; p < width_; ++p) {
         const int64_t b = corr_start_[p], e = corr_start_[p + 1];
-        if (std::is_sorted(corr_col_.begin() + b, corr_col_.begin() + e)) continue;
-        keys.resize(e - b);
-        for (int64_t x = 0; x < e - b; ++x) keys[x] = (static_cast<int64_t>(corr_col_[b + x]) << 32) | x;
-        std::sort(keys.begin(), keys.end());
-        val.resize(e - b);
-        for (int64_t x = 0; x < e - b; ++x) {
-          const int64_t from = b + (keys[x] & 0xFFFFFFFF);
-          val[x] = corr_val_[from];
+        const bool listed_by_column = std::is_sorted(corr_col_.begin() + b, corr_col_.begin() + e);
+        if (!listed_by_column) {
+          keys.resize(e - b);
+          for (int64_t x = 0; x < e - b; ++x) keys[x] = (static_cast<int64_t>(corr_col_[b + x]) << 32) | x;
+          std::sort(keys.begin(), keys.end());
+          val.resize(e - b);
+          for (int64_t x = 0; x < e - b; ++x) {
+            const int64_t from = b + (keys[x] & 0xFFFFFFFF);
+            val[x] = corr_val_[from];
+          }
+          for (int64_t x = 0; x < e - b; ++x) corr_col_[b + x] = static_cast<int32_t>(keys[x] >> 32);
+          std::copy(val.begin(), val.end(), corr_val_.begin() + b);
         }
-        for (int64_t x = 0; x < e - b; ++x) corr_col_[b + x] = static_cast<int32_t>(keys[x] >> 32);
-        std::copy(val.begin(), val.end(), corr_val_.begin() + b);
+        for (int64_t x = b; x < e;) {
+          const int32_t col = corr_col_[x];
+          acc_t v = block_entry(coefs_.data(), h_, p, col);
+          int64_t y = x;
+          for (; y < e && corr_col_[y] == col; ++y) v = v + corr_val_[y];
+          for (; x < y; ++x) corr_score_[b + (listed_by_column ? x - b : (keys[x - b] & 0xFFFFFFFF))] = v;
+        }
       }
     }
   }
@@ -131,14 +145,9 @@ class RecomputedBlock {
   // out[q - q0] = score (p, q), q in [q0, q1)
   void row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const { tile(p, p + 1, q0, q1, out, q1 - q0); }
 
-  // score (p, q) alone
-  acc_t at(int64_t p, int64_t q) const {
-    acc_t v = block_entry(coefs_.data(), h_, p, q);
-    const auto first = corr_col_.begin() + corr_start_[p], last = corr_col_.begin() + corr_start_[p + 1];
-    for (auto e = std::lower_bound(first, last, static_cast<int32_t>(q)); e != last && *e == q; ++e)
-      v = v + corr_val_[e - corr_col_.begin()];
-    return v;
-  }
+  // the scores of row p's corrections (p, q), in the order they were listed: the other rows in
+  // order, each row's pairs (s, q) in U × U with s's latent at p, q ascending
+  const acc_t* listed_scores(int64_t p) const { return corr_score_.data() + corr_start_[p]; }
 
  private:
   int64_t width_ = 0, h_ = 0;
@@ -147,6 +156,7 @@ class RecomputedBlock {
   std::vector<int64_t> corr_start_;  // [width + 1]: row p's corrections, by column (each column's in order)
   std::vector<int32_t> corr_col_;
   std::vector<acc_t> corr_val_;
+  std::vector<acc_t> corr_score_;  // [corrections]: each one's whole score, in the listing order
 };
 
 }  // namespace aosae
