@@ -157,12 +157,42 @@ __attribute__((always_inline)) inline acc_t entry_generic(const acc_t* cp, const
   return acc;
 }
 
+// out[x] = entry (p, qs[x]) for x < count, each the same fma sequence; kChains entries at a time
+// (one entry's h multiply-adds each wait for the one before: eight chains side by side keep the
+// units busy where one left them waiting on the add's latency)
+template <typename acc_t>
+__attribute__((always_inline)) inline void entries_generic(const acc_t* coefs, int64_t h, const acc_t* cp,
+                                                           const int32_t* qs, int64_t count, acc_t* out) {
+  constexpr int kChains = 8;
+  int64_t x = 0;
+  for (; x + kChains <= count; x += kChains) {
+    const acc_t* cq[kChains];
+    acc_t acc[kChains];
+    for (int g = 0; g < kChains; ++g) {
+      cq[g] = coefs + static_cast<int64_t>(qs[x + g]) * h;
+      acc[g] = acc_t(0);
+    }
+    for (int64_t r = 0; r < h; ++r) {
+      const acc_t c = cp[r];
+      for (int g = 0; g < kChains; ++g) acc[g] = std::fma(c, cq[g][r], acc[g]);
+    }
+    for (int g = 0; g < kChains; ++g) out[x + g] = acc[g];
+  }
+  for (; x < count; ++x) out[x] = entry_generic(cp, coefs + static_cast<int64_t>(qs[x]) * h, h);
+}
+
 #if defined(__x86_64__) || defined(__i386__)
 // std::fma inlined as one instruction (the default target has no FMA: each was a library call,
 // a fifth of the backward at d_sae 16384, where the other rows' pairs inside U × U read entries one by one)
 template <typename acc_t>
 __attribute__((target("fma"))) acc_t entry_fma(const acc_t* cp, const acc_t* cq, int64_t h) {
   return entry_generic(cp, cq, h);
+}
+
+template <typename acc_t>
+__attribute__((target("fma"))) void entries_fma(const acc_t* coefs, int64_t h, const acc_t* cp, const int32_t* qs,
+                                                int64_t count, acc_t* out) {
+  entries_generic(coefs, h, cp, qs, count, out);
 }
 #endif
 
@@ -178,6 +208,17 @@ inline acc_t block_entry(const acc_t* coefs, int64_t h, int64_t p, int64_t q) {
   if (fma) return block_product_detail::entry_fma(cp, cq, h);
 #endif
   return block_product_detail::entry_generic(cp, cq, h);
+}
+
+// out[x] = block_entry(coefs, h, p, qs[x]) for x < count, bit for bit.
+template <typename acc_t>
+inline void block_entries(const acc_t* coefs, int64_t h, int64_t p, const int32_t* qs, int64_t count, acc_t* out) {
+  const acc_t* cp = coefs + p * h;
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool fma = __builtin_cpu_supports("fma");
+  if (fma) return block_product_detail::entries_fma(coefs, h, cp, qs, count, out);
+#endif
+  block_product_detail::entries_generic(coefs, h, cp, qs, count, out);
 }
 
 // block[p, q] = Σ_r a[r, p]·a[r, q] for q in [first[p], last[p]), every row p < u; a: [h, u]
