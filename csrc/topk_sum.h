@@ -40,8 +40,16 @@
 
 namespace aosae {
 
-// The estimate's slack: the bracket reaches from k·(1 − 1 %) to k·(1 + 1 %) pairs by the sample.
+// The estimate's slack: the bracket reaches from k·(1 − 1 %) to k·(1 + 1 %) pairs by the sample,
+// or wider where the sample is coarse: about k pairs counted on every step-th row vary by
+// ≈ √(step·k), and several times that over a staircase's rows, whose lengths and scores fall
+// from its top-left corner (kSampleSpread, fitted there; at most kWidestBracket). At BatchTopK
+// d_sae 16384's steps 14 and 40 (k 6.7·10⁵, steps 13 and 9) ±1 % and ±1.8 % missed, and a
+// miss's histogram and second pass cost 5–7 ms; ±2.6 % and ±2.2 % hold. At 65536 (k 1.1·10⁷,
+// step 32) the bracket stays ±1 % (benchmarks/NOTES.md, fourteenth pass).
 constexpr double kSumBracket = 0.01;
+constexpr double kSampleSpread = 6.0;
+constexpr double kWidestBracket = 0.05;
 
 // What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
 // from a pair out (the backward recomputes the scores and applies the same test).
@@ -250,7 +258,7 @@ class TopKSum {
     extent_ = width_ > 0 ? s_.row_end(0) : 0;
   }
 
-  // bracket: the estimate's slack (0: the exact histogram); step: every step-th row sampled (0: chosen here)
+  // bracket: the estimate's least slack (0: the exact histogram); step: every step-th row sampled (0: chosen here)
   SumResult run(int64_t k, double bracket, int64_t step) {
     SumResult r;
     r.width = width_;
@@ -263,7 +271,9 @@ class TopKSum {
       r.block_passes += step == 1;  // (every row: the exact histogram)
       for (int64_t b = 0; b < kMagnitudeBins; ++b)
         est[b] = static_cast<double>(s_.hist_total[b]) + static_cast<double>(step) * static_cast<double>(sample[b]);
-      const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : bracket);
+      const double slack = std::max(
+          bracket, std::min(kWidestBracket, kSampleSpread * std::sqrt(static_cast<double>(step) / static_cast<double>(k))));
+      const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : slack);
       double expected = 0;  // the sample's count inside the bracket: the edge lists' room
       for (int64_t b = 0; b < kMagnitudeBins; ++b)
         if (bin_start<acc_t>(b) >= br.lo && bin_start<acc_t>(b) < br.hi) expected += est[b];
