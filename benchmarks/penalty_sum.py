@@ -87,7 +87,7 @@ def measure(x, n: int, args) -> dict:
     k = k_for_fraction(n, 0.005)
     lengths = offsets[1:] - offsets[:-1]
     c = co.canonical(offsets, indices, values)
-    block = extension.require().sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), c.uniq.numel())
+    block = extension.require().sparse_dense_rows(c.row_ptr, c.cols, c.vals.float(), c.uniq.numel(), recomputed=True)
     row = {"d_sae": n, "batch": args.batch, "trained_steps": args.trained_steps, "k": k,
            "pairs_bound": pairs_bound(offsets, indices), "row_pairs": int((lengths * (lengths - 1) // 2).sum()),
            "max_l0": int(lengths.max()), "block_rows": block.numel(), "active_latents": c.uniq.numel()}

@@ -2,7 +2,7 @@
 //
 // Each entry is Σ_r a_rp·a_rq accumulated over the moved rows in the plan's order with one fused
 // multiply-add per row, from zero: acc = fma(a_rp, a_rq, acc). Every code path (vector lanes,
-// masked tails, the single entry of block_entry) does exactly that sequence, so an entry's bits
+// masked tails, the single entries of block_entries) does exactly that sequence, so an entry's bits
 // depend neither on which stretch of the block is computed nor on the vector width: the
 // selection (whole upper triangle, stored), the sum of the k best (a staircase of it, latents in
 // another order, recomputed pass after pass) and the backward (recomputed) see the same scores.
@@ -185,11 +185,6 @@ __attribute__((always_inline)) inline void entries_generic(const acc_t* coefs, i
 // std::fma inlined as one instruction (the default target has no FMA: each was a library call,
 // a fifth of the backward at d_sae 16384, where the other rows' pairs inside U × U read entries one by one)
 template <typename acc_t>
-__attribute__((target("fma"))) acc_t entry_fma(const acc_t* cp, const acc_t* cq, int64_t h) {
-  return entry_generic(cp, cq, h);
-}
-
-template <typename acc_t>
 __attribute__((target("fma"))) void entries_fma(const acc_t* coefs, int64_t h, const acc_t* cp, const int32_t* qs,
                                                 int64_t count, acc_t* out) {
   entries_generic(coefs, h, cp, qs, count, out);
@@ -198,19 +193,8 @@ __attribute__((target("fma"))) void entries_fma(const acc_t* coefs, int64_t h, c
 
 }  // namespace block_product_detail
 
-// One entry, summed as block_tile sums it (fma over the moved rows in order, from zero).
-template <typename acc_t>
-inline acc_t block_entry(const acc_t* coefs, int64_t h, int64_t p, int64_t q) {
-  const acc_t* cp = coefs + p * h;
-  const acc_t* cq = coefs + q * h;
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool fma = __builtin_cpu_supports("fma");
-  if (fma) return block_product_detail::entry_fma(cp, cq, h);
-#endif
-  return block_product_detail::entry_generic(cp, cq, h);
-}
-
-// out[x] = block_entry(coefs, h, p, qs[x]) for x < count, bit for bit.
+// out[x] = entry (p, qs[x]) for x < count, each summed as block_tile sums it (fma over the moved
+// rows in order, from zero).
 template <typename acc_t>
 inline void block_entries(const acc_t* coefs, int64_t h, int64_t p, const int32_t* qs, int64_t count, acc_t* out) {
   const acc_t* cp = coefs + p * h;

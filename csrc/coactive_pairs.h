@@ -82,7 +82,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   }
 
   // The densest rows (outlier tokens) go to one GEMM block over the latents they touch.
-  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n, recompute ? recomputed_block_cost() : DenseRowCost(), !recompute);
+  out.dense = plan_dense_rows<acc_t>(rp, cp, vp, m, n, block_cost(recompute), !recompute);
   if (recompute) {
     out.rows = RecomputedBlock<acc_t>(out.dense, rp, cp, vp, m);
     if (norm != nullptr && out.dense.size() > 0) {

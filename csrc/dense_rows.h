@@ -39,15 +39,18 @@ struct DenseRowCost {
   double correction = 0.0;  // per pair of another row inside U × U
 };
 
-// The same for the sum of the k best (csrc/topk_sum.h), whose block is recomputed where it is read
-// (csrc/recomputed_block.h) and whose latents are relabelled by norm once it exists. Fitted to its
-// forward + backward on BatchTopK d_sae 16384 batches from steps 0–60 (benchmarks/NOTES.md,
-// fourteenth pass): a row pair costs ≈ 2.2 ns through the buckets; the block, ≈ 45 ns per entry
-// of the rows (the norm order and the block's build) and ≈ 80 ns per correction (listed, sorted,
-// looked up), so mid-training, where 24 rows of ≤ 700 latents hold 1.5·10⁶ of 6.3·10⁶ row pairs,
-// it cost 31 ms against 19 ms without it.
-inline DenseRowCost recomputed_block_cost() {
+// The cost model of a block: the stored one's (the selection), or with recomputed the sum of the
+// k best's (csrc/topk_sum.h), whose block is recomputed where it is read (csrc/recomputed_block.h)
+// and whose latents are relabelled by norm once it exists. That one was fitted to its forward +
+// backward on BatchTopK d_sae 16384 batches from steps 0–60 (benchmarks/NOTES.md, fourteenth
+// pass): a row pair costs ≈ 2.2 ns through the buckets; the block, ≈ 45 ns per entry of the rows
+// (the norm order and the block's build) and ≈ 80 ns per correction (listed, sorted, looked up,
+// as they were then), so mid-training, where 24 rows of ≤ 700 latents hold 1.5·10⁶ of 6.3·10⁶
+// row pairs, it cost 31 ms against 19 ms without it; with the corrections' scores computed once
+// and their lists counting-sorted, 25 against 19 ms there, and 23.4 against 22.6 ms at step 50.
+inline DenseRowCost block_cost(bool recomputed) {
   DenseRowCost c;
+  if (!recomputed) return c;
   c.pair = 2.2;
   c.mac = 0.0065;  // per h·u²: the staircase's h multiply-adds per pair, read about twice
   c.entry = 0.0;

@@ -115,8 +115,9 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 }
 
 // The sum of the k best (csrc/topk_sum.h): the block's rows recomputed where they are read, and
-// on positive values with outlier rows only its staircase that can reach the k-th score, the
-// latents relabelled by norm (the tie order stays the original latents' i·n + j).
+// on positive values, where the block pays (csrc/dense_rows.h's block_cost(true)), only its
+// staircase that can reach the k-th score, the latents relabelled by norm (the tie order stays
+// the original latents' i·n + j).
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
                                    int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach) {
@@ -129,7 +130,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   std::optional<aosae::NormOrder<acc_t>> order;
   // (the plan's rows and U do not depend on the labels: the block relabelled is the same block)
   if (aosae::all_positive(vp, nnz)) {
-    if (aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::recomputed_block_cost(), false).size() > 0) {
+    if (aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::block_cost(true), false).size() > 0) {
       order = aosae::order_by_norm<acc_t>(rp, cp, vp, m, n);
       cp = order->cols.data();
       vp = order->vals.data();
@@ -295,9 +296,7 @@ Tensor sparse_dense_rows(const Tensor& row_ptr, const Tensor& cols, const Tensor
               "sparse_dense_rows: int64 row_ptr and cols, float32 vals");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const auto plan = aosae::plan_dense_rows<float>(rp.data_ptr<int64_t>(), cp.data_ptr<int64_t>(), vp.data_ptr<float>(),
-                                                  rp.size(0) - 1, n,
-                                                  recomputed ? aosae::recomputed_block_cost() : aosae::DenseRowCost(),
-                                                  false);
+                                                  rp.size(0) - 1, n, aosae::block_cost(recomputed), false);
   std::vector<int64_t> rows;
   for (size_t t = 0; t < plan.moved.size(); ++t)
     if (plan.moved[t]) rows.push_back(static_cast<int64_t>(t));

@@ -111,10 +111,12 @@ KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
 // fill) by a quarter more than asked: the pair count moves by ±10 % from step to step, and
 // growing to each new largest count exactly mapped 25–50 MB of fresh pages every few steps
 // (up to 16 000 faults, +20 ms, in a BatchTopK d_sae 16384 forward of 14 ms; benchmarks/NOTES.md,
-// fourteenth pass); trim() frees it when it holds more than keep_bytes.
+// fourteenth pass); trim() frees it when the last call asked for more than keep_bytes (not when
+// the quarter's headroom alone takes it past them: it would be freed and mapped again every call).
 template <typename T, int Slot>
 struct Scratch {
   static T* get(size_t count) {
+    asked() = count;
     if (count > capacity()) {
       buffer().reset();
       const size_t grown = count + count / 4;
@@ -124,7 +126,7 @@ struct Scratch {
     return buffer().get();
   }
   static void trim(size_t keep_bytes) {
-    if (capacity() * sizeof(T) > keep_bytes) {
+    if (asked() * sizeof(T) > keep_bytes) {
       buffer().reset();
       capacity() = 0;
     }
@@ -136,6 +138,10 @@ struct Scratch {
     return b;
   }
   static size_t& capacity() {
+    thread_local size_t c = 0;
+    return c;
+  }
+  static size_t& asked() {  // the last get()'s count
     thread_local size_t c = 0;
     return c;
   }

@@ -107,7 +107,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   });
   // The forward's plan (csrc/topk_sum_plan.h), or what it held derived again from the rows.
   const auto* plan = dynamic_cast<const aosae::TopKSumPlanOf<acc_t>*>(given);
-  // (an order without a block, every outlier row too wide for it, returns no live_end)
+  // (the forward orders by norm exactly when it has a block, and then returns its live_end; an
+  // empty block with an order is only guarded against)
   TORCH_CHECK(given == nullptr || (plan != nullptr && plan->m == m && plan->nnz == nnz && plan->n == n &&
                                    (plan->order.has_value() == (live_end_t.numel() > 0) || plan->dense.size() == 0)),
               "sparse_csr_topk_sum_backward: the plan was made for other rows (or another dtype): pass the plan that "

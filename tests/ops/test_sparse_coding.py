@@ -155,40 +155,6 @@ def test_encode_rejects_bad_arguments():
         sc.sparse_encode(x[:, :5], W_enc, b_enc, b_dec, "relu")
 
 
-@pytest.mark.parametrize("total, count", [(10, 3), (5000, 1), (300_000, 4096), (300_000, 299_999), (7, 7)])
-def test_batch_top_is_exact(seed, total, count, monkeypatch):
-    flat = torch.randn(total)
-    got = sc._batch_top(flat, count).sort().values
-    assert torch.equal(got, flat.topk(count).indices.sort().values)
-    monkeypatch.setattr(sc, "SAMPLE", 4)  # a useless sample: the full top-k takes over, still exact
-    assert torch.equal(sc._batch_top(flat, count).sort().values, got)
-
-
-@pytest.mark.parametrize("rows, width", [(2048, 16384), (2048, 65536), (512, 1 << 20), (4096, 24576), (3, 5)])
-def test_the_batch_tops_sample_visits_every_latent(rows, width):
-    """The strided sample of a [rows, width] batch takes every latent about equally often: a stride
-    dividing the width (2048 × 16384 / 2¹⁸ = 128) took the same 128 latents of every row."""
-    total = rows * width
-    stride = sc.sample_stride(total)
-    assert abs(stride - max(1, total // sc.SAMPLE)) <= 8
-    cols = torch.bincount(torch.arange(0, total, stride) % width, minlength=width)
-    assert int(cols.max()) - int(cols.min()) <= 1
-
-
-def test_the_batch_top_finds_its_bound_when_a_few_latents_fire_in_every_row(seed, monkeypatch):
-    """Every 256th latent of every row far above the rest: the sample still bounds the batch's top
-    from below without the full top-k (which a stride of 256 here ran), and the result is exact."""
-    monkeypatch.setattr(sc, "SAMPLE", 64)
-    pre = torch.randn(64, 256)
-    pre[:, ::256] += 50.0
-    flat = pre.reshape(-1)
-    full = []
-    monkeypatch.setattr(sc, "_full_top", lambda f, c: full.append(c) or f.topk(c, sorted=False).indices)
-    got = sc._batch_top(flat, 4 * 64).sort().values
-    assert torch.equal(got, flat.topk(4 * 64).indices.sort().values)
-    assert full == []
-
-
 def test_group_by_is_a_stable_grouping(seed):
     keys = torch.randint(0, 13, (500,))
     order, offsets = sc.group_by(keys, 13)

@@ -1,0 +1,48 @@
+"""The positions of a batch's top B·k pre-activations (BatchTopK's selection) without a top-k over
+all B·n of them: a strided sample bounds the B·k-th value from below, and the top-k runs over the
+entries above that bound only (aosae.ops.sparse_coding.select)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+SAMPLE = 1 << 18  # entries of the strided sample that bounds the batch top-k from below
+
+
+def sample_stride(total: int) -> int:
+    """About total // SAMPLE, sharing no factor with total (= B·n), so that the strided sample
+    spreads evenly over the latents: a stride dividing n took the same n / stride latents of
+    every row, and when those fired more than the rest the bound came out too high and the full
+    top-k ran (at d_sae 16384, stride 128: a BatchTopK step of 0.73 s instead of 0.31 s, steps
+    22–34 of the penalty's share benchmark; benchmarks/NOTES.md, fourteenth pass)."""
+    stride = max(1, total // SAMPLE)
+    while math.gcd(stride, total) != 1:
+        stride += 1
+    return stride
+
+
+def batch_top(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the `count` largest entries of flat (any order), exactly.
+
+    A top-k over all B·n entries with k = B·k_row costs ≈ 4× the encoder's top-k per row
+    (measured in benchmarks/NOTES.md); instead a strided sample (no RNG: a resume stays exact) gives
+    a value `low` that ≈ 1.25·count entries exceed, and the top-k runs over those candidates only.
+    Exact whenever at least `count` entries exceed `low` (every other entry is ≤ low, below all
+    of the chosen); otherwise the full top-k runs."""
+    total = flat.numel()
+    if count >= total:
+        return torch.arange(total, device=flat.device)
+    sample = flat[:: sample_stride(total)]
+    expected = count / total * sample.numel()
+    rank = min(sample.numel(), int(1.25 * expected + 4 * expected ** 0.5 + 8))
+    low = sample.topk(rank, sorted=False).values.min()
+    candidates = (flat > low).nonzero().squeeze(1)
+    if candidates.numel() < count:
+        return _full_top(flat, count)
+    return candidates[flat[candidates].topk(count, sorted=False).indices]
+
+
+def _full_top(flat: torch.Tensor, count: int) -> torch.Tensor:
+    """The fallback: a top-k over every entry (≈ 4× the sampled path's time)."""
+    return flat.topk(count, sorted=False).indices
