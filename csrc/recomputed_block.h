@@ -102,11 +102,12 @@ class RecomputedBlock {
     // each row's corrections by column, stably (a column's own keep their order), for tile(). Rows
     // apart in parallel (dealt dynamically: their lists differ in length), each by counting passes
     // on the columns' bytes (std::sort of (column, place) keys took 5 ms of BatchTopK d_sae 16384's
-    // step 14, 5·10⁵ corrections in lists of up to 2500). Then each column's whole score (the moved rows' part, then its
-    // corrections in order) goes back to its corrections' places in the listing order, which is
-    // the order in which the summing loop of csrc/coactive_pairs.h meets them: it reads them one
-    // after the other (a lookup per row pair, bisecting the row's list, was a tenth of the
-    // forward at BatchTopK d_sae 16384's step 14; benchmarks/NOTES.md, fourteenth pass).
+    // step 14, 5·10⁵ corrections in lists of up to 2500; pair_select.h's radix_sort of such keys
+    // would also pass over the places' bytes). Then each column's whole score (the moved rows'
+    // part, then its corrections in order) goes back to its corrections' places in the listing
+    // order, which is the order in which the summing loop of csrc/coactive_pairs.h meets them: it
+    // reads them one after the other (a lookup per row pair, bisecting the row's list, was a tenth
+    // of the forward at BatchTopK d_sae 16384's step 14; benchmarks/NOTES.md, fourteenth pass).
     for (int64_t p = 0; p < width_; ++p)  // (checked outside the parallel region: nothing may throw in it)
       TORCH_CHECK(corr_start_[p + 1] - corr_start_[p] < (int64_t(1) << 32),
                   "RecomputedBlock: more than 2^32 corrections in one row");

@@ -271,8 +271,8 @@ class TopKSum {
       r.block_passes += step == 1;  // (every row: the exact histogram)
       for (int64_t b = 0; b < kMagnitudeBins; ++b)
         est[b] = static_cast<double>(s_.hist_total[b]) + static_cast<double>(step) * static_cast<double>(sample[b]);
-      const double slack = std::max(
-          bracket, std::min(kWidestBracket, kSampleSpread * std::sqrt(static_cast<double>(step) / static_cast<double>(k))));
+      const double coarse = kSampleSpread * std::sqrt(static_cast<double>(step) / static_cast<double>(k));
+      const double slack = std::max(bracket, std::min(kWidestBracket, coarse));
       const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : slack);
       double expected = 0;  // the sample's count inside the bracket: the edge lists' room
       for (int64_t b = 0; b < kMagnitudeBins; ++b)

@@ -339,7 +339,8 @@ Tensor sparse_csr_topk_sum_backward(double grad, const Tensor& row_ptr, const Te
 
 void register_topk_sum_backward(pybind11::module& m) {
   namespace py = pybind11;
-  m.def("cpu_has_avx512", &aosae::has_avx512, "Whether this CPU runs the kernels' AVX-512 paths (else: their portable ones)");
+  m.def("cpu_has_avx512", &aosae::has_avx512,
+        "Whether this CPU runs the kernels' AVX-512 paths (else: their portable ones)");
   m.def("sparse_csr_topk_sum_backward", &sparse_csr_topk_sum_backward, py::arg("grad"), py::arg("row_ptr"),
         py::arg("cols"), py::arg("vals"), py::arg("n"), py::arg("kth"), py::arg("tie_cut"), py::arg("width"),
         py::arg("inside") = -1, py::arg("product") = "auto", py::arg("live_end") = py::none(),
