@@ -174,7 +174,19 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // four interleaved counts per thread: consecutive pairs often share a bin, and one count would
   // chain every increment on the one before (its hottest instruction at TopK d_sae 16384)
   constexpr int64_t kStripes = 4;
-  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kStripes * kMagnitudeBins, 0));
+  // kept between calls and zeroed as they are merged: allocated and zeroed afresh (1 MB per thread)
+  // they cost every call its page faults and a memset (≈ 1.5 ms of TopK d_sae 16384's forward on a
+  // 2-core Xeon, benchmarks/NOTES.md, fifteenth pass); a call that throws before the merge leaves
+  // them to be zeroed by the next
+  thread_local std::vector<std::vector<uint32_t>> hist_pool;
+  thread_local bool hist_pool_zero = true;
+  if (static_cast<int>(hist_pool.size()) < threads) hist_pool.resize(threads);
+  for (auto& h : hist_pool) {
+    h.resize(kStripes * kMagnitudeBins, 0);
+    if (!hist_pool_zero) std::fill(h.begin(), h.end(), 0u);
+  }
+  hist_pool_zero = false;
+  std::vector<std::vector<uint32_t>>& hists = hist_pool;  // (bound here: inside the team each thread has its own thread_local)
   // The loop reads the rows' cols at random rows: as uint16 (n <= 65536) they and the values, 6 B
   // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
   // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
@@ -289,10 +301,14 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   std::vector<int64_t>& hist_total = out.hist_total;
   hist_total.assign(kMagnitudeBins, 0);
   at::parallel_for(0, kMagnitudeBins, 4096, [&](int64_t b0, int64_t b1) {  // (counts: any order)
-    for (const auto& h : hists)
+    for (auto& h : hists)
       for (int64_t r = 0; r < kStripes; ++r)
-        for (int64_t b = b0; b < b1; ++b) hist_total[b] += h[r * kMagnitudeBins + b];
+        for (int64_t b = b0; b < b1; ++b) {
+          hist_total[b] += h[r * kMagnitudeBins + b];
+          h[r * kMagnitudeBins + b] = 0;
+        }
   });
+  hist_pool_zero = true;
   for (const int64_t h : hist_total) out.nonzero_pairs += h;
   return out;
 }
