@@ -117,7 +117,7 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
   const std::vector<int64_t> seed = staircase_ends(s, lo);
   const int64_t step = std::clamp<int64_t>(width / 128, 1, kSeedRowStep);
   const int threads = std::max(1, at::get_num_threads());
-  std::vector<std::vector<uint32_t>> hists(threads, std::vector<uint32_t>(kMagnitudeBins, 0));
+  std::vector<std::vector<uint32_t>>& hists = ZeroedCounts<uint32_t, 1>::lend(threads, kMagnitudeBins);
   const int64_t sampled = (width - step / 2 + step - 1) / step;
 #pragma omp parallel num_threads(threads)
   {
@@ -132,8 +132,12 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
     }
   }
   std::vector<int64_t> estimate(kMagnitudeBins, 0);
-  for (const auto& h : hists)
-    for (int64_t b = 0; b < kMagnitudeBins; ++b) estimate[b] += step * static_cast<int64_t>(h[b]);
+  for (auto& h : hists)
+    for (int64_t b = 0; b < kMagnitudeBins; ++b) {
+      estimate[b] += step * static_cast<int64_t>(h[b]);
+      h[b] = 0;
+    }
+  ZeroedCounts<uint32_t, 1>::give_back();
   const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
   const double floor = bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
   if (!(floor > 0)) return full;  // fewer than reach·k non-zero parts in the seed: the whole block

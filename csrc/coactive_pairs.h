@@ -174,20 +174,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // four interleaved counts per thread: consecutive pairs often share a bin, and one count would
   // chain every increment on the one before (its hottest instruction at TopK d_sae 16384)
   constexpr int64_t kStripes = 4;
-  // kept between calls and zeroed as they are merged: allocated and zeroed afresh (1 MiB per thread)
-  // they cost every call its page faults and a memset (≈ 1.3 ms of TopK d_sae 16384's forward on a
-  // 2-core Xeon, benchmarks/NOTES.md, fifteenth pass); a call that throws before the merge leaves
-  // them to be zeroed by the next
-  thread_local std::vector<std::vector<uint32_t>> hist_pool;
-  thread_local bool hist_pool_zero = true;
-  if (static_cast<int>(hist_pool.size()) < threads) hist_pool.resize(threads);
-  for (auto& h : hist_pool) {
-    h.resize(kStripes * kMagnitudeBins, 0);
-    if (!hist_pool_zero) std::fill(h.begin(), h.end(), 0u);
-  }
-  hist_pool_zero = false;
-  // (bound here: inside the team each thread would name its own thread_local)
-  std::vector<std::vector<uint32_t>>& hists = hist_pool;
+  std::vector<std::vector<uint32_t>>& hists = ZeroedCounts<uint32_t, 0>::lend(threads, kStripes * kMagnitudeBins);
   // The loop reads the rows' cols at random rows: as uint16 (n <= 65536) they and the values, 6 B
   // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
   // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
@@ -309,7 +296,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
           h[r * kMagnitudeBins + b] = 0;
         }
   });
-  hist_pool_zero = true;
+  ZeroedCounts<uint32_t, 0>::give_back();
   for (const int64_t h : hist_total) out.nonzero_pairs += h;
   return out;
 }

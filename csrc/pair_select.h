@@ -147,6 +147,38 @@ struct Scratch {
   }
 };
 
+// Per-thread count arrays (the |C| histograms) that outlive the call, zero between calls:
+// allocated and zeroed afresh, 1 MiB per thread of a summing loop's histograms cost every call its
+// page faults and a memset (≈ 1.3 ms of TopK d_sae 16384's forward on a 2-core Xeon;
+// benchmarks/NOTES.md, fifteenth pass). lend(parts, size): `parts` arrays of `size` zero counts,
+// kept by the calling thread (bind the reference before an OpenMP team: inside it each thread
+// has its own thread_local). The caller zeroes each count as it merges it, then give_back(); a
+// call that did not give them back (it threw) leaves them to be zeroed by the next lend().
+template <typename T, int Slot>
+struct ZeroedCounts {
+  static std::vector<std::vector<T>>& lend(int parts, size_t size) {
+    auto& arrays = pool();
+    if (static_cast<int>(arrays.size()) < parts) arrays.resize(parts);
+    for (auto& a : arrays) {
+      if (!zero()) std::fill(a.begin(), a.end(), T(0));
+      a.resize(std::max(a.size(), size), T(0));
+    }
+    zero() = false;
+    return arrays;
+  }
+  static void give_back() { zero() = true; }
+
+ private:
+  static std::vector<std::vector<T>>& pool() {
+    thread_local std::vector<std::vector<T>> arrays;
+    return arrays;
+  }
+  static bool& zero() {
+    thread_local bool z = true;
+    return z;
+  }
+};
+
 // LSD radix sort of 64-bit keys on 8-bit digits, skipping digits that every key shares.
 // 8-bit digits: each scatter pass writes to 256 streams, which stay in cache and TLB; with
 // 11-bit digits (2048 streams) a pass over 10⁷ keys missed on nearly every write and the

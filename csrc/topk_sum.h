@@ -298,7 +298,7 @@ class TopKSum {
   // the block's rows p = step/2, step/2 + step, ... (their live part), histogrammed
   std::vector<int64_t> row_histogram(int64_t step) const {
     const int threads = std::max(1, at::get_num_threads());
-    std::vector<std::vector<int64_t>> hists(threads, std::vector<int64_t>(kMagnitudeBins, 0));
+    std::vector<std::vector<int64_t>>& hists = ZeroedCounts<int64_t, 0>::lend(threads, kMagnitudeBins);
     const int64_t rows = extent_ > step / 2 ? (extent_ - step / 2 + step - 1) / step : 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -311,9 +311,14 @@ class TopKSum {
         for (int64_t q = 0; q < len; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
       }
     }
-    for (int t = 1; t < threads; ++t)
-      for (int64_t b = 0; b < kMagnitudeBins; ++b) hists[0][b] += hists[t][b];
-    return hists[0];
+    std::vector<int64_t> total(kMagnitudeBins, 0);
+    for (auto& h : hists)
+      for (int64_t b = 0; b < kMagnitudeBins; ++b) {
+        total[b] += h[b];
+        h[b] = 0;
+      }
+    ZeroedCounts<int64_t, 0>::give_back();
+    return total;
   }
 
   // the tie order's key of a pair: i·n + j of the original latents
