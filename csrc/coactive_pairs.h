@@ -2,8 +2,9 @@
 // first stage): the densest rows' pairs in one GEMM block over the latents they touch
 // (csrc/dense_rows.h), every other pair in its smaller latent's bucket (Gustavson, each C_ij
 // summed in row order whatever the thread count), and a histogram of their |C|
-// (csrc/pair_select.h). Cosine: each C_ij divided by the two column norms. The buckets live in
-// per-thread Scratch slots 0 and 1 until the caller trims them.
+// (csrc/pair_select.h; float: sixteen pairs at a time, csrc/gustavson_avx512.h). Cosine: each
+// C_ij divided by the two column norms. The buckets live in per-thread Scratch slots 0 and 1
+// until the caller trims them.
 
 #pragma once
 
@@ -21,6 +22,8 @@
 #include "pair_select.h"
 #include "recomputed_block.h"
 #include "buffer_pool.h"
+#include "gustavson_avx512.h"
+#include "simd512.h"
 #include "sorted_selection.h"  // selection_thread, selection_team
 
 namespace aosae {
@@ -179,6 +182,9 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
   // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
   auto sum_latents = [&](const auto* cols) {
+    using col_t = std::remove_cv_t<std::remove_pointer_t<decltype(cols)>>;
+    constexpr bool kSimdPasses = std::is_same<acc_t, float>::value && !std::is_same<col_t, int64_t>::value;
+    const bool simd = kSimdPasses && has_avx512();
 #pragma omp parallel num_threads(threads)
     {
       std::vector<acc_t> acc(n, acc_t(0));
@@ -193,6 +199,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
         // a partner is listed in bucket i where the accumulator is touched while 0 (its first pair;
         // a sum that returns to exactly 0 lists it again, and that copy reads 0 below and is dropped)
         int64_t touched = b;
+        bool returned = false;  // the sixteen-lane adds saw a sum at exactly 0 (its partner may be listed twice)
         auto add = [&](int64_t j, acc_t product) {
           const acc_t before = acc[j];
           pj[touched] = static_cast<int32_t>(j);
@@ -215,6 +222,14 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
               }
             }
           } else {
+#if defined(__x86_64__) || defined(__i386__)
+            if constexpr (kSimdPasses) {
+              if (simd) {
+                touched = gustavson::add_run(acc.data(), cols + s + 1, vp + s + 1, end - s - 1, vi, pj, touched, returned);
+                continue;
+              }
+            }
+#endif
             for (int64_t q = s + 1; q < end; ++q) add(cols[q], vi * vp[q]);
           }
         }
@@ -227,6 +242,15 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
           for (int64_t u = occ_ptr[i]; u < occ_ptr[i + 1]; ++u) {
             const int64_t s = occ[u], end = occ_end[u];
             if (pi < 0) {
+#if defined(__x86_64__) || defined(__i386__)
+              if constexpr (kSimdPasses) {
+                if (simd) {
+                  gustavson::gather_run(acc.data(), cols + s + 1, end - s - 1, g);
+                  g += end - s - 1;
+                  continue;
+                }
+              }
+#endif
               for (int64_t q = s + 1; q < end; ++q) *g++ = acc[cols[q]];
               continue;
             }
@@ -244,8 +268,13 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
         }
         // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= x)
         const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
-        int64_t w = b;
-        for (int64_t x = b; x < touched; ++x) {
+        int64_t w = b, listed = b;  // (listed: the partners read so far)
+#if defined(__x86_64__) || defined(__i386__)
+        if constexpr (kSimdPasses) {  // (not where a partner may be listed twice, nor with cosine's scaling)
+          if (simd && pi < 0 && !cosine && !returned) w = listed = gustavson::list_run(acc.data(), pj, pv, b, touched);
+        }
+#endif
+        for (int64_t x = listed; x < touched; ++x) {
           const int32_t j = pj[x];
           acc_t v = acc[j];
           acc[j] = acc_t(0);
@@ -276,12 +305,16 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       }
     }
   };
-  if (n <= 65536) {
-    std::vector<uint16_t> narrow(nnz);
+  auto narrowed = [&](auto narrow) {  // cp as narrower latents
     at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
-      for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<uint16_t>(cp[e]);
+      for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<typename decltype(narrow)::value_type>(cp[e]);
     });
     sum_latents(narrow.data());
+  };
+  if (n <= 65536) {
+    narrowed(std::vector<uint16_t>(nnz));
+  } else if (std::is_same<acc_t, float>::value && n <= INT32_MAX) {  // (the sixteen-lane passes index in 32 bits)
+    narrowed(std::vector<int32_t>(nnz));
   } else {
     sum_latents(cp);
   }

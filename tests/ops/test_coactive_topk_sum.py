@@ -154,9 +154,12 @@ def test_the_portable_and_vectorised_row_products_give_the_same_bits(dtype, kind
         pytest.skip("no AVX-512 here: vectorised=True took the portable path too")
 
 
-def test_more_latents_than_uint16_ids_sum_with_int64_ids():
-    """Past 65536 active latents the summing loop reads the cols as int64 (uint16 below): the
-    selection's sum and gradient on both sides of the line."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_more_latents_than_uint16_ids_sum_with_wider_ids(dtype):
+    """Past 65536 active latents the summing loop reads the cols as int32 (float: its sixteen-lane
+    passes) or int64 (double), uint16 below: the selection's sum and gradient on both sides of the
+    line, float32 against the float64 selection."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
     for u in (65536, 65537, 65538 + int(torch.randint(0, 3000, ()))):
         perm = torch.randperm(u)
         lengths = torch.full((u // 2 + 1,), 2)
@@ -166,15 +169,16 @@ def test_more_latents_than_uint16_ids_sum_with_int64_ids():
         lengths = torch.cat([lengths, torch.full((extra // 3,), 3), torch.full((extra % 3,), 1)])
         lengths = lengths[lengths > 0]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        values = torch.rand(indices.numel(), dtype=torch.float64) + 0.1
+        # 10-bit values in [0.1, 1.1): every product and pair sum exact in float32 too, so the same pairs are kept
+        values = torch.randint(103, 1127, (indices.numel(),), dtype=torch.float64) / 1024
         c = co.canonical(offsets, indices, values)
         assert c.uniq.numel() == u
         pairs = coactive_topk(offsets, indices, values, u, BIG_K).values.numel()
         for k in (pairs // 4, pairs + 1):
-            found, grad = summed(offsets, indices, values, u, k)
-            want, want_grad, _ = selection_sum(offsets, indices, values, u, k)
-            torch.testing.assert_close(found.total, want, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
+            found, grad = summed(offsets, indices, values.to(dtype), u, k)
+            want, want_grad, _ = selection_sum(offsets, indices, values.to(dtype).double(), u, k)
+            torch.testing.assert_close(found.total.double(), want, rtol=tol, atol=tol)
+            torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))
 
 
 @pytest.mark.parametrize("product", ["sparse", "dense"])
