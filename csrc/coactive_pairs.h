@@ -266,16 +266,19 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
             }
           }
         }
-        // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= x)
+        // the listed partners' sums, the accumulator cleared, the non-zero ones kept (in place: w <= read)
         const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
-        int64_t w = b, listed = b;  // (listed: the partners read so far)
+        int64_t w = b, read = b;  // (read: the listed partners read so far)
 #if defined(__x86_64__) || defined(__i386__)
         if constexpr (kSimdPasses) {  // (not where a partner may be listed twice, nor with cosine's scaling)
-          if (simd && pi < 0 && !cosine && !returned) w = listed = gustavson::list_run(acc.data(), pj, pv, b, touched);
+          if (simd && pi < 0 && !cosine && !returned) {
+            w = gustavson::list_run(acc.data(), pj, pv, b, touched);
+            read = touched;
+          }
         }
 #endif
-        for (int64_t x = listed; x < touched; ++x) {
-          const int32_t j = pj[x];
+        for (; read < touched; ++read) {
+          const int32_t j = pj[read];
           acc_t v = acc[j];
           acc[j] = acc_t(0);
           if (cosine) v = v * scale * inv_norm[j];
