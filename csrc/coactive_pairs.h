@@ -1,10 +1,10 @@
 // The co-active pairs of CSR rows, summed but not yet selected (csrc/gram_topk_sparse.cpp's
 // first stage): the densest rows' pairs in one GEMM block over the latents they touch
 // (csrc/dense_rows.h), every other pair in its smaller latent's bucket (Gustavson, each C_ij
-// summed in row order whatever the thread count), and a histogram of their |C|
-// (csrc/pair_select.h; float: sixteen pairs at a time, csrc/gustavson_avx512.h). Cosine: each
-// C_ij divided by the two column norms. The buckets live in per-thread Scratch slots 0 and 1
-// until the caller trims them.
+// summed in row order whatever the thread count; float: sixteen pairs at a time,
+// csrc/gustavson_avx512.h), and a histogram of their |C| (csrc/pair_select.h). Cosine: each C_ij
+// divided by the two column norms. The buckets live in per-thread Scratch slots 0 and 1 until the
+// caller trims them.
 
 #pragma once
 
@@ -23,7 +23,6 @@
 #include "recomputed_block.h"
 #include "buffer_pool.h"
 #include "gustavson_avx512.h"
-#include "simd512.h"
 #include "sorted_selection.h"  // selection_thread, selection_team
 
 namespace aosae {
@@ -180,11 +179,16 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   std::vector<std::vector<uint32_t>>& hists = ZeroedCounts<uint32_t, 0>::lend(threads, kStripes * kMagnitudeBins);
   // The loop reads the rows' cols at random rows: as uint16 (n <= 65536) they and the values, 6 B
   // per entry (0.8 MB at TopK B 2048, L 64), stay in a 1 MB L2, where int64 cols spilled
-  // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass).
+  // (0.2–0.64 ms of TopK d_sae 16384's forward, benchmarks/NOTES.md, thirteenth pass). Past 65536
+  // latents: int32 for float (the sixteen-lane passes' indices), int64 for double.
   auto sum_latents = [&](const auto* cols) {
     using col_t = std::remove_cv_t<std::remove_pointer_t<decltype(cols)>>;
     constexpr bool kSimdPasses = std::is_same<acc_t, float>::value && !std::is_same<col_t, int64_t>::value;
-    const bool simd = kSimdPasses && has_avx512();
+#if defined(__x86_64__) || defined(__i386__)
+    const bool simd = kSimdPasses && gustavson::supported();
+#else
+    const bool simd = false;
+#endif
 #pragma omp parallel num_threads(threads)
     {
       std::vector<acc_t> acc(n, acc_t(0));
@@ -270,7 +274,9 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
         const acc_t scale = cosine ? inv_norm[i] : acc_t(1);
         int64_t w = b, read = b;  // (read: the listed partners read so far)
 #if defined(__x86_64__) || defined(__i386__)
-        if constexpr (kSimdPasses) {  // (not where a partner may be listed twice, nor with cosine's scaling)
+        // (not where a partner may be listed twice, nor with cosine's scaling; not for a block latent,
+        // whose scalar adds do not watch for a sum back at 0)
+        if constexpr (kSimdPasses) {
           if (simd && pi < 0 && !cosine && !returned) {
             w = gustavson::list_run(acc.data(), pj, pv, b, touched);
             read = touched;

@@ -17,6 +17,13 @@
 namespace aosae {
 namespace gustavson {
 
+// Whether this CPU runs these passes (AVX-512 F, BW and VL: the 16-bit loads; asked once).
+inline bool supported() {
+  static const bool yes =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+
 AOSAE_GUSTAVSON __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 
 // the m lanes of cols from `cols` on, as 32-bit indices

@@ -169,7 +169,7 @@ def test_more_latents_than_uint16_ids_sum_with_wider_ids(dtype):
         lengths = torch.cat([lengths, torch.full((extra // 3,), 3), torch.full((extra % 3,), 1)])
         lengths = lengths[lengths > 0]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        # 10-bit values in [0.1, 1.1): every product and pair sum exact in float32 too, so the same pairs are kept
+        # multiples of 1/1024 in [0.1, 1.1): every product and pair sum exact in float32 too, so the same pairs are kept
         values = torch.randint(103, 1127, (indices.numel(),), dtype=torch.float64) / 1024
         c = co.canonical(offsets, indices, values)
         assert c.uniq.numel() == u
@@ -179,6 +179,34 @@ def test_more_latents_than_uint16_ids_sum_with_wider_ids(dtype):
             want, want_grad, _ = selection_sum(offsets, indices, values.to(dtype).double(), u, k)
             torch.testing.assert_close(found.total.double(), want, rtol=tol, atol=tol)
             torch.testing.assert_close(grad.double(), want_grad, rtol=tol, atol=tol * float(want_grad.abs().max()))
+
+
+@pytest.mark.parametrize("wide_ids", [False, True])
+def test_float32_sums_as_float64_does_on_integers(wide_ids):
+    """The float32 summing loop (sixteen pairs at a time where the CPU has AVX-512) against the
+    float64 one (one pair at a time) on small integers, where both are exact: the same total, k-th
+    score and gradient, bit for bit. Runs of 20–60 partners (several registers), pairs that cancel
+    to exactly 0 and are touched again (listed twice), and ids past uint16's (int32 in float32)."""
+    n = 70000 if wide_ids else 3000
+    perm = torch.randperm(n)
+    lengths = torch.randint(20, 61, (n // 20,))
+    lengths = lengths[: int((lengths.cumsum(0) <= n).sum())]
+    rows = list(torch.split(perm[: int(lengths.sum())], lengths.tolist()))
+    values = [torch.randint(1, 4, (r.numel(),)).double() * torch.randint(0, 2, (r.numel(),)).mul(2).sub(1) for r in rows]
+    for t in torch.randperm(len(rows))[:40].tolist():  # the row again, its second half negated (cross pairs: 0), then once more
+        half = rows[t].numel() // 2
+        rows += [rows[t], rows[t]]
+        values += [torch.cat([values[t][:half], -values[t][half:]]), values[t].clone()]
+    indices, vals = torch.cat(rows), torch.cat(values)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    c = co.canonical(offsets, indices, vals)
+    assert (c.uniq.numel() > 65536) == wide_ids
+    row_pairs = int(sum(r.numel() * (r.numel() - 1) // 2 for r in rows))
+    for k in (row_pairs // 5, row_pairs // 2):
+        found64, grad64 = summed(offsets, indices, vals, n, k)
+        found32, grad32 = summed(offsets, indices, vals.float(), n, k)
+        assert float(found32.total) == float(found64.total) and found32.kth == found64.kth
+        assert torch.equal(grad32.double(), grad64)
 
 
 @pytest.mark.parametrize("product", ["sparse", "dense"])
