@@ -8,6 +8,7 @@ import platform
 import re
 import resource
 import statistics
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -41,6 +42,18 @@ def versions() -> dict:
 
     out["aosae"] = aosae.__version__
     return out
+
+
+def git_commit() -> str:
+    """The checkout's short commit (+dirty with uncommitted changes to tracked files)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
 
 
 def today() -> str:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import machine  # noqa: E402
 from width_arms import aosae_objective, batch_of, load_data, make_aosae  # noqa: E402
-from width_sweep import git_commit, prepare_data  # noqa: E402
+from width_sweep import prepare_data  # noqa: E402
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
         "without_s": machine.spread([q["without_s"] for q in rounds]),
         "paired_difference_ms": 1e3 * statistics.median(q["with_s"] - q["without_s"] for q in rounds),
         "threads": args.threads, "machine": machine.machine_name(), "versions": machine.versions(),
-        "date": machine.today(), "commit": git_commit(), "command": " ".join(sys.argv),
+        "date": machine.today(), "commit": machine.git_commit(), "command": " ".join(sys.argv),
     }
     out = machine.RESULTS / f"penalty-share-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     machine.write_rows(out, [row])

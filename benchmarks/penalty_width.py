@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import RESULTS, machine_name, peak_cpu_memory_mib, slug, today, versions, write_rows  # noqa: E402
+from machine import (RESULTS, git_commit, machine_name, peak_cpu_memory_mib, slug, today, versions,  # noqa: E402
+                     write_rows)
 
 
 def topk_latents(n: int, batch: int, l0: int, seed: int = 0):
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--l0", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--padded-max", type=int, default=262144, help="widest n for the padded arm")
-    parser.add_argument("--note", default="the machine was shared with other work during the run")
+    parser.add_argument("--note", default="", help="what else ran on the machine, if anything")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     parser.add_argument("--tag", default="", help="suffix of the results file (e.g. 1-thread)")
     parser.add_argument("--child", nargs=2, metavar=("N", "ARM"), help=argparse.SUPPRESS)
@@ -122,7 +123,8 @@ def main() -> None:
                 row = {"arm": arm, "n": n, "error": out.stderr.strip().splitlines()[-1:]}
             else:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-            row.update(machine=machine_name(), versions=versions(), date=today(), note=args.note)
+            row.update(machine=machine_name(), versions=versions(), date=today(), commit=git_commit(),
+                       command=" ".join(sys.argv), note=args.note)
             print({key: row.get(key) for key in ("arm", "n", "selected", "cold_s", "warm_median_s",
                                                  "warm_cpu_median_s", "peak_rss_above_inputs_mib", "error")},
                   flush=True)

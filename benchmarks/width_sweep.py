@@ -279,17 +279,6 @@ def prepare_data(args, d_in: int) -> str:
     return str(path)
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def sweep(args) -> list[dict]:
     import torch
 
@@ -301,7 +290,7 @@ def sweep(args) -> list[dict]:
 
     arms = available(args)
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
-             "date": machine.today(), "threads": args.threads, "commit": git_commit(), "k": args.k,
+             "date": machine.today(), "threads": args.threads, "commit": machine.git_commit(), "k": args.k,
              "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION,
              "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
