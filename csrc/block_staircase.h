@@ -132,11 +132,8 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
     }
   }
   std::vector<int64_t> estimate(kMagnitudeBins, 0);
-  for (auto& h : hists)
-    for (int64_t b = 0; b < kMagnitudeBins; ++b) {
-      estimate[b] += step * static_cast<int64_t>(h[b]);
-      h[b] = 0;
-    }
+  ZeroedCounts<uint32_t, 1>::drain(hists, 0, kMagnitudeBins,
+                                   [&](int64_t b, uint32_t c) { estimate[b] += step * static_cast<int64_t>(c); });
   ZeroedCounts<uint32_t, 1>::give_back();
   const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
   const double floor = bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;

@@ -184,11 +184,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   auto sum_latents = [&](const auto* cols) {
     using col_t = std::remove_cv_t<std::remove_pointer_t<decltype(cols)>>;
     constexpr bool kSimdPasses = std::is_same<acc_t, float>::value && !std::is_same<col_t, int64_t>::value;
-#if defined(__x86_64__) || defined(__i386__)
-    const bool simd = kSimdPasses && gustavson::supported();
-#else
-    const bool simd = false;
-#endif
+    const bool simd = kSimdPasses && has_avx512_bw_vl();
 #pragma omp parallel num_threads(threads)
     {
       std::vector<acc_t> acc(n, acc_t(0));
@@ -331,12 +327,11 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   std::vector<int64_t>& hist_total = out.hist_total;
   hist_total.assign(kMagnitudeBins, 0);
   at::parallel_for(0, kMagnitudeBins, 4096, [&](int64_t b0, int64_t b1) {  // (counts: any order)
-    for (auto& h : hists)
-      for (int64_t r = 0; r < kStripes; ++r)
-        for (int64_t b = b0; b < b1; ++b) {
-          hist_total[b] += h[r * kMagnitudeBins + b];
-          h[r * kMagnitudeBins + b] = 0;
-        }
+    for (int64_t r = 0; r < kStripes; ++r) {
+      const int64_t stripe = r * kMagnitudeBins;
+      ZeroedCounts<uint32_t, 0>::drain(hists, stripe + b0, stripe + b1,
+                                       [&](int64_t x, uint32_t c) { hist_total[x - stripe] += c; });
+    }
   });
   ZeroedCounts<uint32_t, 0>::give_back();
   for (const int64_t h : hist_total) out.nonzero_pairs += h;

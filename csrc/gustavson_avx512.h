@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "simd512.h"  // has_avx512_bw_vl, Simd512<float>::first
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
@@ -19,14 +21,7 @@
 namespace aosae {
 namespace gustavson {
 
-// Whether this CPU runs these passes (AVX-512 F, BW and VL: the 16-bit loads; asked once).
-inline bool supported() {
-  static const bool yes =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  return yes;
-}
-
-AOSAE_GUSTAVSON __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+using Simd512f = Simd512<float>;
 
 // the m lanes of cols from `cols` on, as 32-bit indices
 AOSAE_GUSTAVSON __m512i latents(__mmask16 m, const uint16_t* cols) {
@@ -41,13 +36,13 @@ AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals
                                 int32_t* pj, int64_t touched, bool& returned) {
   const __m512 scale = _mm512_set1_ps(vi), zero = _mm512_setzero_ps();
   for (int64_t q = 0; q < len; q += 16) {
-    const __mmask16 m = first(len - q);
+    const __mmask16 m = Simd512f::first(len - q);
     const __m512i j = latents(m, cols + q);
     const __m512 v = _mm512_maskz_loadu_ps(m, vals + q);
     const __m512 before = _mm512_mask_i32gather_ps(zero, m, j, acc, 4);
     const __mmask16 fresh = _mm512_mask_cmp_ps_mask(m, before, zero, _CMP_EQ_OQ);
     const int count = __builtin_popcount(fresh);
-    _mm512_mask_storeu_epi32(pj + touched, first(count), _mm512_maskz_compress_epi32(fresh, j));
+    _mm512_mask_storeu_epi32(pj + touched, Simd512f::first(count), _mm512_maskz_compress_epi32(fresh, j));
     touched += count;
     const __m512 after = _mm512_add_ps(before, _mm512_mul_ps(scale, v));
     returned |= _mm512_mask_cmp_ps_mask(m, after, zero, _CMP_EQ_OQ) != 0;
@@ -60,7 +55,7 @@ AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals
 template <typename col_t>
 AOSAE_GUSTAVSON void gather_run(const float* acc, const col_t* cols, int64_t len, float* out) {
   for (int64_t q = 0; q < len; q += 16) {
-    const __mmask16 m = first(len - q);
+    const __mmask16 m = Simd512f::first(len - q);
     const __m512i j = latents(m, cols + q);
     _mm512_mask_storeu_ps(out + q, m, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, j, acc, 4));
   }
@@ -72,14 +67,14 @@ AOSAE_GUSTAVSON int64_t list_run(float* acc, int32_t* pj, float* pv, int64_t b, 
   const __m512 zero = _mm512_setzero_ps();
   int64_t w = b;
   for (int64_t x = b; x < touched; x += 16) {
-    const __mmask16 m = first(touched - x);
+    const __mmask16 m = Simd512f::first(touched - x);
     const __m512i j = _mm512_maskz_loadu_epi32(m, pj + x);
     const __m512 v = _mm512_mask_i32gather_ps(zero, m, j, acc, 4);
     _mm512_mask_i32scatter_ps(acc, m, j, zero, 4);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(m, v, zero, _CMP_NEQ_UQ);
     const int count = __builtin_popcount(keep);
-    _mm512_mask_storeu_epi32(pj + w, first(count), _mm512_maskz_compress_epi32(keep, j));
-    _mm512_mask_storeu_ps(pv + w, first(count), _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(pj + w, Simd512f::first(count), _mm512_maskz_compress_epi32(keep, j));
+    _mm512_mask_storeu_ps(pv + w, Simd512f::first(count), _mm512_maskz_compress_ps(keep, v));
     w += count;
   }
   return w;

@@ -152,8 +152,9 @@ struct Scratch {
 // page faults and a memset (≈ 1.3 ms of TopK d_sae 16384's forward on a 2-core Xeon;
 // benchmarks/NOTES.md, fifteenth pass). lend(parts, size): `parts` arrays of `size` zero counts,
 // kept by the calling thread (bind the reference before an OpenMP team: inside it each thread
-// has its own thread_local). The caller zeroes each count as it merges it, then give_back(); a
-// call that did not give them back (it threw) leaves them to be zeroed by the next lend().
+// has its own thread_local). drain() hands each count over and zeroes it (any thread, disjoint
+// ranges), then give_back(); a call that did not give them back (it threw) leaves them to be
+// zeroed by the next lend().
 template <typename T, int Slot>
 struct ZeroedCounts {
   static std::vector<std::vector<T>>& lend(int parts, size_t size) {
@@ -165,6 +166,15 @@ struct ZeroedCounts {
     }
     zero() = false;
     return arrays;
+  }
+  // take(x, count) for every array's counts x in [lo, hi), each then zeroed
+  template <typename Take>
+  static void drain(std::vector<std::vector<T>>& arrays, int64_t lo, int64_t hi, Take&& take) {
+    for (auto& a : arrays)
+      for (int64_t x = lo; x < hi; ++x) {
+        take(x, a[x]);
+        a[x] = T(0);
+      }
   }
   static void give_back() { zero() = true; }
 

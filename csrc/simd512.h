@@ -17,6 +17,17 @@ inline bool has_avx512() {
 #endif
 }
 
+// The same with BW and VL, for paths that load 16-bit lanes (csrc/gustavson_avx512.h): a CPU with F
+// alone (Knights Landing) would fault on them.
+inline bool has_avx512_bw_vl() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace aosae
 
 #if defined(__x86_64__) || defined(__i386__)

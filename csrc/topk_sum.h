@@ -312,11 +312,7 @@ class TopKSum {
       }
     }
     std::vector<int64_t> total(kMagnitudeBins, 0);
-    for (auto& h : hists)
-      for (int64_t b = 0; b < kMagnitudeBins; ++b) {
-        total[b] += h[b];
-        h[b] = 0;
-      }
+    ZeroedCounts<int64_t, 0>::drain(hists, 0, kMagnitudeBins, [&](int64_t b, int64_t c) { total[b] += c; });
     ZeroedCounts<int64_t, 0>::give_back();
     return total;
   }
