@@ -23,6 +23,7 @@
 #include "recomputed_block.h"
 #include "buffer_pool.h"
 #include "gustavson_avx512.h"
+#include "occurrences.h"
 #include "sorted_selection.h"  // selection_thread, selection_team
 
 namespace aosae {
@@ -111,48 +112,12 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
   // backward, every row pair's score): the rows (6–12 B per entry in float32) stay in cache, and
   // each C_ij is summed in row order whatever the thread count.
   // bucket_start[i]: first slot of bucket i, sized by its row pairs (an upper bound on its partners)
-  std::vector<int64_t> occ_ptr(n + 1, 0);
+  Occurrences occ_lists = occurrences(rp, cp, moved, m, n, nnz, threads);
+  const std::vector<int64_t>& occ_ptr = occ_lists.ptr;
+  const std::vector<int64_t>& occ = occ_lists.entry;
+  const std::vector<int64_t>& occ_end = occ_lists.end;
   std::vector<int64_t>& bucket_start = out.bucket_start;
-  bucket_start.assign(n + 1, 0);
-  std::vector<int64_t> occ, occ_end;
-  // Each thread counts and places the entries of its own range of latents, reading every row: the
-  // scattered counts and writes are split between the threads, and each latent's entries stay in
-  // row order (serial, this was 1 ms of TopK d_sae 16384's forward)
-#pragma omp parallel num_threads(nnz >= 8192 ? threads : 1)  // (fewer entries: waking a team costs more)
-  {
-    const int64_t id = selection_thread(), parts = selection_team();
-    const int64_t lo = n * id / parts, hi = n * (id + 1) / parts;
-    for (int64_t t = 0; t < m; ++t) {
-      if (moved[t]) continue;
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-        const int64_t i = cp[e];
-        if (i < lo || i >= hi) continue;
-        ++occ_ptr[i + 1];
-        bucket_start[i + 1] += rp[t + 1] - e - 1;
-      }
-    }
-#pragma omp barrier
-#pragma omp single
-    {
-      for (int64_t i = 0; i < n; ++i) {
-        occ_ptr[i + 1] += occ_ptr[i];
-        bucket_start[i + 1] += bucket_start[i];
-      }
-      occ.resize(occ_ptr[n]);
-      occ_end.resize(occ_ptr[n]);
-    }
-    std::vector<int64_t> fill(occ_ptr.begin() + lo, occ_ptr.begin() + hi);
-    for (int64_t t = 0; t < m; ++t) {
-      if (moved[t]) continue;
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-        const int64_t i = cp[e];
-        if (i < lo || i >= hi) continue;
-        const int64_t f = fill[i - lo]++;
-        occ[f] = e;
-        occ_end[f] = rp[t + 1];
-      }
-    }
-  }
+  bucket_start = std::move(occ_lists.pairs_start);
   const int64_t pairs = bucket_start[n];
   int32_t* pj = out.pj = Scratch<int32_t, 0>::get(pairs);
   acc_t* pv = out.pv = Scratch<acc_t, 1>::get(pairs);

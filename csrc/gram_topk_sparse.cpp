@@ -30,6 +30,7 @@
 #include <optional>
 #include <vector>
 
+#include "bracketed_sum.h"
 #include "csr_checks.h"
 #include "dense_rows.h"
 #include "norm_order.h"
@@ -118,9 +119,43 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 // on positive values, where the block pays (csrc/dense_rows.h's block_cost(true)), only its
 // staircase that can reach the k-th score, the latents relabelled by norm (the tie order stays
 // the original latents' i·n + j).
+// The bracketed sum (csrc/bracketed_sum.h) of rows with positive values and no block: float32,
+// AVX-512 BW/VL. nullopt where it does not apply or its sample's bracket missed.
+template <typename acc_t>
+std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m,
+                                              int64_t n, int64_t nnz, int64_t k, int threads, bool keep_plan,
+                                              double slack) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (!aosae::has_avx512_bw_vl() || n > INT32_MAX) return std::nullopt;
+    aosae::KeptBits bits;
+    auto run = [&](auto narrow) -> std::optional<aosae::SumResult> {
+      at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
+        for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<typename decltype(narrow)::value_type>(cp[e]);
+      });
+      return aosae::bracketed_sum(rp, cp, narrow.data(), vp, m, n, nnz, k, threads, keep_plan ? &bits : nullptr,
+                                  aosae::kSampleStride, slack);
+    };
+    std::optional<aosae::SumResult> r = n <= 65536 ? run(std::vector<uint16_t>(nnz)) : run(std::vector<int32_t>(nnz));
+    if (r && keep_plan) {
+      auto plan = std::make_shared<aosae::TopKSumPlanOf<acc_t>>();
+      plan->m = m;
+      plan->nnz = nnz;
+      plan->n = n;
+      plan->kept_bits = bits.bits;
+      plan->pair_runs = bits.pair_runs;
+      r->plan = std::move(plan);
+    }
+    return r;
+  }
+#endif
+  return std::nullopt;
+}
+
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
-                                   int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach) {
+                                   int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach,
+                                   bool bracketed, double bracketed_slack) {
   const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
   const int64_t m = x.m, nnz = x.nnz;
   const int64_t* rp = x.rp;
@@ -134,6 +169,8 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
       order = aosae::order_by_norm<acc_t>(rp, cp, vp, m, n);
       cp = order->cols.data();
       vp = order->vals.data();
+    } else if (bracketed) {
+      if (auto r = try_bracketed(rp, cp, vp, m, n, nnz, k, threads, keep_plan, bracketed_slack)) return std::move(*r);
     }
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
@@ -258,22 +295,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // instead of deriving it again, csrc/topk_sum_plan.h; else None)). sparse_csr_topk_sum_backward
 // takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
 // histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it
-// small to see the whole block summed when the staircase's floor proves too high).
+// small to see the whole block summed when the staircase's floor proves too high). bracketed:
+// float32 rows with positive values and no block take the bracketed sum (csrc/bracketed_sum.h)
+// where its sample's bracket holds the k-th score, and their plan holds a kept bit per row pair
+// instead of the scores (plan.kept_bits); bracketed_slack: its bracket's least slack (tests widen
+// it to see the path taken on small rows; False: always the full path).
 std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, std::shared_ptr<aosae::TopKSumPlan>>
 sparse_csr_topk_sum(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, double bracket,
-    int64_t sample_step, bool keep_plan, double staircase_reach) {
+    int64_t sample_step, bool keep_plan, double staircase_reach, bool bracketed, double bracketed_slack) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
   TORCH_CHECK(bracket >= 0 && bracket < 1, "sparse_csr_topk_sum: bracket must be in [0, 1), got ", bracket);
   TORCH_CHECK(sample_step >= 0, "sparse_csr_topk_sum: sample_step must be >= 0 (0: chosen), got ", sample_step);
   TORCH_CHECK(staircase_reach > 0, "sparse_csr_topk_sum: staircase_reach must be > 0, got ", staircase_reach);
+  TORCH_CHECK(bracketed_slack >= 0 && bracketed_slack < 1, "sparse_csr_topk_sum: bracketed_slack must be in [0, 1), got ",
+              bracketed_slack);
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
   const aosae::SumResult r = vp.scalar_type() == at::kDouble
-                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, staircase_reach)
-                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, staircase_reach);
+                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, keep_plan,
+                                                             staircase_reach, bracketed, bracketed_slack)
+                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, keep_plan,
+                                                            staircase_reach, bracketed, bracketed_slack);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
   return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, r.width,
@@ -310,7 +355,8 @@ void register_sparse(pybind11::module& m) {
       "What sparse_csr_topk_sum(keep_plan=True) hands its backward: the latents' order, the GEMM block's plan and "
       "scores, every row pair's score (csrc/topk_sum_plan.h)")
       .def_property_readonly("pair_scores", [](const aosae::TopKSumPlan& p) { return p.pair_scores; })
-      .def_property_readonly("pair_runs", [](const aosae::TopKSumPlan& p) { return p.pair_runs; });
+      .def_property_readonly("pair_runs", [](const aosae::TopKSumPlan& p) { return p.pair_runs; })
+      .def_property_readonly("kept_bits", [](const aosae::TopKSumPlan& p) { return p.kept_bits; });
   m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
         py::call_guard<py::gil_scoped_release>(),
         "Sparse co-activation gram_topk on a dense CPU tensor: (values[k], rows[k], cols[k])");
@@ -324,8 +370,8 @@ void register_sparse(pybind11::module& m) {
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("bracket") = aosae::kSumBracket, py::arg("sample_step") = 0,
-        py::arg("keep_plan") = false, py::arg("staircase_reach") = aosae::kSeedReach,
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("keep_plan") = false, py::arg("staircase_reach") = aosae::kSeedReach, py::arg("bracketed") = true,
+        py::arg("bracketed_slack") = aosae::kBracketSlack, py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
         "kept_in_block, width, live_end, block_passes, plan), what sparse_csr_topk_sum_backward takes back");
   m.def("sparse_block_costs", [] {

@@ -9,7 +9,9 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "simd512.h"  // has_avx512_bw_vl, Simd512<float>::first
 
@@ -78,6 +80,101 @@ AOSAE_GUSTAVSON int64_t list_run(float* acc, int32_t* pj, float* pv, int64_t b, 
     w += count;
   }
   return w;
+}
+
+// A stream of one bit per row pair, written in order from a word boundary (each latent's run of
+// row pairs starts on one, so threads never share a word). put appends the low `count` bits.
+struct BitWriter {
+  uint64_t* word;
+  uint64_t bits = 0;
+  int fill = 0;
+  explicit BitWriter(uint64_t* first) : word(first) {}
+  void put(uint32_t mask, int count) {
+    bits |= static_cast<uint64_t>(mask) << fill;
+    fill += count;
+    if (fill >= 64) {
+      *word++ = bits;
+      fill -= 64;
+      bits = fill > 0 ? static_cast<uint64_t>(mask) >> (count - fill) : 0;
+    }
+  }
+  void flush() {
+    if (fill > 0) *word = bits;
+  }
+};
+
+// Values with a 64-bit tag each (two arrays), appended sixteen lanes at a time by compress
+// stores: no branch on which lanes go (a few per cent of lanes, in no pattern, mispredicted the
+// branch that tested for them). room(extra) before a step makes space for extra more.
+struct TaggedList {
+  std::vector<float> value;
+  std::vector<int64_t> tag;
+  int64_t size = 0;
+  void clear() { size = 0; }
+  void room(int64_t extra) {
+    if (size + extra > static_cast<int64_t>(value.size())) {
+      const int64_t grown = std::max<int64_t>(2 * static_cast<int64_t>(value.size()), size + extra + 1024);
+      value.resize(grown);
+      tag.resize(grown);
+    }
+  }
+};
+
+// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended to out (room made)
+AOSAE_GUSTAVSON void append(TaggedList& out, __mmask16 keep, __m512 v, __m512i tag_lo, __m512i tag_hi) {
+  const int low = __builtin_popcount(keep & 0xFF), count = __builtin_popcount(keep);
+  _mm512_mask_compressstoreu_ps(out.value.data() + out.size, keep, v);
+  _mm512_mask_compressstoreu_epi64(out.tag.data() + out.size, static_cast<__mmask8>(keep & 0xFF), tag_lo);
+  _mm512_mask_compressstoreu_epi64(out.tag.data() + out.size + low, static_cast<__mmask8>(keep >> 8), tag_hi);
+  out.size += count;
+}
+
+// The kept bits of an occurrence's row pairs: acc[cols[q]] >= hi (acc >= 0: positive values),
+// appended to w, the run's first pair at position pos; the pairs inside [lo, hi) appended to
+// inside with their positions.
+template <typename col_t>
+AOSAE_GUSTAVSON void mark_run(const float* acc, const col_t* cols, int64_t len, float lo, float hi, BitWriter& w,
+                              int64_t pos, TaggedList& inside) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const __m512i lane_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), lane_hi = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
+  inside.room(len + 16);
+  for (int64_t q = 0; q < len; q += 16) {
+    const __mmask16 m = Simd512f::first(len - q);
+    const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, latents(m, cols + q), acc, 4);
+    const __mmask16 above = _mm512_mask_cmp_ps_mask(m, a, vhi, _CMP_GE_OQ);
+    w.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ);
+    const __m512i at = _mm512_set1_epi64(pos + q);
+    append(inside, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
+  }
+}
+
+// The listed partners pj[0 .. count) (no j twice) of latent i: the accumulator cleared, the
+// sums >= hi added (float64, lane order fixed) into total and counted, those inside [lo, hi)
+// appended to inside with their keys i·n + j.
+AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, float lo, float hi, int64_t i, int64_t n,
+                                double& total, int64_t& above_count, TaggedList& inside) {
+  const __m512 zero = _mm512_setzero_ps(), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const __m512i base = _mm512_set1_epi64(i * n);
+  __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
+  inside.room(count + 16);
+  for (int64_t x = 0; x < count; x += 16) {
+    const __mmask16 m = Simd512f::first(count - x);
+    const __m512i j = _mm512_maskz_loadu_epi32(m, pj + x);
+    const __m512 v = _mm512_mask_i32gather_ps(zero, m, j, acc, 4);
+    _mm512_mask_i32scatter_ps(acc, m, j, zero, 4);
+    const __mmask16 above = _mm512_mask_cmp_ps_mask(m, v, vhi, _CMP_GE_OQ);
+    sum0 = _mm512_mask_add_pd(sum0, static_cast<__mmask8>(above & 0xFF), sum0,
+                              _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    sum1 = _mm512_mask_add_pd(sum1, static_cast<__mmask8>(above >> 8), sum1,
+                              _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    above_count += __builtin_popcount(above);
+    const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, v, vlo, _CMP_GE_OQ);
+    const __m512i key_lo = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(j)));
+    const __m512i key_hi = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(j, 1)));
+    append(inside, in, v, key_lo, key_hi);
+  }
+  total += _mm512_reduce_add_pd(sum0) + _mm512_reduce_add_pd(sum1);
 }
 
 }  // namespace gustavson

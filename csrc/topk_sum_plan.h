@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 
 #include "dense_rows.h"
@@ -25,9 +26,18 @@ struct TopKSumPlan {
   virtual ~TopKSumPlan() = default;
   int64_t m = 0, nnz = 0, n = 0;  // the rows it was made for
   // every pair (s, q), s < q, of a row outside the block: its score; entry e's pairs with its
-  // row's later entries from pair_scores[pair_runs[e]] on (csrc/coactive_pairs.h)
-  torch::Tensor pair_scores, pair_runs;
+  // row's later entries from pair_scores[pair_runs[e]] on (csrc/coactive_pairs.h). From the
+  // bracketed sum (csrc/bracketed_sum.h) instead: kept_bits, one bit per row pair (kept or not),
+  // entry e's from bit pair_runs[e] on, and no scores.
+  torch::Tensor pair_scores, pair_runs, kept_bits;
 };
+
+// 16 bits of kept_bits from bit `at` on (the stream ends with a spare word: 4 bytes are read)
+inline uint32_t bits_at(const uint8_t* bits, int64_t at) {
+  uint32_t w;
+  std::memcpy(&w, bits + (at >> 3), sizeof(w));
+  return (w >> (at & 7)) & 0xFFFFu;
+}
 
 template <typename acc_t>
 struct TopKSumPlanOf : TopKSumPlan {

@@ -48,8 +48,12 @@ def backward_from_plan(module, c, k, forward=None, **kwargs):
     total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
         c.row_ptr, c.cols, c.vals, u, k, keep_plan=True, **(forward or {}))
     lengths = c.row_ptr[1:] - c.row_ptr[:-1]
+    row_pairs = int((lengths * (lengths - 1) // 2).sum())
     assert plan.pair_runs.numel() == c.cols.numel()
-    assert 0 < plan.pair_scores.numel() <= int((lengths * (lengths - 1) // 2).sum())
+    if plan.kept_bits is None:  # every row pair's score (the full path)
+        assert 0 < plan.pair_scores.numel() <= row_pairs
+    else:  # a kept bit per row pair (the bracketed sum: each latent's bits from a word boundary)
+        assert plan.pair_scores is None and plan.kept_bits.numel() * 64 >= row_pairs
     return module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                live_end=live_end, plan=plan, **kwargs)
 

@@ -1,0 +1,317 @@
+// Σ |C_ij| over the k best co-active pairs in one pass over the pairs, without writing them:
+// the path of sparse_csr_topk_sum (csrc/gram_topk_sparse.cpp) for rows with positive values and
+// no GEMM block (TopK and BatchTopK once no token holds thousands of latents), float32 on a CPU
+// with AVX-512 BW/VL. The full path (csrc/coactive_pairs.h, csrc/topk_sum.h) lists every
+// distinct pair in its latent's bucket, counts it in a |C| histogram, and then reads the buckets
+// again to sum those above the k-th score; and it writes every row pair's score for the backward.
+// Those passes were a third of the forward at TopK d_sae 16384 (benchmarks/NOTES.md, seventeenth
+// pass).
+//
+// Here a sample of the latents (every stride-th) is summed first, and its |C| histogram, scaled
+// by the row pairs, brackets the k-th score: [lo, hi) where the pairs counted from the top reach
+// k·(1 ∓ slack). Then every latent is summed once (Gustavson, as the full path does, the same
+// sums): the pairs >= hi are added (float64, per latent) and counted, those inside the bracket
+// collected, and each row pair's kept bit written (>= hi: kept; inside: settled once the k-th
+// score is known). When the count above hi is below k and the count with the bracket reaches it,
+// the k-th score lies inside, and kth_cut over the collected pairs gives it and the tie cut: the
+// same kept set as the full path's. Otherwise (the sample misled) the caller runs the full path.
+//
+// The total: each latent's kept pairs summed in float64 in a fixed order, the latents then added
+// in order, so its bits depend neither on the thread count nor on the schedule (they may differ
+// from the full path's, which sums in other groups, in the last bits).
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "gustavson_avx512.h"
+#include "occurrences.h"
+#include "pair_select.h"
+#include "topk_sum.h"  // SumResult, Bracket, bracket_of
+
+namespace aosae {
+
+// Every stride-th latent sampled; the bracket's least slack (in pairs, a share of k), widened
+// where the sample is small
+constexpr int64_t kSampleStride = 16;
+constexpr double kBracketSlack = 0.10;
+
+// What the backward reads instead of every row pair's score: one kept bit per row pair, entry e's
+// pairs with its row's later entries from bit pair_runs[e] on (-1: none)
+struct KeptBits {
+  torch::Tensor bits;       // int64 words (one spare word at the end: the backward reads 4 bytes at a time)
+  torch::Tensor pair_runs;  // [nnz] int64
+};
+
+#if defined(__x86_64__) || defined(__i386__)
+namespace bracketed_detail {
+
+using gustavson::TaggedList;
+
+// Lists filled to about the same sizes every call, lent by the calling thread and given back
+// with their room (up to kKeepBytes in all): grown afresh, their first-touch pages cost the
+// forward more than filling them
+template <int Slot>
+struct KeptLists {
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+  static std::vector<TaggedList> lend(int parts) {
+    std::vector<TaggedList> lists(parts);
+    auto& kept = pool();
+    for (int p = 0; p < parts && p < static_cast<int>(kept.size()); ++p) std::swap(lists[p], kept[p]);
+    for (auto& list : lists) list.clear();
+    return lists;
+  }
+  static void give_back(std::vector<TaggedList>& lists) {
+    auto& kept = pool();
+    if (kept.size() < lists.size()) kept.resize(lists.size());
+    size_t bytes = 0;
+    for (size_t p = 0; p < lists.size(); ++p) {
+      bytes += lists[p].value.size() * (sizeof(float) + sizeof(int64_t));
+      if (bytes <= kKeepBytes) std::swap(kept[p], lists[p]);
+    }
+  }
+
+ private:
+  static std::vector<TaggedList>& pool() {
+    thread_local std::vector<TaggedList> lists;
+    return lists;
+  }
+};
+
+// A team thread's accumulator of n zeros and its listing room, kept between calls (each latent's
+// listing leaves the accumulator zeroed again)
+struct LatentScratch {
+  std::vector<float> acc;
+  std::vector<int32_t> pj;
+  static LatentScratch& of_this_thread(int64_t n, int64_t room) {
+    thread_local LatentScratch s;
+    if (static_cast<int64_t>(s.acc.size()) < n) s.acc.assign(n, 0.0f);
+    if (static_cast<int64_t>(s.pj.size()) < room) s.pj.resize(room);
+    return s;
+  }
+};
+
+
+// The need-th best of the pairs inside the bracket (values in [br.lo, br.hi)) and its tie cut:
+// the lists counted in a histogram of the bracket's float bits (at most 4096 bins, the lists in
+// parallel), then kth_cut over the one bin that holds it (a few dozen pairs).
+inline KthCut<float> cut_inside(const std::vector<TaggedList>& lists, int64_t need, const Bracket<float>& br,
+                                int threads) {
+  uint32_t lo, hi;
+  std::memcpy(&lo, &br.lo, sizeof(lo));
+  std::memcpy(&hi, &br.hi, sizeof(hi));
+  int shift = 0;
+  while (((hi - lo) >> shift) >= 4096) ++shift;
+  const int64_t bins = ((hi - lo) >> shift) + 1;
+  auto bin_of = [&](float v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return static_cast<int64_t>((b - lo) >> shift);
+  };
+  const int parts = static_cast<int>(lists.size());
+  std::vector<std::vector<int64_t>> counts(parts, std::vector<int64_t>(bins, 0));
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int p = 0; p < parts; ++p)
+    for (int64_t x = 0; x < lists[p].size; ++x) ++counts[p][bin_of(lists[p].value[x])];
+  int64_t bin = bins - 1, above = 0;
+  for (;; --bin) {
+    int64_t here = 0;
+    for (int p = 0; p < parts; ++p) here += counts[p][bin];
+    if (above + here >= need) break;
+    above += here;
+  }
+  std::vector<Candidate<float>> in_bin;
+  for (const TaggedList& list : lists)
+    for (int64_t x = 0; x < list.size; ++x)
+      if (bin_of(list.value[x]) == bin) in_bin.push_back({list.value[x], list.tag[x]});
+  return kth_cut<float>([&](auto&& take) { for (const auto& c : in_bin) take(c); }, need - above);
+}
+
+}  // namespace bracketed_detail
+
+// rp, cp (int64), cols (the same latents, narrower), vp > 0 (float) of rows that the full path
+// would sum without a block. bits: asked for (the backward follows). nullopt: the sample's
+// bracket did not hold the k-th score (or no bracket could be drawn).
+template <typename col_t>
+std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, const col_t* cols, const float* vp,
+                                       int64_t m, int64_t n, int64_t nnz, int64_t k, int threads, KeptBits* bits,
+                                       int64_t stride = kSampleStride, double slack = kBracketSlack) {
+  using bracketed_detail::KeptLists;
+  using bracketed_detail::LatentScratch;
+  using gustavson::TaggedList;
+  const std::vector<uint8_t> none(m, 0);
+  const Occurrences occ = occurrences(rp, cp, none.data(), m, n, nnz, threads, 64);
+  int64_t widest = 0;  // the most row pairs of one latent: the listing's room
+  for (int64_t i = 0; i < n; ++i) widest = std::max(widest, occ.pairs_start[i + 1] - occ.pairs_start[i]);
+
+  // latent i's row pairs into acc, its distinct partners listed in pj[0 .. touched); `returned`:
+  // a sum came back to exactly 0 (a product that underflowed), so a partner may be listed twice
+  auto add_latent = [&](int64_t i, float* acc, int32_t* pj, bool& returned) {
+    int64_t touched = 0;
+    for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
+      const int64_t s = occ.entry[u];
+      touched = gustavson::add_run(acc, cols + s + 1, vp + s + 1, occ.end[u] - s - 1, vp[s], pj, touched, returned);
+    }
+    return touched;
+  };
+
+  // The sample: every stride-th latent summed, its non-zero |C| histogrammed, acc cleared.
+  std::vector<std::vector<int64_t>>& hists = ZeroedCounts<int64_t, 1>::lend(threads, kMagnitudeBins);
+  int64_t sampled_pairs = 0, all_pairs = 0;
+  for (int64_t t = 0; t < m; ++t) all_pairs += (rp[t + 1] - rp[t]) * (rp[t + 1] - rp[t] - 1) / 2;
+#pragma omp parallel num_threads(threads) reduction(+ : sampled_pairs)
+  {
+    LatentScratch& own = LatentScratch::of_this_thread(n, widest + 16);
+    float* acc = own.acc.data();
+    int32_t* pj = own.pj.data();
+    int64_t* hist = hists[selection_thread()].data();
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t i = stride / 2; i < n; i += stride) {
+      bool returned = false;
+      const int64_t touched = add_latent(i, acc, pj, returned);
+      for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) sampled_pairs += occ.end[u] - occ.entry[u] - 1;
+      for (int64_t x = 0; x < touched; ++x) {  // (a partner listed twice reads 0 the second time)
+        const float v = acc[pj[x]];
+        acc[pj[x]] = 0.0f;
+        hist[magnitude_bin(v)] += v != 0.0f;
+      }
+    }
+  }
+  std::vector<double> est(kMagnitudeBins, 0.0);
+  const double scale = sampled_pairs > 0 ? static_cast<double>(all_pairs) / static_cast<double>(sampled_pairs) : 0.0;
+  ZeroedCounts<int64_t, 1>::drain(hists, 0, kMagnitudeBins,
+                                  [&](int64_t b, int64_t c) { est[b] += scale * static_cast<double>(c); });
+  ZeroedCounts<int64_t, 1>::give_back();
+  if (sampled_pairs == 0) return std::nullopt;
+  const Bracket<float> br = bracket_of<float>(est, k, slack);
+  if (!(br.lo > 0.0f)) return std::nullopt;  // (the sample has fewer than about k pairs)
+
+  // Every latent: its kept pairs' sum, the pairs inside the bracket (value, key), its row pairs'
+  // bits and the positions of those inside (value, position).
+  const int64_t words = occ.pairs_start[n] / 64 + 1;
+  uint64_t* word = nullptr;
+  int64_t* runs = nullptr;
+  if (bits) {
+    bits->bits = empty_pooled(words, at::kLong);
+    bits->pair_runs = empty_pooled(nnz, at::kLong);
+    word = reinterpret_cast<uint64_t*>(bits->bits.data_ptr<int64_t>());
+    word[words - 1] = 0;
+    runs = bits->pair_runs.data_ptr<int64_t>();  // (every entry is an occurrence: each run's start is written)
+  }
+  double* latent_total = Scratch<double, 3>::get(n);  // (slot 3: no other user)
+  std::fill(latent_total, latent_total + n, 0.0);
+  std::vector<TaggedList> inside = KeptLists<0>::lend(threads), marks = KeptLists<1>::lend(threads);
+  int64_t above = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : above)
+  {
+    LatentScratch& own = LatentScratch::of_this_thread(n, widest + 16);
+    float* acc = own.acc.data();
+    int32_t* pj = own.pj.data();
+    TaggedList& mine = inside[selection_thread()];
+    TaggedList& my_marks = marks[selection_thread()];
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      if (occ.ptr[i] == occ.ptr[i + 1]) continue;
+      bool returned = false;
+      const int64_t touched = add_latent(i, acc, pj, returned);
+      if (word) {
+        gustavson::BitWriter w(word + occ.pairs_start[i] / 64);
+        int64_t pos = occ.pairs_start[i];
+        for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
+          const int64_t s = occ.entry[u], len = occ.end[u] - s - 1;
+          runs[s] = pos;
+          gustavson::mark_run(acc, cols + s + 1, len, br.lo, br.hi, w, pos, my_marks);
+          pos += len;
+        }
+        w.flush();
+      }
+      double total = 0;
+      if (!returned) {
+        gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, mine);
+      } else {  // (a partner listed twice reads 0 the second time; sums that stayed 0 are no pairs)
+        for (int64_t x = 0; x < touched; ++x) {
+          const float v = acc[pj[x]];
+          acc[pj[x]] = 0.0f;
+          if (v >= br.hi) {
+            total += static_cast<double>(v);
+            ++above;
+          } else if (v >= br.lo) {
+            mine.room(1);
+            mine.value[mine.size] = v;
+            mine.tag[mine.size++] = i * n + pj[x];
+          }
+        }
+      }
+      latent_total[i] = total;
+    }
+  }
+  auto give_back = [&] {
+    KeptLists<0>::give_back(inside);
+    KeptLists<1>::give_back(marks);
+  };
+  int64_t collected = 0;
+  for (const auto& list : inside) collected += list.size;
+  if (!(above < k && k <= above + collected)) {
+    give_back();
+    return std::nullopt;
+  }
+
+  const int parts = static_cast<int>(inside.size());
+  const KthCut<float> cut = bracketed_detail::cut_inside(inside, k - above, br, threads);
+  auto kept = [&](float v, int64_t key) { return v > cut.kth || (v == cut.kth && key <= cut.tie_cut); };
+  // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
+  // list, in the order they were listed: the sums' order is fixed), and each list's marked row
+  // pairs' bits set (a latent's words are its thread's alone; a pair tied at the cut: its key
+  // from its position).
+  auto key_at = [&](int64_t pos) {
+    const int64_t i = std::upper_bound(occ.pairs_start.begin(), occ.pairs_start.end(), pos) - occ.pairs_start.begin() - 1;
+    int64_t at = occ.pairs_start[i];
+    for (int64_t u = occ.ptr[i];; ++u) {
+      const int64_t s = occ.entry[u], len = occ.end[u] - s - 1;
+      if (pos < at + len) return i * n + cp[s + 1 + (pos - at)];
+      at += len;
+    }
+  };
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int p = 0; p < parts; ++p) {
+    const TaggedList& list = inside[p];
+    int64_t i = -1, first = 0, past = 0;  // the latent whose keys are [first, past)
+    for (int64_t x = 0; x < list.size; ++x) {
+      const int64_t key = list.tag[x];
+      if (!kept(list.value[x], key)) continue;
+      if (key < first || key >= past) {
+        i = key / n;
+        first = i * n;
+        past = first + n;
+      }
+      latent_total[i] += static_cast<double>(list.value[x]);
+    }
+    if (word) {
+      const TaggedList& mk = marks[p];
+      for (int64_t x = 0; x < mk.size; ++x) {
+        const float v = mk.value[x];
+        const int64_t pos = mk.tag[x];
+        if (v > cut.kth || (v == cut.kth && key_at(pos) <= cut.tie_cut)) word[pos / 64] |= uint64_t(1) << (pos % 64);
+      }
+    }
+  }
+  SumResult r;
+  for (int64_t i = 0; i < n; ++i) r.total += latent_total[i];
+  r.kth = static_cast<double>(cut.kth);
+  r.tie_cut = cut.tie_cut;
+  r.kept = k;
+  give_back();
+  return r;
+}
+#endif
+
+}  // namespace aosae

@@ -1,0 +1,110 @@
+"""The bracketed sum of the k best co-active pairs (csrc/bracketed_sum.h): sparse_csr_topk_sum's
+path for float32 rows with positive values and no GEMM block, which brackets the k-th score from
+a sample of latents and writes a kept bit per row pair instead of every row pair's score. Against
+the full path (bracketed=False) and the selection itself: the same k-th score, tie cut and kept
+count, the total to float64 rounding, the gradient bit for bit (both backwards); ties at the cut
+settled by their keys; products that underflow to 0; int32 latent ids; a sample that misleads
+falls back to the full path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aosae.ops import coactive_topk as co
+from test_coactive_topk import cpp_module
+from test_coactive_topk_sum import assert_is_the_selections
+
+
+def topk_rows(batch: int, n: int, lo: int = 12, hi: int = 40, values=None):
+    """Rows of lo..hi distinct latents of n, positive float32 values (default: |N(0, 1)| + 0.01)."""
+    lengths = torch.randint(lo, hi + 1, (batch,))
+    # (L distinct of 2L draws: a randperm of n per row took a minute at n = 2^20)
+    indices = torch.cat([torch.randint(n, (2 * L,)).unique()[torch.randperm(L)] if 4 * L <= n else torch.randperm(n)[:L]
+                         for L in lengths.tolist()])
+    vals = values(indices.numel()) if values is not None else torch.randn(indices.numel()).abs() + 0.01
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return offsets, indices, vals.float()
+
+
+def run(module, c, k, bracketed: bool, slack: float = 0.5):
+    """The op's answer, its plan and both backwards' gradients. slack: the bracketed sum's (wide
+    by default: on rows this small its sample is coarse, and a miss would leave the path untested)."""
+    u = c.uniq.numel()
+    total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+        c.row_ptr, c.cols, c.vals, u, k, keep_plan=True, bracketed=bracketed, bracketed_slack=slack)
+    grads = [module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                 live_end=live_end, plan=plan, vectorised=v) for v in (True, False)]
+    return float(total), float(kth), int(tie_cut), int(kept), int(width), plan, grads
+
+
+def assert_same_as_full_path(module, c, k, expect_bits: bool = True, slack: float = 0.5):
+    """The bracketed path's answer is the full path's; returns whether the bracketed path ran."""
+    full = run(module, c, k, bracketed=False)
+    got = run(module, c, k, bracketed=True, slack=slack)
+    assert full[5].kept_bits is None
+    assert got[1:5] == full[1:5]  # kth, tie cut, kept, width
+    assert got[0] == pytest.approx(full[0], rel=1e-12)
+    for g, want in zip(got[6], full[6]):
+        assert torch.equal(g, want)
+    assert torch.equal(got[6][0], got[6][1])  # the AVX-512 backward and the portable one
+    ran = got[5].kept_bits is not None
+    if expect_bits and module.cpu_has_avx512():
+        assert ran and got[5].pair_scores is None
+    return ran
+
+
+@pytest.mark.parametrize("share", [0.05, 0.3, 0.6])
+def test_the_bracketed_sum_keeps_the_full_paths_pairs(share):
+    module = cpp_module()
+    offsets, indices, values = topk_rows(600, 4000)
+    c = co.canonical(offsets, indices, values)
+    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
+    k = max(1, int(share * row_pairs * 0.9))
+    assert_same_as_full_path(module, c, k)
+    total, kth, tie_cut, kept, width, plan, grads = run(module, c, k, bracketed=True)
+    assert_is_the_selections(c, k, torch.float32, torch.tensor(total, dtype=torch.float64), kth, grads[0])
+
+
+def test_ties_at_the_cut_are_settled_by_their_keys():
+    """Values from {1, 2, 3}: thousands of pairs share each score, so the cut falls inside a tie
+    and the marked row pairs at it need their keys (found again from their positions)."""
+    module = cpp_module()
+    offsets, indices, values = topk_rows(500, 1500, values=lambda nnz: torch.randint(1, 4, (nnz,)).float())
+    c = co.canonical(offsets, indices, values)
+    pairs = co.coactive_topk(offsets, indices, values, 1500, 10**12).values.abs()
+    for k in (pairs.numel() // 4, pairs.numel() // 2):
+        kth = torch.topk(pairs, k).values.min()
+        assert int((pairs == kth).sum()) > 1 and int((pairs > kth).sum()) < k  # a cut inside a tie
+        assert_same_as_full_path(module, c, k)
+
+
+def test_wide_latent_ids_take_int32():
+    module = cpp_module()
+    offsets, indices, values = topk_rows(2300, 1 << 20, lo=28, hi=36)
+    c = co.canonical(offsets, indices, values)
+    assert c.uniq.numel() > 65536
+    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
+    assert_same_as_full_path(module, c, row_pairs // 3)
+
+
+def test_products_that_underflow_to_zero_are_no_pairs():
+    """Values near float32's smallest normal: many products round to 0, so a partner's sum can sit
+    at 0 when it is touched again (listed twice); those are no pairs, on both paths."""
+    module = cpp_module()
+    tiny = lambda nnz: torch.where(torch.rand(nnz) < 0.5, torch.full((nnz,), 1e-30), torch.rand(nnz) + 0.5)
+    offsets, indices, values = topk_rows(400, 800, values=tiny)
+    c = co.canonical(offsets, indices, values)
+    pairs = co.coactive_topk(offsets, indices, values, 800, 10**12).values.numel()
+    assert_same_as_full_path(module, c, pairs // 3)
+
+
+def test_a_misleading_sample_falls_back_to_the_full_path():
+    """The sampled latents (every 16th canonical id, from the 8th) carry values 100 times the
+    others': the sample brackets far above the k-th score, the pass finds fewer than k pairs above
+    its low end, and the full path answers."""
+    module = cpp_module()
+    offsets, indices, values = topk_rows(400, 1600)
+    c = co.canonical(offsets, indices, values)
+    c = c._replace(vals=(torch.where(c.cols % 16 == 8, 100.0, 1.0) * (torch.rand(c.cols.numel()) + 0.5)).float())
+    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
+    assert not assert_same_as_full_path(module, c, row_pairs // 2, expect_bits=False, slack=0.1)
