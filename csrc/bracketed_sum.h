@@ -1,5 +1,5 @@
 // Σ |C_ij| over the k best co-active pairs in one pass over the pairs, without writing them:
-// the path of sparse_csr_topk_sum (csrc/gram_topk_sparse.cpp) for rows with positive values and
+// the path of sparse_csr_topk_sum (csrc/gram_topk_sparse.cpp) for rows with no negative value and
 // no GEMM block (TopK and BatchTopK once no token holds thousands of latents), float32 on a CPU
 // with AVX-512 BW/VL. The full path (csrc/coactive_pairs.h, csrc/topk_sum.h) lists every
 // distinct pair in its latent's bucket, counts it in a |C| histogram, and then reads the buckets
@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -39,6 +40,14 @@
 #include "topk_sum.h"  // SumResult, Bracket, bracket_of
 
 namespace aosae {
+
+// The bracketed sum's values: none negative, none NaN or infinite (TopK's may hold zeros: rows with
+// fewer than k positive pre-activations)
+inline bool none_negative(const float* vp, int64_t nnz) {
+  for (int64_t e = 0; e < nnz; ++e)
+    if (!(vp[e] >= 0.0f && std::isfinite(vp[e]))) return false;
+  return true;
+}
 
 // Every stride-th latent sampled; the bracket's least slack (in pairs, a share of k), widened
 // where the sample is small
@@ -138,7 +147,7 @@ inline KthCut<float> cut_inside(const std::vector<TaggedList>& lists, int64_t ne
 
 }  // namespace bracketed_detail
 
-// rp, cp (int64), cols (the same latents, narrower), vp > 0 (float) of rows that the full path
+// rp, cp (int64), cols (the same latents, narrower), vp >= 0 (float) of rows that the full path
 // would sum without a block. bits: asked for (the backward follows). nullopt: the sample's
 // bracket did not hold the k-th score (or no bracket could be drawn).
 template <typename col_t>
@@ -210,8 +219,8 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   double* latent_total = Scratch<double, 3>::get(n);  // (slot 3: no other user)
   std::fill(latent_total, latent_total + n, 0.0);
   std::vector<TaggedList> inside = KeptLists<0>::lend(threads), marks = KeptLists<1>::lend(threads);
-  int64_t above = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : above)
+  int64_t above = 0, below = 0;  // the non-zero pairs above the bracket, and below it
+#pragma omp parallel num_threads(threads) reduction(+ : above, below)
   {
     LatentScratch& own = LatentScratch::of_this_thread(n, widest + 16);
     float* acc = own.acc.data();
@@ -236,7 +245,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
       }
       double total = 0;
       if (!returned) {
-        gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, mine);
+        gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, below, mine);
       } else {  // (a partner listed twice reads 0 the second time; sums that stayed 0 are no pairs)
         for (int64_t x = 0; x < touched; ++x) {
           const float v = acc[pj[x]];
@@ -244,7 +253,9 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
           if (v >= br.hi) {
             total += static_cast<double>(v);
             ++above;
-          } else if (v >= br.lo) {
+          } else if (v < br.lo) {
+            below += v != 0.0f;
+          } else {
             mine.room(1);
             mine.value[mine.size] = v;
             mine.tag[mine.size++] = i * n + pj[x];
@@ -260,15 +271,15 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   };
   int64_t collected = 0;
   for (const auto& list : inside) collected += list.size;
-  if (!(above < k && k <= above + collected)) {
+  // (every pair within k: the full path keeps them all, with its own kth and tie cut for that case)
+  if (!(above < k && k <= above + collected) || above + collected + below <= k) {
     give_back();
     return std::nullopt;
   }
 
   const int parts = static_cast<int>(inside.size());
   const KthCut<float> cut = bracketed_detail::cut_inside(inside, k - above, br, threads);
-  auto kept = [&](float v, int64_t key) { return v > cut.kth || (v == cut.kth && key <= cut.tie_cut); };
-  // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
+    // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
   // list, in the order they were listed: the sums' order is fixed), and each list's marked row
   // pairs' bits set (a latent's words are its thread's alone; a pair tied at the cut: its key
   // from its position).
@@ -287,7 +298,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
     int64_t i = -1, first = 0, past = 0;  // the latent whose keys are [first, past)
     for (int64_t x = 0; x < list.size; ++x) {
       const int64_t key = list.tag[x];
-      if (!kept(list.value[x], key)) continue;
+      if (!cut.keeps(list.value[x], key)) continue;
       if (key < first || key >= past) {
         i = key / n;
         first = i * n;
@@ -300,7 +311,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
       for (int64_t x = 0; x < mk.size; ++x) {
         const float v = mk.value[x];
         const int64_t pos = mk.tag[x];
-        if (v > cut.kth || (v == cut.kth && key_at(pos) <= cut.tie_cut)) word[pos / 64] |= uint64_t(1) << (pos % 64);
+        if (cut.keeps(v, v == cut.kth ? key_at(pos) : 0)) word[pos / 64] |= uint64_t(1) << (pos % 64);
       }
     }
   }

@@ -115,11 +115,7 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       threads, vals_t);
 }
 
-// The sum of the k best (csrc/topk_sum.h): the block's rows recomputed where they are read, and
-// on positive values, where the block pays (csrc/dense_rows.h's block_cost(true)), only its
-// staircase that can reach the k-th score, the latents relabelled by norm (the tie order stays
-// the original latents' i·n + j).
-// The bracketed sum (csrc/bracketed_sum.h) of rows with positive values and no block: float32,
+// The bracketed sum (csrc/bracketed_sum.h) of rows with no negative value and no block: float32,
 // AVX-512 BW/VL. nullopt where it does not apply or its sample's bracket missed.
 template <typename acc_t>
 std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m,
@@ -127,7 +123,7 @@ std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* 
                                               double slack) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (!aosae::has_avx512_bw_vl() || n > INT32_MAX) return std::nullopt;
+    if (!aosae::has_avx512_bw_vl() || n > INT32_MAX || !aosae::none_negative(vp, nnz)) return std::nullopt;
     aosae::KeptBits bits;
     auto run = [&](auto narrow) -> std::optional<aosae::SumResult> {
       at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
@@ -152,6 +148,10 @@ std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* 
   return std::nullopt;
 }
 
+// The sum of the k best (csrc/topk_sum.h): the block's rows recomputed where they are read, and
+// on positive values, where the block pays (csrc/dense_rows.h's block_cost(true)), only its
+// staircase that can reach the k-th score, the latents relabelled by norm (the tie order stays
+// the original latents' i·n + j).
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
                                    int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach,
@@ -164,14 +164,17 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   const int threads = num_threads();
   std::optional<aosae::NormOrder<acc_t>> order;
   // (the plan's rows and U do not depend on the labels: the block relabelled is the same block)
-  if (aosae::all_positive(vp, nnz)) {
-    if (aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::block_cost(true), false).size() > 0) {
+  const bool positive = aosae::all_positive(vp, nnz);
+  const bool blocked = (positive || bracketed) &&
+                       aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::block_cost(true), false).size() > 0;
+  if (blocked) {
+    if (positive) {
       order = aosae::order_by_norm<acc_t>(rp, cp, vp, m, n);
       cp = order->cols.data();
       vp = order->vals.data();
-    } else if (bracketed) {
-      if (auto r = try_bracketed(rp, cp, vp, m, n, nnz, k, threads, keep_plan, bracketed_slack)) return std::move(*r);
     }
+  } else if (bracketed) {
+    if (auto r = try_bracketed(rp, cp, vp, m, n, nnz, k, threads, keep_plan, bracketed_slack)) return std::move(*r);
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
       rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, keep_plan, reach);
@@ -296,7 +299,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
 // histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it
 // small to see the whole block summed when the staircase's floor proves too high). bracketed:
-// float32 rows with positive values and no block take the bracketed sum (csrc/bracketed_sum.h)
+// float32 rows with no negative value and no block take the bracketed sum (csrc/bracketed_sum.h)
 // where its sample's bracket holds the k-th score, and their plan holds a kept bit per row pair
 // instead of the scores (plan.kept_bits); bracketed_slack: its bracket's least slack (tests widen
 // it to see the path taken on small rows; False: always the full path).
@@ -374,6 +377,8 @@ void register_sparse(pybind11::module& m) {
         py::arg("bracketed_slack") = aosae::kBracketSlack, py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
         "kept_in_block, width, live_end, block_passes, plan), what sparse_csr_topk_sum_backward takes back");
+  m.def("cpu_has_avx512_bw_vl", &aosae::has_avx512_bw_vl,
+        "Whether this CPU runs the sixteen-lane summing passes and the bracketed sum (AVX-512 F, BW and VL)");
   m.def("sparse_block_costs", [] {
     const aosae::DenseRowCost c;
     return std::make_tuple(c.pair, c.mac, c.entry, aosae::kMinDenseRowL0, aosae::kMaxDenseLatents,

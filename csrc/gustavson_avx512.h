@@ -129,7 +129,7 @@ AOSAE_GUSTAVSON void append(TaggedList& out, __mmask16 keep, __m512 v, __m512i t
   out.size += count;
 }
 
-// The kept bits of an occurrence's row pairs: acc[cols[q]] >= hi (acc >= 0: positive values),
+// The kept bits of an occurrence's row pairs: acc[cols[q]] >= hi (acc >= 0: no negative value),
 // appended to w, the run's first pair at position pos; the pairs inside [lo, hi) appended to
 // inside with their positions.
 template <typename col_t>
@@ -150,10 +150,10 @@ AOSAE_GUSTAVSON void mark_run(const float* acc, const col_t* cols, int64_t len, 
 }
 
 // The listed partners pj[0 .. count) (no j twice) of latent i: the accumulator cleared, the
-// sums >= hi added (float64, lane order fixed) into total and counted, those inside [lo, hi)
-// appended to inside with their keys i·n + j.
+// sums >= hi added (float64, lane order fixed) into total and counted, the non-zero ones below lo
+// counted, those inside [lo, hi) appended to inside with their keys i·n + j.
 AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, float lo, float hi, int64_t i, int64_t n,
-                                double& total, int64_t& above_count, TaggedList& inside) {
+                                double& total, int64_t& above_count, int64_t& below_count, TaggedList& inside) {
   const __m512 zero = _mm512_setzero_ps(), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
   const __m512i base = _mm512_set1_epi64(i * n);
   __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
@@ -170,6 +170,7 @@ AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, fl
                               _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
     above_count += __builtin_popcount(above);
     const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, v, vlo, _CMP_GE_OQ);
+    below_count += __builtin_popcount(_mm512_mask_cmp_ps_mask(m & ~above & ~in, v, zero, _CMP_NEQ_OQ));
     const __m512i key_lo = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(j)));
     const __m512i key_hi = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(j, 1)));
     append(inside, in, v, key_lo, key_hi);

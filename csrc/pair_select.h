@@ -71,6 +71,7 @@ template <typename acc_t>
 struct KthCut {
   acc_t kth;
   int64_t tie_cut;
+  bool keeps(acc_t magnitude, int64_t key) const { return magnitude > kth || (magnitude == kth && key <= tie_cut); }
 };
 
 // The need-th best |value| among candidates (1 <= need <= their number).

@@ -425,7 +425,7 @@ class TopKSum {
     const KthCut<acc_t> cut = kth_cut<acc_t>(each_edge, k - above);
     each_edge([&](const Candidate<acc_t>& c) {
       const acc_t a = std::abs(c.value);
-      if (a > cut.kth || (a == cut.kth && c.key <= cut.tie_cut)) {
+      if (cut.keeps(a, c.key)) {
         r.total += static_cast<double>(a);
         r.kept_in_block += in_block(c.key);
       }

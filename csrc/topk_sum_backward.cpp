@@ -102,13 +102,15 @@ __attribute__((target("avx512f"))) acc_t kept_bits_product(const uint8_t* bits, 
 }
 #endif
 
-// The gradient from the bracketed sum's kept bits (csrc/bracketed_sum.h; no block, positive
-// values): each row's runs turned into G = g where kept, in the order of the rows' pass below.
+// The gradient from the bracketed sum's kept bits (csrc/bracketed_sum.h; no block, no negative
+// value): each row's runs turned into G = g where kept, in the order of the rows' pass below.
+// The bits already hold the forward's cut: kth, tie_cut and the block's arguments are not read.
 template <typename acc_t>
 Tensor kept_bits_backward(const aosae::TopKSumPlan& plan, const int64_t* rp, const acc_t* x, int64_t m, int64_t nnz,
-                          acc_t g, int64_t width, const Tensor& vals, bool vectorised) {
-  TORCH_CHECK(width == 0, "sparse_csr_topk_sum_backward: width is ", width, " but these rows' plan has no block: pass "
-              "the width that sparse_csr_topk_sum returned for these rows");
+                          acc_t g, int64_t width, bool live_end_empty, const Tensor& vals, bool vectorised) {
+  TORCH_CHECK(width == 0 && live_end_empty, "sparse_csr_topk_sum_backward: width is ", width, " (and live_end given: ",
+              !live_end_empty, ") but these rows' plan has no block: pass the width and live_end that sparse_csr_topk_sum "
+              "returned for these rows");
   const int64_t* runs = plan.pair_runs.template data_ptr<int64_t>();
   const int64_t count = (plan.kept_bits.numel() - 1) * 64;  // (the last word is spare)
   TORCH_CHECK(plan.pair_runs.numel() == nnz, "sparse_csr_topk_sum_backward: the plan's pair_runs has ",
@@ -173,7 +175,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
               "sparse_csr_topk_sum_backward: the plan was made for other rows (or another dtype): pass the plan that "
               "sparse_csr_topk_sum returned for these rows");
   if (plan && plan->kept_bits.defined())
-    return kept_bits_backward<acc_t>(*plan, rp, x, m, nnz, static_cast<acc_t>(grad), forward_width, vals, vectorised);
+    return kept_bits_backward<acc_t>(*plan, rp, x, m, nnz, static_cast<acc_t>(grad), forward_width,
+                                     live_end_t.numel() == 0, vals, vectorised);
   // The forward's labels: with a staircase (live_end), latents in norm order (csrc/norm_order.h);
   // the gradient is mapped back to the caller's entries at the end. Ties keep the original order.
   std::optional<aosae::NormOrder<acc_t>> own_order;
