@@ -12,7 +12,8 @@
 //     (csrc/recomputed_block.h, the plan's or built again), and the moved rows' gradient is
 //     A_H · G_U, per kept pair (few kept inside U × U) or from L1 tiles of G_U (most of it kept;
 //     csrc/block_gradient.h).
-// Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
+// A plan from the bracketed sum holds a kept bit per row pair instead of the scores: its backward
+// is csrc/kept_bits_backward.h. Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
 // O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)).
 //
 // No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls register_topk_sum_backward(m).
@@ -34,6 +35,7 @@
 #include "buffer_pool.h"
 #include "csr_checks.h"
 #include "dense_rows.h"
+#include "kept_bits_backward.h"
 #include "norm_order.h"
 #include "pair_select.h"
 #include "recomputed_block.h"
@@ -83,67 +85,7 @@ __attribute__((target("avx512f"))) acc_t kept_run_product(const acc_t* w, int64_
   return S::halving_sum(own);
 }
 
-// kept_run_product on a run of kept bits (csrc/bracketed_sum.h) from bit `at` of `bits`: G_c = g
-// where the bit is set (positive values: C > 0), else 0. The same G, rounding and order, so the
-// same bits as from the scores.
-template <typename acc_t>
-__attribute__((target("avx512f"))) acc_t kept_bits_product(const uint8_t* bits, int64_t at, int64_t len, acc_t xe,
-                                                           const acc_t* xq, acc_t* oq, acc_t g) {
-  using S = aosae::Simd512<acc_t>;
-  constexpr int64_t L = S::kLanes;
-  const auto up = S::set1(g), vxe = S::set1(xe);
-  auto own = S::zero();
-  for (int64_t c = 0; c < len; c += L) {
-    const auto valid = S::first(len - c);
-    const auto grad = S::blend(static_cast<typename S::M>(aosae::bits_at(bits, at + c) & valid), S::zero(), up);
-    aosae::run_step<acc_t>(own, grad, valid, xq + c, oq + c, vxe);
-  }
-  return S::halving_sum(own);
-}
 #endif
-
-// The gradient from the bracketed sum's kept bits (csrc/bracketed_sum.h; no block, no negative
-// value): each row's runs turned into G = g where kept, in the order of the rows' pass below.
-// The bits already hold the forward's cut: kth, tie_cut and the block's arguments are not read.
-template <typename acc_t>
-Tensor kept_bits_backward(const aosae::TopKSumPlan& plan, const int64_t* rp, const acc_t* x, int64_t m, int64_t nnz,
-                          acc_t g, int64_t width, bool live_end_empty, const Tensor& vals, bool vectorised) {
-  TORCH_CHECK(width == 0 && live_end_empty, "sparse_csr_topk_sum_backward: width is ", width, " (and live_end given: ",
-              !live_end_empty, ") but these rows' plan has no block: pass the width and live_end that sparse_csr_topk_sum "
-              "returned for these rows");
-  const int64_t* runs = plan.pair_runs.template data_ptr<int64_t>();
-  const int64_t count = (plan.kept_bits.numel() - 1) * 64;  // (the last word is spare)
-  TORCH_CHECK(plan.pair_runs.numel() == nnz, "sparse_csr_topk_sum_backward: the plan's pair_runs has ",
-              plan.pair_runs.numel(), " entries for ", nnz, ": pass the plan that sparse_csr_topk_sum returned for these rows");
-  at::parallel_for(0, m, 256, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t e = rp[t]; e + 1 < rp[t + 1]; ++e)
-        TORCH_CHECK(runs[e] >= 0 && runs[e] + (rp[t + 1] - e - 1) <= count, "sparse_csr_topk_sum_backward: the "
-                    "plan's pair_runs[", e, "] = ", runs[e], " is outside its ", count, " kept bits: pass the plan "
-                    "that sparse_csr_topk_sum returned for these rows");
-  });
-  const uint8_t* bits = reinterpret_cast<const uint8_t*>(plan.kept_bits.template data_ptr<int64_t>());
-  Tensor out = at::zeros({nnz}, vals.options());
-  acc_t* o = out.data_ptr<acc_t>();
-  const bool use_avx512 = vectorised && aosae::has_avx512();
-  at::parallel_for(0, m, 64, [&](int64_t t0, int64_t t1) {
-    std::vector<acc_t> run;
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t e = rp[t]; e + 1 < rp[t + 1]; ++e) {
-        const int64_t len = rp[t + 1] - e - 1, at = runs[e];
-#if defined(__x86_64__) || defined(__i386__)
-        if (use_avx512) {
-          o[e] += kept_bits_product<acc_t>(bits, at, len, x[e], x + e + 1, o + e + 1, g);
-          continue;
-        }
-#endif
-        run.resize(len);
-        for (int64_t c = 0; c < len; ++c) run[c] = (bits[(at + c) >> 3] >> ((at + c) & 7)) & 1 ? g : acc_t(0);
-        o[e] += aosae::run_product(run.data(), len, x[e], x + e + 1, o + e + 1);
-      }
-  });
-  return out;
-}
 
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
 enum class Product { kAuto, kSparse, kDense };
@@ -175,7 +117,7 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
               "sparse_csr_topk_sum_backward: the plan was made for other rows (or another dtype): pass the plan that "
               "sparse_csr_topk_sum returned for these rows");
   if (plan && plan->kept_bits.defined())
-    return kept_bits_backward<acc_t>(*plan, rp, x, m, nnz, static_cast<acc_t>(grad), forward_width,
+    return aosae::kept_bits_backward<acc_t>(*plan, rp, x, m, nnz, static_cast<acc_t>(grad), forward_width,
                                      live_end_t.numel() == 0, vals, vectorised);
   // The forward's labels: with a staircase (live_end), latents in norm order (csrc/norm_order.h);
   // the gradient is mapped back to the caller's entries at the end. Ties keep the original order.

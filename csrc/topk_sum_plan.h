@@ -13,7 +13,6 @@
 #include <torch/extension.h>
 
 #include <cstdint>
-#include <cstring>
 #include <optional>
 
 #include "dense_rows.h"
@@ -31,13 +30,6 @@ struct TopKSumPlan {
   // entry e's from bit pair_runs[e] on, and no scores.
   torch::Tensor pair_scores, pair_runs, kept_bits;
 };
-
-// 16 bits of kept_bits from bit `at` on (the stream ends with a spare word: 4 bytes are read)
-inline uint32_t bits_at(const uint8_t* bits, int64_t at) {
-  uint32_t w;
-  std::memcpy(&w, bits + (at >> 3), sizeof(w));
-  return (w >> (at & 7)) & 0xFFFFu;
-}
 
 template <typename acc_t>
 struct TopKSumPlanOf : TopKSumPlan {
