@@ -165,13 +165,15 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   int64_t widest = 0;  // the most row pairs of one latent: the listing's room
   for (int64_t i = 0; i < n; ++i) widest = std::max(widest, occ.pairs_start[i + 1] - occ.pairs_start[i]);
 
-  // latent i's row pairs into acc, its distinct partners listed in pj[0 .. touched); `returned`:
-  // a sum came back to exactly 0 (a product that underflowed), so a partner may be listed twice
+  // latent i's row pairs into acc, its distinct partners listed in pj[0 .. touched) (those with a
+  // non-zero product: a zero value's pairs are no pairs); `returned`: a sum came back to exactly 0
+  // after a non-zero product, so a partner may be listed twice (not with values >= 0: a guard)
   auto add_latent = [&](int64_t i, float* acc, int32_t* pj, bool& returned) {
     int64_t touched = 0;
     for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
       const int64_t s = occ.entry[u];
-      touched = gustavson::add_run(acc, cols + s + 1, vp + s + 1, occ.end[u] - s - 1, vp[s], pj, touched, returned);
+      touched = gustavson::add_run<col_t, true>(acc, cols + s + 1, vp + s + 1, occ.end[u] - s - 1, vp[s], pj, touched,
+                                                returned);
     }
     return touched;
   };

@@ -1,11 +1,15 @@
-// The summing loop's three passes over one latent's row pairs (csrc/coactive_pairs.h), sixteen
-// at a time: the partners of one occurrence are its row's later latents, distinct, so one
-// gather and one scatter of the dense accumulator serve sixteen pairs with no conflict between
-// lanes. Each lane does what the scalar loop does for its pair, in the same order: the same sums
-// (a product, then an add), the same listing, the same scores. float; latents as uint16 (n <=
-// 65536) or int32. Sixteen of the accumulator's L2 hits in flight instead of one pair's chain: the
-// op's forward inside the step at TopK d_sae 16384 went from 13.2–13.8 to 11.6–11.8 ms
-// (benchmarks/NOTES.md, sixteenth pass).
+// The summing loops' passes over one latent's row pairs, sixteen at a time: the partners of one
+// occurrence are its row's later latents, distinct, so one gather and one scatter of the dense
+// accumulator serve sixteen pairs with no conflict between lanes. Each lane does what the scalar
+// loop does for its pair, in the same order: the same sums (a product, then an add), the same
+// listing, the same scores. float; latents as uint16 (n <= 65536) or int32.
+//   - csrc/coactive_pairs.h (the full path): add_run, gather_run (every row pair's score),
+//     list_run. Sixteen of the accumulator's L2 hits in flight instead of one pair's chain: the
+//     op's forward inside the step at TopK d_sae 16384 went from 13.2–13.8 to 11.6–11.8 ms
+//     (benchmarks/NOTES.md, sixteenth pass).
+//   - csrc/bracketed_sum.h: add_run, mark_run (a kept bit per row pair, the pairs inside the
+//     bracket collected) and tally_list (the pairs above the bracket summed, those inside
+//     collected), with BitWriter and TaggedList (seventeenth pass).
 
 #pragma once
 
@@ -33,7 +37,11 @@ AOSAE_GUSTAVSON __m512i latents(__mmask16 m, const int32_t* cols) { return _mm51
 
 // acc[cols[q]] += vi·vals[q], q < len; each j met while acc[j] is 0 listed at pj[touched++].
 // Returns touched; `returned` set where a sum is exactly 0 after an add (its j may be listed again).
-template <typename col_t>
+// kNonZeroProducts: only a non-zero product lists j, and only a non-zero product that leaves 0
+// sets `returned` (the bracketed sum's values are never negative, so its sums never return to 0;
+// TopK's zeros, whose products are 0, would otherwise list j early and set `returned`, which
+// sends a latent to the scalar listing).
+template <typename col_t, bool kNonZeroProducts = false>
 AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals, int64_t len, float vi,
                                 int32_t* pj, int64_t touched, bool& returned) {
   const __m512 scale = _mm512_set1_ps(vi), zero = _mm512_setzero_ps();
@@ -42,12 +50,14 @@ AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals
     const __m512i j = latents(m, cols + q);
     const __m512 v = _mm512_maskz_loadu_ps(m, vals + q);
     const __m512 before = _mm512_mask_i32gather_ps(zero, m, j, acc, 4);
-    const __mmask16 fresh = _mm512_mask_cmp_ps_mask(m, before, zero, _CMP_EQ_OQ);
+    const __m512 product = _mm512_mul_ps(scale, v);
+    const __mmask16 counted = kNonZeroProducts ? _mm512_mask_cmp_ps_mask(m, product, zero, _CMP_NEQ_UQ) : m;
+    const __mmask16 fresh = _mm512_mask_cmp_ps_mask(counted, before, zero, _CMP_EQ_OQ);
     const int count = __builtin_popcount(fresh);
     _mm512_mask_storeu_epi32(pj + touched, Simd512f::first(count), _mm512_maskz_compress_epi32(fresh, j));
     touched += count;
-    const __m512 after = _mm512_add_ps(before, _mm512_mul_ps(scale, v));
-    returned |= _mm512_mask_cmp_ps_mask(m, after, zero, _CMP_EQ_OQ) != 0;
+    const __m512 after = _mm512_add_ps(before, product);
+    returned |= _mm512_mask_cmp_ps_mask(counted, after, zero, _CMP_EQ_OQ) != 0;
     _mm512_mask_i32scatter_ps(acc, m, j, after, 4);
   }
   return touched;

@@ -29,7 +29,7 @@ inline uint32_t bits_at(const uint8_t* bits, int64_t at) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// kept_run_product on a run of kept bits (csrc/bracketed_sum.h) from bit `at` of `bits`: G_c = g
+// csrc/topk_sum_backward.cpp's kept_run_product on a run of kept bits (csrc/bracketed_sum.h) from bit `at` of `bits`: G_c = g
 // where the bit is set (no negative value: a kept C > 0), else 0. The same G, rounding and order, so the
 // same bits as from the scores.
 template <typename acc_t>
@@ -49,7 +49,7 @@ __attribute__((target("avx512f"))) acc_t kept_bits_product(const uint8_t* bits, 
 #endif
 
 // The gradient from the bracketed sum's kept bits (csrc/bracketed_sum.h; no block, no negative
-// value): each row's runs turned into G = g where kept, in the order of the rows' pass below.
+// value): each row's runs turned into G = g where kept, in the order of the loop below.
 // The bits already hold the forward's cut: kth, tie_cut and the block's arguments are not read.
 template <typename acc_t>
 torch::Tensor kept_bits_backward(const aosae::TopKSumPlan& plan, const int64_t* rp, const acc_t* x, int64_t m, int64_t nnz,

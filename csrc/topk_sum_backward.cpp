@@ -12,9 +12,9 @@
 //     (csrc/recomputed_block.h, the plan's or built again), and the moved rows' gradient is
 //     A_H · G_U, per kept pair (few kept inside U × U) or from L1 tiles of G_U (most of it kept;
 //     csrc/block_gradient.h).
-// A plan from the bracketed sum holds a kept bit per row pair instead of the scores: its backward
-// is csrc/kept_bits_backward.h. Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
-// O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)).
+// Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
+// O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)). A plan from the bracketed sum holds a kept bit
+// per row pair instead of the scores: its backward is csrc/kept_bits_backward.h.
 //
 // No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls register_topk_sum_backward(m).
 

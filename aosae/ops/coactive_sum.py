@@ -180,7 +180,8 @@ def coactive_topk_sum(offsets: torch.Tensor, indices: torch.Tensor, values: torc
 
 
 class _TopKSum(torch.autograd.Function):
-    """The C++ sum on canonical rows; its backward re-derives the kept pairs from (kth, tie_cut)."""
+    """The C++ sum on canonical rows; its backward re-derives the kept pairs from (kth, tie_cut), or
+    reads them from the plan's kept bits (the bracketed sum, csrc/bracketed_sum.h)."""
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, c: Canonical, k: int, keep_plan: bool):
@@ -188,8 +189,9 @@ class _TopKSum(torch.autograd.Function):
         vals = c.vals.to(accumulation_dtype(values.dtype)).contiguous()
         u = c.uniq.numel()
         # the forward's plan (the latents' order, the block, every row pair's score: O(Σ_t L_t²), 16 MB at
-        # TopK B 2048, L 64) is kept for the backward, which otherwise derives it again (13.6 ms -> 5 ms
-        # at TopK d_sae 16384, benchmarks/NOTES.md)
+        # TopK B 2048, L 64; from the bracketed sum a kept bit per row pair instead, 0.5 MB) is kept for
+        # the backward, which otherwise derives it again (13.6 ms -> 5 ms at TopK d_sae 16384, and 1.3 ms
+        # from the bits; benchmarks/NOTES.md)
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
             c.row_ptr, c.cols, vals, u, k, keep_plan=keep_plan)
         perm = c.perm if c.perm is not None else c.cols.new_empty(0)

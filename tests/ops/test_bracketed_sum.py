@@ -1,5 +1,5 @@
 """The bracketed sum of the k best co-active pairs (csrc/bracketed_sum.h): sparse_csr_topk_sum's
-path for float32 rows with positive values and no GEMM block, which brackets the k-th score from
+path for float32 rows with no negative value and no GEMM block, which brackets the k-th score from
 a sample of latents and writes a kept bit per row pair instead of every row pair's score. Against
 the full path (bracketed=False) and the selection itself: the same k-th score, tie cut and kept
 count, the total to float64 rounding, the gradient bit for bit (both backwards); ties at the cut
@@ -146,6 +146,8 @@ def test_the_same_bits_whatever_the_thread_count(seed):
             answers.append(run(module, c, pairs // 4, bracketed=True))
     finally:
         torch.set_num_threads(before)
+    if module.cpu_has_avx512_bw_vl():
+        assert all(got[5].kept_bits is not None for got in answers)  # (the bracketed path, not the full one)
     for got in answers[1:]:
         assert got[:5] == answers[0][:5]  # the total's bits too
         assert all(torch.equal(g, want) for g, want in zip(got[6], answers[0][6]))
