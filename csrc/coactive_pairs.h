@@ -275,16 +275,10 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       }
     }
   };
-  auto narrowed = [&](auto narrow) {  // cp as narrower latents
-    at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
-      for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<typename decltype(narrow)::value_type>(cp[e]);
-    });
-    sum_latents(narrow.data());
-  };
   if (n <= 65536) {
-    narrowed(std::vector<uint16_t>(nnz));
+    sum_latents(narrowed_latents<uint16_t>(cp, nnz).data());
   } else if (std::is_same<acc_t, float>::value && n <= INT32_MAX) {  // (the sixteen-lane passes index in 32 bits)
-    narrowed(std::vector<int32_t>(nnz));
+    sum_latents(narrowed_latents<int32_t>(cp, nnz).data());
   } else {
     sum_latents(cp);
   }

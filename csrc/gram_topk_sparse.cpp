@@ -125,19 +125,14 @@ std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* 
   if constexpr (std::is_same<acc_t, float>::value) {
     if (!aosae::has_avx512_bw_vl() || n > INT32_MAX || !aosae::none_negative(vp, nnz)) return std::nullopt;
     aosae::KeptBits bits;
-    auto run = [&](auto narrow) -> std::optional<aosae::SumResult> {
-      at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
-        for (int64_t e = a; e < b; ++e) narrow[e] = static_cast<typename decltype(narrow)::value_type>(cp[e]);
-      });
-      return aosae::bracketed_sum(rp, cp, narrow.data(), vp, m, n, nnz, k, threads, keep_plan ? &bits : nullptr,
+    auto run = [&](const auto& cols) {
+      return aosae::bracketed_sum(rp, cp, cols.data(), vp, m, n, nnz, k, threads, keep_plan ? &bits : nullptr,
                                   aosae::kSampleStride, slack);
     };
-    std::optional<aosae::SumResult> r = n <= 65536 ? run(std::vector<uint16_t>(nnz)) : run(std::vector<int32_t>(nnz));
+    std::optional<aosae::SumResult> r = n <= 65536 ? run(aosae::narrowed_latents<uint16_t>(cp, nnz))
+                                                   : run(aosae::narrowed_latents<int32_t>(cp, nnz));
     if (r && keep_plan) {
-      auto plan = std::make_shared<aosae::TopKSumPlanOf<acc_t>>();
-      plan->m = m;
-      plan->nnz = nnz;
-      plan->n = n;
+      auto plan = aosae::plan_for_rows<acc_t>(m, nnz, n);
       plan->kept_bits = bits.bits;
       plan->pair_runs = bits.pair_runs;
       r->plan = std::move(plan);
@@ -194,10 +189,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
                                torch::kInt64);
   }
   if (keep_plan) {
-    auto plan = std::make_shared<aosae::TopKSumPlanOf<acc_t>>();
-    plan->m = m;
-    plan->nnz = nnz;
-    plan->n = n;
+    auto plan = aosae::plan_for_rows<acc_t>(m, nnz, n);
     plan->pair_scores = summed.pair_scores;
     plan->pair_runs = summed.pair_runs;
     plan->order = std::move(order);

@@ -4,6 +4,8 @@
 
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -62,6 +64,18 @@ inline Occurrences occurrences(const int64_t* rp, const int64_t* cp, const uint8
     }
   }
   return o;
+}
+
+// cp [nnz] as narrower latent ids T: the summing loops read the rows' ids at random rows, and as
+// uint16 (n <= 65536) they and the values stay in L2 where int64 ids spilled; int32 past that
+// (the sixteen-lane passes index in 32 bits)
+template <typename T>
+std::vector<T> narrowed_latents(const int64_t* cp, int64_t nnz) {
+  std::vector<T> out(nnz);
+  at::parallel_for(0, nnz, 16384, [&](int64_t a, int64_t b) {
+    for (int64_t e = a; e < b; ++e) out[e] = static_cast<T>(cp[e]);
+  });
+  return out;
 }
 
 }  // namespace aosae

@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 
 #include "dense_rows.h"
@@ -37,5 +38,15 @@ struct TopKSumPlanOf : TopKSumPlan {
   DenseRows<acc_t> dense;                 // the rows moved to the block, and its latents
   RecomputedBlock<acc_t> scores;          // the block's scores, recomputed where read
 };
+
+// an empty plan for rows [m] of nnz entries over n latents
+template <typename acc_t>
+std::shared_ptr<TopKSumPlanOf<acc_t>> plan_for_rows(int64_t m, int64_t nnz, int64_t n) {
+  auto plan = std::make_shared<TopKSumPlanOf<acc_t>>();
+  plan->m = m;
+  plan->nnz = nnz;
+  plan->n = n;
+  return plan;
+}
 
 }  // namespace aosae
