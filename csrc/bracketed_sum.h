@@ -7,7 +7,7 @@
 // Those passes were a third of the forward at TopK d_sae 16384 (benchmarks/NOTES.md, seventeenth
 // pass).
 //
-// Here a sample of the latents (every stride-th) is summed first, and its |C| histogram, scaled
+// Here a sample of the latents (every 16th) is summed first, and its |C| histogram, scaled
 // by the row pairs, brackets the k-th score: [lo, hi) where the pairs counted from the top reach
 // k·(1 ∓ slack). Then every latent is summed once (Gustavson, as the full path does, the same
 // sums): the pairs >= hi are added (float64, per latent) and counted, those inside the bracket
@@ -49,8 +49,8 @@ inline bool none_negative(const float* vp, int64_t nnz) {
   return true;
 }
 
-// Every stride-th latent sampled; the bracket's least slack (in pairs, a share of k), widened
-// where the sample is small
+// Every 16th latent sampled; the bracket's slack, in pairs as a share of k (the sample's count at
+// the k-th score read 0.95–1.05 k on the sweep's batches; benchmarks/NOTES.md, seventeenth pass)
 constexpr int64_t kSampleStride = 16;
 constexpr double kBracketSlack = 0.10;
 
@@ -109,7 +109,6 @@ struct LatentScratch {
   }
 };
 
-
 // The need-th best of the pairs inside the bracket (values in [br.lo, br.hi)) and its tie cut:
 // the lists counted in a histogram of the bracket's float bits (at most 4096 bins, the lists in
 // parallel), then kth_cut over the one bin that holds it (a few dozen pairs).
@@ -153,7 +152,7 @@ inline KthCut<float> cut_inside(const std::vector<TaggedList>& lists, int64_t ne
 template <typename col_t>
 std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, const col_t* cols, const float* vp,
                                        int64_t m, int64_t n, int64_t nnz, int64_t k, int threads, KeptBits* bits,
-                                       int64_t stride = kSampleStride, double slack = kBracketSlack) {
+                                       double slack = kBracketSlack) {
   using bracketed_detail::KeptLists;
   using bracketed_detail::LatentScratch;
   using gustavson::TaggedList;
@@ -167,7 +166,9 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
 
   // latent i's row pairs into acc, its distinct partners listed in pj[0 .. touched) (those with a
   // non-zero product: a zero value's pairs are no pairs); `returned`: a sum came back to exactly 0
-  // after a non-zero product, so a partner may be listed twice (not with values >= 0: a guard)
+  // after a non-zero product, so a partner may be listed twice. With no value negative a sum only
+  // grows, so it never does: the pass below leaves such rows to the full path rather than list
+  // them otherwise.
   auto add_latent = [&](int64_t i, float* acc, int32_t* pj, bool& returned) {
     int64_t touched = 0;
     for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
@@ -178,7 +179,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
     return touched;
   };
 
-  // The sample: every stride-th latent summed, its non-zero |C| histogrammed, acc cleared.
+  // The sample: every kSampleStride-th latent summed, its non-zero |C| histogrammed, acc cleared.
   std::vector<std::vector<int64_t>>& hists = ZeroedCounts<int64_t, 1>::lend(threads, kMagnitudeBins);
   int64_t sampled_pairs = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : sampled_pairs)
@@ -188,7 +189,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
     int32_t* pj = own.pj.data();
     int64_t* hist = hists[selection_thread()].data();
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t i = stride / 2; i < n; i += stride) {
+    for (int64_t i = kSampleStride / 2; i < n; i += kSampleStride) {
       bool returned = false;
       const int64_t touched = add_latent(i, acc, pj, returned);
       for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) sampled_pairs += occ.end[u] - occ.entry[u] - 1;
@@ -224,7 +225,8 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   std::fill(latent_total, latent_total + n, 0.0);
   std::vector<TaggedList> inside = KeptLists<0>::lend(threads), marks = KeptLists<1>::lend(threads);
   int64_t above = 0, below = 0;  // the non-zero pairs above the bracket, and below it
-#pragma omp parallel num_threads(threads) reduction(+ : above, below)
+  bool returned = false;
+#pragma omp parallel num_threads(threads) reduction(+ : above, below) reduction(|| : returned)
   {
     LatentScratch& own = LatentScratch::of_this_thread(n, widest + 16);
     float* acc = own.acc.data();
@@ -234,7 +236,6 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       if (occ.ptr[i] == occ.ptr[i + 1]) continue;
-      bool returned = false;
       const int64_t touched = add_latent(i, acc, pj, returned);
       if (word) {
         gustavson::BitWriter w(word + occ.pairs_start[i] / 64);
@@ -248,24 +249,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
         w.flush();
       }
       double total = 0;
-      if (!returned) {
-        gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, below, mine);
-      } else {  // (a partner listed twice reads 0 the second time; sums that stayed 0 are no pairs)
-        for (int64_t x = 0; x < touched; ++x) {
-          const float v = acc[pj[x]];
-          acc[pj[x]] = 0.0f;
-          if (v >= br.hi) {
-            total += static_cast<double>(v);
-            ++above;
-          } else if (v < br.lo) {
-            below += v != 0.0f;
-          } else {
-            mine.room(1);
-            mine.value[mine.size] = v;
-            mine.tag[mine.size++] = i * n + pj[x];
-          }
-        }
-      }
+      gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, below, mine);
       latent_total[i] = total;
     }
   }
@@ -276,14 +260,14 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   int64_t collected = 0;
   for (const auto& list : inside) collected += list.size;
   // (every pair within k: the full path keeps them all, with its own kth and tie cut for that case)
-  if (!(above < k && k <= above + collected) || above + collected + below <= k) {
+  if (returned || !(above < k && k <= above + collected) || above + collected + below <= k) {
     give_back();
     return std::nullopt;
   }
 
   const int parts = static_cast<int>(inside.size());
   const KthCut<float> cut = bracketed_detail::cut_inside(inside, k - above, br, threads);
-    // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
+  // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
   // list, in the order they were listed: the sums' order is fixed), and each list's marked row
   // pairs' bits set (a latent's words are its thread's alone; a pair tied at the cut: its key
   // from its position).

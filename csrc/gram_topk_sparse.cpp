@@ -115,19 +115,28 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
       threads, vals_t);
 }
 
-// The bracketed sum (csrc/bracketed_sum.h) of rows with no negative value and no block: float32,
-// AVX-512 BW/VL. nullopt where it does not apply or its sample's bracket missed.
+// Whether the bracketed sum (csrc/bracketed_sum.h) can take these rows if they have no block:
+// float32, no value negative, AVX-512 BW/VL, 32-bit latent ids.
+template <typename acc_t>
+bool can_bracket(const acc_t* vp, int64_t nnz, int64_t n) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<acc_t, float>::value)
+    return aosae::has_avx512_bw_vl() && n <= INT32_MAX && aosae::none_negative(vp, nnz);
+#endif
+  return false;
+}
+
+// The bracketed sum of rows that can_bracket and have no block; nullopt where its sample's bracket
+// missed.
 template <typename acc_t>
 std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m,
                                               int64_t n, int64_t nnz, int64_t k, int threads, bool keep_plan,
                                               double slack) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (!aosae::has_avx512_bw_vl() || n > INT32_MAX || !aosae::none_negative(vp, nnz)) return std::nullopt;
     aosae::KeptBits bits;
     auto run = [&](const auto& cols) {
-      return aosae::bracketed_sum(rp, cp, cols.data(), vp, m, n, nnz, k, threads, keep_plan ? &bits : nullptr,
-                                  aosae::kSampleStride, slack);
+      return aosae::bracketed_sum(rp, cp, cols.data(), vp, m, n, nnz, k, threads, keep_plan ? &bits : nullptr, slack);
     };
     std::optional<aosae::SumResult> r = n <= 65536 ? run(aosae::narrowed_latents<uint16_t>(cp, nnz))
                                                    : run(aosae::narrowed_latents<int32_t>(cp, nnz));
@@ -160,7 +169,8 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   std::optional<aosae::NormOrder<acc_t>> order;
   // (the plan's rows and U do not depend on the labels: the block relabelled is the same block)
   const bool positive = aosae::all_positive(vp, nnz);
-  const bool blocked = (positive || bracketed) &&
+  const bool bracketable = bracketed && can_bracket(vp, nnz, n);
+  const bool blocked = (positive || bracketable) &&
                        aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::block_cost(true), false).size() > 0;
   if (blocked) {
     if (positive) {
@@ -168,7 +178,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
       cp = order->cols.data();
       vp = order->vals.data();
     }
-  } else if (bracketed) {
+  } else if (bracketable) {
     if (auto r = try_bracketed(rp, cp, vp, m, n, nnz, k, threads, keep_plan, bracketed_slack)) return std::move(*r);
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(

@@ -28,6 +28,18 @@ def topk_rows(batch: int, n: int, lo: int = 12, hi: int = 40, values=None):
     return offsets, indices, vals.float()
 
 
+def row_pairs(c) -> int:
+    """The row pairs of canonical rows c (each pair of entries of a row)."""
+    lengths = c.row_ptr[1:] - c.row_ptr[:-1]
+    return int((lengths * (lengths - 1) // 2).sum())
+
+
+def misleading_sample(c):
+    """c with the sampled latents (every 16th canonical id, from the 8th) at 100 times the others'
+    values: the sample brackets far above the k-th score."""
+    return c._replace(vals=(torch.where(c.cols % 16 == 8, 100.0, 1.0) * (torch.rand(c.cols.numel()) + 0.5)).float())
+
+
 def run(module, c, k, bracketed: bool, slack: float = 0.5):
     """The op's answer, its plan and both backwards' gradients. slack: the bracketed sum's (wide
     by default: on rows this small its sample is coarse, and a miss would leave the path untested)."""
@@ -60,8 +72,7 @@ def test_the_bracketed_sum_keeps_the_full_paths_pairs(share, seed):
     module = cpp_module()
     offsets, indices, values = topk_rows(600, 4000)
     c = co.canonical(offsets, indices, values)
-    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
-    k = max(1, int(share * row_pairs * 0.9))
+    k = max(1, int(share * row_pairs(c) * 0.9))
     assert_same_as_full_path(module, c, k)
     total, kth, tie_cut, kept, width, plan, grads = run(module, c, k, bracketed=True)
     assert_is_the_selections(c, k, torch.float32, torch.tensor(total, dtype=torch.float64), kth, grads[0])
@@ -85,8 +96,7 @@ def test_wide_latent_ids_take_int32(seed):
     offsets, indices, values = topk_rows(2300, 1 << 20, lo=28, hi=36)
     c = co.canonical(offsets, indices, values)
     assert c.uniq.numel() > 65536
-    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
-    assert_same_as_full_path(module, c, row_pairs // 3)
+    assert_same_as_full_path(module, c, row_pairs(c) // 3)
 
 
 def test_products_that_underflow_to_zero_are_no_pairs(seed):
@@ -106,10 +116,8 @@ def test_a_misleading_sample_falls_back_to_the_full_path(seed):
     its low end, and the full path answers."""
     module = cpp_module()
     offsets, indices, values = topk_rows(400, 1600)
-    c = co.canonical(offsets, indices, values)
-    c = c._replace(vals=(torch.where(c.cols % 16 == 8, 100.0, 1.0) * (torch.rand(c.cols.numel()) + 0.5)).float())
-    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
-    assert not assert_same_as_full_path(module, c, row_pairs // 2, expect_bits=False, slack=0.1)
+    c = misleading_sample(co.canonical(offsets, indices, values))
+    assert not assert_same_as_full_path(module, c, row_pairs(c) // 2, expect_bits=False, slack=0.1)
 
 
 def test_zero_values_take_the_path_and_make_no_pairs(seed):
@@ -158,7 +166,5 @@ def test_a_hit_after_a_miss_is_the_full_paths(seed):
     module = cpp_module()
     offsets, indices, values = topk_rows(400, 1600)
     c = co.canonical(offsets, indices, values)
-    skewed = c._replace(vals=(torch.where(c.cols % 16 == 8, 100.0, 1.0) * (torch.rand(c.cols.numel()) + 0.5)).float())
-    row_pairs = int(((c.row_ptr[1:] - c.row_ptr[:-1]) * (c.row_ptr[1:] - c.row_ptr[:-1] - 1) // 2).sum())
-    assert not assert_same_as_full_path(module, skewed, row_pairs // 2, expect_bits=False, slack=0.1)
-    assert_same_as_full_path(module, c, row_pairs // 3)
+    assert not assert_same_as_full_path(module, misleading_sample(c), row_pairs(c) // 2, expect_bits=False, slack=0.1)
+    assert_same_as_full_path(module, c, row_pairs(c) // 3)
