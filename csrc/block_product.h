@@ -8,8 +8,8 @@
 // another order, recomputed pass after pass) and the backward (recomputed) see the same scores.
 // A BLAS GEMM gave the same entry different last bits at different positions. The compiler is
 // told not to contract other multiply-adds (-ffp-contract=off): only these are fused, by hand.
-// AVX-512: 64 columns (32 in float64) of a row kept in four registers while every moved row is
-// added, the tile's rows one after another over the same 64 columns of A_H (read from L1);
+// AVX-512: 64 columns (32 in float64) of four rows kept in sixteen registers while every moved row
+// is added, the tile's rows four at a time over the same 64 columns of A_H (read from L1);
 // elsewhere a plain loop over an L1 stretch (std::fma: one instruction where the machine has it,
 // a correctly rounded library call where not).
 
@@ -54,30 +54,50 @@ __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const ac
 }
 
 #if defined(__x86_64__) || defined(__i386__)
+// kRows rows of the tile at once over 4 registers of columns: 4·kRows independent sums, each
+// still its own fma sequence (one row's 4 left the two FMA units waiting on the adds' latency:
+// the tiles ran at ≈ 40 GMAC/s of this Xeon's ≈ 147; benchmarks/NOTES.md, eighteenth pass)
+template <typename acc_t, int kRows>
+__attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(const acc_t* a, const acc_t* coef,
+                                                                               int64_t h, int64_t u, int64_t q,
+                                                                               acc_t* o, int64_t ld) {
+  using S = Simd512<acc_t>;
+  constexpr int64_t L = S::kLanes;
+  typename S::V s[kRows][4];
+#pragma GCC unroll 4
+  for (int x = 0; x < kRows; ++x)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) s[x][c] = S::zero();
+  for (int64_t r = 0; r < h; ++r) {
+    const acc_t* ar = a + r * u + q;
+    const auto a0 = S::load(ar), a1 = S::load(ar + L), a2 = S::load(ar + 2 * L), a3 = S::load(ar + 3 * L);
+#pragma GCC unroll 4
+    for (int x = 0; x < kRows; ++x) {
+      const auto c = S::set1(coef[x * h + r]);
+      s[x][0] = S::fmadd(c, a0, s[x][0]);
+      s[x][1] = S::fmadd(c, a1, s[x][1]);
+      s[x][2] = S::fmadd(c, a2, s[x][2]);
+      s[x][3] = S::fmadd(c, a3, s[x][3]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int x = 0; x < kRows; ++x)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) S::store(o + x * ld + c * L, s[x][c]);
+}
+
 template <typename acc_t>
 __attribute__((target("avx512f"))) void tile_avx512(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0,
                                                     int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
+  constexpr int kRows = 4;
   int64_t q = q0;
   for (; q + 4 * L <= q1; q += 4 * L) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const acc_t* coef = coefs + p * h;
-      auto s0 = S::zero(), s1 = S::zero(), s2 = S::zero(), s3 = S::zero();
-      for (int64_t r = 0; r < h; ++r) {
-        const auto c = S::set1(coef[r]);
-        const acc_t* ar = a + r * u + q;
-        s0 = S::fmadd(c, S::load(ar), s0);
-        s1 = S::fmadd(c, S::load(ar + L), s1);
-        s2 = S::fmadd(c, S::load(ar + 2 * L), s2);
-        s3 = S::fmadd(c, S::load(ar + 3 * L), s3);
-      }
-      acc_t* o = out + (p - p0) * ld + (q - q0);
-      S::store(o, s0);
-      S::store(o + L, s1);
-      S::store(o + 2 * L, s2);
-      S::store(o + 3 * L, s3);
-    }
+    int64_t p = p0;
+    for (; p + kRows <= p1; p += kRows)
+      tile_rows_avx512<acc_t, kRows>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld);
+    for (; p < p1; ++p) tile_rows_avx512<acc_t, 1>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld);
   }
   for (; q < q1; q += L) {  // the last columns, a register (or fewer lanes, masked) at a time
     const auto mask = S::first(q1 - q);
