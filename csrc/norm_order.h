@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include "pair_select.h"  // radix_sort_by
+
 namespace aosae {
 
 template <typename acc_t>
@@ -43,8 +45,9 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
   for (int64_t e = 0; e < nnz; ++e) sq[cp[e]] += static_cast<double>(vp[e]) * static_cast<double>(vp[e]);
   // the active latents sorted (stably), then the others in their order: the same as sorting all
   // n, without sorting the n − u zeros (d_sae 262144: u ≈ 2·10⁴)
-  // (sorted as (~bits of sq, latent) pairs: a positive double's bits order as its value does, so
-  // this is the stable order by sq descending, with integer compares)
+  // (a stable radix sort on ~bits of sq: a positive double's bits order as its value does, so
+  // this is the order by sq descending, ties in latent order; std::sort of (~bits, latent) pairs
+  // took 0.8–1.9 ms of BatchTopK's block steps)
   std::vector<std::pair<uint64_t, int64_t>> active;
   for (int64_t i = 0; i < n; ++i)
     if (sq[i] > 0) {
@@ -52,7 +55,7 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
       std::memcpy(&bits, &sq[i], sizeof(bits));
       active.emplace_back(~bits, i);
     }
-  std::sort(active.begin(), active.end());
+  radix_sort_by(active, [](const std::pair<uint64_t, int64_t>& a) { return a.first; });
   out.original.clear();
   out.original.reserve(n);
   for (const auto& a : active) out.original.push_back(a.second);
@@ -67,26 +70,49 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
   out.cols.resize(nnz);
   out.vals.resize(nnz);
   out.entry.resize(nnz);
-  // Each row's entries by new label: a counting sort of all the entries by label (row order kept
-  // within a label), then each label's entries dealt to their rows in turn. Linear and serial; the
-  // order took 4.5 ms with per-row sorts at BatchTopK d_sae 65536's initialisation (rows of up to
-  // thousands).
-  std::vector<int64_t> start(n + 1, 0), row_of(nnz);
-  for (int64_t t = 0; t < m; ++t)
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-      row_of[e] = t;
-      ++start[out.label[cp[e]] + 1];
+  // Each row's entries by new label, rows in parallel, each written to its own stretch: a row
+  // short against n sorts its (label, place) keys; a longer one marks its labels in a bitmap of
+  // the n labels and reads them back in order (n/64 words: cheaper than sorting past about n/256
+  // entries; BatchTopK's outlier rows hold thousands). A counting sort of all the entries by label,
+  // dealt to the rows in turn, took 3.5–5.5 ms serial at BatchTopK d_sae 16384–65536's block
+  // steps, most of it reads and writes scattered over every row (benchmarks/NOTES.md, eighteenth
+  // pass); per-row std::sort of pairs, 4.5 ms at d_sae 65536's initialisation.
+  const int64_t words = (n + 63) / 64;
+  at::parallel_for(0, m, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<uint64_t> keys, bits;
+    std::vector<int64_t> place;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = rp[t], len = rp[t + 1] - b;
+      auto put = [&](int64_t x, int64_t label, int64_t e) {
+        out.cols[b + x] = label;
+        out.vals[b + x] = vp[e];
+        out.entry[b + x] = e;
+      };
+      if (len * 256 < n) {
+        keys.resize(len);
+        for (int64_t x = 0; x < len; ++x) keys[x] = static_cast<uint64_t>(out.label[cp[b + x]]) << 32 | static_cast<uint64_t>(x);
+        std::sort(keys.begin(), keys.end());
+        for (int64_t x = 0; x < len; ++x) put(x, static_cast<int64_t>(keys[x] >> 32), b + static_cast<int64_t>(keys[x] & 0xFFFFFFFFu));
+        continue;
+      }
+      if (bits.empty()) {
+        bits.assign(words, 0);
+        place.resize(n);
+      }
+      for (int64_t e = b; e < b + len; ++e) {  // (a row's latents are distinct: one entry per label)
+        const int64_t label = out.label[cp[e]];
+        bits[label >> 6] |= uint64_t(1) << (label & 63);
+        place[label] = e;
+      }
+      int64_t x = 0;
+      for (int64_t w = 0; w < words && x < len; ++w)
+        for (uint64_t word = bits[w]; word; word &= word - 1) {
+          const int64_t label = w * 64 + __builtin_ctzll(word);
+          put(x++, label, place[label]);
+        }
+      for (int64_t e = b; e < b + len; ++e) bits[out.label[cp[e]] >> 6] = 0;
     }
-  for (int64_t a = 0; a < n; ++a) start[a + 1] += start[a];
-  std::vector<int64_t> by_label(nnz);
-  for (int64_t e = 0; e < nnz; ++e) by_label[start[out.label[cp[e]]]++] = e;
-  std::vector<int64_t> next(rp, rp + m);
-  for (const int64_t e : by_label) {
-    const int64_t d = next[row_of[e]]++;
-    out.cols[d] = out.label[cp[e]];
-    out.vals[d] = vp[e];
-    out.entry[d] = e;
-  }
+  });
   return out;
 }
 

@@ -190,35 +190,41 @@ struct ZeroedCounts {
   }
 };
 
-// LSD radix sort of 64-bit keys on 8-bit digits, skipping digits that every key shares.
+// LSD radix sort on 8-bit digits of a 64-bit key per item, skipping digits that every key shares;
+// stable (items with equal keys keep their order).
 // 8-bit digits: each scatter pass writes to 256 streams, which stay in cache and TLB; with
 // 11-bit digits (2048 streams) a pass over 10⁷ keys missed on nearly every write and the
 // sort took 2.5× longer although it has 6 passes instead of 8 (BatchTopK's block, 10.7 M pairs).
-inline void radix_sort(std::vector<uint64_t>& keys) {
-  const size_t count = keys.size();
+template <typename T, typename KeyOf>
+void radix_sort_by(std::vector<T>& items, KeyOf&& key_of) {
+  const size_t count = items.size();
   if (count < 2) return;
   uint64_t any = 0, all = ~uint64_t(0);
-  for (const uint64_t x : keys) {
-    any |= x;
-    all &= x;
+  for (const T& x : items) {
+    any |= key_of(x);
+    all &= key_of(x);
   }
   const uint64_t varying = any ^ all;
-  std::vector<uint64_t> other(count);
+  std::vector<T> other(count);
   size_t hist[256];
   for (int shift = 0; shift < 64; shift += 8) {
     const uint64_t digit_mask = uint64_t(0xff) << shift;
     if (!(varying & digit_mask)) continue;
     std::fill(hist, hist + 256, 0);
-    for (const uint64_t x : keys) ++hist[(x >> shift) & 0xff];
+    for (const T& x : items) ++hist[(key_of(x) >> shift) & 0xff];
     size_t run = 0;
     for (auto& h : hist) {
       const size_t c = h;
       h = run;
       run += c;
     }
-    for (const uint64_t x : keys) other[hist[(x >> shift) & 0xff]++] = x;
-    keys.swap(other);
+    for (const T& x : items) other[hist[(key_of(x) >> shift) & 0xff]++] = x;
+    items.swap(other);
   }
+}
+
+inline void radix_sort(std::vector<uint64_t>& keys) {
+  radix_sort_by(keys, [](uint64_t x) { return x; });
 }
 
 // One float pair as a 64-bit key that sorts ascending in the contract's order (|value| desc,

@@ -465,6 +465,34 @@ def test_a_second_backward_gives_the_same_gradient():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_norm_order_relabels_short_and_long_rows_alike(dtype):
+    """With a block on positive values the latents are relabelled by norm and every row's entries
+    re-sorted by label (csrc/norm_order.h): a row short against the latents sorts its labels, a
+    longer one reads them back from a bitmap. Rows of both kinds around a block: the sum, k-th score
+    and gradient at several k are the selection's."""
+    pool, n = 200, 4000
+    rows = [torch.randperm(pool)[:150] for _ in range(6)]  # the block's rows
+    rows += [torch.randperm(n)[: int(torch.randint(1, 6, ()))] for _ in range(400)]  # sorted: 5·256 < u
+    rows += [torch.randperm(n)[: int(torch.randint(20, 60, ()))] for _ in range(20)]  # bitmap: 20·256 > n
+    rows = [rows[i] for i in torch.randperm(len(rows)).tolist()]
+    offsets, indices = _rows(rows)
+    values = (torch.rand(indices.numel(), dtype=torch.float64) + 0.05).to(dtype)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    assert 5 * 256 < u < 20 * 256
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    for k in (pairs // 10, pairs // 2):
+        *_, width, live_end, _, _ = cpp_module().sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k)
+        assert width > 0 and live_end.numel() == width  # the block, its latents in norm order
+        found, grad = summed(offsets, indices, values, n, k)
+        want, want_grad, selection = selection_sum(offsets, indices, values, n, k)
+        assert found.kth == float(kth_score(selection.values.detach(), k))
+        eps = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(found.total, want, rtol=eps, atol=eps)
+        torch.testing.assert_close(grad, want_grad, rtol=eps, atol=eps * max(1.0, float(want_grad.abs().max())))
+
+
 @pytest.mark.parametrize("dtype, width", [(torch.float32, 16500), (torch.float64, 11700)])
 def test_a_block_past_the_width_cap_sums_and_differentiates_exactly(dtype, width):
     """One token on more latents than the 1 GiB block cap holds (16384 in float32, 11585 in
