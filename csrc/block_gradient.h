@@ -24,6 +24,7 @@
 #include <omp.h>
 #endif
 
+#include "block_bits.h"
 #include "recomputed_block.h"
 #include "simd512.h"
 
@@ -196,11 +197,43 @@ void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, 
 
 }  // namespace block_gradient_detail
 
-// A_H · G_U [h, width] for the block rows [0, extent) (row p's pairs: q in (p, row_end(p))).
-// to_gradients(v, len, p, q_first): v[x] = score (p, q_first + x) -> its gradient, x < len.
+// A tile's gradients from recomputed scores: to_gradients(v, len, p, q_first): v[x] = score
+// (p, q_first + x) -> its gradient, x < len.
 template <typename acc_t, typename RowEnd, typename ToGradients>
+auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end, ToGradients& to_gradients) {
+  return [&](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
+    const int64_t cols = q1 - q0;
+    scores.tile(p0, p1, q0, q1, tile, cols);
+    for (int64_t p = p0; p < p1; ++p) {  // gradients on row p's pairs (q in (p, row_end(p))), 0 elsewhere
+      acc_t* v = tile + (p - p0) * cols;
+      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+      std::fill(v, v + (lo - q0), acc_t(0));
+      to_gradients(v + (lo - q0), hi - lo, p, lo);
+      std::fill(v + (hi - q0), v + cols, acc_t(0));
+    }
+  };
+}
+
+// A tile's gradients from the forward's kept bits (csrc/block_bits.h): g where kept, else 0.
+template <typename acc_t, typename RowEnd>
+auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
+  return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
+    const int64_t cols = q1 - q0;
+    for (int64_t p = p0; p < p1; ++p) {
+      acc_t* v = tile + (p - p0) * cols;
+      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+      std::fill(v, v + (lo - q0), acc_t(0));
+      expand_bits(bits.row(p), lo - p - 1, hi - lo, g, v + (lo - q0));
+      std::fill(v + (hi - q0), v + cols, acc_t(0));
+    }
+  };
+}
+
+// A_H · G_U [h, width] for the block rows [0, extent) (row p's pairs: q in (p, row_end(p))).
+// gradients(p0, p1, q0, q1, tile): the tile's G_U [p1 − p0, q1 − q0] (0 off each row's pairs).
+template <typename acc_t, typename RowEnd, typename Gradients>
 torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t extent, RowEnd&& row_end,
-                             ToGradients&& to_gradients, int threads) {
+                             Gradients&& gradients, int threads) {
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
   const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
@@ -226,14 +259,7 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t q0 = p0 + 1; q0 < end; q0 += d::kTileCols) {
         const int64_t q1 = std::min(end, q0 + d::kTileCols), cols = q1 - q0;
-        scores.tile(p0, p1, q0, q1, tile.data(), cols);
-        for (int64_t p = p0; p < p1; ++p) {  // gradients on row p's pairs (q in (p, row_end(p))), 0 elsewhere
-          acc_t* v = tile.data() + (p - p0) * cols;
-          const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
-          std::fill(v, v + (lo - q0), acc_t(0));
-          to_gradients(v + (lo - q0), hi - lo, p, lo);
-          std::fill(v + (hi - q0), v + cols, acc_t(0));
-        }
+        gradients(p0, p1, q0, q1, tile.data());
         d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);  // prod[:, q] (columns)
         d::add_row_dots(coefs_t.data(), h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
       }

@@ -183,14 +183,18 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
       rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, keep_plan, reach);
-  aosae::SumResult r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
+  // the block's kept pairs as bits for the backward: float32, no value negative (csrc/block_bits.h)
+  bool block_bits = false;
+  if constexpr (std::is_same<acc_t, float>::value) block_bits = keep_plan && (positive || aosae::none_negative(vp, nnz));
+  aosae::SumResult r =
+      aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
   if (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
     // the staircase's sampled floor was above the k-th score: pairs past it may be among the k
     // best, so the whole block is summed (the same labels: live_end is the full width)
     const int64_t passes = r.block_passes;
     summed = aosae::CoactivePairs<acc_t>();  // (its buffers go before the second pass takes its own)
     summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, keep_plan);
-    r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads).run(k, bracket, sample_step);
+    r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
     r.block_passes += passes;
   }
   if (order) {
@@ -205,6 +209,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
     plan->order = std::move(order);
     plan->dense = std::move(summed.dense);
     plan->scores = std::move(summed.rows);
+    plan->block_bits = std::move(r.block_bits);
     r.plan = std::move(plan);
   }
   trim_scratch();
@@ -361,7 +366,11 @@ void register_sparse(pybind11::module& m) {
       "scores, every row pair's score (csrc/topk_sum_plan.h)")
       .def_property_readonly("pair_scores", [](const aosae::TopKSumPlan& p) { return p.pair_scores; })
       .def_property_readonly("pair_runs", [](const aosae::TopKSumPlan& p) { return p.pair_runs; })
-      .def_property_readonly("kept_bits", [](const aosae::TopKSumPlan& p) { return p.kept_bits; });
+      .def_property_readonly("kept_bits", [](const aosae::TopKSumPlan& p) { return p.kept_bits; })
+      .def_property_readonly("block_bits", [](const aosae::TopKSumPlan& p) {
+        const auto* f = dynamic_cast<const aosae::TopKSumPlanOf<float>*>(&p);
+        return f && f->block_bits.defined() ? f->block_bits.words() : torch::Tensor();
+      });
   m.def("gram_topk_sparse_cpu", &gram_topk_sparse_cpu, py::arg("a"), py::arg("k"), py::arg("cosine"),
         py::call_guard<py::gil_scoped_release>(),
         "Sparse co-activation gram_topk on a dense CPU tensor: (values[k], rows[k], cols[k])");

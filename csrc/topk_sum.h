@@ -31,6 +31,7 @@
 #include <memory>
 #include <vector>
 
+#include "block_bits.h"
 #include "block_staircase.h"
 #include "coactive_pairs.h"
 #include "norm_order.h"
@@ -63,6 +64,7 @@ struct SumResult {
   int64_t block_passes = 0;   // passes over the block's rows (a sample of every step-th row and the seed not counted)
   torch::Tensor live_end;     // [u] int64: block row p holds (p, q < live_end[p]); empty: latents not relabelled
   std::shared_ptr<TopKSumPlan> plan;  // asked for: what the backward takes instead of deriving it (csrc/topk_sum_plan.h)
+  BlockBits block_bits;               // asked for: the block's kept pairs (csrc/block_bits.h)
 };
 
 // Where a pass draws the line: |C| >= hi is kept for sure; lo <= |C| < hi is collected (the k-th
@@ -121,9 +123,12 @@ struct RowTally {
   acc_t lowest = std::numeric_limits<acc_t>::infinity();
 };
 
+// masks (float32 rows only, else null): bit q of the words set where v[q] is above the bracket
 template <typename acc_t>
-RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
+RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside,
+                            uint16_t* masks) {
   RowTally<acc_t> t;
+  uint16_t word = 0;
   for (int64_t q = 0; q < len; ++q) {
     const acc_t a = std::abs(v[q]);
     const bool above = !(a < hi) & (a != acc_t(0));  // (a NaN counts above, as it bins above)
@@ -131,6 +136,8 @@ RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std
     t.count += above;
     t.lowest = above ? std::min(t.lowest, a) : t.lowest;
     if ((a >= lo) & (a < hi) & (a != acc_t(0))) inside.push_back(q);
+    word |= static_cast<uint16_t>(above) << (q & 15);
+    if (masks && ((q & 15) == 15 || q + 1 == len)) masks[q >> 4] = word, word = 0;
   }
   return t;
 }
@@ -140,7 +147,7 @@ RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std
 // the low and high halves apart), lane order fixed
 template <typename acc_t>
 __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, int64_t len, acc_t lo, acc_t hi,
-                                                                std::vector<int64_t>& inside) {
+                                                                std::vector<int64_t>& inside, uint16_t* masks) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   const auto vlo = S::set1(lo), vhi = S::set1(hi), zero = S::zero();
@@ -157,6 +164,7 @@ __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, 
       const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
       sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
       sum1 = _mm512_mask_add_pd(sum1, __mmask8(above >> 8), sum1, _mm512_cvtps_pd(high));
+      if (masks) masks[q / L] = above;
     } else {
       sum0 = _mm512_mask_add_pd(sum0, above, sum0, a);
     }
@@ -176,22 +184,24 @@ __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, 
 #endif
 
 template <typename acc_t>
-RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside) {
+RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside,
+                      uint16_t* masks) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (has_avx512()) return tally_avx512<acc_t>(v, len, lo, hi, inside);
+  if (has_avx512()) return tally_avx512<acc_t>(v, len, lo, hi, inside, masks);
 #endif
-  return tally_plain(v, len, lo, hi, inside);
+  return tally_plain(v, len, lo, hi, inside, masks);
 }
 
 }  // namespace tally_detail
 
 // Tallies v[0 .. len) into t (the block's rows: in_block too); edge(offset, value) for each pair
-// inside the bracket. `inside`: the caller's scratch.
+// inside the bracket. `inside`: the caller's scratch. masks (float32): the pairs above the bracket
+// as bits (csrc/block_bits.h's row).
 template <typename acc_t, typename Edge>
 void tally_row(const acc_t* v, int64_t len, const Bracket<acc_t>& b, bool block, Tally<acc_t>& t,
-               std::vector<int64_t>& inside, Edge&& edge) {
+               std::vector<int64_t>& inside, Edge&& edge, uint16_t* masks = nullptr) {
   inside.clear();
-  const tally_detail::RowTally<acc_t> row = tally_detail::tally(v, len, b.lo, b.hi, inside);
+  const tally_detail::RowTally<acc_t> row = tally_detail::tally(v, len, b.lo, b.hi, inside, masks);
   t.total += row.total;
   t.count += row.count;
   if (block) t.in_block += row.count;
@@ -241,7 +251,10 @@ class TopKSum {
  public:
   static constexpr int64_t kTileRows = 16;  // block rows per tile of a pass
 
-  TopKSum(const CoactivePairs<acc_t>& summed, const NormOrder<acc_t>* order, int64_t n, int threads)
+  // block_bits: keep the block's kept pairs as bits for the backward (float32 rows with no
+  // negative value: csrc/block_bits.h)
+  TopKSum(const CoactivePairs<acc_t>& summed, const NormOrder<acc_t>* order, int64_t n, int threads,
+          bool block_bits = false)
       : s_(summed), order_(order), n_(n), width_(summed.dense.size()) {
     // parts: contiguous ranges of latents balanced by their pairs (buckets and block row)
     std::vector<int64_t> start(n + 1, 0);
@@ -256,10 +269,19 @@ class TopKSum {
     for (int64_t p = 1; p < parts; ++p)
       part_begin_[p] = std::lower_bound(start.begin(), start.end(), start[n] * p / parts) - start.begin();
     extent_ = width_ > 0 ? s_.row_end(0) : 0;
+    if (block_bits && std::is_same<acc_t, float>::value && width_ > 0)
+      bits_ = BlockBits(extent_, [&](int64_t p) { return s_.row_end(p); });
   }
 
   // bracket: the estimate's least slack (0: the exact histogram); step: every step-th row sampled (0: chosen here)
   SumResult run(int64_t k, double bracket, int64_t step) {
+    SumResult r = sum(k, bracket, step);
+    r.block_bits = std::move(bits_);
+    return r;
+  }
+
+ private:
+  SumResult sum(int64_t k, double bracket, int64_t step) {
     SumResult r;
     r.width = width_;
     if (upper_ <= k) return keep_all(k, r);  // at most k pairs, whatever their scores
@@ -294,7 +316,6 @@ class TopKSum {
     return exact(k, hist, r);
   }
 
- private:
   // the block's rows p = step/2, step/2 + step, ... (their live part), histogrammed
   std::vector<int64_t> row_histogram(int64_t step) const {
     const int threads = std::max(1, at::get_num_threads());
@@ -322,7 +343,7 @@ class TopKSum {
 
   // every pair, per part: the sum and count of those above the bracket, the ones inside collected
   // (expected: about how many pairs lie inside the bracket)
-  std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br, double expected = 0) const {
+  std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br, double expected = 0) {
     const int64_t parts = static_cast<int64_t>(part_begin_.size()) - 1;
     std::vector<Tally<acc_t>> tallies(parts);
     EdgeLists<acc_t>::lend(tallies, static_cast<size_t>(1.25 * expected / static_cast<double>(parts)) + 64);
@@ -358,7 +379,7 @@ class TopKSum {
             const int64_t i = latent[p];
             tally_row(row, len, br, true, t, inside, [&](int64_t q, acc_t v) {
               t.edge.push_back({v, key_of(i, latent[p + 1 + q])});
-            });
+            }, bits_.defined() ? bits_.row(p) : nullptr);
           }
         }
       }
@@ -367,7 +388,7 @@ class TopKSum {
   }
 
   // bin of the k-th best known exactly (hist: every pair)
-  SumResult exact(int64_t k, const std::vector<int64_t>& hist, SumResult& r) const {
+  SumResult exact(int64_t k, const std::vector<int64_t>& hist, SumResult& r) {
     const KthBin kth_bin = find_kth_bin(hist, k);
     if (width_ > 0) ++r.block_passes;
     if (kth_bin.bin < 0) return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
@@ -375,13 +396,13 @@ class TopKSum {
                           static_cast<double>(hist[kth_bin.bin])), r);
   }
 
-  SumResult keep_all(int64_t k, SumResult& r) const {
+  SumResult keep_all(int64_t k, SumResult& r) {
     if (width_ > 0) ++r.block_passes;
     return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
   }
 
   // every non-zero pair kept (P <= k): above the bracket or inside it
-  SumResult every_pair(std::vector<Tally<acc_t>> tallies, int64_t k, SumResult& r) const {
+  SumResult every_pair(std::vector<Tally<acc_t>> tallies, int64_t k, SumResult& r) {
     acc_t lowest = std::numeric_limits<acc_t>::infinity();
     for (const auto& t : tallies) {
       r.total += t.total;
@@ -391,7 +412,7 @@ class TopKSum {
       for (const auto& c : t.edge) {
         r.total += std::abs(static_cast<double>(c.value));
         r.kept += 1;
-        r.kept_in_block += in_block(c.key);
+        r.kept_in_block += keep_in_block(c.key);
         lowest = std::min(lowest, std::abs(c.value));
       }
     }
@@ -406,7 +427,7 @@ class TopKSum {
   }
 
   // the k-th best lies inside the bracket: its exact score, then the cut among the pairs tied at it
-  SumResult finish(int64_t k, std::vector<Tally<acc_t>> tallies, SumResult& r) const {
+  SumResult finish(int64_t k, std::vector<Tally<acc_t>> tallies, SumResult& r) {
     int64_t above = 0;
     for (const auto& t : tallies) {
       above += t.count;
@@ -427,7 +448,7 @@ class TopKSum {
       const acc_t a = std::abs(c.value);
       if (cut.keeps(a, c.key)) {
         r.total += static_cast<double>(a);
-        r.kept_in_block += in_block(c.key);
+        r.kept_in_block += keep_in_block(c.key);
       }
     });
     r.kth = static_cast<double>(cut.kth);
@@ -437,16 +458,22 @@ class TopKSum {
     return r;
   }
 
-  bool in_block(int64_t key) const {  // of a pair's key (original latents)
+  // a kept pair inside the bracket, by its key (original latents): whether it lies in the block,
+  // and if so its bit set (the pass set those above the bracket)
+  bool keep_in_block(int64_t key) {
     int64_t i = key / n_, j = key % n_;
     if (order_) i = order_->label[i], j = order_->label[j];
-    return s_.dense.position[i] >= 0 && s_.dense.position[j] >= 0;
+    const int64_t p = s_.dense.position[i], q = s_.dense.position[j];
+    if (p < 0 || q < 0) return false;
+    if (bits_.defined()) bits_.keep(std::min(p, q), std::max(p, q));
+    return true;
   }
 
   const CoactivePairs<acc_t>& s_;
   const NormOrder<acc_t>* order_;
   int64_t n_, width_, upper_ = 0, extent_ = 0;
   std::vector<int64_t> part_begin_;
+  BlockBits bits_;
 };
 
 }  // namespace aosae

@@ -307,11 +307,19 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     aosae::add_moved_rows_gradient(out_t, dense.taken, rp, ca, position, o);
     return in_callers_order(out);
   }
-  // most of the staircase kept: A_H · G_U from tiles of recomputed scores (csrc/block_gradient.h)
-  const Tensor prod = aosae::block_gradient(
-      scores, extent, row_end,
-      [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) { to_gradients(v, v, len, latent[p], latent + q_first); },
-      threads);
+  // most of the staircase kept: A_H · G_U from tiles of G_U (csrc/block_gradient.h), read from the
+  // forward's kept bits where it kept them, else from recomputed scores
+  auto to_block_gradients = [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) {
+    to_gradients(v, v, len, latent[p], latent + q_first);
+  };
+  const aosae::BlockBits* bits = plan && plan->block_bits.defined() ? &plan->block_bits : nullptr;
+  TORCH_CHECK(!bits || bits->rows() == extent, "sparse_csr_topk_sum_backward: the plan's kept bits cover ",
+              bits ? bits->rows() : 0, " block rows, not ", extent, ": pass the live_end and plan that ",
+              "sparse_csr_topk_sum returned for these rows");
+  const Tensor prod =
+      bits ? aosae::block_gradient(scores, extent, row_end, aosae::kept_bit_gradients<acc_t>(*bits, row_end, g), threads)
+           : aosae::block_gradient(scores, extent, row_end,
+                                   aosae::recomputed_gradients(scores, row_end, to_block_gradients), threads);
   aosae::add_moved_rows_product(prod, dense, rp, ca, o);
   return in_callers_order(out);
 }

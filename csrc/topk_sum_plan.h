@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 
+#include "block_bits.h"
 #include "dense_rows.h"
 #include "norm_order.h"
 #include "recomputed_block.h"
@@ -37,6 +38,7 @@ struct TopKSumPlanOf : TopKSumPlan {
   std::optional<NormOrder<acc_t>> order;  // the latents relabelled by norm (with a staircase)
   DenseRows<acc_t> dense;                 // the rows moved to the block, and its latents
   RecomputedBlock<acc_t> scores;          // the block's scores, recomputed where read
+  BlockBits block_bits;                   // float32 rows with no negative value: its kept pairs (csrc/block_bits.h)
 };
 
 // an empty plan for rows [m] of nnz entries over n latents

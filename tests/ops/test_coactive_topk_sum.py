@@ -239,6 +239,35 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
 
 
+@pytest.mark.parametrize("values", ["random", "ties", "zeros"])
+def test_the_blocks_kept_bits_give_the_recomputed_gradient(values):
+    """Float32 rows with no negative value and a block: the forward keeps the block's kept pairs as
+    bits (csrc/block_bits.h) and the backward reads them instead of recomputing the block's scores.
+    Its gradient is the recomputed one bit for bit (ties at the k-th score cut inside the block by
+    their keys; zeros, where no norm order prunes the block; every pair kept) and the selection's."""
+    module = cpp_module()
+    offsets, indices, vals, n = rows_of("outliers", torch.float32, integer=values == "ties", signed=False,
+                                        zeros=0.2 if values == "zeros" else 0.0)
+    c = co.canonical(offsets, indices, vals)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, vals, n, BIG_K).values.numel()
+    cuts = []
+    for k in sorted({1, pairs // 50, pairs // 3, pairs // 2, pairs - 1, pairs, pairs + 1}):
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        assert width > 0 and plan.block_bits is not None
+        cuts.append(tie_cut)
+        from_bits, recomputed = (module.sparse_csr_topk_sum_backward(0.731, c.row_ptr, c.cols, c.vals, u, float(kth),
+                                                                     tie_cut, width, product="dense",
+                                                                     live_end=live_end, plan=given)
+                                 for given in (plan, None))
+        assert torch.equal(from_bits, recomputed)
+        _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        torch.testing.assert_close(from_bits, want_grad * 0.731, rtol=2e-5, atol=2e-5 * float(want_grad.abs().max()))
+    if values == "ties":
+        assert any(cut >= 0 for cut in cuts)  # some k cut among pairs tied at the k-th score
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("one_row_on_all", [True, False])
 def test_every_coactive_pair_kept_takes_the_closed_form_and_equals_the_tiles(dtype, one_row_on_all):

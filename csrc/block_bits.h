@@ -1,0 +1,93 @@
+// The GEMM block's kept pairs, one bit per pair of its staircase: the sum of the k best
+// (csrc/topk_sum.h) writes them as its pass tallies the block's rows, and its backward
+// (csrc/topk_sum_backward.cpp, csrc/block_gradient.h) reads them instead of recomputing every
+// score of the staircase once more, which was a third of the backward's multiply-adds (BatchTopK
+// d_sae 65536's early steps: a staircase of 2.9·10⁷ pairs, h 16–33 multiply-adds per score;
+// benchmarks/NOTES.md, eighteenth pass). Float32 rows with no negative value only: a kept pair's
+// gradient is then +g, its score being positive.
+//
+// Row p's pairs (p, q), q in (p, row_end(p)), are bits 0 .. of its own run of 16-bit words: a
+// pass writes a register's 16 masks at once, and rows never share a word.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "simd512.h"  // has_avx512
+
+namespace aosae {
+
+class BlockBits {
+ public:
+  BlockBits() = default;
+
+  // rows [0, extent), row p holding the pairs (p, q < row_end(p))
+  template <typename RowEnd>
+  BlockBits(int64_t extent, RowEnd&& row_end) : start_(extent + 1, 0) {
+    for (int64_t p = 0; p < extent; ++p) start_[p + 1] = start_[p] + (std::max<int64_t>(0, row_end(p) - p - 1) + 15) / 16;
+    // (a spare word: expand_bits reads two words from the last one)
+    words_ = empty_pooled(start_[extent] + 1, at::kShort);  // (pooled: megabytes at d_sae 65536, every step)
+    words_.data_ptr<int16_t>()[start_[extent]] = 0;
+  }
+
+  bool defined() const { return words_.defined(); }
+  const torch::Tensor& words() const { return words_; }
+  int64_t rows() const { return static_cast<int64_t>(start_.size()) - 1; }
+
+  // row p's words: bit x of the run is pair (p, p + 1 + x)
+  uint16_t* row(int64_t p) { return reinterpret_cast<uint16_t*>(words_.data_ptr<int16_t>()) + start_[p]; }
+  const uint16_t* row(int64_t p) const {
+    return reinterpret_cast<const uint16_t*>(words_.data_ptr<int16_t>()) + start_[p];
+  }
+
+  void keep(int64_t p, int64_t q) {
+    const int64_t x = q - p - 1;
+    row(p)[x >> 4] |= static_cast<uint16_t>(1u << (x & 15));
+  }
+
+ private:
+  std::vector<int64_t> start_;  // [extent + 1]: row p's first word
+  torch::Tensor words_;         // the bits, uint16 words held as int16
+};
+
+// v[x] = g where bit x0 + x of a row's words is set, else 0, x < count
+template <typename acc_t>
+void expand_bits_plain(const uint16_t* words, int64_t x0, int64_t count, acc_t g, acc_t* v) {
+  for (int64_t x = 0; x < count; ++x) {
+    const int64_t b = x0 + x;
+    v[x] = (words[b >> 4] >> (b & 15)) & 1u ? g : acc_t(0);
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx512f"))) inline void expand_bits_avx512(const uint16_t* words, int64_t x0, int64_t count,
+                                                                  float g, float* v) {
+  const __m512 vg = _mm512_set1_ps(g);
+  for (int64_t x = 0; x < count; x += 16) {
+    const int64_t b = x0 + x;
+    uint32_t two;  // the word holding bit b and the next one
+    std::memcpy(&two, words + (b >> 4), sizeof(two));
+    const __mmask16 lanes = count - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - x)) - 1);
+    _mm512_mask_storeu_ps(v + x, lanes, _mm512_maskz_mov_ps(static_cast<__mmask16>(two >> (b & 15)), vg));
+  }
+}
+#endif
+
+template <typename acc_t>
+void expand_bits(const uint16_t* words, int64_t x0, int64_t count, acc_t g, acc_t* v) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (has_avx512()) return expand_bits_avx512(words, x0, count, g, v);
+  }
+#endif
+  expand_bits_plain(words, x0, count, g, v);
+}
+
+}  // namespace aosae
