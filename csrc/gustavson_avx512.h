@@ -45,6 +45,7 @@ template <typename col_t, bool kNonZeroProducts = false>
 AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals, int64_t len, float vi,
                                 int32_t* pj, int64_t touched, bool& returned) {
   const __m512 scale = _mm512_set1_ps(vi), zero = _mm512_setzero_ps();
+  __mmask16 back_at_zero = 0;  // (a local: `returned` written at every step went through memory)
   for (int64_t q = 0; q < len; q += 16) {
     const __mmask16 m = Simd512f::first(len - q);
     const __m512i j = latents(m, cols + q);
@@ -57,9 +58,10 @@ AOSAE_GUSTAVSON int64_t add_run(float* acc, const col_t* cols, const float* vals
     _mm512_mask_storeu_epi32(pj + touched, Simd512f::first(count), _mm512_maskz_compress_epi32(fresh, j));
     touched += count;
     const __m512 after = _mm512_add_ps(before, product);
-    returned |= _mm512_mask_cmp_ps_mask(counted, after, zero, _CMP_EQ_OQ) != 0;
+    back_at_zero |= _mm512_mask_cmp_ps_mask(counted, after, zero, _CMP_EQ_OQ);
     _mm512_mask_i32scatter_ps(acc, m, j, after, 4);
   }
+  returned |= back_at_zero != 0;
   return touched;
 }
 
@@ -130,13 +132,24 @@ struct TaggedList {
   }
 };
 
-// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended to out (room made)
-AOSAE_GUSTAVSON void append(TaggedList& out, __mmask16 keep, __m512 v, __m512i tag_lo, __m512i tag_hi) {
+// A TaggedList's end, held by a run while it appends (a local: the compiler keeps it in registers,
+// where the list's own members, which the compress stores might alias, were stored and reloaded at
+// every step); close() hands the size back.
+struct TaggedCursor {
+  float* value;
+  int64_t* tag;
+  explicit TaggedCursor(TaggedList& list) : value(list.value.data() + list.size), tag(list.tag.data() + list.size) {}
+  void close(TaggedList& list) const { list.size = value - list.value.data(); }
+};
+
+// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended at out (room made)
+AOSAE_GUSTAVSON void append(TaggedCursor& out, __mmask16 keep, __m512 v, __m512i tag_lo, __m512i tag_hi) {
   const int low = __builtin_popcount(keep & 0xFF), count = __builtin_popcount(keep);
-  _mm512_mask_compressstoreu_ps(out.value.data() + out.size, keep, v);
-  _mm512_mask_compressstoreu_epi64(out.tag.data() + out.size, static_cast<__mmask8>(keep & 0xFF), tag_lo);
-  _mm512_mask_compressstoreu_epi64(out.tag.data() + out.size + low, static_cast<__mmask8>(keep >> 8), tag_hi);
-  out.size += count;
+  _mm512_mask_compressstoreu_ps(out.value, keep, v);
+  _mm512_mask_compressstoreu_epi64(out.tag, static_cast<__mmask8>(keep & 0xFF), tag_lo);
+  _mm512_mask_compressstoreu_epi64(out.tag + low, static_cast<__mmask8>(keep >> 8), tag_hi);
+  out.value += count;
+  out.tag += count;
 }
 
 // The kept bits of an occurrence's row pairs: acc[cols[q]] >= hi (acc >= 0: no negative value),
@@ -148,15 +161,19 @@ AOSAE_GUSTAVSON void mark_run(const float* acc, const col_t* cols, int64_t len, 
   const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
   const __m512i lane_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), lane_hi = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
   inside.room(len + 16);
+  BitWriter bits = w;  // (a local, as TaggedCursor: in registers for the run)
+  TaggedCursor out(inside);
   for (int64_t q = 0; q < len; q += 16) {
     const __mmask16 m = Simd512f::first(len - q);
     const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, latents(m, cols + q), acc, 4);
     const __mmask16 above = _mm512_mask_cmp_ps_mask(m, a, vhi, _CMP_GE_OQ);
-    w.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
+    bits.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
     const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ);
     const __m512i at = _mm512_set1_epi64(pos + q);
-    append(inside, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
+    append(out, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
   }
+  w = bits;
+  out.close(inside);
 }
 
 // The listed partners pj[0 .. count) (no j twice) of latent i: the accumulator cleared, the
@@ -168,6 +185,8 @@ AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, fl
   const __m512i base = _mm512_set1_epi64(i * n);
   __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
   inside.room(count + 16);
+  TaggedCursor out(inside);
+  int64_t above_here = 0, below_here = 0;
   for (int64_t x = 0; x < count; x += 16) {
     const __mmask16 m = Simd512f::first(count - x);
     const __m512i j = _mm512_maskz_loadu_epi32(m, pj + x);
@@ -178,13 +197,16 @@ AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, fl
                               _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
     sum1 = _mm512_mask_add_pd(sum1, static_cast<__mmask8>(above >> 8), sum1,
                               _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-    above_count += __builtin_popcount(above);
+    above_here += __builtin_popcount(above);
     const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, v, vlo, _CMP_GE_OQ);
-    below_count += __builtin_popcount(_mm512_mask_cmp_ps_mask(m & ~above & ~in, v, zero, _CMP_NEQ_OQ));
+    below_here += __builtin_popcount(_mm512_mask_cmp_ps_mask(m & ~above & ~in, v, zero, _CMP_NEQ_OQ));
     const __m512i key_lo = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(j)));
     const __m512i key_hi = _mm512_add_epi64(base, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(j, 1)));
-    append(inside, in, v, key_lo, key_hi);
+    append(out, in, v, key_lo, key_hi);
   }
+  out.close(inside);
+  above_count += above_here;
+  below_count += below_here;
   total += _mm512_reduce_add_pd(sum0) + _mm512_reduce_add_pd(sum1);
 }
 
