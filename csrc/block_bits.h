@@ -1,7 +1,7 @@
 // The GEMM block's kept pairs, one bit per pair of its staircase: the sum of the k best
 // (csrc/topk_sum.h) writes them as its pass tallies the block's rows, and its backward
 // (csrc/topk_sum_backward.cpp, csrc/block_gradient.h) reads them instead of recomputing every
-// score of the staircase once more, which was a third of the backward's multiply-adds (BatchTopK
+// score of the staircase once more, which was a third of block_gradient's multiply-adds (BatchTopK
 // d_sae 65536's early steps: a staircase of 2.9·10⁷ pairs, h 16–33 multiply-adds per score;
 // benchmarks/NOTES.md, eighteenth pass). Float32 rows with no negative value only: a kept pair's
 // gradient is then +g, its score being positive.
@@ -30,16 +30,28 @@ class BlockBits {
 
   // rows [0, extent), row p holding the pairs (p, q < row_end(p))
   template <typename RowEnd>
-  BlockBits(int64_t extent, RowEnd&& row_end) : start_(extent + 1, 0) {
-    for (int64_t p = 0; p < extent; ++p) start_[p + 1] = start_[p] + (std::max<int64_t>(0, row_end(p) - p - 1) + 15) / 16;
-    // (a spare word: expand_bits reads two words from the last one)
-    words_ = empty_pooled(start_[extent] + 1, at::kShort);  // (pooled: megabytes at d_sae 65536, every step)
+  BlockBits(int64_t extent, RowEnd&& row_end) : end_(extent), start_(extent + 1, 0) {
+    for (int64_t p = 0; p < extent; ++p) {
+      end_[p] = row_end(p);
+      start_[p + 1] = start_[p] + (std::max<int64_t>(0, end_[p] - p - 1) + 15) / 16;
+    }
+    // (a spare word: expand_bits reads two words from the last one; pooled past 8 MiB, d_sae 2¹⁸)
+    words_ = empty_pooled(start_[extent] + 1, at::kShort);
     words_.data_ptr<int16_t>()[start_[extent]] = 0;
   }
 
   bool defined() const { return words_.defined(); }
   const torch::Tensor& words() const { return words_; }
-  int64_t rows() const { return static_cast<int64_t>(start_.size()) - 1; }
+
+  // whether these are the bits of rows [0, extent) ending at row_end (the backward's check: other
+  // ends would read other rows' bits, or past the last)
+  template <typename RowEnd>
+  bool covers(int64_t extent, RowEnd&& row_end) const {
+    if (static_cast<int64_t>(end_.size()) != extent) return false;
+    for (int64_t p = 0; p < extent; ++p)
+      if (end_[p] != row_end(p)) return false;
+    return true;
+  }
 
   // row p's words: bit x of the run is pair (p, p + 1 + x)
   uint16_t* row(int64_t p) { return reinterpret_cast<uint16_t*>(words_.data_ptr<int16_t>()) + start_[p]; }
@@ -53,6 +65,7 @@ class BlockBits {
   }
 
  private:
+  std::vector<int64_t> end_;    // [extent]: row p's end (its pairs: q in (p, end))
   std::vector<int64_t> start_;  // [extent + 1]: row p's first word
   torch::Tensor words_;         // the bits, uint16 words held as int16
 };

@@ -1,10 +1,11 @@
 // The moved rows' gradient of the sum of the k best pairs inside the GEMM block, A_H · G_U
-// (csrc/topk_sum_backward.cpp), from tiles of recomputed scores: nothing the size of the block is
-// stored or read from memory.
+// (csrc/topk_sum_backward.cpp), from tiles of G_U: nothing the size of the block is stored or read
+// from memory but, where the forward kept them, its kept pairs' bits (csrc/block_bits.h).
 //
 // G_U is symmetric with G[p, q] (p < q < live_end[p]) = ±g where the pair is kept, else 0. Per tile
-// of 16 block rows × 256 columns (in L1): the scores recomputed (csrc/recomputed_block.h), turned
-// into gradients, and both halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
+// of 16 block rows × 256 columns (in L1): its gradients (the scores recomputed,
+// csrc/recomputed_block.h, and turned into gradients; or +g where a kept bit is set), and both
+// halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
 // the tile's columns, prod[:, p] += Σ_q A_H[:, q]·G[p, q] as dot products along the tile's rows
 // (with A_H transposed once: no transpose of the tile, which took a fifth of the backward; its
 // partial sums kept per lane across a panel's tiles and added up once per panel). The panels and
@@ -197,35 +198,37 @@ void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, 
 
 }  // namespace block_gradient_detail
 
+// The tile of rows [p0, p1) × columns [q0, q1): fill(v, p, lo, hi) writes row p's gradients at its
+// pairs' columns [lo, hi) (v: column lo), the rest of the row set to 0.
+template <typename acc_t, typename RowEnd, typename Fill>
+void tile_rows(int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile, RowEnd& row_end, Fill&& fill) {
+  const int64_t cols = q1 - q0;
+  for (int64_t p = p0; p < p1; ++p) {  // row p's pairs: q in (p, row_end(p))
+    acc_t* v = tile + (p - p0) * cols;
+    const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+    std::fill(v, v + (lo - q0), acc_t(0));
+    fill(v + (lo - q0), p, lo, hi);
+    std::fill(v + (hi - q0), v + cols, acc_t(0));
+  }
+}
+
 // A tile's gradients from recomputed scores: to_gradients(v, len, p, q_first): v[x] = score
 // (p, q_first + x) -> its gradient, x < len.
 template <typename acc_t, typename RowEnd, typename ToGradients>
 auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end, ToGradients& to_gradients) {
   return [&](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
-    const int64_t cols = q1 - q0;
-    scores.tile(p0, p1, q0, q1, tile, cols);
-    for (int64_t p = p0; p < p1; ++p) {  // gradients on row p's pairs (q in (p, row_end(p))), 0 elsewhere
-      acc_t* v = tile + (p - p0) * cols;
-      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
-      std::fill(v, v + (lo - q0), acc_t(0));
-      to_gradients(v + (lo - q0), hi - lo, p, lo);
-      std::fill(v + (hi - q0), v + cols, acc_t(0));
-    }
+    scores.tile(p0, p1, q0, q1, tile, q1 - q0);
+    tile_rows(p0, p1, q0, q1, tile, row_end,
+              [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { to_gradients(v, hi - lo, p, lo); });
   };
 }
 
-// A tile's gradients from the forward's kept bits (csrc/block_bits.h): g where kept, else 0.
+// A tile's gradients from the forward's kept bits (csrc/block_bits.h): +g where kept, else 0.
 template <typename acc_t, typename RowEnd>
 auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
   return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
-    const int64_t cols = q1 - q0;
-    for (int64_t p = p0; p < p1; ++p) {
-      acc_t* v = tile + (p - p0) * cols;
-      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
-      std::fill(v, v + (lo - q0), acc_t(0));
-      expand_bits(bits.row(p), lo - p - 1, hi - lo, g, v + (lo - q0));
-      std::fill(v + (hi - q0), v + cols, acc_t(0));
-    }
+    tile_rows(p0, p1, q0, q1, tile, row_end,
+              [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { expand_bits(bits.row(p), lo - p - 1, hi - lo, g, v); });
   };
 }
 

@@ -183,9 +183,9 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   }
   aosae::CoactivePairs<acc_t> summed = aosae::coactive_pairs<acc_t>(
       rp, cp, vp, m, n, nnz, false, threads, true, order ? &order->norm : nullptr, k, keep_plan, reach);
-  // the block's kept pairs as bits for the backward: float32, no value negative (csrc/block_bits.h)
-  bool block_bits = false;
-  if constexpr (std::is_same<acc_t, float>::value) block_bits = keep_plan && (positive || aosae::none_negative(vp, nnz));
+  // the block's kept pairs as bits for the backward: float32 (TopKSum's test), no value negative
+  // (a block is only made for positive or bracketable rows, csrc/block_bits.h)
+  const bool block_bits = keep_plan && (positive || bracketable);
   aosae::SumResult r =
       aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
   if (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
@@ -193,6 +193,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
     // best, so the whole block is summed (the same labels: live_end is the full width)
     const int64_t passes = r.block_passes;
     summed = aosae::CoactivePairs<acc_t>();  // (its buffers go before the second pass takes its own)
+    r.block_bits = aosae::BlockBits();
     summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, keep_plan);
     r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
     r.block_passes += passes;

@@ -16,7 +16,9 @@
 // sample misled, or bracket = 0) the block is histogrammed whole (step 1) and the pass repeated on
 // the exact bin. On the sweep's BatchTopK batches every 32nd row put the k-th score within 0.6 %
 // of k pairs (benchmarks/NOTES.md). The block's histogram pass, which the exact method needs,
-// cost as much as the sum pass and the product together.
+// cost as much as the sum pass and the product together. Asked for (float32 rows with no negative
+// value), the pass also writes the block's pairs above the bracket as bits, and the kept ones
+// inside it are set once the cut is known: the backward reads them (csrc/block_bits.h).
 
 #pragma once
 
@@ -53,7 +55,8 @@ constexpr double kSampleSpread = 6.0;
 constexpr double kWidestBracket = 0.05;
 
 // What sparse_csr_topk_sum returns instead of the pairs: their sum, and what tells a pair in
-// from a pair out (the backward recomputes the scores and applies the same test).
+// from a pair out (the backward reads or recomputes the scores and applies the same test, or
+// reads the kept bits).
 struct SumResult {
   double total = 0;           // Σ |C_ij| over the kept pairs, summed in float64
   double kth = 0;             // the k-th best |C| (0 and tie_cut -1: every non-zero pair is kept)

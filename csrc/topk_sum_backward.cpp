@@ -11,7 +11,8 @@
 //   - the pairs inside U × U: their scores recomputed as the forward recomputed them
 //     (csrc/recomputed_block.h, the plan's or built again), and the moved rows' gradient is
 //     A_H · G_U, per kept pair (few kept inside U × U) or from L1 tiles of G_U (most of it kept;
-//     csrc/block_gradient.h).
+//     csrc/block_gradient.h), read from the plan's kept bits where the forward kept them (float32
+//     rows with no negative value, csrc/block_bits.h) instead of from recomputed scores.
 // Nothing is sized by k, and the block is never stored: work O(Σ_t L_t² + h·u²), memory
 // O(Σ_{other rows} L_t² + nnz + threads·(n + h·u)). A plan from the bracketed sum holds a kept bit
 // per row pair instead of the scores: its backward is csrc/kept_bits_backward.h.
@@ -254,6 +255,11 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     aosae::add_moved_rows_product(prod, dense, rp, ca, o);
     return in_callers_order(out);
   }
+  // the forward's kept pairs inside U × U as bits (float32 rows with no negative value)
+  const aosae::BlockBits* bits = plan && plan->block_bits.defined() ? &plan->block_bits : nullptr;
+  TORCH_CHECK(!bits || bits->covers(extent, row_end), "sparse_csr_topk_sum_backward: the plan's kept bits are for ",
+              "another staircase than live_end's: pass the live_end and plan that sparse_csr_topk_sum returned for ",
+              "these rows");
   if (inside < 0 && product == Product::kAuto) {  // not passed: count the kept pairs inside U × U
     int64_t count = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : count)
@@ -269,14 +275,15 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   }
   // ns per scattered multiply-add (the kept pairs, per pair) against ns per multiply-add of a tile
   // (2-core AMD EPYC, benchmarks/NOTES.md): both recompute the staircase (h per entry), the tiles
-  // add two products of h per entry on top
+  // add two products of h per entry on top (and read the kept bits instead, where there are some)
   double area = 0;  // the tiles: each panel of rows up to its widest row
   const int64_t panel_rows = aosae::block_gradient_detail::kTileRows;
   for (int64_t r0 = 0; r0 < extent; r0 += panel_rows)
     area += static_cast<double>(std::min(extent, r0 + panel_rows) - r0) *
             (std::max(row_end(r0), std::min(extent, r0 + panel_rows)) - r0);
   constexpr double kTileMac = 0.02;
-  const double sparse_cost = kTileMac * h * area + 0.35 * 2.0 * h * inside, dense_cost = 3 * kTileMac * h * area;
+  const double sparse_cost = kTileMac * h * area + 0.35 * 2.0 * h * inside;
+  const double dense_cost = (bits ? 2 : 3) * kTileMac * h * area;
   if (product == Product::kAuto ? sparse_cost <= dense_cost : product == Product::kSparse) {
     // latent-major [u, h] A_H; each thread adds its block rows' kept pairs into its own copy
     const Tensor a_t_t = scores.moved_rows_matrix().t().contiguous();
@@ -312,10 +319,6 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   auto to_block_gradients = [&](acc_t* v, int64_t len, int64_t p, int64_t q_first) {
     to_gradients(v, v, len, latent[p], latent + q_first);
   };
-  const aosae::BlockBits* bits = plan && plan->block_bits.defined() ? &plan->block_bits : nullptr;
-  TORCH_CHECK(!bits || bits->rows() == extent, "sparse_csr_topk_sum_backward: the plan's kept bits cover ",
-              bits ? bits->rows() : 0, " block rows, not ", extent, ": pass the live_end and plan that ",
-              "sparse_csr_topk_sum returned for these rows");
   const Tensor prod =
       bits ? aosae::block_gradient(scores, extent, row_end, aosae::kept_bit_gradients<acc_t>(*bits, row_end, g), threads)
            : aosae::block_gradient(scores, extent, row_end,

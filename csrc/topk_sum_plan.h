@@ -1,7 +1,8 @@
 // What the sum of the k best pairs' forward (sparse_csr_topk_sum, csrc/gram_topk_sparse.cpp)
 // hands its backward (csrc/topk_sum_backward.cpp), so that the backward does not derive it again:
 // the latents' norm order, the GEMM block's plan and its recomputed scores (the moved rows and the
-// corrections), and every row pair's score outside the block. Without it the backward rebuilt
+// corrections) with, on float32 rows with no negative value, its kept pairs as bits, and every row
+// pair's score outside the block. Without it the backward rebuilt
 // all of them: 16 ms at BatchTopK d_sae 16384's initialisation and 13.6 ms at TopK 16384, against
 // 4–5 ms from the plan (which costs the forward 1.5–3.5 ms).
 //

@@ -246,26 +246,37 @@ def test_the_blocks_kept_bits_give_the_recomputed_gradient(values):
     Its gradient is the recomputed one bit for bit (ties at the k-th score cut inside the block by
     their keys; zeros, where no norm order prunes the block; every pair kept) and the selection's."""
     module = cpp_module()
+    if values == "zeros" and not module.cpu_has_avx512_bw_vl():
+        pytest.skip("rows with zeros take a block only where the bracketed sum runs (AVX-512 BW/VL)")
     offsets, indices, vals, n = rows_of("outliers", torch.float32, integer=values == "ties", signed=False,
                                         zeros=0.2 if values == "zeros" else 0.0)
     c = co.canonical(offsets, indices, vals)
     u = c.uniq.numel()
-    pairs = coactive_topk(offsets, indices, vals, n, BIG_K).values.numel()
-    cuts = []
+    every = coactive_topk(c.row_ptr, c.cols, c.vals, u, BIG_K)
+    pairs = every.values.numel()
+    in_u = torch.zeros(u, dtype=torch.bool)  # the block's latents
+    for t in module.sparse_dense_rows(c.row_ptr, c.cols, c.vals, u, recomputed=True).tolist():
+        in_u[c.cols[c.row_ptr[t]:c.row_ptr[t + 1]]] = True
+    split_in_block = False
     for k in sorted({1, pairs // 50, pairs // 3, pairs // 2, pairs - 1, pairs, pairs + 1}):
-        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
-            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
-        assert width > 0 and plan.block_bits is not None
-        cuts.append(tie_cut)
-        from_bits, recomputed = (module.sparse_csr_topk_sum_backward(0.731, c.row_ptr, c.cols, c.vals, u, float(kth),
-                                                                     tie_cut, width, product="dense",
-                                                                     live_end=live_end, plan=given)
-                                 for given in (plan, None))
-        assert torch.equal(from_bits, recomputed)
         _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
-        torch.testing.assert_close(from_bits, want_grad * 0.731, rtol=2e-5, atol=2e-5 * float(want_grad.abs().max()))
-    if values == "ties":
-        assert any(cut >= 0 for cut in cuts)  # some k cut among pairs tied at the k-th score
+        # the exact histogram's pass; a missed bracket (a step past the block), then the exact pass;
+        # a wide bracket from every third row (test_the_sampled_bracket_finds_the_exact_kth_...)
+        for forward in ({}, {"bracket": 1e-9, "sample_step": 10**6}, {"bracket": 0.5, "sample_step": 3}):
+            total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+                c.row_ptr, c.cols, c.vals, u, k, keep_plan=True, **forward)
+            assert width > 0 and plan.block_bits is not None
+            tied = every.values.abs() == kth
+            kept_tied = k - int((every.values.abs() > kth).sum())
+            if kth > 0 and 0 < kept_tied < int(tied.sum()):  # the cut splits the pairs tied at the k-th score,
+                split_in_block |= bool((tied & in_u[every.rows] & in_u[every.cols]).any())  # some inside U × U
+            from_bits, recomputed = (module.sparse_csr_topk_sum_backward(
+                0.731, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width, product="dense", live_end=live_end,
+                plan=given) for given in (plan, None))
+            assert torch.equal(from_bits, recomputed)
+            torch.testing.assert_close(from_bits, want_grad * 0.731, rtol=2e-5,
+                                       atol=2e-5 * float(want_grad.abs().max()))
+    assert split_in_block or values != "ties"
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -395,6 +406,16 @@ def test_backward_rejects_a_block_of_other_rows():
         with pytest.raises(RuntimeError, match="pass the plan that sparse_csr_topk_sum returned for these rows"):
             module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(out[1]), out[2],
                                                 out[5], live_end=out[6], plan=plan)
+    # the block's kept bits (positive float32 rows) with another k's staircase: refused, not read past
+    positive = co.canonical(*rows_of("outliers", torch.float32, signed=False)[:3])
+    u = positive.uniq.numel()
+    pairs = coactive_topk(positive.row_ptr, positive.cols, positive.vals, u, BIG_K).values.numel()
+    few, many = (module.sparse_csr_topk_sum(positive.row_ptr, positive.cols, positive.vals, u, k, keep_plan=True)
+                 for k in (pairs // 50, pairs // 2))
+    assert few[5] == many[5] and not torch.equal(few[6], many[6])
+    with pytest.raises(RuntimeError, match="kept bits are for another staircase"):
+        module.sparse_csr_topk_sum_backward(1.0, positive.row_ptr, positive.cols, positive.vals, u, float(few[1]),
+                                            few[2], few[5], product="dense", live_end=many[6], plan=few[8])
     with pytest.raises(RuntimeError, match="bracket must be in"):
         module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, c.uniq.numel(), 10, bracket=1.5)
     with pytest.raises(RuntimeError, match="staircase_reach must be > 0"):
