@@ -67,7 +67,8 @@ __attribute__((target("avx512f"), always_inline)) inline void add_product_cols_a
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
 #pragma GCC unroll 2
-      for (int k = 0; k < kCols; ++k) acc[j][k] = j < nr ? S::load(mask[k], prod + (r0 + j) * width + c + k * L) : S::zero();
+      for (int k = 0; k < kCols; ++k)
+        acc[j][k] = j < nr ? S::load(mask[k], prod + (r0 + j) * width + c + k * L) : S::zero();
     for (int64_t x = x0; x < x1; ++x) {
       typename S::V mv[kCols];
 #pragma GCC unroll 2

@@ -138,7 +138,8 @@ struct TaggedList {
 struct TaggedCursor {
   float* value;
   int64_t* tag;
-  explicit TaggedCursor(TaggedList& list) : value(list.value.data() + list.size), tag(list.tag.data() + list.size) {}
+  explicit TaggedCursor(TaggedList& list)
+      : value(list.value.data() + list.size), tag(list.tag.data() + list.size) {}
   void close(TaggedList& list) const { list.size = value - list.value.data(); }
 };
 

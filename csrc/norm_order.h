@@ -90,9 +90,11 @@ NormOrder<acc_t> order_by_norm(const int64_t* rp, const int64_t* cp, const acc_t
       };
       if (len * 256 < n) {
         keys.resize(len);
-        for (int64_t x = 0; x < len; ++x) keys[x] = static_cast<uint64_t>(out.label[cp[b + x]]) << 32 | static_cast<uint64_t>(x);
+        for (int64_t x = 0; x < len; ++x)
+          keys[x] = static_cast<uint64_t>(out.label[cp[b + x]]) << 32 | static_cast<uint64_t>(x);
         std::sort(keys.begin(), keys.end());
-        for (int64_t x = 0; x < len; ++x) put(x, static_cast<int64_t>(keys[x] >> 32), b + static_cast<int64_t>(keys[x] & 0xFFFFFFFFu));
+        for (int64_t x = 0; x < len; ++x)
+          put(x, static_cast<int64_t>(keys[x] >> 32), b + static_cast<int64_t>(keys[x] & 0xFFFFFFFFu));
         continue;
       }
       if (bits.empty()) {
