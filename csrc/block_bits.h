@@ -35,9 +35,10 @@ class BlockBits {
       end_[p] = row_end(p);
       start_[p + 1] = start_[p] + (std::max<int64_t>(0, end_[p] - p - 1) + 15) / 16;
     }
-    // (a spare word: expand_bits reads two words from the last one; pooled past 8 MiB, d_sae 2¹⁸)
-    words_ = empty_pooled(start_[extent] + 1, at::kShort);
+    // (two spare words: bits_at reads 4 bytes from the last bit's byte; pooled past 8 MiB, d_sae 2¹⁸)
+    words_ = empty_pooled(start_[extent] + 2, at::kShort);
     words_.data_ptr<int16_t>()[start_[extent]] = 0;
+    words_.data_ptr<int16_t>()[start_[extent] + 1] = 0;
   }
 
   bool defined() const { return words_.defined(); }
@@ -59,6 +60,9 @@ class BlockBits {
     return reinterpret_cast<const uint16_t*>(words_.data_ptr<int16_t>()) + start_[p];
   }
 
+  // row p's bits as a stream of bytes (expand_bits)
+  const uint8_t* row_bytes(int64_t p) const { return reinterpret_cast<const uint8_t*>(row(p)); }
+
   void keep(int64_t p, int64_t q) {
     const int64_t x = q - p - 1;
     row(p)[x >> 4] |= static_cast<uint16_t>(1u << (x & 15));
@@ -70,37 +74,40 @@ class BlockBits {
   torch::Tensor words_;         // the bits, uint16 words held as int16
 };
 
-// v[x] = g where bit x0 + x of a row's words is set, else 0, x < count
+// A stream of bits as little-endian bytes (these rows' words; the bracketed sum's kept bits,
+// csrc/kept_bits_backward.h): the 16 bits from bit `at` on (4 bytes are read: the stream needs a
+// spare 4 bytes past its last bit)
+inline uint32_t bits_at(const uint8_t* bits, int64_t at) {
+  uint32_t w;
+  std::memcpy(&w, bits + (at >> 3), sizeof(w));
+  return (w >> (at & 7)) & 0xFFFFu;
+}
+
+// v[x] = g where bit at + x of the stream is set, else 0, x < count
 template <typename acc_t>
-void expand_bits_plain(const uint16_t* words, int64_t x0, int64_t count, acc_t g, acc_t* v) {
-  for (int64_t x = 0; x < count; ++x) {
-    const int64_t b = x0 + x;
-    v[x] = (words[b >> 4] >> (b & 15)) & 1u ? g : acc_t(0);
-  }
+void expand_bits_plain(const uint8_t* bits, int64_t at, int64_t count, acc_t g, acc_t* v) {
+  for (int64_t x = 0; x < count; ++x) v[x] = (bits[(at + x) >> 3] >> ((at + x) & 7)) & 1 ? g : acc_t(0);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("avx512f"))) inline void expand_bits_avx512(const uint16_t* words, int64_t x0, int64_t count,
+__attribute__((target("avx512f"))) inline void expand_bits_avx512(const uint8_t* bits, int64_t at, int64_t count,
                                                                   float g, float* v) {
   const __m512 vg = _mm512_set1_ps(g);
   for (int64_t x = 0; x < count; x += 16) {
-    const int64_t b = x0 + x;
-    uint32_t two;  // the word holding bit b and the next one
-    std::memcpy(&two, words + (b >> 4), sizeof(two));
-    const __mmask16 lanes = count - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - x)) - 1);
-    _mm512_mask_storeu_ps(v + x, lanes, _mm512_maskz_mov_ps(static_cast<__mmask16>(two >> (b & 15)), vg));
+    const __mmask16 lanes = Simd512<float>::first(count - x);
+    _mm512_mask_storeu_ps(v + x, lanes, _mm512_maskz_mov_ps(static_cast<__mmask16>(bits_at(bits, at + x)), vg));
   }
 }
 #endif
 
 template <typename acc_t>
-void expand_bits(const uint16_t* words, int64_t x0, int64_t count, acc_t g, acc_t* v) {
+void expand_bits(const uint8_t* bits, int64_t at, int64_t count, acc_t g, acc_t* v) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<acc_t, float>::value) {
-    if (has_avx512()) return expand_bits_avx512(words, x0, count, g, v);
+    if (has_avx512()) return expand_bits_avx512(bits, at, count, g, v);
   }
 #endif
-  expand_bits_plain(words, x0, count, g, v);
+  expand_bits_plain(bits, at, count, g, v);
 }
 
 }  // namespace aosae

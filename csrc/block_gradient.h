@@ -229,7 +229,7 @@ template <typename acc_t, typename RowEnd>
 auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
   return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
     tile_rows(p0, p1, q0, q1, tile, row_end,
-              [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { expand_bits(bits.row(p), lo - p - 1, hi - lo, g, v); });
+              [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { expand_bits(bits.row_bytes(p), lo - p - 1, hi - lo, g, v); });
   };
 }
 

@@ -116,12 +116,12 @@ std::tuple<Tensor, Tensor, Tensor> csr_topk_impl(
 }
 
 // Whether the bracketed sum (csrc/bracketed_sum.h) can take these rows if they have no block:
-// float32, no value negative, AVX-512 BW/VL, 32-bit latent ids.
+// float32, no value negative (positive: already known), AVX-512 BW/VL, 32-bit latent ids.
 template <typename acc_t>
-bool can_bracket(const acc_t* vp, int64_t nnz, int64_t n) {
+bool can_bracket(const acc_t* vp, int64_t nnz, int64_t n, bool positive) {
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<acc_t, float>::value)
-    return aosae::has_avx512_bw_vl() && n <= INT32_MAX && aosae::none_negative(vp, nnz);
+    return aosae::has_avx512_bw_vl() && n <= INT32_MAX && (positive || aosae::none_negative(vp, nnz));
 #endif
   return false;
 }
@@ -169,7 +169,7 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   std::optional<aosae::NormOrder<acc_t>> order;
   // (the plan's rows and U do not depend on the labels: the block relabelled is the same block)
   const bool positive = aosae::all_positive(vp, nnz);
-  const bool bracketable = bracketed && can_bracket(vp, nnz, n);
+  const bool bracketable = bracketed && can_bracket(vp, nnz, n, positive);
   const bool blocked = (positive || bracketable) &&
                        aosae::plan_dense_rows<acc_t>(rp, cp, vp, m, n, aosae::block_cost(true), false).size() > 0;
   if (blocked) {

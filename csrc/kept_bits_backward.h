@@ -12,21 +12,14 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
+#include "block_bits.h"  // bits_at, expand_bits_plain
 #include "row_slots.h"  // run_product, run_step
 #include "simd512.h"
 #include "topk_sum_plan.h"
 
 namespace aosae {
-
-// 16 bits of kept_bits from bit `at` on (the stream ends with a spare word: 4 bytes are read)
-inline uint32_t bits_at(const uint8_t* bits, int64_t at) {
-  uint32_t w;
-  std::memcpy(&w, bits + (at >> 3), sizeof(w));
-  return (w >> (at & 7)) & 0xFFFFu;
-}
 
 #if defined(__x86_64__) || defined(__i386__)
 // csrc/topk_sum_backward.cpp's kept_run_product on a run of kept bits (csrc/bracketed_sum.h) from bit `at` of `bits`: G_c = g
@@ -84,7 +77,7 @@ torch::Tensor kept_bits_backward(const aosae::TopKSumPlan& plan, const int64_t* 
         }
 #endif
         run.resize(len);
-        for (int64_t c = 0; c < len; ++c) run[c] = (bits[(at + c) >> 3] >> ((at + c) & 7)) & 1 ? g : acc_t(0);
+        expand_bits_plain(bits, at, len, g, run.data());
         o[e] += run_product(run.data(), len, x[e], x + e + 1, o + e + 1);
       }
   });
