@@ -170,13 +170,8 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   // grows, so it never does: the pass below leaves such rows to the full path rather than list
   // them otherwise.
   auto add_latent = [&](int64_t i, float* acc, int32_t* pj, bool& returned) {
-    int64_t touched = 0;
-    for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
-      const int64_t s = occ.entry[u];
-      touched = gustavson::add_run<col_t, true>(acc, cols + s + 1, vp + s + 1, occ.end[u] - s - 1, vp[s], pj, touched,
-                                                returned);
-    }
-    return touched;
+    return gustavson::add_runs<col_t, true>(acc, cols, vp, occ.entry.data(), occ.end.data(), occ.ptr[i], occ.ptr[i + 1],
+                                            pj, returned);
   };
 
   // The sample: every kSampleStride-th latent summed, its non-zero |C| histogrammed, acc cleared.
@@ -237,17 +232,10 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
     for (int64_t i = 0; i < n; ++i) {
       if (occ.ptr[i] == occ.ptr[i + 1]) continue;
       const int64_t touched = add_latent(i, acc, pj, returned);
-      if (word) {
-        gustavson::BitWriter w(word + occ.pairs_start[i] / 64);
-        int64_t pos = occ.pairs_start[i];
-        for (int64_t u = occ.ptr[i]; u < occ.ptr[i + 1]; ++u) {
-          const int64_t s = occ.entry[u], len = occ.end[u] - s - 1;
-          runs[s] = pos;
-          gustavson::mark_run(acc, cols + s + 1, len, br.lo, br.hi, w, pos, my_marks);
-          pos += len;
-        }
-        w.flush();
-      }
+      if (word)
+        gustavson::mark_runs(acc, cols, occ.entry.data(), occ.end.data(), occ.ptr[i], occ.ptr[i + 1], br.lo, br.hi,
+                             word + occ.pairs_start[i] / 64, occ.pairs_start[i], runs,
+                             occ.pairs_start[i + 1] - occ.pairs_start[i], my_marks);
       double total = 0;
       gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, below, mine);
       latent_total[i] = total;

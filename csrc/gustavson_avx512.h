@@ -7,7 +7,7 @@
 //     list_run. Sixteen of the accumulator's L2 hits in flight instead of one pair's chain: the
 //     op's forward inside the step at TopK d_sae 16384 went from 13.2–13.8 to 11.6–11.8 ms
 //     (benchmarks/NOTES.md, sixteenth pass).
-//   - csrc/bracketed_sum.h: add_run, mark_run (a kept bit per row pair, the pairs inside the
+//   - csrc/bracketed_sum.h: add_runs, mark_runs (a kept bit per row pair, the pairs inside the
 //     bracket collected) and tally_list (the pairs above the bracket summed, those inside
 //     collected), with BitWriter and TaggedList (seventeenth pass).
 
@@ -153,27 +153,52 @@ AOSAE_GUSTAVSON void append(TaggedCursor& out, __mmask16 keep, __m512 v, __m512i
   out.tag += count;
 }
 
-// The kept bits of an occurrence's row pairs: acc[cols[q]] >= hi (acc >= 0: no negative value),
-// appended to w, the run's first pair at position pos; the pairs inside [lo, hi) appended to
-// inside with their positions.
+// Latent i's occurrences u in [u0, u1) (occurrence u: entry[u] and the end of its row; its row
+// pairs are the row's later entries), each one's add_run in turn. One call per latent: add_run
+// and mark_run called for each occurrence from code built without AVX-512 could not be inlined,
+// and their entry and exit cost about as much as a short run's work (benchmarks/NOTES.md,
+// nineteenth pass).
+template <typename col_t, bool kNonZeroProducts = false>
+AOSAE_GUSTAVSON int64_t add_runs(float* acc, const col_t* cols, const float* vals, const int64_t* entry,
+                                 const int64_t* end, int64_t u0, int64_t u1, int32_t* pj, bool& returned) {
+  int64_t touched = 0;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t s = entry[u];
+    touched = add_run<col_t, kNonZeroProducts>(acc, cols + s + 1, vals + s + 1, end[u] - s - 1, vals[s], pj, touched,
+                                               returned);
+  }
+  return touched;
+}
+
+// The kept bits of latent i's row pairs (occurrences u in [u0, u1), as add_runs), written from
+// `first` (a word boundary) on, occurrence u's run from position runs[entry[u]] = pos on:
+// acc[j] >= hi (acc >= 0: no negative value). The pairs inside [lo, hi) appended to inside with
+// their positions. pairs: at least the latent's row pairs.
 template <typename col_t>
-AOSAE_GUSTAVSON void mark_run(const float* acc, const col_t* cols, int64_t len, float lo, float hi, BitWriter& w,
-                              int64_t pos, TaggedList& inside) {
+AOSAE_GUSTAVSON void mark_runs(const float* acc, const col_t* cols, const int64_t* entry, const int64_t* end,
+                               int64_t u0, int64_t u1, float lo, float hi, uint64_t* first, int64_t pos,
+                               int64_t* runs, int64_t pairs, TaggedList& inside) {
   const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
   const __m512i lane_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), lane_hi = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
-  inside.room(len + 16);
-  BitWriter bits = w;  // (a local, as TaggedCursor: in registers for the run)
+  inside.room(pairs + 16);
+  BitWriter bits(first);  // (locals, in registers for the latent)
   TaggedCursor out(inside);
-  for (int64_t q = 0; q < len; q += 16) {
-    const __mmask16 m = Simd512f::first(len - q);
-    const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, latents(m, cols + q), acc, 4);
-    const __mmask16 above = _mm512_mask_cmp_ps_mask(m, a, vhi, _CMP_GE_OQ);
-    bits.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
-    const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ);
-    const __m512i at = _mm512_set1_epi64(pos + q);
-    append(out, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t s = entry[u], len = end[u] - s - 1;
+    runs[s] = pos;
+    const col_t* c = cols + s + 1;
+    for (int64_t q = 0; q < len; q += 16) {
+      const __mmask16 m = Simd512f::first(len - q);
+      const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, latents(m, c + q), acc, 4);
+      const __mmask16 above = _mm512_mask_cmp_ps_mask(m, a, vhi, _CMP_GE_OQ);
+      bits.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
+      const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ);
+      const __m512i at = _mm512_set1_epi64(pos + q);
+      append(out, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
+    }
+    pos += len;
   }
-  w = bits;
+  bits.flush();
   out.close(inside);
 }
 

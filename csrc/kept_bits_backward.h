@@ -39,6 +39,16 @@ __attribute__((target("avx512f"))) acc_t kept_bits_product(const uint8_t* bits, 
   }
   return S::halving_sum(own);
 }
+
+// kept_bits_product over every entry of rows [t0, t1), in the order of the portable loop below: one
+// call for the rows (a call per entry, from code built without AVX-512, could not be inlined)
+template <typename acc_t>
+__attribute__((target("avx512f"))) void kept_bits_rows(const uint8_t* bits, const int64_t* runs, const int64_t* rp,
+                                                       int64_t t0, int64_t t1, const acc_t* x, acc_t* o, acc_t g) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t e = rp[t]; e + 1 < rp[t + 1]; ++e)
+      o[e] += kept_bits_product<acc_t>(bits, runs[e], rp[t + 1] - e - 1, x[e], x + e + 1, o + e + 1, g);
+}
 #endif
 
 // The gradient from the bracketed sum's kept bits (csrc/bracketed_sum.h; no block, no negative
@@ -66,16 +76,13 @@ torch::Tensor kept_bits_backward(const aosae::TopKSumPlan& plan, const int64_t* 
   acc_t* o = out.data_ptr<acc_t>();
   const bool use_avx512 = vectorised && has_avx512();
   at::parallel_for(0, m, 64, [&](int64_t t0, int64_t t1) {
+#if defined(__x86_64__) || defined(__i386__)
+    if (use_avx512) return kept_bits_rows<acc_t>(bits, runs, rp, t0, t1, x, o, g);
+#endif
     std::vector<acc_t> run;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t e = rp[t]; e + 1 < rp[t + 1]; ++e) {
         const int64_t len = rp[t + 1] - e - 1, at = runs[e];
-#if defined(__x86_64__) || defined(__i386__)
-        if (use_avx512) {
-          o[e] += kept_bits_product<acc_t>(bits, at, len, x[e], x + e + 1, o + e + 1, g);
-          continue;
-        }
-#endif
         run.resize(len);
         expand_bits_plain(bits, at, len, g, run.data());
         o[e] += run_product(run.data(), len, x[e], x + e + 1, o + e + 1);
