@@ -109,6 +109,14 @@ struct LatentScratch {
   }
 };
 
+// A team thread's byte per latent, kept between calls: whether latent i's pair with each partner
+// inside the bracket is kept (each written before it is read; the others are never read)
+inline uint8_t* partner_bytes(int64_t n) {
+  thread_local std::vector<uint8_t> bytes;
+  if (static_cast<int64_t>(bytes.size()) < n) bytes.resize(n);
+  return bytes.data();
+}
+
 // The need-th best of the pairs inside the bracket (values in [br.lo, br.hi)) and its tie cut:
 // the lists counted in a histogram of the bracket's float bits (at most 4096 bins, the lists in
 // parallel), then kth_cut over the one bin that holds it (a few dozen pairs).
@@ -218,7 +226,9 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   }
   double* latent_total = Scratch<double, 3>::get(n);  // (slot 3: no other user)
   std::fill(latent_total, latent_total + n, 0.0);
-  std::vector<TaggedList> inside = KeptLists<0>::lend(threads), marks = KeptLists<1>::lend(threads);
+  std::vector<TaggedList> inside = KeptLists<0>::lend(threads);
+  // the row pairs inside the bracket, a bit each (as word: each latent's from a word boundary)
+  uint64_t* inside_word = word ? Scratch<uint64_t, 0>::get(words) : nullptr;
   int64_t above = 0, below = 0;  // the non-zero pairs above the bracket, and below it
   bool returned = false;
 #pragma omp parallel num_threads(threads) reduction(+ : above, below) reduction(|| : returned)
@@ -227,24 +237,20 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
     float* acc = own.acc.data();
     int32_t* pj = own.pj.data();
     TaggedList& mine = inside[selection_thread()];
-    TaggedList& my_marks = marks[selection_thread()];
 #pragma omp for schedule(dynamic, 64)
     for (int64_t i = 0; i < n; ++i) {
       if (occ.ptr[i] == occ.ptr[i + 1]) continue;
       const int64_t touched = add_latent(i, acc, pj, returned);
       if (word)
         gustavson::mark_runs(acc, cols, occ.entry.data(), occ.end.data(), occ.ptr[i], occ.ptr[i + 1], br.lo, br.hi,
-                             word + occ.pairs_start[i] / 64, occ.pairs_start[i], runs,
-                             occ.pairs_start[i + 1] - occ.pairs_start[i], my_marks);
+                             word + occ.pairs_start[i] / 64, inside_word + occ.pairs_start[i] / 64,
+                             occ.pairs_start[i], runs);
       double total = 0;
       gustavson::tally_list(acc, pj, touched, br.lo, br.hi, i, n, total, above, below, mine);
       latent_total[i] = total;
     }
   }
-  auto give_back = [&] {
-    KeptLists<0>::give_back(inside);
-    KeptLists<1>::give_back(marks);
-  };
+  auto give_back = [&] { KeptLists<0>::give_back(inside); };
   int64_t collected = 0;
   for (const auto& list : inside) collected += list.size;
   // (every pair within k: the full path keeps them all, with its own kth and tie cut for that case)
@@ -256,43 +262,36 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   const int parts = static_cast<int>(inside.size());
   const KthCut<float> cut = bracketed_detail::cut_inside(inside, k - above, br, threads);
   // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
-  // list, in the order they were listed: the sums' order is fixed), and each list's marked row
-  // pairs' bits set (a latent's words are its thread's alone; a pair tied at the cut: its key
-  // from its position).
-  auto key_at = [&](int64_t pos) {
-    const int64_t i = std::upper_bound(occ.pairs_start.begin(), occ.pairs_start.end(), pos) - occ.pairs_start.begin() - 1;
-    int64_t at = occ.pairs_start[i];
-    for (int64_t u = occ.ptr[i];; ++u) {
-      const int64_t s = occ.entry[u], len = occ.end[u] - s - 1;
-      if (pos < at + len) return i * n + cp[s + 1 + (pos - at)];
-      at += len;
-    }
-  };
+  // list, in the order they were listed: the sums' order is fixed), and the kept bits of each
+  // latent's row pairs inside the bracket set from its pairs' (a latent's words are its thread's
+  // alone): the pairs' keeps by partner, then the latent's inside bits read back to partners.
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
     const TaggedList& list = inside[p];
-    // (no branch on kept: about half the pairs inside the bracket are, in no pattern, and the
-    // mispredicted branches were most of this loop; adding 0.0 leaves a sum's bits as they are)
-    int64_t i = -1, first = 0, past = 0;  // the latent whose keys are [first, past)
-    for (int64_t x = 0; x < list.size; ++x) {
-      const int64_t key = list.tag[x];
-      if (key < first || key >= past) {
-        i = key / n;
-        first = i * n;
-        past = first + n;
+    uint8_t* kept_partner = bracketed_detail::partner_bytes(n);
+    for (int64_t x = 0; x < list.size;) {
+      const int64_t i = list.tag[x] / n, first = i * n, past = first + n;
+      // (no branch on kept: about half the pairs inside the bracket are, in no pattern, and the
+      // mispredicted branches were most of this loop; adding 0.0 leaves a sum's bits as they are)
+      for (; x < list.size && list.tag[x] >= first && list.tag[x] < past; ++x) {
+        const float v = list.value[x];
+        const bool keep = cut.keeps(v, list.tag[x]);
+        latent_total[i] += keep ? static_cast<double>(v) : 0.0;
+        kept_partner[list.tag[x] - first] = keep;  // (read below only for this latent's partners inside)
       }
-      const float v = list.value[x];
-      latent_total[i] += cut.keeps(v, key) ? static_cast<double>(v) : 0.0;
-    }
-    if (word) {
-      const TaggedList& mk = marks[p];
-      for (int64_t x = 0; x < mk.size; ++x) {
-        const float v = mk.value[x];
-        const int64_t pos = mk.tag[x];
-        uint64_t keep = v > cut.kth;
-        if (v == cut.kth) keep = key_at(pos) <= cut.tie_cut;  // (rare: tied at the cut)
-        word[pos / 64] |= keep << (pos % 64);
-      }
+      if (!word) continue;
+      int64_t u = occ.ptr[i], at = occ.pairs_start[i];  // the occurrence whose run holds positions [at, at + len)
+      int64_t s = occ.entry[u], len = occ.end[u] - s - 1;
+      for (int64_t w = occ.pairs_start[i] / 64; w < occ.pairs_start[i + 1] / 64; ++w)
+        for (uint64_t b = inside_word[w]; b != 0; b &= b - 1) {
+          const int64_t pos = w * 64 + __builtin_ctzll(b);
+          while (pos >= at + len) {
+            at += len;
+            s = occ.entry[++u];
+            len = occ.end[u] - s - 1;
+          }
+          word[w] |= static_cast<uint64_t>(kept_partner[cols[s + 1 + (pos - at)]]) << (pos % 64);
+        }
     }
   }
   SumResult r;

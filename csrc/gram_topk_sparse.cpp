@@ -88,6 +88,7 @@ void trim_scratch() {
   aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
   aosae::Scratch<float, 1>::trim(kKeepScratchBytes);
   aosae::Scratch<double, 1>::trim(kKeepScratchBytes);
+  aosae::Scratch<uint64_t, 0>::trim(kKeepScratchBytes);  // (the bracketed sum's inside bits)
 }
 
 template <typename acc_t>

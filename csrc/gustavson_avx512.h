@@ -7,8 +7,8 @@
 //     list_run. Sixteen of the accumulator's L2 hits in flight instead of one pair's chain: the
 //     op's forward inside the step at TopK d_sae 16384 went from 13.2–13.8 to 11.6–11.8 ms
 //     (benchmarks/NOTES.md, sixteenth pass).
-//   - csrc/bracketed_sum.h: add_runs, mark_runs (a kept bit per row pair, the pairs inside the
-//     bracket collected) and tally_list (the pairs above the bracket summed, those inside
+//   - csrc/bracketed_sum.h: add_runs, mark_runs (a kept bit per row pair, and one for those
+//     inside the bracket) and tally_list (the pairs above the bracket summed, those inside
 //     collected), with BitWriter and TaggedList (seventeenth pass).
 
 #pragma once
@@ -172,17 +172,17 @@ AOSAE_GUSTAVSON int64_t add_runs(float* acc, const col_t* cols, const float* val
 
 // The kept bits of latent i's row pairs (occurrences u in [u0, u1), as add_runs), written from
 // `first` (a word boundary) on, occurrence u's run from position runs[entry[u]] = pos on:
-// acc[j] >= hi (acc >= 0: no negative value). The pairs inside [lo, hi) appended to inside with
-// their positions. pairs: at least the latent's row pairs.
+// acc[j] >= hi (acc >= 0: no negative value); and the same positions' bits of the pairs inside
+// [lo, hi), from `inside_first` on, settled once the k-th score is known. Bits, not a list of the
+// inside pairs' values and positions: the compress stores that appended them, sixteen lanes at a
+// time whether any lane was inside or not, were a third of this pass (benchmarks/NOTES.md,
+// nineteenth pass).
 template <typename col_t>
 AOSAE_GUSTAVSON void mark_runs(const float* acc, const col_t* cols, const int64_t* entry, const int64_t* end,
-                               int64_t u0, int64_t u1, float lo, float hi, uint64_t* first, int64_t pos,
-                               int64_t* runs, int64_t pairs, TaggedList& inside) {
+                               int64_t u0, int64_t u1, float lo, float hi, uint64_t* first, uint64_t* inside_first,
+                               int64_t pos, int64_t* runs) {
   const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
-  const __m512i lane_lo = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), lane_hi = _mm512_set_epi64(15, 14, 13, 12, 11, 10, 9, 8);
-  inside.room(pairs + 16);
-  BitWriter bits(first);  // (locals, in registers for the latent)
-  TaggedCursor out(inside);
+  BitWriter bits(first), inside(inside_first);  // (locals, in registers for the latent)
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t s = entry[u], len = end[u] - s - 1;
     runs[s] = pos;
@@ -191,15 +191,14 @@ AOSAE_GUSTAVSON void mark_runs(const float* acc, const col_t* cols, const int64_
       const __mmask16 m = Simd512f::first(len - q);
       const __m512 a = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, latents(m, c + q), acc, 4);
       const __mmask16 above = _mm512_mask_cmp_ps_mask(m, a, vhi, _CMP_GE_OQ);
-      bits.put(above, static_cast<int>(len - q < 16 ? len - q : 16));
-      const __mmask16 in = _mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ);
-      const __m512i at = _mm512_set1_epi64(pos + q);
-      append(out, in, a, _mm512_add_epi64(at, lane_lo), _mm512_add_epi64(at, lane_hi));
+      const int count = static_cast<int>(len - q < 16 ? len - q : 16);
+      bits.put(above, count);
+      inside.put(_mm512_mask_cmp_ps_mask(m & ~above, a, vlo, _CMP_GE_OQ), count);
     }
     pos += len;
   }
   bits.flush();
-  out.close(inside);
+  inside.flush();
 }
 
 // The listed partners pj[0 .. count) (no j twice) of latent i: the accumulator cleared, the
