@@ -71,6 +71,12 @@ acc_t* fill_slots(const RowSlots& s, int64_t n, Fill&& fill) {
 
 constexpr int64_t kPrefetchAhead = 4;  // runs fetched this many entries ahead
 
+// the cache lines of `bytes` from `at` on asked for (a run kPrefetchAhead entries ahead)
+inline void prefetch_run(const void* at, int64_t bytes) {
+  const char* first = static_cast<const char*>(at);
+  for (int64_t x = 0; x < bytes; x += 64) __builtin_prefetch(first + x);
+}
+
 // to_grad for runs that hold the gradients already: read in place
 struct NoConversion {};
 
@@ -90,11 +96,8 @@ void for_each_run(RunOf&& run_of, const int64_t* rp, const uint8_t* moved, int64
       for (int64_t e = rp[t]; e + 1 < e_end; ++e) {
         const int64_t len = e_end - e - 1;
         const auto* w = run_of(e, t);
-        if (kPrefetch && e + kPrefetchAhead + 1 < e_end) {
-          const char* next = reinterpret_cast<const char*>(run_of(e + kPrefetchAhead, t));
-          const int64_t bytes = (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(*w));
-          for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(next + at);
-        }
+        if (kPrefetch && e + kPrefetchAhead + 1 < e_end)
+          prefetch_run(run_of(e + kPrefetchAhead, t), (len - kPrefetchAhead) * static_cast<int64_t>(sizeof(*w)));
         body(w, len, e, scratch.data());
       }
     }

@@ -86,6 +86,29 @@ __attribute__((target("avx512f"))) acc_t kept_run_product(const acc_t* w, int64_
   return S::halving_sum(own);
 }
 
+// kept_run_product over the entries of rows [t0, t1) without moved[t], in the order and with the
+// prefetch of for_each_run<acc_t, true>: one call for the rows (called per entry from code built
+// without AVX-512, it could not be inlined). Entry e's scores from scores + runs[e]; a tie at the
+// k-th score takes tied(score, i, j).
+template <typename acc_t, typename Tied>
+__attribute__((target("avx512f"))) void kept_run_rows(const acc_t* scores, const int64_t* runs, const int64_t* rp,
+                                                      const int64_t* ca, const uint8_t* moved, int64_t t0, int64_t t1,
+                                                      const acc_t* x, acc_t* o, acc_t bar, acc_t g, bool ties,
+                                                      Tied&& tied) {
+  for (int64_t t = t0; t < t1; ++t) {
+    if (moved[t]) continue;
+    const int64_t e_end = rp[t + 1];
+    for (int64_t e = rp[t]; e + 1 < e_end; ++e) {
+      const int64_t len = e_end - e - 1;
+      if (e + aosae::kPrefetchAhead + 1 < e_end)
+        aosae::prefetch_run(scores + runs[e + aosae::kPrefetchAhead], (len - aosae::kPrefetchAhead) * sizeof(acc_t));
+      const int64_t* js = ca + e + 1;
+      o[e] += kept_run_product(scores + runs[e], len, x[e], x + e + 1, o + e + 1, bar, g, ties,
+                               [&](int64_t c, acc_t v) { return tied(v, ca[e], js[c]); });
+    }
+  }
+}
+
 #endif
 
 // How the moved rows' product A_H · G_U is taken: by the cost model, or forced (tests cover both).
@@ -215,10 +238,8 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   const bool use_avx512 = vectorised && aosae::has_avx512();
 #if defined(__x86_64__) || defined(__i386__)
   if (use_avx512)
-    aosae::for_each_run<acc_t, true>(run_of, rp, moved, m, [&](const acc_t* w, int64_t len, int64_t e, acc_t*) {
-      const int64_t* js = ca + e + 1;
-      o[e] += kept_run_product(w, len, x[e], x + e + 1, o + e + 1, kth, g, tie_cut >= 0,
-                               [&](int64_t c, acc_t v) { return slot_grad(v, ca[e], js[c]); });
+    at::parallel_for(0, m, 64, [&](int64_t t0, int64_t t1) {
+      kept_run_rows<acc_t>(scores_in, runs, rp, ca, moved, t0, t1, x, o, kth, g, tie_cut >= 0, slot_grad);
     });
 #endif
   if (!use_avx512) aosae::add_pair_products(run_of, rp, x, moved, m, o, run_gradients, vectorised);
