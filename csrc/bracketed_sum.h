@@ -117,41 +117,6 @@ inline uint8_t* partner_bytes(int64_t n) {
   return bytes.data();
 }
 
-// The need-th best of the pairs inside the bracket (values in [br.lo, br.hi)) and its tie cut:
-// the lists counted in a histogram of the bracket's float bits (at most 4096 bins, the lists in
-// parallel), then kth_cut over the one bin that holds it (a few dozen pairs).
-inline KthCut<float> cut_inside(const std::vector<TaggedList>& lists, int64_t need, const Bracket<float>& br,
-                                int threads) {
-  uint32_t lo, hi;
-  std::memcpy(&lo, &br.lo, sizeof(lo));
-  std::memcpy(&hi, &br.hi, sizeof(hi));
-  int shift = 0;
-  while (((hi - lo) >> shift) >= 4096) ++shift;
-  const int64_t bins = ((hi - lo) >> shift) + 1;
-  auto bin_of = [&](float v) {
-    uint32_t b;
-    std::memcpy(&b, &v, sizeof(b));
-    return static_cast<int64_t>((b - lo) >> shift);
-  };
-  const int parts = static_cast<int>(lists.size());
-  std::vector<std::vector<int64_t>> counts(parts, std::vector<int64_t>(bins, 0));
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int p = 0; p < parts; ++p)
-    for (int64_t x = 0; x < lists[p].size; ++x) ++counts[p][bin_of(lists[p].value[x])];
-  int64_t bin = bins - 1, above = 0;
-  for (;; --bin) {
-    int64_t here = 0;
-    for (int p = 0; p < parts; ++p) here += counts[p][bin];
-    if (above + here >= need) break;
-    above += here;
-  }
-  std::vector<Candidate<float>> in_bin;
-  for (const TaggedList& list : lists)
-    for (int64_t x = 0; x < list.size; ++x)
-      if (bin_of(list.value[x]) == bin) in_bin.push_back({list.value[x], list.tag[x]});
-  return kth_cut<float>([&](auto&& take) { for (const auto& c : in_bin) take(c); }, need - above);
-}
-
 }  // namespace bracketed_detail
 
 // rp, cp (int64), cols (the same latents, narrower), vp >= 0 (float) of rows that the full path
@@ -213,7 +178,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   if (!(br.lo > 0.0f)) return std::nullopt;  // (the sample has fewer than about k pairs)
 
   // Every latent: its kept pairs' sum, the pairs inside the bracket (value, key), its row pairs'
-  // bits and the positions of those inside (value, position).
+  // kept bits, and a bit for each of them inside the bracket.
   const int64_t words = occ.pairs_start[n] / 64 + 1;
   uint64_t* word = nullptr;
   int64_t* runs = nullptr;
@@ -227,7 +192,9 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   double* latent_total = Scratch<double, 3>::get(n);  // (slot 3: no other user)
   std::fill(latent_total, latent_total + n, 0.0);
   std::vector<TaggedList> inside = KeptLists<0>::lend(threads);
-  // the row pairs inside the bracket, a bit each (as word: each latent's from a word boundary)
+  // the row pairs inside the bracket, a bit each (as word: each latent's from a word boundary; slot 0:
+  // no other user). Every partner inside is among its latent's listed pairs: the same acc[j], lo > 0
+  // (a partner with only zero products is below it), none listed twice (else `returned`).
   uint64_t* inside_word = word ? Scratch<uint64_t, 0>::get(words) : nullptr;
   int64_t above = 0, below = 0;  // the non-zero pairs above the bracket, and below it
   bool returned = false;
@@ -260,11 +227,17 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   }
 
   const int parts = static_cast<int>(inside.size());
-  const KthCut<float> cut = bracketed_detail::cut_inside(inside, k - above, br, threads);
+  const KthCut<float> cut = kth_cut_between<float>(
+      parts,
+      [&](int p, auto&& take) {
+        for (int64_t x = 0; x < inside[p].size; ++x) take(Candidate<float>{inside[p].value[x], inside[p].tag[x]});
+      },
+      k - above, br.lo, br.hi, threads);
   // Each list's kept pairs added to their latents' sums (a latent's pairs lie together in one
   // list, in the order they were listed: the sums' order is fixed), and the kept bits of each
-  // latent's row pairs inside the bracket set from its pairs' (a latent's words are its thread's
-  // alone): the pairs' keeps by partner, then the latent's inside bits read back to partners.
+  // latent's row pairs inside the bracket set from its listed pairs' keeps (a latent's words are
+  // written only by the thread of its list): the keeps by partner, then the latent's inside bits
+  // read back to their partners.
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int p = 0; p < parts; ++p) {
     const TaggedList& list = inside[p];

@@ -88,7 +88,6 @@ void trim_scratch() {
   aosae::Scratch<int32_t, 0>::trim(kKeepScratchBytes);
   aosae::Scratch<float, 1>::trim(kKeepScratchBytes);
   aosae::Scratch<double, 1>::trim(kKeepScratchBytes);
-  aosae::Scratch<uint64_t, 0>::trim(kKeepScratchBytes);  // (the bracketed sum's inside bits)
 }
 
 template <typename acc_t>
@@ -141,6 +140,7 @@ std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* 
     };
     std::optional<aosae::SumResult> r = n <= 65536 ? run(aosae::narrowed_latents<uint16_t>(cp, nnz))
                                                    : run(aosae::narrowed_latents<int32_t>(cp, nnz));
+    aosae::Scratch<uint64_t, 0>::trim(kKeepScratchBytes);  // (its inside bits)
     if (r && keep_plan) {
       auto plan = aosae::plan_for_rows<acc_t>(m, nnz, n);
       plan->kept_bits = bits.bits;

@@ -154,9 +154,9 @@ AOSAE_GUSTAVSON void append(TaggedCursor& out, __mmask16 keep, __m512 v, __m512i
 }
 
 // Latent i's occurrences u in [u0, u1) (occurrence u: entry[u] and the end of its row; its row
-// pairs are the row's later entries), each one's add_run in turn. One call per latent: add_run
-// and mark_run called for each occurrence from code built without AVX-512 could not be inlined,
-// and their entry and exit cost about as much as a short run's work (benchmarks/NOTES.md,
+// pairs are the row's later entries), each one's add_run in turn. One call per latent (as
+// mark_runs): add_run called for each occurrence from code built without AVX-512 could not be
+// inlined, and its entry and exit cost about as much as a short run's work (benchmarks/NOTES.md,
 // nineteenth pass).
 template <typename col_t, bool kNonZeroProducts = false>
 AOSAE_GUSTAVSON int64_t add_runs(float* acc, const col_t* cols, const float* vals, const int64_t* entry,
@@ -175,7 +175,7 @@ AOSAE_GUSTAVSON int64_t add_runs(float* acc, const col_t* cols, const float* val
 // acc[j] >= hi (acc >= 0: no negative value); and the same positions' bits of the pairs inside
 // [lo, hi), from `inside_first` on, settled once the k-th score is known. Bits, not a list of the
 // inside pairs' values and positions: the compress stores that appended them, sixteen lanes at a
-// time whether any lane was inside or not, were a third of this pass (benchmarks/NOTES.md,
+// time whether any lane was inside or not, took half of mark_runs' time (benchmarks/NOTES.md,
 // nineteenth pass).
 template <typename col_t>
 AOSAE_GUSTAVSON void mark_runs(const float* acc, const col_t* cols, const int64_t* entry, const int64_t* end,

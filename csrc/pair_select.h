@@ -106,6 +106,63 @@ KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
   return {kth, tie_keys[ties_kept - 1]};
 }
 
+// kth_cut of candidates whose magnitudes lie in a bracket [lo, hi), in `parts` parts (for_each_in(p,
+// take): part p's), without ordering them all: their magnitudes' bits (in order, as the magnitudes
+// are) counted in at most 4096 bins, the parts in parallel, then kth_cut over the one bin that holds
+// the need-th (the bins above it hold larger magnitudes only): the same cut. nth_element over all
+// of them was most of the sum's cut at BatchTopK d_sae 65536 (≈ 2·10⁵ pairs inside the bracket;
+// benchmarks/NOTES.md, nineteenth pass). A magnitude outside the bracket: kth_cut over them all.
+template <typename acc_t, typename ForEachIn>
+KthCut<acc_t> kth_cut_between(int parts, ForEachIn&& for_each_in, int64_t need, acc_t lo, acc_t hi, int threads) {
+  auto each = [&](auto&& take) {
+    for (int p = 0; p < parts; ++p) for_each_in(p, take);
+  };
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  bits_t lo_bits, hi_bits;
+  std::memcpy(&lo_bits, &lo, sizeof(lo_bits));
+  std::memcpy(&hi_bits, &hi, sizeof(hi_bits));
+  if (!(lo >= acc_t(0) && lo < hi)) return kth_cut<acc_t>(each, need);
+  int shift = 0;
+  while (((hi_bits - lo_bits) >> shift) >= 4096) ++shift;
+  const int64_t bins = static_cast<int64_t>((hi_bits - lo_bits) >> shift) + 1;
+  auto bin_of = [&](acc_t magnitude) {
+    bits_t b;
+    std::memcpy(&b, &magnitude, sizeof(b));
+    return static_cast<int64_t>((b - lo_bits) >> shift);
+  };
+  std::vector<std::vector<int64_t>> counts(parts, std::vector<int64_t>(bins, 0));
+  std::vector<uint8_t> outside(parts, 0);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int p = 0; p < parts; ++p)
+    for_each_in(p, [&](const Candidate<acc_t>& c) {
+      const acc_t a = std::abs(c.value);
+      if (a >= lo && a < hi)
+        ++counts[p][bin_of(a)];
+      else
+        outside[p] = 1;
+    });
+  if (std::find(outside.begin(), outside.end(), 1) != outside.end()) return kth_cut<acc_t>(each, need);
+  int64_t bin = bins - 1, above = 0;
+  for (;; --bin) {
+    int64_t here = 0;
+    for (int p = 0; p < parts; ++p) here += counts[p][bin];
+    if (above + here >= need) break;
+    above += here;
+  }
+  std::vector<std::vector<Candidate<acc_t>>> in_bin(parts);
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int p = 0; p < parts; ++p)
+    for_each_in(p, [&](const Candidate<acc_t>& c) {
+      if (bin_of(std::abs(c.value)) == bin) in_bin[p].push_back(c);
+    });
+  return kth_cut<acc_t>(
+      [&](auto&& take) {
+        for (const auto& part : in_bin)
+          for (const auto& c : part) take(c);
+      },
+      need - above);
+}
+
 // Per-thread scratch that outlives the call: a training step asks for the same sizes every
 // step, and fresh pages (first-touch faults) cost as much as the work that fills them.
 // Slot tells apart buffers of the same type. get() grows it (contents undefined: no zero

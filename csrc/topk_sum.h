@@ -309,7 +309,7 @@ class TopKSum {
         above += t.count;
         edge += static_cast<int64_t>(t.edge.size());
       }
-      if (above < k && k <= above + edge) return finish(k, std::move(tallies), r);
+      if (above < k && k <= above + edge) return finish(k, std::move(tallies), br, r);
       if (above + edge < k && br.lo == bin_start<acc_t>(0)) return every_pair(std::move(tallies), k, r);  // P < k
       EdgeLists<acc_t>::give_back(tallies);
     }
@@ -395,8 +395,8 @@ class TopKSum {
     const KthBin kth_bin = find_kth_bin(hist, k);
     if (width_ > 0) ++r.block_passes;
     if (kth_bin.bin < 0) return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
-    return finish(k, pass({bin_start<acc_t>(kth_bin.bin), bin_start<acc_t>(kth_bin.bin + 1)},
-                          static_cast<double>(hist[kth_bin.bin])), r);
+    const Bracket<acc_t> bin{bin_start<acc_t>(kth_bin.bin), bin_start<acc_t>(kth_bin.bin + 1)};
+    return finish(k, pass(bin, static_cast<double>(hist[kth_bin.bin])), bin, r);
   }
 
   SumResult keep_all(int64_t k, SumResult& r) {
@@ -430,7 +430,7 @@ class TopKSum {
   }
 
   // the k-th best lies inside the bracket: its exact score, then the cut among the pairs tied at it
-  SumResult finish(int64_t k, std::vector<Tally<acc_t>> tallies, SumResult& r) {
+  SumResult finish(int64_t k, std::vector<Tally<acc_t>> tallies, const Bracket<acc_t>& br, SumResult& r) {
     int64_t above = 0;
     for (const auto& t : tallies) {
       above += t.count;
@@ -446,7 +446,9 @@ class TopKSum {
     TORCH_CHECK(above < k && k - above <= edge, "sparse_csr_topk_sum: the pass counted ", above, " pairs above the k-th ",
                 "score's bin and ", edge, " in it for k = ", k, ": a co-activation score is not finite (NaN or inf; ",
                 "check the activations for overflow)");
-    const KthCut<acc_t> cut = kth_cut<acc_t>(each_edge, k - above);
+    const KthCut<acc_t> cut = kth_cut_between<acc_t>(
+        static_cast<int>(tallies.size()), [&](int p, auto&& take) { for (const auto& c : tallies[p].edge) take(c); },
+        k - above, br.lo, br.hi, std::max(1, at::get_num_threads()));
     each_edge([&](const Candidate<acc_t>& c) {
       const acc_t a = std::abs(c.value);
       if (cut.keeps(a, c.key)) {

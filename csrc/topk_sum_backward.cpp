@@ -101,7 +101,8 @@ __attribute__((target("avx512f"))) void kept_run_rows(const acc_t* scores, const
     for (int64_t e = rp[t]; e + 1 < e_end; ++e) {
       const int64_t len = e_end - e - 1;
       if (e + aosae::kPrefetchAhead + 1 < e_end)
-        aosae::prefetch_run(scores + runs[e + aosae::kPrefetchAhead], (len - aosae::kPrefetchAhead) * sizeof(acc_t));
+        aosae::prefetch_run(scores + runs[e + aosae::kPrefetchAhead],
+                            (len - aosae::kPrefetchAhead) * static_cast<int64_t>(sizeof(acc_t)));
       const int64_t* js = ca + e + 1;
       o[e] += kept_run_product(scores + runs[e], len, x[e], x + e + 1, o + e + 1, bar, g, ties,
                                [&](int64_t c, acc_t v) { return tied(v, ca[e], js[c]); });

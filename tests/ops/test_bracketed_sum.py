@@ -80,7 +80,8 @@ def test_the_bracketed_sum_keeps_the_full_paths_pairs(share, seed):
 
 def test_ties_at_the_cut_are_settled_by_their_keys(seed):
     """Values from {1, 2, 3}: thousands of pairs share each score, so the cut falls inside a tie
-    and the marked row pairs at it need their keys (found again from their positions)."""
+    and the row pairs inside the bracket at it take their pairs' keys (read back through their
+    partners)."""
     module = cpp_module()
     offsets, indices, values = topk_rows(500, 1500, values=lambda nnz: torch.randint(1, 4, (nnz,)).float())
     c = co.canonical(offsets, indices, values)
