@@ -13,7 +13,7 @@
 // sums): the pairs >= hi are added (float64, per latent) and counted, those inside the bracket
 // collected, and each row pair's kept bit written (>= hi: kept; inside: settled once the k-th
 // score is known). When the count above hi is below k and the count with the bracket reaches it,
-// the k-th score lies inside, and kth_cut over the collected pairs gives it and the tie cut: the
+// the k-th score lies inside, and kth_cut_between over the collected pairs gives it and the tie cut: the
 // same kept set as the full path's. Otherwise (the sample misled) the caller runs the full path.
 //
 // The total: each latent's kept pairs summed in float64 in a fixed order, the latents then added

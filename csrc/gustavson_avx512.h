@@ -175,7 +175,7 @@ AOSAE_GUSTAVSON int64_t add_runs(float* acc, const col_t* cols, const float* val
 // acc[j] >= hi (acc >= 0: no negative value); and the same positions' bits of the pairs inside
 // [lo, hi), from `inside_first` on, settled once the k-th score is known. Bits, not a list of the
 // inside pairs' values and positions: the compress stores that appended them, sixteen lanes at a
-// time whether any lane was inside or not, took half of mark_runs' time (benchmarks/NOTES.md,
+// time whether any lane was inside or not, took about half of mark_runs' time (benchmarks/NOTES.md,
 // nineteenth pass).
 template <typename col_t>
 AOSAE_GUSTAVSON void mark_runs(const float* acc, const col_t* cols, const int64_t* entry, const int64_t* end,

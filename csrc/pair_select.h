@@ -143,18 +143,21 @@ KthCut<acc_t> kth_cut_between(int parts, ForEachIn&& for_each_in, int64_t need, 
     });
   if (std::find(outside.begin(), outside.end(), 1) != outside.end()) return kth_cut<acc_t>(each, need);
   int64_t bin = bins - 1, above = 0;
-  for (;; --bin) {
+  for (; bin >= 0; --bin) {
     int64_t here = 0;
     for (int p = 0; p < parts; ++p) here += counts[p][bin];
     if (above + here >= need) break;
     above += here;
   }
+  if (bin < 0) return kth_cut<acc_t>(each, need);  // (fewer than need: kth_cut's own precondition)
   std::vector<std::vector<Candidate<acc_t>>> in_bin(parts);
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
-  for (int p = 0; p < parts; ++p)
+  for (int p = 0; p < parts; ++p) {
+    in_bin[p].reserve(counts[p][bin]);
     for_each_in(p, [&](const Candidate<acc_t>& c) {
       if (bin_of(std::abs(c.value)) == bin) in_bin[p].push_back(c);
     });
+  }
   return kth_cut<acc_t>(
       [&](auto&& take) {
         for (const auto& part : in_bin)
