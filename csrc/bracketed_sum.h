@@ -13,8 +13,9 @@
 // sums): the pairs >= hi are added (float64, per latent) and counted, those inside the bracket
 // collected, and each row pair's kept bit written (>= hi: kept; inside: settled once the k-th
 // score is known). When the count above hi is below k and the count with the bracket reaches it,
-// the k-th score lies inside, and kth_cut_between over the collected pairs gives it and the tie cut: the
-// same kept set as the full path's. Otherwise (the sample misled) the caller runs the full path.
+// the k-th score lies inside, and kth_cut_between over the collected pairs gives it and the tie
+// cut: the same kept set as the full path's. Otherwise (the sample misled) the caller runs the
+// full path.
 //
 // The total: each latent's kept pairs summed in float64 in a fixed order, the latents then added
 // in order, so its bits depend neither on the thread count nor on the schedule (they may differ
@@ -29,7 +30,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -69,7 +69,6 @@ using gustavson::TaggedList;
 // Lists filled to about the same sizes every call, lent by the calling thread and given back
 // with their room (up to kKeepBytes in all): grown afresh, their first-touch pages cost the
 // forward more than filling them
-template <int Slot>
 struct KeptLists {
   static constexpr size_t kKeepBytes = size_t(64) << 20;
   static std::vector<TaggedList> lend(int parts) {
@@ -191,7 +190,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   }
   double* latent_total = Scratch<double, 3>::get(n);  // (slot 3: no other user)
   std::fill(latent_total, latent_total + n, 0.0);
-  std::vector<TaggedList> inside = KeptLists<0>::lend(threads);
+  std::vector<TaggedList> inside = KeptLists::lend(threads);
   // the row pairs inside the bracket, a bit each (as word: each latent's from a word boundary; slot 0:
   // no other user). Every partner inside is among its latent's listed pairs: the same acc[j], lo > 0
   // (a partner with only zero products is below it), none listed twice (else `returned`).
@@ -217,7 +216,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
       latent_total[i] = total;
     }
   }
-  auto give_back = [&] { KeptLists<0>::give_back(inside); };
+  auto give_back = [&] { KeptLists::give_back(inside); };
   int64_t collected = 0;
   for (const auto& list : inside) collected += list.size;
   // (every pair within k: the full path keeps them all, with its own kth and tie cut for that case)
