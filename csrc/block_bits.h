@@ -63,6 +63,20 @@ class BlockBits {
   // row p's bits as a stream of bytes (expand_bits)
   const uint8_t* row_bytes(int64_t p) const { return reinterpret_cast<const uint8_t*>(row(p)); }
 
+  // whether any of row p's bits [b0, b1) is set
+  bool any(int64_t p, int64_t b0, int64_t b1) const {
+    if (b1 <= b0) return false;
+    const uint16_t* w = row(p);
+    const int64_t first = b0 >> 4, last = (b1 - 1) >> 4;
+    const uint16_t head = static_cast<uint16_t>(0xFFFFu << (b0 & 15));
+    const uint16_t tail = static_cast<uint16_t>(0xFFFFu >> (15 - ((b1 - 1) & 15)));
+    if (first == last) return (w[first] & head & tail) != 0;
+    if (w[first] & head) return true;
+    for (int64_t x = first + 1; x < last; ++x)
+      if (w[x]) return true;
+    return (w[last] & tail) != 0;
+  }
+
   void keep(int64_t p, int64_t q) {
     const int64_t x = q - p - 1;
     row(p)[x >> 4] |= static_cast<uint16_t>(1u << (x & 15));

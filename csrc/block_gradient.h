@@ -221,20 +221,31 @@ auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end,
     scores.tile(p0, p1, q0, q1, tile, q1 - q0);
     tile_rows(p0, p1, q0, q1, tile, row_end,
               [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { to_gradients(v, hi - lo, p, lo); });
+    return true;
   };
 }
 
-// A tile's gradients from the forward's kept bits (csrc/block_bits.h): +g where kept, else 0.
+// A tile's gradients from the forward's kept bits (csrc/block_bits.h): +g where kept, else 0;
+// false, the tile left as it was, where none of its pairs is kept (it adds nothing: where the
+// block's scores fall below the k-th, half of a BatchTopK d_sae 262144 staircase)
 template <typename acc_t, typename RowEnd>
 auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
   return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
+    bool any = false;
+    for (int64_t p = p0; p < p1 && !any; ++p) {
+      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+      any = bits.any(p, lo - p - 1, hi - p - 1);
+    }
+    if (!any) return false;
     tile_rows(p0, p1, q0, q1, tile, row_end,
               [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { expand_bits(bits.row_bytes(p), lo - p - 1, hi - lo, g, v); });
+    return true;
   };
 }
 
 // A_H · G_U [h, width] for the block rows [0, extent) (row p's pairs: q in (p, row_end(p))).
-// gradients(p0, p1, q0, q1, tile): the tile's G_U [p1 − p0, q1 − q0] (0 off each row's pairs).
+// gradients(p0, p1, q0, q1, tile): the tile's G_U [p1 − p0, q1 − q0] (0 off each row's pairs), or
+// false where it is all 0.
 template <typename acc_t, typename RowEnd, typename Gradients>
 torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t extent, RowEnd&& row_end,
                              Gradients&& gradients, int threads) {
@@ -263,7 +274,7 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
       std::fill(sums.begin(), sums.end(), acc_t(0));
       for (int64_t q0 = p0 + 1; q0 < end; q0 += d::kTileCols) {
         const int64_t q1 = std::min(end, q0 + d::kTileCols), cols = q1 - q0;
-        gradients(p0, p1, q0, q1, tile.data());
+        if (!gradients(p0, p1, q0, q1, tile.data())) continue;  // (no pair of the tile kept)
         d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);  // prod[:, q] (columns)
         d::add_row_dots(coefs_t.data(), h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
       }
