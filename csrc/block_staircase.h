@@ -12,8 +12,9 @@
 // staircase {s_p·s_q·(1 + slack) ≥ floor} is multiplied and scanned, and the k-th score found
 // there is checked against the floor (a sample that misled: the whole block). At BatchTopK
 // initialisation that is 4 % of the block at d_sae 16384 and 36 % at 65536 (benchmarks/
-// NOTES.md); where the seed alone would be half the block or more, the
-// whole block is computed. The block is never stored on this path (csrc/recomputed_block.h).
+// NOTES.md); where the seed alone would be half the block or more (it is doubled while too few of
+// its pairs have a moved-row part), the whole block is computed. The block is never stored on this
+// path (csrc/recomputed_block.h).
 
 #pragma once
 
@@ -92,27 +93,18 @@ struct Staircase {
   double floor = 0;
 };
 
-// The staircase of pairs that can be among the k best (s: the block latents' norms,
-// non-increasing), from a sample of the seed region: every step-th row's moved-row parts
-// (recomputed again where the staircase is read), histogrammed ×step, give the floor where about
-// reach·k of the seed's pairs lie above. The seed's pairs are some of all pairs and their
-// moved-row parts at most their scores, so at least reach·k pairs score above the floor when the
-// sample is right (exactly so with step 1); the caller checks that the k-th best score it finds
-// is at least the floor and otherwise sums the whole block. Sampling the seed instead of
-// multiplying it whole took the forward at BatchTopK d_sae 65536's initialisation from 51 to
-// 24–26 ms (the whole seed was 20 ms).
+// The floor that about reach·k of the seed's moved-row parts reach (0: fewer of them non-zero),
+// the seed being the staircase of about seed_pairs pairs at the block's top-left corner; every
+// step-th row sampled.
 template <typename acc_t>
-Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,
-                          double reach = kSeedReach) {
+double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>& s, double seed_pairs, int64_t k,
+                  double reach) {
   const int64_t width = rows.width();
-  Staircase full{std::vector<int64_t>(width, width), 0.0};
-  const double block_pairs = 0.5 * static_cast<double>(width) * static_cast<double>(width - 1);
-  if (kSeedPairs * static_cast<double>(k) >= 0.5 * block_pairs || s.empty() || !(s.back() > 0)) return full;
-  // the seed: the smallest bound x (by bisection, on a log scale) whose staircase holds >= kSeedPairs·k pairs
+  // the seed: the smallest bound x (by bisection, on a log scale) whose staircase holds >= seed_pairs pairs
   double lo = s[width - 1] * s[width - 1], hi = s[0] * s[1];
   for (int it = 0; it < 60 && hi > lo * (1 + 1e-6); ++it) {
     const double mid = std::sqrt(lo * hi);
-    (staircase_pairs(staircase_ends(s, mid)) >= kSeedPairs * static_cast<double>(k) ? lo : hi) = mid;
+    (staircase_pairs(staircase_ends(s, mid)) >= seed_pairs ? lo : hi) = mid;
   }
   const std::vector<int64_t> seed = staircase_ends(s, lo);
   const int64_t step = std::clamp<int64_t>(width / 128, 1, kSeedRowStep);
@@ -136,9 +128,33 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
                                    [&](int64_t b, uint32_t c) { estimate[b] += step * static_cast<int64_t>(c); });
   ZeroedCounts<uint32_t, 1>::give_back();
   const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
-  const double floor = bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
-  if (!(floor > 0)) return full;  // fewer than reach·k non-zero parts in the seed: the whole block
-  return {staircase_ends(s, floor / (1 + staircase_slack<acc_t>(m))), floor};
+  return bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
+}
+
+// The staircase of pairs that can be among the k best (s: the block latents' norms,
+// non-increasing), from a sample of the seed region: every step-th row's moved-row parts
+// (recomputed again where the staircase is read), histogrammed ×step, give the floor where about
+// reach·k of the seed's pairs lie above. The seed's pairs are some of all pairs and their
+// moved-row parts at most their scores, so at least reach·k pairs score above the floor when the
+// sample is right (exactly so with step 1); the caller checks that the k-th best score it finds
+// is at least the floor and otherwise sums the whole block. Sampling the seed instead of
+// multiplying it whole took the forward at BatchTopK d_sae 65536's initialisation from 51 to
+// 24–26 ms (the whole seed was 20 ms).
+template <typename acc_t>
+Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,
+                          double reach = kSeedReach) {
+  const int64_t width = rows.width();
+  Staircase full{std::vector<int64_t>(width, width), 0.0};
+  const double block_pairs = 0.5 * static_cast<double>(width) * static_cast<double>(width - 1);
+  if (s.empty() || !(s.back() > 0)) return full;
+  // a seed where fewer than reach·k pairs have a non-zero moved-row part (the others' scores come
+  // from the other rows alone) is doubled while under half the block: BatchTopK d_sae 65536's step
+  // 34 with three more rows moved had such a seed, and the whole block took 87 ms against 59
+  for (double seed_pairs = kSeedPairs * static_cast<double>(k); seed_pairs < 0.5 * block_pairs; seed_pairs *= 2) {
+    const double floor = seed_floor(rows, s, seed_pairs, k, reach);
+    if (floor > 0) return {staircase_ends(s, floor / (1 + staircase_slack<acc_t>(m))), floor};
+  }
+  return full;  // the block is small next to k, or no seed under half of it has reach·k such pairs
 }
 
 }  // namespace aosae

@@ -36,7 +36,7 @@ struct DenseRowCost {
   double mac = 0.012;
   double entry = 1.5;
   double fixed = 0.0;       // per entry of the rows, once there is a block at all
-  double correction = 0.0;  // per pair of another row inside U × U
+  double correction = 0.0;  // per pair of another row inside U × U (counted for each prefix of the rows)
 };
 
 // The cost model of a block: the stored one's (the selection), or with recomputed the sum of the
@@ -158,17 +158,51 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   const double none_cost = cost.pair * total_pairs, fixed_cost = cost.fixed * static_cast<double>(rp[m]);
   double u = 0, moved_pairs = 0, best_cost = none_cost;
   int64_t best = 0;
+  // With a cost per correction, the other rows' pairs inside U × U, counted as U grows: each
+  // latent's rows (CSC) and each row's latents in U so far. Counted for the chosen prefix only,
+  // they kept BatchTopK d_sae 262144's later steps (30–50 rows of 10³–10⁴ latents) on few moved
+  // rows and 2–6·10⁷ corrections, whose build alone took 0.2–0.6 s, or off the block altogether.
+  const bool count_corrections = cost.correction > 0;
+  std::vector<int64_t> latent_start, latent_rows, inside;
+  std::vector<uint8_t> is_moved;
+  double corrections = 0;
+  if (count_corrections) {
+    latent_start.assign(n + 1, 0);
+    for (int64_t e = 0; e < rp[m]; ++e) ++latent_start[cp[e] + 1];
+    for (int64_t i = 0; i < n; ++i) latent_start[i + 1] += latent_start[i];
+    latent_rows.resize(rp[m]);
+    std::vector<int64_t> next(latent_start.begin(), latent_start.end() - 1);
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) latent_rows[next[cp[e]]++] = t;
+    inside.assign(m, 0);
+    is_moved.assign(m, 0);
+  }
   for (const int64_t t : order) {
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += !in_u[cp[e]];
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
     if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2)) continue;
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      const int64_t i = cp[e];
+      if (in_u[i]) continue;
+      in_u[i] = 1;
+      if (!count_corrections) continue;
+      for (int64_t x = latent_start[i]; x < latent_start[i + 1]; ++x) {
+        const int64_t s = latent_rows[x];  // latent i pairs with row s's latents already in U
+        if (!is_moved[s]) corrections += static_cast<double>(inside[s]);
+        ++inside[s];
+      }
+    }
+    if (count_corrections) {  // row t's pairs are the block's own now
+      is_moved[t] = 1;
+      corrections -= static_cast<double>(inside[t]) * static_cast<double>(inside[t] - 1) / 2;
+    }
     u += fresh;
     taken.push_back(t);
     const int64_t h = static_cast<int64_t>(taken.size());
     moved_pairs += L * (L - 1) / 2;
-    const double c = cost.pair * (total_pairs - moved_pairs) + cost.mac * h * u * u + cost.entry * u * u + fixed_cost;
+    const double c = cost.pair * (total_pairs - moved_pairs - corrections) + cost.correction * corrections +
+                     cost.mac * h * u * u + cost.entry * u * u + fixed_cost;
     if (c < best_cost) {
       best_cost = c;
       best = h;
@@ -181,20 +215,6 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     const int64_t t = taken[h];
     out.moved[t] = 1;
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
-  }
-  if (cost.correction > 0) {  // the other rows' pairs inside U × U, counted for the chosen rows only
-    double corrections = 0;
-    for (int64_t t = 0; t < m; ++t) {
-      if (out.moved[t]) continue;
-      double inside = 0;
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) inside += in_u[cp[e]];
-      corrections += inside * (inside - 1) / 2;
-    }
-    if (best_cost + cost.correction * corrections >= none_cost) {
-      std::fill(out.moved.begin(), out.moved.end(), 0);
-      out.taken.clear();
-      return out;
-    }
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!in_u[i]) continue;
