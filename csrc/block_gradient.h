@@ -10,7 +10,8 @@
 // (with A_H transposed once: no transpose of the tile, which took a fifth of the backward; its
 // partial sums kept per lane across a panel's tiles and added up once per panel). The panels and
 // BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae 262144 mid-training and packed it twice more.
-// Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod.
+// Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod. A tile
+// with no kept pair (the forward's bits say so) adds nothing and is skipped.
 
 #pragma once
 

@@ -44,7 +44,8 @@ template <typename acc_t>
 double staircase_slack(int64_t m) {
   return std::max(kStaircaseSlack, 4.0 * static_cast<double>(m) * std::numeric_limits<acc_t>::epsilon());
 }
-// The seed region holds this many times k pairs; pruning is tried only when that is under half the block.
+// The seed region holds this many times k pairs at first (doubled while too few of its pairs have a
+// moved-row part); pruning is tried only while that is under half the block.
 constexpr double kSeedPairs = 1.25;
 // The floor: where the seed's sampled moved-row parts reach this many times k (the margin: the
 // sample's error).

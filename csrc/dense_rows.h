@@ -48,6 +48,8 @@ struct DenseRowCost {
 // as they were then), so mid-training, where 24 rows of ≤ 700 latents hold 1.5·10⁶ of 6.3·10⁶
 // row pairs, it cost 31 ms against 19 ms without it; with the corrections' scores computed once
 // and their lists counting-sorted, 25 against 19 ms there, and 23.4 against 22.6 ms at step 50.
+// A correction is counted at that cost instead of a row pair's (it never reaches the buckets),
+// for every prefix of the moved rows (benchmarks/NOTES.md, twentieth pass).
 inline DenseRowCost block_cost(bool recomputed) {
   DenseRowCost c;
   if (!recomputed) return c;

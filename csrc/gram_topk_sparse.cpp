@@ -303,7 +303,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // live_end: [width] int64 (positive values with a block: the block's latents are the columns in
 // norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
 // the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the
-// sampled bracket held the k-th score; a staircase whose floor proved too high adds its own), plan (with keep_plan=True: what the backward takes
+// sampled bracket held the k-th score, 2 when the rescaled second one did, 3 or 4 through the
+// exact histogram; a staircase whose floor proved too high adds its own), plan (with keep_plan=True: what the backward takes
 // instead of deriving it again, csrc/topk_sum_plan.h; else None)). sparse_csr_topk_sum_backward
 // takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
 // histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it

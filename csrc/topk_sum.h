@@ -292,17 +292,19 @@ class TopKSum {
     if (width_ == 0) return exact(k, s_.hist_total, r);
     if (bracket > 0) {
       if (step <= 0) step = std::clamp<int64_t>(extent_ / 256, 1, 32);
-      std::vector<double> est(kMagnitudeBins);
       const std::vector<int64_t> sample = row_histogram(step);
       r.block_passes += step == 1;  // (every row: the exact histogram)
-      for (int64_t b = 0; b < kMagnitudeBins; ++b)
-        est[b] = static_cast<double>(s_.hist_total[b]) + static_cast<double>(step) * static_cast<double>(sample[b]);
       const double coarse = kSampleSpread * std::sqrt(static_cast<double>(step) / static_cast<double>(k));
       const double slack = std::max(bracket, std::min(kWidestBracket, coarse));
-      // a second try where the first bracket missed: the estimate rescaled to the pass's exact
-      // count (BatchTopK d_sae 262144: 2 of 21 calls missed by 1–4 %; the exact histogram and its
-      // pass cost two passes more, 0.8 s)
-      for (int attempt = 0; attempt < (step > 1 ? 2 : 1); ++attempt) {
+      // a second try where the first bracket missed, the sample's part of the estimate rescaled
+      // to the pass's exact count (BatchTopK d_sae 262144: 2 of 21 calls missed by 1–4 %; the
+      // exact histogram and its pass cost two passes more, 0.8 s)
+      double scale = static_cast<double>(step);
+      const int attempts = step > 1 ? 2 : 1;  // (step 1: the estimate is exact)
+      for (int attempt = 0; attempt < attempts; ++attempt) {
+        std::vector<double> est(kMagnitudeBins);
+        for (int64_t b = 0; b < kMagnitudeBins; ++b)
+          est[b] = static_cast<double>(s_.hist_total[b]) + scale * static_cast<double>(sample[b]);
         const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : slack);
         double expected = 0;  // the sample's count inside the bracket: the edge lists' room
         for (int64_t b = 0; b < kMagnitudeBins; ++b)
@@ -317,7 +319,8 @@ class TopKSum {
         if (above < k && k <= above + edge) return finish(k, std::move(tallies), br, r);
         if (above + edge < k && br.lo == bin_start<acc_t>(0)) return every_pair(std::move(tallies), k, r);  // P < k
         EdgeLists<acc_t>::give_back(tallies);
-        rescale(est, br, above, edge, k);
+        if (attempt + 1 < attempts) scale = sample_scale(sample, br, above, edge, k);
+        if (!(scale > 0)) break;  // (the sample saw no pair past the bracket's edge)
       }
     }
     std::vector<int64_t> hist = row_histogram(1);
@@ -326,18 +329,21 @@ class TopKSum {
     return exact(k, hist, r);
   }
 
-  // After a pass missed the k-th score: the estimate's bins scaled by what it was off at the
-  // bracket's edge past which the k-th lies, where the pass counted exactly (the sample's error
-  // there taken for its error past it)
-  static void rescale(std::vector<double>& est, const Bracket<acc_t>& br, int64_t above, int64_t edge, int64_t k) {
+  // After a pass missed the k-th score: the sample's weight that makes the estimate's count at
+  // the bracket's edge past which the k-th lies (the buckets' exact histogram plus the weighted
+  // sample) the pass's exact count there; 0 where none does (the sample saw no pair past it)
+  double sample_scale(const std::vector<int64_t>& sample, const Bracket<acc_t>& br, int64_t above, int64_t edge,
+                      int64_t k) const {
     const bool under = above + edge < k;  // the k-th best below br.lo; else at br.hi or above
     const acc_t line = under ? br.lo : br.hi;
-    double estimated = 0;
+    double buckets = 0, sampled = 0;
     for (int64_t b = 0; b < kMagnitudeBins; ++b)
-      if (bin_start<acc_t>(b) >= line) estimated += est[b];
-    if (!(estimated > 0)) return;
-    const double f = static_cast<double>(under ? above + edge : above) / estimated;
-    for (double& c : est) c *= f;
+      if (bin_start<acc_t>(b) >= line) {
+        buckets += static_cast<double>(s_.hist_total[b]);
+        sampled += static_cast<double>(sample[b]);
+      }
+    const double scale = (static_cast<double>(under ? above + edge : above) - buckets) / sampled;
+    return sampled > 0 && scale > 0 ? scale : 0.0;
   }
 
   // the block's rows p = step/2, step/2 + step, ... (their live part), histogrammed
