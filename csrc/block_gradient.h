@@ -232,12 +232,12 @@ auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end,
 template <typename acc_t, typename RowEnd>
 auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
   return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
-    bool any = false;
-    for (int64_t p = p0; p < p1 && !any; ++p) {
+    bool kept = false;
+    for (int64_t p = p0; p < p1 && !kept; ++p) {
       const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
-      any = bits.any(p, lo - p - 1, hi - p - 1);
+      kept = bits.any(p, lo - p - 1, hi - p - 1);
     }
-    if (!any) return false;
+    if (!kept) return false;
     tile_rows(p0, p1, q0, q1, tile, row_end,
               [&](acc_t* v, int64_t p, int64_t lo, int64_t hi) { expand_bits(bits.row_bytes(p), lo - p - 1, hi - lo, g, v); });
     return true;
