@@ -200,14 +200,24 @@ void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, 
 
 }  // namespace block_gradient_detail
 
+// Row p's pairs (q in (p, row_end(p))) among the columns [q0, q1): [lo, hi)
+struct RowSpan {
+  int64_t lo, hi;
+};
+template <typename RowEnd>
+RowSpan row_span(int64_t p, int64_t q0, int64_t q1, RowEnd& row_end) {
+  const int64_t lo = std::clamp(p + 1, q0, q1);
+  return {lo, std::clamp(row_end(p), lo, q1)};
+}
+
 // The tile of rows [p0, p1) × columns [q0, q1): fill(v, p, lo, hi) writes row p's gradients at its
 // pairs' columns [lo, hi) (v: column lo), the rest of the row set to 0.
 template <typename acc_t, typename RowEnd, typename Fill>
 void tile_rows(int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile, RowEnd& row_end, Fill&& fill) {
   const int64_t cols = q1 - q0;
-  for (int64_t p = p0; p < p1; ++p) {  // row p's pairs: q in (p, row_end(p))
+  for (int64_t p = p0; p < p1; ++p) {
     acc_t* v = tile + (p - p0) * cols;
-    const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
+    const auto [lo, hi] = row_span(p, q0, q1, row_end);
     std::fill(v, v + (lo - q0), acc_t(0));
     fill(v + (lo - q0), p, lo, hi);
     std::fill(v + (hi - q0), v + cols, acc_t(0));
@@ -234,8 +244,8 @@ auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
   return [&bits, &row_end, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile) {
     bool kept = false;
     for (int64_t p = p0; p < p1 && !kept; ++p) {
-      const int64_t lo = std::clamp(p + 1, q0, q1), hi = std::clamp(row_end(p), lo, q1);
-      kept = bits.any(p, lo - p - 1, hi - p - 1);
+      const RowSpan span = row_span(p, q0, q1, row_end);
+      kept = bits.any(p, span.lo - p - 1, span.hi - p - 1);
     }
     if (!kept) return false;
     tile_rows(p0, p1, q0, q1, tile, row_end,
