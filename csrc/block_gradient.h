@@ -263,20 +263,23 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
   const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
-  std::vector<acc_t> coefs_t(static_cast<size_t>(h * width));  // [h, width]: A_H's rows
+  // (the pool's buffers, not fresh ones: 2–7 MiB each at d_sae 262144, faulted in afresh every
+  // step otherwise; csrc/buffer_pool.h)
+  const at::ScalarType dtype = scores.moved_rows_matrix().scalar_type();
+  torch::Tensor coefs_rows = empty_pooled(h * width, dtype);  // [h, width]: A_H's rows
+  acc_t* coefs_t = coefs_rows.data_ptr<acc_t>();
   for (int64_t p = 0; p < width; ++p)
     for (int64_t r = 0; r < h; ++r) coefs_t[r * width + p] = coefs[p * h + r];
   constexpr int64_t L = d::lanes<acc_t>();
-  std::vector<std::vector<acc_t>> copies(threads);
+  const torch::Tensor copies = zeros_pooled(threads, h * width, dtype);  // each thread's A_H · G_U
   const int64_t panels = (extent + d::kTileRows - 1) / d::kTileRows;
 #pragma omp parallel num_threads(threads)
   {
 #ifdef _OPENMP
-    std::vector<acc_t>& prod = copies[omp_get_thread_num()];
+    acc_t* prod = copies.data_ptr<acc_t>() + omp_get_thread_num() * h * width;
 #else
-    std::vector<acc_t>& prod = copies[0];
+    acc_t* prod = copies.data_ptr<acc_t>();
 #endif
-    prod.assign(h * width, acc_t(0));
     std::vector<acc_t> tile(d::kTileRows * d::kTileCols), sums(d::kTileRows * h * L);
 #pragma omp for schedule(static, 1)  // panels dealt round-robin: the same split every call
     for (int64_t panel = 0; panel < panels; ++panel) {
@@ -286,8 +289,8 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
       for (int64_t q0 = p0 + 1; q0 < end; q0 += d::kTileCols) {
         const int64_t q1 = std::min(end, q0 + d::kTileCols), cols = q1 - q0;
         if (!gradients(p0, p1, q0, q1, tile.data())) continue;  // (no pair of the tile kept)
-        d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod.data(), width);  // prod[:, q] (columns)
-        d::add_row_dots(coefs_t.data(), h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
+        d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod, width);  // prod[:, q] (columns)
+        d::add_row_dots(coefs_t, h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
       }
       for (int64_t x = 0; x < rows; ++x)  // the rows' half: each lane's partial sum, in lane order
         for (int64_t r = 0; r < h; ++r) {
@@ -297,10 +300,14 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
         }
     }
   }
-  torch::Tensor out = torch::zeros({h, width}, torch::TensorOptions().dtype(scores.moved_rows_matrix().scalar_type()));
+  torch::Tensor out = empty_pooled(h * width, dtype).view({h, width});
   acc_t* o = out.data_ptr<acc_t>();
-  for (const auto& part : copies)  // in thread order
-    for (int64_t e = 0; e < static_cast<int64_t>(part.size()); ++e) o[e] += part[e];
+  const acc_t* parts = copies.data_ptr<acc_t>();
+  for (int64_t e = 0; e < h * width; ++e) {
+    acc_t total = 0;
+    for (int t = 0; t < threads; ++t) total += parts[t * h * width + e];  // in thread order
+    o[e] = total;
+  }
   return out;
 }
 

@@ -23,10 +23,13 @@
 
 namespace aosae {
 
-constexpr size_t kPoolMinBytes = size_t(8) << 20;   // smaller ones: torch's allocator reuses them
+// smaller ones: torch's allocator (malloc's heap reuses them; between 1 and 8 MiB it did not
+// reliably inside a training process, whose gigabyte tensors come and go every step)
+constexpr size_t kPoolMinBytes = size_t(1) << 20;
 constexpr size_t kPoolKeepBytes = size_t(1) << 30;  // free bytes kept at most
 constexpr size_t kMapGranule = size_t(2) << 20;  // mappings are rounded up to this
-constexpr uint64_t kPoolMaxAge = 16;  // returns to the pool (a step makes about five)
+constexpr uint64_t kPoolMaxAge = 32;  // returns to the pool (a step makes about ten)
+constexpr size_t kSlack = 4;          // a new mapping is a quarter larger than asked
 
 class BufferPool {
  public:
@@ -42,13 +45,14 @@ class BufferPool {
   }
 
   // A mapping of at least `bytes`: the smallest free one that is not more than twice too large,
-  // else a fresh one (zero-filled), rounded up with 1/8 slack so that the next steps' slightly
-  // larger requests fit it. A miss means the sizes moved on (the pair count grows early in
-  // training): the free buffers smaller than this request are unmapped first, so the pool does
-  // not hold outgrown ones next to their replacements; and when the system refuses a mapping
-  // (a memory cap), every free buffer is. fresh: it is all zeros.
+  // else a new one, rounded up with 1/kSlack slack so that the next steps' slightly larger
+  // requests fit it (pages never touched cost no memory). A miss means the sizes moved on (the
+  // pair count grows early in training): the largest free buffer smaller than the request grows
+  // into the new one, so the pool does not hold an outgrown buffer next to its replacement; and
+  // when the system refuses a mapping (a memory cap), every free buffer is unmapped. fresh: it
+  // is all zeros.
   Mapping take(size_t bytes, bool* fresh) {
-    std::vector<Mapping> drop;
+    Mapping outgrown;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       size_t best = free_.size();
@@ -58,19 +62,38 @@ class BufferPool {
           best = q;
       }
       if (best < free_.size()) {
+        ++counts_.reused;
         const Mapping m = free_[best];
         free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
         free_bytes_ -= m.length;
         *fresh = false;
         return m;
       }
-      std::vector<Mapping> keep;
-      for (const Mapping& f : free_) (f.length < bytes ? drop : keep).push_back(f);
-      for (const Mapping& d : drop) free_bytes_ -= d.length;
-      free_.swap(keep);
+      // the largest outgrown buffer grows into the new one: its pages stay mapped and only the
+      // rest is faulted in (the block's kept bits grow by a few MiB a step early in BatchTopK
+      // training at d_sae 262144; a fresh mapping faulted all 30–70 MiB of them, at 10–20 µs a
+      // page inside the training process; benchmarks/NOTES.md, twenty-first pass)
+      size_t largest = free_.size();
+      for (size_t q = 0; q < free_.size(); ++q)
+        if (free_[q].length < bytes && (largest == free_.size() || free_[q].length > free_[largest].length))
+          largest = q;
+      if (largest < free_.size()) {
+        outgrown = free_[largest];
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(largest));
+        free_bytes_ -= outgrown.length;
+      }
     }
-    for (const Mapping& d : drop) munmap(d.data, d.length);
-    const size_t length = (bytes + bytes / 8 + kMapGranule - 1) / kMapGranule * kMapGranule;
+    const size_t length = (bytes + bytes / kSlack + kMapGranule - 1) / kMapGranule * kMapGranule;
+    if (outgrown.data != nullptr) {
+      void* grown = mremap(outgrown.data, outgrown.length, length, MREMAP_MAYMOVE);
+      if (grown != MAP_FAILED) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        ++counts_.grown;
+        *fresh = false;
+        return {grown, length};
+      }
+      munmap(outgrown.data, outgrown.length);
+    }
     // 4 KiB pages, no MADV_HUGEPAGE: with the kernel's THP defrag set to "madvise" (the
     // default) a fault in such a region compacts memory synchronously, and inside a training
     // process whose own large tensors fragment memory, the forward at TopK d_sae 65536 took
@@ -79,6 +102,10 @@ class BufferPool {
     if (p == MAP_FAILED && release() > 0)
       p = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return {};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++counts_.mapped;
+    }
     *fresh = true;
     return {p, length};
   }
@@ -121,12 +148,22 @@ class BufferPool {
     return free_bytes_;
   }
 
+  // How the requests were met so far: from a free buffer, by growing an outgrown one, by a new mapping.
+  struct Counts {
+    int64_t reused = 0, grown = 0, mapped = 0;
+  };
+  Counts counts() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counts_;
+  }
+
  private:
   BufferPool() = default;
   std::mutex mutex_;
   std::vector<Mapping> free_;  // oldest first
   size_t free_bytes_ = 0;
   uint64_t clock_ = 0;  // returns so far
+  Counts counts_;
 };
 
 // A 1-D tensor of `count` elements from the pool (undefined below kPoolMinBytes or if mmap

@@ -405,6 +405,10 @@ void register_sparse(pybind11::module& m) {
         "of the k best (sparse_csr_topk_sum) would");
   m.def("buffer_pool_free_bytes", [] { return aosae::BufferPool::instance().free_bytes(); },
         "Bytes of freed large buffers the CPU kernels keep for their next calls (csrc/buffer_pool.h)");
+  m.def("buffer_pool_counts", [] {
+          const auto c = aosae::BufferPool::instance().counts();
+          return std::make_tuple(c.reused, c.grown, c.mapped);
+        }, "How the pool met its requests so far: (from a free buffer, by growing an outgrown one, newly mapped)");
   m.def("release_buffer_pool", [] { return aosae::BufferPool::instance().release(); },
         "Gives the kept buffers back to the system; returns their bytes");
 }

@@ -36,6 +36,7 @@
 
 #include "block_bits.h"
 #include "block_staircase.h"
+#include "chunked_list.h"
 #include "coactive_pairs.h"
 #include "norm_order.h"
 #include "pair_select.h"
@@ -113,7 +114,7 @@ struct Tally {
   int64_t count = 0;      // how many
   int64_t in_block = 0;   // of them, inside the block
   acc_t lowest = std::numeric_limits<acc_t>::infinity();  // the smallest of them
-  std::vector<Candidate<acc_t>> edge;  // the pairs inside the bracket
+  ChunkedList<Candidate<acc_t>> edge;  // the pairs inside the bracket (csrc/chunked_list.h)
 };
 
 namespace tally_detail {
@@ -213,43 +214,6 @@ void tally_row(const acc_t* v, int64_t len, const Bracket<acc_t>& b, bool block,
   for (const int64_t q : inside) edge(q, v[q]);
 }
 
-// The pass's lists of pairs inside the bracket (one per part), lent by the calling thread and
-// given back when the sum is done, their capacity kept (up to kKeepBytes per thread and dtype)
-// and their contents cleared when lent again. A training step
-// fills lists of about the same sizes every step; grown afresh, with both threads faulting in new
-// pages and copying at each doubling, they cost the forward 0.1–0.3 s at d_sae 262144 (3.4·10⁶
-// pairs inside the bracket; benchmarks/NOTES.md, ninth pass).
-template <typename acc_t>
-struct EdgeLists {
-  static constexpr size_t kKeepBytes = size_t(256) << 20;  // kept between calls, all lists together
-
-  static void lend(std::vector<Tally<acc_t>>& tallies, size_t room) {
-    auto& kept = pool();
-    if (kept.size() < tallies.size()) kept.resize(tallies.size());
-    for (size_t p = 0; p < tallies.size(); ++p) {  // part p gets the list part p filled last time
-      tallies[p].edge.swap(kept[p]);
-      tallies[p].edge.clear();
-      tallies[p].edge.reserve(room);
-    }
-  }
-
-  static void give_back(std::vector<Tally<acc_t>>& tallies) {
-    auto& kept = pool();
-    if (kept.size() < tallies.size()) kept.resize(tallies.size());
-    size_t bytes = 0;
-    for (size_t p = 0; p < tallies.size(); ++p) {
-      bytes += tallies[p].edge.capacity() * sizeof(Candidate<acc_t>);
-      if (bytes <= kKeepBytes) kept[p].swap(tallies[p].edge);
-    }
-  }
-
- private:
-  static std::vector<std::vector<Candidate<acc_t>>>& pool() {
-    thread_local std::vector<std::vector<Candidate<acc_t>>> lists;
-    return lists;
-  }
-};
-
 template <typename acc_t>
 class TopKSum {
  public:
@@ -306,10 +270,7 @@ class TopKSum {
         for (int64_t b = 0; b < kMagnitudeBins; ++b)
           est[b] = static_cast<double>(s_.hist_total[b]) + scale * static_cast<double>(sample[b]);
         const Bracket<acc_t> br = bracket_of<acc_t>(est, k, step == 1 ? 0.0 : slack);
-        double expected = 0;  // the sample's count inside the bracket: the edge lists' room
-        for (int64_t b = 0; b < kMagnitudeBins; ++b)
-          if (bin_start<acc_t>(b) >= br.lo && bin_start<acc_t>(b) < br.hi) expected += est[b];
-        std::vector<Tally<acc_t>> tallies = pass(br, expected);
+        std::vector<Tally<acc_t>> tallies = pass(br);
         ++r.block_passes;
         int64_t above = 0, edge = 0;
         for (const auto& t : tallies) {
@@ -318,7 +279,6 @@ class TopKSum {
         }
         if (above < k && k <= above + edge) return finish(k, std::move(tallies), br, r);
         if (above + edge < k && br.lo == bin_start<acc_t>(0)) return every_pair(std::move(tallies), k, r);  // P < k
-        EdgeLists<acc_t>::give_back(tallies);
         if (attempt + 1 < attempts) scale = sample_scale(sample, br, above, edge, k);
         if (!(scale > 0)) break;  // (the sample saw no pair past the bracket's edge)
       }
@@ -372,11 +332,9 @@ class TopKSum {
   int64_t key_of(int64_t i, int64_t j) const { return order_ ? order_->key(i, j, n_) : i * n_ + j; }
 
   // every pair, per part: the sum and count of those above the bracket, the ones inside collected
-  // (expected: about how many pairs lie inside the bracket)
-  std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br, double expected = 0) {
+  std::vector<Tally<acc_t>> pass(const Bracket<acc_t>& br) {
     const int64_t parts = static_cast<int64_t>(part_begin_.size()) - 1;
     std::vector<Tally<acc_t>> tallies(parts);
-    EdgeLists<acc_t>::lend(tallies, static_cast<size_t>(1.25 * expected / static_cast<double>(parts)) + 64);
     const int64_t* latent = s_.dense.latents.data();
     at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> tile;
@@ -423,7 +381,7 @@ class TopKSum {
     if (width_ > 0) ++r.block_passes;
     if (kth_bin.bin < 0) return every_pair(pass({acc_t(0), acc_t(0)}), k, r);
     const Bracket<acc_t> bin{bin_start<acc_t>(kth_bin.bin), bin_start<acc_t>(kth_bin.bin + 1)};
-    return finish(k, pass(bin, static_cast<double>(hist[kth_bin.bin])), bin, r);
+    return finish(k, pass(bin), bin, r);
   }
 
   SumResult keep_all(int64_t k, SumResult& r) {
@@ -452,7 +410,6 @@ class TopKSum {
       r.kth = static_cast<double>(lowest);
       r.tie_cut = std::numeric_limits<int64_t>::max();
     }
-    EdgeLists<acc_t>::give_back(tallies);
     return r;
   }
 
@@ -486,7 +443,6 @@ class TopKSum {
     r.kth = static_cast<double>(cut.kth);
     r.tie_cut = cut.tie_cut;
     r.kept = k;
-    EdgeLists<acc_t>::give_back(tallies);
     return r;
   }
 

@@ -529,7 +529,7 @@ def test_cpp_selection_writes_original_and_compact_ids(ordered, share):
 
 
 def test_large_buffers_are_reused_and_reused_ones_are_rewritten():
-    """Outputs of 8 MiB and more come from a pool of freed buffers (csrc/buffer_pool.h): a second
+    """Outputs of 1 MiB and more come from a pool of freed buffers (csrc/buffer_pool.h): a second
     call takes the first's pages, and what it returns is exactly what fresh pages gave, including
     the backward's zero-filled block (stale sums there would change the gradient)."""
     module = cpp_module()
@@ -556,6 +556,28 @@ def test_large_buffers_are_reused_and_reused_ones_are_rewritten():
             assert torch.equal(got, want)
         del again
     assert module.release_buffer_pool() > 0 and module.buffer_pool_free_bytes() == 0
+
+
+def test_an_outgrown_buffer_grows_into_the_larger_request():
+    """A request larger than every free buffer grows the largest smaller one (its pages stay mapped)
+    instead of mapping a new one: a selection of 150 000 pairs, then one of every pair (1.28 M).
+    What the grown buffers return is exactly what fresh pages gave."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(torch.float32, zeros=0.05, long_l0=1500, pool=1600)
+    c = co.canonical(offsets, indices, values)
+    module.release_buffer_pool()
+    fresh = [t.clone() for t in co.select(c, 10**12, False, impl="cpp", ordered=False)]
+    module.release_buffer_pool()
+    small = co.select(c, 150_000, False, impl="cpp", ordered=False)
+    assert small[0].numel() * 8 >= 1 << 20  # pooled
+    del small
+    reused, grown, mapped = module.buffer_pool_counts()
+    again = co.select(c, 10**12, False, impl="cpp", ordered=False)
+    assert module.buffer_pool_counts()[1] > grown
+    for got, want in zip(again, fresh):
+        assert torch.equal(got, want)
+    del again
+    module.release_buffer_pool()
 
 
 @pytest.mark.parametrize("spread", [1, 2**20])  # ids within 16·nnz (the C++ rank table) or far wider (its radix sort)
