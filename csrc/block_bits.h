@@ -35,7 +35,7 @@ class BlockBits {
       end_[p] = row_end(p);
       start_[p + 1] = start_[p] + (std::max<int64_t>(0, end_[p] - p - 1) + 15) / 16;
     }
-    // (two spare words: bits_at reads 4 bytes from the last bit's byte; pooled past 8 MiB, d_sae 2¹⁸)
+    // (two spare words: bits_at reads 4 bytes from the last bit's byte; from the pool past 1 MiB)
     words_ = empty_pooled(start_[extent] + 2, at::kShort);
     words_.data_ptr<int16_t>()[start_[extent]] = 0;
     words_.data_ptr<int16_t>()[start_[extent] + 1] = 0;

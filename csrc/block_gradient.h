@@ -271,15 +271,20 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   for (int64_t p = 0; p < width; ++p)
     for (int64_t r = 0; r < h; ++r) coefs_t[r * width + p] = coefs[p * h + r];
   constexpr int64_t L = d::lanes<acc_t>();
-  const torch::Tensor copies = zeros_pooled(threads, h * width, dtype);  // each thread's A_H · G_U
+  const torch::Tensor copies = empty_pooled(threads * h * width, dtype);  // each thread's A_H · G_U
+  acc_t* const parts = copies.data_ptr<acc_t>();
+  int team = 1;  // the threads the region got (at most `threads`): the parts summed
   const int64_t panels = (extent + d::kTileRows - 1) / d::kTileRows;
 #pragma omp parallel num_threads(threads)
   {
 #ifdef _OPENMP
-    acc_t* prod = copies.data_ptr<acc_t>() + omp_get_thread_num() * h * width;
+    acc_t* prod = parts + omp_get_thread_num() * h * width;
+#pragma omp single nowait
+    team = omp_get_num_threads();
 #else
-    acc_t* prod = copies.data_ptr<acc_t>();
+    acc_t* prod = parts;
 #endif
+    std::fill(prod, prod + h * width, acc_t(0));  // (each thread its own part, in parallel)
     std::vector<acc_t> tile(d::kTileRows * d::kTileCols), sums(d::kTileRows * h * L);
 #pragma omp for schedule(static, 1)  // panels dealt round-robin: the same split every call
     for (int64_t panel = 0; panel < panels; ++panel) {
@@ -302,10 +307,9 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   }
   torch::Tensor out = empty_pooled(h * width, dtype).view({h, width});
   acc_t* o = out.data_ptr<acc_t>();
-  const acc_t* parts = copies.data_ptr<acc_t>();
   for (int64_t e = 0; e < h * width; ++e) {
     acc_t total = 0;
-    for (int t = 0; t < threads; ++t) total += parts[t * h * width + e];  // in thread order
+    for (int t = 0; t < team; ++t) total += parts[t * h * width + e];  // in thread order
     o[e] = total;
   }
   return out;

@@ -29,7 +29,7 @@ constexpr size_t kPoolMinBytes = size_t(1) << 20;
 constexpr size_t kPoolKeepBytes = size_t(1) << 30;  // free bytes kept at most
 constexpr size_t kMapGranule = size_t(2) << 20;  // mappings are rounded up to this
 constexpr uint64_t kPoolMaxAge = 32;  // returns to the pool (a step makes about ten)
-constexpr size_t kSlack = 4;          // a new mapping is a quarter larger than asked
+constexpr size_t kPoolSlackDivisor = 4;  // a new mapping is a quarter larger than asked
 
 class BufferPool {
  public:
@@ -45,7 +45,7 @@ class BufferPool {
   }
 
   // A mapping of at least `bytes`: the smallest free one that is not more than twice too large,
-  // else a new one, rounded up with 1/kSlack slack so that the next steps' slightly larger
+  // else a new one, rounded up with 1/kPoolSlackDivisor slack so that the next steps' slightly larger
   // requests fit it (pages never touched cost no memory). A miss means the sizes moved on (the
   // pair count grows early in training): the largest free buffer smaller than the request grows
   // into the new one, so the pool does not hold an outgrown buffer next to its replacement; and
@@ -83,8 +83,9 @@ class BufferPool {
         free_bytes_ -= outgrown.length;
       }
     }
-    const size_t length = (bytes + bytes / kSlack + kMapGranule - 1) / kMapGranule * kMapGranule;
+    const size_t length = (bytes + bytes / kPoolSlackDivisor + kMapGranule - 1) / kMapGranule * kMapGranule;
     if (outgrown.data != nullptr) {
+#if defined(__linux__)  // (mremap is Linux's; elsewhere the outgrown buffer is unmapped)
       void* grown = mremap(outgrown.data, outgrown.length, length, MREMAP_MAYMOVE);
       if (grown != MAP_FAILED) {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -92,6 +93,7 @@ class BufferPool {
         *fresh = false;
         return {grown, length};
       }
+#endif
       munmap(outgrown.data, outgrown.length);
     }
     // 4 KiB pages, no MADV_HUGEPAGE: with the kernel's THP defrag set to "madvise" (the

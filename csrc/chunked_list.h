@@ -4,10 +4,11 @@
 // A training step collects about as many such pairs every step, but spread differently over the
 // pass's parts. Kept as one std::vector per part, a part that outgrew its capacity doubled it: a
 // fresh mapping, a copy, and pages the system must fault in and zero. Inside a training process
-// at d_sae 262144 that cost 10–20 µs a page (the step's own tensors churn gigabytes of memory per
-// step): 0.1–0.3 s of a 0.3–0.6 s forward (benchmarks/NOTES.md, twenty-first pass). A chunk is
-// never copied, and a chunk given back is kept for the next list, whichever part it goes to:
-// a step whose lists are no longer than the longest seen so far faults no page in them.
+// at d_sae 262144 a page cost 10–24 µs (the step's own tensors churn gigabytes of memory per
+// step), and the lists took about two thirds of the forward's faults (benchmarks/NOTES.md,
+// twenty-first pass). A chunk is never copied, and a chunk given back is kept for the next list,
+// whichever part it goes to: a step whose lists are no longer than the longest seen so far (up
+// to the 256 MiB kept) faults no page in them.
 
 #pragma once
 
@@ -24,14 +25,16 @@ namespace aosae {
 
 class ChunkStore {
  public:
-  static constexpr size_t kChunkBytes = size_t(1) << 20;
-  static constexpr size_t kKeptChunks = 256;  // at most this many kept free (256 MiB, as the lists kept before)
+  // 256 KiB: a pass has 8 parts per thread, each holding at least one chunk while it lists pairs
+  static constexpr size_t kChunkBytes = size_t(256) << 10;
+  static constexpr size_t kKeptChunks = 1024;  // at most this many kept free (256 MiB, as the lists kept before per thread)
 
   static ChunkStore& instance() {
     static ChunkStore* store = new ChunkStore();  // never destroyed: lists may outlive statics at exit
     return *store;
   }
 
+  // throws std::bad_alloc: call it where an exception may leave (not inside an omp parallel region)
   void* take() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -43,23 +46,35 @@ class ChunkStore {
     }
     // mapped apart from malloc's heap, whose reuse of the scratch around it they would disturb
     void* chunk = mmap(nullptr, kChunkBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (chunk == MAP_FAILED) throw std::bad_alloc();  // (callers run under at::parallel_for, which rethrows)
+    if (chunk == MAP_FAILED) throw std::bad_alloc();
     return chunk;
   }
 
-  void give(void* chunk) {
+  void give(void* chunk) noexcept {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (free_.size() < kKeptChunks) {
-        free_.push_back(chunk);
+        free_.push_back(chunk);  // (room reserved: never throws)
         return;
       }
     }
     munmap(chunk, kChunkBytes);
   }
 
+  // Unmaps every free chunk; returns their bytes.
+  size_t release() {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      drop.swap(free_);
+      free_.reserve(kKeptChunks);
+    }
+    for (void* chunk : drop) munmap(chunk, kChunkBytes);
+    return drop.size() * kChunkBytes;
+  }
+
  private:
-  ChunkStore() = default;
+  ChunkStore() { free_.reserve(kKeptChunks); }
   std::mutex mutex_;
   std::vector<void*> free_;
 };
@@ -67,6 +82,7 @@ class ChunkStore {
 template <typename T>
 class ChunkedList {
   static_assert(std::is_trivially_copyable<T>::value, "ChunkedList holds plain values");
+  static_assert(sizeof(T) <= ChunkStore::kChunkBytes, "a value larger than a chunk");
 
  public:
   static constexpr size_t kPerChunk = ChunkStore::kChunkBytes / sizeof(T);
@@ -89,9 +105,14 @@ class ChunkedList {
   }
   ~ChunkedList() { clear(); }
 
+  // (may throw std::bad_alloc: call it under at::parallel_for, which rethrows, not inside an omp
+  // parallel region)
   void push_back(const T& value) {
     const size_t chunk = size_ / kPerChunk;
-    if (chunk == chunks_.size()) chunks_.push_back(static_cast<T*>(ChunkStore::instance().take()));
+    if (chunk == chunks_.size()) {
+      chunks_.reserve(chunks_.size() + 1);  // (before the chunk is taken: it cannot leak)
+      chunks_.push_back(static_cast<T*>(ChunkStore::instance().take()));
+    }
     chunks_[chunk][size_ % kPerChunk] = value;
     ++size_;
   }

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "bracketed_sum.h"
+#include "chunked_list.h"
 #include "csr_checks.h"
 #include "dense_rows.h"
 #include "norm_order.h"
@@ -409,6 +410,7 @@ void register_sparse(pybind11::module& m) {
           const auto c = aosae::BufferPool::instance().counts();
           return std::make_tuple(c.reused, c.grown, c.mapped);
         }, "How the pool met its requests so far: (from a free buffer, by growing an outgrown one, newly mapped)");
-  m.def("release_buffer_pool", [] { return aosae::BufferPool::instance().release(); },
-        "Gives the kept buffers back to the system; returns their bytes");
+  m.def("release_buffer_pool",
+        [] { return aosae::BufferPool::instance().release() + aosae::ChunkStore::instance().release(); },
+        "Gives the kept buffers and list chunks back to the system; returns their bytes");
 }

@@ -550,8 +550,11 @@ def test_large_buffers_are_reused_and_reused_ones_are_rewritten():
         torch.testing.assert_close(grads[2], grads[0], rtol=1e-4, atol=1e-3)  # no block: nothing stale to read
         kept = module.buffer_pool_free_bytes()
         assert kept >= 4 * 8 * 1_100_000  # the first selection's four id arrays are back
+        reused, grown, mapped = module.buffer_pool_counts()
         again = co.select(c, k, False, impl="cpp", ordered=False)
         assert module.buffer_pool_free_bytes() < kept  # taken from the pool, not mapped afresh
+        now = module.buffer_pool_counts()  # every request met from a free buffer
+        assert now[0] > reused and now[1:] == (grown, mapped)
         for got, want in zip(again, first):
             assert torch.equal(got, want)
         del again
@@ -571,7 +574,7 @@ def test_an_outgrown_buffer_grows_into_the_larger_request():
     small = co.select(c, 150_000, False, impl="cpp", ordered=False)
     assert small[0].numel() * 8 >= 1 << 20  # pooled
     del small
-    reused, grown, mapped = module.buffer_pool_counts()
+    grown = module.buffer_pool_counts()[1]
     again = co.select(c, 10**12, False, impl="cpp", ordered=False)
     assert module.buffer_pool_counts()[1] > grown
     for got, want in zip(again, fresh):

@@ -666,27 +666,29 @@ def test_the_same_bits_whatever_the_thread_count():
 
 def test_a_bracket_holding_more_pairs_than_a_chunk_of_its_lists():
     """Two rows on the same 1700 latents, every value 1: all 1.4 M pairs tie at score 2, so the
-    pass collects every pair of the block inside the bracket, about 90 000 per part, past a chunk
-    of its lists (65 536 pairs; csrc/chunked_list.h). The total, the k-th score, the cut among the
-    tied pairs and the gradient are the selection's, and a second call, on the chunks the first
-    gave back, gives the same bits."""
+    pass collects every pair of the block inside the bracket, about 90 000 per part on two threads
+    (16 parts), past several chunks of its lists (16 384 pairs; csrc/chunked_list.h). After a call
+    on other latents has filled and given back chunks, the total, the k-th score, the cut among
+    the tied pairs and the gradient are the selection's."""
     module = cpp_module()
     n, width = 2000, 1700
-    latents = torch.randperm(n)[:width].sort().values
-    offsets = torch.tensor([0, width, 2 * width])
-    indices, values = latents.repeat(2), torch.ones(2 * width)
-    c = co.canonical(offsets, indices, values)
+
+    def two_rows():
+        latents = torch.randperm(n)[:width].sort().values
+        return co.canonical(torch.tensor([0, width, 2 * width]), latents.repeat(2), torch.ones(2 * width))
+
     pairs = width * (width - 1) // 2
     k = pairs // 2 + 7
-    runs = []
-    for _ in range(2):
-        total, kth, tie_cut, kept, _, width_taken, live_end, _, plan = module.sparse_csr_topk_sum(
-            c.row_ptr, c.cols, c.vals, c.uniq.numel(), k, keep_plan=True)
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(kth),
-                                                   tie_cut, width_taken, live_end=live_end, plan=plan)
-        assert width_taken == width  # the block: its pass collects the pairs inside the bracket
-        runs.append((float(total), float(kth), int(tie_cut), int(kept), grad))
-    assert runs[0][:4] == runs[1][:4] and torch.equal(runs[0][4], runs[1][4])
-    assert runs[0][1] == 2.0 and runs[0][3] == k and runs[0][0] == 2.0 * k
-    assert_is_the_selections(c, k, torch.float32, torch.tensor(runs[0][0], dtype=torch.float64), runs[0][1],
-                             runs[0][4])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for c in (two_rows(), two_rows()):  # (the first leaves its pairs in the chunks the second takes)
+            total, kth, tie_cut, kept, _, width_taken, live_end, _, plan = module.sparse_csr_topk_sum(
+                c.row_ptr, c.cols, c.vals, c.uniq.numel(), k, keep_plan=True)
+            assert width_taken == width  # the block: its pass collects the pairs inside the bracket
+            grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, c.uniq.numel(), float(kth),
+                                                       tie_cut, width_taken, live_end=live_end, plan=plan)
+    finally:
+        torch.set_num_threads(before)
+    assert float(kth) == 2.0 and int(kept) == k and float(total) == 2.0 * k
+    assert_is_the_selections(c, k, torch.float32, total.double(), kth, grad)
