@@ -214,5 +214,13 @@ def test_tpp_matches_saebench(seed):
     with torch.no_grad():
         ours, ours_per_class = S.tpp_for_dataset(lm, llm_test, _sae_side(sae, train, test, view), THRESHOLDS)
     assert ours.keys() == theirs.keys()
-    for metric in theirs:
-        assert ours[metric] == pytest.approx(theirs[metric], abs=1e-6), metric
+    # ours ablates the pooled activations, SAEBench each token before pooling: the same sums in
+    # another order, so a text within rounding of a probe's boundary can land on its other side.
+    # One such text of a probe's 40 moves that probe's accuracy by 0.025, so one class's intended or
+    # unintended difference (and its total) at one threshold by at most that, and the means over
+    # the classes compared here by a third of it (seed 1834870661: class b's unintended difference
+    # at threshold 10, 0.15 against 0.1375). Anything more is a real difference.
+    off = [metric for metric in theirs if ours[metric] != pytest.approx(theirs[metric], abs=1e-6)]
+    assert len(off) <= 2, off
+    for metric in off:
+        assert abs(ours[metric] - theirs[metric]) <= 0.025 / len(classes) + 1e-6, metric
