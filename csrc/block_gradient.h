@@ -7,9 +7,10 @@
 // csrc/recomputed_block.h, and turned into gradients; or +g where a kept bit is set), and both
 // halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
 // the tile's columns, prod[:, p] += Σ_q A_H[:, q]·G[p, q] as dot products along the tile's rows
-// (with A_H transposed once: no transpose of the tile, which took a fifth of the backward; its
-// partial sums kept per lane across a panel's tiles and added up once per panel). The panels and
-// BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae 262144 mid-training and packed it twice more.
+// (reading A_H row-major, as the block keeps it beside its transpose: no transpose of the tile,
+// which took a fifth of the backward; its partial sums kept per lane across a panel's tiles and
+// added up once per panel). The panels and BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae
+// 262144 mid-training and packed it twice more.
 // Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod. A tile
 // with no kept pair (the forward's bits say so) adds nothing and is skipped.
 
@@ -263,13 +264,10 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
   const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
+  const acc_t* coefs_t = scores.moved_rows_matrix().template data_ptr<acc_t>();  // [h, width]: A_H's rows
   // (the pool's buffers, not fresh ones: 2–7 MiB each at d_sae 262144, faulted in afresh every
   // step otherwise; csrc/buffer_pool.h)
   const at::ScalarType dtype = scores.moved_rows_matrix().scalar_type();
-  torch::Tensor coefs_rows = empty_pooled(h * width, dtype);  // [h, width]: A_H's rows
-  acc_t* coefs_t = coefs_rows.data_ptr<acc_t>();
-  for (int64_t p = 0; p < width; ++p)
-    for (int64_t r = 0; r < h; ++r) coefs_t[r * width + p] = coefs[p * h + r];
   constexpr int64_t L = d::lanes<acc_t>();
   const torch::Tensor copies = empty_pooled(threads * h * width, dtype);  // each thread's A_H · G_U
   acc_t* const parts = copies.data_ptr<acc_t>();
