@@ -77,6 +77,19 @@ class BlockBits {
     return (w[last] & tail) != 0;
   }
 
+  // whether every one of row p's bits [b0, b1) is set (b0 < b1)
+  bool all(int64_t p, int64_t b0, int64_t b1) const {
+    const uint16_t* w = row(p);
+    const int64_t first = b0 >> 4, last = (b1 - 1) >> 4;
+    const uint16_t head = static_cast<uint16_t>(0xFFFFu << (b0 & 15));
+    const uint16_t tail = static_cast<uint16_t>(0xFFFFu >> (15 - ((b1 - 1) & 15)));
+    if (first == last) return (w[first] & head & tail) == (head & tail);
+    if ((w[first] & head) != head) return false;
+    for (int64_t x = first + 1; x < last; ++x)
+      if (w[x] != 0xFFFFu) return false;
+    return (w[last] & tail) == tail;
+  }
+
   void keep(int64_t p, int64_t q) {
     const int64_t x = q - p - 1;
     row(p)[x >> 4] |= static_cast<uint16_t>(1u << (x & 15));

@@ -342,9 +342,10 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
     to_gradients(v, v, len, latent[p], latent + q_first);
   };
   const Tensor prod =
-      bits ? aosae::block_gradient(scores, extent, row_end, aosae::kept_bit_gradients<acc_t>(*bits, row_end, g), threads)
+      bits ? aosae::block_gradient(scores, extent, row_end, aosae::kept_bit_gradients<acc_t>(*bits, row_end, g), g,
+                                   threads)
            : aosae::block_gradient(scores, extent, row_end,
-                                   aosae::recomputed_gradients(scores, row_end, to_block_gradients), threads);
+                                   aosae::recomputed_gradients(scores, row_end, to_block_gradients, g), g, threads);
   aosae::add_moved_rows_product(prod, dense, rp, ca, o);
   return in_callers_order(out);
 }

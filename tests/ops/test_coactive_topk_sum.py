@@ -279,6 +279,33 @@ def test_the_blocks_kept_bits_give_the_recomputed_gradient(values):
     assert split_in_block or values != "ties"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_rows_all_kept_none_kept_and_cut_across_tiles(dtype):
+    """A block wider than the backward's tiles (256 columns) whose kept pairs fill some rows' whole
+    stretch of a tile, miss others and cut through the rest: the backward takes each kind its own
+    way (every pair kept: A_H's prefix sums and a difference array; none: skipped; cut: the tile's
+    products), and gives the selection's gradient; from the kept bits (float32) the same bits as
+    from the recomputed scores, which classify the rows alike."""
+    module = cpp_module()
+    offsets, indices, values, _, _ = outlier_rows(dtype, signed=False, long_rows=3, long_l0=600, pool=700)
+    assert_block_taken(offsets, indices, values)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    pairs = coactive_topk(c.row_ptr, c.cols, c.vals, u, BIG_K).values.numel()
+    for k in (pairs // 20, pairs // 4, pairs // 2, 9 * pairs // 10):
+        _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        assert width > 256 and int(live_end[0]) > 256  # (the block's first row spans two tiles)
+        assert (plan.block_bits is not None) == (dtype == torch.float32)
+        from_plan, recomputed = (module.sparse_csr_topk_sum_backward(
+            0.731, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width, product="dense", live_end=live_end,
+            plan=given) for given in (plan, None))
+        assert torch.equal(from_plan, recomputed)
+        tol = 2e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(from_plan, want_grad * 0.731, rtol=tol, atol=tol * float(want_grad.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("one_row_on_all", [True, False])
 def test_every_coactive_pair_kept_takes_the_closed_form_and_equals_the_tiles(dtype, one_row_on_all):
