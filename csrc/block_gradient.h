@@ -3,16 +3,17 @@
 // from memory but, where the forward kept them, its kept pairs' bits (csrc/block_bits.h).
 //
 // G_U is symmetric with G[p, q] (p < q < live_end[p]) = ±g where the pair is kept, else 0. Per tile
-// of 16 block rows × 256 columns (in L1): its gradients (the scores recomputed,
-// csrc/recomputed_block.h, and turned into gradients; or +g where a kept bit is set), and both
-// halves of the product added: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from
-// the tile's columns, prod[:, p] += Σ_q A_H[:, q]·G[p, q] as dot products along the tile's rows
-// (reading A_H row-major, as the block keeps it beside its transpose: no transpose of the tile,
-// which took a fifth of the backward; its partial sums kept per lane across a panel's tiles and
-// added up once per panel). The panels and BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae
-// 262144 mid-training and packed it twice more.
-// Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod. A tile
-// with no kept pair (the forward's bits say so) adds nothing and is skipped.
+// of 16 block rows × 256 columns (in L1), each row's span is classified (RowKind): kept nowhere
+// (skipped; a tile with no kept pair at all adds nothing), kept everywhere (O(h) per row: prefix
+// sums and a difference array), or cut. The cut rows' gradients (the scores recomputed,
+// csrc/recomputed_block.h, and turned into gradients; or +g where a kept bit is set) and both
+// halves of their product: prod[:, q] += Σ_p A_H[:, p]·G[p, q] from the tile's columns,
+// prod[:, p] += Σ_q A_H[:, q]·G[p, q] as dot products along the tile's rows (reading A_H
+// row-major, as the block keeps it beside its transpose: no transpose of the tile, which took a
+// fifth of the backward; its partial sums kept per lane across a panel's tiles and added up once
+// per panel). The panels and BLAS GEMMs this replaces wrote 1 GB of G_U at d_sae 262144
+// mid-training and packed it twice more.
+// Each thread adds its panels (dealt round-robin: deterministic) into its own copy of prod.
 
 #pragma once
 
@@ -211,10 +212,10 @@ RowSpan row_span(int64_t p, int64_t q0, int64_t q1, RowEnd& row_end) {
   return {lo, std::clamp(row_end(p), lo, q1)};
 }
 
-// What a tile's row holds of G_U over its span: nothing (0 everywhere), g at every pair (the row's
-// product is a difference of A_H's prefix sums, csrc/block_gradient.h's block_gradient), or a mix
-// (its part of the tile's products). BatchTopK d_sae 262144's kept pairs lie in long runs: early in
-// training 95–98 % of a tile's rows are all kept or all not, later 25–60 % (benchmarks/NOTES.md).
+// What a tile's row holds of G_U over its span: nothing (0 everywhere), g at every pair (its
+// products from A_H's prefix sums, block_gradient below), or a mix (its part of the tile's
+// products). BatchTopK d_sae 262144's kept pairs lie in long runs: in its early steps 96–98 % of
+// the tiles' rows are all kept or all not, later 24–66 % (benchmarks/NOTES.md, twenty-second pass).
 enum class RowKind : uint8_t { kEmpty, kFull, kMixed };
 
 // Row p of a tile: v (column q0) set to its gradients at its span [lo, hi) (fill(v + lo − q0, p,
@@ -229,7 +230,7 @@ void tile_row(int64_t p, int64_t q0, int64_t q1, acc_t* v, RowEnd& row_end, Fill
 
 // A tile's gradients from recomputed scores: to_gradients(v, len, p, q_first): v[x] = score
 // (p, q_first + x) -> its gradient, x < len. A row is full where every gradient of its span is g
-// (exactly: the kept bits' rows classify the same rows alike, so both give the same bits).
+// exactly: kept bits classify the same rows alike, so both paths give the same bits.
 template <typename acc_t, typename RowEnd, typename ToGradients>
 auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end, ToGradients& to_gradients, acc_t g) {
   return [&scores, &row_end, &to_gradients, g](int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* tile,
@@ -325,7 +326,7 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
     std::vector<acc_t> mixed(d::kTileRows * d::kTileCols), mixed_coefs(d::kTileRows * h), mixed_sums(d::kTileRows * h * L);
     std::vector<double> full_dots(d::kTileRows * h), run(h);
     RowKind kind[d::kTileRows];
-    int64_t at[d::kTileRows];
+    int64_t mixed_rows[d::kTileRows];
 #pragma omp for schedule(static, 1)  // panels dealt round-robin: the same split every call
     for (int64_t panel = 0; panel < panels; ++panel) {
       const int64_t p0 = panel * d::kTileRows, p1 = std::min(extent, p0 + d::kTileRows), rows = p1 - p0;
@@ -337,20 +338,20 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
         if (!gradients(p0, p1, q0, q1, tile.data(), kind)) continue;  // (no pair of the tile kept)
         int64_t n_mixed = 0;
         for (int64_t x = 0; x < rows; ++x)
-          if (kind[x] == RowKind::kMixed) at[n_mixed++] = x;
+          if (kind[x] == RowKind::kMixed) mixed_rows[n_mixed++] = x;
         if (n_mixed == rows) {  // every row mixed: the tile as it is
           d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod, width);  // prod[:, q] (columns)
           d::add_row_dots(coefs_t, h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
         } else if (n_mixed > 0) {  // the mixed rows gathered, their dots added to their rows' lanes
           for (int64_t j = 0; j < n_mixed; ++j) {
-            std::copy_n(tile.data() + at[j] * cols, cols, mixed.data() + j * cols);
-            std::copy_n(coefs + (p0 + at[j]) * h, h, mixed_coefs.data() + j * h);
+            std::copy_n(tile.data() + mixed_rows[j] * cols, cols, mixed.data() + j * cols);
+            std::copy_n(coefs + (p0 + mixed_rows[j]) * h, h, mixed_coefs.data() + j * h);
           }
           std::fill(mixed_sums.begin(), mixed_sums.begin() + n_mixed * h * L, acc_t(0));
           d::add_product(mixed_coefs.data(), h, 0, n_mixed, mixed.data(), cols, q0, q1, prod, width);
           d::add_row_dots(coefs_t, h, width, n_mixed, mixed.data(), cols, q0, q1, mixed_sums.data());
           for (int64_t j = 0; j < n_mixed; ++j)
-            for (int64_t e = 0; e < h * L; ++e) sums[at[j] * h * L + e] += mixed_sums[j * h * L + e];
+            for (int64_t e = 0; e < h * L; ++e) sums[mixed_rows[j] * h * L + e] += mixed_sums[j * h * L + e];
         }
         if (n_mixed == rows) continue;
         // the full rows: their dots from P, their columns' share as steps at lo and hi

@@ -297,7 +297,9 @@ Tensor topk_sum_backward_impl(double grad, const Tensor& row_ptr, const Tensor& 
   }
   // ns per scattered multiply-add (the kept pairs, per pair) against ns per multiply-add of a tile
   // (2-core AMD EPYC, benchmarks/NOTES.md): both recompute the staircase (h per entry), the tiles
-  // add two products of h per entry on top (and read the kept bits instead, where there are some)
+  // add two products of h per entry on top (and read the kept bits instead, where there are some).
+  // The tiles' rows kept whole cost O(h) since (csrc/block_gradient.h), so this overprices them
+  // where most of the staircase is kept; the sparse way wins only where few pairs are (≤ 1/35).
   double area = 0;  // the tiles: each panel of rows up to its widest row
   const int64_t panel_rows = aosae::block_gradient_detail::kTileRows;
   for (int64_t r0 = 0; r0 < extent; r0 += panel_rows)

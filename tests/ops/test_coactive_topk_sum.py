@@ -5,6 +5,7 @@ GEMM block (both products of its backward), every dtype; the loss takes it when 
 declines; the dense-row plan skips a row too wide for the block instead of giving up."""
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
@@ -292,18 +293,46 @@ def test_block_rows_all_kept_none_kept_and_cut_across_tiles(dtype):
     c = co.canonical(offsets, indices, values)
     u = c.uniq.numel()
     pairs = coactive_topk(c.row_ptr, c.cols, c.vals, u, BIG_K).values.numel()
+    kinds = set()  # of the rows of tiles past each panel's first (float32: read from the kept bits)
     for k in (pairs // 20, pairs // 4, pairs // 2, 9 * pairs // 10):
         _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
             c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
         assert width > 256 and int(live_end[0]) > 256  # (the block's first row spans two tiles)
         assert (plan.block_bits is not None) == (dtype == torch.float32)
+        if plan.block_bits is not None:
+            kinds |= tile_row_kinds(plan.block_bits, live_end)
         from_plan, recomputed = (module.sparse_csr_topk_sum_backward(
             0.731, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width, product="dense", live_end=live_end,
             plan=given) for given in (plan, None))
         assert torch.equal(from_plan, recomputed)
         tol = 2e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(from_plan, want_grad * 0.731, rtol=tol, atol=tol * float(want_grad.abs().max()))
+    assert dtype == torch.float64 or kinds == {"none", "all", "cut"}
+
+
+def tile_row_kinds(words, live_end, tile_rows=16, tile_cols=256):
+    """How the backward's tiles past each panel's first see their rows' spans, from the forward's
+    kept bits (csrc/block_bits.h: row p's pairs (p, q < live_end[p]) from word Σ_{p' < p}
+    ⌈(live_end[p'] − p' − 1) / 16⌉, bit x = pair (p, p + 1 + x)): kept "none", "all" or "cut"."""
+    ends = live_end.tolist()
+    extent = ends[0]
+    bits = torch.from_numpy(numpy.unpackbits(words.numpy().view(numpy.uint8), bitorder="little"))
+    start, kinds = [0], set()
+    for p in range(extent):
+        start.append(start[-1] + 16 * ((max(0, ends[p] - p - 1) + 15) // 16))
+    for p0 in range(0, extent, tile_rows):
+        p1 = min(extent, p0 + tile_rows)
+        end = max(ends[p0], p1)
+        for q0 in range(p0 + 1 + tile_cols, end, tile_cols):
+            q1 = min(end, q0 + tile_cols)
+            for p in range(p0, p1):
+                lo = min(max(p + 1, q0), q1)
+                hi = min(max(ends[p], lo), q1)
+                if hi > lo:
+                    kept = int(bits[start[p] + lo - p - 1:start[p] + hi - p - 1].sum())
+                    kinds.add("none" if kept == 0 else "all" if kept == hi - lo else "cut")
+    return kinds
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
