@@ -214,8 +214,9 @@ RowSpan row_span(int64_t p, int64_t q0, int64_t q1, RowEnd& row_end) {
 
 // What a tile's row holds of G_U over its span: nothing (0 everywhere), g at every pair (its
 // products from A_H's prefix sums, block_gradient below), or a mix (its part of the tile's
-// products). BatchTopK d_sae 262144's kept pairs lie in long runs: in its early steps 96–98 % of
-// the tiles' rows are all kept or all not, later 24–66 % (benchmarks/NOTES.md, twenty-second pass).
+// products). BatchTopK d_sae 262144's kept pairs lie in long runs: in most early steps 96–98 % of
+// the tiles' area is in rows kept whole or not at all, later 24–66 % (benchmarks/NOTES.md,
+// twenty-second pass).
 enum class RowKind : uint8_t { kEmpty, kFull, kMixed };
 
 // Row p of a tile: v (column q0) set to its gradients at its span [lo, hi) (fill(v + lo − q0, p,
