@@ -241,7 +241,8 @@ auto recomputed_gradients(const RecomputedBlock<acc_t>& scores, RowEnd& row_end,
     bool any = false;
     for (int64_t p = p0; p < p1; ++p) {
       acc_t* v = tile + (p - p0) * cols;
-      tile_row(p, q0, q1, v, row_end, [&](acc_t* w, int64_t pp, int64_t lo, int64_t hi) { to_gradients(w, hi - lo, pp, lo); });
+      tile_row(p, q0, q1, v, row_end,
+               [&](acc_t* w, int64_t pp, int64_t lo, int64_t hi) { to_gradients(w, hi - lo, pp, lo); });
       const RowSpan span = row_span(p, q0, q1, row_end);
       bool all_g = span.hi > span.lo, all_0 = true;
       for (int64_t q = span.lo; q < span.hi; ++q) {
@@ -271,7 +272,9 @@ auto kept_bit_gradients(const BlockBits& bits, RowEnd& row_end, acc_t g) {
       any |= k != RowKind::kEmpty;
       if (k == RowKind::kMixed)
         tile_row(p, q0, q1, tile + (p - p0) * (q1 - q0), row_end,
-                 [&](acc_t* v, int64_t pp, int64_t lo, int64_t hi) { expand_bits(bits.row_bytes(pp), lo - pp - 1, hi - lo, g, v); });
+                 [&](acc_t* v, int64_t pp, int64_t lo, int64_t hi) {
+                   expand_bits(bits.row_bytes(pp), lo - pp - 1, hi - lo, g, v);
+                 });
     }
     return any;
   };
@@ -324,7 +327,8 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
     std::fill(prod, prod + h * width, acc_t(0));  // (each thread its own part, in parallel)
     double* steps = nullptr;  // [width + 1, h], zeroed at the first full row
     std::vector<acc_t> tile(d::kTileRows * d::kTileCols), sums(d::kTileRows * h * L);
-    std::vector<acc_t> mixed(d::kTileRows * d::kTileCols), mixed_coefs(d::kTileRows * h), mixed_sums(d::kTileRows * h * L);
+    std::vector<acc_t> mixed(d::kTileRows * d::kTileCols), mixed_coefs(d::kTileRows * h),
+        mixed_sums(d::kTileRows * h * L);
     std::vector<double> full_dots(d::kTileRows * h), run(h);
     RowKind kind[d::kTileRows];
     int64_t mixed_rows[d::kTileRows];
