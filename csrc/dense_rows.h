@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -134,6 +135,39 @@ void fill_block(DenseRows<acc_t>& plan, const torch::Tensor& dense, const std::v
                        plan.size(), first, last);
 }
 
+// The corrections after each prefix of the rows taken (corrections[h - 1]: the first h), from
+// each latent's entry into U (enter[i]: the index of the first row taken that holds it): Σ over
+// the rows s not among the first h of C(|s ∩ U_h|, 2), counted latent by latent as U grows,
+// through a CSC of every entry (each latent's rows).
+inline std::vector<int64_t> corrections_after_each(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n,
+                                                   const int32_t* enter, const std::vector<int64_t>& taken) {
+  std::vector<int64_t> latent_start(n + 1, 0), latent_rows(rp[m]), inside(m, 0);
+  std::vector<uint8_t> is_moved(m, 0);
+  for (int64_t e = 0; e < rp[m]; ++e) ++latent_start[cp[e] + 1];
+  for (int64_t i = 0; i < n; ++i) latent_start[i + 1] += latent_start[i];
+  std::vector<int64_t> next(latent_start.begin(), latent_start.end() - 1);
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) latent_rows[next[cp[e]]++] = t;
+  std::vector<int64_t> corrections(taken.size());
+  int64_t count = 0;
+  for (size_t h = 0; h < taken.size(); ++h) {
+    const int64_t t = taken[h];
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+      const int64_t i = cp[e];
+      if (enter[i] != static_cast<int32_t>(h)) continue;  // (in U already)
+      for (int64_t x = latent_start[i]; x < latent_start[i + 1]; ++x) {
+        const int64_t s = latent_rows[x];  // latent i pairs with row s's latents already in U
+        if (!is_moved[s]) count += inside[s];
+        ++inside[s];
+      }
+    }
+    is_moved[t] = 1;  // row t's pairs are the block's own now
+    count -= inside[t] * (inside[t] - 1) / 2;
+    corrections[h] = count;
+  }
+  return corrections;
+}
+
 // with_block = false: the plan only (moved rows, U), for callers that build their own product
 // over the moved rows (coactive_topk's backward).
 template <typename acc_t>
@@ -155,71 +189,61 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   // Grow the moved set densest first, skipping a row that would widen U past the largest block
   // (one token on more latents than that, as BatchTopK has mid-training at d_sae 262144, must
   // not keep the other dense rows out of the block); keep the cheapest prefix of the rows taken.
-  std::vector<uint8_t> in_u(n, 0);
-  std::vector<int64_t> taken;
-  const double none_cost = cost.pair * total_pairs, fixed_cost = cost.fixed * static_cast<double>(rp[m]);
-  double u = 0, moved_pairs = 0, best_cost = none_cost;
-  int64_t best = 0;
-  // With a cost per correction, the other rows' pairs inside U × U, counted as U grows: each
-  // latent's rows (CSC) and each row's latents in U so far. Counted for the chosen prefix only,
-  // they kept BatchTopK d_sae 262144's later steps (30–50 rows of 10³–10⁴ latents) on few moved
-  // rows and 2–6·10⁷ corrections, whose build alone took 0.2–0.6 s, or off the block altogether.
-  const bool count_corrections = cost.correction > 0;
-  std::vector<int64_t> latent_start, latent_rows, inside;
-  std::vector<uint8_t> is_moved;
-  double corrections = 0;
-  if (count_corrections) {
-    latent_start.assign(n + 1, 0);
-    for (int64_t e = 0; e < rp[m]; ++e) ++latent_start[cp[e] + 1];
-    for (int64_t i = 0; i < n; ++i) latent_start[i + 1] += latent_start[i];
-    latent_rows.resize(rp[m]);
-    std::vector<int64_t> next(latent_start.begin(), latent_start.end() - 1);
-    for (int64_t t = 0; t < m; ++t)
-      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) latent_rows[next[cp[e]]++] = t;
-    inside.assign(m, 0);
-    is_moved.assign(m, 0);
-  }
+  // The rows taken and U's size after each do not depend on the cost: they come first.
+  // enter[i]: the first row taken that holds latent i (its index among those taken), or kNever
+  constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
+  std::vector<int32_t> enter(n, kNever);
+  std::vector<int64_t> taken, width;  // width[h - 1]: |U| over the first h rows taken
+  std::vector<double> moved;          // moved[h - 1]: their row pairs
+  double u = 0, moved_pairs = 0;
   for (const int64_t t : order) {
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += !in_u[cp[e]];
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += enter[cp[e]] == kNever;
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
     if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2)) continue;
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
-      const int64_t i = cp[e];
-      if (in_u[i]) continue;
-      in_u[i] = 1;
-      if (!count_corrections) continue;
-      for (int64_t x = latent_start[i]; x < latent_start[i + 1]; ++x) {
-        const int64_t s = latent_rows[x];  // latent i pairs with row s's latents already in U
-        if (!is_moved[s]) corrections += static_cast<double>(inside[s]);
-        ++inside[s];
+    const int32_t h = static_cast<int32_t>(taken.size());
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) enter[cp[e]] = std::min(enter[cp[e]], h);
+    u += fresh;
+    moved_pairs += L * (L - 1) / 2;
+    taken.push_back(t);
+    width.push_back(static_cast<int64_t>(u));
+    moved.push_back(moved_pairs);
+  }
+  const double none_cost = cost.pair * total_pairs, fixed_cost = cost.fixed * static_cast<double>(rp[m]);
+  auto cost_of = [&](int64_t h, double corrections) {  // the first h rows taken
+    const double w = static_cast<double>(width[h - 1]);
+    return cost.pair * (total_pairs - moved[h - 1] - corrections) + cost.correction * corrections +
+           cost.mac * static_cast<double>(h) * w * w + cost.entry * w * w + fixed_cost;
+  };
+  auto cheapest = [&](auto&& corrections_of) {  // the cheapest prefix (0: none), first of equals
+    double best_cost = none_cost;
+    int64_t best = 0;
+    for (int64_t h = 1; h <= static_cast<int64_t>(taken.size()); ++h) {
+      const double c = cost_of(h, corrections_of(h));
+      if (c < best_cost) {
+        best_cost = c;
+        best = h;
       }
     }
-    if (count_corrections) {  // row t's pairs are the block's own now
-      is_moved[t] = 1;
-      corrections -= static_cast<double>(inside[t]) * static_cast<double>(inside[t] - 1) / 2;
-    }
-    u += fresh;
-    taken.push_back(t);
-    const int64_t h = static_cast<int64_t>(taken.size());
-    moved_pairs += L * (L - 1) / 2;
-    const double c = cost.pair * (total_pairs - moved_pairs - corrections) + cost.correction * corrections +
-                     cost.mac * h * u * u + cost.entry * u * u + fixed_cost;
-    if (c < best_cost) {
-      best_cost = c;
-      best = h;
-    }
+    return best;
+  };
+  int64_t best = cheapest([](int64_t) { return 0.0; });
+  // With a cost per correction (the other rows' pairs inside U × U, each dearer than a row pair:
+  // corrections only add to a prefix's cost), a prefix that does not pay without them never does,
+  // and they are not counted (0.8 ms of BatchTopK d_sae 16384's 11 ms forward, where no block pays
+  // after the first steps; benchmarks/NOTES.md, twenty-third pass). Counted for the chosen prefix
+  // only (not for the whole set of rows taken), they kept BatchTopK d_sae 262144's later steps (30–50 rows
+  // of 10³–10⁴ latents) on few moved rows and 2–6·10⁷ corrections, whose build alone took
+  // 0.2–0.6 s, or off the block altogether.
+  if (cost.correction > 0 && (best > 0 || cost.correction < cost.pair)) {
+    const std::vector<int64_t> corrections = corrections_after_each(rp, cp, m, n, enter.data(), taken);
+    best = cheapest([&](int64_t h) { return static_cast<double>(corrections[h - 1]); });
   }
   if (best == 0) return out;
-  std::fill(in_u.begin(), in_u.end(), 0);
   out.taken.assign(taken.begin(), taken.begin() + best);
-  for (int64_t h = 0; h < best; ++h) {
-    const int64_t t = taken[h];
-    out.moved[t] = 1;
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) in_u[cp[e]] = 1;
-  }
+  for (int64_t h = 0; h < best; ++h) out.moved[taken[h]] = 1;
   for (int64_t i = 0; i < n; ++i) {
-    if (!in_u[i]) continue;
+    if (enter[i] >= best) continue;
     out.position[i] = static_cast<int32_t>(out.latents.size());
     out.latents.push_back(i);
   }

@@ -27,7 +27,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "bracketed_sum.h"
@@ -400,6 +402,12 @@ void register_sparse(pybind11::module& m) {
                            aosae::kMaxDenseLatentsHard, aosae::pair_path_bytes<float>());
   }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width; hard "
      "max width and the pair path's bytes per row pair (float32), which allow a wider block)");
+  m.def("sparse_block_cost", [](bool recomputed) {
+    const aosae::DenseRowCost c = aosae::block_cost(recomputed);
+    return std::map<std::string, double>{{"pair", c.pair}, {"mac", c.mac}, {"entry", c.entry}, {"fixed", c.fixed},
+                                         {"correction", c.correction}};
+  }, py::arg("recomputed"), "The block's cost model that sparse_dense_rows(recomputed=...) plans by (ns: per row "
+     "pair, per multiply-add, per block entry, per entry of the rows once there is a block, per correction)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
         py::arg("recomputed") = false,
         "Rows the sparse kernel would sum with one GEMM block (its outlier rows); recomputed=True: those the sum "
