@@ -19,10 +19,10 @@ struct Occurrences {
   std::vector<int64_t> pairs_start;  // [n+1]: latent i's row pairs from here (each latent's count rounded up to align)
 };
 
-// rows t with moved[t] (the GEMM block's) are left out
-inline Occurrences occurrences(const int64_t* rp, const int64_t* cp, const uint8_t* moved, int64_t m, int64_t n,
-                               int64_t nnz, int threads, int64_t align = 1) {
-  Occurrences o;
+// o filled from the rows; rows t with moved[t] (the GEMM block's) are left out. o's lists keep
+// their room: at the same nnz as its last fill, entry and end are neither mapped nor zeroed again.
+inline void fill_occurrences(Occurrences& o, const int64_t* rp, const int64_t* cp, const uint8_t* moved, int64_t m,
+                             int64_t n, int64_t nnz, int threads, int64_t align = 1) {
   o.ptr.assign(n + 1, 0);
   o.pairs_start.assign(n + 1, 0);
   // Each thread counts and places the entries of its own range of latents, reading every row: the
@@ -63,8 +63,31 @@ inline Occurrences occurrences(const int64_t* rp, const int64_t* cp, const uint8
       }
     }
   }
+}
+
+inline Occurrences occurrences(const int64_t* rp, const int64_t* cp, const uint8_t* moved, int64_t m, int64_t n,
+                               int64_t nnz, int threads, int64_t align = 1) {
+  Occurrences o;
+  fill_occurrences(o, rp, cp, moved, m, n, nnz, threads, align);
   return o;
 }
+
+// The calling thread's Occurrences, kept between calls (the bracketed sum's: its 2 × nnz int64
+// lists, fresh each call, were zeroed and, inside a training step, faulted in again), given up
+// when a call leaves them larger than kKeepBytes
+struct KeptOccurrences {
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+  Occurrences& lists = of_this_thread();
+  ~KeptOccurrences() {
+    if ((lists.entry.capacity() + lists.end.capacity()) * sizeof(int64_t) > kKeepBytes) lists = Occurrences();
+  }
+
+ private:
+  static Occurrences& of_this_thread() {
+    thread_local Occurrences kept;
+    return kept;
+  }
+};
 
 // cp [nnz] as narrower latent ids T: the summing loops read the rows' ids at random rows, and as
 // uint16 (n <= 65536) they and the values stay in L2 where int64 ids spilled; int32 past that
