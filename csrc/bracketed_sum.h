@@ -132,7 +132,7 @@ std::optional<SumResult> bracketed_sum(const int64_t* rp, const int64_t* cp, con
   for (int64_t t = 0; t < m; ++t) all_pairs += (rp[t + 1] - rp[t]) * (rp[t + 1] - rp[t] - 1) / 2;
   if (all_pairs <= k) return std::nullopt;
   const std::vector<uint8_t> none(m, 0);
-  const KeptOccurrences kept_occ;
+  KeptOccurrences kept_occ;
   fill_occurrences(kept_occ.lists, rp, cp, none.data(), m, n, nnz, threads, 64);
   const Occurrences& occ = kept_occ.lists;
   int64_t widest = 0;  // the most row pairs of one latent: the listing's room

@@ -135,12 +135,14 @@ void fill_block(DenseRows<acc_t>& plan, const torch::Tensor& dense, const std::v
                        plan.size(), first, last);
 }
 
-// The corrections after each prefix of the rows taken (corrections[h - 1]: the first h), from
-// each latent's entry into U (enter[i]: the index of the first row taken that holds it): Σ over
-// the rows s not among the first h of C(|s ∩ U_h|, 2), counted latent by latent as U grows,
-// through a CSC of every entry (each latent's rows).
+// The corrections after each of the first `through` prefixes of the rows taken (corrections[h - 1]:
+// the first h), from each latent's entry into U (enter[i]: the index of the first row taken that
+// holds it): Σ over the rows s not among the first h of C(|s ∩ U_h|, 2), counted latent by latent
+// as U grows, through a CSC of every entry (each latent's rows).
 inline std::vector<int64_t> corrections_after_each(const int64_t* rp, const int64_t* cp, int64_t m, int64_t n,
-                                                   const int32_t* enter, const std::vector<int64_t>& taken) {
+                                                   const int32_t* enter, const std::vector<int64_t>& taken,
+                                                   int64_t through) {
+  if (through == 0) return {};
   std::vector<int64_t> latent_start(n + 1, 0), latent_rows(rp[m]), inside(m, 0);
   std::vector<uint8_t> is_moved(m, 0);
   for (int64_t e = 0; e < rp[m]; ++e) ++latent_start[cp[e] + 1];
@@ -148,9 +150,9 @@ inline std::vector<int64_t> corrections_after_each(const int64_t* rp, const int6
   std::vector<int64_t> next(latent_start.begin(), latent_start.end() - 1);
   for (int64_t t = 0; t < m; ++t)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) latent_rows[next[cp[e]]++] = t;
-  std::vector<int64_t> corrections(taken.size());
+  std::vector<int64_t> corrections(through);
   int64_t count = 0;
-  for (size_t h = 0; h < taken.size(); ++h) {
+  for (int64_t h = 0; h < through; ++h) {
     const int64_t t = taken[h];
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
       const int64_t i = cp[e];
@@ -193,32 +195,33 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   // enter[i]: the first row taken that holds latent i (its index among those taken), or kNever
   constexpr int32_t kNever = std::numeric_limits<int32_t>::max();
   std::vector<int32_t> enter(n, kNever);
-  std::vector<int64_t> taken, width;  // width[h - 1]: |U| over the first h rows taken
-  std::vector<double> moved;          // moved[h - 1]: their row pairs
+  std::vector<int64_t> taken, width;     // width[h - 1]: |U| over the first h rows taken
+  std::vector<double> moved_pairs_after;  // moved_pairs_after[h - 1]: their row pairs
   double u = 0, moved_pairs = 0;
   for (const int64_t t : order) {
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += enter[cp[e]] == kNever;
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
     if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2)) continue;
-    const int32_t h = static_cast<int32_t>(taken.size());
-    for (int64_t e = rp[t]; e < rp[t + 1]; ++e) enter[cp[e]] = std::min(enter[cp[e]], h);
+    const int32_t h = static_cast<int32_t>(taken.size());  // (< m / kMinDenseRowL0 rows taken)
+    for (int64_t e = rp[t]; e < rp[t + 1]; ++e)
+      if (enter[cp[e]] == kNever) enter[cp[e]] = h;
     u += fresh;
     moved_pairs += L * (L - 1) / 2;
     taken.push_back(t);
     width.push_back(static_cast<int64_t>(u));
-    moved.push_back(moved_pairs);
+    moved_pairs_after.push_back(moved_pairs);
   }
   const double none_cost = cost.pair * total_pairs, fixed_cost = cost.fixed * static_cast<double>(rp[m]);
   auto cost_of = [&](int64_t h, double corrections) {  // the first h rows taken
     const double w = static_cast<double>(width[h - 1]);
-    return cost.pair * (total_pairs - moved[h - 1] - corrections) + cost.correction * corrections +
+    return cost.pair * (total_pairs - moved_pairs_after[h - 1] - corrections) + cost.correction * corrections +
            cost.mac * static_cast<double>(h) * w * w + cost.entry * w * w + fixed_cost;
   };
-  auto cheapest = [&](auto&& corrections_of) {  // the cheapest prefix (0: none), first of equals
+  auto cheapest = [&](int64_t through, auto&& corrections_of) {  // of the first `through`: 0 for none; first of equals
     double best_cost = none_cost;
     int64_t best = 0;
-    for (int64_t h = 1; h <= static_cast<int64_t>(taken.size()); ++h) {
+    for (int64_t h = 1; h <= through; ++h) {
       const double c = cost_of(h, corrections_of(h));
       if (c < best_cost) {
         best_cost = c;
@@ -227,17 +230,23 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     }
     return best;
   };
-  int64_t best = cheapest([](int64_t) { return 0.0; });
-  // With a cost per correction (the other rows' pairs inside U × U, each dearer than a row pair:
-  // corrections only add to a prefix's cost), a prefix that does not pay without them never does,
-  // and they are not counted (0.8 ms of BatchTopK d_sae 16384's 11 ms forward, where no block pays
-  // after the first steps; benchmarks/NOTES.md, twenty-third pass). Counted for the chosen prefix
-  // only (not for the whole set of rows taken), they kept BatchTopK d_sae 262144's later steps (30–50 rows
-  // of 10³–10⁴ latents) on few moved rows and 2–6·10⁷ corrections, whose build alone took
-  // 0.2–0.6 s, or off the block altogether.
-  if (cost.correction > 0 && (best > 0 || cost.correction < cost.pair)) {
-    const std::vector<int64_t> corrections = corrections_after_each(rp, cp, m, n, enter.data(), taken);
-    best = cheapest([&](int64_t h) { return static_cast<double>(corrections[h - 1]); });
+  const int64_t count = static_cast<int64_t>(taken.size());
+  int64_t best = 0;
+  // With a cost per correction (the other rows' pairs inside U × U), a correction dearer than the
+  // row pair it replaces only adds to a prefix's cost: a prefix that does not pay without them
+  // never does, and they are counted only up to the last one that does (where none does, not at
+  // all: 0.8 ms of BatchTopK d_sae 16384's 11 ms forward, where no block pays after the first
+  // steps; benchmarks/NOTES.md, twenty-third pass). Counting them for each prefix is what kept
+  // BatchTopK d_sae 262144's later steps (30–50 rows of 10³–10⁴ latents) on few moved rows and
+  // 2–6·10⁷ corrections (whose build alone took 0.2–0.6 s), or off the block altogether.
+  if (cost.correction > 0) {
+    int64_t through = count;
+    if (cost.correction > cost.pair)
+      while (through > 0 && !(cost_of(through, 0.0) < none_cost)) --through;
+    const std::vector<int64_t> corrections = corrections_after_each(rp, cp, m, n, enter.data(), taken, through);
+    best = cheapest(through, [&](int64_t h) { return static_cast<double>(corrections[h - 1]); });
+  } else {
+    best = cheapest(count, [](int64_t) { return 0.0; });
   }
   if (best == 0) return out;
   out.taken.assign(taken.begin(), taken.begin() + best);

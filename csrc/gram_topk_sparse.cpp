@@ -402,7 +402,7 @@ void register_sparse(pybind11::module& m) {
                            aosae::kMaxDenseLatentsHard, aosae::pair_path_bytes<float>());
   }, "The GEMM block's cost model (ns per pair, per multiply-add, per block entry; min row L0; max width; hard "
      "max width and the pair path's bytes per row pair (float32), which allow a wider block)");
-  m.def("sparse_block_cost", [](bool recomputed) {
+  m.def("sparse_block_cost_model", [](bool recomputed) {
     const aosae::DenseRowCost c = aosae::block_cost(recomputed);
     return std::map<std::string, double>{{"pair", c.pair}, {"mac", c.mac}, {"entry", c.entry}, {"fixed", c.fixed},
                                          {"correction", c.correction}};

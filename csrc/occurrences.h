@@ -79,7 +79,9 @@ struct KeptOccurrences {
   static constexpr size_t kKeepBytes = size_t(64) << 20;
   Occurrences& lists = of_this_thread();
   ~KeptOccurrences() {
-    if ((lists.entry.capacity() + lists.end.capacity()) * sizeof(int64_t) > kKeepBytes) lists = Occurrences();
+    const size_t room =
+        lists.entry.capacity() + lists.end.capacity() + lists.ptr.capacity() + lists.pairs_start.capacity();
+    if (room * sizeof(int64_t) > kKeepBytes) lists = Occurrences();
   }
 
  private:

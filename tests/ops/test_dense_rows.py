@@ -11,10 +11,11 @@ from test_coactive_topk import cpp_module
 
 
 def reference_rows(offsets, indices, n, cost, limits) -> tuple[list[int], str]:
-    """The moved rows (ascending), and how the choice went: "none" (no prefix pays without the
-    corrections), "corrections" (one does, none with them), "block". Row by row as the C++
-    planned before it counted the corrections only where a prefix could pay; the same
-    floating-point sums in the same order."""
+    """The moved rows (ascending), and how the choice went: "no dense row" (none long enough),
+    "none" (no prefix pays even without the corrections), "corrections" (one does, none with
+    them), "block" (the same prefix with and without them), "block the corrections moved" (a
+    shorter or longer one). Row by row, as the C++ planned before it counted the corrections only
+    where a prefix could pay; the same floating-point sums in the same order."""
     min_l0, max_latents, hard_max, pair_bytes = limits
     lengths = (offsets[1:] - offsets[:-1]).tolist()
     rows = [indices[offsets[t]:offsets[t + 1]].tolist() for t in range(len(lengths))]
@@ -54,7 +55,12 @@ def reference_rows(offsets, indices, n, cost, limits) -> tuple[list[int], str]:
             if price < best[counted][0]:
                 best[counted] = (price, len(taken))
     kept = best[True][1] if cost["correction"] > 0 else best[False][1]
-    how = "block" if kept else ("corrections" if best[False][1] else "none")
+    if not taken:
+        how = "no dense row"
+    elif kept:
+        how = "block" if kept == best[False][1] else "block the corrections moved"
+    else:
+        how = "corrections" if best[False][1] else "none"
     return sorted(taken[:kept]), how
 
 
@@ -75,7 +81,7 @@ def random_rows(gen, long_rows: int, long_len: int, short_rows: int, short_len: 
 @pytest.mark.parametrize("recomputed", [True, False])
 def test_the_rows_chosen_are_the_cost_models_cheapest_prefix(recomputed):
     module = cpp_module()
-    cost = module.sparse_block_cost(recomputed)
+    cost = module.sparse_block_cost_model(recomputed)
     limits = module.sparse_block_costs()[3:]
     gen = torch.Generator().manual_seed(5)
     seen = set()
@@ -89,5 +95,20 @@ def test_the_rows_chosen_are_the_cost_models_cheapest_prefix(recomputed):
         got = module.sparse_dense_rows(offsets, indices, torch.rand(indices.numel(), generator=gen) + 0.05, n,
                                        recomputed=recomputed).tolist()
         assert got == want, (trial, how)
-    # every way of reaching the choice was taken (the corrections decide only where they cost)
-    assert seen == ({"none", "corrections", "block"} if recomputed else {"none", "block"})
+    # dense rows on a pool of their own, and a shorter one on latents that short rows share: the
+    # corrections keep the last one out of a block that still pays
+    own = [torch.randperm(1000, generator=gen)[:800].sort().values for _ in range(4)]
+    shared = [5000 + torch.randperm(300, generator=gen)[:30].sort().values for _ in range(300)]
+    rows = [*own, 5000 + torch.arange(300), *shared]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    indices = torch.cat(rows)
+    want, how = reference_rows(offsets, indices, 6000, cost, limits)
+    seen.add(how)
+    assert module.sparse_dense_rows(offsets, indices, torch.rand(indices.numel(), generator=gen) + 0.05, 6000,
+                                    recomputed=recomputed).tolist() == want
+    # every way of reaching the choice was taken (the corrections decide only where they cost); a
+    # failure here with the rows above equal may mean block_cost was recalibrated: re-pick the shapes
+    # (without corrections, one dense row always pays: no "none")
+    want_seen = ({"no dense row", "none", "corrections", "block", "block the corrections moved"} if recomputed
+                 else {"no dense row", "block"})
+    assert seen == want_seen
