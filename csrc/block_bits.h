@@ -65,29 +65,12 @@ class BlockBits {
 
   // whether any of row p's bits [b0, b1) is set
   bool any(int64_t p, int64_t b0, int64_t b1) const {
-    if (b1 <= b0) return false;
-    const uint16_t* w = row(p);
-    const int64_t first = b0 >> 4, last = (b1 - 1) >> 4;
-    const uint16_t head = static_cast<uint16_t>(0xFFFFu << (b0 & 15));
-    const uint16_t tail = static_cast<uint16_t>(0xFFFFu >> (15 - ((b1 - 1) & 15)));
-    if (first == last) return (w[first] & head & tail) != 0;
-    if (w[first] & head) return true;
-    for (int64_t x = first + 1; x < last; ++x)
-      if (w[x]) return true;
-    return (w[last] & tail) != 0;
+    return b1 > b0 && !every_word(p, b0, b1, [](uint16_t bits, uint16_t) { return bits == 0; });
   }
 
   // whether every one of row p's bits [b0, b1) is set (b0 < b1)
   bool all(int64_t p, int64_t b0, int64_t b1) const {
-    const uint16_t* w = row(p);
-    const int64_t first = b0 >> 4, last = (b1 - 1) >> 4;
-    const uint16_t head = static_cast<uint16_t>(0xFFFFu << (b0 & 15));
-    const uint16_t tail = static_cast<uint16_t>(0xFFFFu >> (15 - ((b1 - 1) & 15)));
-    if (first == last) return (w[first] & head & tail) == (head & tail);
-    if ((w[first] & head) != head) return false;
-    for (int64_t x = first + 1; x < last; ++x)
-      if (w[x] != 0xFFFFu) return false;
-    return (w[last] & tail) == tail;
+    return every_word(p, b0, b1, [](uint16_t bits, uint16_t mask) { return bits == mask; });
   }
 
   void keep(int64_t p, int64_t q) {
@@ -96,6 +79,21 @@ class BlockBits {
   }
 
  private:
+  // whether ok(bits, mask) holds for each word over row p's bits [b0, b1) (b0 < b1): mask, the
+  // word's bits in the range; bits, those of them that are set. Stops at the first word that fails.
+  template <typename Ok>
+  bool every_word(int64_t p, int64_t b0, int64_t b1, Ok&& ok) const {
+    const uint16_t* w = row(p);
+    const int64_t first = b0 >> 4, last = (b1 - 1) >> 4;
+    const uint16_t head = static_cast<uint16_t>(0xFFFFu << (b0 & 15));
+    const uint16_t tail = static_cast<uint16_t>(0xFFFFu >> (15 - ((b1 - 1) & 15)));
+    if (first == last) return ok(static_cast<uint16_t>(w[first] & head & tail), static_cast<uint16_t>(head & tail));
+    if (!ok(static_cast<uint16_t>(w[first] & head), head)) return false;
+    for (int64_t x = first + 1; x < last; ++x)
+      if (!ok(w[x], uint16_t(0xFFFFu))) return false;
+    return ok(static_cast<uint16_t>(w[last] & tail), tail);
+  }
+
   std::vector<int64_t> end_;    // [extent]: row p's end (its pairs: q in (p, end))
   std::vector<int64_t> start_;  // [extent + 1]: row p's first word
   torch::Tensor words_;         // the bits, uint16 words held as int16

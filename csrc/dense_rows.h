@@ -218,20 +218,6 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     return cost.pair * (total_pairs - moved_pairs_after[h - 1] - corrections) + cost.correction * corrections +
            cost.mac * static_cast<double>(h) * w * w + cost.entry * w * w + fixed_cost;
   };
-  auto cheapest = [&](int64_t through, auto&& corrections_of) {  // of the first `through`: 0 for none; first of equals
-    double best_cost = none_cost;
-    int64_t best = 0;
-    for (int64_t h = 1; h <= through; ++h) {
-      const double c = cost_of(h, corrections_of(h));
-      if (c < best_cost) {
-        best_cost = c;
-        best = h;
-      }
-    }
-    return best;
-  };
-  const int64_t count = static_cast<int64_t>(taken.size());
-  int64_t best = 0;
   // With a cost per correction (the other rows' pairs inside U × U), a correction dearer than the
   // row pair it replaces only adds to a prefix's cost: a prefix that does not pay without them
   // never does, and they are counted only up to the last one that does (where none does, not at
@@ -239,14 +225,20 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
   // steps; benchmarks/NOTES.md, twenty-third pass). Counting them for each prefix is what kept
   // BatchTopK d_sae 262144's later steps (30–50 rows of 10³–10⁴ latents) on few moved rows and
   // 2–6·10⁷ corrections (whose build alone took 0.2–0.6 s), or off the block altogether.
-  if (cost.correction > 0) {
-    int64_t through = count;
-    if (cost.correction > cost.pair)
-      while (through > 0 && !(cost_of(through, 0.0) < none_cost)) --through;
-    const std::vector<int64_t> corrections = corrections_after_each(rp, cp, m, n, enter.data(), taken, through);
-    best = cheapest(through, [&](int64_t h) { return static_cast<double>(corrections[h - 1]); });
-  } else {
-    best = cheapest(count, [](int64_t) { return 0.0; });
+  int64_t through = static_cast<int64_t>(taken.size());
+  if (cost.correction > cost.pair)
+    while (through > 0 && !(cost_of(through, 0.0) < none_cost)) --through;
+  const std::vector<int64_t> corrections = cost.correction > 0
+                                               ? corrections_after_each(rp, cp, m, n, enter.data(), taken, through)
+                                               : std::vector<int64_t>(through, 0);
+  int64_t best = 0;  // the cheapest prefix (0: none), the first of equals
+  double best_cost = none_cost;
+  for (int64_t h = 1; h <= through; ++h) {
+    const double c = cost_of(h, static_cast<double>(corrections[h - 1]));
+    if (c < best_cost) {
+      best_cost = c;
+      best = h;
+    }
   }
   if (best == 0) return out;
   out.taken.assign(taken.begin(), taken.begin() + best);
