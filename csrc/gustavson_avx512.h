@@ -143,12 +143,16 @@ struct TaggedCursor {
   void close(TaggedList& list) const { list.size = value - list.value.data(); }
 };
 
-// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended at out (room made)
+// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended at out, whose room
+// holds sixteen more past them: compressed in registers and stored whole, the lanes past count
+// overwritten by the next append. (A compress straight to memory is microcoded on AMD Zen 4: the
+// three of them took most of tally_list there, 4.6 ms of the bracketed sum at BatchTopK d_sae
+// 16384; benchmarks/NOTES.md, twenty-fourth pass.)
 AOSAE_GUSTAVSON void append(TaggedCursor& out, __mmask16 keep, __m512 v, __m512i tag_lo, __m512i tag_hi) {
   const int low = __builtin_popcount(keep & 0xFF), count = __builtin_popcount(keep);
-  _mm512_mask_compressstoreu_ps(out.value, keep, v);
-  _mm512_mask_compressstoreu_epi64(out.tag, static_cast<__mmask8>(keep & 0xFF), tag_lo);
-  _mm512_mask_compressstoreu_epi64(out.tag + low, static_cast<__mmask8>(keep >> 8), tag_hi);
+  _mm512_storeu_ps(out.value, _mm512_maskz_compress_ps(keep, v));
+  _mm512_storeu_si512(out.tag, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep & 0xFF), tag_lo));
+  _mm512_storeu_si512(out.tag + low, _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep >> 8), tag_hi));
   out.value += count;
   out.tag += count;
 }
