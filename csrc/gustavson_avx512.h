@@ -115,9 +115,10 @@ struct BitWriter {
   }
 };
 
-// Values with a 64-bit tag each (two arrays), appended sixteen lanes at a time by compress
-// stores: no branch on which lanes go (a few per cent of lanes, in no pattern, mispredicted the
-// branch that tested for them). room(extra) before a step makes space for extra more.
+// Values with a 64-bit tag each (two arrays), appended sixteen lanes at a time (append): no
+// branch on which lanes go (a few per cent of lanes, in no pattern, mispredicted the branch that
+// tested for them). room(extra) makes space for extra more; an append stores sixteen lanes
+// whatever it keeps, so room for the most it will keep plus 16.
 struct TaggedList {
   std::vector<float> value;
   std::vector<int64_t> tag;
@@ -133,7 +134,7 @@ struct TaggedList {
 };
 
 // A TaggedList's end, held by a run while it appends (a local: the compiler keeps it in registers,
-// where the list's own members, which the compress stores might alias, were stored and reloaded at
+// where the list's own members, which the lanes' stores might alias, were stored and reloaded at
 // every step); close() hands the size back.
 struct TaggedCursor {
   float* value;
@@ -143,11 +144,10 @@ struct TaggedCursor {
   void close(TaggedList& list) const { list.size = value - list.value.data(); }
 };
 
-// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended at out, whose room
-// holds sixteen more past them: compressed in registers and stored whole, the lanes past count
-// overwritten by the next append. (A compress straight to memory is microcoded on AMD Zen 4: the
-// three of them took most of tally_list there, 4.6 ms of the bracketed sum at BatchTopK d_sae
-// 16384; benchmarks/NOTES.md, twenty-fourth pass.)
+// the lanes of `keep` of v with tags (lo: lanes 0–7, hi: lanes 8–15) appended at out: compressed
+// in registers, all sixteen lanes stored (out needs room for 16); those past count lie beyond the
+// end, overwritten by the next append, never read. (A compress straight to memory is microcoded
+// on AMD Zen 4: there it took most of tally_list; benchmarks/NOTES.md, twenty-fourth pass.)
 AOSAE_GUSTAVSON void append(TaggedCursor& out, __mmask16 keep, __m512 v, __m512i tag_lo, __m512i tag_hi) {
   const int low = __builtin_popcount(keep & 0xFF), count = __builtin_popcount(keep);
   _mm512_storeu_ps(out.value, _mm512_maskz_compress_ps(keep, v));
@@ -213,7 +213,7 @@ AOSAE_GUSTAVSON void tally_list(float* acc, const int32_t* pj, int64_t count, fl
   const __m512 zero = _mm512_setzero_ps(), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
   const __m512i base = _mm512_set1_epi64(i * n);
   __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd();
-  inside.room(count + 16);
+  inside.room(count + 16);  // (each append stores sixteen lanes)
   TaggedCursor out(inside);
   int64_t above_here = 0, below_here = 0;
   for (int64_t x = 0; x < count; x += 16) {
