@@ -37,8 +37,9 @@ class BlockBits {
     }
     // (two spare words: bits_at reads 4 bytes from the last bit's byte; from the pool past 1 MiB)
     words_ = empty_pooled(start_[extent] + 2, at::kShort);
-    words_.data_ptr<int16_t>()[start_[extent]] = 0;
-    words_.data_ptr<int16_t>()[start_[extent] + 1] = 0;
+    base_ = reinterpret_cast<uint16_t*>(words_.data_ptr<int16_t>());
+    base_[start_[extent]] = 0;
+    base_[start_[extent] + 1] = 0;
   }
 
   bool defined() const { return words_.defined(); }
@@ -55,10 +56,8 @@ class BlockBits {
   }
 
   // row p's words: bit x of the run is pair (p, p + 1 + x)
-  uint16_t* row(int64_t p) { return reinterpret_cast<uint16_t*>(words_.data_ptr<int16_t>()) + start_[p]; }
-  const uint16_t* row(int64_t p) const {
-    return reinterpret_cast<const uint16_t*>(words_.data_ptr<int16_t>()) + start_[p];
-  }
+  uint16_t* row(int64_t p) { return base_ + start_[p]; }
+  const uint16_t* row(int64_t p) const { return base_ + start_[p]; }
 
   // row p's bits as a stream of bytes (expand_bits)
   const uint8_t* row_bytes(int64_t p) const { return reinterpret_cast<const uint8_t*>(row(p)); }
@@ -73,10 +72,11 @@ class BlockBits {
     return every_word(p, b0, b1, [](uint16_t bits, uint16_t mask) { return bits == mask; });
   }
 
-  void keep(int64_t p, int64_t q) {
-    const int64_t x = q - p - 1;
-    row(p)[x >> 4] |= static_cast<uint16_t>(1u << (x & 15));
-  }
+  void keep(int64_t p, int64_t q) { keep_bit(bit_of(p, q - p - 1)); }
+
+  // pair (p, p + 1 + x)'s bit, counted over all the words
+  int64_t bit_of(int64_t p, int64_t x) const { return start_[p] * 16 + x; }
+  void keep_bit(int64_t bit) { base_[bit >> 4] |= static_cast<uint16_t>(1u << (bit & 15)); }
 
  private:
   // whether ok(bits, mask) holds for each word over row p's bits [b0, b1) (b0 < b1): mask, the
@@ -97,6 +97,7 @@ class BlockBits {
   std::vector<int64_t> end_;    // [extent]: row p's end (its pairs: q in (p, end))
   std::vector<int64_t> start_;  // [extent + 1]: row p's first word
   torch::Tensor words_;         // the bits, uint16 words held as int16
+  uint16_t* base_ = nullptr;    // words_'s data (data_ptr checks the tensor on every call: per bit, a tenth of the sum's cut)
 };
 
 // A stream of bits as little-endian bytes (these rows' words; the bracketed sum's kept bits,

@@ -13,8 +13,10 @@
 // there is checked against the floor (a sample that misled: the whole block). At BatchTopK
 // initialisation that is 4 % of the block at d_sae 16384 and 36 % at 65536 (benchmarks/
 // NOTES.md); where the seed alone would be half the block or more (it is doubled while too few of
-// its pairs have a moved-row part), the whole block is computed. The block is never stored on this
-// path (csrc/recomputed_block.h).
+// its pairs have a moved-row part), the staircase is the whole block. A staircase (or whole
+// block) still over 1.5·k pairs is then sampled once more, more sparsely, for a second floor
+// nearer the k-th score (kRefineOver). The block is never stored on this path
+// (csrc/recomputed_block.h).
 
 #pragma once
 
@@ -52,6 +54,12 @@ constexpr double kSeedPairs = 1.25;
 constexpr double kSeedReach = 1.1;
 // Every this-many-th row of the seed is sampled (fewer for a narrow block: every row below 256 latents).
 constexpr int64_t kSeedRowStep = 16;
+// A staircase (or a whole block) of more than this many times k pairs is sampled again, every
+// kRefineRowStep-th row, for a floor closer to the k-th score: the seed's floor is where 1.1·k of
+// its 1.25·k pairs lie, far below the k-th of all pairs where the norms order the scores loosely
+// (BatchTopK d_sae 262144: staircases of 3.2·k cut to 2.0·k; benchmarks/NOTES.md, twenty-fifth pass)
+constexpr double kRefineOver = 1.5;
+constexpr int64_t kRefineRowStep = 64;
 
 // Row p's end: the first q whose bound falls below x (at least p + 1: no column), s non-increasing.
 inline std::vector<int64_t> staircase_ends(const std::vector<double>& s, double x) {
@@ -94,9 +102,38 @@ struct Staircase {
   double floor = 0;
 };
 
-// The floor that about reach·k of the seed's moved-row parts reach (0: fewer of them non-zero),
-// the seed being the staircase of about seed_pairs pairs at the block's top-left corner; every
-// step-th row sampled.
+// The floor that about reach·k of the region's moved-row parts reach (0: fewer of them
+// non-zero), row p's part of the region being its columns (p, end[p]); every step-th row sampled
+// (at most max_step).
+template <typename acc_t>
+double region_floor(const RecomputedBlock<acc_t>& rows, const std::vector<int64_t>& end, int64_t k, double reach,
+                    int64_t max_step) {
+  const int64_t width = rows.width();
+  const int64_t step = std::clamp<int64_t>(width / 128, 1, max_step);
+  const int threads = std::max(1, at::get_num_threads());
+  std::vector<std::vector<uint32_t>>& hists = ZeroedCounts<uint32_t, 1>::lend(threads, kMagnitudeBins);
+  const int64_t sampled = (width - step / 2 + step - 1) / step;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint32_t>& hist = hists[selection_thread()];
+    std::vector<acc_t> row(width);
+#pragma omp for schedule(dynamic, 4)  // the region's rows shorten down the staircase
+    for (int64_t x = 0; x < sampled; ++x) {
+      const int64_t p = step / 2 + x * step;
+      if (end[p] <= p + 1) continue;
+      rows.product_row(p, p + 1, end[p], row.data());
+      for (int64_t q = 0; q < end[p] - p - 1; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
+    }
+  }
+  std::vector<int64_t> estimate(kMagnitudeBins, 0);
+  ZeroedCounts<uint32_t, 1>::drain(hists, 0, kMagnitudeBins,
+                                   [&](int64_t b, uint32_t c) { estimate[b] += step * static_cast<int64_t>(c); });
+  ZeroedCounts<uint32_t, 1>::give_back();
+  const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
+  return bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
+}
+
+// The floor of the seed: the staircase of about seed_pairs pairs at the block's top-left corner
 template <typename acc_t>
 double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>& s, double seed_pairs, int64_t k,
                   double reach) {
@@ -107,29 +144,7 @@ double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>&
     const double mid = std::sqrt(lo * hi);
     (staircase_pairs(staircase_ends(s, mid)) >= seed_pairs ? lo : hi) = mid;
   }
-  const std::vector<int64_t> seed = staircase_ends(s, lo);
-  const int64_t step = std::clamp<int64_t>(width / 128, 1, kSeedRowStep);
-  const int threads = std::max(1, at::get_num_threads());
-  std::vector<std::vector<uint32_t>>& hists = ZeroedCounts<uint32_t, 1>::lend(threads, kMagnitudeBins);
-  const int64_t sampled = (width - step / 2 + step - 1) / step;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<uint32_t>& hist = hists[selection_thread()];
-    std::vector<acc_t> row(width);
-#pragma omp for schedule(dynamic, 4)  // the seed's rows shorten down the staircase
-    for (int64_t x = 0; x < sampled; ++x) {
-      const int64_t p = step / 2 + x * step;
-      if (seed[p] <= p + 1) continue;
-      rows.product_row(p, p + 1, seed[p], row.data());
-      for (int64_t q = 0; q < seed[p] - p - 1; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
-    }
-  }
-  std::vector<int64_t> estimate(kMagnitudeBins, 0);
-  ZeroedCounts<uint32_t, 1>::drain(hists, 0, kMagnitudeBins,
-                                   [&](int64_t b, uint32_t c) { estimate[b] += step * static_cast<int64_t>(c); });
-  ZeroedCounts<uint32_t, 1>::give_back();
-  const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
-  return bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
+  return region_floor(rows, staircase_ends(s, lo), k, reach, kSeedRowStep);
 }
 
 // The staircase of pairs that can be among the k best (s: the block latents' norms,
@@ -151,11 +166,20 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
   // a seed where fewer than reach·k pairs have a non-zero moved-row part (the others' scores come
   // from the other rows alone) is doubled while under half the block: BatchTopK d_sae 65536's step
   // 34 with three more rows moved had such a seed, and the whole block took 87 ms against 59
+  const double slack = 1 + staircase_slack<acc_t>(m);
+  Staircase cut = full;  // (the block is small next to k, or no seed under half of it has reach·k such pairs)
   for (double seed_pairs = kSeedPairs * static_cast<double>(k); seed_pairs < 0.5 * block_pairs; seed_pairs *= 2) {
     const double floor = seed_floor(rows, s, seed_pairs, k, reach);
-    if (floor > 0) return {staircase_ends(s, floor / (1 + staircase_slack<acc_t>(m))), floor};
+    if (floor > 0) {
+      cut = {staircase_ends(s, floor / slack), floor};
+      break;
+    }
   }
-  return full;  // the block is small next to k, or no seed under half of it has reach·k such pairs
+  if (staircase_pairs(cut.end) > kRefineOver * static_cast<double>(k)) {  // the second look
+    const double floor = region_floor(rows, cut.end, k, reach, kRefineRowStep);
+    if (floor > cut.floor) cut = {staircase_ends(s, floor / slack), floor};
+  }
+  return cut;
 }
 
 }  // namespace aosae

@@ -115,6 +115,8 @@ struct Tally {
   int64_t in_block = 0;   // of them, inside the block
   acc_t lowest = std::numeric_limits<acc_t>::infinity();  // the smallest of them
   ChunkedList<Candidate<acc_t>> edge;  // the pairs inside the bracket (csrc/chunked_list.h)
+  size_t bucket_edges = 0;  // edge's first entries: bucket pairs, never in the block (the block's rows follow)
+  ChunkedList<int64_t> edge_bits;  // with block bits: each later entry's bit (BlockBits::bit_of)
 };
 
 namespace tally_detail {
@@ -149,8 +151,10 @@ RowTally<acc_t> tally_plain(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std
 
 #if defined(__x86_64__) || defined(__i386__)
 // A register of scores per step, masks instead of branches; the sum in float64 registers (float:
-// the low and high halves apart), lane order fixed
-template <typename acc_t>
+// the low and high halves apart), lane order fixed. kLoPositive (lo > 0): a score at or above lo
+// is not 0, so the zero test goes, and the smallest above is never read (every_pair, its only
+// reader, follows passes with lo = 0): three of the fifteen instructions per register.
+template <typename acc_t, bool kLoPositive>
 __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, int64_t len, acc_t lo, acc_t hi,
                                                                 std::vector<int64_t>& inside, uint16_t* masks) {
   using S = Simd512<acc_t>;
@@ -162,9 +166,16 @@ __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, 
   for (int64_t q = 0; q < len; q += L) {
     const auto valid = S::first(len - q);
     const auto a = S::abs(S::load(valid, v + q));
-    const auto nonzero = S::template compare<_CMP_NEQ_UQ>(valid, a, zero);  // (NaN: above)
-    const auto above = S::template compare<_CMP_NLT_UQ>(nonzero, a, vhi);
-    auto in = S::template compare<_CMP_GE_OQ>(nonzero, a, vlo) & S::template compare<_CMP_LT_OQ>(nonzero, a, vhi);
+    typename S::M above, in;
+    if constexpr (kLoPositive) {  // (hi > lo > 0: 0 is neither above nor inside; NaN is above)
+      above = S::template compare<_CMP_NLT_UQ>(valid, a, vhi);
+      in = S::template compare<_CMP_LT_OQ>(S::template compare<_CMP_GE_OQ>(valid, a, vlo), a, vhi);
+    } else {
+      const auto nonzero = S::template compare<_CMP_NEQ_UQ>(valid, a, zero);  // (NaN: above)
+      above = S::template compare<_CMP_NLT_UQ>(nonzero, a, vhi);
+      in = S::template compare<_CMP_GE_OQ>(nonzero, a, vlo) & S::template compare<_CMP_LT_OQ>(nonzero, a, vhi);
+      lowest = S::min(lowest, above, lowest, a);
+    }
     if constexpr (std::is_same<acc_t, float>::value) {
       const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1));
       sum0 = _mm512_mask_add_pd(sum0, __mmask8(above & 0xFF), sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
@@ -174,7 +185,6 @@ __attribute__((target("avx512f"))) RowTally<acc_t> tally_avx512(const acc_t* v, 
       sum0 = _mm512_mask_add_pd(sum0, above, sum0, a);
     }
     count += __builtin_popcount(above);
-    lowest = S::min(lowest, above, lowest, a);
     while (in) {
       inside.push_back(q + __builtin_ctz(in));
       in = decltype(in)(in & (in - 1));
@@ -192,7 +202,9 @@ template <typename acc_t>
 RowTally<acc_t> tally(const acc_t* v, int64_t len, acc_t lo, acc_t hi, std::vector<int64_t>& inside,
                       uint16_t* masks) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (has_avx512()) return tally_avx512<acc_t>(v, len, lo, hi, inside, masks);
+  if (has_avx512())
+    return lo > acc_t(0) && hi > lo ? tally_avx512<acc_t, true>(v, len, lo, hi, inside, masks)
+                                    : tally_avx512<acc_t, false>(v, len, lo, hi, inside, masks);
 #endif
   return tally_plain(v, len, lo, hi, inside, masks);
 }
@@ -348,6 +360,7 @@ class TopKSum {
             t.edge.push_back({v, key_of(i, s_.pj[b + u])});
           });
         }
+        t.bucket_edges = t.edge.size();
         // the part's block rows (U ascending: a contiguous range), kTileRows at a time: a tile
         // reads each stretch of A_H once for all its rows
         const int64_t p_lo = std::lower_bound(latent, latent + width_, i0) - latent;
@@ -367,6 +380,7 @@ class TopKSum {
             const int64_t i = latent[p];
             tally_row(row, len, br, true, t, inside, [&](int64_t q, acc_t v) {
               t.edge.push_back({v, key_of(i, latent[p + 1 + q])});
+              if (bits_.defined()) t.edge_bits.push_back(bits_.bit_of(p, q));
             }, bits_.defined() ? bits_.row(p) : nullptr);
           }
         }
@@ -415,31 +429,54 @@ class TopKSum {
 
   // the k-th best lies inside the bracket: its exact score, then the cut among the pairs tied at it
   SumResult finish(int64_t k, std::vector<Tally<acc_t>> tallies, const Bracket<acc_t>& br, SumResult& r) {
-    int64_t above = 0;
+    int64_t above = 0, edge = 0;
     for (const auto& t : tallies) {
       above += t.count;
+      edge += static_cast<int64_t>(t.edge.size());
       r.total += t.total;
       r.kept_in_block += t.in_block;
     }
-    auto each_edge = [&](auto&& take) {
-      for (const auto& t : tallies)
-        for (const auto& c : t.edge) take(c);
-    };
-    int64_t edge = 0;
-    each_edge([&](const Candidate<acc_t>&) { ++edge; });
     TORCH_CHECK(above < k && k - above <= edge, "sparse_csr_topk_sum: the pass counted ", above, " pairs above the k-th ",
                 "score's bin and ", edge, " in it for k = ", k, ": a co-activation score is not finite (NaN or inf; ",
                 "check the activations for overflow)");
+    const int threads = std::max(1, at::get_num_threads());
+    const int parts = static_cast<int>(tallies.size());
     const KthCut<acc_t> cut = kth_cut_between<acc_t>(
-        static_cast<int>(tallies.size()), [&](int p, auto&& take) { for (const auto& c : tallies[p].edge) take(c); },
-        k - above, br.lo, br.hi, std::max(1, at::get_num_threads()));
-    each_edge([&](const Candidate<acc_t>& c) {
-      const acc_t a = std::abs(c.value);
-      if (cut.keeps(a, c.key)) {
-        r.total += static_cast<double>(a);
-        r.kept_in_block += keep_in_block(c.key);
+        parts, [&](int p, auto&& take) { for (const auto& c : tallies[p].edge) take(c); }, k - above, br.lo, br.hi,
+        threads);
+    // The kept pairs inside the bracket, part by part in parallel (millions at BatchTopK d_sae
+    // 262144, where one thread took 50 ms: a block pair's bit is a random write), each part's sum
+    // in a register, the parts then added in order. A part's block pairs lie in its own block rows
+    // (pass), and rows never share a word (csrc/block_bits.h); its bucket pairs are never in the
+    // block (U × U's pairs are not in the buckets, csrc/coactive_pairs.h): no two parts write one
+    // word. A block pair's bit comes with it from the pass (from its key: a division and two random
+    // reads per pair).
+    std::vector<double> part_total(parts, 0.0);
+    std::vector<int64_t> part_in_block(parts, 0);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int p = 0; p < parts; ++p) {
+      double total = 0;
+      int64_t in_block = 0;
+      const size_t buckets = tallies[p].bucket_edges;
+      const bool bits = bits_.defined();
+      auto bit = tallies[p].edge_bits.begin();
+      size_t x = 0;
+      for (const auto& c : tallies[p].edge) {
+        const bool block = x++ >= buckets;
+        if (cut.keeps(std::abs(c.value), c.key)) {
+          total += static_cast<double>(std::abs(c.value));
+          in_block += block;
+          if (block && bits) bits_.keep_bit(*bit);
+        }
+        if (block && bits) ++bit;
       }
-    });
+      part_total[p] = total;
+      part_in_block[p] = in_block;
+    }
+    for (int p = 0; p < parts; ++p) {
+      r.total += part_total[p];
+      r.kept_in_block += part_in_block[p];
+    }
     r.kth = static_cast<double>(cut.kth);
     r.tie_cut = cut.tie_cut;
     r.kept = k;

@@ -97,6 +97,34 @@ def test_a_wide_block_samples_its_staircase_and_still_equals_the_selection(dtype
     assert pruned >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_block_under_two_and_a_half_k_pairs_is_cut_by_the_second_look(dtype):
+    """A block of 1.5·k to 2.5·k pairs has no seed under half of it (the seed holds 1.25·k): the
+    second look samples the whole block for its floor, and the staircase leaves part of it out.
+    Value, k-th score and gradient are still the selection's, with and without the plan, and a
+    floor set too high still falls back to the whole block with the same result."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(dtype, signed=False, long_rows=4, long_l0=330, pool=400)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    width = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, 10)[5]
+    block = width * (width - 1) // 2
+    for k in (int(block / 1.8), int(block / 2.2)):
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        assert kept == k and k < staircase_pairs(live_end) < block  # (on the sweep's draws: 0.81–0.97 of it)
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                   live_end=live_end)
+        eps = assert_is_the_selections(c, k, dtype, total, kth, grad)
+        with_plan = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                        live_end=live_end, plan=plan)
+        torch.testing.assert_close(with_plan, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
+        whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, staircase_reach=1e-9)
+        assert staircase_pairs(whole[6]) == block
+        assert torch.equal(whole[1], kth) and whole[2:5] == (tie_cut, kept, in_block)
+        torch.testing.assert_close(whole[0], total, rtol=1e-12, atol=0)
+
+
 def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused():
     """The bound needs positive values: signed ones keep the latents' order and the whole block
     (no live_end); a live_end that is not these rows' is named."""
