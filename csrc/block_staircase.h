@@ -14,8 +14,8 @@
 // initialisation that is 4 % of the block at d_sae 16384 and 36 % at 65536 (benchmarks/
 // NOTES.md); where the seed alone would be half the block or more (it is doubled while too few of
 // its pairs have a moved-row part), the staircase is the whole block. A staircase (or whole
-// block) still over 1.5·k pairs is then sampled once more, more sparsely, for a second floor
-// nearer the k-th score (kRefineOver). The block is never stored on this path
+// block) still over 1.5·k pairs is then sampled once more for a second floor nearer the k-th
+// score (kRefineOver). The block is never stored on this path
 // (csrc/recomputed_block.h).
 
 #pragma once
@@ -54,10 +54,11 @@ constexpr double kSeedPairs = 1.25;
 constexpr double kSeedReach = 1.1;
 // Every this-many-th row of the seed is sampled (fewer for a narrow block: every row below 256 latents).
 constexpr int64_t kSeedRowStep = 16;
-// A staircase (or a whole block) of more than this many times k pairs is sampled again, every
-// kRefineRowStep-th row, for a floor closer to the k-th score: the seed's floor is where 1.1·k of
-// its 1.25·k pairs lie, far below the k-th of all pairs where the norms order the scores loosely
-// (BatchTopK d_sae 262144: staircases of 3.2·k cut to 2.0·k; benchmarks/NOTES.md, twenty-fifth pass)
+// A staircase (or a whole block) of more than this many times k pairs is sampled again (every
+// width/128-th row, at most every kRefineRowStep-th) for a floor closer to the k-th score: the
+// seed's floor is where 1.1·k of its 1.25·k pairs lie, far below the k-th of all pairs where the
+// norms order the scores loosely (BatchTopK d_sae 262144: staircases of 3.2·k cut to 2.0·k;
+// benchmarks/NOTES.md, twenty-fifth pass)
 constexpr double kRefineOver = 1.5;
 constexpr int64_t kRefineRowStep = 64;
 
@@ -155,7 +156,9 @@ double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>&
 // sample is right (exactly so with step 1); the caller checks that the k-th best score it finds
 // is at least the floor and otherwise sums the whole block. Sampling the seed instead of
 // multiplying it whole took the forward at BatchTopK d_sae 65536's initialisation from 51 to
-// 24–26 ms (the whole seed was 20 ms).
+// 24–26 ms (the whole seed was 20 ms). The second look samples the staircase so found (or the
+// whole block, where no seed was tried) the same way, over more rows than the seed holds: its
+// floor is where reach·k of them lie, at most the k-th score by the same argument.
 template <typename acc_t>
 Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,
                           double reach = kSeedReach) {
@@ -166,20 +169,20 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
   // a seed where fewer than reach·k pairs have a non-zero moved-row part (the others' scores come
   // from the other rows alone) is doubled while under half the block: BatchTopK d_sae 65536's step
   // 34 with three more rows moved had such a seed, and the whole block took 87 ms against 59
+  double floor = 0;  // (0: the block is small next to k, or no seed under half of it has reach·k such pairs)
+  for (double seed_pairs = kSeedPairs * static_cast<double>(k); seed_pairs < 0.5 * block_pairs && !(floor > 0);
+       seed_pairs *= 2)
+    floor = seed_floor(rows, s, seed_pairs, k, reach);
   const double slack = 1 + staircase_slack<acc_t>(m);
-  Staircase cut = full;  // (the block is small next to k, or no seed under half of it has reach·k such pairs)
-  for (double seed_pairs = kSeedPairs * static_cast<double>(k); seed_pairs < 0.5 * block_pairs; seed_pairs *= 2) {
-    const double floor = seed_floor(rows, s, seed_pairs, k, reach);
-    if (floor > 0) {
-      cut = {staircase_ends(s, floor / slack), floor};
-      break;
+  std::vector<int64_t> end = floor > 0 ? staircase_ends(s, floor / slack) : std::move(full.end);
+  if (staircase_pairs(end) > kRefineOver * static_cast<double>(k)) {  // the second look
+    const double second = region_floor(rows, end, k, reach, kRefineRowStep);
+    if (second > floor) {
+      floor = second;
+      end = staircase_ends(s, floor / slack);
     }
   }
-  if (staircase_pairs(cut.end) > kRefineOver * static_cast<double>(k)) {  // the second look
-    const double floor = region_floor(rows, cut.end, k, reach, kRefineRowStep);
-    if (floor > cut.floor) cut = {staircase_ends(s, floor / slack), floor};
-  }
-  return cut;
+  return {std::move(end), floor};
 }
 
 }  // namespace aosae

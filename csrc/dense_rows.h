@@ -38,6 +38,7 @@ struct DenseRowCost {
   double entry = 1.5;
   double fixed = 0.0;       // per entry of the rows, once there is a block at all
   double correction = 0.0;  // per pair of another row inside U × U (counted for each prefix of the rows)
+  bool stored = true;       // the block is stored (u² accumulators), which bounds its width (block_fits)
 };
 
 // The cost model of a block: the stored one's (the selection), or with recomputed the sum of the
@@ -59,6 +60,7 @@ inline DenseRowCost block_cost(bool recomputed) {
   c.entry = 0.0;
   c.fixed = 45.0;
   c.correction = 80.0;
+  c.stored = false;
   return c;
 }
 
@@ -89,11 +91,17 @@ constexpr double pair_path_bytes() {
   return 4.0 + 2.0 * sizeof(acc_t);
 }
 
-// Whether a block over u latents may replace the pair path for `row_pairs` row pairs.
+// Whether a block over u latents may replace the pair path for `row_pairs` row pairs. A block
+// that is not stored (the sum of the k best recomputes it where it is read, csrc/recomputed_block.h)
+// keeps at most a bit per pair of it (csrc/block_bits.h) instead of u² accumulators: with the
+// stored block's bound, BatchTopK d_sae 262144 mid-training left a token of 12 685 latents out of
+// a block of 25 849 by 0.1 %, and its 4.6·10⁷ pairs inside U × U, priced as corrections, kept the
+// whole batch off the block (1.6 s against ≈ 0.3 s; benchmarks/NOTES.md, twenty-fifth pass).
 template <typename acc_t>
-inline bool block_fits(double u, double row_pairs) {
+inline bool block_fits(double u, double row_pairs, bool stored = true) {
   if (u <= max_dense_latents<acc_t>()) return true;
-  return u <= kMaxDenseLatentsHard && u * u * sizeof(acc_t) <= pair_path_bytes<acc_t>() * row_pairs;
+  const double bytes = stored ? u * u * sizeof(acc_t) : u * u / 16;
+  return u <= kMaxDenseLatentsHard && bytes <= pair_path_bytes<acc_t>() * row_pairs;
 }
 
 template <typename acc_t>
@@ -202,7 +210,7 @@ DenseRows<acc_t> plan_dense_rows(const int64_t* rp, const int64_t* cp, const acc
     int64_t fresh = 0;  // latents of row t not in U yet (a row's latents are distinct)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e) fresh += enter[cp[e]] == kNever;
     const double L = static_cast<double>(rp[t + 1] - rp[t]);
-    if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2)) continue;
+    if (!block_fits<acc_t>(u + fresh, moved_pairs + L * (L - 1) / 2, cost.stored)) continue;
     const int32_t h = static_cast<int32_t>(taken.size());  // (< m / kMinDenseRowL0 rows taken)
     for (int64_t e = rp[t]; e < rp[t + 1]; ++e)
       if (enter[cp[e]] == kNever) enter[cp[e]] = h;

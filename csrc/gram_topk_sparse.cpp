@@ -405,9 +405,10 @@ void register_sparse(pybind11::module& m) {
   m.def("sparse_block_cost_model", [](bool recomputed) {
     const aosae::DenseRowCost c = aosae::block_cost(recomputed);
     return std::map<std::string, double>{{"pair", c.pair}, {"mac", c.mac}, {"entry", c.entry}, {"fixed", c.fixed},
-                                         {"correction", c.correction}};
+                                         {"correction", c.correction}, {"stored", c.stored ? 1.0 : 0.0}};
   }, py::arg("recomputed"), "The block's cost model that sparse_dense_rows(recomputed=...) plans by (ns: per row "
-     "pair, per multiply-add, per block entry, per entry of the rows once there is a block, per correction)");
+     "pair, per multiply-add, per block entry, per entry of the rows once there is a block, per correction; "
+     "stored: 1 where the block is stored, which bounds its width by memory)");
   m.def("sparse_dense_rows", &sparse_dense_rows, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"), py::arg("n"),
         py::arg("recomputed") = false,
         "Rows the sparse kernel would sum with one GEMM block (its outlier rows); recomputed=True: those the sum "

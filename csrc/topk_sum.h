@@ -113,7 +113,7 @@ struct Tally {
   double total = 0;       // Σ |C| of the pairs above the bracket
   int64_t count = 0;      // how many
   int64_t in_block = 0;   // of them, inside the block
-  acc_t lowest = std::numeric_limits<acc_t>::infinity();  // the smallest of them
+  acc_t lowest = std::numeric_limits<acc_t>::infinity();  // the smallest of them (every_pair's; kept by passes with lo = 0 only)
   ChunkedList<Candidate<acc_t>> edge;  // the pairs inside the bracket (csrc/chunked_list.h)
   size_t bucket_edges = 0;  // edge's first entries: bucket pairs, never in the block (the block's rows follow)
   ChunkedList<int64_t> edge_bits;  // with block bits: each later entry's bit (BlockBits::bit_of)
@@ -445,30 +445,34 @@ class TopKSum {
         parts, [&](int p, auto&& take) { for (const auto& c : tallies[p].edge) take(c); }, k - above, br.lo, br.hi,
         threads);
     // The kept pairs inside the bracket, part by part in parallel (millions at BatchTopK d_sae
-    // 262144, where one thread took 50 ms: a block pair's bit is a random write), each part's sum
-    // in a register, the parts then added in order. A part's block pairs lie in its own block rows
-    // (pass), and rows never share a word (csrc/block_bits.h); its bucket pairs are never in the
-    // block (U × U's pairs are not in the buckets, csrc/coactive_pairs.h): no two parts write one
-    // word. A block pair's bit comes with it from the pass (from its key: a division and two random
-    // reads per pair).
+    // 262144, where one thread spent ≈ 50 ms of CPU on them), each part's sum in a register, the
+    // parts then added in order. A part's block pairs lie in its own block rows (pass), and rows
+    // never share a word (csrc/block_bits.h); its bucket pairs are never in the block (U × U's
+    // pairs are not in the buckets, csrc/coactive_pairs.h): no two parts write one word. A block
+    // pair's bit comes with it from the pass (from its key: a division and two random reads per pair).
     std::vector<double> part_total(parts, 0.0);
     std::vector<int64_t> part_in_block(parts, 0);
+    const bool bits = bits_.defined();
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int p = 0; p < parts; ++p) {
+      const Tally<acc_t>& t = tallies[p];
       double total = 0;
       int64_t in_block = 0;
-      const size_t buckets = tallies[p].bucket_edges;
-      const bool bits = bits_.defined();
-      auto bit = tallies[p].edge_bits.begin();
-      size_t x = 0;
-      for (const auto& c : tallies[p].edge) {
-        const bool block = x++ >= buckets;
-        if (cut.keeps(std::abs(c.value), c.key)) {
-          total += static_cast<double>(std::abs(c.value));
-          in_block += block;
-          if (block && bits) bits_.keep_bit(*bit);
+      auto c = t.edge.begin();
+      for (size_t x = 0; x < t.bucket_edges; ++x, ++c) {  // bucket pairs: summed only
+        const Candidate<acc_t>& e = *c;
+        if (cut.keeps(std::abs(e.value), e.key)) total += static_cast<double>(std::abs(e.value));
+      }
+      auto bit = t.edge_bits.begin();
+      for (; c != t.edge.end(); ++c) {  // the block's: counted, their bits set
+        const Candidate<acc_t>& e = *c;
+        const acc_t a = std::abs(e.value);
+        if (cut.keeps(a, e.key)) {
+          total += static_cast<double>(a);
+          ++in_block;
+          if (bits) bits_.keep_bit(*bit);
         }
-        if (block && bits) ++bit;
+        if (bits) ++bit;
       }
       part_total[p] = total;
       part_in_block[p] = in_block;

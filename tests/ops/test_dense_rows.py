@@ -35,7 +35,8 @@ def reference_rows(offsets, indices, n, cost, limits) -> tuple[list[int], str]:
         fresh = sum(1 for i in rows[t] if i not in in_u)
         pairs = lengths[t] * (lengths[t] - 1) / 2
         wide = u + fresh
-        if not (wide <= max_latents or (wide <= hard_max and wide * wide * 4 <= pair_bytes * (moved + pairs))):
+        block_bytes = wide * wide * 4 if cost["stored"] else wide * wide / 16  # (not stored: a bit per pair)
+        if not (wide <= max_latents or (wide <= hard_max and block_bytes <= pair_bytes * (moved + pairs))):
             continue
         for i in rows[t]:
             if i in in_u:
@@ -112,3 +113,18 @@ def test_the_rows_chosen_are_the_cost_models_cheapest_prefix(recomputed):
     want_seen = ({"no dense row", "none", "corrections", "block", "block the corrections moved"} if recomputed
                  else {"no dense row", "block"})
     assert seen == want_seen
+
+
+def test_a_block_that_is_not_stored_is_not_bounded_by_a_stored_blocks_memory():
+    """Past 16384 latents a stored block may only take the memory the pair path would (u² float32
+    accumulators against 12 B per row pair); the sum of the k best stores a bit per pair at most.
+    Two rows of 16 000 latents and a third of 8 000 that widens U to 30 000: the stored block
+    leaves the third out (3.6 GB against 3.5 GB), and the recomputed one takes it, where leaving
+    it out would have priced its 2·10⁶ pairs inside U × U as corrections."""
+    module = cpp_module()
+    rows = [torch.arange(0, 16000), torch.arange(8000, 24000), torch.arange(22000, 30000)]
+    offsets = torch.tensor([0, 16000, 32000, 40000])
+    indices = torch.cat(rows)
+    values = torch.rand(indices.numel(), generator=torch.Generator().manual_seed(0)) + 0.05
+    assert module.sparse_dense_rows(offsets, indices, values, 30000, recomputed=False).tolist() == [0, 1]
+    assert module.sparse_dense_rows(offsets, indices, values, 30000, recomputed=True).tolist() == [0, 1, 2]
