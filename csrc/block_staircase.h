@@ -157,7 +157,7 @@ double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>&
 // is at least the floor and otherwise sums the whole block. Sampling the seed instead of
 // multiplying it whole took the forward at BatchTopK d_sae 65536's initialisation from 51 to
 // 24–26 ms (the whole seed was 20 ms). The second look samples the staircase so found (or the
-// whole block, where no seed was tried) the same way, over more rows than the seed holds: its
+// whole block, where no seed gave a floor) the same way, over more rows than the seed holds: its
 // floor is where reach·k of them lie, at most the k-th score by the same argument.
 template <typename acc_t>
 Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,

@@ -76,8 +76,8 @@ constexpr int64_t kMaxDenseBlockBytes = int64_t(1) << 30;
 // row pairs it replaces: a partner id and a score in the forward's buckets and a gradient slot
 // in the backward, 4 + 2·sizeof(acc_t) bytes per row pair. BatchTopK mid-training at d_sae 262144
 // has one token on every one of the batch's 22 897 active latents: 2.6·10⁸ row pairs, 3.1 GB on
-// the pair path (and ≈ 8 ns each), 2.1 GB as a block (a GEMM and a few scans; the sum of the k
-// best does not store it, csrc/recomputed_block.h). Never past 2¹⁶.
+// the pair path (and ≈ 8 ns each), 2.1 GB as a block (a GEMM and a few scans). A block that is
+// not stored (the sum of the k best's) is held to its kept bits instead (block_fits). Never past 2¹⁶.
 constexpr int64_t kMaxDenseLatentsHard = int64_t(1) << 16;
 
 template <typename acc_t>
@@ -94,9 +94,10 @@ constexpr double pair_path_bytes() {
 // Whether a block over u latents may replace the pair path for `row_pairs` row pairs. A block
 // that is not stored (the sum of the k best recomputes it where it is read, csrc/recomputed_block.h)
 // keeps at most a bit per pair of it (csrc/block_bits.h) instead of u² accumulators: with the
-// stored block's bound, BatchTopK d_sae 262144 mid-training left a token of 12 685 latents out of
-// a block of 25 849 by 0.1 %, and its 4.6·10⁷ pairs inside U × U, priced as corrections, kept the
-// whole batch off the block (1.6 s against ≈ 0.3 s; benchmarks/NOTES.md, twenty-fifth pass).
+// stored block's bound, BatchTopK d_sae 262144 35 steps from initialisation left out a token of
+// 12 685 latents that would have widened the block from 25 849 to 30 951 latents (0.1 % past the
+// bound), and its 4.6·10⁷ pairs inside U × U, priced as corrections, kept the whole batch off the
+// block (forward + backward 1.5–1.7 s against 0.44–0.67 s; benchmarks/NOTES.md, twenty-fifth pass).
 template <typename acc_t>
 inline bool block_fits(double u, double row_pairs, bool stored = true) {
   if (u <= max_dense_latents<acc_t>()) return true;

@@ -449,7 +449,8 @@ class TopKSum {
     // parts then added in order. A part's block pairs lie in its own block rows (pass), and rows
     // never share a word (csrc/block_bits.h); its bucket pairs are never in the block (U × U's
     // pairs are not in the buckets, csrc/coactive_pairs.h): no two parts write one word. A block
-    // pair's bit comes with it from the pass (from its key: a division and two random reads per pair).
+    // pair's bit comes with it from the pass (found from its key instead, it cost a division and
+    // two random reads per pair).
     std::vector<double> part_total(parts, 0.0);
     std::vector<int64_t> part_in_block(parts, 0);
     const bool bits = bits_.defined();
