@@ -72,8 +72,6 @@ class BlockBits {
     return every_word(p, b0, b1, [](uint16_t bits, uint16_t mask) { return bits == mask; });
   }
 
-  void keep(int64_t p, int64_t q) { keep_bit(bit_of(p, q - p - 1)); }
-
   // pair (p, p + 1 + x)'s bit, counted over all the words
   int64_t bit_of(int64_t p, int64_t x) const { return start_[p] * 16 + x; }
   void keep_bit(int64_t bit) { base_[bit >> 4] |= static_cast<uint16_t>(1u << (bit & 15)); }

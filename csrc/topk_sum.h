@@ -411,12 +411,13 @@ class TopKSum {
       r.kept += t.count;
       r.kept_in_block += t.in_block;
       lowest = std::min(lowest, t.lowest);
-      for (const auto& c : t.edge) {
+      each_edge_of(t, [&](const Candidate<acc_t>& c, bool block, int64_t bit) {
         r.total += std::abs(static_cast<double>(c.value));
         r.kept += 1;
-        r.kept_in_block += keep_in_block(c.key);
+        r.kept_in_block += block;
+        if (bit >= 0) bits_.keep_bit(bit);
         lowest = std::min(lowest, std::abs(c.value));
-      }
+      });
     }
     r.kth = 0;
     r.tie_cut = -1;
@@ -453,28 +454,17 @@ class TopKSum {
     // two random reads per pair).
     std::vector<double> part_total(parts, 0.0);
     std::vector<int64_t> part_in_block(parts, 0);
-    const bool bits = bits_.defined();
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int p = 0; p < parts; ++p) {
-      const Tally<acc_t>& t = tallies[p];
       double total = 0;
       int64_t in_block = 0;
-      auto c = t.edge.begin();
-      for (size_t x = 0; x < t.bucket_edges; ++x, ++c) {  // bucket pairs: summed only
-        const Candidate<acc_t>& e = *c;
-        if (cut.keeps(std::abs(e.value), e.key)) total += static_cast<double>(std::abs(e.value));
-      }
-      auto bit = t.edge_bits.begin();
-      for (; c != t.edge.end(); ++c) {  // the block's: counted, their bits set
-        const Candidate<acc_t>& e = *c;
-        const acc_t a = std::abs(e.value);
-        if (cut.keeps(a, e.key)) {
-          total += static_cast<double>(a);
-          ++in_block;
-          if (bits) bits_.keep_bit(*bit);
-        }
-        if (bits) ++bit;
-      }
+      each_edge_of(tallies[p], [&](const Candidate<acc_t>& c, bool block, int64_t bit) {
+        const acc_t a = std::abs(c.value);
+        if (!cut.keeps(a, c.key)) return;
+        total += static_cast<double>(a);
+        in_block += block;
+        if (bit >= 0) bits_.keep_bit(bit);
+      });
       part_total[p] = total;
       part_in_block[p] = in_block;
     }
@@ -488,15 +478,19 @@ class TopKSum {
     return r;
   }
 
-  // a kept pair inside the bracket, by its key (original latents): whether it lies in the block,
-  // and if so its bit set (the pass set those above the bracket)
-  bool keep_in_block(int64_t key) {
-    int64_t i = key / n_, j = key % n_;
-    if (order_) i = order_->label[i], j = order_->label[j];
-    const int64_t p = s_.dense.position[i], q = s_.dense.position[j];
-    if (p < 0 || q < 0) return false;
-    if (bits_.defined()) bits_.keep(std::min(p, q), std::max(p, q));
-    return true;
+  // f(pair, block, bit) for each of part t's pairs inside the bracket: its bucket pairs (block
+  // false: U × U's pairs are not in the buckets, csrc/coactive_pairs.h), then its block rows' with
+  // their bit from the pass (BlockBits::bit_of; -1 without bits)
+  template <typename F>
+  void each_edge_of(const Tally<acc_t>& t, F&& f) const {
+    auto c = t.edge.begin();
+    for (size_t x = 0; x < t.bucket_edges; ++x, ++c) f(*c, false, int64_t(-1));
+    const bool bits = bits_.defined();
+    auto bit = t.edge_bits.begin();
+    for (; c != t.edge.end(); ++c) {
+      f(*c, true, bits ? *bit : int64_t(-1));
+      if (bits) ++bit;
+    }
   }
 
   const CoactivePairs<acc_t>& s_;
