@@ -15,8 +15,8 @@
 // NOTES.md); where the seed alone would be half the block or more (it is doubled while too few of
 // its pairs have a moved-row part), the staircase is the whole block. A staircase (or whole
 // block) still over 1.5·k pairs is then sampled once more for a second floor nearer the k-th
-// score (kRefineOver). The block is never stored on this path
-// (csrc/recomputed_block.h).
+// score (kRefineOver); where that floor proves too high the caller sums the seed's staircase
+// again before the whole block. The block is never stored on this path (csrc/recomputed_block.h).
 
 #pragma once
 
@@ -61,6 +61,19 @@ constexpr int64_t kSeedRowStep = 16;
 // benchmarks/NOTES.md, twenty-fifth pass)
 constexpr double kRefineOver = 1.5;
 constexpr int64_t kRefineRowStep = 64;
+// The second look's sample is read this many Poisson deviations low: with its 10 % margin alone
+// the floor proved above the k-th score in 110 of 1 200 calls on the tests' 400-latent blocks (71
+// of the 400 with k ≈ 790, whose sample holds ≈ 290 pairs: ±6 %), with it in 18; at BatchTopK
+// d_sae 65536 the sample holds millions of pairs and the margin is nil.
+constexpr double kRefineNoiseSd = 3.0;
+
+// The samples' margins: the seed's floor is where seed·k of its pairs lie, the second look's where
+// second·k of the staircase's do (0: no second look; the retry after it misled). Tests make them
+// small to see a floor that proves too high.
+struct StaircaseReach {
+  double seed = kSeedReach;
+  double second = kSeedReach;
+};
 
 // Row p's end: the first q whose bound falls below x (at least p + 1: no column), s non-increasing.
 inline std::vector<int64_t> staircase_ends(const std::vector<double>& s, double x) {
@@ -101,14 +114,17 @@ double bin_floor(int64_t bin) {
 struct Staircase {
   std::vector<int64_t> end;
   double floor = 0;
+  bool second_look = false;  // the floor is the second look's (above the seed's)
 };
 
 // The floor that about reach·k of the region's moved-row parts reach (0: fewer of them
 // non-zero), row p's part of the region being its columns (p, end[p]); every step-th row sampled
-// (at most max_step).
+// (at most max_step). With noise_sd > 0 and step > 1, c sampled pairs at or above a bin count as
+// step·(c − noise_sd·√c): the floor then holds where the sample is noise_sd Poisson deviations
+// low.
 template <typename acc_t>
 double region_floor(const RecomputedBlock<acc_t>& rows, const std::vector<int64_t>& end, int64_t k, double reach,
-                    int64_t max_step) {
+                    int64_t max_step, double noise_sd = 0) {
   const int64_t width = rows.width();
   const int64_t step = std::clamp<int64_t>(width / 128, 1, max_step);
   const int threads = std::max(1, at::get_num_threads());
@@ -126,12 +142,18 @@ double region_floor(const RecomputedBlock<acc_t>& rows, const std::vector<int64_
       for (int64_t q = 0; q < end[p] - p - 1; ++q) hist[magnitude_bin(row[q])] += row[q] != acc_t(0);
     }
   }
-  std::vector<int64_t> estimate(kMagnitudeBins, 0);
-  ZeroedCounts<uint32_t, 1>::drain(hists, 0, kMagnitudeBins,
-                                   [&](int64_t b, uint32_t c) { estimate[b] += step * static_cast<int64_t>(c); });
+  std::vector<int64_t> counted(kMagnitudeBins, 0);  // the sampled rows' pairs per bin
+  ZeroedCounts<uint32_t, 1>::drain(hists, 0, kMagnitudeBins, [&](int64_t b, uint32_t c) { counted[b] += c; });
   ZeroedCounts<uint32_t, 1>::give_back();
-  const KthBin bin = find_kth_bin(estimate, static_cast<int64_t>(std::ceil(reach * static_cast<double>(k))));
-  return bin.bin > 0 ? bin_floor<acc_t>(bin.bin) : 0.0;
+  const double need = std::ceil(reach * static_cast<double>(k)), sd = step > 1 ? noise_sd : 0.0;
+  int64_t at_or_above = 0;
+  for (int64_t b = kMagnitudeBins - 1; b > 0; --b) {  // (bin 0: zeros, no floor)
+    if (counted[b] == 0) continue;
+    at_or_above += counted[b];
+    const double c = static_cast<double>(at_or_above);
+    if (static_cast<double>(step) * (c - sd * std::sqrt(c)) >= need) return bin_floor<acc_t>(b);
+  }
+  return 0.0;
 }
 
 // The floor of the seed: the staircase of about seed_pairs pairs at the block's top-left corner
@@ -158,10 +180,12 @@ double seed_floor(const RecomputedBlock<acc_t>& rows, const std::vector<double>&
 // multiplying it whole took the forward at BatchTopK d_sae 65536's initialisation from 51 to
 // 24–26 ms (the whole seed was 20 ms). The second look samples the staircase so found (or the
 // whole block, where no seed gave a floor) the same way, over more rows than the seed holds: its
-// floor is where reach·k of them lie, at most the k-th score by the same argument.
+// floor is where reach.second·k of them lie, at most the k-th score by the same argument. Its
+// region is the whole staircase, where the seed's is 1.25·k pairs for 1.1·k: a 10 % margin in the
+// count, which a sample of a few hundred pairs misses often (kRefineNoiseSd).
 template <typename acc_t>
 Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const std::vector<double>& s, int64_t k,
-                          double reach = kSeedReach) {
+                          StaircaseReach reach = {}) {
   const int64_t width = rows.width();
   Staircase full{std::vector<int64_t>(width, width), 0.0};
   const double block_pairs = 0.5 * static_cast<double>(width) * static_cast<double>(width - 1);
@@ -172,17 +196,19 @@ Staircase block_staircase(const RecomputedBlock<acc_t>& rows, int64_t m, const s
   double floor = 0;  // (0: the block is small next to k, or no seed under half of it has reach·k such pairs)
   for (double seed_pairs = kSeedPairs * static_cast<double>(k); seed_pairs < 0.5 * block_pairs && !(floor > 0);
        seed_pairs *= 2)
-    floor = seed_floor(rows, s, seed_pairs, k, reach);
+    floor = seed_floor(rows, s, seed_pairs, k, reach.seed);
   const double slack = 1 + staircase_slack<acc_t>(m);
   std::vector<int64_t> end = floor > 0 ? staircase_ends(s, floor / slack) : std::move(full.end);
-  if (staircase_pairs(end) > kRefineOver * static_cast<double>(k)) {  // the second look
-    const double second = region_floor(rows, end, k, reach, kRefineRowStep);
+  bool second_look = false;
+  if (reach.second > 0 && staircase_pairs(end) > kRefineOver * static_cast<double>(k)) {  // the second look
+    const double second = region_floor(rows, end, k, reach.second, kRefineRowStep, kRefineNoiseSd);
     if (second > floor) {
       floor = second;
       end = staircase_ends(s, floor / slack);
+      second_look = true;
     }
   }
-  return {std::move(end), floor};
+  return {std::move(end), floor, second_look};
 }
 
 }  // namespace aosae

@@ -40,6 +40,7 @@ struct CoactivePairs {
   acc_t* pv = nullptr;                // their scores
   std::vector<int64_t> live_end;      // [u] or empty: block row p holds pairs (p, q < live_end[p]) only
   double staircase_floor = 0;         // > 0: every pair past live_end scores below it (the caller checks the k-th)
+  bool staircase_second_look = false;  // that floor is the second look's (csrc/block_staircase.h)
   RecomputedBlock<acc_t> rows;        // the block's scores where it is not stored (width 0 otherwise)
   torch::Tensor pair_scores;          // asked for: every row pair's C_ij, entry e's pairs with its row's later
   torch::Tensor pair_runs;            // entries from pair_scores[pair_runs[e]] on ([nnz] int64; moved rows: -1)
@@ -63,7 +64,7 @@ struct CoactivePairs {
 // where they are read, the pairs inside U × U are neither in the buckets nor in the histogram,
 // and with norm (the columns' norms, non-increasing in latent order: csrc/norm_order.h; positive
 // values, dot) and k only the staircase of pairs that can be among the k best is live
-// (csrc/block_staircase.h, reach: its sample's margin; the caller checks that the k-th best
+// (csrc/block_staircase.h, reach: its samples' margins; the caller checks that the k-th best
 // score is at least staircase_floor). pair_scores (with recompute): every pair (s, q), s < q, of the rows
 // outside the block gets its summed score written out (in bucket order, one stream; pairs inside
 // U × U: the recomputed block's score, 0 past the staircase), so that the backward reads the
@@ -72,7 +73,7 @@ template <typename acc_t>
 CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const acc_t* vp, int64_t m, int64_t n,
                                     int64_t nnz, bool cosine, int threads, bool recompute = false,
                                     const std::vector<double>* norm = nullptr, int64_t k = 0,
-                                    bool pair_scores = false, double reach = kSeedReach) {
+                                    bool pair_scores = false, StaircaseReach reach = {}) {
   TORCH_CHECK(!pair_scores || (recompute && !cosine), "coactive_pairs: pair scores are for the recomputed dot sum");
   CoactivePairs<acc_t> out;
   // Cosine: divide each reduced C_ij by the column norms (over all rows; zeros add 0).
@@ -95,6 +96,7 @@ CoactivePairs<acc_t> coactive_pairs(const int64_t* rp, const int64_t* cp, const 
       if (stairs.floor > 0) {
         out.live_end = std::move(stairs.end);
         out.staircase_floor = stairs.floor;
+        out.staircase_second_look = stairs.second_look;
       }
     }
   }

@@ -162,8 +162,8 @@ std::optional<aosae::SumResult> try_bracketed(const int64_t* rp, const int64_t* 
 // the original latents' i·n + j).
 template <typename acc_t>
 aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t, const Tensor& vals_t, int64_t n,
-                                   int64_t k, double bracket, int64_t sample_step, bool keep_plan, double reach,
-                                   bool bracketed, double bracketed_slack) {
+                                   int64_t k, double bracket, int64_t sample_step, bool keep_plan,
+                                   aosae::StaircaseReach reach, bool bracketed, double bracketed_slack) {
   const Rows<acc_t> x(row_ptr_t, cols_t, vals_t, n);
   const int64_t m = x.m, nnz = x.nnz;
   const int64_t* rp = x.rp;
@@ -192,13 +192,16 @@ aosae::SumResult csr_topk_sum_impl(const Tensor& row_ptr_t, const Tensor& cols_t
   const bool block_bits = keep_plan && (positive || bracketable);
   aosae::SumResult r =
       aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
-  if (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
+  while (summed.staircase_floor > 0 && !(r.kth >= summed.staircase_floor)) {
     // the staircase's sampled floor was above the k-th score: pairs past it may be among the k
-    // best, so the whole block is summed (the same labels: live_end is the full width)
+    // best, so they are summed again: the seed's staircase where the second look's floor misled,
+    // else the whole block (the same labels; live_end: the seed's staircase, or the full width)
+    const bool seed_staircase = summed.staircase_second_look;
     const int64_t passes = r.block_passes;
-    summed = aosae::CoactivePairs<acc_t>();  // (its buffers go before the second pass takes its own)
+    summed = aosae::CoactivePairs<acc_t>();  // (its buffers go before the next pass takes its own)
     r.block_bits = aosae::BlockBits();
-    summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true, nullptr, k, keep_plan);
+    summed = aosae::coactive_pairs<acc_t>(rp, cp, vp, m, n, nnz, false, threads, true,
+                                          seed_staircase ? &order->norm : nullptr, k, keep_plan, {reach.seed, 0.0});
     r = aosae::TopKSum<acc_t>(summed, order ? &*order : nullptr, n, threads, block_bits).run(k, bracket, sample_step);
     r.block_passes += passes;
   }
@@ -301,8 +304,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // writing them (a loss that sums its selection needs nothing else; at BatchTopK d_sae 262144
 // mid-training that selection is 1.7·10⁸ pairs, 6 GB) and without storing the GEMM block (csrc/
 // topk_sum.h). Returns (total: float64 0-d, kth: the k-th best |C| as float64 0-d (0 when P < k),
-// tie_cut: int64 (of the pairs tied at kth, those with i·n + j <= tie_cut are kept; -1 when P < k;
-// when P = k every pair is kept, kth the smallest score), kept: min(k, P), kept_in_block, width: the block's latents (0: none),
+// tie_cut: int64 (of the pairs tied at kth, those with i·n + j <= tie_cut are kept; the largest
+// int64 when all of them are; -1 when P < k; when P = k every pair is kept, kth the smallest
+// score), kept: min(k, P), kept_in_block, width: the block's latents (0: none),
 // live_end: [width] int64 (positive values with a block: the block's latents are the columns in
 // norm order, largest first, and row p holds only the pairs (p, q < live_end[p]) that can reach
 // the k-th score; empty otherwise), block_passes: passes over the block's rows (1 when the
@@ -310,8 +314,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 // exact histogram; a staircase whose floor proved too high adds its own), plan (with keep_plan=True: what the backward takes
 // instead of deriving it again, csrc/topk_sum_plan.h; else None)). sparse_csr_topk_sum_backward
 // takes them back. bracket, sample_step: csrc/topk_sum.h's estimate (bracket 0: the exact
-// histogram; step 0: chosen). staircase_reach: csrc/block_staircase.h's margin (tests make it
-// small to see the whole block summed when the staircase's floor proves too high). bracketed:
+// histogram; step 0: chosen). staircase_reach, refine_reach: csrc/block_staircase.h's margins,
+// the seed's and the second look's (tests make them small to see the whole block, or the seed's
+// staircase, summed again when a floor proves too high). bracketed:
 // float32 rows with no negative value and no block take the bracketed sum (csrc/bracketed_sum.h)
 // where its sample's bracket holds the k-th score, and their plan holds a kept bit per row pair
 // instead of the scores (plan.kept_bits); bracketed_slack: its bracket's least slack (tests widen
@@ -319,22 +324,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sparse_csr_coactive(
 std::tuple<Tensor, Tensor, int64_t, int64_t, int64_t, int64_t, Tensor, int64_t, std::shared_ptr<aosae::TopKSumPlan>>
 sparse_csr_topk_sum(
     const Tensor& row_ptr, const Tensor& cols, const Tensor& vals, int64_t n, int64_t k, double bracket,
-    int64_t sample_step, bool keep_plan, double staircase_reach, bool bracketed, double bracketed_slack) {
+    int64_t sample_step, bool keep_plan, double staircase_reach, double refine_reach, bool bracketed,
+    double bracketed_slack) {
   aosae::check_csr_rows("sparse_csr_topk_sum", row_ptr, cols, vals, n, 2);
   TORCH_CHECK(k >= 1, "sparse_csr_topk_sum: k must be >= 1, got ", k);
   TORCH_CHECK(bracket >= 0 && bracket < 1, "sparse_csr_topk_sum: bracket must be in [0, 1), got ", bracket);
   TORCH_CHECK(sample_step >= 0, "sparse_csr_topk_sum: sample_step must be >= 0 (0: chosen), got ", sample_step);
   TORCH_CHECK(staircase_reach > 0, "sparse_csr_topk_sum: staircase_reach must be > 0, got ", staircase_reach);
+  TORCH_CHECK(refine_reach > 0, "sparse_csr_topk_sum: refine_reach must be > 0, got ", refine_reach);
   TORCH_CHECK(bracketed_slack >= 0 && bracketed_slack < 1, "sparse_csr_topk_sum: bracketed_slack must be in [0, 1), got ",
               bracketed_slack);
   TORCH_CHECK(row_ptr.device().is_cpu() && cols.device().is_cpu() && vals.device().is_cpu(),
               "sparse_csr_topk_sum: CPU tensors only");
   const Tensor rp = row_ptr.contiguous(), cp = cols.contiguous(), vp = vals.contiguous();
+  const aosae::StaircaseReach reach{staircase_reach, refine_reach};
   const aosae::SumResult r = vp.scalar_type() == at::kDouble
-                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, keep_plan,
-                                                             staircase_reach, bracketed, bracketed_slack)
-                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, keep_plan,
-                                                            staircase_reach, bracketed, bracketed_slack);
+                                 ? csr_topk_sum_impl<double>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, reach,
+                                                             bracketed, bracketed_slack)
+                                 : csr_topk_sum_impl<float>(rp, cp, vp, n, k, bracket, sample_step, keep_plan, reach,
+                                                            bracketed, bracketed_slack);
   const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
   const Tensor live_end = r.live_end.defined() ? r.live_end : torch::empty({0}, torch::kInt64);
   return {torch::full({}, r.total, f64), torch::full({}, r.kth, f64), r.tie_cut, r.kept, r.kept_in_block, r.width,
@@ -390,7 +398,8 @@ void register_sparse(pybind11::module& m) {
         "cols), the ids pair equal to (rows, cols) without ids; ordered=False: the same set, not sorted by score");
   m.def("sparse_csr_topk_sum", &sparse_csr_topk_sum, py::arg("row_ptr"), py::arg("cols"), py::arg("vals"),
         py::arg("n"), py::arg("k"), py::arg("bracket") = aosae::kSumBracket, py::arg("sample_step") = 0,
-        py::arg("keep_plan") = false, py::arg("staircase_reach") = aosae::kSeedReach, py::arg("bracketed") = true,
+        py::arg("keep_plan") = false, py::arg("staircase_reach") = aosae::kSeedReach,
+        py::arg("refine_reach") = aosae::kSeedReach, py::arg("bracketed") = true,
         py::arg("bracketed_slack") = aosae::kBracketSlack, py::call_guard<py::gil_scoped_release>(),
         "Σ |C_ij| (dot) over sparse_csr_coactive's min(k, P) pairs without writing them: (total, kth, tie_cut, kept, "
         "kept_in_block, width, live_end, block_passes, plan), what sparse_csr_topk_sum_backward takes back");

@@ -154,7 +154,7 @@ def test_the_portable_and_vectorised_row_products_give_the_same_bits(dtype, kind
         for other in grads[1:]:
             assert torch.equal(other, grads[0])
     if integer:
-        assert any(cut >= 0 for cut in cuts)  # some k cut among pairs tied at the k-th score
+        assert any(0 <= cut < 2**63 - 1 for cut in cuts)  # some k cut among pairs tied at the k-th score
     if not module.cpu_has_avx512():
         pytest.skip("no AVX-512 here: vectorised=True took the portable path too")
 
@@ -294,7 +294,8 @@ def test_block_rows_all_kept_none_kept_and_cut_across_tiles(dtype):
     u = c.uniq.numel()
     pairs = coactive_topk(c.row_ptr, c.cols, c.vals, u, BIG_K).values.numel()
     kinds = set()  # of the rows of tiles past each panel's first (float32: read from the kept bits)
-    for k in (pairs // 20, pairs // 4, pairs // 2, 9 * pairs // 10):
+    # (without pairs - 1, 8 draws in 100 had no row kept whole; with it none in 400)
+    for k in (pairs // 20, pairs // 4, pairs // 2, 9 * pairs // 10, pairs - 1):
         _, want_grad, _ = selection_sum(c.row_ptr, c.cols, c.vals, u, k)
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
             c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)

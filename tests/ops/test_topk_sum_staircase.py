@@ -2,7 +2,8 @@
 only the part of the GEMM block that can reach the k-th score is summed, cut at a floor sampled
 from the seed's rows and checked against the k-th score found (the whole block when it misled).
 Value, k-th score and gradient are still the selection's, with and without the forward's plan;
-signed values keep the whole block, and a foreign staircase is refused."""
+a second look whose floor misled sums the seed's staircase again; signed values keep the whole
+block, and a foreign staircase is refused."""
 from __future__ import annotations
 
 import pytest
@@ -102,7 +103,8 @@ def test_a_block_under_two_and_a_half_k_pairs_is_cut_by_the_second_look(dtype):
     """A block of 1.5·k to 2.5·k pairs has no seed under half of it (the seed holds 1.25·k): the
     second look samples the whole block for its floor, and the staircase leaves part of it out.
     Value, k-th score and gradient are still the selection's, with and without the plan, and a
-    floor set too high still falls back to the whole block with the same result."""
+    second look's floor set too high falls back to the whole block (there is no seed staircase)
+    with the same result."""
     module = cpp_module()
     offsets, indices, values, _, n = outlier_rows(dtype, signed=False, long_rows=4, long_l0=330, pool=400)
     c = co.canonical(offsets, indices, values)
@@ -121,11 +123,42 @@ def test_a_block_under_two_and_a_half_k_pairs_is_cut_by_the_second_look(dtype):
         with_plan = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
                                                         live_end=live_end, plan=plan)
         torch.testing.assert_close(with_plan, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
-        whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, staircase_reach=1e-9)
-        assert staircase_pairs(whole[6]) == block
+        whole = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, refine_reach=1e-9)
+        assert staircase_pairs(whole[6]) == block and whole[7] >= 3  # (no seed staircase to fall back to)
         assert torch.equal(whole[1], kth) and whole[2:5] == (tie_cut, kept, in_block)
         torch.testing.assert_close(whole[0], total, rtol=1e-12, atol=0)
     assert cut >= 1  # (a sample that misled both times would fall back twice: not seen in 400 draws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_second_look_that_misled_sums_the_seeds_staircase_again(dtype):
+    """A second look whose floor proves above the k-th score (refine_reach made tiny: the floor is
+    near the best pairs' bins) sums the seed's staircase again, not the whole block: no fewer pairs
+    than the second look's staircase, fewer than the block, a pass more (one run here takes two:
+    the row histogram and the pass), and value, k-th score, count and gradient still the
+    selection's, with and without the plan."""
+    module = cpp_module()
+    offsets, indices, values, _, n = outlier_rows(dtype, signed=False, long_rows=4, long_l0=330, pool=400)
+    c = co.canonical(offsets, indices, values)
+    u = c.uniq.numel()
+    pairs = coactive_topk(offsets, indices, values, n, BIG_K).values.numel()
+    k = pairs // 20
+    total, kth, tie_cut, kept, in_block, width, live_end, *_ = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals,
+                                                                                           u, k)
+    again = module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, refine_reach=1e-9, keep_plan=True)
+    block = width * (width - 1) // 2
+    # (the default's may be the seed's own, where its second look found no higher floor)
+    assert staircase_pairs(live_end) <= staircase_pairs(again[6]) < block and again[7] >= 3
+    assert torch.equal(again[1], kth) and again[2:6] == (tie_cut, kept, in_block, width)
+    torch.testing.assert_close(again[0], total, rtol=1e-12, atol=0)
+    grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                               live_end=again[6])
+    eps = assert_is_the_selections(c, k, dtype, again[0], again[1], grad)
+    with_plan = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                    live_end=again[6], plan=again[8])
+    torch.testing.assert_close(with_plan, grad, rtol=eps, atol=eps * max(1.0, float(grad.abs().max())))
+    with pytest.raises(RuntimeError, match="refine_reach must be > 0"):
+        module.sparse_csr_topk_sum(c.row_ptr, c.cols, c.vals, u, k, refine_reach=0.0)
 
 
 def test_signed_values_keep_the_whole_block_and_a_foreign_staircase_is_refused():
