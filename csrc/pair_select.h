@@ -65,10 +65,13 @@ inline KthBin find_kth_bin(const std::vector<int64_t>& hist, int64_t k) {
   return {-1, above};
 }
 
+// The tie cut where every pair tied at the k-th score is kept: the same cut whichever path
+// collected the pairs (the sum's every-pair path has no keys to give).
+constexpr int64_t kEveryTieKept = std::numeric_limits<int64_t>::max();
+
 // The k-th best |value| among candidates (need-th best of them, 1 <= need <= their number) and,
-// of those tied at it, the key of the last one kept (smallest keys first), or the largest int64
-// where all of them are kept: the same cut whichever path collected the candidates (the sum's
-// every-pair path has no keys for that). for_each(take) calls take(candidate) for each.
+// of those tied at it, the key of the last one kept (smallest keys first; kEveryTieKept where all
+// of them are). for_each(take) calls take(candidate) for each.
 template <typename acc_t>
 struct KthCut {
   acc_t kth;
@@ -104,7 +107,7 @@ KthCut<acc_t> kth_cut(ForEach&& for_each, int64_t need) {
     if (a == kth) tie_keys.push_back(c.key);
   });
   const int64_t ties_kept = need - greater;  // 1 <= ties_kept <= tie_keys.size()
-  if (ties_kept == static_cast<int64_t>(tie_keys.size())) return {kth, std::numeric_limits<int64_t>::max()};
+  if (ties_kept == static_cast<int64_t>(tie_keys.size())) return {kth, kEveryTieKept};
   std::nth_element(tie_keys.begin(), tie_keys.begin() + (ties_kept - 1), tie_keys.end());
   return {kth, tie_keys[ties_kept - 1]};
 }

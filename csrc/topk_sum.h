@@ -423,7 +423,7 @@ class TopKSum {
     r.tie_cut = -1;
     if (r.kept == k) {  // exactly k pairs: the k-th score is the smallest, and every pair at it is kept
       r.kth = static_cast<double>(lowest);
-      r.tie_cut = std::numeric_limits<int64_t>::max();
+      r.tie_cut = kEveryTieKept;
     }
     return r;
   }
