@@ -132,6 +132,12 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
   const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
+  // no score and no coefficient negative, g > 0: no gradient negative, and the products skip
+  // their terms with zero coefficients (exact +0s; csrc/tile_products.h)
+  const bool skip_zeros = scores.nonnegative() && g > acc_t(0);
+  // every entry of the moved rows non-zero: prod[r, p] is read (add_moved_rows_product) only where
+  // A_H[r, p] != 0, and the rows' dots may leave the others unsummed
+  const bool skip_unread = scores.entries_nonzero();
   const acc_t* coefs_t = scores.moved_rows_matrix().template data_ptr<acc_t>();  // [h, width]: A_H's rows
   // (the pool's buffers, not fresh ones: 2–13 MiB each at d_sae 262144, faulted in afresh every
   // step otherwise; csrc/buffer_pool.h)
@@ -184,16 +190,18 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
         for (int64_t x = 0; x < rows; ++x)
           if (kind[x] == RowKind::kMixed) mixed_rows[n_mixed++] = x;
         if (n_mixed == rows) {  // every row mixed: the tile as it is
-          d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod, width);  // prod[:, q] (columns)
-          d::add_row_dots(coefs_t, h, width, rows, tile.data(), cols, q0, q1, sums.data());  // prod[:, p] (rows)
+          d::add_product(coefs, h, p0, p1, tile.data(), cols, q0, q1, prod, width, skip_zeros);  // prod[:, q]
+          d::add_row_dots(coefs_t, h, width, rows, tile.data(), cols, q0, q1, sums.data(),  // prod[:, p] (rows)
+                          skip_unread ? coefs + p0 * h : nullptr);
         } else if (n_mixed > 0) {  // the mixed rows gathered, their dots added to their rows' lanes
           for (int64_t j = 0; j < n_mixed; ++j) {
             std::copy_n(tile.data() + mixed_rows[j] * cols, cols, mixed.data() + j * cols);
             std::copy_n(coefs + (p0 + mixed_rows[j]) * h, h, mixed_coefs.data() + j * h);
           }
           std::fill(mixed_sums.begin(), mixed_sums.begin() + n_mixed * h * L, acc_t(0));
-          d::add_product(mixed_coefs.data(), h, 0, n_mixed, mixed.data(), cols, q0, q1, prod, width);
-          d::add_row_dots(coefs_t, h, width, n_mixed, mixed.data(), cols, q0, q1, mixed_sums.data());
+          d::add_product(mixed_coefs.data(), h, 0, n_mixed, mixed.data(), cols, q0, q1, prod, width, skip_zeros);
+          d::add_row_dots(coefs_t, h, width, n_mixed, mixed.data(), cols, q0, q1, mixed_sums.data(),
+                          skip_unread ? mixed_coefs.data() : nullptr);
           for (int64_t j = 0; j < n_mixed; ++j)
             for (int64_t e = 0; e < h * L; ++e) sums[mixed_rows[j] * h * L + e] += mixed_sums[j * h * L + e];
         }

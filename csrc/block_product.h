@@ -37,7 +37,7 @@ constexpr int64_t kStretch = 2048;
 template <typename acc_t>
 __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u,
                                                         int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* out,
-                                                        int64_t ld) {
+                                                        int64_t ld, bool skip_zeros) {
   for (int64_t s0 = q0; s0 < q1; s0 += kStretch) {
     const int64_t s1 = std::min(q1, s0 + kStretch);
     for (int64_t p = p0; p < p1; ++p) {
@@ -46,6 +46,7 @@ __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const ac
       for (int64_t q = s0; q < s1; ++q) o[q - s0] = acc_t(0);
       for (int64_t r = 0; r < h; ++r) {
         const acc_t c = coef[r];
+        if (skip_zeros && c == acc_t(0)) continue;  // (its terms are exact zeros: see live_rows)
         const acc_t* ar = a + r * u;
         for (int64_t q = s0; q < s1; ++q) o[q - s0] = std::fma(c, ar[q], o[q - s0]);
       }
@@ -60,7 +61,8 @@ __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const ac
 template <typename acc_t, int kRows>
 __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(const acc_t* a, const acc_t* coef,
                                                                                int64_t h, int64_t u, int64_t q,
-                                                                               acc_t* o, int64_t ld) {
+                                                                               acc_t* o, int64_t ld, const int32_t* live,
+                                                                               int64_t count) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   typename S::V s[kRows][4];
@@ -68,7 +70,8 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(c
   for (int x = 0; x < kRows; ++x)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) s[x][c] = S::zero();
-  for (int64_t r = 0; r < h; ++r) {
+  for (int64_t x = 0; x < count; ++x) {
+    const int64_t r = live[x];
     const acc_t* ar = a + r * u + q;
     const auto a0 = S::load(ar), a1 = S::load(ar + L), a2 = S::load(ar + 2 * L), a3 = S::load(ar + 3 * L);
 #pragma GCC unroll 4
@@ -86,25 +89,60 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(c
     for (int c = 0; c < 4; ++c) S::store(o + x * ld + c * L, s[x][c]);
 }
 
+// The rows r < h at which any of `rows` rows of coefficients from coef (h each) is non-zero, ascending,
+// into live; returns their count (every row without skip_zeros). Where A_H has no negative value
+// the rows left out add exact zeros: fma(0, a, s) = s bit for bit, s never being -0 (no product is
+// negative, so no sum underflows to -0). BatchTopK's first steps at d_sae 262144 hold ≈ 30 moved
+// rows, few of them long: a block row has 1–4 of them, a tile of four rows ≈ 8–14
+// (benchmarks/NOTES.md, twenty-seventh pass).
+template <typename acc_t>
+inline int64_t live_rows(const acc_t* coef, int64_t h, int rows, bool skip_zeros, int32_t* live) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < h; ++r) {
+    bool any = !skip_zeros;
+    for (int x = 0; x < rows && !any; ++x) any = coef[x * h + r] != acc_t(0);
+    live[count] = static_cast<int32_t>(r);
+    count += any;
+  }
+  return count;
+}
+
 template <typename acc_t>
 __attribute__((target("avx512f"))) void tile_avx512(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0,
-                                                    int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) {
+                                                    int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld,
+                                                    bool skip_zeros) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   constexpr int kRows = 4;
+  // each group's live rows (groups of kRows rows, then the rest one by one), found once for every
+  // stretch of columns
+  thread_local std::vector<int32_t> live;
+  thread_local std::vector<int64_t> count;
+  const int64_t whole = (p1 - p0) / kRows * kRows, groups = whole / kRows + (p1 - p0 - whole);
+  live.resize(static_cast<size_t>(groups * h + 1));
+  count.resize(static_cast<size_t>(groups));
+  for (int64_t g = 0; g < groups; ++g) {
+    const bool four = g * kRows < whole;
+    const int64_t p = four ? p0 + g * kRows : p0 + whole + (g - whole / kRows);
+    count[g] = live_rows(coefs + p * h, h, four ? kRows : 1, skip_zeros, live.data() + g * h);
+  }
   int64_t q = q0;
   for (; q + 4 * L <= q1; q += 4 * L) {
-    int64_t p = p0;
-    for (; p + kRows <= p1; p += kRows)
-      tile_rows_avx512<acc_t, kRows>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld);
-    for (; p < p1; ++p) tile_rows_avx512<acc_t, 1>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld);
+    int64_t p = p0, g = 0;
+    for (; p + kRows <= p1; p += kRows, ++g)
+      tile_rows_avx512<acc_t, kRows>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld,
+                                     live.data() + g * h, count[g]);
+    for (; p < p1; ++p, ++g)
+      tile_rows_avx512<acc_t, 1>(a, coefs + p * h, h, u, q, out + (p - p0) * ld + (q - q0), ld, live.data() + g * h,
+                                 count[g]);
   }
   for (; q < q1; q += L) {  // the last columns, a register (or fewer lanes, masked) at a time
     const auto mask = S::first(q1 - q);
     for (int64_t p = p0; p < p1; ++p) {
       const acc_t* coef = coefs + p * h;
       auto s = S::zero();
-      for (int64_t r = 0; r < h; ++r) s = S::fmadd(S::set1(coef[r]), S::load(mask, a + r * u + q), s);
+      for (int64_t r = 0; r < h; ++r)
+        if (!skip_zeros || coef[r] != acc_t(0)) s = S::fmadd(S::set1(coef[r]), S::load(mask, a + r * u + q), s);
       S::store(out + (p - p0) * ld + (q - q0), mask, s);
     }
   }
@@ -112,20 +150,21 @@ __attribute__((target("avx512f"))) void tile_avx512(const acc_t* a, const acc_t*
 
 template <typename acc_t>
 __attribute__((target("avx2,fma"))) void tile_avx2(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0,
-                                                   int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) {
-  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld);
+                                                   int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld,
+                                                   bool skip_zeros) {
+  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld, skip_zeros);
 }
 #endif
 
 template <typename acc_t>
 void tile_default(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0, int64_t p1, int64_t q0,
-                  int64_t q1, acc_t* out, int64_t ld) {
-  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld);
+                  int64_t q1, acc_t* out, int64_t ld, bool skip_zeros) {
+  tile_generic(a, coefs, h, u, p0, p1, q0, q1, out, ld, skip_zeros);
 }
 
 template <typename acc_t>
 using TileKernel = void (*)(const acc_t*, const acc_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*,
-                            int64_t);
+                            int64_t, bool);
 
 // The fastest tile kernel this machine runs (chosen once).
 template <typename acc_t>
@@ -153,18 +192,20 @@ std::vector<acc_t> block_coefficients(const acc_t* a, int64_t h, int64_t u) {
 }
 
 // out[(p - p0)·ld + q - q0] = Σ_r a[r, p]·a[r, q] for p in [p0, p1), q in [q0, q1); a: [h, u]
-// row-major, coefs: block_coefficients(a).
+// row-major, coefs: block_coefficients(a). skip_zeros (a has no negative value): the rows where
+// the tile's own coefficients are 0 are not added (the same bits: tile_avx512's live_rows).
 template <typename acc_t>
 inline void block_tile(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p0, int64_t p1, int64_t q0,
-                       int64_t q1, acc_t* out, int64_t ld) {
-  if (q1 > q0 && p1 > p0) block_product_detail::tile_kernel<acc_t>()(a, coefs, h, u, p0, p1, q0, q1, out, ld);
+                       int64_t q1, acc_t* out, int64_t ld, bool skip_zeros = false) {
+  if (q1 > q0 && p1 > p0)
+    block_product_detail::tile_kernel<acc_t>()(a, coefs, h, u, p0, p1, q0, q1, out, ld, skip_zeros);
 }
 
 // One row of it: out[q - q0], q in [q0, q1).
 template <typename acc_t>
 inline void block_row(const acc_t* a, const acc_t* coefs, int64_t h, int64_t u, int64_t p, int64_t q0, int64_t q1,
-                      acc_t* out) {
-  block_tile(a, coefs, h, u, p, p + 1, q0, q1, out, q1 - q0);
+                      acc_t* out, bool skip_zeros = false) {
+  block_tile(a, coefs, h, u, p, p + 1, q0, q1, out, q1 - q0, skip_zeros);
 }
 
 namespace block_product_detail {

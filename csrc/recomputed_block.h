@@ -59,6 +59,9 @@ class RecomputedBlock {
     if (width_ == 0) return;
     a_ = aosae::moved_rows_matrix(plan, rp, cp, vp);
     coefs_ = block_coefficients(a_.data_ptr<acc_t>(), h_, width_);
+    int64_t entries = 0;  // (a row's latents are distinct: one coefficient per entry)
+    for (const int64_t t : plan.taken) entries += rp[t + 1] - rp[t];
+    entries_nonzero_ = std::count_if(coefs_.begin(), coefs_.end(), [](acc_t c) { return c != acc_t(0); }) == entries;
     const int32_t* position = plan.position.data();
     // corrections: the other rows' pairs (s < q) with both latents in U, listed under row
     // position[cp[s]] in row order. The rows are split into contiguous chunks, counted and then
@@ -111,6 +114,9 @@ class RecomputedBlock {
     for (int64_t p = 0; p < width_; ++p)  // (checked outside the parallel region: nothing may throw in it)
       TORCH_CHECK(corr_start_[p + 1] - corr_start_[p] < (int64_t(1) << 32),
                   "RecomputedBlock: more than 2^32 corrections in one row");
+    const auto negative = [](acc_t v) { return v < acc_t(0); };
+    skip_zeros_ = std::none_of(coefs_.begin(), coefs_.end(), negative) &&
+                  std::none_of(corr_val_.begin(), corr_val_.end(), negative);
     corr_score_.resize(corr_start_[width_]);
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
     {
@@ -149,18 +155,24 @@ class RecomputedBlock {
   }
 
   int64_t width() const { return width_; }
+  // whether every coefficient and correction is >= 0: every score and every term of it is, and a
+  // tile skips the terms whose coefficients are 0 (csrc/block_product.h's live_rows)
+  bool nonnegative() const { return skip_zeros_; }
+  // whether every entry of the moved rows has a non-zero value (A_H[r, p] != 0 exactly where row r
+  // has latent p)
+  bool entries_nonzero() const { return entries_nonzero_; }
   const acc_t* coefficients() const { return coefs_.data(); }  // [width, h]: A_H's columns
   int64_t moved_rows() const { return h_; }
   const torch::Tensor& moved_rows_matrix() const { return a_; }  // A_H [h, width]
 
   // out[q - q0] = the moved rows' part of score (p, q), q in [q0, q1)
   void product_row(int64_t p, int64_t q0, int64_t q1, acc_t* out) const {
-    block_row(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q0, q1, out);
+    block_row(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p, q0, q1, out, skip_zeros_);
   }
 
   // out[(p - p0)·ld + q - q0] = score (p, q), p in [p0, p1), q in [q0, q1)
   void tile(int64_t p0, int64_t p1, int64_t q0, int64_t q1, acc_t* out, int64_t ld) const {
-    block_tile(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p0, p1, q0, q1, out, ld);
+    block_tile(a_.data_ptr<acc_t>(), coefs_.data(), h_, width_, p0, p1, q0, q1, out, ld, skip_zeros_);
     for (int64_t p = p0; p < p1; ++p) {  // a row's corrections are by column: only those in [q0, q1)
       const auto last = corr_col_.begin() + corr_start_[p + 1];
       for (auto e = std::lower_bound(corr_col_.begin() + corr_start_[p], last, static_cast<int32_t>(q0));
@@ -180,6 +192,8 @@ class RecomputedBlock {
 
  private:
   int64_t width_ = 0, h_ = 0;
+  bool skip_zeros_ = false;  // nonnegative(): the tiles skip the moved rows with zero coefficients
+  bool entries_nonzero_ = false;
   torch::Tensor a_;
   std::vector<acc_t> coefs_;
   std::vector<int64_t> corr_start_;  // [width + 1]: row p's corrections, by column (each column's in order)

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "simd512.h"
 
@@ -15,13 +16,16 @@ namespace aosae {
 
 namespace block_gradient_detail {
 
-// prod[r·width + c] += Σ_{x in [x0, x1)} coefs[x·h + r] · m[(x − x0)·ld + c − c0], c in [c0, c1), r < h
+// prod[r·width + c] += Σ_{x in [x0, x1)} coefs[x·h + r] · m[(x − x0)·ld + c − c0], c in [c0, c1), r < h.
+// skip_zeros (no coefficient and no value of m negative): the terms with a zero coefficient are
+// not added; each is an exact +0, and no sum of such terms is -0, so the sums keep their bits.
 template <typename acc_t>
 void add_product_plain(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
-                       int64_t c1, acc_t* prod, int64_t width) {
+                       int64_t c1, acc_t* prod, int64_t width, bool skip_zeros) {
   for (int64_t x = x0; x < x1; ++x)
     for (int64_t r = 0; r < h; ++r) {
       const acc_t c = coefs[x * h + r];
+      if (skip_zeros && c == acc_t(0)) continue;
       const acc_t* mx = m + (x - x0) * ld - c0;
       acc_t* o = prod + r * width;
       for (int64_t col = c0; col < c1; ++col) o[col] += c * mx[col];
@@ -31,10 +35,12 @@ void add_product_plain(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, co
 #if defined(__x86_64__) || defined(__i386__)
 // kCols registers of columns × 8 rows of prod held in registers while every x is added (8·kCols
 // independent sums: the loads of one register's coefficients served two)
+// live[b·(x1 − x0) ..], count[b]: the x whose coefficients in rows [8b, 8b + 8) are not all zero
+// (every x without skip_zeros), ascending
 template <typename acc_t, int kCols>
 __attribute__((target("avx512f"), always_inline)) inline void add_product_cols_avx512(
     const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c, int64_t c1,
-    int64_t c0, acc_t* prod, int64_t width) {
+    int64_t c0, acc_t* prod, int64_t width, const int32_t* live, const int64_t* count) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   typename S::M mask[kCols];
@@ -48,7 +54,9 @@ __attribute__((target("avx512f"), always_inline)) inline void add_product_cols_a
 #pragma GCC unroll 2
       for (int k = 0; k < kCols; ++k)
         acc[j][k] = j < nr ? S::load(mask[k], prod + (r0 + j) * width + c + k * L) : S::zero();
-    for (int64_t x = x0; x < x1; ++x) {
+    const int32_t* xs = live + (r0 / 8) * (x1 - x0);
+    for (int64_t n = 0; n < count[r0 / 8]; ++n) {
+      const int64_t x = xs[n];
       typename S::V mv[kCols];
 #pragma GCC unroll 2
       for (int k = 0; k < kCols; ++k) mv[k] = S::load(mask[k], m + (x - x0) * ld + (c - c0) + k * L);
@@ -72,22 +80,40 @@ __attribute__((target("avx512f"), always_inline)) inline void add_product_cols_a
 template <typename acc_t>
 __attribute__((target("avx512f"))) void add_product_avx512(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1,
                                                            const acc_t* m, int64_t ld, int64_t c0, int64_t c1,
-                                                           acc_t* prod, int64_t width) {
+                                                           acc_t* prod, int64_t width, bool skip_zeros) {
   using S = Simd512<acc_t>;
+  // each block of 8 rows' live x, found once for all the columns (the moved rows come densest
+  // first: BatchTopK's sparse ones share blocks, whose coefficients are mostly all zero)
+  thread_local std::vector<int32_t> live;
+  thread_local std::vector<int64_t> count;
+  const int64_t blocks = (h + 7) / 8, xs = x1 - x0;
+  live.resize(static_cast<size_t>(blocks * xs + 1));
+  count.resize(static_cast<size_t>(blocks));
+  for (int64_t b = 0; b < blocks; ++b) {
+    int64_t n = 0;
+    for (int64_t x = x0; x < x1; ++x) {
+      bool any = !skip_zeros;
+      for (int64_t r = 8 * b; r < std::min(h, 8 * b + 8) && !any; ++r) any = coefs[x * h + r] != acc_t(0);
+      live[b * xs + n] = static_cast<int32_t>(x);
+      n += any;
+    }
+    count[b] = n;
+  }
   int64_t c = c0;
   for (; c + S::kLanes < c1; c += 2 * S::kLanes)
-    add_product_cols_avx512<acc_t, 2>(coefs, h, x0, x1, m, ld, c, c1, c0, prod, width);
-  if (c < c1) add_product_cols_avx512<acc_t, 1>(coefs, h, x0, x1, m, ld, c, c1, c0, prod, width);
+    add_product_cols_avx512<acc_t, 2>(coefs, h, x0, x1, m, ld, c, c1, c0, prod, width, live.data(), count.data());
+  if (c < c1)
+    add_product_cols_avx512<acc_t, 1>(coefs, h, x0, x1, m, ld, c, c1, c0, prod, width, live.data(), count.data());
 }
 #endif
 
 template <typename acc_t>
 void add_product(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, const acc_t* m, int64_t ld, int64_t c0,
-                 int64_t c1, acc_t* prod, int64_t width) {
+                 int64_t c1, acc_t* prod, int64_t width, bool skip_zeros = false) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (has_avx512()) return add_product_avx512<acc_t>(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
+  if (has_avx512()) return add_product_avx512<acc_t>(coefs, h, x0, x1, m, ld, c0, c1, prod, width, skip_zeros);
 #endif
-  add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width);
+  add_product_plain(coefs, h, x0, x1, m, ld, c0, c1, prod, width, skip_zeros);
 }
 
 // The partial sums of the rows' half: lanes[(x·h + r)·L + l] += Σ_{q in [q0, q1), q − q0 ≡ l (mod L)}
@@ -119,16 +145,26 @@ __attribute__((target("fma"))) void add_row_dots_fma(const acc_t* coefs_t, int64
   add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);
 }
 
+// whether coefficients [r0, r0 + nr) of kX rows from `coefs` (h each) are all 0
+template <typename acc_t>
+inline bool none_read(const acc_t* coefs, int64_t h, int kX, int64_t r0, int64_t nr) {
+  for (int i = 0; i < kX; ++i)
+    for (int64_t j = 0; j < nr; ++j)
+      if (coefs[i * h + r0 + j] != acc_t(0)) return false;
+  return true;
+}
+
 // kX rows of the tile's gradients loaded once per register of columns, 8 rows of A_H's partial
 // sums each in registers (8·kX independent sums; A_H's loads serve kX rows)
 template <typename acc_t, int kX>
 __attribute__((target("avx512f"), always_inline)) inline void add_row_dots_rows_avx512(
     const acc_t* coefs_t, int64_t h, int64_t width, int64_t x, const acc_t* m, int64_t ld, int64_t q0, int64_t q1,
-    acc_t* sums) {
+    acc_t* sums, const acc_t* row_coefs) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   for (int64_t r0 = 0; r0 < h; r0 += 8) {
     const int64_t nr = std::min<int64_t>(8, h - r0);
+    if (row_coefs && none_read<acc_t>(row_coefs + x * h, h, kX, r0, nr)) continue;
     typename S::V acc[kX][8];
 #pragma GCC unroll 2
     for (int i = 0; i < kX; ++i)
@@ -158,19 +194,25 @@ __attribute__((target("avx512f"), always_inline)) inline void add_row_dots_rows_
 template <typename acc_t>
 __attribute__((target("avx512f"))) void add_row_dots_avx512(const acc_t* coefs_t, int64_t h, int64_t width,
                                                             int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
-                                                            int64_t q1, acc_t* sums) {
+                                                            int64_t q1, acc_t* sums, const acc_t* row_coefs) {
   int64_t x = 0;
-  for (; x + 2 <= rows; x += 2) add_row_dots_rows_avx512<acc_t, 2>(coefs_t, h, width, x, m, ld, q0, q1, sums);
-  if (x < rows) add_row_dots_rows_avx512<acc_t, 1>(coefs_t, h, width, x, m, ld, q0, q1, sums);
+  for (; x + 2 <= rows; x += 2)
+    add_row_dots_rows_avx512<acc_t, 2>(coefs_t, h, width, x, m, ld, q0, q1, sums, row_coefs);
+  if (x < rows) add_row_dots_rows_avx512<acc_t, 1>(coefs_t, h, width, x, m, ld, q0, q1, sums, row_coefs);
 }
 #endif
 
+// row_coefs (or null): the tile rows' own coefficients, [rows, h]. Where given, the sums of a row r
+// and tile row x whose coefficient is 0 may be left unsummed: the caller reads prod[r, p] only at
+// the moved rows' entries, and every entry's value is non-zero (RecomputedBlock::entries_nonzero).
+// The AVX-512 path leaves a block of 8 r and its kX rows x where all their coefficients are 0:
+// the moved rows come densest first, and BatchTopK's sparse ones hold few of the block's latents.
 template <typename acc_t>
 void add_row_dots(const acc_t* coefs_t, int64_t h, int64_t width, int64_t rows, const acc_t* m, int64_t ld, int64_t q0,
-                  int64_t q1, acc_t* sums) {
+                  int64_t q1, acc_t* sums, const acc_t* row_coefs = nullptr) {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool avx512 = __builtin_cpu_supports("avx512f"), fma = __builtin_cpu_supports("fma");
-  if (avx512) return add_row_dots_avx512<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums);
+  if (avx512) return add_row_dots_avx512<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums, row_coefs);
   if (fma) return add_row_dots_fma<acc_t>(coefs_t, h, width, rows, m, ld, q0, q1, sums);
 #endif
   add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);

@@ -14,7 +14,7 @@ from aosae.ops import coactive_topk as co
 from aosae.ops.coactive_sum import coactive_topk_sum
 from aosae.ops.coactive_topk import coactive_topk
 from aosae.ops.gram_topk import kth_score
-from test_coactive_topk import assert_block_taken, cpp_module, outlier_rows, ragged_rows
+from test_coactive_topk import assert_block_taken, cpp_module, outlier_rows, ragged_rows, random_values
 
 BIG_K = 10**12
 
@@ -238,6 +238,52 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         torch.testing.assert_close(counted, want_grad, rtol=1e-12, atol=1e-12 * float(want_grad.abs().max()))
         # the forward's plan read instead of derived again: the same gradient, bit for bit
         assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
+
+
+def uneven_outlier_rows(dtype, long_rows, *, pool=400, integer=False):
+    """Short ragged rows plus long ones, (length, share of zero values) each, of `pool` latents, no
+    negative value: moved rows that hold the block's latents unevenly, as BatchTopK's first steps
+    at d_sae 262144 do (a token with 95 % of them, others with a few per cent)."""
+    offsets, indices, _, _ = ragged_rows(48, pool + 20, 6, pool=pool)
+    rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
+    values = [random_values(r.numel(), integer=integer) for r in rows]
+    for length, zeros in long_rows:
+        at = int(torch.randint(0, len(rows) + 1, ()))
+        rows.insert(at, torch.randperm(pool)[:length])
+        values.insert(at, random_values(length, integer=integer, zeros=zeros))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor([r.numel() for r in rows]).cumsum(0)])
+    return offsets, torch.cat(rows), torch.cat(values).to(dtype), pool + 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("values", ["random", "ties", "zeros"])
+def test_block_tiles_skip_the_moved_rows_a_tile_holds_no_latent_of(dtype, values):
+    """With no negative value, a tile of the recomputed block adds only the moved rows in which one
+    of its block rows has a non-zero coefficient (csrc/block_product.h, live_rows; its backward's
+    column products likewise, csrc/tile_products.h): the others' terms are exact zeros. The stored
+    block (the selection's) adds them all: the same scores bit for bit, so the same k-th score, tie
+    cut and kept set, and the total and gradient are the selection's. The backward's row dots leave
+    unsummed the moved rows' latents they hold no entry of; "zeros" puts zero values in the
+    sparsest moved row, whose latents have an entry but a zero coefficient: their gradients are
+    summed all the same (RecomputedBlock::entries_nonzero)."""
+    if values == "zeros":  # eight dense moved rows, then a sparse one: the last block of eight moved rows is its own
+        long_rows, pool = [(1150 - 50 * x, 0.0) for x in range(8)] + [(300, 0.5)], 1200
+    else:
+        long_rows, pool = [(380, 0.0), (300, 0.0), (200, 0.0), (150, 0.0), (140, 0.0), (130, 0.0), (130, 0.0)], 400
+    offsets, indices, vals, n = uneven_outlier_rows(dtype, long_rows, pool=pool, integer=values == "ties")
+    assert_block_taken(offsets, indices, vals)
+    c = co.canonical(offsets, indices, vals)
+    u = c.uniq.numel()
+    pairs = coactive_topk(c.row_ptr, c.cols, c.vals, u, BIG_K).values.numel()
+    module = cpp_module()
+    for k in sorted({1, pairs // 50, pairs // 3, pairs // 2, pairs - 1}):
+        total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
+            c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
+        assert width > 0 and in_block > 0
+        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
+                                                   live_end=live_end, plan=plan)
+        assert_is_the_selections(c, k, dtype, total, kth, grad)  # (the k-th score exactly: the same bits)
+        assert torch.equal(grad, backward_from_plan(module, c, k))  # recomputed tiles again: the same bits
 
 
 @pytest.mark.parametrize("values", ["random", "ties", "zeros"])
