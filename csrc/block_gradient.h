@@ -132,9 +132,9 @@ torch::Tensor block_gradient(const RecomputedBlock<acc_t>& scores, int64_t exten
   namespace d = block_gradient_detail;
   const int64_t h = scores.moved_rows(), width = scores.width();
   const acc_t* coefs = scores.coefficients();  // [width, h]: A_H's column p at coefs + p·h
-  // no score and no coefficient negative, g > 0: no gradient negative, and the products skip
-  // their terms with zero coefficients (exact +0s; csrc/tile_products.h)
-  const bool skip_zeros = scores.nonnegative() && g > acc_t(0);
+  // no score and no coefficient negative, g > 0 and finite: no gradient negative, and the products
+  // skip their terms with zero coefficients (exact +0s; csrc/tile_products.h)
+  const bool skip_zeros = scores.nonnegative() && g > acc_t(0) && std::isfinite(g);
   // every entry of the moved rows non-zero: prod[r, p] is read (add_moved_rows_product) only where
   // A_H[r, p] != 0, and the rows' dots may leave the others unsummed
   const bool skip_unread = scores.entries_nonzero();

@@ -2,14 +2,15 @@
 //
 // Each entry is Σ_r a_rp·a_rq accumulated over the moved rows in the plan's order with one fused
 // multiply-add per row, from zero: acc = fma(a_rp, a_rq, acc). Every code path (vector lanes,
-// masked tails, the single entries of block_entries) does exactly that sequence, so an entry's bits
-// depend neither on which stretch of the block is computed nor on the vector width: the
+// masked tails, the single entries of block_entries) does that sequence, or leaves out only
+// terms that are exact zeros (skip_zeros, where A_H has no negative value: live_rows), so an
+// entry's bits depend neither on which stretch of the block is computed nor on the vector width: the
 // selection (whole upper triangle, stored), the sum of the k best (a staircase of it, latents in
 // another order, recomputed pass after pass) and the backward (recomputed) see the same scores.
 // A BLAS GEMM gave the same entry different last bits at different positions. The compiler is
 // told not to contract other multiply-adds (-ffp-contract=off): only these are fused, by hand.
-// AVX-512: 64 columns (32 in float64) of four rows kept in sixteen registers while every moved row
-// is added, the tile's rows four at a time over the same 64 columns of A_H (read from L1);
+// AVX-512: 64 columns (32 in float64) of four rows kept in sixteen registers while the moved rows
+// are added, the tile's rows four at a time over the same 64 columns of A_H (read from L1);
 // elsewhere a plain loop over an L1 stretch (std::fma: one instruction where the machine has it,
 // a correctly rounded library call where not).
 
@@ -28,7 +29,7 @@ namespace aosae {
 
 namespace block_product_detail {
 
-// Columns per pass of the plain loop: the stretch being summed stays in L1 while every moved row is added.
+// Columns per pass of the plain loop: the stretch being summed stays in L1 while the moved rows are added.
 constexpr int64_t kStretch = 2048;
 
 // out[(p - p0)·ld + q - q0] for p in [p0, p1), q in [q0, q1): Σ_r fma over a's rows (a: [h, u]
@@ -70,8 +71,8 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(c
   for (int x = 0; x < kRows; ++x)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) s[x][c] = S::zero();
-  for (int64_t x = 0; x < count; ++x) {
-    const int64_t r = live[x];
+  for (int64_t n = 0; n < count; ++n) {
+    const int64_t r = live[n];
     const acc_t* ar = a + r * u + q;
     const auto a0 = S::load(ar), a1 = S::load(ar + L), a2 = S::load(ar + 2 * L), a3 = S::load(ar + 3 * L);
 #pragma GCC unroll 4
@@ -92,8 +93,8 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(c
 // The rows r < h at which any of `rows` rows of coefficients from coef (h each) is non-zero, ascending,
 // into live; returns their count (every row without skip_zeros). Where A_H has no negative value
 // the rows left out add exact zeros: fma(0, a, s) = s bit for bit, s never being -0 (no product is
-// negative, so no sum underflows to -0). BatchTopK's first steps at d_sae 262144 hold ≈ 30 moved
-// rows, few of them long: a block row has 1–4 of them, a tile of four rows ≈ 8–14
+// negative, so no sum underflows to -0). BatchTopK's first steps at d_sae 262144 hold 18–29 moved
+// rows, few of them long: a block row has 3.5–5.7 of them, a tile of four rows 8–14
 // (benchmarks/NOTES.md, twenty-seventh pass).
 template <typename acc_t>
 inline int64_t live_rows(const acc_t* coef, int64_t h, int rows, bool skip_zeros, int32_t* live) {
@@ -255,7 +256,7 @@ __attribute__((target("fma"))) void entries_fma(const acc_t* coefs, int64_t h, c
 }  // namespace block_product_detail
 
 // out[x] = entry (p, qs[x]) for x < count, each summed as block_tile sums it (fma over the moved
-// rows in order, from zero).
+// rows in order, from zero; every row: block_tile's skip_zeros leaves out only exact zeros).
 template <typename acc_t>
 inline void block_entries(const acc_t* coefs, int64_t h, int64_t p, const int32_t* qs, int64_t count, acc_t* out) {
   const acc_t* cp = coefs + p * h;

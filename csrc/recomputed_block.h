@@ -7,8 +7,8 @@
 // gets them (csrc/coactive_pairs.h: row latent i's entries in row order, then its partners
 // ascending), so a recomputed score has the stored one's bits. BatchTopK puts nearly every pair
 // of a batch inside the block (d_sae 262144 mid-training: 2.6·10⁸ scores, 1 GB, against 598
-// corrections), and the moved rows are few (h ≈ 15–30): recomputing a row from A_H costs h
-// fused multiply-adds per score, in cache, where storing it cost a write, a page fault per 4 KiB
+// corrections), and the moved rows are few (h ≈ 15–30): recomputing a row from A_H costs at most h
+// fused multiply-adds per score (those of the moved rows holding neither latent left out), in cache, where storing it cost a write, a page fault per 4 KiB
 // and two more passes over memory.
 
 #pragma once
@@ -115,8 +115,8 @@ class RecomputedBlock {
       TORCH_CHECK(corr_start_[p + 1] - corr_start_[p] < (int64_t(1) << 32),
                   "RecomputedBlock: more than 2^32 corrections in one row");
     const auto negative = [](acc_t v) { return v < acc_t(0); };
-    skip_zeros_ = std::none_of(coefs_.begin(), coefs_.end(), negative) &&
-                  std::none_of(corr_val_.begin(), corr_val_.end(), negative);
+    skip_zeros_ = std::none_of(coefs_.begin(), coefs_.end(), negative);
+    nonnegative_ = skip_zeros_ && std::none_of(corr_val_.begin(), corr_val_.end(), negative);
     corr_score_.resize(corr_start_[width_]);
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
     {
@@ -155,9 +155,9 @@ class RecomputedBlock {
   }
 
   int64_t width() const { return width_; }
-  // whether every coefficient and correction is >= 0: every score and every term of it is, and a
-  // tile skips the terms whose coefficients are 0 (csrc/block_product.h's live_rows)
-  bool nonnegative() const { return skip_zeros_; }
+  // whether every coefficient and correction is >= 0, so every score and every term of it is (the
+  // backward's products skip their zero coefficients, csrc/block_gradient.h)
+  bool nonnegative() const { return nonnegative_; }
   // whether every entry of the moved rows has a non-zero value (A_H[r, p] != 0 exactly where row r
   // has latent p)
   bool entries_nonzero() const { return entries_nonzero_; }
@@ -192,8 +192,8 @@ class RecomputedBlock {
 
  private:
   int64_t width_ = 0, h_ = 0;
-  bool skip_zeros_ = false;  // nonnegative(): the tiles skip the moved rows with zero coefficients
-  bool entries_nonzero_ = false;
+  bool skip_zeros_ = false;  // no coefficient negative: the tiles skip the moved rows with zero coefficients
+  bool nonnegative_ = false, entries_nonzero_ = false;
   torch::Tensor a_;
   std::vector<acc_t> coefs_;
   std::vector<int64_t> corr_start_;  // [width + 1]: row p's corrections, by column (each column's in order)

@@ -33,7 +33,7 @@ void add_product_plain(const acc_t* coefs, int64_t h, int64_t x0, int64_t x1, co
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-// kCols registers of columns × 8 rows of prod held in registers while every x is added (8·kCols
+// kCols registers of columns × 8 rows of prod held in registers while the x are added (8·kCols
 // independent sums: the loads of one register's coefficients served two)
 // live[b·(x1 − x0) ..], count[b]: the x whose coefficients in rows [8b, 8b + 8) are not all zero
 // (every x without skip_zeros), ascending

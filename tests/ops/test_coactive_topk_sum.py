@@ -256,20 +256,23 @@ def uneven_outlier_rows(dtype, long_rows, *, pool=400, integer=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("values", ["random", "ties", "zeros"])
+@pytest.mark.parametrize("values", ["random", "ties", "sparse", "zeros"])
 def test_block_tiles_skip_the_moved_rows_a_tile_holds_no_latent_of(dtype, values):
     """With no negative value, a tile of the recomputed block adds only the moved rows in which one
-    of its block rows has a non-zero coefficient (csrc/block_product.h, live_rows; its backward's
+    of its block rows has a non-zero coefficient (csrc/block_product.h, live_rows; the backward's
     column products likewise, csrc/tile_products.h): the others' terms are exact zeros. The stored
     block (the selection's) adds them all: the same scores bit for bit, so the same k-th score, tie
     cut and kept set, and the total and gradient are the selection's. The backward's row dots leave
-    unsummed the moved rows' latents they hold no entry of; "zeros" puts zero values in the
-    sparsest moved row, whose latents have an entry but a zero coefficient: their gradients are
-    summed all the same (RecomputedBlock::entries_nonzero)."""
-    if values == "zeros":  # eight dense moved rows, then a sparse one: the last block of eight moved rows is its own
-        long_rows, pool = [(1150 - 50 * x, 0.0) for x in range(8)] + [(300, 0.5)], 1200
-    else:
-        long_rows, pool = [(380, 0.0), (300, 0.0), (200, 0.0), (150, 0.0), (140, 0.0), (130, 0.0), (130, 0.0)], 400
+    unsummed the outputs no entry reads: "sparse" has eight dense moved rows and three sparse ones
+    (a block of eight moved rows of their own, whose coefficients are mostly all 0); "zeros" puts
+    zero values in a sparse ninth, whose latents have an entry but a zero coefficient: then every
+    output is summed (RecomputedBlock::entries_nonzero). The gradient from the kept bits and from
+    recomputed tiles, bit for bit."""
+    dense = [(1150 - 50 * x, 0.0) for x in range(8)]
+    long_rows, pool = {
+        "sparse": (dense + [(300, 0.0), (200, 0.0), (150, 0.0)], 1200),
+        "zeros": (dense + [(300, 0.5)], 1200),
+    }.get(values, ([(380, 0.0), (300, 0.0), (200, 0.0), (150, 0.0), (140, 0.0), (130, 0.0), (130, 0.0)], 400))
     offsets, indices, vals, n = uneven_outlier_rows(dtype, long_rows, pool=pool, integer=values == "ties")
     assert_block_taken(offsets, indices, vals)
     c = co.canonical(offsets, indices, vals)
@@ -280,10 +283,11 @@ def test_block_tiles_skip_the_moved_rows_a_tile_holds_no_latent_of(dtype, values
         total, kth, tie_cut, kept, in_block, width, live_end, _, plan = module.sparse_csr_topk_sum(
             c.row_ptr, c.cols, c.vals, u, k, keep_plan=True)
         assert width > 0 and in_block > 0
-        grad = module.sparse_csr_topk_sum_backward(1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width,
-                                                   live_end=live_end, plan=plan)
-        assert_is_the_selections(c, k, dtype, total, kth, grad)  # (the k-th score exactly: the same bits)
-        assert torch.equal(grad, backward_from_plan(module, c, k))  # recomputed tiles again: the same bits
+        from_plan, recomputed = (module.sparse_csr_topk_sum_backward(
+            1.0, c.row_ptr, c.cols, c.vals, u, float(kth), tie_cut, width, product="dense", live_end=live_end,
+            plan=given) for given in (plan, None))
+        assert_is_the_selections(c, k, dtype, total, kth, from_plan)  # (the k-th score exactly: the same bits)
+        assert torch.equal(from_plan, recomputed)
 
 
 @pytest.mark.parametrize("values", ["random", "ties", "zeros"])
