@@ -62,8 +62,8 @@ __attribute__((always_inline)) inline void tile_generic(const acc_t* a, const ac
 template <typename acc_t, int kRows>
 __attribute__((target("avx512f"), always_inline)) inline void tile_rows_avx512(const acc_t* a, const acc_t* coef,
                                                                                int64_t h, int64_t u, int64_t q,
-                                                                               acc_t* o, int64_t ld, const int32_t* live,
-                                                                               int64_t count) {
+                                                                               acc_t* o, int64_t ld,
+                                                                               const int32_t* live, int64_t count) {
   using S = Simd512<acc_t>;
   constexpr int64_t L = S::kLanes;
   typename S::V s[kRows][4];

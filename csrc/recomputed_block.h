@@ -7,9 +7,10 @@
 // gets them (csrc/coactive_pairs.h: row latent i's entries in row order, then its partners
 // ascending), so a recomputed score has the stored one's bits. BatchTopK puts nearly every pair
 // of a batch inside the block (d_sae 262144 mid-training: 2.6·10⁸ scores, 1 GB, against 598
-// corrections), and the moved rows are few (h ≈ 15–30): recomputing a row from A_H costs at most h
-// fused multiply-adds per score (those of the moved rows holding neither latent left out), in cache, where storing it cost a write, a page fault per 4 KiB
-// and two more passes over memory.
+// corrections), and the moved rows are few (h ≈ 15–30): recomputing a row from A_H costs at most
+// h fused multiply-adds per score (fewer where a tile leaves out the moved rows holding none of
+// its latents), in cache, where storing it cost a write, a page fault per 4 KiB and two more
+// passes over memory.
 
 #pragma once
 
