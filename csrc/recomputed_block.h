@@ -60,9 +60,14 @@ class RecomputedBlock {
     if (width_ == 0) return;
     a_ = aosae::moved_rows_matrix(plan, rp, cp, vp);
     coefs_ = block_coefficients(a_.data_ptr<acc_t>(), h_, width_);
-    int64_t entries = 0;  // (a row's latents are distinct: one coefficient per entry)
-    for (const int64_t t : plan.taken) entries += rp[t + 1] - rp[t];
-    entries_nonzero_ = std::count_if(coefs_.begin(), coefs_.end(), [](acc_t c) { return c != acc_t(0); }) == entries;
+    // A_H's coefficients are the moved rows' values (a row's latents distinct), 0 elsewhere: the
+    // flags from those values, not from the h × width coefficients
+    skip_zeros_ = entries_nonzero_ = true;
+    for (const int64_t t : plan.taken)
+      for (int64_t e = rp[t]; e < rp[t + 1]; ++e) {
+        skip_zeros_ &= !(vp[e] < acc_t(0));
+        entries_nonzero_ &= vp[e] != acc_t(0);
+      }
     const int32_t* position = plan.position.data();
     // corrections: the other rows' pairs (s < q) with both latents in U, listed under row
     // position[cp[s]] in row order. The rows are split into contiguous chunks, counted and then
@@ -116,7 +121,6 @@ class RecomputedBlock {
       TORCH_CHECK(corr_start_[p + 1] - corr_start_[p] < (int64_t(1) << 32),
                   "RecomputedBlock: more than 2^32 corrections in one row");
     const auto negative = [](acc_t v) { return v < acc_t(0); };
-    skip_zeros_ = std::none_of(coefs_.begin(), coefs_.end(), negative);
     nonnegative_ = skip_zeros_ && std::none_of(corr_val_.begin(), corr_val_.end(), negative);
     corr_score_.resize(corr_start_[width_]);
 #pragma omp parallel num_threads(std::max(1, at::get_num_threads()))

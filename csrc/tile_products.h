@@ -16,6 +16,15 @@ namespace aosae {
 
 namespace block_gradient_detail {
 
+// whether coefficients [r0, r0 + nr) of kX rows from `coefs` (h each) are all 0
+template <typename acc_t>
+inline bool all_zero(const acc_t* coefs, int64_t h, int kX, int64_t r0, int64_t nr) {
+  for (int i = 0; i < kX; ++i)
+    for (int64_t j = 0; j < nr; ++j)
+      if (coefs[i * h + r0 + j] != acc_t(0)) return false;
+  return true;
+}
+
 // prod[r·width + c] += Σ_{x in [x0, x1)} coefs[x·h + r] · m[(x − x0)·ld + c − c0], c in [c0, c1), r < h.
 // skip_zeros (no coefficient and no value of m negative): the terms with a zero coefficient are
 // not added; each is an exact +0, and no sum of such terms is -0, so the sums keep their bits.
@@ -92,10 +101,8 @@ __attribute__((target("avx512f"))) void add_product_avx512(const acc_t* coefs, i
   for (int64_t b = 0; b < blocks; ++b) {
     int64_t n = 0;
     for (int64_t x = x0; x < x1; ++x) {
-      bool any = !skip_zeros;
-      for (int64_t r = 8 * b; r < std::min(h, 8 * b + 8) && !any; ++r) any = coefs[x * h + r] != acc_t(0);
       live[b * xs + n] = static_cast<int32_t>(x);
-      n += any;
+      n += !skip_zeros || !all_zero<acc_t>(coefs + x * h, h, 1, 8 * b, std::min<int64_t>(8, h - 8 * b));
     }
     count[b] = n;
   }
@@ -145,15 +152,6 @@ __attribute__((target("fma"))) void add_row_dots_fma(const acc_t* coefs_t, int64
   add_row_dots_plain(coefs_t, h, width, rows, m, ld, q0, q1, sums);
 }
 
-// whether coefficients [r0, r0 + nr) of kX rows from `coefs` (h each) are all 0
-template <typename acc_t>
-inline bool none_read(const acc_t* coefs, int64_t h, int kX, int64_t r0, int64_t nr) {
-  for (int i = 0; i < kX; ++i)
-    for (int64_t j = 0; j < nr; ++j)
-      if (coefs[i * h + r0 + j] != acc_t(0)) return false;
-  return true;
-}
-
 // kX rows of the tile's gradients loaded once per register of columns, 8 rows of A_H's partial
 // sums each in registers (8·kX independent sums; A_H's loads serve kX rows)
 template <typename acc_t, int kX>
@@ -164,7 +162,7 @@ __attribute__((target("avx512f"), always_inline)) inline void add_row_dots_rows_
   constexpr int64_t L = S::kLanes;
   for (int64_t r0 = 0; r0 < h; r0 += 8) {
     const int64_t nr = std::min<int64_t>(8, h - r0);
-    if (row_coefs && none_read<acc_t>(row_coefs + x * h, h, kX, r0, nr)) continue;
+    if (row_coefs && all_zero<acc_t>(row_coefs + x * h, h, kX, r0, nr)) continue;
     typename S::V acc[kX][8];
 #pragma GCC unroll 2
     for (int i = 0; i < kX; ++i)

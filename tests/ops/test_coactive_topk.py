@@ -355,19 +355,27 @@ def test_op_takes_the_triton_route_when_asked(monkeypatch):
     torch.testing.assert_close(v.grad, w.grad, rtol=1e-5, atol=1e-5)
 
 
-def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, long_l0=150, pool=200):
+def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, long_l0=150, pool=200,
+                 long_zeros=None):
     """BatchTopK-like rows: many short rows (0..6 latents) and a few very long ones (long_l0 of
     `pool` latents) at random positions, which the C++ kernel sums with its GEMM block, forward
     and backward. Six long rows: a latent seen in one row only would have cosine ±1 with its
-    row's other such latents, exact ties that rounding orders at random. Returns (offsets, indices, values, dense [B, n] float64, n)."""
+    row's other such latents, exact ties that rounding orders at random. long_l0 may list one
+    length per long row (long_rows is then its length), long_zeros each long row's share of zero
+    values (default: `zeros`, as the short rows). Returns (offsets, indices, values, dense [B, n] float64, n)."""
     n = pool + 20
     offsets, indices, values, _ = ragged_rows(48, n, 6, pool=pool, dtype=torch.float64)
     rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
-    for _ in range(long_rows):
-        rows.insert(int(torch.randint(0, len(rows) + 1, ())), torch.randperm(pool)[:long_l0])
+    lengths = long_l0 if isinstance(long_l0, (list, tuple)) else [long_l0] * long_rows
+    shares = [zeros] * len(rows)  # each row's share of zero values
+    for length, share in zip(lengths, long_zeros if long_zeros is not None else [zeros] * len(lengths)):
+        at = int(torch.randint(0, len(rows) + 1, ()))
+        rows.insert(at, torch.randperm(pool)[:length])
+        shares.insert(at, share)
     lengths = torch.tensor([r.numel() for r in rows])
     indices = torch.cat(rows)
-    values = random_values(indices.numel(), integer=integer, signed=signed, zeros=zeros)
+    values = torch.cat([random_values(r.numel(), integer=integer, signed=signed, zeros=share)
+                        for r, share in zip(rows, shares)])
     values = values.to(dtype)
     offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(lengths, 0)

@@ -14,7 +14,7 @@ from aosae.ops import coactive_topk as co
 from aosae.ops.coactive_sum import coactive_topk_sum
 from aosae.ops.coactive_topk import coactive_topk
 from aosae.ops.gram_topk import kth_score
-from test_coactive_topk import assert_block_taken, cpp_module, outlier_rows, ragged_rows, random_values
+from test_coactive_topk import assert_block_taken, cpp_module, outlier_rows, ragged_rows
 
 BIG_K = 10**12
 
@@ -240,21 +240,6 @@ def test_both_products_of_the_block_give_the_selections_gradient(product):
         assert torch.equal(backward_from_plan(module, c, k, product=product), grad)
 
 
-def uneven_outlier_rows(dtype, long_rows, *, pool=400, integer=False):
-    """Short ragged rows plus long ones, (length, share of zero values) each, of `pool` latents, no
-    negative value: moved rows that hold the block's latents unevenly, as BatchTopK's first steps
-    at d_sae 262144 do (a token with 95 % of them, others with a few per cent)."""
-    offsets, indices, _, _ = ragged_rows(48, pool + 20, 6, pool=pool)
-    rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
-    values = [random_values(r.numel(), integer=integer) for r in rows]
-    for length, zeros in long_rows:
-        at = int(torch.randint(0, len(rows) + 1, ()))
-        rows.insert(at, torch.randperm(pool)[:length])
-        values.insert(at, random_values(length, integer=integer, zeros=zeros))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor([r.numel() for r in rows]).cumsum(0)])
-    return offsets, torch.cat(rows), torch.cat(values).to(dtype), pool + 20
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("values", ["random", "ties", "sparse", "zeros"])
 def test_block_tiles_skip_the_moved_rows_a_tile_holds_no_latent_of(dtype, values):
@@ -268,12 +253,14 @@ def test_block_tiles_skip_the_moved_rows_a_tile_holds_no_latent_of(dtype, values
     zero values in a sparse ninth, whose latents have an entry but a zero coefficient: then every
     output is summed (RecomputedBlock::entries_nonzero). The gradient from the kept bits and from
     recomputed tiles, bit for bit."""
-    dense = [(1150 - 50 * x, 0.0) for x in range(8)]
-    long_rows, pool = {
-        "sparse": (dense + [(300, 0.0), (200, 0.0), (150, 0.0)], 1200),
-        "zeros": (dense + [(300, 0.5)], 1200),
-    }.get(values, ([(380, 0.0), (300, 0.0), (200, 0.0), (150, 0.0), (140, 0.0), (130, 0.0), (130, 0.0)], 400))
-    offsets, indices, vals, n = uneven_outlier_rows(dtype, long_rows, pool=pool, integer=values == "ties")
+    # moved rows that hold the block's latents unevenly, as BatchTopK's first steps at d_sae 262144
+    # do (a token with 95 % of them, others with a few per cent); no negative value
+    dense = [1150 - 50 * x for x in range(8)]
+    lengths, pool = {"sparse": (dense + [300, 200, 150], 1200), "zeros": (dense + [300], 1200)}.get(
+        values, ([380, 300, 200, 150, 140, 130, 130], 400))
+    long_zeros = [0.0] * 8 + [0.5] if values == "zeros" else None
+    offsets, indices, vals, _, n = outlier_rows(dtype, integer=values == "ties", signed=False, long_l0=lengths,
+                                                pool=pool, long_zeros=long_zeros)
     assert_block_taken(offsets, indices, vals)
     c = co.canonical(offsets, indices, vals)
     u = c.uniq.numel()
