@@ -27,6 +27,15 @@
 
 namespace aosae {
 
+// whether coefficients [r0, r0 + nr) of kX rows from `coefs` (h each) are all 0
+template <typename acc_t>
+inline bool all_zero(const acc_t* coefs, int64_t h, int kX, int64_t r0, int64_t nr) {
+  for (int i = 0; i < kX; ++i)
+    for (int64_t j = 0; j < nr; ++j)
+      if (coefs[i * h + r0 + j] != acc_t(0)) return false;
+  return true;
+}
+
 namespace block_product_detail {
 
 // Columns per pass of the plain loop: the stretch being summed stays in L1 while the moved rows are added.
@@ -100,10 +109,8 @@ template <typename acc_t>
 inline int64_t live_rows(const acc_t* coef, int64_t h, int rows, bool skip_zeros, int32_t* live) {
   int64_t count = 0;
   for (int64_t r = 0; r < h; ++r) {
-    bool any = !skip_zeros;
-    for (int x = 0; x < rows && !any; ++x) any = coef[x * h + r] != acc_t(0);
     live[count] = static_cast<int32_t>(r);
-    count += any;
+    count += !skip_zeros || !all_zero(coef, h, rows, r, 1);
   }
   return count;
 }

@@ -10,20 +10,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "block_product.h"  // all_zero
 #include "simd512.h"
 
 namespace aosae {
 
 namespace block_gradient_detail {
-
-// whether coefficients [r0, r0 + nr) of kX rows from `coefs` (h each) are all 0
-template <typename acc_t>
-inline bool all_zero(const acc_t* coefs, int64_t h, int kX, int64_t r0, int64_t nr) {
-  for (int i = 0; i < kX; ++i)
-    for (int64_t j = 0; j < nr; ++j)
-      if (coefs[i * h + r0 + j] != acc_t(0)) return false;
-  return true;
-}
 
 // prod[r·width + c] += Σ_{x in [x0, x1)} coefs[x·h + r] · m[(x − x0)·ld + c − c0], c in [c0, c1), r < h.
 // skip_zeros (no coefficient and no value of m negative): the terms with a zero coefficient are
