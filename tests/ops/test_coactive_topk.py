@@ -366,9 +366,9 @@ def outlier_rows(dtype, *, integer=False, zeros=0.0, signed=True, long_rows=6, l
     n = pool + 20
     offsets, indices, values, _ = ragged_rows(48, n, 6, pool=pool, dtype=torch.float64)
     rows = [indices[int(a):int(b)] for a, b in zip(offsets[:-1], offsets[1:])]
-    lengths = long_l0 if isinstance(long_l0, (list, tuple)) else [long_l0] * long_rows
+    long_lengths = long_l0 if isinstance(long_l0, (list, tuple)) else [long_l0] * long_rows
     shares = [zeros] * len(rows)  # each row's share of zero values
-    for length, share in zip(lengths, long_zeros if long_zeros is not None else [zeros] * len(lengths)):
+    for length, share in zip(long_lengths, long_zeros if long_zeros is not None else [zeros] * len(long_lengths)):
         at = int(torch.randint(0, len(rows) + 1, ()))
         rows.insert(at, torch.randperm(pool)[:length])
         shares.insert(at, share)
