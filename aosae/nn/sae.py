@@ -30,11 +30,13 @@ K_ACTIVATIONS = ("topk", "batchtopk")  # the activations that take top_k
 THRESHOLD_LR = 0.01
 # A ReLU SAE decodes sparsely once its latents are sparse enough, i.e. once the mean number of
 # non-zeros per token is at most this share of d_sae; above it the dense products are faster.
-# Why here (benchmarks/NOTES.md, "Sparse SAE step"; d_sae 16384, d_in 576, B 2048, 2 shared
-# cores): forward + backward, sparse ÷ dense = 0.51 at 2.7 % density, ≈ 0.7–1.0 at 5–8 %, 1.25 at
-# 11.5 %, 3.0 at 31 %. Each kept entry costs four gathers of a d-row (≈ 4·d·4 bytes of memory
-# traffic) against ≈ 8·d FLOPs per latent and token of the dense products, so the crossover is a
-# density, whatever d_sae. A ReLU SAE starts near 50 % and falls below 1 % within its first steps.
+# Why here (benchmarks/NOTES.md, "The ReLU step after the dense phase, quiet"; d_sae 16384, d_in
+# 576, B 2048, 2 cores, the whole step with AdamW): sparse ÷ dense = 0.38 at 2.7 % density, 0.47
+# at 5 %, 0.71 at 7.5 %, 0.81 at 11.5 %, 1.89 at 31.5 %. Past 5 % the saving is under 2× and the
+# sparse path's cost keeps growing with density while the dense path's does not. Each kept entry
+# costs four gathers of a d-row (≈ 4·d·4 bytes of memory traffic) against ≈ 8·d FLOPs per latent
+# and token of the dense products, so the crossover is a density, whatever d_sae. A ReLU SAE starts
+# near 50 % and falls below 1 % within its first steps.
 RELU_SPARSE_DENSITY = 0.05
 WEIGHT_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 WEIGHTS_FILE = "sae_weights.safetensors"
