@@ -7,12 +7,13 @@ first checks the penalty path against a reference on a slice of the batch.
 
   step:      python benchmarks/train_step.py                     (d_sae 576 4608 16384 65536, relu + topk)
   backward:  python benchmarks/train_step.py --backward          (the penalty's backward at n=16384, B=2048, L0=20)
+  example:   python benchmarks/train_step.py --example           (README's example: ortho(f) against ortho.on_support(f))
 
 ReLU rows: an SAE at initialisation fires on ~half its latents; these rows model the trained
 regime instead by lowering b_enc so each latent fires on ~relu_l0/n of the batch (the measured
 L0 is in each row). The dense phase at initialisation is measured by dense_phase.py.
 Rows go to benchmarks/results/train_step-<machine>.json (+ .png), the backward rows to
-train_step-backward-<machine>.json.
+train_step-backward-<machine>.json, the example's to train_step-example-<machine>.json.
 """
 from __future__ import annotations
 
@@ -180,6 +181,52 @@ def backward_rows(x, args) -> list[dict]:
     return rows
 
 
+def example_rows(x, args) -> list[dict]:
+    """The README's plain-PyTorch example at n = 16384, B = 2048, L0 = 20 (real ReLU latents): the
+    penalty's forward and backward through ortho(f) (a dense [B, n] gradient) and through
+    ortho.on_support(f) (the gradient at f's non-zeros), arms alternating, each checked first."""
+    n, batch, l0 = 16384, 2048, 20
+    relu = make_sae(x.shape[1], n, "relu", None, l0, x, args.seed)
+    with torch.no_grad():
+        f = relu(x[:batch]).latents
+    ortho = TopKOrthoLoss(0.005)
+
+    def call(method: str):
+        leaf = f.clone().requires_grad_()
+        t0 = time.perf_counter()
+        penalty = getattr(ortho, method)(leaf)
+        t1 = time.perf_counter()
+        penalty.backward()
+        t2 = time.perf_counter()
+        grad = leaf.grad.to_dense() if leaf.grad.is_sparse else leaf.grad
+        return penalty.detach(), grad, t1 - t0, t2 - t1
+
+    want, want_grad, *_ = call("forward")
+    got, got_grad, *_ = call("on_support")
+    support = f != 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(got_grad[support], want_grad[support], rtol=1e-4, atol=1e-4 * float(want_grad.abs().max()))
+    names = {"ortho(f)": "forward", "ortho.on_support(f)": "on_support"}
+    times = {(name, part): [] for name in names for part in ("forward", "backward")}
+    order = list(names)
+    for r in range(args.warmup + args.rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            _, _, fwd, bwd = call(names[name])
+            if r >= args.warmup:
+                times[(name, "forward")].append(fwd)
+                times[(name, "backward")].append(bwd)
+    rows = []
+    for (name, part), ts in times.items():
+        row = {"bench": "example_penalty", "arm": name, "part": part, "n": n, "batch": batch, "l0_target": l0,
+               "l0_measured": float(support.sum(1).float().mean()), **spread(ts), "warmup": args.warmup,
+               "rounds": args.rounds, "threads": torch.get_num_threads(), "machine": machine.machine_name(),
+               "versions": machine.versions(), "commit": machine.git_commit(), "date": machine.today()}
+        print(f"{name:22s} {part:8s} median {row['median_s']*1e3:8.1f} ms  IQR [{row['q1_s']*1e3:.1f}, "
+              f"{row['q3_s']*1e3:.1f}]", flush=True)
+        rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -219,12 +266,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backward", action="store_true", help="time the penalty's backward instead of whole steps")
+    p.add_argument("--example", action="store_true", help="time the README example's penalty: ortho(f) against on_support")
     p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args()
     x = load_activations(args.tokens)
     name = machine.slug(machine.machine_name()) + (f"-{args.tag}" if args.tag else "")
     if args.backward:
         machine.write_rows(machine.RESULTS / f"train_step-backward-{name}.json", backward_rows(x, args))
+        return
+    if args.example:
+        machine.write_rows(machine.RESULTS / f"train_step-example-{name}.json", example_rows(x, args))
         return
     rows = []
     out = machine.RESULTS / f"train_step-{name}.json"
