@@ -27,7 +27,7 @@ from aosae.ops import sparse_coding as sc
 from aosae.ops import sparse_coding_reference as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_name, spread, today, versions  # noqa: E402
+from machine import git_commit, machine_name, spread, today, versions  # noqa: E402
 
 
 def timed(fn, reps):
@@ -164,7 +164,7 @@ def main():
     result = {"machine": {"cpu": machine_name(), "threads": torch.get_num_threads(), **versions(),
                           "load_avg_at_start": os.getloadavg()},
               "shape": {"B": a.batch, "d_sae": a.d_sae, "d_in": a.d_in, "k": a.k}, "optimizer": a.optimizer,
-              "date": today()}
+              "date": today(), "commit": git_commit(), "command": " ".join(sys.argv)}
     if "primitives" in parts:
         result["primitives_s"], result["floor"] = primitives(a.batch, a.d_sae, a.d_in, a.k, a.reps)
     if "topk" in parts:
