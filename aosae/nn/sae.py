@@ -164,7 +164,9 @@ class SAEConfig:
 class SAEOutput:
     """What SparseAutoencoder.forward returns.
 
-    x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations.
+    x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations
+    (a TopK SAE on CPU wider than TOPK_TILE never writes them: they are computed on first access,
+    which must come before the weights change).
     sparse: the kept latents as SparseLatents over the flattened tokens (offsets, indices, values
     differentiable, n_latents). latents [..., d_sae]: f, dense; built from `sparse` on first
     access (a ReLU SAE in its dense phase has it from the start and builds `sparse` on access),
@@ -174,14 +176,26 @@ class SAEOutput:
     differentiable), latents[..., topk_indices] = topk_values; None for the other activations.
     """
 
-    __slots__ = ("x_hat", "pre_acts", "_sparse", "_latents", "_top_k", "_dense")
+    __slots__ = ("x_hat", "_pre", "_shape", "_sparse", "_latents", "_top_k", "_dense")
 
-    def __init__(self, x_hat, pre_acts, sparse: Optional[SparseLatents] = None, latents=None, top_k=None):
+    def __init__(self, x_hat, pre_acts, sparse: Optional[SparseLatents] = None, latents=None, top_k=None, *,
+                 shape: Optional[tuple] = None):
+        """pre_acts: a tensor, or a callable that computes it on first access (then `shape`, the
+        latents' [..., d_sae], is required)."""
         if sparse is None and latents is None:
             raise ValueError("SAEOutput needs the sparse latents, the dense latents or both")
-        self.x_hat, self.pre_acts = x_hat, pre_acts
+        if callable(pre_acts) and shape is None:
+            raise ValueError("SAEOutput: pre-activations computed on access need the latents' shape")
+        self.x_hat, self._pre = x_hat, pre_acts
+        self._shape = tuple(pre_acts.shape) if shape is None else tuple(shape)
         self._sparse, self._latents, self._top_k = sparse, latents, top_k
         self._dense = sparse is None
+
+    @property
+    def pre_acts(self) -> torch.Tensor:
+        if callable(self._pre):
+            self._pre = self._pre()
+        return self._pre
 
     @property
     def is_dense(self) -> bool:
@@ -201,20 +215,20 @@ class SAEOutput:
     @property
     def latents(self) -> torch.Tensor:
         if self._latents is None:
-            self._latents = self._sparse.to_dense().reshape(self.pre_acts.shape)
+            self._latents = self._sparse.to_dense().reshape(self._shape)
         return self._latents
 
     @property
     def topk_indices(self) -> Optional[torch.Tensor]:
         if self._top_k is None:
             return None
-        return self.sparse.indices.reshape(*self.pre_acts.shape[:-1], self._top_k)
+        return self.sparse.indices.reshape(*self._shape[:-1], self._top_k)
 
     @property
     def topk_values(self) -> Optional[torch.Tensor]:
         if self._top_k is None:
             return None
-        return self.sparse.values.reshape(*self.pre_acts.shape[:-1], self._top_k)
+        return self.sparse.values.reshape(*self._shape[:-1], self._top_k)
 
 
 class SparseAutoencoder(nn.Module):
@@ -348,15 +362,35 @@ class SparseAutoencoder(nn.Module):
             self._check_finite(flat)
         lead = x.shape[:-1]
         act, kw = self._rule(train)
+        shape = (*lead, self.d_sae)
+        if act == "topk":  # the pre-activations only if read (on CPU, wide: never written by the selection)
+            latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
+            x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
+            return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents, top_k=self.cfg.top_k, shape=shape)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None
         latents, pre = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw,
                                      return_pre=True, max_nnz=max_nnz)
-        pre = pre.reshape(*lead, self.d_sae)
+        pre = pre.reshape(shape)
         if latents is None:  # dense phase of a ReLU SAE
             f = torch.relu(pre)
             return SAEOutput(self.decode(f), pre, latents=f)
         x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
-        return SAEOutput(x_hat, pre, latents, top_k=self.cfg.top_k if act == "topk" else None)
+        return SAEOutput(x_hat, pre, latents)
+
+    def _pre_acts_on_access(self, flat: torch.Tensor, shape: tuple):
+        """What computes this forward's pre-activations when they are first read (differentiable, as
+        the forward's own): with the weights it saw, or an error if they have changed since."""
+        params = (self.W_enc, self.b_enc, self.b_dec)
+        versions = tuple(p._version for p in params)
+
+        def pre_acts() -> torch.Tensor:
+            if tuple(p._version for p in params) != versions:
+                raise RuntimeError(
+                    "SAEOutput.pre_acts of a TopK SAE are computed when first read, and the SAE's weights "
+                    "have changed since its forward pass (an optimizer step?): read out.pre_acts before "
+                    "changing them, or call sae.pre_activations(x) for the current weights")
+            return torch.addmm(self.b_enc, flat - self.b_dec, self.W_enc).reshape(shape)
+        return pre_acts
 
     @torch.no_grad()
     def update_threshold_(self, latents: SparseLatents) -> None:

@@ -35,6 +35,11 @@ from aosae.ops.batch_top import batch_top
 ENCODE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# TopK on CPU wider than this: the encoder's product in column tiles of this many latents, each
+# tile's top k merged into the running one, so the [B, n] pre-activations are never written. The
+# product and top-k took 0.83× the untiled time at 65536 and 0.85× at 262144, in 256 MiB instead of
+# 0.5–2 GiB (B 2048, d_in 576; benchmarks/NOTES.md, thirtieth pass). At or below it: one product.
+TOPK_TILE = 32768
 
 
 class SparseLatents(NamedTuple):
@@ -208,11 +213,7 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     """
     b, n = pre.shape
     if activation == "topk":
-        # latents ascending (as topk's own sort by value cost): the penalty's rows need no permutation
-        values, indices = pre.topk(k, dim=1, sorted=False)
-        indices, order = indices.sort(dim=1)
-        offsets = torch.arange(b + 1, device=pre.device) * k
-        return offsets, indices.reshape(-1), values.gather(1, order).relu_().reshape(-1)
+        return _topk_rows(*pre.topk(k, dim=1, sorted=False))
     if activation == "batchtopk":
         # top B·k of pre itself: its positive entries are those of the top B·k of relu(pre)
         flat = batch_top(pre.reshape(-1), min(b * k, b * n))
@@ -227,6 +228,37 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     else:
         raise ValueError(f"activation must be one of {ENCODE_ACTIVATIONS}, got {activation!r}")
     return offsets_of(rows, b), indices, pre.reshape(-1)[flat]
+
+
+def _topk_rows(values: torch.Tensor, indices: torch.Tensor):
+    """A TopK selection [B, k] (values, indices, in any order) as CSR rows: latents ascending (as
+    topk's own sort by value cost: the penalty's rows then need no permutation), values ReLU'd."""
+    b, k = indices.shape
+    indices, order = indices.sort(dim=1)
+    offsets = torch.arange(b + 1, device=indices.device) * k
+    return offsets, indices.reshape(-1), values.gather(1, order).relu_().reshape(-1)
+
+
+@torch.no_grad()
+def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, tile: int = TOPK_TILE):
+    """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] in no order,
+    without the [B, n] product: its column tiles go through one reused [B, tile] buffer, and each
+    tile's top k is merged into the running one. The same k values per row as the product's topk
+    (each tile's entries are the same dot products); among tied values either may be kept."""
+    b, n = centered.shape[0], W_enc.shape[1]
+    buf = centered.new_empty(b, min(tile, n))
+    best_v = best_i = None
+    for s in range(0, n, tile):
+        e = min(n, s + tile)
+        part = torch.addmm(b_enc[s:e], centered, W_enc[:, s:e], out=buf[:, : e - s])
+        v, i = part.topk(min(k, e - s), dim=1, sorted=False)
+        i += s
+        if best_v is None:
+            best_v, best_i = v, i
+        else:
+            best_v, j = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1, sorted=False)
+            best_i = torch.cat([best_i, i], 1).gather(1, j)
+    return best_v, best_i
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -245,7 +277,14 @@ class _SparseEncode(torch.autograd.Function):
     the kept entries only; pre's gradient (when a caller uses pre) is added densely."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz):
+    def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
+        if activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE:
+            offsets, indices, values = _topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE))
+            pre = x.new_empty(0)  # (never written: nobody asked for it)
+            ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
+            ctx.mark_non_differentiable(offsets, indices, pre)
+            ctx.set_materialize_grads(False)
+            return offsets, indices, values, pre
         pre = torch.addmm(b_enc, x - b_dec, W_enc)
         positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
         # count_nonzero: bool.sum() would first cast the mask to an int64 [B, n] (8 bytes an entry)
@@ -288,7 +327,7 @@ class _SparseEncode(torch.autograd.Function):
             grad_b_dec = -(W_enc @ grad_b_enc)
         if grad_w is not None:
             grad_w = _layout_of(grad_w, W_enc)
-        return (grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec, None, None, None, None)
+        return (grad_x, grad_w, grad_b_enc if need_b_enc else None, grad_b_dec, None, None, None, None, None)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -353,7 +392,8 @@ def sparse_encode(
     activation: "topk" (k per row), "batchtopk" (B·k over the batch), "relu" (the non-zeros), or
     "jumprelu" (entries above `threshold`). The dense pre-activations [B, n] are computed (an exact
     selection needs them) and returned too with return_pre=True: (SparseLatents, pre), pre
-    differentiable (a dense gradient then, only if the caller uses it).
+    differentiable (a dense gradient then, only if the caller uses it). Without return_pre, TopK on
+    CPU wider than TOPK_TILE latents never writes them (tiled_topk).
 
     max_nnz (ReLU's dense phase): when more than max_nnz entries are positive nothing is selected
     and the latents come back as None (use return_pre=True and the dense pre then).
@@ -363,7 +403,8 @@ def sparse_encode(
         threshold = threshold.detach()
     if max_nnz is not None and activation != "relu":
         raise ValueError(f"max_nnz is for activation='relu' (its dense phase), got activation={activation!r}")
-    offsets, indices, values, pre = _SparseEncode.apply(x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz)
+    offsets, indices, values, pre = _SparseEncode.apply(x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz,
+                                                        return_pre)
     latents = SparseLatents(offsets, indices, values, W_enc.shape[1]) if offsets.numel() else None
     return (latents, pre) if return_pre else latents
 

@@ -278,6 +278,36 @@ def test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, activation, k,
     torch.testing.assert_close(losses.l0(), (f != 0).sum(-1).double().mean().float())
 
 
+@pytest.mark.parametrize("tile", [7, 64])
+def test_wide_topk_step_selects_in_tiles_with_the_dense_steps_loss_and_gradients(seed, monkeypatch, tile):
+    """A TopK SAE wider than TOPK_TILE (made small here) selects from column tiles of the encoder's
+    product and never writes [B, n]: the same float64 loss and gradients as the dense reference."""
+    from aosae.ops import sparse_coding
+
+    monkeypatch.setattr(sparse_coding, "TOPK_TILE", tile)
+    calls, real = [], sparse_coding.tiled_topk
+    monkeypatch.setattr(sparse_coding, "tiled_topk", lambda *a: calls.append(a[-1]) or real(*a))
+    test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, "topk", 5, 0.0)
+    assert calls == [tile]
+
+
+def test_topk_pre_acts_are_computed_when_read_and_guard_the_weights(seed):
+    sae = make(activation="topk", top_k=3)
+    x = torch.randn(4, 5, 12)
+    out = sae(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    torch.testing.assert_close(out.pre_acts, pre)
+    assert out.pre_acts is out.pre_acts  # computed once
+    (g,) = torch.autograd.grad(out.pre_acts.sum(), sae.b_enc)  # differentiable, as the forward's
+    torch.testing.assert_close(g, torch.full_like(g, 20.0))
+    stale = sae(x)
+    with torch.no_grad():
+        sae.b_enc.add_(1.0)
+    with pytest.raises(RuntimeError, match="read out.pre_acts before changing them"):
+        stale.pre_acts
+    assert stale.topk_indices.shape == (4, 5, 3)  # what the forward kept needs no pre-activations
+
+
 def _topk_ortho():
     from aosae.nn.loss import TopKOrthoLoss
 
@@ -398,7 +428,7 @@ def test_output_reads_sparse_and_dense_forms_alike(seed):
     torch.testing.assert_close(out.latents, torch.relu(out.pre_acts))
 
 
-@pytest.mark.parametrize("activation, k", [("topk", 4), ("relu", None)])
+@pytest.mark.parametrize("activation, k", [("topk", 4), ("batchtopk", 4), ("relu", None)])
 def test_metrics_read_the_sparse_form_like_the_dense(seed, activation, k):
     from aosae.eval.metrics import ReconstructionStats, latent_density
 

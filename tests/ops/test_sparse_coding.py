@@ -100,6 +100,48 @@ def test_sparse_gradients_without_pre_and_frozen_inputs(seed, activation, k, thr
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("tile", [1, 3, 8, 28])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_topk_keeps_the_products_top_k(seed, tile, dtype):
+    """tiled_topk against the whole product's topk: the same k values per row, each the product's
+    entry at its own latent, distinct latents; tiles narrower than k, a last tile narrower than
+    the others, and ties across tiles (columns 20–28 repeat 10–18)."""
+    centered = torch.randn(11, 7, dtype=dtype)
+    W_enc, b_enc = torch.randn(7, 29, dtype=dtype), torch.randn(29, dtype=dtype)
+    W_enc[:, 20:], b_enc[20:] = W_enc[:, 10:19], b_enc[10:19]
+    pre = torch.addmm(b_enc, centered, W_enc)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    for k in (1, 4, 29):
+        values, indices = sc.tiled_topk(centered, W_enc, b_enc, k, tile)
+        assert values.shape == indices.shape == (11, k) and values.dtype == dtype
+        torch.testing.assert_close(values.sort(1, descending=True).values, pre.topk(k, dim=1).values, **tol)
+        torch.testing.assert_close(pre.gather(1, indices), values, **tol)
+        assert all(torch.unique(row).numel() == k for row in indices)
+
+
+@pytest.mark.parametrize("tile", [5, 28])
+def test_topk_without_pre_selects_in_tiles(seed, monkeypatch, tile):
+    """TopK wider than TOPK_TILE (made small here), pre-activations not asked for: the selection
+    comes from tiled_topk, with the same latents and float64 gradients as the whole product's."""
+    W_enc, b_enc, b_dec, W_dec = params = _sae()
+    x = torch.randn(13, 7, dtype=torch.float64)
+    want_lat, _ = sc.sparse_encode(x, W_enc, b_enc, b_dec, "topk", 4, return_pre=True)  # (pre asked for: whole)
+    want = torch.autograd.grad((x - sc.sparse_decode(want_lat, W_dec, b_dec)).pow(2).sum(), params)
+    calls = []
+    monkeypatch.setattr(sc, "TOPK_TILE", tile)
+    monkeypatch.setattr(sc, "tiled_topk", lambda *a: calls.append(a[-1]) or _tiled_topk(*a))
+    lat = sc.sparse_encode(x, W_enc, b_enc, b_dec, "topk", 4)
+    assert calls == [tile]
+    assert torch.equal(lat.offsets, want_lat.offsets) and torch.equal(lat.indices, want_lat.indices)
+    torch.testing.assert_close(lat.values, want_lat.values, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad((x - sc.sparse_decode(lat, W_dec, b_dec)).pow(2).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+_tiled_topk = sc.tiled_topk
+
+
 def test_empty_rows_and_an_empty_batch(seed):
     W_enc, b_enc, b_dec, W_dec = _sae()
     x = torch.randn(8, 7, dtype=torch.float64)
