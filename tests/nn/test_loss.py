@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -278,6 +281,47 @@ def test_from_topk_at_two_to_the_twenty_never_pads(seed):
     assert 0 < loss.last_pairs.values.numel() <= B * L * (L - 1) // 2
     assert float(loss._kth) == 0.0 and loss.last_nonzero_share < 1e-6
     assert values.grad is not None and bool(torch.isfinite(values.grad).all())
+
+
+@pytest.mark.parametrize("k", [None, 5000])
+def test_the_loss_at_two_to_the_twenty_four_runs_in_small_memory(k):
+    """n = 2²⁴ through the loss's training entries, from_topk (TopK rows) and from_sparse (rows of
+    different lengths, as BatchTopK's): with the paper's k (≈ 7·10¹¹, above every co-active pair:
+    the closed form) and with k = 5000 (below them: the k-best sum), forward, backward and the
+    selection read back for logging. In a subprocess, peak RSS grows by less than 64 MiB, one
+    n-sized float32 array: nothing is sized by n, n² or k."""
+    script = textwrap.dedent(f"""
+        import resource, torch, aosae
+        torch.set_num_threads(2)
+        n, B, L = 2 ** 24, 64, 32
+        loss = aosae.TopKOrthoLoss(k={k})
+        # a tiny call first: the custom ops' machinery imports torch._dynamo on its first call
+        loss.from_topk(torch.tensor([[1, 5]]), torch.ones(1, 2), n)
+        loss.last_pairs
+        torch.manual_seed(0)
+        idx = torch.randint(0, n // L, (B, L)) + torch.arange(L) * (n // L)  # distinct within a row
+        values = (torch.rand(B, L) + 0.1).requires_grad_()
+        lengths = torch.randint(L // 2, L + 1, (B,))  # ragged rows: the first lengths[t] of each row
+        keep = torch.arange(L) < lengths[:, None]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        calls = ((lambda: loss.from_topk(idx, values, n), B * L * (L - 1) // 2),
+                 (lambda: loss.from_sparse((offsets, idx[keep], values[keep]), n),
+                  int((lengths * (lengths - 1) // 2).sum())))
+        for call, row_pairs in calls:
+            penalty = call()
+            penalty.backward()
+            assert torch.isfinite(penalty) and float(penalty.detach()) > 0
+            # (these rows share no pair of latents: every row pair is a co-active pair)
+            assert loss.last_pairs.values.numel() == min(loss.last_k, row_pairs)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert bool(torch.isfinite(values.grad).all()) and float(values.grad.abs().sum()) > 0
+        print((peak - base) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    extra_mib = float(out.stdout.split()[-1])
+    assert extra_mib < 64, f"peak RSS grew by {extra_mib} MiB at n = 2^24"
 
 
 @pytest.mark.parametrize("method", ["forward", "on_support"])
