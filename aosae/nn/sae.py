@@ -294,7 +294,7 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         shape = (*lead, self.d_sae)
-        if act == "topk":  # the pre-activations only if read (on CPU, wide: never written by the selection)
+        if act == "topk":  # the pre-activations only if read (on CPU above TOPK_TILE, never written at all)
             latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
             x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
             return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents, top_k=self.cfg.top_k, shape=shape)
@@ -309,18 +309,26 @@ class SparseAutoencoder(nn.Module):
         return SAEOutput(x_hat, pre, latents)
 
     def _pre_acts_on_access(self, flat: torch.Tensor, shape: tuple):
-        """What computes this forward's pre-activations when they are first read (differentiable, as
-        the forward's own): with the weights it saw, or an error if they have changed since."""
+        """What computes this forward's pre-activations when they are first read: from the same
+        input and parameters, under the forward's autocast and grad modes (so differentiable, as the
+        forward's own), or an error if any of them has changed in place since (an optimizer step).
+        Writes through `.data` bypass the version counters and so this check."""
         params = (self.W_enc, self.b_enc, self.b_dec)
-        versions = tuple(p._version for p in params)
+        watched = (*params, flat)
+        versions = tuple(t._version for t in watched)
+        device = flat.device.type
+        autocast, autocast_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        grad = torch.is_grad_enabled()
 
         def pre_acts() -> torch.Tensor:
-            if tuple(p._version for p in params) != versions:
+            if tuple(t._version for t in watched) != versions:
                 raise RuntimeError(
                     "SAEOutput.pre_acts of a TopK SAE are computed when first read, and the SAE's weights "
-                    "have changed since its forward pass (an optimizer step?): read out.pre_acts before "
-                    "changing them, or call sae.pre_activations(x) for the current weights")
-            return torch.addmm(self.b_enc, flat - self.b_dec, self.W_enc).reshape(shape)
+                    "or its input have changed since its forward pass (an optimizer step?): read "
+                    "out.pre_acts before changing them, or call sae.pre_activations(x) for the current weights")
+            W_enc, b_enc, b_dec = params
+            with torch.autocast(device, dtype=autocast_dtype, enabled=autocast), torch.set_grad_enabled(grad):
+                return torch.addmm(b_enc, flat - b_dec, W_enc).reshape(shape)
         return pre_acts
 
     @torch.no_grad()

@@ -240,13 +240,15 @@ def _topk_rows(values: torch.Tensor, indices: torch.Tensor):
 
 
 @torch.no_grad()
-def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, tile: int = TOPK_TILE):
+def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, tile: int = TOPK_TILE,
+               buf: Optional[torch.Tensor] = None):
     """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] in no order,
-    without the [B, n] product: its column tiles go through one reused [B, tile] buffer, and each
-    tile's top k is merged into the running one. The same k values per row as the product's topk
-    (each tile's entries are the same dot products); among tied values either may be kept."""
+    without the [B, n] product: its column tiles go through one [B, tile] buffer (`buf`, or a fresh
+    one), and each tile's top k is merged into the running one. The same k values per row as the
+    product's topk (each tile's entries are the same dot products, up to the GEMM's blocking in the
+    last bits); among tied values either may be kept."""
     b, n = centered.shape[0], W_enc.shape[1]
-    buf = centered.new_empty(b, min(tile, n))
+    buf = centered.new_empty(b, min(tile, n)) if buf is None else buf
     best_v = best_i = None
     for s in range(0, n, tile):
         e = min(n, s + tile)
@@ -278,7 +280,9 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
-        if activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE:
+        # (not under CPU autocast: addmm with out= keeps the buffer's dtype, where the product below would not)
+        if activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE \
+                and not torch.is_autocast_enabled("cpu"):
             offsets, indices, values = _topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE))
             pre = x.new_empty(0)  # (never written: nobody asked for it)
             ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)

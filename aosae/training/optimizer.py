@@ -54,6 +54,13 @@ class TransposedAdamW(torch.optim.AdamW):
         finally:
             for p in done:
                 self._transpose(p)
+        # the fused kernel and the .data swaps leave the parameters' version counters as they were:
+        # bump them, as torch's in-place updates do, so what was saved from a forward before this
+        # step (e.g. a TopK SAEOutput's pre-activations, computed when read) sees the change
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.autograd.graph.increment_version(p)
         return loss
 
     def _transpose(self, p: torch.Tensor) -> None:

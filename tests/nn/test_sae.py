@@ -306,6 +306,28 @@ def test_topk_pre_acts_are_computed_when_read_and_guard_the_weights(seed):
     with pytest.raises(RuntimeError, match="read out.pre_acts before changing them"):
         stale.pre_acts
     assert stale.topk_indices.shape == (4, 5, 3)  # what the forward kept needs no pre-activations
+    from aosae.training.optimizer import make_optimizer  # the trainer's fused AdamW
+
+    opt = make_optimizer(sae.parameters(), 1e-3)
+    stepped = sae(x)
+    stepped.x_hat.pow(2).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="read out.pre_acts before changing them"):
+        stepped.pre_acts
+
+
+def test_wide_topk_pre_acts_read_back_hold_the_selection(seed, monkeypatch):
+    """Through the tiles (TOPK_TILE made small), the pre-activations read back hold the kept latents:
+    their top k per token are the kept values."""
+    from aosae.ops import sparse_coding
+
+    monkeypatch.setattr(sparse_coding, "TOPK_TILE", 6)
+    sae = make(d_sae=40, activation="topk", top_k=4)
+    with torch.no_grad():
+        out = sae(torch.randn(9, 12))
+    assert not out.pre_acts.requires_grad  # (the forward's grad mode)
+    top = out.pre_acts.topk(4, dim=-1).values.clamp_min(0)
+    torch.testing.assert_close(out.topk_values.sort(-1, descending=True).values, top, rtol=1e-6, atol=1e-6)
 
 
 def _topk_ortho():

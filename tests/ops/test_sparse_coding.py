@@ -117,6 +117,12 @@ def test_tiled_topk_keeps_the_products_top_k(seed, tile, dtype):
         torch.testing.assert_close(values.sort(1, descending=True).values, pre.topk(k, dim=1).values, **tol)
         torch.testing.assert_close(pre.gather(1, indices), values, **tol)
         assert all(torch.unique(row).numel() == k for row in indices)
+        kept = torch.full((11, min(tile, 29)), float("nan"), dtype=dtype)  # a buffer kept between calls
+        again = sc.tiled_topk(centered, W_enc, b_enc, k, tile, kept)
+        assert torch.equal(again[0], values) and torch.equal(again[1], indices)
+
+
+_tiled_topk = sc.tiled_topk  # (the function itself, before a test patches the module's name)
 
 
 @pytest.mark.parametrize("tile", [5, 28])
@@ -137,9 +143,6 @@ def test_topk_without_pre_selects_in_tiles(seed, monkeypatch, tile):
     got = torch.autograd.grad((x - sc.sparse_decode(lat, W_dec, b_dec)).pow(2).sum(), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-_tiled_topk = sc.tiled_topk
 
 
 def test_empty_rows_and_an_empty_batch(seed):
