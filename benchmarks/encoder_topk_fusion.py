@@ -3,8 +3,10 @@
 The TopK step's forward computes pre = (x − b_dec) W_enc + b_enc, [B, n], then keeps the k largest
 per row. A fused form tiles the product over latent columns and keeps a running top-k per row, so
 [B, n] is never written: its gain is bounded by the [B, n] write (first touch of a fresh buffer) and
-the top-k pass over it. Both arms here use MKL's GEMM for the product (`addmm`); the tiled arm writes
-one [B, T] tile at a time into a reused buffer and merges each tile's top-k into the running one.
+the top-k pass over it. Both arms here use MKL's GEMM for the product (`addmm`); the tiled arms are
+aosae's own `tiled_topk` (which the TopK step runs on CPU above TOPK_TILE latents): one [B, T] tile at
+a time, each tile's top-k merged into the running one, into a buffer kept between calls (tiled_T) or
+a fresh one each call, as the step allocates it (tiled_T_fresh).
 Each timed result is checked against the unfused arm first (same values; same indices up to ties).
 
     python benchmarks/encoder_topk_fusion.py [--widths 65536,262144] [--tiles 4096,16384]
@@ -22,32 +24,21 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from aosae.ops.sparse_coding import tiled_topk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import git_commit  # noqa: E402
+
 
 def unfused(x, W_enc, b_enc, k):
     pre = torch.addmm(b_enc, x, W_enc)
     return pre.topk(k, dim=1, sorted=False)
-
-
-def tiled(x, W_enc, b_enc, k, tile, buf):
-    """Running per-row top-k over column tiles of the product; buf is a reused [B, tile] buffer."""
-    n = W_enc.shape[1]
-    best_v = best_i = None
-    for s in range(0, n, tile):
-        e = min(n, s + tile)
-        part = torch.addmm(b_enc[s:e], x, W_enc[:, s:e], out=buf[:, : e - s])
-        v, i = part.topk(min(k, e - s), dim=1, sorted=False)
-        i += s
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            v, j = torch.cat([best_v, v], 1).topk(k, dim=1, sorted=False)
-            best_v, best_i = v, torch.cat([best_i, i], 1).gather(1, j)
-    return best_v, best_i
 
 
 def same(a, b) -> bool:
@@ -81,8 +72,11 @@ def main() -> None:
         b_enc = 0.01 * torch.randn(n, generator=g)
         tiles = [int(t) for t in a.tiles.split(",") if int(t) < n]
         bufs = {t: torch.empty(a.batch, t) for t in tiles}
+        # aosae's own tiled_topk (what the TopK step runs): with a buffer kept between calls, and
+        # with a fresh one each call, as the step allocates it
         arms = {"unfused": lambda: unfused(x, W_enc, b_enc, a.k),
-                **{f"tiled_{t}": (lambda t=t: tiled(x, W_enc, b_enc, a.k, t, bufs[t])) for t in tiles}}
+                **{f"tiled_{t}": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t, bufs[t])) for t in tiles},
+                **{f"tiled_{t}_fresh": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t)) for t in tiles}}
         reference = arms["unfused"]()
         for name, fn in arms.items():  # the check doubles as the warm-up, the same for every arm
             if not same(fn(), reference):
@@ -96,7 +90,7 @@ def main() -> None:
         product = 2 * a.batch * a.d_in * n
         base = statistics.median(times["unfused"])
         for name, ts in times.items():
-            tile = n if name == "unfused" else int(name.split("_")[1])
+            tile = n if name == "unfused" else int(name.split("_")[1])  # (tiled_T or tiled_T_fresh)
             rows.append({"n": n, "arm": name, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
                          "ratio_to_unfused": statistics.median(ts) / base, "gflops": product / statistics.median(ts) / 1e9,
                          "extra_bytes": a.batch * tile * 4})
@@ -105,7 +99,7 @@ def main() -> None:
                   f"[B, tile] {a.batch * tile * 4 / 2**20:.0f} MiB")
     out = {"benchmark": "encoder_topk_fusion", "machine": f"{cpu_name()}", "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-           "load_average_1min_at_end": os.getloadavg()[0],
+           "load_average_1min_at_end": os.getloadavg()[0], "commit": git_commit(), "command": " ".join(sys.argv),
            "batch": a.batch, "d_in": a.d_in, "k": a.k, "rounds": a.rounds, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
