@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from aosae.ops.sparse_coding import tiled_topk
+from aosae.ops.latent_selection import tiled_topk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import git_commit  # noqa: E402

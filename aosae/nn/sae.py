@@ -21,7 +21,8 @@ from torch import nn
 
 from aosae.files import replace_file_atomically, save_tensors, write_dir_atomically, write_json
 from aosae.nn.sae_output import SAEOutput
-from aosae.ops.sparse_coding import SparseLatents, select, sparse_decode, sparse_encode
+from aosae.ops.latent_selection import select
+from aosae.ops.sparse_coding import SparseLatents, sparse_decode, sparse_encode
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 K_ACTIVATIONS = ("topk", "batchtopk")  # the activations that take top_k

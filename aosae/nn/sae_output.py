@@ -15,10 +15,10 @@ class SAEOutput:
 
     x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations. A
     TopK SAE computes them again when they are first read (its selection does not keep them, and
-    on CPU above TOPK_TILE latents never writes them), which must come before its weights or input
-    change (checked by version counters, which aosae's optimizer bumps; writes through `.data` or
-    torch's fused optimizers escape the check); their last bits may differ from those the tiled
-    selection compared.
+    on CPU above aosae.ops.latent_selection.TOPK_TILE latents never writes them), which must come
+    before its weights or input change (checked by version counters, which aosae's optimizer
+    bumps; writes through `.data` or torch's fused optimizers escape the check); their last bits
+    may differ from those the tiled selection compared.
     sparse: the kept latents as SparseLatents over the flattened tokens (offsets, indices, values
     differentiable, n_latents). latents [..., d_sae]: f, dense; built from `sparse` on first
     access (a ReLU SAE in its dense phase has it from the start and builds `sparse` on access),

@@ -1,6 +1,6 @@
 """The positions of a batch's top B·k pre-activations (BatchTopK's selection) without a top-k over
 all B·n of them: a strided sample bounds the B·k-th value from below, and the top-k runs over the
-entries above that bound only (aosae.ops.sparse_coding.select)."""
+entries above that bound only (aosae.ops.latent_selection.select)."""
 from __future__ import annotations
 
 import math

@@ -30,16 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from aosae.ops import extension
-from aosae.ops.batch_top import batch_top
+from aosae.ops.latent_selection import ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, select, tiled_topk, topk_rows
 
-ENCODE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# TopK on CPU wider than this: the encoder's product in column tiles of this many latents, each
-# tile's top k merged into the running one, so the [B, n] pre-activations are never written. The
-# product and top-k took 0.83× the untiled time at 65536 and 0.85× at 262144, in 256 MiB instead of
-# 0.5–2 GiB (B 2048, d_in 576; benchmarks/NOTES.md, thirtieth pass). At or below it: one product.
-TOPK_TILE = 32768
 
 
 class SparseLatents(NamedTuple):
@@ -93,13 +87,6 @@ def group_by(keys: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Ten
                 raise ValueError(f"keys must lie in [0, {n_groups}), got values in [{int(keys.min())}, {int(keys.max())}]")
             return order, offsets
     return torch.argsort(keys, stable=True), offsets_of(keys, n_groups)
-
-
-def offsets_of(keys: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """CSR offsets [n_groups+1] of entries grouped by key (int64 keys in [0, n_groups))."""
-    offsets = keys.new_zeros(n_groups + 1, dtype=torch.long)
-    offsets[1:] = torch.bincount(keys, minlength=n_groups).cumsum(0)
-    return offsets
 
 
 # ----------------------------------------------------------------------------- the two primitives
@@ -199,70 +186,6 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
     return out
 
 
-# ----------------------------------------------------------------------------- selection
-@torch.no_grad()
-def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshold=None, *,
-           positive: Optional[torch.Tensor] = None):
-    """Pre-activations [B, n] -> (offsets [B+1], indices [nnz], values [nnz]) of the kept latents.
-
-    "topk": the k largest per row (ReLU'd: a kept slot may hold 0), fixed offsets = arange·k.
-    "batchtopk": the B·k largest of the whole batch that are > 0 (ragged rows, SAELens's
-    BatchTopK). "relu": every entry > 0. "jumprelu": every entry > max(threshold, 0) (threshold
-    a float, a 0-d tensor or one per latent): BatchTopK's inference form.
-    Every row lists its latents in ascending order. positive: pre > 0, when the caller has it already.
-    """
-    b, n = pre.shape
-    if activation == "topk":
-        return _topk_rows(*pre.topk(k, dim=1, sorted=False))
-    if activation == "batchtopk":
-        # top B·k of pre itself: its positive entries are those of the top B·k of relu(pre)
-        flat = batch_top(pre.reshape(-1), min(b * k, b * n))
-        flat = flat[pre.reshape(-1)[flat] > 0].sort().values  # row-major: rows, then latents ascending
-        rows, indices = flat // n, flat % n
-    elif activation in ("relu", "jumprelu"):
-        mask = pre > 0 if positive is None else positive
-        if activation == "jumprelu":
-            mask = mask & (pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device))
-        rows, indices = mask.nonzero(as_tuple=True)
-        flat = rows * n + indices
-    else:
-        raise ValueError(f"activation must be one of {ENCODE_ACTIVATIONS}, got {activation!r}")
-    return offsets_of(rows, b), indices, pre.reshape(-1)[flat]
-
-
-def _topk_rows(values: torch.Tensor, indices: torch.Tensor):
-    """A TopK selection [B, k] (values, indices, in any order) as CSR rows: latents ascending (as
-    topk's own sort by value cost: the penalty's rows then need no permutation), values ReLU'd."""
-    b, k = indices.shape
-    indices, order = indices.sort(dim=1)
-    offsets = torch.arange(b + 1, device=indices.device) * k
-    return offsets, indices.reshape(-1), values.gather(1, order).relu_().reshape(-1)
-
-
-@torch.no_grad()
-def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, tile: int = TOPK_TILE,
-               buf: Optional[torch.Tensor] = None):
-    """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] in no order,
-    without the [B, n] product: its column tiles go through one [B, tile] buffer (`buf`, or a fresh
-    one), and each tile's top k is merged into the running one. The same k values per row as the
-    product's topk (each tile's entries are the same dot products, up to the GEMM's blocking in the
-    last bits); among tied values either may be kept."""
-    b, n = centered.shape[0], W_enc.shape[1]
-    buf = centered.new_empty(b, min(tile, n)) if buf is None else buf
-    best_v = best_i = None
-    for s in range(0, n, tile):
-        e = min(n, s + tile)
-        part = torch.addmm(b_enc[s:e], centered, W_enc[:, s:e], out=buf[:, : e - s])
-        v, i = part.topk(min(k, e - s), dim=1, sorted=False)
-        i += s
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            best_v, j = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1, sorted=False)
-            best_i = torch.cat([best_i, i], 1).gather(1, j)
-    return best_v, best_i
-
-
 # ----------------------------------------------------------------------------- autograd
 def _layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """grad in param's memory layout, so that autograd keeps it as param.grad without another
@@ -281,24 +204,22 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
         # (not under CPU autocast: addmm with out= keeps the buffer's dtype, where the product below would not)
-        if activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE \
-                and not torch.is_autocast_enabled("cpu"):
-            offsets, indices, values = _topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE))
+        tiled = activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE \
+            and not torch.is_autocast_enabled("cpu")
+        if tiled:
+            offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE))
             pre = x.new_empty(0)  # (never written: nobody asked for it)
-            ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
-            ctx.mark_non_differentiable(offsets, indices, pre)
-            ctx.set_materialize_grads(False)
-            return offsets, indices, values, pre
-        pre = torch.addmm(b_enc, x - b_dec, W_enc)
-        positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
-        # count_nonzero: bool.sum() would first cast the mask to an int64 [B, n] (8 bytes an entry)
-        if positive is not None and int(torch.count_nonzero(positive)) > max_nnz:  # too dense: use pre
-            offsets = indices = pre.new_zeros(0, dtype=torch.long)
-            values = pre.new_zeros(0)
         else:
-            offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
+            pre = torch.addmm(b_enc, x - b_dec, W_enc)
+            positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
+            # count_nonzero: bool.sum() would first cast the mask to an int64 [B, n] (8 bytes an entry)
+            if positive is not None and int(torch.count_nonzero(positive)) > max_nnz:  # too dense: use pre
+                offsets = indices = pre.new_zeros(0, dtype=torch.long)
+                values = pre.new_zeros(0)
+            else:
+                offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
-        ctx.mark_non_differentiable(offsets, indices)
+        ctx.mark_non_differentiable(offsets, indices, *([pre] if tiled else []))
         ctx.set_materialize_grads(False)
         return offsets, indices, values, pre
 
