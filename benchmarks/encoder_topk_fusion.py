@@ -4,9 +4,11 @@ The TopK step's forward computes pre = (x − b_dec) W_enc + b_enc, [B, n], then
 per row. A fused form tiles the product over latent columns and keeps a running top-k per row, so
 [B, n] is never written: its gain is bounded by the [B, n] write (first touch of a fresh buffer) and
 the top-k pass over it. Both arms here use MKL's GEMM for the product (`addmm`); the tiled arms are
-aosae's own `tiled_topk` (which the TopK step runs on CPU above TOPK_TILE latents): one [B, T] tile at
-a time, each tile's top-k merged into the running one, into a buffer kept between calls (tiled_T) or
-a fresh one each call, as the step allocates it (tiled_T_fresh).
+aosae's own `tiled_topk` (which the TopK step runs on CPU, in tiles of at most TOPK_TILE latents): one
+[B, T] tile at a time, each tile's top-k merged into the running one, into a buffer kept between calls
+(tiled_T) or a fresh one each call, as the step allocates it (tiled_T_fresh). Each tile is a plain
+product whose bias the C++ row_topk adds as it selects (float32); tiled_T_torch is the same tiling with
+addmm and torch.topk instead (kernel=False), what the step ran before that kernel.
 Each timed result is checked against the unfused arm first (same values; same indices up to ties).
 
     python benchmarks/encoder_topk_fusion.py [--widths 65536,262144] [--tiles 4096,16384]
@@ -70,13 +72,14 @@ def main() -> None:
     for n in (int(v) for v in a.widths.split(",")):
         W_enc = torch.randn(n, a.d_in, generator=g).t() / a.d_in ** 0.5  # column-major, as the SAE stores it
         b_enc = 0.01 * torch.randn(n, generator=g)
-        tiles = [int(t) for t in a.tiles.split(",") if int(t) < n]
+        tiles = [int(t) for t in a.tiles.split(",") if int(t) <= n]
         bufs = {t: torch.empty(a.batch, t) for t in tiles}
         # aosae's own tiled_topk (what the TopK step runs): with a buffer kept between calls, and
         # with a fresh one each call, as the step allocates it
         arms = {"unfused": lambda: unfused(x, W_enc, b_enc, a.k),
                 **{f"tiled_{t}": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t, bufs[t])) for t in tiles},
-                **{f"tiled_{t}_fresh": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t)) for t in tiles}}
+                **{f"tiled_{t}_fresh": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t)) for t in tiles},
+                **{f"tiled_{t}_torch": (lambda t=t: tiled_topk(x, W_enc, b_enc, a.k, t, kernel=False)) for t in tiles}}
         reference = arms["unfused"]()
         for name, fn in arms.items():  # the check doubles as the warm-up, the same for every arm
             if not same(fn(), reference):
@@ -90,7 +93,7 @@ def main() -> None:
         product = 2 * a.batch * a.d_in * n
         base = statistics.median(times["unfused"])
         for name, ts in times.items():
-            tile = n if name == "unfused" else int(name.split("_")[1])  # (tiled_T or tiled_T_fresh)
+            tile = n if name == "unfused" else int(name.split("_")[1])  # (tiled_T, tiled_T_fresh, tiled_T_torch)
             rows.append({"n": n, "arm": name, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
                          "ratio_to_unfused": statistics.median(ts) / base, "gflops": product / statistics.median(ts) / 1e9,
                          "extra_bytes": a.batch * tile * 4})

@@ -253,6 +253,7 @@ void register_coactive_backward(pybind11::module& m);  // csrc/coactive_backward
 void register_topk_sum_backward(pybind11::module& m);  // csrc/topk_sum_backward.cpp
 void register_sparse_input(pybind11::module& m);  // csrc/sparse_input.cpp
 void register_sparse_coding(pybind11::module& m);  // csrc/sparse_coding.cpp
+void register_row_topk(pybind11::module& m);  // csrc/row_topk.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "aosae C++ CPU kernels";
@@ -265,4 +266,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_topk_sum_backward(m);
   register_sparse_input(m);
   register_sparse_coding(m);
+  register_row_topk(m);
 }

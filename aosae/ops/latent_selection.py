@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
+from aosae.ops import extension
 from aosae.ops.batch_top import batch_top
 
 ENCODE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
-# TopK on CPU wider than this: the encoder's product in column tiles of this many latents, each
-# tile's top k merged into the running one, so the [B, n] pre-activations are never written. The
-# product and top-k took 0.83× the untiled time at 65536 and 0.85× at 262144, in 256 MiB instead of
-# 0.5–2 GiB (B 2048, d_in 576; benchmarks/NOTES.md, thirtieth pass). At or below it: one product.
+# TopK on CPU: the encoder's product in column tiles of at most this many latents, each tile's top k
+# merged into the running one, so the [B, n] pre-activations are never written. The product and
+# top-k took 0.83× the untiled time at 65536 and 0.85× at 262144, in 256 MiB instead of 0.5–2 GiB
+# (B 2048, d_in 576; benchmarks/NOTES.md, thirtieth pass). At or below it: one tile, one product.
 TOPK_TILE = 32768
 
 
@@ -57,34 +58,62 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     return offsets_of(rows, b), indices, pre.reshape(-1)[flat]
 
 
-def topk_rows(values: torch.Tensor, indices: torch.Tensor):
-    """A TopK selection [B, k] (values, indices, in any order) as CSR rows: latents ascending (as
-    topk's own sort by value cost: the penalty's rows then need no permutation), values ReLU'd."""
+def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = False):
+    """A TopK selection [B, k] (values, indices; ascending=True: latents already ascending in each
+    row, else in any order) as CSR rows: latents ascending (as topk's own sort by value cost: the
+    penalty's rows then need no permutation), values ReLU'd."""
     b, k = indices.shape
-    indices, order = indices.sort(dim=1)
+    if not ascending:
+        indices, order = indices.sort(dim=1)
+        values = values.gather(1, order)
     offsets = torch.arange(b + 1, device=indices.device) * k
-    return offsets, indices.reshape(-1), values.gather(1, order).relu_().reshape(-1)
+    return offsets, indices.reshape(-1), values.relu_().reshape(-1)
+
+
+def _row_topk_kernel(*tensors: torch.Tensor):
+    """aosae._C where its row_topk runs on these tensors (float32 on CPU), else None."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return None
+    module, _ = extension.load()
+    return module if module is not None and hasattr(module, "row_topk") else None
 
 
 @torch.no_grad()
 def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, tile: int = TOPK_TILE,
-               buf: Optional[torch.Tensor] = None):
-    """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] in no order,
-    without the [B, n] product: its column tiles go through one [B, tile] buffer (`buf`, or a fresh
-    one), and each tile's top k is merged into the running one. The same k values per row as the
-    product's topk (each tile's entries are the same dot products, up to the GEMM's blocking in the
-    last bits); among tied values either may be kept."""
+               buf: Optional[torch.Tensor] = None, *, kernel: bool = True):
+    """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] with each row's
+    latents ascending, without the [B, n] pre-activations: the product's column tiles go through
+    one [B, tile] buffer (`buf`, or a fresh one), and each tile's top k is merged into the running
+    one. The same k values per row as the product's topk (each tile's entries are the same dot
+    products, up to the GEMM's blocking in the last bits).
+
+    In float32 on CPU the tile is a plain product and the C++ row_topk adds the bias as it reads it
+    (csrc/row_topk.cpp: addmm's broadcast copy of the bias and torch.topk cost 5× its time at d_sae
+    16384); ties then go to the smaller latent. Elsewhere, or with kernel=False (the baseline that
+    benchmarks/encoder_topk_fusion.py times): addmm and torch.topk, ties either way."""
     b, n = centered.shape[0], W_enc.shape[1]
     buf = centered.new_empty(b, min(tile, n)) if buf is None else buf
+    cpp = _row_topk_kernel(centered, W_enc, b_enc, buf) if kernel else None
     best_v = best_i = None
     for s in range(0, n, tile):
         e = min(n, s + tile)
-        part = torch.addmm(b_enc[s:e], centered, W_enc[:, s:e], out=buf[:, : e - s])
-        v, i = part.topk(min(k, e - s), dim=1, sorted=False)
+        if cpp is not None:  # each tile's rows come back ascending, past the running ones'
+            part = torch.mm(centered, W_enc[:, s:e], out=buf[:, : e - s])
+            v, i = cpp.row_topk(part, b_enc[s:e], min(k, e - s))
+        else:
+            part = torch.addmm(b_enc[s:e], centered, W_enc[:, s:e], out=buf[:, : e - s])
+            v, i = part.topk(min(k, e - s), dim=1, sorted=False)
         i += s
         if best_v is None:
             best_v, best_i = v, i
+            continue
+        v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+        if cpp is not None:  # (positions in order: latents stay ascending, ties to the smaller)
+            best_v, j = cpp.row_topk(v, None, min(k, v.shape[1]))
         else:
-            best_v, j = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1, sorted=False)
-            best_i = torch.cat([best_i, i], 1).gather(1, j)
+            best_v, j = v.topk(min(k, v.shape[1]), dim=1, sorted=False)
+        best_i = i.gather(1, j)
+    if cpp is None:
+        best_i, order = best_i.sort(dim=1)
+        best_v = best_v.gather(1, order)
     return best_v, best_i

@@ -204,10 +204,9 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
         # (not under CPU autocast: addmm with out= keeps the buffer's dtype, where the product below would not)
-        tiled = activation == "topk" and not want_pre and x.device.type == "cpu" and W_enc.shape[1] > TOPK_TILE \
-            and not torch.is_autocast_enabled("cpu")
+        tiled = activation == "topk" and not want_pre and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
         if tiled:
-            offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE))
+            offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE), ascending=True)
             pre = x.new_empty(0)  # (never written: nobody asked for it)
         else:
             pre = torch.addmm(b_enc, x - b_dec, W_enc)
@@ -318,7 +317,7 @@ def sparse_encode(
     "jumprelu" (entries above `threshold`). The dense pre-activations [B, n] are computed (an exact
     selection needs them) and returned too with return_pre=True: (SparseLatents, pre), pre
     differentiable (a dense gradient then, only if the caller uses it). Without return_pre, TopK on
-    CPU wider than TOPK_TILE latents never writes them (tiled_topk).
+    CPU (outside autocast) never writes them (tiled_topk).
 
     max_nnz (ReLU's dense phase): when more than max_nnz entries are positive nothing is selected
     and the latents come back as None (use return_pre=True and the dense pre then).

@@ -1,0 +1,102 @@
+"""The C++ row_topk (csrc/row_topk.cpp: the TopK step's selection on CPU in float32) against a
+sort: the k best of each row of pre + bias, ties to the smaller column, NaN first, columns
+ascending; its AVX-512 and portable paths alike, and tiled_topk through it."""
+import pytest
+import torch
+
+from aosae.ops import extension
+from aosae.ops.latent_selection import tiled_topk
+
+module, why = extension.load()
+pytestmark = pytest.mark.skipif(module is None, reason=f"the extension is needed: {why}")
+
+
+def by_sort(pre, bias, k):
+    """The k best per row by two stable sorts: by value (larger first; ties keep column order),
+    then NaN before the rest. Columns ascending."""
+    x = pre + bias if bias is not None else pre.clone()
+    nan = torch.isnan(x)
+    by_value = torch.sort(-torch.where(nan, 0.0, x), dim=1, stable=True).indices
+    nan_first = torch.sort(-nan.gather(1, by_value).int(), dim=1, stable=True).indices
+    cols = by_value.gather(1, nan_first)[:, :k].sort(1).values
+    return x.gather(1, cols), cols
+
+
+def rows_of(kind, b, n):
+    if kind == "random":
+        return torch.randn(b, n)
+    if kind == "ties":
+        return torch.randint(0, 4, (b, n)).float()
+    if kind == "zeros":
+        return torch.zeros(b, n)
+    if kind == "nan":
+        pre = torch.randn(b, n)
+        pre[torch.rand(b, n) < 0.02] = float("nan")
+        return pre
+    if kind == "inf":
+        pre = -torch.rand(b, n) * 1e30
+        pre[:, ::7] = float("-inf")
+        pre[:, 3::11] = float("inf")
+        return pre
+    if kind == "strided":  # rows of a wider buffer, as tiled_topk's last tile
+        return torch.randn(b, n + 5)[:, 2 : n + 2]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros", "nan", "inf", "strided"])
+@pytest.mark.parametrize("n", [1, 15, 17, 1024, 3000, 4133])
+@pytest.mark.parametrize("scalar", [False, True])
+def test_row_topk_keeps_the_k_best_in_column_order(seed, kind, n, scalar):
+    b = 7
+    pre = rows_of(kind, b, n)
+    for k in sorted({1, min(n, 5), min(n, 64), (n + 1) // 2, n}):
+        for bias in (None, torch.randn(n)):
+            values, cols = module.row_topk(pre, bias, k, scalar)
+            want_v, want_c = by_sort(pre, bias, k)
+            assert cols.dtype == torch.long and values.shape == cols.shape == (b, k)
+            assert torch.equal(cols, want_c), (k, bias is None)
+            torch.testing.assert_close(values, want_v, equal_nan=True, rtol=0, atol=0)
+
+
+def test_row_topk_many_ties_past_the_bound(seed):
+    """Rows whose bound lets far more than 4k values through (one value repeated): the candidates
+    are cut to the k best on the way, the first k columns kept."""
+    pre = torch.full((3, 20000), 2.0)
+    pre[1, 5000:] = 3.0
+    for scalar in (False, True):
+        values, cols = module.row_topk(pre, None, 100, scalar)
+        assert torch.equal(cols[0], torch.arange(100)) and torch.equal(cols[1], torch.arange(5000, 5100))
+        assert (values[0] == 2).all() and (values[1] == 3).all()
+
+
+def test_row_topk_rejects_what_it_cannot_read():
+    pre = torch.randn(4, 9)
+    with pytest.raises(RuntimeError, match="float32"):
+        module.row_topk(pre.double(), None, 2)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        module.row_topk(pre, None, 10)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        module.row_topk(pre, None, 0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        module.row_topk(pre, torch.randn(8), 2)
+    with pytest.raises(RuntimeError, match="columns must be contiguous"):
+        module.row_topk(torch.randn(9, 4).t(), None, 2)
+
+
+@pytest.mark.parametrize("tile", [3, 16, 40])
+def test_tiled_topk_in_float32_matches_float64(seed, tile):
+    """Through the kernel (float32): the latents of the float64 product's k best (ties broken to the
+    smaller latent: columns 20–28 repeat 10–18), ascending."""
+    centered = torch.randn(13, 6, dtype=torch.float64)
+    W_enc, b_enc = torch.randn(6, 29, dtype=torch.float64), torch.randn(29, dtype=torch.float64)
+    W_enc[:, 20:], b_enc[20:] = W_enc[:, 10:19], b_enc[10:19]
+    centered, W_enc, b_enc = (t.float().double() for t in (centered, W_enc, b_enc))  # exact in float32
+    for k in (1, 4, 12):
+        values, indices = tiled_topk(centered.float(), W_enc.float(), b_enc.float(), k, tile)
+        pre = torch.addmm(b_enc, centered, W_enc)
+        want_v, want_i = by_sort(pre, None, k)
+        gap = (pre.sort(1, descending=True).values[:, k - 1] - pre.sort(1, descending=True).values[:, k]).abs()
+        clear = gap > 1e-4  # rows whose k-th and (k+1)-th differ by more than float32's rounding
+        assert torch.equal(indices[clear], want_i[clear])
+        assert (indices.diff(dim=1) > 0).all()
+        torch.testing.assert_close(values.double(), pre.gather(1, indices), rtol=1e-5, atol=1e-5)
