@@ -6,6 +6,7 @@ by aosae.ops.sparse_coding's encoder; rows list their latents in ascending order
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -70,6 +71,21 @@ def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = Fal
     return offsets, indices.reshape(-1), values.relu_().reshape(-1)
 
 
+_kept = threading.local()  # this thread's product tile, kept between calls (tiled_topk)
+
+
+def tile_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, cols] buffer for tiled_topk's product tiles, kept between calls of this thread: a
+    fresh 128–256 MiB each training step cost ≈ 40 ms of first-touch page faults at d_sae 16384,
+    B 2048 (benchmarks/NOTES.md, thirty-first pass). One per thread; another shape, dtype or
+    device replaces it. Nothing tiled_topk returns is a view of it."""
+    buf = getattr(_kept, "buf", None)
+    if buf is None or buf.shape != (rows, cols) or buf.dtype != like.dtype or buf.device != like.device:
+        _kept.buf = None  # (the old one freed before the new one is allocated)
+        buf = _kept.buf = like.new_empty(rows, cols)
+    return buf
+
+
 def _row_topk_kernel(*tensors: torch.Tensor):
     """aosae._C where its row_topk runs on these tensors (float32 on CPU), else None."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
@@ -83,8 +99,8 @@ def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                buf: Optional[torch.Tensor] = None, *, kernel: bool = True):
     """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] with each row's
     latents ascending, without the [B, n] pre-activations: the product's column tiles go through
-    one [B, tile] buffer (`buf`, or a fresh one), and each tile's top k is merged into the running
-    one. The same k values per row as the product's topk (each tile's entries are the same dot
+    one [B, tile] buffer (`buf`, or this thread's kept one: tile_buffer), and each tile's top k is
+    merged into the running one. The same k values per row as the product's topk (each tile's entries are the same dot
     products, up to the GEMM's blocking in the last bits).
 
     In float32 on CPU the tile is a plain product and the C++ row_topk adds the bias as it reads it
@@ -92,7 +108,7 @@ def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     16384); ties then go to the smaller latent. Elsewhere, or with kernel=False (the baseline that
     benchmarks/encoder_topk_fusion.py times): addmm and torch.topk, ties either way."""
     b, n = centered.shape[0], W_enc.shape[1]
-    buf = centered.new_empty(b, min(tile, n)) if buf is None else buf
+    buf = tile_buffer(b, min(tile, n), centered) if buf is None else buf
     cpp = _row_topk_kernel(centered, W_enc, b_enc, buf) if kernel else None
     best_v = best_i = None
     for s in range(0, n, tile):

@@ -100,3 +100,36 @@ def test_tiled_topk_in_float32_matches_float64(seed, tile):
         assert torch.equal(indices[clear], want_i[clear])
         assert (indices.diff(dim=1) > 0).all()
         torch.testing.assert_close(values.double(), pre.gather(1, indices), rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_topk_keeps_its_tile_between_calls_and_returns_no_view_of_it(seed):
+    """The step's product tile is kept per thread (a fresh one each step cost its page faults):
+    the same buffer on the next call of that shape, a new one for another shape, and the values
+    returned survive the next call."""
+    from aosae.ops import latent_selection
+
+    centered, W_enc, b_enc = torch.randn(9, 5), torch.randn(5, 40), torch.randn(40)
+    first = tiled_topk(centered, W_enc, b_enc, 3, 16)
+    kept = latent_selection.tile_buffer(9, 16, centered)
+    assert latent_selection.tile_buffer(9, 16, centered) is kept
+    held = first[0].clone()
+    tiled_topk(torch.randn(9, 5), W_enc, b_enc, 3, 16)
+    assert torch.equal(first[0], held)  # not overwritten through the kept tile
+    assert latent_selection.tile_buffer(9, 16, centered) is kept
+    assert latent_selection.tile_buffer(4, 16, centered) is not kept
+    assert latent_selection.tile_buffer(4, 16, centered.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiled_topk_without_the_kernel_agrees(seed, dtype):
+    """kernel=False (addmm and torch.topk, the benchmark's baseline) keeps the same latents,
+    ascending, on inputs without near-ties."""
+    centered, W_enc, b_enc = torch.randn(6, 4, dtype=dtype), torch.randn(4, 50, dtype=dtype), torch.randn(50, dtype=dtype)
+    for tile in (7, 50):
+        a = tiled_topk(centered, W_enc, b_enc, 5, tile)
+        b = tiled_topk(centered, W_enc, b_enc, 5, tile, kernel=False)
+        assert (a[1].diff(dim=1) > 0).all() and (b[1].diff(dim=1) > 0).all()
+        pre = torch.addmm(b_enc, centered, W_enc).sort(1, descending=True).values
+        clear = (pre[:, 4] - pre[:, 5]).abs() > 1e-4
+        assert torch.equal(a[1][clear], b[1][clear])
+        torch.testing.assert_close(a[0][clear], b[0][clear], rtol=1e-5, atol=1e-5)
