@@ -3,13 +3,13 @@
 The TopK step's forward computes pre = (x − b_dec) W_enc + b_enc, [B, n], then keeps the k largest
 per row. A fused form tiles the product over latent columns and keeps a running top-k per row, so
 [B, n] is never written: its gain is bounded by the [B, n] write (first touch of a fresh buffer) and
-the top-k pass over it. Both arms here use MKL's GEMM for the product (`addmm`); the tiled arms are
-aosae's own `tiled_topk` (which the TopK step runs on CPU, in tiles of at most TOPK_TILE latents): one
-[B, T] tile at a time, each tile's top-k merged into the running one, into a buffer kept between calls
-(tiled_T, as the step keeps it: tile_buffer) or a fresh one each call (tiled_T_fresh). Each tile is a plain
-product whose bias the C++ row_topk adds as it selects (float32); tiled_T_torch is the same tiling with
-addmm and torch.topk into a fresh buffer (kernel=False), what the step ran above 32768 latents before
-that kernel (below it the step ran the unfused arm).
+the top-k pass over it. Every arm uses MKL's GEMM for the product (`addmm`, or `mm` where the kernel
+adds the bias). The tiled arms are aosae's own `tiled_topk` (which the TopK step runs on CPU, in tiles
+of at most TOPK_TILE latents): one [B, T] tile at a time, each tile's top-k merged into the running
+one, into a buffer kept between calls (tiled_T, as the step keeps it: tile_buffer) or a fresh one each
+call (tiled_T_fresh). Each tile is a plain product whose bias the C++ row_topk adds as it selects
+(float32); tiled_T_torch is the same tiling with addmm and torch.topk into a fresh buffer
+(kernel=False), what the step ran above 32768 latents before that kernel (below it, the unfused arm).
 Each timed result is checked against the unfused arm first (the same values up to float32 rounding).
 
     python benchmarks/encoder_topk_fusion.py [--widths 65536,262144] [--tiles 4096,16384]

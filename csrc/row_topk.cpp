@@ -7,9 +7,10 @@
 //      with k of them >= t is a lower bound of the k-th largest, since k values reach it;
 //   2. every value not below t is a candidate (≈ k·1.2 on random rows, in column order); the
 //      k best of them are kept in column order.
+// (Step 1 runs where 16·⌊n/1024⌋ >= 4k; elsewhere t starts at −inf.)
 // Ties go to the smaller column, NaN ranks above everything (as torch.topk ranks it), so a NaN
 // pre-activation is kept and the step's finiteness check sees it. If the bound lets too many
-// through (many ties), the candidates are cut to the k best whenever they reach 4k, and from then
+// through (many ties), the candidates are cut to the k best whenever they reach max(4k, 256), and from then
 // on only values above the k-th best so far enter (a later tie loses to the earlier column).
 //
 // torch.topk over [2048, 16384] took 45–54 ms on 2 cores, this 9–10 ms (AMD EPYC Zen 4;
@@ -146,14 +147,14 @@ struct RowScan {
       maxima.assign(groups * 16, -std::numeric_limits<float>::infinity());
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t j = 0; j < 1024; ++j) {
-          const float v = p[g * 1024 + j] + (bias ? bias[g * 1024 + j] : 0.f);
+          const float v = bias ? p[g * 1024 + j] + bias[g * 1024 + j] : p[g * 1024 + j];
           float& m = maxima[g * 16 + (j & 15)];
           m = std::max(m, v);  // (NaN dropped: the bound only gets lower)
         }
       bound = kth_lower_bound(maxima, k, keys);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const float v = p[j] + (bias ? bias[j] : 0.f);
+      const float v = bias ? p[j] + bias[j] : p[j];  // (no + 0.f: -0.0 stays -0.0, as in the vector loop)
       if (passes(v)) push(v, j);
     }
   }
@@ -199,7 +200,7 @@ struct RowScan {
       if (strict != was_strict || bound != was_bound) vbound = _mm512_set1_ps(bound);
     }
     for (; j < n; ++j) {
-      const float v = p[j] + (bias ? bias[j] : 0.f);
+      const float v = bias ? p[j] + bias[j] : p[j];  // (no + 0.f: -0.0 stays -0.0, as in the vector loop)
       if (passes(v)) push(v, j);
     }
   }
@@ -248,6 +249,7 @@ std::tuple<Tensor, Tensor> row_topk(const Tensor& pre, const c10::optional<Tenso
 }  // namespace
 
 void register_row_topk(pybind11::module& m) {
+  m.def("row_topk_vectorized", &aosae::has_avx512, "whether row_topk runs its AVX-512 path on this CPU");
   m.def("row_topk", &row_topk,
         "the k largest of each row of pre + bias (float32, CPU): (values, columns) [B, k], columns ascending, "
         "ties to the smaller column, NaN first",

@@ -295,7 +295,7 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         shape = (*lead, self.d_sae)
-        if act == "topk":  # the pre-activations only if read (on CPU, never written at all)
+        if act == "topk":  # the pre-activations only if read (on CPU outside autocast, never written at all)
             latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
             x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
             return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents, top_k=self.cfg.top_k, shape=shape)

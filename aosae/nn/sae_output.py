@@ -15,7 +15,7 @@ class SAEOutput:
 
     x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations. A
     TopK SAE computes them again when they are first read (its selection does not keep them, and
-    on CPU above aosae.ops.latent_selection.TOPK_TILE latents never writes them), which must come
+    on CPU outside autocast never writes them: aosae.ops.latent_selection.tiled_topk), which must come
     before its weights or input change (checked by version counters, which aosae's optimizer
     bumps; writes through `.data` or torch's fused optimizers escape the check); their last bits
     may differ from those the tiled selection compared.

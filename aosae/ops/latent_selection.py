@@ -62,28 +62,40 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
 def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = False):
     """A TopK selection [B, k] (values, indices; ascending=True: latents already ascending in each
     row, else in any order) as CSR rows: latents ascending (as topk's own sort by value cost: the
-    penalty's rows then need no permutation), values ReLU'd."""
+    penalty's rows then need no permutation), values ReLU'd (the inputs are not changed)."""
     b, k = indices.shape
-    if not ascending:
+    if ascending:
+        values = values.relu()
+    else:
         indices, order = indices.sort(dim=1)
-        values = values.gather(1, order)
+        values = values.gather(1, order).relu_()
     offsets = torch.arange(b + 1, device=indices.device) * k
-    return offsets, indices.reshape(-1), values.relu_().reshape(-1)
+    return offsets, indices.reshape(-1), values.reshape(-1)
 
 
 _kept = threading.local()  # this thread's product tile, kept between calls (tiled_topk)
+KEPT_TILE_BYTES = 256 << 20  # the largest tile kept: B 2048 × 32768 latents in float32
 
 
 def tile_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A [rows, cols] buffer for tiled_topk's product tiles, kept between calls of this thread: a
-    fresh 128–256 MiB each training step cost ≈ 40 ms of first-touch page faults at d_sae 16384,
-    B 2048 (benchmarks/NOTES.md, thirty-first pass). One per thread; another shape, dtype or
-    device replaces it. Nothing tiled_topk returns is a view of it."""
+    """A [rows, cols] buffer for tiled_topk's product tiles. On CPU, up to KEPT_TILE_BYTES, it is
+    kept between calls of this thread: a fresh 128 MiB each training step cost ≈ 60 ms of
+    first-touch page faults at d_sae 16384, B 2048 (benchmarks/NOTES.md, thirty-first pass). One
+    per thread; another shape or dtype replaces it, release_tile_buffer() frees it. Larger tiles
+    and other devices get a fresh buffer. Nothing tiled_topk returns is a view of it."""
+    if like.device.type != "cpu" or rows * cols * like.element_size() > KEPT_TILE_BYTES:
+        return like.new_empty(rows, cols)
     buf = getattr(_kept, "buf", None)
-    if buf is None or buf.shape != (rows, cols) or buf.dtype != like.dtype or buf.device != like.device:
+    if buf is None or buf.shape != (rows, cols) or buf.dtype != like.dtype:
         _kept.buf = None  # (the old one freed before the new one is allocated)
-        buf = _kept.buf = like.new_empty(rows, cols)
+        with torch.inference_mode(False):  # (made under inference mode, it could not be written outside it)
+            buf = _kept.buf = torch.empty(rows, cols, dtype=like.dtype)
     return buf
+
+
+def release_tile_buffer() -> None:
+    """Frees this thread's kept product tile (tile_buffer), e.g. after training in a long-lived process."""
+    _kept.buf = None
 
 
 def _row_topk_kernel(*tensors: torch.Tensor):

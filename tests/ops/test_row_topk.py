@@ -43,11 +43,15 @@ def rows_of(kind, b, n):
     raise ValueError(kind)
 
 
+PATHS = [pytest.param(False, id="avx512", marks=pytest.mark.skipif(
+    module is None or not module.row_topk_vectorized(), reason="this CPU has no AVX-512")), pytest.param(True, id="portable")]
+
+
 @pytest.mark.parametrize("kind", ["random", "ties", "zeros", "nan", "inf", "strided"])
 @pytest.mark.parametrize("n", [1, 15, 17, 1024, 3000, 4133])
-@pytest.mark.parametrize("scalar", [False, True])
+@pytest.mark.parametrize("scalar", PATHS)
 def test_row_topk_keeps_the_k_best_in_column_order(seed, kind, n, scalar):
-    b = 7
+    b = 7 if n > 1024 else 37  # (more rows than one thread's share: the rows split across threads)
     pre = rows_of(kind, b, n)
     for k in sorted({1, min(n, 5), min(n, 64), (n + 1) // 2, n}):
         for bias in (None, torch.randn(n)):
@@ -56,6 +60,16 @@ def test_row_topk_keeps_the_k_best_in_column_order(seed, kind, n, scalar):
             assert cols.dtype == torch.long and values.shape == cols.shape == (b, k)
             assert torch.equal(cols, want_c), (k, bias is None)
             torch.testing.assert_close(values, want_v, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scalar", PATHS)
+def test_row_topk_keeps_negative_zero(scalar):
+    """-0.0 comes back as -0.0 on both paths, with and without a bias (torch.topk keeps it too)."""
+    pre = torch.full((2, 20), -0.0)
+    values, cols = module.row_topk(pre, None, 20, scalar)
+    assert torch.equal(cols[0], torch.arange(20)) and bool(torch.signbit(values).all())
+    values, _ = module.row_topk(pre, torch.full((20,), -0.0), 3, scalar)
+    assert bool(torch.signbit(values).all())
 
 
 def test_row_topk_many_ties_past_the_bound(seed):
@@ -118,6 +132,39 @@ def test_tiled_topk_keeps_its_tile_between_calls_and_returns_no_view_of_it(seed)
     assert latent_selection.tile_buffer(9, 16, centered) is kept
     assert latent_selection.tile_buffer(4, 16, centered) is not kept
     assert latent_selection.tile_buffer(4, 16, centered.double()).dtype == torch.float64
+    kept = latent_selection.tile_buffer(4, 16, centered.double())
+    latent_selection.release_tile_buffer()
+    assert latent_selection.tile_buffer(4, 16, centered.double()) is not kept
+    big = latent_selection.KEPT_TILE_BYTES // 4 // 16 + 1  # rows: one past the largest kept tile
+    assert latent_selection.tile_buffer(big, 16, centered) is not latent_selection.tile_buffer(big, 16, centered)
+    latent_selection.release_tile_buffer()
+
+
+def test_a_tile_kept_under_inference_mode_serves_training(seed):
+    """An evaluation under torch.inference_mode at the training shape leaves a tile that the next
+    training step can write (an inference tensor could not be written outside that mode)."""
+    from aosae.ops import latent_selection
+    from aosae.ops.sparse_coding import sparse_encode
+
+    latent_selection.release_tile_buffer()
+    x, W_enc, b_dec = torch.randn(6, 5), torch.randn(5, 30, requires_grad=True), torch.zeros(5)
+    b_enc = torch.zeros(30, requires_grad=True)
+    with torch.inference_mode():
+        sparse_encode(x, W_enc, b_enc, b_dec, "topk", 4)
+    sparse_encode(x, W_enc, b_enc, b_dec, "topk", 4).values.sum().backward()
+    assert W_enc.grad is not None
+    latent_selection.release_tile_buffer()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiled_topk_in_half_precision(seed, dtype):
+    """float16 and bfloat16 (addmm and torch.topk; no kernel): a top k of their own product, ascending."""
+    centered, W_enc, b_enc = (t.to(dtype) for t in (torch.randn(8, 6), torch.randn(6, 40), torch.randn(40)))
+    values, indices = tiled_topk(centered, W_enc, b_enc, 5, 16)
+    assert values.dtype == dtype and (indices.diff(dim=1) > 0).all()
+    pre = torch.addmm(b_enc.float(), centered.float(), W_enc.float())
+    torch.testing.assert_close(values.float(), pre.gather(1, indices), rtol=2e-2, atol=2e-2)
+    assert (values.float().min(1).values >= pre.topk(5, 1).values[:, -1] - 0.1).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
