@@ -13,7 +13,7 @@
 // through (many ties), the candidates are cut to the k best whenever they reach max(4k, 256), and from then
 // on only values above the k-th best so far enter (a later tie loses to the earlier column).
 //
-// torch.topk over [2048, 16384] took 45–54 ms on 2 cores, this 9–10 ms (AMD EPYC Zen 4;
+// torch.topk over [2048, 16384] took 44–54 ms on 2 cores, this 9–15 ms (AMD EPYC Zen 4;
 // benchmarks/NOTES.md, thirty-first pass). No PYBIND11_MODULE here: csrc/gram_topk_cpu.cpp calls
 // register_row_topk(m).
 
