@@ -138,36 +138,40 @@ struct RowScan {
     strict = true;
   }
 
-  void scalar(const float* p, const float* bias) {
-    const int64_t groups = n / 1024;
+  // a new row: no candidates, no bound yet; whether it has enough groups for the maxima's bound
+  bool start() {
     c.clear();
     strict = false;
     bound = -std::numeric_limits<float>::infinity();
-    if (groups * 16 >= 4 * k) {
-      maxima.assign(groups * 16, -std::numeric_limits<float>::infinity());
-      for (int64_t g = 0; g < groups; ++g)
-        for (int64_t j = 0; j < 1024; ++j) {
-          const float v = bias ? p[g * 1024 + j] + bias[g * 1024 + j] : p[g * 1024 + j];
-          float& m = maxima[g * 16 + (j & 15)];
-          m = std::max(m, v);  // (NaN dropped: the bound only gets lower)
-        }
-      bound = kth_lower_bound(maxima, k, keys);
-    }
-    for (int64_t j = 0; j < n; ++j) {
+    maxima.resize((n / 1024) * 16);
+    return static_cast<int64_t>(maxima.size()) >= 4 * k;
+  }
+
+  // columns [from, n) one at a time (the portable path; the vector path's last n mod 16)
+  void scan(const float* p, const float* bias, int64_t from) {
+    for (int64_t j = from; j < n; ++j) {
       const float v = bias ? p[j] + bias[j] : p[j];  // (no + 0.f: -0.0 stays -0.0, as in the vector loop)
       if (passes(v)) push(v, j);
     }
   }
 
+  void scalar(const float* p, const float* bias) {
+    if (start()) {
+      std::fill(maxima.begin(), maxima.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < static_cast<int64_t>(maxima.size()) * 64; ++j) {
+        const float v = bias ? p[j] + bias[j] : p[j];
+        float& m = maxima[(j / 1024) * 16 + (j & 15)];
+        m = std::max(m, v);  // (NaN dropped: the bound only gets lower)
+      }
+      bound = kth_lower_bound(maxima, k, keys);
+    }
+    scan(p, bias, 0);
+  }
+
 #if defined(__x86_64__) || defined(__i386__)
   __attribute__((target("avx512f"))) void avx512(const float* p, const float* bias) {
-    const int64_t groups = n / 1024;
-    c.clear();
-    strict = false;
-    bound = -std::numeric_limits<float>::infinity();
-    if (groups * 16 >= 4 * k) {
-      maxima.resize(groups * 16);
-      for (int64_t g = 0; g < groups; ++g) {
+    if (start()) {
+      for (int64_t g = 0; g < static_cast<int64_t>(maxima.size()) / 16; ++g) {
         const float* q = p + g * 1024;
         const float* bq = bias ? bias + g * 1024 : nullptr;
         __m512 m[4];
@@ -191,18 +195,13 @@ struct RowScan {
       __mmask16 in = strict ? _mm512_cmp_ps_mask(v, vbound, _CMP_NLE_UQ) : _mm512_cmp_ps_mask(v, vbound, _CMP_NLT_UQ);
       if (!in) continue;
       _mm512_store_ps(lanes, v);
-      const bool was_strict = strict;
-      const float was_bound = bound;
       for (; in; in &= in - 1) {
         const int l = __builtin_ctz(in);
         if (passes(lanes[l])) push(lanes[l], j + l);  // (a cut inside the vector raises the bar)
       }
-      if (strict != was_strict || bound != was_bound) vbound = _mm512_set1_ps(bound);
+      vbound = _mm512_set1_ps(bound);
     }
-    for (; j < n; ++j) {
-      const float v = bias ? p[j] + bias[j] : p[j];  // (no + 0.f: -0.0 stays -0.0, as in the vector loop)
-      if (passes(v)) push(v, j);
-    }
+    scan(p, bias, j);
   }
 #endif
 };

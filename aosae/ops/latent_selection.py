@@ -64,13 +64,16 @@ def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = Fal
     row, else in any order) as CSR rows: latents ascending (as topk's own sort by value cost: the
     penalty's rows then need no permutation), values ReLU'd (the inputs are not changed)."""
     b, k = indices.shape
-    if ascending:
-        values = values.relu()
-    else:
-        indices, order = indices.sort(dim=1)
-        values = values.gather(1, order).relu_()
+    if not ascending:
+        values, indices = _by_latent(values, indices)
     offsets = torch.arange(b + 1, device=indices.device) * k
-    return offsets, indices.reshape(-1), values.reshape(-1)
+    return offsets, indices.reshape(-1), values.relu().reshape(-1)
+
+
+def _by_latent(values: torch.Tensor, indices: torch.Tensor):
+    """(values, indices) [B, k] with each row's latents in ascending order."""
+    indices, order = indices.sort(dim=1)
+    return values.gather(1, order), indices
 
 
 _kept = threading.local()  # this thread's product tile, kept between calls (tiled_topk)
@@ -112,8 +115,8 @@ def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     """The k largest of centered @ W_enc + b_enc per row, (values, indices) [B, k] with each row's
     latents ascending, without the [B, n] pre-activations: the product's column tiles go through
     one [B, tile] buffer (`buf`, or this thread's kept one: tile_buffer), and each tile's top k is
-    merged into the running one. The same k values per row as the product's topk (each tile's entries are the same dot
-    products, up to the GEMM's blocking in the last bits).
+    merged into the running one. The same k values per row as the product's topk (each tile's
+    entries are the same dot products, up to the GEMM's blocking in the last bits).
 
     In float32 on CPU the tile is a plain product and the C++ row_topk adds the bias as it reads it
     (csrc/row_topk.cpp: addmm's broadcast copy of the bias and torch.topk cost 5× its time at d_sae
@@ -141,7 +144,4 @@ def tiled_topk(centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
         else:
             best_v, j = v.topk(min(k, v.shape[1]), dim=1, sorted=False)
         best_i = i.gather(1, j)
-    if cpp is None:
-        best_i, order = best_i.sort(dim=1)
-        best_v = best_v.gather(1, order)
-    return best_v, best_i
+    return (best_v, best_i) if cpp is not None else _by_latent(best_v, best_i)
