@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from aosae.ops import extension
+from aosae.ops.kept_gradients import gradient_buffer
 from aosae.ops.latent_selection import ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, select, tiled_topk, topk_rows
 
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
@@ -186,6 +187,26 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
     return out
 
 
+def latent_gradient(latent_offsets: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                    weight: torch.Tensor) -> torch.Tensor:
+    """segment_gather_sum with segments = latents (entries grouped by latent, each latent's tokens
+    ascending and distinct): a weight's gradient [n, d]. On CPU in float32 / float64 it is written
+    into memory kept for `weight` between steps (kept_gradients.gradient_buffer: no page faults)
+    by a CSR × dense product (torch's, MKL's where torch has it), as fast as embedding_bag on
+    memory already touched (benchmarks/NOTES.md, thirty-second pass)."""
+    n = latent_offsets.numel() - 1
+    if table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64) or weight.dtype != table.dtype:
+        return segment_gather_sum(latent_offsets, tokens, weights, table)
+    out = gradient_buffer(weight, n, table.shape[1])
+    if tokens.numel() == 0:
+        return out.zero_()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": this use is covered by tests
+        warnings.simplefilter("ignore", UserWarning)
+        by_latent = torch.sparse_csr_tensor(latent_offsets.long(), tokens.long(), weights.to(table.dtype),
+                                            (n, table.shape[0]), check_invariants=False)
+    return torch.addmm(out, by_latent, table, beta=0.0, out=out)  # (beta 0: out's old contents are not read)
+
+
 # ----------------------------------------------------------------------------- autograd
 def _layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """grad in param's memory layout, so that autograd keeps it as param.grad without another
@@ -236,7 +257,7 @@ class _SparseEncode(torch.autograd.Function):
             if need_w:  # ∂L/∂W_enc[:, j] = Σ_{t: j kept in t} g_tj (x_t − b_dec), grouped by latent j
                 rows = token_of_entry(offsets, indices.numel())
                 order, latent_offsets = group_by(indices, n)
-                grad_w = segment_gather_sum(latent_offsets, rows[order], g[order], centered).t()  # [n, d] -> [d, n]
+                grad_w = latent_gradient(latent_offsets, rows[order], g[order], centered, W_enc).t()  # [n, d] -> [d, n]
             if need_x:
                 grad_x = segment_gather_sum(offsets, indices, g, W_enc.t())
         if g_pre is not None:  # someone used the dense pre-activations: their gradient is dense
@@ -275,7 +296,7 @@ class _SparseDecode(torch.autograd.Function):
             grad_values = gathered_dot(rows, indices, g, W_dec).to(values.dtype)
         if need_w:
             order, latent_offsets = group_by(indices, W_dec.shape[0])
-            grad_w = segment_gather_sum(latent_offsets, rows[order], values.detach()[order], g.to(W_dec.dtype))
+            grad_w = latent_gradient(latent_offsets, rows[order], values.detach()[order], g.to(W_dec.dtype), W_dec)
         grad_b = g.sum(0) if need_b else None
         return None, None, grad_values, grad_w, grad_b
 

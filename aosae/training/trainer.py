@@ -322,6 +322,7 @@ class Trainer:
                 bar.close()
             logger.close()
             self.buffer.close()
+            self.sae.release_kept_memory()  # (the gradients' memory kept between steps: no step follows)
         return self.finish()
 
     def _train_step(self) -> dict:
