@@ -296,10 +296,11 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         shape = (*lead, self.d_sae)
-        if act == "topk":  # the pre-activations only if read (on CPU outside autocast, never written at all)
+        if act in ("topk", "batchtopk"):  # the pre-activations only if read (on CPU outside autocast, none kept)
             latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
             x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
-            return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents, top_k=self.cfg.top_k, shape=shape)
+            return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents,
+                             top_k=self.cfg.top_k if act == "topk" else None, shape=shape)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None
         latents, pre = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw,
                                      return_pre=True, max_nnz=max_nnz)
@@ -325,7 +326,7 @@ class SparseAutoencoder(nn.Module):
         def pre_acts() -> torch.Tensor:
             if tuple(t._version for t in watched) != versions:
                 raise RuntimeError(
-                    "SAEOutput.pre_acts of a TopK SAE are computed when first read, and the SAE's weights "
+                    "SAEOutput.pre_acts of a TopK or BatchTopK SAE are computed when first read, and the SAE's weights "
                     "or its input have changed since its forward pass (an optimizer step?): read "
                     "out.pre_acts before changing them, or call sae.pre_activations(x) for the current weights")
             W_enc, b_enc, b_dec = params

@@ -8,6 +8,7 @@ import math
 import torch
 
 SAMPLE = 1 << 18  # entries of the strided sample that bounds the batch top-k from below
+SCAN_CHUNK = 1 << 22  # entries compared with the bound at a time on CPU (a 4 MiB mask)
 
 
 def sample_stride(total: int) -> int:
@@ -37,10 +38,20 @@ def batch_top(flat: torch.Tensor, count: int) -> torch.Tensor:
     expected = count / total * sample.numel()
     rank = min(sample.numel(), int(1.25 * expected + 4 * expected ** 0.5 + 8))
     low = sample.topk(rank, sorted=False).values.min()
-    candidates = (flat > low).nonzero().squeeze(1)
+    candidates = _above(flat, low)
     if candidates.numel() < count:
         return _full_top(flat, count)
     return candidates[flat[candidates].topk(count, sorted=False).indices]
+
+
+def _above(flat: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """Positions of flat's entries > low, ascending. On CPU by chunks of SCAN_CHUNK entries: one
+    [B·n] bool mask (32 MiB at d_sae 16384, B 2048) is above glibc's mmap ceiling, so mapped and
+    faulted in afresh every step; a chunk's mask is reused from the heap."""
+    if flat.device.type != "cpu" or flat.numel() <= SCAN_CHUNK:
+        return (flat > low).nonzero().squeeze(1)
+    return torch.cat([(flat[s:s + SCAN_CHUNK] > low).nonzero().squeeze(1) + s
+                      for s in range(0, flat.numel(), SCAN_CHUNK)])
 
 
 def _full_top(flat: torch.Tensor, count: int) -> torch.Tensor:

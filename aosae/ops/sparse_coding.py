@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from aosae.ops import extension
 from aosae.ops.kept_gradients import gradient_buffer
-from aosae.ops.latent_selection import ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, select, tiled_topk, topk_rows
+from aosae.ops.latent_selection import (ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, select, tile_buffer, tiled_topk,
+                                       topk_rows)
 
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -225,10 +226,16 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
         # (not under CPU autocast: addmm with out= keeps the buffer's dtype, where the product below would not)
-        tiled = activation == "topk" and not want_pre and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        kept = not want_pre and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        tiled = kept and activation == "topk"
         if tiled:
             offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE), ascending=True)
             pre = x.new_empty(0)  # (never written: nobody asked for it)
+        elif kept and activation == "batchtopk":  # pre only selected from: into the kept tile, no fresh pages
+            centered = x - b_dec
+            pre = torch.addmm(b_enc, centered, W_enc, out=tile_buffer(x.shape[0], W_enc.shape[1], centered))
+            offsets, indices, values = select(pre, activation, k, threshold)  # (values: a copy, not a view of pre)
+            pre = x.new_empty(0)
         else:
             pre = torch.addmm(b_enc, x - b_dec, W_enc)
             positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
@@ -239,7 +246,7 @@ class _SparseEncode(torch.autograd.Function):
             else:
                 offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
-        ctx.mark_non_differentiable(offsets, indices, *([pre] if tiled else []))
+        ctx.mark_non_differentiable(offsets, indices, *([pre] if kept and activation in ("topk", "batchtopk") else []))
         ctx.set_materialize_grads(False)
         return offsets, indices, values, pre
 

@@ -316,6 +316,28 @@ def test_topk_pre_acts_are_computed_when_read_and_guard_the_weights(seed):
         stepped.pre_acts
 
 
+def test_batchtopk_training_pre_acts_are_computed_when_read_and_its_buffer_leaks_nothing(seed):
+    """BatchTopK's training forward selects from pre-activations written into the kept tile
+    (latent_selection.tile_buffer): reading out.pre_acts computes them again, the kept values are
+    no view of that buffer (a later forward leaves them as they were), and the ragged rows have no
+    topk_indices."""
+    from aosae.ops import latent_selection
+
+    sae = make(d_sae=40, activation="batchtopk", top_k=4)
+    x = torch.randn(9, 12)
+    out = sae(x, train=True)
+    values = out.sparse.values.detach().clone()
+    torch.testing.assert_close(out.pre_acts, (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    kept = latent_selection.tile_buffer(9, 40, x)
+    assert sae(torch.randn(9, 12), train=True).sparse.values.numel() > 0
+    assert latent_selection.tile_buffer(9, 40, x) is kept  # the second forward wrote into the same tile
+    assert torch.equal(out.sparse.values.detach(), values)
+    assert out.topk_indices is None
+    top = torch.relu(out.pre_acts).reshape(-1).topk(36).values
+    torch.testing.assert_close(out.sparse.values.detach().sort(descending=True).values, top[top > 0])
+    latent_selection.release_tile_buffer()
+
+
 def test_wide_topk_pre_acts_read_back_hold_the_selection(seed, monkeypatch):
     """Through the tiles (TOPK_TILE made small), the pre-activations read back hold the kept latents:
     their top k per token are the kept values."""

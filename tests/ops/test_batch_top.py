@@ -11,8 +11,18 @@ def test_batch_top_is_exact(seed, total, count, monkeypatch):
     flat = torch.randn(total)
     got = bt.batch_top(flat, count).sort().values
     assert torch.equal(got, flat.topk(count).indices.sort().values)
+    monkeypatch.setattr(bt, "SCAN_CHUNK", 977)  # the candidates found chunk by chunk (odd: chunks straddle nothing)
+    assert torch.equal(bt.batch_top(flat, count).sort().values, got)
     monkeypatch.setattr(bt, "SAMPLE", 4)  # a useless sample: the full top-k takes over, still exact
     assert torch.equal(bt.batch_top(flat, count).sort().values, got)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 22])
+def test_candidates_by_chunks_are_those_of_one_mask(seed, chunk, monkeypatch):
+    flat = torch.randint(-3, 4, (1000,)).float()  # ties with the bound, and many entries at it
+    monkeypatch.setattr(bt, "SCAN_CHUNK", chunk)
+    for low in (-4.0, 0.0, 1.0, 3.0):
+        assert torch.equal(bt._above(flat, torch.tensor(low)), (flat > low).nonzero().squeeze(1))
 
 
 @pytest.mark.parametrize("rows, width", [(2048, 16384), (2048, 65536), (512, 1 << 20), (4096, 24576), (3, 5)])
