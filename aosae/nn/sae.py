@@ -185,6 +185,7 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
         if cfg.activation == "batchtopk":  # the inference threshold, −1 until the first training step
             self.register_buffer("threshold", torch.tensor(-1.0))
+        self._dense_last = True  # ReLU: whether the last forward's latents were too dense for the sparse path
 
     @classmethod
     def from_dims(cls, d_in: int, d_sae: int, activation: str = "relu", top_k: Optional[int] = None, **kw):
@@ -296,14 +297,19 @@ class SparseAutoencoder(nn.Module):
         lead = x.shape[:-1]
         act, kw = self._rule(train)
         shape = (*lead, self.d_sae)
-        if act in ("topk", "batchtopk"):  # the pre-activations only if read (on CPU outside autocast, none kept)
-            latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw)
-            x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
-            return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents,
-                             top_k=self.cfg.top_k if act == "topk" else None, shape=shape)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None
+        if act in ("topk", "batchtopk") or (act == "relu" and not self._dense_last):
+            # the pre-activations only if read (on CPU outside autocast none is kept: TopK's are never
+            # written whole, BatchTopK's and ReLU's go to a buffer reused every call)
+            latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw, max_nnz=max_nnz)
+            if latents is not None:
+                x_hat = self.decode_sparse(latents).reshape(*lead, self.d_in)
+                return SAEOutput(x_hat, self._pre_acts_on_access(flat, shape), latents,
+                                 top_k=self.cfg.top_k if act == "topk" else None, shape=shape)
         latents, pre = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw,
                                      return_pre=True, max_nnz=max_nnz)
+        if act == "relu":  # (dense: the next call starts from the dense pre-activations it then needs)
+            self._dense_last = latents is None
         pre = pre.reshape(shape)
         if latents is None:  # dense phase of a ReLU SAE
             f = torch.relu(pre)
@@ -326,7 +332,7 @@ class SparseAutoencoder(nn.Module):
         def pre_acts() -> torch.Tensor:
             if tuple(t._version for t in watched) != versions:
                 raise RuntimeError(
-                    "SAEOutput.pre_acts of a TopK or BatchTopK SAE are computed when first read, and the SAE's weights "
+                    "SAEOutput.pre_acts of a sparse forward pass are computed when first read, and the SAE's weights "
                     "or its input have changed since its forward pass (an optimizer step?): read "
                     "out.pre_acts before changing them, or call sae.pre_activations(x) for the current weights")
             W_enc, b_enc, b_dec = params

@@ -14,9 +14,10 @@ class SAEOutput:
     """What SparseAutoencoder.forward returns.
 
     x_hat [..., d_in]: the reconstruction. pre_acts [..., d_sae]: the encoder pre-activations. A
-    TopK or BatchTopK SAE (in training) computes them again when they are first read (its selection
-    does not keep them; on CPU outside autocast TopK never writes them whole,
-    aosae.ops.latent_selection.tiled_topk, and BatchTopK writes them into a buffer it reuses), which must come
+    sparse forward pass (TopK; BatchTopK in training; ReLU once its latents are sparse) computes
+    them again when they are first read (its selection does not keep them; on CPU outside autocast
+    TopK never writes them whole, aosae.ops.latent_selection.tiled_topk, and the others write them
+    into a buffer reused every call), which must come
     before its weights or input change (checked by version counters, which aosae's optimizer
     bumps; writes through `.data` or torch's fused optimizers escape the check); their last bits
     may differ from those the tiled selection compared.

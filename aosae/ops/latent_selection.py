@@ -59,6 +59,26 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
     return offsets_of(rows, b), indices, pre.reshape(-1)[flat]
 
 
+@torch.no_grad()
+def positive_rows(pre: torch.Tensor, max_nnz: Optional[int] = None, chunk: int = 1 << 22):
+    """select(pre, "relu") from blocks of rows of about `chunk` entries: a [B, n] bool mask (32 MiB
+    at d_sae 16384, B 2048) is above glibc's mmap ceiling and so faulted in afresh every call,
+    a block's is reused from the heap. None as soon as more than max_nnz entries are positive
+    (a ReLU SAE's dense phase)."""
+    b, n = pre.shape
+    step = max(1, chunk // max(n, 1))
+    rows, indices, count = [], [], 0
+    for start in range(0, b, step):
+        r, c = (pre[start:start + step] > 0).nonzero(as_tuple=True)
+        count += r.numel()
+        if max_nnz is not None and count > max_nnz:
+            return None
+        rows.append(r + start)
+        indices.append(c)
+    rows, indices = (torch.cat(rows), torch.cat(indices)) if rows else (pre.new_zeros(0, dtype=torch.long),) * 2
+    return offsets_of(rows, b), indices, pre[rows, indices]
+
+
 def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = False):
     """A TopK selection [B, k] (values, indices; ascending=True: latents already ascending in each
     row, else in any order) as CSR rows: latents ascending (as topk's own sort by value cost: the

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from aosae.ops import extension
 from aosae.ops.kept_gradients import gradient_buffer
-from aosae.ops.latent_selection import (ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, select, tile_buffer, tiled_topk,
-                                       topk_rows)
+from aosae.ops.latent_selection import (ENCODE_ACTIVATIONS, TOPK_TILE, offsets_of, positive_rows, select, tile_buffer,
+                                       tiled_topk, topk_rows)
 
 FORCE_TRITON_ENV = "AOSAE_SPARSE_TRITON"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -231,10 +231,14 @@ class _SparseEncode(torch.autograd.Function):
         if tiled:
             offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE), ascending=True)
             pre = x.new_empty(0)  # (never written: nobody asked for it)
-        elif kept and activation == "batchtopk":  # pre only selected from: into the kept tile, no fresh pages
+        elif kept and activation in ("batchtopk", "relu"):  # pre only selected from: into the kept tile, no fresh pages
             centered = x - b_dec
             pre = torch.addmm(b_enc, centered, W_enc, out=tile_buffer(x.shape[0], W_enc.shape[1], centered))
-            offsets, indices, values = select(pre, activation, k, threshold)  # (values: a copy, not a view of pre)
+            found = (select(pre, activation, k, threshold) if activation == "batchtopk"  # (values: copies, no views of pre)
+                     else positive_rows(pre, max_nnz))
+            if found is None:  # ReLU, too dense: the caller runs the dense path
+                found = pre.new_zeros(0, dtype=torch.long), pre.new_zeros(0, dtype=torch.long), pre.new_zeros(0)
+            offsets, indices, values = found
             pre = x.new_empty(0)
         else:
             pre = torch.addmm(b_enc, x - b_dec, W_enc)
@@ -246,7 +250,7 @@ class _SparseEncode(torch.autograd.Function):
             else:
                 offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
-        ctx.mark_non_differentiable(offsets, indices, *([pre] if kept and activation in ("topk", "batchtopk") else []))
+        ctx.mark_non_differentiable(offsets, indices, *([pre] if kept and activation != "jumprelu" else []))
         ctx.set_materialize_grads(False)
         return offsets, indices, values, pre
 

@@ -247,10 +247,12 @@ STEP_CASES = [  # (activation, top_k, b_enc shift): ReLU shifted down is past it
     ("topk", 5, 0.0), ("batchtopk", 4, 0.0), ("relu", None, -2.0), ("relu", None, 0.0)]
 
 
+@pytest.mark.parametrize("warm", [False, True])
 @pytest.mark.parametrize("activation, k, shift", STEP_CASES)
-def test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, activation, k, shift):
+def test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, activation, k, shift, warm):
     # float64: the sparse step (sparse encode/decode, penalty from the kept entries) against the
-    # dense reference step (dense latents, dense products, the dense penalty), every parameter
+    # dense reference step (dense latents, dense products, the dense penalty), every parameter.
+    # warm: after one forward, which sends a sparse ReLU through the kept pre-activation buffer
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.ops import sparse_coding_reference as ref
 
@@ -259,6 +261,10 @@ def test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, activation, k,
         sae.b_enc.normal_(shift, 0.3)
         sae.b_dec.normal_(0, 0.1)
     x = torch.randn(48, 16, dtype=torch.float64)
+    if warm:
+        with torch.no_grad():
+            sae(x)
+        assert sae._dense_last == (activation != "relu" or shift == 0.0)
     losses = _objective(sae, TopKOrthoLoss(0.01)).losses(x)
     assert losses.output.is_dense == (activation == "relu" and shift == 0.0)
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
@@ -287,7 +293,7 @@ def test_wide_topk_step_selects_in_tiles_with_the_dense_steps_loss_and_gradients
     monkeypatch.setattr(sparse_coding, "TOPK_TILE", tile)
     calls, real = [], sparse_coding.tiled_topk
     monkeypatch.setattr(sparse_coding, "tiled_topk", lambda *a: calls.append(a[-1]) or real(*a))
-    test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, "topk", 5, 0.0)
+    test_sparse_step_has_the_dense_steps_loss_and_gradients(seed, "topk", 5, 0.0, False)
     assert calls == [tile]
 
 
@@ -455,6 +461,47 @@ def test_batchtopk_threshold_training_inference_and_files(seed, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(sl.encode(x), f, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sl(x), out.x_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_relu_goes_dense_and_back_through_the_kept_buffer(seed, monkeypatch):
+    """A sparse ReLU forward reads its latents from the kept pre-activation buffer by blocks of rows
+    (positive_rows); one that finds them too dense there falls back to the dense path in the same
+    call, and the next call starts dense."""
+    from aosae.ops import latent_selection, sparse_coding
+
+    calls = []
+    monkeypatch.setattr(sparse_coding, "positive_rows", lambda pre, m: calls.append(m) or latent_selection.positive_rows(pre, m))
+    sae = make(d_in=12, d_sae=50)
+    x = torch.randn(30, 12)
+    assert sae(x).is_dense and calls == []  # the first call: dense pre-activations, returned
+    with torch.no_grad():
+        sae.b_enc.fill_(-3.0)
+    assert not sae(x).is_dense and calls == []  # a sparse call from the dense path
+    out = sae(x)  # from the kept buffer
+    assert not out.is_dense and len(calls) == 1
+    torch.testing.assert_close(out.latents, torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc))
+    with torch.no_grad():
+        sae.b_enc.fill_(3.0)  # dense again: found so in the buffer, then the dense path
+    dense = sae(x)
+    assert dense.is_dense and len(calls) == 2 and sae._dense_last
+    torch.testing.assert_close(dense.latents, torch.relu(dense.pre_acts))
+    latent_selection.release_tile_buffer()
+
+
+@pytest.mark.parametrize("max_nnz", [None, 0, 40, 10**6])
+@pytest.mark.parametrize("chunk", [1, 13, 1 << 22])
+def test_positive_rows_are_relus_selection(seed, chunk, max_nnz):
+    from aosae.ops import latent_selection
+
+    pre = torch.randn(17, 11)
+    pre[3] = 0.0  # zeros are not kept
+    pre[5] = -1.0  # an empty row
+    got = latent_selection.positive_rows(pre, max_nnz, chunk=chunk)
+    if max_nnz is not None and int((pre > 0).sum()) > max_nnz:
+        assert got is None
+        return
+    for a, b in zip(got, latent_selection.select(pre, "relu")):
+        assert torch.equal(a, b)
 
 
 def test_output_reads_sparse_and_dense_forms_alike(seed):
