@@ -22,7 +22,7 @@ from torch import nn
 from aosae.files import replace_file_atomically, save_tensors, write_dir_atomically, write_json
 from aosae.nn.sae_output import SAEOutput
 from aosae.ops import kept_gradients
-from aosae.ops.latent_selection import select
+from aosae.ops.latent_selection import release_tile_buffer, select
 from aosae.ops.sparse_coding import SparseLatents, sparse_decode, sparse_encode
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
@@ -379,10 +379,12 @@ class SparseAutoencoder(nn.Module):
             g.addcmul_(v, along, value=-1)
 
     def release_kept_memory(self) -> None:
-        """Frees the memory the sparse step keeps for W_enc's and W_dec's gradients between steps
-        on CPU (aosae.ops.kept_gradients), e.g. once training is over in a long-lived process."""
+        """Frees the memory the sparse step keeps between steps on CPU, e.g. once training is over in
+        a long-lived process: W_enc's and W_dec's gradients' (aosae.ops.kept_gradients) and this
+        thread's pre-activation tile (aosae.ops.latent_selection.tile_buffer, made again when needed)."""
         for weight in (self.W_enc, self.W_dec):
             kept_gradients.release(weight)
+        release_tile_buffer()
 
     @torch.no_grad()
     def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median", iters: int = 20) -> None:

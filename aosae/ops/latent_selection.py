@@ -97,15 +97,16 @@ def _by_latent(values: torch.Tensor, indices: torch.Tensor):
 
 
 _kept = threading.local()  # this thread's product tile, kept between calls (tiled_topk)
-KEPT_TILE_BYTES = 256 << 20  # the largest tile kept: B 2048 × 32768 latents in float32
+KEPT_TILE_BYTES = 2 << 30  # the largest tile kept: BatchTopK's and ReLU's whole [B, n], B 2048 × 262144 in float32
 
 
 def tile_buffer(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """A [rows, cols] buffer for tiled_topk's product tiles. On CPU, up to KEPT_TILE_BYTES, it is
-    kept between calls of this thread: a fresh 128 MiB each training step cost ≈ 60 ms of
-    first-touch page faults at d_sae 16384, B 2048 (benchmarks/NOTES.md, thirty-first pass). One
-    per thread; another shape or dtype replaces it, release_tile_buffer() frees it. Larger tiles
-    and other devices get a fresh buffer. Nothing tiled_topk returns is a view of it."""
+    """A [rows, cols] buffer for tiled_topk's product tiles (and for BatchTopK's and ReLU's whole
+    pre-activations, aosae.ops.sparse_coding). On CPU, up to KEPT_TILE_BYTES, it is kept between
+    calls of this thread: a fresh 128 MiB each training step cost ≈ 60 ms of first-touch page
+    faults at d_sae 16384, B 2048 (benchmarks/NOTES.md, thirty-first pass). One per thread; another
+    shape or dtype replaces it, release_tile_buffer() frees it. Larger tiles and other devices get
+    a fresh buffer. Nothing its callers return is a view of it."""
     if like.device.type != "cpu" or rows * cols * like.element_size() > KEPT_TILE_BYTES:
         return like.new_empty(rows, cols)
     buf = getattr(_kept, "buf", None)

@@ -154,5 +154,8 @@ def test_the_sae_step_keeps_its_two_weights_gradients_until_released(seed):
         out = sae(torch.randn(16, 8), train=True)
         (out.x_hat.pow(2).sum() + out.sparse.values.sum()).backward()
     assert {id(sae.W_enc), id(sae.W_dec)} == set(kept_gradients._kept)
+    from aosae.ops import latent_selection
+
+    assert latent_selection._kept.buf is not None  # (the TopK forward's product tile)
     sae.release_kept_memory()
-    assert not kept_gradients._kept
+    assert not kept_gradients._kept and latent_selection._kept.buf is None

@@ -120,7 +120,7 @@ def test_tiled_topk_in_float32_matches_float64(seed, tile):
         torch.testing.assert_close(values.double(), pre.gather(1, indices), rtol=1e-5, atol=1e-5)
 
 
-def test_tiled_topk_keeps_its_tile_between_calls_and_returns_no_view_of_it(seed):
+def test_tiled_topk_keeps_its_tile_between_calls_and_returns_no_view_of_it(seed, monkeypatch):
     """The step's product tile is kept per thread (a fresh one each step cost its page faults):
     the same buffer on the next call of that shape, a new one for another shape, and the values
     returned survive the next call."""
@@ -139,6 +139,7 @@ def test_tiled_topk_keeps_its_tile_between_calls_and_returns_no_view_of_it(seed)
     kept = latent_selection.tile_buffer(4, 16, centered.double())
     latent_selection.release_tile_buffer()
     assert latent_selection.tile_buffer(4, 16, centered.double()) is not kept
+    monkeypatch.setattr(latent_selection, "KEPT_TILE_BYTES", 4096)  # (the real cap: 2 GiB)
     big = latent_selection.KEPT_TILE_BYTES // 4 // 16 + 1  # rows: one past the largest kept tile
     assert latent_selection.tile_buffer(big, 16, centered) is not latent_selection.tile_buffer(big, 16, centered)
     latent_selection.release_tile_buffer()
