@@ -298,7 +298,7 @@ class SparseAutoencoder(nn.Module):
         act, kw = self._rule(train)
         shape = (*lead, self.d_sae)
         max_nnz = int(RELU_SPARSE_DENSITY * self.d_sae * flat.shape[0]) if act == "relu" else None
-        if act in ("topk", "batchtopk") or (act == "relu" and not self._dense_last):
+        if act in ("topk", "batchtopk") or (act == "relu" and not getattr(self, "_dense_last", True)):
             # the pre-activations only if read (on CPU outside autocast none is kept: TopK's are never
             # written whole, BatchTopK's and ReLU's go to a buffer reused every call)
             latents = sparse_encode(flat, self.W_enc, self.b_enc, self.b_dec, act, **kw, max_nnz=max_nnz)

@@ -4,6 +4,7 @@ entries above that bound only (aosae.ops.latent_selection.select)."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -38,20 +39,30 @@ def batch_top(flat: torch.Tensor, count: int) -> torch.Tensor:
     expected = count / total * sample.numel()
     rank = min(sample.numel(), int(1.25 * expected + 4 * expected ** 0.5 + 8))
     low = sample.topk(rank, sorted=False).values.min()
-    candidates = _above(flat, low)
+    candidates = entries_above(flat, low)
     if candidates.numel() < count:
         return _full_top(flat, count)
     return candidates[flat[candidates].topk(count, sorted=False).indices]
 
 
-def _above(flat: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """Positions of flat's entries > low, ascending. On CPU by chunks of SCAN_CHUNK entries: one
-    [B·n] bool mask (32 MiB at d_sae 16384, B 2048) is above glibc's mmap ceiling, so mapped and
-    faulted in afresh every step; a chunk's mask is reused from the heap."""
-    if flat.device.type != "cpu" or flat.numel() <= SCAN_CHUNK:
-        return (flat > low).nonzero().squeeze(1)
-    return torch.cat([(flat[s:s + SCAN_CHUNK] > low).nonzero().squeeze(1) + s
-                      for s in range(0, flat.numel(), SCAN_CHUNK)])
+def entries_above(flat: torch.Tensor, low, limit: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Positions of flat's entries > low, ascending; None as soon as more than `limit` are (counted
+    before any position is listed). On CPU by chunks of SCAN_CHUNK entries: one [B·n] bool mask
+    (32 MiB at d_sae 16384, B 2048) is above glibc's mmap ceiling, so mapped and faulted in afresh
+    every call; a chunk's is reused."""
+    chunk = SCAN_CHUNK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    parts, count = [], 0
+    for start in range(0, flat.numel(), chunk):
+        above = flat[start:start + chunk] > low
+        if limit is not None:
+            count += int(torch.count_nonzero(above))
+            if count > limit:
+                return None
+        at = above.nonzero().squeeze(1)
+        parts.append(at + start if start else at)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.long)
 
 
 def _full_top(flat: torch.Tensor, count: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from aosae.ops import extension
-from aosae.ops.batch_top import batch_top
+from aosae.ops.batch_top import batch_top, entries_above
 
 ENCODE_ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 # TopK on CPU: the encoder's product in column tiles of at most this many latents, each tile's top k
@@ -30,15 +30,14 @@ def offsets_of(keys: torch.Tensor, n_groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshold=None, *,
-           positive: Optional[torch.Tensor] = None):
+def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshold=None):
     """Pre-activations [B, n] -> (offsets [B+1], indices [nnz], values [nnz]) of the kept latents.
 
     "topk": the k largest per row (ReLU'd: a kept slot may hold 0), fixed offsets = arange·k.
     "batchtopk": the B·k largest of the whole batch that are > 0 (ragged rows, SAELens's
     BatchTopK). "relu": every entry > 0. "jumprelu": every entry > max(threshold, 0) (threshold
     a float, a 0-d tensor or one per latent): BatchTopK's inference form.
-    Every row lists its latents in ascending order. positive: pre > 0, when the caller has it already.
+    Every row lists its latents in ascending order.
     """
     b, n = pre.shape
     if activation == "topk":
@@ -49,7 +48,7 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
         flat = flat[pre.reshape(-1)[flat] > 0].sort().values  # row-major: rows, then latents ascending
         rows, indices = flat // n, flat % n
     elif activation in ("relu", "jumprelu"):
-        mask = pre > 0 if positive is None else positive
+        mask = pre > 0
         if activation == "jumprelu":
             mask = mask & (pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device))
         rows, indices = mask.nonzero(as_tuple=True)
@@ -60,23 +59,15 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
 
 
 @torch.no_grad()
-def positive_rows(pre: torch.Tensor, max_nnz: Optional[int] = None, chunk: int = 1 << 22):
-    """select(pre, "relu") from blocks of rows of about `chunk` entries: a [B, n] bool mask (32 MiB
-    at d_sae 16384, B 2048) is above glibc's mmap ceiling and so faulted in afresh every call,
-    a block's is reused from the heap. None as soon as more than max_nnz entries are positive
-    (a ReLU SAE's dense phase)."""
+def positive_rows(pre: torch.Tensor, max_nnz: Optional[int] = None):
+    """select(pre, "relu") without a [B, n] mask on CPU (batch_top.entries_above); None as soon as
+    more than max_nnz entries are positive (a ReLU SAE's dense phase)."""
     b, n = pre.shape
-    step = max(1, chunk // max(n, 1))
-    rows, indices, count = [], [], 0
-    for start in range(0, b, step):
-        r, c = (pre[start:start + step] > 0).nonzero(as_tuple=True)
-        count += r.numel()
-        if max_nnz is not None and count > max_nnz:
-            return None
-        rows.append(r + start)
-        indices.append(c)
-    rows, indices = (torch.cat(rows), torch.cat(indices)) if rows else (pre.new_zeros(0, dtype=torch.long),) * 2
-    return offsets_of(rows, b), indices, pre[rows, indices]
+    flat = entries_above(pre.reshape(-1), 0, max_nnz)
+    if flat is None:
+        return None
+    rows = flat // n
+    return offsets_of(rows, b), flat - rows * n, pre.reshape(-1)[flat]
 
 
 def topk_rows(values: torch.Tensor, indices: torch.Tensor, ascending: bool = False):

@@ -15,8 +15,9 @@ O(nnz·d). Everything here is built from two primitives:
         the gradient of the decoder w.r.t. the kept values (A = ∂L/∂x̂, B = W_dec).
 
 On CPU they are torch's own sparse kernels at the memory floor (embedding_bag in "sum" mode
-with per-sample weights; sampled_addmm, an SDDMM); on CUDA (or on CPU under Triton's
-interpreter with AOSAE_SPARSE_TRITON=1) the Triton kernels of
+with per-sample weights; sampled_addmm, an SDDMM; the weights' gradients, `latent_gradient`, a
+CSR × dense product into memory kept between steps, aosae.ops.kept_gradients); on CUDA (or on
+CPU under Triton's interpreter with AOSAE_SPARSE_TRITON=1) the Triton kernels of
 aosae.ops.backends.sparse_coding_triton. sparse_coding_reference.py is the dense oracle.
 """
 from __future__ import annotations
@@ -179,9 +180,7 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
         order, crow = group_by(rows_a, A.shape[0])  # counting sort on CPU (argsort: see group_by)
         rows_a, rows_b = rows_a.index_select(0, order), rows_b.index_select(0, order)
     a, b = A.to(out_dtype), B.to(out_dtype)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": this use is covered by tests
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, rows_b, a.new_zeros(nnz), (A.shape[0], B.shape[0]), check_invariants=False)
+    pattern = _csr(crow, rows_b, a.new_zeros(nnz), (A.shape[0], B.shape[0]))
     out = torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
     if order is not None:
         out = torch.empty_like(out).index_copy_(0, order, out)
@@ -191,21 +190,28 @@ def gathered_dot(rows_a: torch.Tensor, rows_b: torch.Tensor, A: torch.Tensor, B:
 def latent_gradient(latent_offsets: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
                     weight: torch.Tensor) -> torch.Tensor:
     """segment_gather_sum with segments = latents (entries grouped by latent, each latent's tokens
-    ascending and distinct): a weight's gradient [n, d]. On CPU in float32 / float64 it is written
-    into memory kept for `weight` between steps (kept_gradients.gradient_buffer: no page faults)
-    by a CSR × dense product (torch's, MKL's where torch has it), as fast as embedding_bag on
-    memory already touched (benchmarks/NOTES.md, thirty-second pass)."""
+    ascending and distinct): a weight's gradient [n, d]. On CPU in float32 / float64 (outside a
+    differentiable backward) it is written into memory kept for `weight` between steps
+    (kept_gradients.gradient_buffer: no page faults) by a CSR × dense product, as fast as
+    embedding_bag on memory already touched (benchmarks/NOTES.md, thirty-second pass)."""
     n = latent_offsets.numel() - 1
-    if table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64) or weight.dtype != table.dtype:
+    if (table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64) or weight.dtype != table.dtype
+            or torch.is_grad_enabled()):  # (create_graph: a product with out= has no autograd)
         return segment_gather_sum(latent_offsets, tokens, weights, table)
     out = gradient_buffer(weight, n, table.shape[1])
-    if tokens.numel() == 0:
-        return out.zero_()
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": this use is covered by tests
+    if tokens.numel() == 0 or not torch.backends.mkl.is_available():
+        out.zero_()  # (MKL's product with beta 0 never reads out; torch's own may scale it: 0 · NaN)
+        if tokens.numel() == 0:
+            return out
+    by_latent = _csr(latent_offsets.long(), tokens.long(), weights.to(table.dtype), (n, table.shape[0]))
+    return torch.addmm(out, by_latent, table, beta=0.0, out=out)
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, size: tuple) -> torch.Tensor:
+    """A CSR matrix from rows the caller built valid (no invariant check)."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": these uses are covered by tests
         warnings.simplefilter("ignore", UserWarning)
-        by_latent = torch.sparse_csr_tensor(latent_offsets.long(), tokens.long(), weights.to(table.dtype),
-                                            (n, table.shape[0]), check_invariants=False)
-    return torch.addmm(out, by_latent, table, beta=0.0, out=out)  # (beta 0: out's old contents are not read)
+        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -220,37 +226,32 @@ def _layout_of(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseEncode(torch.autograd.Function):
-    """x [B, d] -> (offsets, indices, values, pre [B, n]); the gradient w.r.t. the values follows
-    the kept entries only; pre's gradient (when a caller uses pre) is added densely."""
+    """x [B, d] -> (offsets, indices, values, pre [B, n], or empty when nobody asked for it); the
+    gradient w.r.t. the values follows the kept entries only; pre's gradient (when a caller uses
+    pre) is added densely."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, activation, k, threshold, max_nnz, want_pre):
-        # (not under CPU autocast: addmm with out= keeps the buffer's dtype, where the product below would not)
-        kept = not want_pre and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-        tiled = kept and activation == "topk"
-        if tiled:
+        # pre only selected from (nobody asked for it) on CPU outside autocast (where addmm with out= would keep
+        # the buffer's dtype): TopK's never written whole, BatchTopK's and ReLU's written into this thread's
+        # kept tile, so no fresh [B, n] pages each step (benchmarks/NOTES.md, thirty-first and -second passes)
+        unread = not want_pre and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
+            and activation != "jumprelu"
+        if unread and activation == "topk":
             offsets, indices, values = topk_rows(*tiled_topk(x - b_dec, W_enc, b_enc, k, TOPK_TILE), ascending=True)
-            pre = x.new_empty(0)  # (never written: nobody asked for it)
-        elif kept and activation in ("batchtopk", "relu"):  # pre only selected from: into the kept tile, no fresh pages
+        else:
             centered = x - b_dec
-            pre = torch.addmm(b_enc, centered, W_enc, out=tile_buffer(x.shape[0], W_enc.shape[1], centered))
-            found = (select(pre, activation, k, threshold) if activation == "batchtopk"  # (values: copies, no views of pre)
-                     else positive_rows(pre, max_nnz))
-            if found is None:  # ReLU, too dense: the caller runs the dense path
+            pre = torch.addmm(b_enc, centered, W_enc,
+                              out=tile_buffer(x.shape[0], W_enc.shape[1], centered) if unread else None)
+            # (values: copies, never views of pre)
+            found = positive_rows(pre, max_nnz) if activation == "relu" else select(pre, activation, k, threshold)
+            if found is None:  # ReLU, too dense (more than max_nnz): the caller runs the dense path from pre
                 found = pre.new_zeros(0, dtype=torch.long), pre.new_zeros(0, dtype=torch.long), pre.new_zeros(0)
             offsets, indices, values = found
+        if unread:
             pre = x.new_empty(0)
-        else:
-            pre = torch.addmm(b_enc, x - b_dec, W_enc)
-            positive = pre > 0 if max_nnz is not None else None  # ReLU: counted once, selected from
-            # count_nonzero: bool.sum() would first cast the mask to an int64 [B, n] (8 bytes an entry)
-            if positive is not None and int(torch.count_nonzero(positive)) > max_nnz:  # too dense: use pre
-                offsets = indices = pre.new_zeros(0, dtype=torch.long)
-                values = pre.new_zeros(0)
-            else:
-                offsets, indices, values = select(pre, activation, k, threshold, positive=positive)
         ctx.save_for_backward(x, W_enc, b_dec, offsets, indices, values)
-        ctx.mark_non_differentiable(offsets, indices, *([pre] if kept and activation != "jumprelu" else []))
+        ctx.mark_non_differentiable(offsets, indices, *([pre] if unread else []))
         ctx.set_materialize_grads(False)
         return offsets, indices, values, pre
 
@@ -307,7 +308,7 @@ class _SparseDecode(torch.autograd.Function):
             grad_values = gathered_dot(rows, indices, g, W_dec).to(values.dtype)
         if need_w:
             order, latent_offsets = group_by(indices, W_dec.shape[0])
-            grad_w = latent_gradient(latent_offsets, rows[order], values.detach()[order], g.to(W_dec.dtype), W_dec)
+            grad_w = latent_gradient(latent_offsets, rows[order], values[order], g.to(W_dec.dtype), W_dec)
         grad_b = g.sum(0) if need_b else None
         return None, None, grad_values, grad_w, grad_b
 
@@ -348,8 +349,9 @@ def sparse_encode(
     activation: "topk" (k per row), "batchtopk" (B·k over the batch), "relu" (the non-zeros), or
     "jumprelu" (entries above `threshold`). The dense pre-activations [B, n] are computed (an exact
     selection needs them) and returned too with return_pre=True: (SparseLatents, pre), pre
-    differentiable (a dense gradient then, only if the caller uses it). Without return_pre, TopK on
-    CPU (outside autocast) never writes them (tiled_topk).
+    differentiable (a dense gradient then, only if the caller uses it). Without return_pre, on CPU
+    outside autocast, TopK never writes them whole (tiled_topk) and BatchTopK and ReLU write them
+    into this thread's kept tile (latent_selection.tile_buffer): no fresh [B, n] pages each call.
 
     max_nnz (ReLU's dense phase): when more than max_nnz entries are positive nothing is selected
     and the latents come back as None (use return_pre=True and the dense pre then).

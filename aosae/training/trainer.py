@@ -322,8 +322,11 @@ class Trainer:
                 bar.close()
             logger.close()
             self.buffer.close()
-            self.sae.release_kept_memory()  # (the gradients' memory kept between steps: no step follows)
-        return self.finish()
+        summary = self.finish()
+        # no step follows: the last gradients and the memory kept for the next step's go
+        self.opt.zero_grad(set_to_none=True)
+        self.sae.release_kept_memory()
+        return summary
 
     def _train_step(self) -> dict:
         """One optimiser step on batch self.step; returns its metrics row (rank-averaged)."""

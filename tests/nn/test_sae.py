@@ -322,21 +322,23 @@ def test_topk_pre_acts_are_computed_when_read_and_guard_the_weights(seed):
         stepped.pre_acts
 
 
-def test_batchtopk_training_pre_acts_are_computed_when_read_and_its_buffer_leaks_nothing(seed):
+def test_batchtopk_training_pre_acts_are_computed_when_read_and_its_buffer_leaks_nothing(seed, monkeypatch):
     """BatchTopK's training forward selects from pre-activations written into the kept tile
     (latent_selection.tile_buffer): reading out.pre_acts computes them again, the kept values are
     no view of that buffer (a later forward leaves them as they were), and the ragged rows have no
     topk_indices."""
-    from aosae.ops import latent_selection
+    from aosae.ops import latent_selection, sparse_coding
 
+    tiles = []
+    monkeypatch.setattr(sparse_coding, "tile_buffer",
+                        lambda *a: tiles.append(latent_selection.tile_buffer(*a)) or tiles[-1])
     sae = make(d_sae=40, activation="batchtopk", top_k=4)
     x = torch.randn(9, 12)
     out = sae(x, train=True)
     values = out.sparse.values.detach().clone()
     torch.testing.assert_close(out.pre_acts, (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    kept = latent_selection.tile_buffer(9, 40, x)
     assert sae(torch.randn(9, 12), train=True).sparse.values.numel() > 0
-    assert latent_selection.tile_buffer(9, 40, x) is kept  # the second forward wrote into the same tile
+    assert len(tiles) == 2 and tiles[0] is tiles[1]  # both forwards wrote into the one kept tile
     assert torch.equal(out.sparse.values.detach(), values)
     assert out.topk_indices is None
     top = torch.relu(out.pre_acts).reshape(-1).topk(36).values
@@ -464,39 +466,44 @@ def test_batchtopk_threshold_training_inference_and_files(seed, tmp_path):
 
 
 def test_relu_goes_dense_and_back_through_the_kept_buffer(seed, monkeypatch):
-    """A sparse ReLU forward reads its latents from the kept pre-activation buffer by blocks of rows
-    (positive_rows); one that finds them too dense there falls back to the dense path in the same
-    call, and the next call starts dense."""
+    """A sparse ReLU forward selects from pre-activations written into the kept tile; one that finds
+    them too dense there falls back to the dense path in the same call, and the next call starts
+    dense. What it returns is no view of the tile."""
     from aosae.ops import latent_selection, sparse_coding
 
-    calls = []
-    monkeypatch.setattr(sparse_coding, "positive_rows", lambda pre, m: calls.append(m) or latent_selection.positive_rows(pre, m))
+    tiles = []
+    monkeypatch.setattr(sparse_coding, "tile_buffer", lambda *a: tiles.append(a) or latent_selection.tile_buffer(*a))
     sae = make(d_in=12, d_sae=50)
     x = torch.randn(30, 12)
-    assert sae(x).is_dense and calls == []  # the first call: dense pre-activations, returned
+    assert sae(x).is_dense and tiles == []  # the first call: dense pre-activations, returned
     with torch.no_grad():
         sae.b_enc.fill_(-3.0)
-    assert not sae(x).is_dense and calls == []  # a sparse call from the dense path
-    out = sae(x)  # from the kept buffer
-    assert not out.is_dense and len(calls) == 1
+    assert not sae(x).is_dense and tiles == []  # a sparse call from the dense path
+    out = sae(x)  # through the kept tile
+    assert not out.is_dense and len(tiles) == 1
+    values = out.sparse.values.detach().clone()
     torch.testing.assert_close(out.latents, torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc))
+    assert not sae(torch.randn(30, 12)).is_dense and len(tiles) == 2
+    assert torch.equal(out.sparse.values.detach(), values)  # no view of the tile the next call wrote
     with torch.no_grad():
-        sae.b_enc.fill_(3.0)  # dense again: found so in the buffer, then the dense path
+        sae.b_enc.fill_(3.0)  # dense again: found so in the tile, then the dense path
     dense = sae(x)
-    assert dense.is_dense and len(calls) == 2 and sae._dense_last
+    assert dense.is_dense and len(tiles) == 3 and sae._dense_last
     torch.testing.assert_close(dense.latents, torch.relu(dense.pre_acts))
+    assert sae(x).is_dense and len(tiles) == 3  # and the next call starts dense
     latent_selection.release_tile_buffer()
 
 
 @pytest.mark.parametrize("max_nnz", [None, 0, 40, 10**6])
 @pytest.mark.parametrize("chunk", [1, 13, 1 << 22])
-def test_positive_rows_are_relus_selection(seed, chunk, max_nnz):
-    from aosae.ops import latent_selection
+def test_positive_rows_are_relus_selection(seed, chunk, max_nnz, monkeypatch):
+    from aosae.ops import batch_top, latent_selection
 
+    monkeypatch.setattr(batch_top, "SCAN_CHUNK", chunk)
     pre = torch.randn(17, 11)
     pre[3] = 0.0  # zeros are not kept
     pre[5] = -1.0  # an empty row
-    got = latent_selection.positive_rows(pre, max_nnz, chunk=chunk)
+    got = latent_selection.positive_rows(pre, max_nnz)
     if max_nnz is not None and int((pre > 0).sum()) > max_nnz:
         assert got is None
         return

@@ -11,7 +11,7 @@ def test_batch_top_is_exact(seed, total, count, monkeypatch):
     flat = torch.randn(total)
     got = bt.batch_top(flat, count).sort().values
     assert torch.equal(got, flat.topk(count).indices.sort().values)
-    monkeypatch.setattr(bt, "SCAN_CHUNK", 977)  # the candidates found chunk by chunk (odd: chunks straddle nothing)
+    monkeypatch.setattr(bt, "SCAN_CHUNK", 977)  # the candidates found chunk by chunk (a chunk dividing nothing here)
     assert torch.equal(bt.batch_top(flat, count).sort().values, got)
     monkeypatch.setattr(bt, "SAMPLE", 4)  # a useless sample: the full top-k takes over, still exact
     assert torch.equal(bt.batch_top(flat, count).sort().values, got)
@@ -22,7 +22,11 @@ def test_candidates_by_chunks_are_those_of_one_mask(seed, chunk, monkeypatch):
     flat = torch.randint(-3, 4, (1000,)).float()  # ties with the bound, and many entries at it
     monkeypatch.setattr(bt, "SCAN_CHUNK", chunk)
     for low in (-4.0, 0.0, 1.0, 3.0):
-        assert torch.equal(bt._above(flat, torch.tensor(low)), (flat > low).nonzero().squeeze(1))
+        want = (flat > low).nonzero().squeeze(1)
+        assert torch.equal(bt.entries_above(flat, torch.tensor(low)), want)
+        assert torch.equal(bt.entries_above(flat, low, limit=want.numel()), want)
+        assert want.numel() == 0 or bt.entries_above(flat, low, limit=want.numel() - 1) is None
+    assert bt.entries_above(flat[:0], 0.0).numel() == 0
 
 
 @pytest.mark.parametrize("rows, width", [(2048, 16384), (2048, 65536), (512, 1 << 20), (4096, 24576), (3, 5)])

@@ -48,12 +48,13 @@ def test_second_step_writes_into_the_first_steps_memory(seed, dtype):
     W_enc, _, _, W_dec = params
     x = torch.randn(9, 6, dtype=dtype)
     _loss(x, params).backward()
-    first = (_storage(W_enc.grad), _storage(W_dec.grad))
+    kept = [kept_gradients._kept[id(w)][1].data_ptr() for w in (W_enc, W_dec)]
+    assert [_storage(W_enc.grad), _storage(W_dec.grad)] == kept  # taken as .grad without a copy
     for p in params:
         p.grad = None  # zero_grad(set_to_none=True)
     x2 = torch.randn(9, 6, dtype=dtype)
     _loss(x2, params).backward()
-    assert (_storage(W_enc.grad), _storage(W_dec.grad)) == first
+    assert [_storage(W_enc.grad), _storage(W_dec.grad)] == kept
     assert W_enc.grad.stride() == W_enc.stride()  # still the parameter's layout: kept as .grad without a copy
     want_enc, want_dec = _reference_grads(x2, params)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
@@ -77,7 +78,7 @@ def test_stale_contents_never_leak_into_latents_without_entries(seed):
     torch.testing.assert_close(W_dec.grad.double(), want_dec, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("held", ["grad", "view", "autograd.grad"])
+@pytest.mark.parametrize("held", ["grad", "view", "autograd.grad", "storage"])
 def test_memory_someone_holds_is_never_overwritten(seed, held):
     params = _weights()
     W_enc, _, _, W_dec = params
@@ -86,13 +87,30 @@ def test_memory_someone_holds_is_never_overwritten(seed, held):
         kept, = torch.autograd.grad(_loss(x, params), [W_dec])
     else:
         _loss(x, params).backward()
-        kept = W_dec.grad if held == "grad" else W_dec.grad[2:5]
-    before = kept.clone()
+        kept = {"grad": W_dec.grad, "view": W_dec.grad[2:5], "storage": W_dec.grad.untyped_storage()}[held]
+    before = kept.clone() if held != "storage" else torch.tensor(kept.tolist())
     for p in params:
         p.grad = None
     _loss(torch.randn(9, 6), params).backward()
-    assert torch.equal(kept, before)
-    assert _storage(W_dec.grad) != _storage(kept)
+    assert torch.equal(kept if held != "storage" else torch.tensor(kept.tolist()), before)
+    assert _storage(W_dec.grad) != kept.data_ptr()
+
+
+def test_a_differentiable_backward_gets_fresh_differentiable_gradients(seed):
+    """create_graph=True: the gradients are themselves differentiable (no product with out=), and
+    their own gradient matches the dense reference's."""
+    params = [p.detach().double().requires_grad_() for p in _weights()]
+    W_enc, b_enc, b_dec, W_dec = params
+    x = torch.randn(9, 6, dtype=torch.float64)
+    g_enc, g_dec = torch.autograd.grad(_loss(x, params), [W_enc, W_dec], create_graph=True)
+    assert g_enc.requires_grad and g_dec.requires_grad and not kept_gradients._kept
+    got = torch.autograd.grad(g_enc.pow(2).sum() + g_dec.pow(2).sum(), [W_dec, b_dec])
+    ref_params = [p.detach().requires_grad_() for p in params]
+    _, x_hat = ref.encode_decode(x, *ref_params[:3], ref_params[3], "topk", 3)
+    r_enc, r_dec = torch.autograd.grad((x_hat - x).pow(2).sum(), [ref_params[0], ref_params[3]], create_graph=True)
+    want = torch.autograd.grad(r_enc.pow(2).sum() + r_dec.pow(2).sum(), [ref_params[3], ref_params[2]])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradients_still_accumulate_when_grad_is_not_reset(seed):
@@ -122,9 +140,10 @@ def test_fresh_memory_off_the_cap_and_under_grad_mode(seed, monkeypatch):
     assert not kept_gradients._kept and a.shape == (5, 4)
     with torch.no_grad():
         a = kept_gradients.gradient_buffer(W, 5, 4)
+        first = a.data_ptr()
         del a
         b = kept_gradients.gradient_buffer(W, 5, 4)
-        assert len(kept_gradients._kept) == 1 and b.is_contiguous()
+        assert len(kept_gradients._kept) == 1 and b.is_contiguous() and b.data_ptr() == first
         monkeypatch.setattr(kept_gradients, "KEPT_GRADIENT_BYTES", 8)
         kept_gradients.release()
         kept_gradients.gradient_buffer(W, 5, 4)

@@ -52,6 +52,17 @@ def test_run_dir_contents(tiny, tmp_path):
     assert math.isclose(mse, summary["mse"], rel_tol=1e-4)
 
 
+def test_a_finished_run_keeps_no_memory_for_a_next_step(tiny, tmp_path):
+    """The gradients and the memory the sparse step keeps between steps go when the run ends."""
+    from aosae.ops import kept_gradients, latent_selection
+
+    trainer = T.Trainer(tiny_cfg(tiny, tmp_path, steps=3, activation="topk", top_k=4), progress=False)
+    trainer.run()
+    assert all(p.grad is None for p in trainer.sae.parameters())
+    assert id(trainer.sae.W_enc) not in kept_gradients._kept and id(trainer.sae.W_dec) not in kept_gradients._kept
+    assert getattr(latent_selection._kept, "buf", None) is None
+
+
 class Killed(Exception):
     pass
 
