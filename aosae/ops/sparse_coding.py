@@ -199,10 +199,10 @@ def latent_gradient(latent_offsets: torch.Tensor, tokens: torch.Tensor, weights:
             or torch.is_grad_enabled()):  # (create_graph: a product with out= has no autograd)
         return segment_gather_sum(latent_offsets, tokens, weights, table)
     out = gradient_buffer(weight, n, table.shape[1])
-    if tokens.numel() == 0 or not torch.backends.mkl.is_available():
+    if tokens.numel() == 0:
+        return out.zero_()
+    if not torch.backends.mkl.is_available():
         out.zero_()  # (MKL's product with beta 0 never reads out; torch's own may scale it: 0 · NaN)
-        if tokens.numel() == 0:
-            return out
     by_latent = _csr(latent_offsets.long(), tokens.long(), weights.to(table.dtype), (n, table.shape[0]))
     return torch.addmm(out, by_latent, table, beta=0.0, out=out)
 
