@@ -47,10 +47,10 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
         flat = batch_top(pre.reshape(-1), min(b * k, b * n))
         flat = flat[pre.reshape(-1)[flat] > 0].sort().values  # row-major: rows, then latents ascending
         rows, indices = flat // n, flat % n
-    elif activation in ("relu", "jumprelu"):
-        mask = pre > 0
-        if activation == "jumprelu":
-            mask = mask & (pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device))
+    elif activation == "relu":
+        return positive_rows(pre)
+    elif activation == "jumprelu":
+        mask = (pre > 0) & (pre > torch.as_tensor(threshold, dtype=pre.dtype, device=pre.device))
         rows, indices = mask.nonzero(as_tuple=True)
         flat = rows * n + indices
     else:
@@ -60,8 +60,9 @@ def select(pre: torch.Tensor, activation: str, k: Optional[int] = None, threshol
 
 @torch.no_grad()
 def positive_rows(pre: torch.Tensor, max_nnz: Optional[int] = None):
-    """select(pre, "relu") without a [B, n] mask on CPU (batch_top.entries_above); None as soon as
-    more than max_nnz entries are positive (a ReLU SAE's dense phase)."""
+    """ReLU's kept latents, as select(pre, "relu") returns them, without a [B, n] mask on CPU
+    (batch_top.entries_above); None as soon as more than max_nnz entries are positive (a ReLU SAE's
+    dense phase)."""
     b, n = pre.shape
     flat = entries_above(pre.reshape(-1), 0, max_nnz)
     if flat is None:
