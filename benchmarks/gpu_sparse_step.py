@@ -28,7 +28,7 @@ def make_objective(cfg, d_sae, activation, x, penalty: bool):
         with torch.no_grad():
             pre = sae.pre_activations(x[:2048])
             sae.b_enc.sub_(pre.topk(max(1, round(pre.shape[0] * cfg.top_k / d_sae)), dim=0).values[-1])
-    return aosae_objective(sae, penalty)  # the width sweep's: the trainer's optimiser, λ 0.04, fraction 0.005
+    return aosae_objective(sae, penalty)  # the width sweep's: the trainer's optimiser and λ, fraction 0.005
 
 
 def copy_gbps(S) -> float:

@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 
-LR, L1_COEFF, FRACTION = 4e-4, 0.04, 0.005
+LR, FRACTION = 4e-4, 0.005  # λ: the trainer's default for the activation (aosae.training.config.default_l1)
 CHECK_ROWS = 64  # rows of the float64 reference check (its penalty reference is dense over the active latents)
 
 
@@ -46,12 +46,14 @@ def aosae_objective(sae, penalty: bool):
     import torch
     from aosae.nn.loss import TopKOrthoLoss
     from aosae.nn.tau import AdaptiveTau
+    from aosae.training.config import default_l1
     from aosae.training.optimizer import make_optimizer
     from aosae.training.step import SAEObjective
 
     opt = make_optimizer(sae.parameters(), LR)  # the trainer's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return SAEObjective(sae, opt, sched, L1_COEFF, TopKOrthoLoss(FRACTION) if penalty else None, AdaptiveTau())
+    l1 = default_l1(sae.cfg.activation)
+    return SAEObjective(sae, opt, sched, l1, TopKOrthoLoss(FRACTION) if penalty else None, AdaptiveTau())
 
 
 def import_sparsify():
@@ -201,7 +203,7 @@ def run_check(args) -> dict:
             keep = pairs.rows >= 0
             selection = (pairs.rows[keep], pairs.cols[keep])
         loss_ref, _, pen_ref, _, sel_check = reference_losses(
-            params, xs64, activation, args.k, L1_COEFF, obj.tau.tau, selection)
+            params, xs64, activation, args.k, obj.l1_coeff, obj.tau.tau, selection)
         loss_ref.backward()
         if penalty:
             gaps["selection_left_out_above_kth"] = sel_check.pop("left_out_above_kth")

@@ -55,7 +55,7 @@ import sys
 import time
 from pathlib import Path
 
-from width_arms import FRACTION, L1_COEFF, LR, import_sparsify, worker
+from width_arms import FRACTION, LR, import_sparsify, worker
 from width_report import plot, table
 
 ARMS = ("aosae-topk", "aosae-topk+penalty", "sparsify-topk", "aosae-batchtopk", "aosae-batchtopk+penalty",
@@ -282,6 +282,8 @@ def prepare_data(args, d_in: int) -> str:
 def sweep(args) -> list[dict]:
     import torch
 
+    from aosae.training.config import default_l1
+
     if args.mem_budget_gib is None:
         args.mem_budget_gib = max(2.0, mem_available_gib() - 4.0)
 
@@ -291,7 +293,7 @@ def sweep(args) -> list[dict]:
     arms = available(args)
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
              "date": machine.today(), "threads": args.threads, "commit": machine.git_commit(), "k": args.k,
-             "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "l1_coeff": L1_COEFF, "fraction": FRACTION,
+             "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "l1_coeff": {a: default_l1(a) for a in ("topk", "batchtopk")}, "fraction": FRACTION,
              "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     all_rows: list[dict] = []

@@ -27,6 +27,11 @@ STORE_DTYPES = tuple(STORE_TORCH_DTYPES)  # defined with the store
 RENAMED = {"tau0": "tau_init", "k": "top_k"}
 
 
+def default_l1(activation: str) -> float:
+    """--l1's default: the paper's λ with relu; 0 with topk and batchtopk, whose k sets the sparsity."""
+    return 0.04 if activation == "relu" else 0.0
+
+
 def option(name: str) -> str:
     """The command-line option of a TrainConfig field (the name a user typed, or sees in --help)."""
     return "--" + name.replace("_", "-")
@@ -54,8 +59,9 @@ class TrainConfig:
     """Tokens per optimiser step."""
     lr: float = 9e-4
     """AdamW learning rate."""
-    l1: float = 0.04
-    """L1 coefficient λ."""
+    l1: Optional[float] = None
+    """L1 coefficient; None: the paper's 0.04 with activation relu, and 0 with topk and batchtopk, whose k sets
+    the sparsity (as in SAELens, sparsify and dictionary_learning: an L1 term drives their L0 below k)."""
     warmup_steps: Optional[int] = None
     """Linear learning-rate warm-up; None: min(1000, 10% of steps)."""
     fraction: float = 0.005
@@ -161,6 +167,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{option(name)} must be a positive finite number, got {v!r}")
+        if self.l1 is None:
+            self.l1 = default_l1(self.activation)
         if not (isinstance(self.l1, (int, float)) and math.isfinite(self.l1) and self.l1 >= 0):
             raise ValueError(f"--l1 must be a non-negative finite number, got {self.l1!r}")
         if not 0 < self.fraction <= 1:

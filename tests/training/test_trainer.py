@@ -225,6 +225,16 @@ def test_store_that_cannot_fit_on_disk_is_refused(tmp_path):
         check_disk_space(tmp_path, 10**13, 2304, "bfloat16")
 
 
+def test_l1_defaults_to_the_papers_with_relu_and_to_none_where_k_sets_the_sparsity():
+    # an L1 term on TopK / BatchTopK latents pulls pre-activations below zero, and L0 falls under k
+    # as the run trains (SAELens, sparsify and dictionary_learning train them without one)
+    assert TrainConfig().l1 == 0.04
+    assert TrainConfig(activation="topk", top_k=4).l1 == 0.0
+    assert TrainConfig(activation="batchtopk", top_k=4).l1 == 0.0
+    assert TrainConfig(activation="batchtopk", top_k=4, l1=0.1).l1 == 0.1  # given: kept
+    assert TrainConfig(l1=0.0).l1 == 0.0
+
+
 def test_batchtopk_trains_saves_loads_and_resumes_bitwise(tiny, tmp_path):
     # --activation batchtopk through the sparse step: the run's SAE keeps the EMA threshold
     # (folded to raw scale), saved as SAELens's JumpReLU, and a resume is exact, threshold too
@@ -232,6 +242,7 @@ def test_batchtopk_trains_saves_loads_and_resumes_bitwise(tiny, tmp_path):
     ref_dir, summary = T.train(tiny_cfg(tiny, tmp_path, out=str(tmp_path / "ref"), **kw), progress=False)
     rows = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["threshold"] > 0 for r in rows) and all(r["l0"] == 4 for r in rows)  # B·k kept: 4 per token
+    assert json.loads((ref_dir / "train_config.json").read_text())["l1"] == 0.0  # the default, written as resolved
     sae = SparseAutoencoder.load(ref_dir)
     assert sae.cfg.activation == "batchtopk" and sae.cfg.top_k == 4
     scale = json.loads((ref_dir / "cfg.json").read_text())["aosae"]["activation_scale"]
