@@ -74,7 +74,7 @@ def main() -> None:
     ratios = [q["with_s"] / q["without_s"] for q in rounds]
     row = {
         "width": args.width, "activation": args.activation, "k": args.k, "batch": args.batch, "d_in": args.d_in,
-        "rounds": rounds, "ratio": machine.spread(ratios),
+        "l1_coeff": obj.l1_coeff, "rounds": rounds, "ratio": machine.spread(ratios),
         "with_s": machine.spread([q["with_s"] for q in rounds]),
         "without_s": machine.spread([q["without_s"] for q in rounds]),
         "paired_difference_ms": 1e3 * statistics.median(q["with_s"] - q["without_s"] for q in rounds),

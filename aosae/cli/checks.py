@@ -78,6 +78,8 @@ def read_train_config(path: str | os.PathLike, fix: str, *, required: tuple = ()
             raise BadFile(path, f"has an unknown setting {key!r} (written by a newer aosae, or edited?)", fix)
         if not _fits(value, hints[key]):
             raise BadFile(path, f"{key!r} must be {_describe(hints[key])}, got {value!r}", fix)
+    if "l1" in d and d["l1"] is None:  # a run writes the λ it trained with (--l1's default depends on the activation)
+        raise BadFile(path, "'l1' must be a number (the λ the run trained with), got None", fix)
     try:
         return TrainConfig.from_dict(d)
     except (ValueError, TypeError) as err:

@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from aosae.training import trainer as T
 from aosae.cli import main as cli_main
 from aosae.training.config import TrainConfig
+from aosae.cli.checks import RESUME_KEYS, read_train_config
+from aosae.files import BadFile
 from aosae.nn.sae import SparseAutoencoder
 
 
@@ -225,7 +227,7 @@ def test_store_that_cannot_fit_on_disk_is_refused(tmp_path):
         check_disk_space(tmp_path, 10**13, 2304, "bfloat16")
 
 
-def test_l1_defaults_to_the_papers_with_relu_and_to_none_where_k_sets_the_sparsity():
+def test_l1_defaults_to_the_papers_with_relu_and_to_zero_where_k_sets_the_sparsity(tmp_path):
     # an L1 term on TopK / BatchTopK latents pulls pre-activations below zero, and L0 falls under k
     # as the run trains (SAELens, sparsify and dictionary_learning train them without one)
     assert TrainConfig().l1 == 0.04
@@ -233,6 +235,14 @@ def test_l1_defaults_to_the_papers_with_relu_and_to_none_where_k_sets_the_sparsi
     assert TrainConfig(activation="batchtopk", top_k=4).l1 == 0.0
     assert TrainConfig(activation="batchtopk", top_k=4, l1=0.1).l1 == 0.1  # given: kept
     assert TrainConfig(l1=0.0).l1 == 0.0
+    # a run's train_config.json holds the λ it trained with: an older TopK run's 0.04 stays 0.04
+    saved = {**TrainConfig(activation="topk", top_k=4).to_dict(), "l1": 0.04}
+    path = tmp_path / "train_config.json"
+    path.write_text(json.dumps(saved))
+    assert read_train_config(path, "fix it", required=RESUME_KEYS).l1 == 0.04
+    path.write_text(json.dumps({**saved, "l1": None}))  # null is no λ: refused, not read as the default
+    with pytest.raises(BadFile, match="'l1' must be a number"):
+        read_train_config(path, "fix it", required=RESUME_KEYS)
 
 
 def test_batchtopk_trains_saves_loads_and_resumes_bitwise(tiny, tmp_path):
