@@ -2,8 +2,9 @@
 
 Paper defaults: λ = 0.04 (ReLU; 0 with TopK and BatchTopK, whose k sets the sparsity), AdamW
 lr 9e-4 with a 1000-step linear warm-up, batch 2048 tokens, context 128, fraction 0.005,
-τ₀ = 0.05 in [0.01, 0.2], adaptive τ, d_sae = d_in unless set. Short runs: warm-up = min(1000, 10% of the steps) when
-`warmup_steps` is None, because the paper's warm-up is longer than a whole offline run.
+τ₀ = 0.05 in [0.01, 0.2], adaptive τ, d_sae = d_in unless set. Short runs: warm-up =
+min(1000, 10% of the steps) when `warmup_steps` is None, because the paper's warm-up is longer
+than a whole offline run.
 AdaptiveTau calibrates L_target as the mean recon loss over the warm-up steps.
 """
 from __future__ import annotations
