@@ -37,7 +37,7 @@ from aosae.ops.gram_topk_sparse import gram_topk_sparse  # noqa: E402
 from aosae.ops.gram_topk_support import support_backward  # noqa: E402
 from aosae.ops.backends import sparse as sparse_backend  # noqa: E402
 from aosae.training import distributed as ddp  # noqa: E402
-from aosae.training.config import TrainConfig  # noqa: E402
+from aosae.training.config import TrainConfig, default_l1  # noqa: E402
 from aosae.training.optimizer import make_optimizer  # noqa: E402
 from aosae.training.step import SAEObjective  # noqa: E402
 from aosae.training.trainer import get_activations  # noqa: E402
@@ -64,7 +64,8 @@ def make_sae(d_in: int, d_sae: int, activation: str, top_k: int, relu_l0: int, x
 def objective(sae: SparseAutoencoder, penalty: bool) -> SAEObjective:
     opt = make_optimizer(sae.parameters(), 4e-4)  # the trainer's
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    return SAEObjective(sae, opt, sched, 0.04, TopKOrthoLoss(0.005) if penalty else None, AdaptiveTau())
+    l1 = default_l1(sae.cfg.activation)  # the trainer's: 0.04 with ReLU, 0 with TopK
+    return SAEObjective(sae, opt, sched, l1, TopKOrthoLoss(0.005) if penalty else None, AdaptiveTau())
 
 
 def check_penalty(sae: SparseAutoencoder, x: torch.Tensor) -> float:
