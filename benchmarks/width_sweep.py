@@ -293,8 +293,8 @@ def sweep(args) -> list[dict]:
     arms = available(args)
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
              "date": machine.today(), "threads": args.threads, "commit": machine.git_commit(), "k": args.k,
-             "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "l1_coeff": {a: default_l1(a) for a in ("topk", "batchtopk")}, "fraction": FRACTION,
-             "trained_steps": args.trained_steps}
+             "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "fraction": FRACTION,
+             "l1_coeff": {a: default_l1(a) for a in ("topk", "batchtopk")}, "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     all_rows: list[dict] = []
     for width in args.widths:
