@@ -282,6 +282,7 @@ def prepare_data(args, d_in: int) -> str:
 def sweep(args) -> list[dict]:
     import torch
 
+    from aosae.nn.sae import K_ACTIVATIONS
     from aosae.training.config import default_l1
 
     if args.mem_budget_gib is None:
@@ -294,7 +295,7 @@ def sweep(args) -> list[dict]:
     stamp = {"machine": machine.machine_name(), "versions": {**machine.versions(), "sparsify": sparsify_version()},
              "date": machine.today(), "threads": args.threads, "commit": machine.git_commit(), "k": args.k,
              "optimizer": f"AdamW (fused) lr {LR} wd 0", "dtype": "float32", "fraction": FRACTION,
-             "l1_coeff": {a: default_l1(a) for a in ("topk", "batchtopk")}, "trained_steps": args.trained_steps}
+             "l1_coeff": {a: default_l1(a) for a in K_ACTIVATIONS}, "trained_steps": args.trained_steps}
     out = machine.RESULTS / f"width-{machine.slug(machine.machine_name())}{'-' + args.tag if args.tag else ''}.json"
     all_rows: list[dict] = []
     for width in args.widths:

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 from aosae.data.store import STORE_DTYPES as STORE_TORCH_DTYPES
 from aosae.nn.loss import SCALES
 from aosae.nn.penalties import PAIR_RULES, PENALTIES
-from aosae.nn.sae import ACTIVATIONS
+from aosae.nn.sae import ACTIVATIONS, K_ACTIVATIONS
 from aosae.nn.tau import TAU_RULES
 from aosae.ops.gram_topk import SIMILARITIES
 from aosae.training.logging import LOG_BACKENDS
@@ -29,8 +29,8 @@ RENAMED = {"tau0": "tau_init", "k": "top_k"}
 
 
 def default_l1(activation: str) -> float:
-    """--l1's default: the paper's λ with relu; 0 with topk and batchtopk, whose k sets the sparsity."""
-    return 0.04 if activation == "relu" else 0.0
+    """--l1's default: 0 where k sets the sparsity (topk, batchtopk); the paper's λ otherwise (relu)."""
+    return 0.0 if activation in K_ACTIVATIONS else 0.04
 
 
 def option(name: str) -> str:
